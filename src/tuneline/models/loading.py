@@ -1,0 +1,108 @@
+"""Load a base model and tokenizer from any :class:`ModelSource`, caching GGUF conversions."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from tuneline.errors import ModelError, Problem
+from tuneline.models.sources import ModelSource
+
+log = logging.getLogger(__name__)
+
+
+def _strip_gguf_quantizer(model: Any) -> None:
+    """A GGUF model is already dequantized by transformers; drop the marker that blocks save/train."""
+    model.hf_quantizer = None
+    model.is_quantized = False
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+
+
+def converted_dir(source: ModelSource, cache_root: Path) -> Path:
+    """Cache folder for a GGUF source, keyed by the file's hash so a changed file is re-converted."""
+    assert source.path is not None
+    digest = source.fingerprint().split(":", 1)[1][:16]
+    return cache_root / f"{source.path.stem}-{digest}"
+
+
+def ensure_converted(source: ModelSource, cache_root: Path) -> Path:
+    """Dequantize a GGUF once into safetensors under ``cache_root``; return that directory."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    target = converted_dir(source, cache_root)
+    if (target / "config.json").is_file() and (target / "tokenizer_config.json").is_file():
+        return target
+    assert source.path is not None
+    log.info("converting %s to safetensors (once; cached in %s)", source.path.name, target)
+    t0 = time.perf_counter()
+    tmp = target.with_name(target.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        kw = {"gguf_file": source.path.name}
+        tok = AutoTokenizer.from_pretrained(source.path.parent, **kw)
+        model = AutoModelForCausalLM.from_pretrained(source.path.parent, **kw)
+    except Exception as exc:  # transformers raises many types here
+        raise ModelError(Problem(f"cannot load GGUF {source.path}: {exc}", field="model",
+                                 hint="is the `gguf` package installed and the architecture supported by transformers?")) from exc
+    _strip_gguf_quantizer(model)
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    shutil.rmtree(target, ignore_errors=True)
+    tmp.rename(target)
+    log.info("converted in %.1fs", time.perf_counter() - t0)
+    return target
+
+
+def model_dir_for(source: ModelSource, cache_root: Path) -> str | Path:
+    """What to pass to ``from_pretrained``: a directory, or a hub id."""
+    if source.is_gguf:
+        return ensure_converted(source, cache_root)
+    if source.kind == "local":
+        assert source.path is not None
+        return source.path
+    return source.ref
+
+
+def load_tokenizer(source: ModelSource, cache_root: Path) -> Any:
+    from transformers import AutoTokenizer
+
+    where = model_dir_for(source, cache_root)
+    try:
+        tok = AutoTokenizer.from_pretrained(where)
+    except OSError as exc:
+        raise ModelError(Problem(f"cannot load tokenizer for {source.ref!r}: {exc}", field="model",
+                                 hint="a hub id needs network access; use a local directory or the built-in model offline")) from exc
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    if getattr(tok, "chat_template", None) is None:
+        raise ModelError(Problem(f"model {source.ref!r} has no chat template", field="model",
+                                 hint="use an instruct/chat model, or a directory whose tokenizer_config.json has one"))
+    return tok
+
+
+def load_model(source: ModelSource, cache_root: Path, device: str = "cpu", dtype: str = "fp32") -> Any:
+    """The base causal LM on ``device`` with weights in ``dtype`` ('fp32' or 'bf16').
+
+    For LoRA the frozen base weights can be bf16 (no per-step casts under autocast); trainable
+    adapter weights are kept fp32 by the trainer. On CPU the eager attention is used: for short
+    training rows its backward measured ~1.4x faster here than PyTorch's CPU flash-attention path.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    where = model_dir_for(source, cache_root)
+    attn = "eager" if device == "cpu" else "sdpa"
+    torch_dtype = torch.bfloat16 if dtype == "bf16" else torch.float32
+    try:
+        model = AutoModelForCausalLM.from_pretrained(where, dtype=torch_dtype, attn_implementation=attn)
+    except OSError as exc:
+        raise ModelError(Problem(f"cannot load model {source.ref!r}: {exc}", field="model",
+                                 hint="a hub id needs network access; use a local directory or the built-in model offline")) from exc
+    return model.to(device)

@@ -1,0 +1,169 @@
+"""Run a spec end to end: data -> base-model evaluation -> training -> evaluation -> tracking."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tuneline.data import PreparedData, prepare
+from tuneline.errors import Problem, TrainingError
+from tuneline.eval import EvalReport, check_objective, evaluate_model, render_table
+from tuneline.models import load_model, load_tokenizer, resolve_model_source
+from tuneline.spec import LoadedSpec, load_spec
+from tuneline.train import TrainResult, default_device, resolve_precision, train
+from tuneline.train.loop import autocast_for
+from tuneline.workspace import Workspace
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RunResult:
+    run_id: str
+    run_dir: Path
+    train: TrainResult
+    report: EvalReport | None
+    seconds: float
+
+    @property
+    def passed(self) -> bool:
+        return self.report is not None and self.report.passed
+
+
+def validate(spec_path: str | Path) -> tuple[LoadedSpec, PreparedData]:
+    """Check the spec and every row of its data; raise with all problems found. Trains nothing."""
+    loaded = load_spec(spec_path)
+    return loaded, prepare(loaded)
+
+
+def run_fingerprint(loaded: LoadedSpec, data: PreparedData, model_fingerprint: str) -> str:
+    """What a checkpoint must match to be resumed: training config, data and base model."""
+    spec = loaded.spec.model_dump(mode="json", include={"task", "model", "data", "train"})
+    spec["train"].pop("checkpoint_every", None)
+    spec["train"].pop("log_every", None)
+    payload = json.dumps({"spec": spec, "data": [s.sha256 for s in data.sources], "model": model_fingerprint},
+                         sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()
+
+
+def run(
+    spec_path: str | Path,
+    *,
+    workspace: str | Path | Workspace | None = None,
+    resume: bool = False,
+    show_progress: bool = True,
+    console: Any = None,
+) -> RunResult:
+    """Run the whole pipeline for one spec and return what it produced (also tracked in MLflow)."""
+    import mlflow
+    from rich.console import Console
+
+    console = console or Console()
+    t0 = time.perf_counter()
+    ws = workspace if isinstance(workspace, Workspace) else Workspace.at(workspace)
+    loaded, data = validate(spec_path)
+    spec = loaded.spec
+    console.print(f"[bold]{spec.name}[/]: {spec.task.type}, model {spec.model}; "
+                  + ", ".join(f"{s.split} {s.rows_used} rows" for s in data.sources))
+
+    source = resolve_model_source(spec.model, loaded.base_dir)
+    tokenizer = load_tokenizer(source, ws.models_dir)
+    device = default_device()
+    precision = resolve_precision(spec.train.precision, device)
+    # frozen LoRA base weights in bf16 when computing in bf16; full fine-tuning keeps fp32 masters
+    base_dtype = "bf16" if precision == "bf16" and spec.train.method == "lora" else "fp32"
+    model = load_model(source, ws.models_dir, device=device, dtype=base_dtype)
+    fingerprint = run_fingerprint(loaded, data, source.fingerprint())
+    run_dir = ws.run_dir(spec.name)
+    state_file = run_dir / "run.json"
+    test = data.test or data.eval
+
+    mlflow_run_id = None
+    if resume:
+        if not state_file.is_file():
+            raise TrainingError(Problem(f"nothing to resume for {spec.name!r}: {state_file} not found",
+                                        hint="run without --resume to start a new run"))
+        mlflow_run_id = json.loads(state_file.read_text()).get("mlflow_run_id")
+
+    import tuneline.tracking as tracking
+
+    if mlflow_run_id:
+        mlflow.set_tracking_uri(tracking.tracking_uri(loaded, ws))
+        active = mlflow.start_run(run_id=mlflow_run_id)
+    else:
+        active = tracking.start_run(loaded, ws)
+    with active as mlrun:
+        run_id = mlrun.info.run_id
+        state_file.write_text(json.dumps({"mlflow_run_id": run_id, "fingerprint": fingerprint}, indent=2))
+        if not resume:
+            tracking.log_run_inputs(loaded, data.sources, spec.model, source.fingerprint())
+            mlflow.log_params({"data.labels_count": len(data.labels or []), "device": device, "precision": precision})
+
+        base_result = None
+        if test and spec.eval.compare_base and not resume:
+            base_result = evaluate_model("base", spec, model, tokenizer, test, data.labels,
+                                         autocast=autocast_for(precision, device), device=device,
+                                         show_progress=show_progress)
+            mlflow.log_metrics({f"base.{k}": v for k, v in base_result.metrics.items()})
+
+        log_every = spec.train.log_every
+
+        def on_step(step: int, metrics: dict[str, float]) -> None:
+            if step % log_every == 0:
+                mlflow.log_metrics(metrics, step=step)
+
+        model, result = train(
+            spec.train, model, tokenizer, data.train, run_dir, eval_examples=data.eval or None, resume=resume,
+            fingerprint=fingerprint, device=device, on_step=on_step, show_progress=show_progress,
+        )
+        mlflow.log_metrics({k: float(v) for k, v in result.to_dict().items()
+                            if isinstance(v, (int, float)) and not isinstance(v, bool) and v is not None},
+                           step=result.steps)
+        spec_copy = Path(result.adapter_dir) / "tuneline.yaml"
+        spec_copy.write_text(loaded.text)
+        mlflow.log_artifacts(result.adapter_dir, "adapter")
+        console.print(f"trained {result.steps} steps in {result.seconds:.0f}s "
+                      f"({result.tokens_per_second:.0f} tok/s, final loss {result.final_loss:.4f}); "
+                      f"adapter: {result.adapter_dir}")
+        if result.dropped_too_long:
+            console.print(f"[yellow]dropped {result.dropped_too_long} training examples longer than "
+                          f"train.seq_len={spec.train.seq_len}[/]")
+
+        report = None
+        if test:
+            if base_result is None and spec.eval.compare_base and hasattr(model, "disable_adapter"):
+                with model.disable_adapter():
+                    base_result = evaluate_model("base", spec, model, tokenizer, test, data.labels,
+                                                 autocast=autocast_for(precision, device), device=device,
+                                                 show_progress=show_progress)
+                mlflow.log_metrics({f"base.{k}": v for k, v in base_result.metrics.items()})
+            tuned = evaluate_model("tuned", spec, model, tokenizer, test, data.labels,
+                                   autocast=autocast_for(precision, device), device=device, show_progress=show_progress)
+            mlflow.log_metrics({f"tuned.{k}": v for k, v in tuned.metrics.items()})
+            report = EvalReport(
+                task=spec.task.type, primary=spec.objective.primary, n_examples=len(test),
+                results=[r for r in (base_result, tuned) if r is not None],
+                checks=check_objective(spec.objective, tuned.metrics),
+                references=[ex.reference for ex in test], wheres=[ex.where for ex in test],
+            )
+            (run_dir / "eval_report.json").write_text(json.dumps(report.to_dict(), indent=2))
+            mlflow.log_dict(report.to_dict(), "eval/report.json")
+            mlflow.log_table(_columns(report.prediction_rows()), "eval/predictions.json")
+            mlflow.set_tag("tuneline.objective_passed", str(report.passed).lower())
+            console.print(render_table(report))
+            verdict = "[green]PASSED[/]" if report.passed else "[red]FAILED[/]"
+            console.print(f"objective {verdict}: " + ", ".join(c.threshold for c in report.checks))
+    seconds = time.perf_counter() - t0
+    console.print(f"run {run_id} finished in {seconds:.0f}s; see it with `tuneline runs` or `mlflow ui "
+                  f"--backend-store-uri {tracking.tracking_uri(loaded, ws)}`")
+    return RunResult(run_id, run_dir, result, report, seconds)
+
+
+def _columns(rows: list[dict[str, str]]) -> dict[str, list[str]]:
+    keys = list(rows[0]) if rows else []
+    return {k: [r[k] for r in rows] for k in keys}

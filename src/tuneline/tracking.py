@@ -1,0 +1,129 @@
+"""MLflow tracking: every run records its spec, data, code and library versions, metrics and adapter.
+
+The default store is SQLite inside the workspace, with artifacts in the workspace too (MLflow would
+otherwise write ``./mlruns`` relative to the current directory). A team sets ``tracking.uri`` to
+an MLflow server instead.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import platform
+import subprocess
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from tuneline.spec.loader import LoadedSpec
+from tuneline.workspace import Workspace
+
+log = logging.getLogger(__name__)
+
+TRACKED_LIBRARIES = ("tuneline", "torch", "transformers", "peft", "mlflow", "pydantic", "scikit-learn")
+
+
+def tracking_uri(loaded: LoadedSpec | None, workspace: Workspace) -> str:
+    if loaded is not None and loaded.spec.tracking.uri:
+        return loaded.spec.tracking.uri
+    return workspace.tracking_uri
+
+
+def start_run(loaded: LoadedSpec, workspace: Workspace, run_name: str | None = None) -> Any:
+    """Point MLflow at the store, create the experiment (artifacts in the workspace), start a run."""
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking_uri(loaded, workspace))
+    name = loaded.spec.tracking.experiment or loaded.spec.name
+    exp = mlflow.get_experiment_by_name(name)
+    if exp is None:
+        location = None if loaded.spec.tracking.uri else (workspace.artifact_root / name).as_uri()
+        exp_id = mlflow.create_experiment(name, artifact_location=location)
+    else:
+        exp_id = exp.experiment_id
+    return mlflow.start_run(experiment_id=exp_id, run_name=run_name)
+
+
+def library_versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for lib in TRACKED_LIBRARIES:
+        try:
+            out[lib] = metadata.version(lib)
+        except metadata.PackageNotFoundError:
+            out[lib] = "not installed"
+    return out
+
+
+def git_sha(path: Path) -> str | None:
+    """Commit of the repository holding ``path`` (with '-dirty' if it has changes), if any."""
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=path, capture_output=True, text=True, timeout=5)
+        if sha.returncode != 0:
+            return None
+        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=path, capture_output=True, text=True, timeout=5)
+        return sha.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = json.dumps(v) if isinstance(v, list) else v
+    return out
+
+
+def log_run_inputs(loaded: LoadedSpec, data_sources: list[Any], model_ref: str, model_fingerprint: str) -> None:
+    """Spec (artifact, hash, params), data file hashes, model identity, code and library versions."""
+    import mlflow
+
+    params = flatten(loaded.spec.model_dump(mode="json", exclude={"tracking"}))
+    mlflow.log_params({k: str(v)[:6000] for k, v in params.items()})
+    mlflow.log_text(loaded.text, "spec/tuneline.yaml")
+    tags = {
+        "tuneline.spec_sha256": loaded.sha256,
+        "tuneline.spec_path": str(loaded.path),
+        "tuneline.task": loaded.spec.task.type,
+        "tuneline.model": model_ref,
+        "tuneline.model_fingerprint": model_fingerprint,
+    }
+    sha = git_sha(loaded.base_dir)
+    if sha:
+        tags["mlflow.source.git.commit"] = sha
+    for s in data_sources:
+        tags[f"tuneline.data.{s.split}.path"] = s.path
+        tags[f"tuneline.data.{s.split}.sha256"] = s.sha256
+        tags[f"tuneline.data.{s.split}.rows_used"] = str(s.rows_used)
+    tags.update({f"tuneline.version.{k}": v for k, v in library_versions().items()})
+    mlflow.set_tags(tags)
+
+
+def list_runs(workspace: Workspace, uri: str | None = None, max_results: int = 50) -> list[dict[str, Any]]:
+    """Recent runs across experiments of the store, newest first."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    mlflow.set_tracking_uri(uri or workspace.tracking_uri)
+    client = MlflowClient()
+    exps = client.search_experiments()
+    if not exps:
+        return []
+    runs = client.search_runs([e.experiment_id for e in exps], order_by=["attributes.start_time DESC"],
+                              max_results=max_results)
+    names = {e.experiment_id: e.name for e in exps}
+    rows = []
+    for r in runs:
+        rows.append({
+            "run_id": r.info.run_id,
+            "experiment": names.get(r.info.experiment_id, r.info.experiment_id),
+            "name": r.info.run_name,
+            "status": r.info.status,
+            "start_time": r.info.start_time,
+            "metrics": dict(r.data.metrics),
+            "tags": dict(r.data.tags),
+        })
+    return rows

@@ -1,0 +1,258 @@
+"""The training loop: setup, train, checkpoint, save. Reads top to bottom; no hooks to override."""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import shutil
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from tuneline.data.examples import Example
+from tuneline.data.tokenize import Encoded, encode_example, end_of_turn
+from tuneline.errors import DataError, Problem, TrainingError
+from tuneline.spec.models import TrainSpec
+from tuneline.train.batching import collate, epoch_batches
+from tuneline.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from tuneline.train.loss import answer_loss_sum
+from tuneline.train.peft_builders import count_parameters, wrap_for_training
+from tuneline.train.precision import resolve_precision
+
+log = logging.getLogger(__name__)
+
+StepCallback = Callable[[int, dict[str, float]], None]
+
+
+@dataclass
+class TrainResult:
+    adapter_dir: str
+    steps: int
+    epochs: float
+    train_examples: int
+    dropped_too_long: int
+    train_tokens: int
+    seconds: float
+    tokens_per_second: float
+    final_loss: float
+    eval_loss: float | None
+    trainable_params: int
+    total_params: int
+    precision: str
+    device: str
+    resumed_from_step: int | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def encode_all(tokenizer: Any, examples: list[Example], seq_len: int) -> tuple[list[Encoded], list[str]]:
+    """Encode examples; return (kept, where-of-dropped) for those longer than ``seq_len``."""
+    eot = end_of_turn(tokenizer)
+    kept, dropped = [], []
+    for ex in examples:
+        enc = encode_example(tokenizer, ex, seq_len, eot)
+        if len(enc.input_ids) <= seq_len:
+            kept.append(enc)
+        else:
+            dropped.append(ex.where)
+    return kept, dropped
+
+
+def seed_everything(seed: int) -> None:
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def autocast_for(precision: str, device: str) -> Any:
+    import torch
+
+    if precision == "bf16":
+        return torch.autocast(device_type=device.split(":")[0], dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def _lr_lambda(total: int, warmup: int) -> Callable[[int], float]:
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total - warmup)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return f
+
+
+def _schedule(n_examples: int, cfg: TrainSpec) -> tuple[int, int]:
+    """(micro-batches per epoch, total optimizer steps)."""
+    per_epoch = math.ceil(n_examples / cfg.batch_size)
+    if cfg.max_steps:
+        return per_epoch, cfg.max_steps
+    return per_epoch, max(1, math.ceil(cfg.epochs * per_epoch / cfg.grad_accum))
+
+
+def _micro_batches(lengths: list[int], cfg: TrainSpec, per_epoch: int, step: int) -> list[list[int]]:
+    """The micro-batches (index lists) of optimizer ``step``, deterministic across resumes."""
+    out = []
+    for k in range(cfg.grad_accum):
+        global_mb = step * cfg.grad_accum + k
+        epoch, pos = divmod(global_mb, per_epoch)
+        out.append(epoch_batches(lengths, cfg.batch_size, cfg.seed, epoch)[pos])
+    return out
+
+
+def evaluate_loss(model: Any, encoded: list[Encoded], batch_size: int, pad_id: int, precision: str, device: str) -> float:
+    """Mean answer-token loss over ``encoded`` (teacher forcing)."""
+    import torch
+
+    total, count = 0.0, 0
+    model.eval()
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i].input_ids))
+    with torch.no_grad(), autocast_for(precision, device):
+        for b in range(0, len(order), batch_size):
+            batch = {k: v.to(device) for k, v in collate([encoded[i] for i in order[b : b + batch_size]], pad_id).items()}
+            s, n = answer_loss_sum(model, batch)
+            total += float(s)
+            count += n
+    return total / max(1, count)
+
+
+def train(
+    cfg: TrainSpec,
+    model: Any,
+    tokenizer: Any,
+    train_examples: list[Example],
+    out_dir: Path,
+    *,
+    eval_examples: list[Example] | None = None,
+    resume: bool = False,
+    fingerprint: str = "",
+    device: str = "cpu",
+    on_step: StepCallback | None = None,
+    show_progress: bool = True,
+) -> tuple[Any, TrainResult]:
+    """Train ``model`` on ``train_examples`` per ``cfg``; save the adapter under ``out_dir/adapter``.
+
+    ``on_step(step, metrics)`` is called after every optimizer step (for tracking). Returns the
+    trained (PEFT-wrapped) model and a :class:`TrainResult`.
+    """
+    import torch
+
+    # --- setup -------------------------------------------------------------------------------
+    precision = resolve_precision(cfg.precision, device)
+    seed_everything(cfg.seed)
+    encoded, dropped = encode_all(tokenizer, train_examples, cfg.seq_len)
+    if dropped:
+        log.warning("dropped %d training examples longer than seq_len=%d (first: %s); raise train.seq_len to keep them",
+                    len(dropped), cfg.seq_len, dropped[0])
+    if not encoded:
+        raise DataError(Problem(f"every training example is longer than train.seq_len={cfg.seq_len}",
+                                field="train.seq_len", hint="raise train.seq_len"))
+    eval_encoded = encode_all(tokenizer, eval_examples, cfg.seq_len)[0] if eval_examples else []
+    lengths = [len(e.input_ids) for e in encoded]
+    per_epoch, total_steps = _schedule(len(encoded), cfg)
+
+    model = wrap_for_training(model, cfg).to(device)
+    trainable, total_params = count_parameters(model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    warmup = int(cfg.warmup_ratio * total_steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(total_steps, warmup))
+    pad_id = tokenizer.pad_token_id
+
+    ckpt_root = out_dir / "checkpoints"
+    start_step, resumed_from = 0, None
+    if resume:
+        last = latest_checkpoint(ckpt_root)
+        if last is None:
+            raise TrainingError(Problem(f"nothing to resume: no checkpoint in {ckpt_root}",
+                                        hint="run without --resume to start training"))
+        meta = load_checkpoint(last, model, optimizer, scheduler, fingerprint)
+        start_step = resumed_from = int(meta["step"])
+        log.info("resumed from %s (step %d of %d)", last.name, start_step, total_steps)
+    else:
+        shutil.rmtree(ckpt_root, ignore_errors=True)
+    ckpt_root.mkdir(parents=True, exist_ok=True)
+
+    # --- train -------------------------------------------------------------------------------
+    log.info("training %s params of %s (%.2f%%), %d examples, %d steps, precision %s on %s",
+             f"{trainable:,}", f"{total_params:,}", 100 * trainable / total_params, len(encoded),
+             total_steps, precision, device)
+    model.train()
+    tokens_done, t0, loss_value = 0, time.perf_counter(), float("nan")
+    progress = _progress(show_progress)
+    with progress:
+        task = progress.add_task("train", total=total_steps, completed=start_step, loss=float("nan"), tps=0.0)
+        for step in range(start_step, total_steps):
+            micro = _micro_batches(lengths, cfg, per_epoch, step)
+            n_answer = sum(encoded[i].n_answer_tokens for mb in micro for i in mb)
+            step_loss = 0.0
+            for mb in micro:
+                batch = {k: v.to(device) for k, v in collate([encoded[i] for i in mb], pad_id).items()}
+                with autocast_for(precision, device):
+                    loss_sum, _ = answer_loss_sum(model, batch)
+                # token-normalised across the whole accumulated step (not mean of micro-batch means)
+                (loss_sum / n_answer).backward()
+                step_loss += float(loss_sum.detach()) / n_answer
+                tokens_done += int(batch["attention_mask"].sum())
+            grad_norm = (torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+                         if cfg.max_grad_norm else torch.tensor(0.0))
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            loss_value = step_loss
+            done = step + 1
+            elapsed = time.perf_counter() - t0
+            tps = tokens_done / elapsed if elapsed > 0 else 0.0
+            progress.update(task, completed=done, loss=loss_value, tps=tps)
+            metrics = {"train_loss": loss_value, "lr": scheduler.get_last_lr()[0],
+                       "grad_norm": float(grad_norm), "tokens_per_second": tps,
+                       "epoch": done * cfg.grad_accum / per_epoch}
+            if not (show_progress and progress.console.is_terminal) and (done % cfg.log_every == 0 or done == total_steps):
+                log.info("step %d/%d loss %.4f  %.0f tok/s", done, total_steps, loss_value, tps)
+            if on_step is not None:
+                on_step(done, metrics)
+            if done % cfg.checkpoint_every == 0 and done < total_steps:
+                save_checkpoint(ckpt_root, done, model, optimizer, scheduler, fingerprint, {"total_steps": total_steps})
+    seconds = time.perf_counter() - t0
+
+    # --- save --------------------------------------------------------------------------------
+    eval_loss = evaluate_loss(model, eval_encoded, cfg.batch_size, pad_id, precision, device) if eval_encoded else None
+    adapter_dir = out_dir / "adapter"
+    shutil.rmtree(adapter_dir, ignore_errors=True)
+    model.save_pretrained(adapter_dir)
+    tokenizer.save_pretrained(adapter_dir)
+    save_checkpoint(ckpt_root, total_steps, model, optimizer, scheduler, fingerprint, {"total_steps": total_steps})
+    model.eval()
+    result = TrainResult(
+        adapter_dir=str(adapter_dir), steps=total_steps, epochs=total_steps * cfg.grad_accum / per_epoch,
+        train_examples=len(encoded), dropped_too_long=len(dropped), train_tokens=tokens_done,
+        seconds=seconds, tokens_per_second=tokens_done / seconds if seconds > 0 else 0.0,
+        final_loss=loss_value, eval_loss=eval_loss, trainable_params=trainable, total_params=total_params,
+        precision=precision, device=device, resumed_from_step=resumed_from,
+    )
+    return model, result
+
+
+def _progress(enabled: bool) -> Any:
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    return Progress(
+        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]:.4f}"), TextColumn("{task.fields[tps]:.0f} tok/s"),
+        TimeElapsedColumn(), TimeRemainingColumn(), disable=not enabled, transient=False,
+    )

@@ -1,0 +1,44 @@
+"""Wrap a base model for the spec's training method (LoRA through peft, or full fine-tuning)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tuneline.spec.models import TrainSpec
+
+
+def build_peft_config(train: TrainSpec) -> Any:
+    from peft import LoraConfig, TaskType
+
+    lora = train.lora
+    return LoraConfig(
+        task_type=TaskType.CAUSAL_LM,
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=lora.target_modules,
+    )
+
+
+def wrap_for_training(model: Any, train: TrainSpec) -> Any:
+    """Return the model to train: a PeftModel for LoRA, the model itself for ``full``."""
+    if train.method == "full":
+        for p in model.parameters():
+            p.requires_grad_(True)
+        return model
+    import torch
+    from peft import get_peft_model
+
+    model = get_peft_model(model, build_peft_config(train))
+    # adapter weights (and so their optimizer state) stay fp32 even when the base is bf16
+    for p in model.parameters():
+        if p.requires_grad and p.dtype != torch.float32:
+            p.data = p.data.float()
+    return model
+
+
+def count_parameters(model: Any) -> tuple[int, int]:
+    """(trainable, total) parameter counts."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return trainable, total

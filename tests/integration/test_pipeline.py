@@ -1,0 +1,114 @@
+"""The whole pipeline on a tiny random model: trains, evaluates, tracks, resumes exactly."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import tuneline
+from tuneline.data import prepare
+from tuneline.errors import TrainingError
+from tuneline.spec import load_spec
+from tuneline.train import train
+from tuneline.workspace import Workspace
+
+
+def _load(tiny_model_dir: Path, dtype=torch.float32):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    return AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=dtype), AutoTokenizer.from_pretrained(tiny_model_dir)
+
+
+def test_run_trains_evaluates_and_tracks(classification_spec: Path, tmp_path: Path):
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    spec = classification_spec.read_text().replace("max_steps: 4", "max_steps: 30")
+    classification_spec.write_text(spec)
+    ws = Workspace.at(tmp_path / "ws")
+    result = tuneline.run(classification_spec, workspace=ws, show_progress=False)
+
+    # training moved the model: accuracy on held-out intents went up from the random base
+    report = result.report
+    assert report is not None and report.n_examples == 12
+    base, tuned = report.result("base"), report.result("tuned")
+    assert base is not None and tuned is not None
+    assert tuned.metrics["accuracy"] > base.metrics["accuracy"]
+    assert tuned.metrics["invalid_rate"] < base.metrics["invalid_rate"]
+
+    # the model is saved with its tokenizer and the spec
+    adapter = Path(result.train.adapter_dir)
+    assert (adapter / "model.safetensors").is_file() or (adapter / "adapter_model.safetensors").is_file()
+    assert (adapter / "tokenizer_config.json").is_file()
+    assert (adapter / "tuneline.yaml").read_text() == classification_spec.read_text()
+
+    # the run is in the embedded MLflow store, with its artifacts inside the workspace
+    mlflow.set_tracking_uri(ws.tracking_uri)
+    run = MlflowClient().get_run(result.run_id)
+    assert run.data.params["train.max_steps"] == "30"
+    assert run.data.tags["tuneline.spec_sha256"] == load_spec(classification_spec).sha256
+    assert len(run.data.tags["tuneline.data.train.sha256"]) == 64
+    assert "tuneline.version.torch" in run.data.tags
+    assert run.data.metrics["tuned.accuracy"] == pytest.approx(tuned.metrics["accuracy"])
+    assert run.info.artifact_uri.startswith(ws.artifact_root.as_uri())
+    history = MlflowClient().get_metric_history(result.run_id, "train_loss")
+    assert len(history) >= 3
+    assert history[-1].value < history[0].value
+    arts = {a.path for a in MlflowClient().list_artifacts(result.run_id)}
+    assert {"adapter", "spec", "eval"} <= arts
+    assert json.loads((result.run_dir / "eval_report.json").read_text())["passed"] == report.passed
+
+
+def test_lora_adapter_is_saved_in_peft_format(classification_spec: Path, tiny_model_dir: Path, tmp_path: Path):
+    from peft import PeftModel
+
+    loaded = load_spec(classification_spec)
+    cfg = loaded.spec.train.model_copy(update={"method": "lora", "max_steps": 2})
+    data = prepare(loaded)
+    model, tok = _load(tiny_model_dir)
+    trained, result = train(cfg, model, tok, data.train, tmp_path, show_progress=False)
+    assert result.trainable_params < result.total_params / 5
+    reloaded = PeftModel.from_pretrained(_load(tiny_model_dir)[0], result.adapter_dir)
+    batch = {"input_ids": torch.tensor([[1, 2, 3, 4]])}
+    torch.testing.assert_close(reloaded(**batch).logits, trained(**batch).logits)
+
+
+class _Crash(Exception):
+    pass
+
+
+def test_resumed_run_equals_uninterrupted(classification_spec: Path, tiny_model_dir: Path, tmp_path: Path):
+    loaded = load_spec(classification_spec)
+    cfg = loaded.spec.train.model_copy(update={"method": "lora", "max_steps": 6, "checkpoint_every": 2,
+                                               "lora": loaded.spec.train.lora.model_copy(update={"dropout": 0.1})})
+    data = prepare(loaded)
+
+    full_model, tok = _load(tiny_model_dir)
+    full, _ = train(cfg, full_model, tok, data.train, tmp_path / "a", fingerprint="fp", show_progress=False)
+
+    def crash_at_5(step: int, metrics: dict) -> None:
+        if step == 5:
+            raise _Crash
+
+    with pytest.raises(_Crash):
+        train(cfg, _load(tiny_model_dir)[0], tok, data.train, tmp_path / "b", fingerprint="fp",
+              on_step=crash_at_5, show_progress=False)
+    with pytest.raises(TrainingError, match="different spec"):
+        train(cfg, _load(tiny_model_dir)[0], tok, data.train, tmp_path / "b", fingerprint="other",
+              resume=True, show_progress=False)
+    resumed, result = train(cfg, _load(tiny_model_dir)[0], tok, data.train, tmp_path / "b", fingerprint="fp",
+                            resume=True, show_progress=False)
+    assert result.resumed_from_step == 4
+    a = {n: p for n, p in full.named_parameters() if p.requires_grad}
+    b = {n: p for n, p in resumed.named_parameters() if p.requires_grad}
+    assert a.keys() == b.keys()
+    for n in a:
+        torch.testing.assert_close(a[n], b[n], rtol=0, atol=0, msg=f"{n} differs after resume")
+
+
+def test_resume_without_checkpoint_is_a_clear_error(classification_spec: Path, tmp_path: Path):
+    with pytest.raises(TrainingError, match="nothing to resume"):
+        tuneline.run(classification_spec, workspace=tmp_path / "ws", resume=True, show_progress=False)

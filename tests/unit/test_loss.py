@@ -1,0 +1,46 @@
+"""Answer-only logits give the same loss and gradients as the standard full-logits loss."""
+
+from __future__ import annotations
+
+import torch
+
+from tuneline.data.tokenize import Encoded
+from tuneline.spec.models import TrainSpec
+from tuneline.train.batching import collate, epoch_batches
+from tuneline.train.loss import answer_loss_sum, standard_loss_sum
+from tuneline.train.peft_builders import wrap_for_training
+
+
+def _batch():
+    g = torch.Generator().manual_seed(0)
+    encs = []
+    for n, k in [(20, 4), (13, 2), (30, 7)]:
+        ids = torch.randint(10, 1000, (n,), generator=g).tolist()
+        encs.append(Encoded(ids, [-100] * (n - k) + ids[n - k :], "x"))
+    return collate(encs, pad_id=2)
+
+
+def test_answer_only_loss_equals_standard(tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    model = wrap_for_training(AutoModelForCausalLM.from_pretrained(tiny_model_dir), TrainSpec())
+    batch = _batch()
+    a, na = answer_loss_sum(model, batch)
+    a.backward()
+    grads_a = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad()
+    s, ns = standard_loss_sum(model, batch)
+    s.backward()
+    assert na == ns == 4 + 2 + 7  # every answer token is a target, the first predicted from the prompt
+    torch.testing.assert_close(a, s, rtol=1e-5, atol=1e-5)
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(grads_a[n], p.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_epoch_batches_deterministic_and_complete():
+    lengths = [5, 50, 7, 33, 21, 9, 40, 3, 11, 27]
+    b1 = epoch_batches(lengths, 3, seed=1, epoch=0)
+    assert b1 == epoch_batches(lengths, 3, seed=1, epoch=0)
+    assert sorted(i for b in b1 for i in b) == list(range(10))
+    assert b1 != epoch_batches(lengths, 3, seed=1, epoch=1)

@@ -1,0 +1,121 @@
+"""The spec: valid specs load, bad ones report every problem with field path and line."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tuneline.errors import SpecError
+from tuneline.spec import json_schema, load_spec, parse_spec
+from tuneline.spec.models import Threshold
+
+REPO = Path(__file__).resolve().parents[2]
+
+VALID = """\
+name: demo
+task:
+  type: classification
+objective:
+  primary: accuracy
+  thresholds: ["accuracy >= 0.8"]
+model: smollm2-135m
+data:
+  train: {path: train.csv, columns: {label: category}}
+"""
+
+
+def test_every_shipped_example_spec_validates():
+    specs = sorted((REPO / "examples").glob("*/tuneline.yaml"))
+    assert specs, "no example specs found"
+    for path in specs:
+        loaded = load_spec(path)
+        assert loaded.spec.name
+
+
+def test_valid_spec_gets_defaults():
+    spec = parse_spec(VALID)
+    assert spec.train.method == "lora"
+    assert spec.train.lora.r == 16
+    assert spec.data.train.resolved_format() == "csv"
+    assert spec.objective.parsed_thresholds()[0].check(0.81)
+
+
+def test_typo_in_field_name_names_field_line_and_suggestion():
+    text = VALID.replace("  primary: accuracy", "  primary: accuracy\n  treshold: 3")
+    with pytest.raises(SpecError) as exc:
+        parse_spec(text, where="tuneline.yaml")
+    (p,) = exc.value.problems
+    assert p.field == "objective.treshold"
+    assert p.where == "tuneline.yaml:6"
+    assert "unknown field" in p.message
+    assert "thresholds" in (p.hint or "")
+
+
+def test_all_errors_reported_at_once_with_lines():
+    text = """\
+name: demo
+task:
+  type: regression
+objective:
+  primary: accuracy
+model: smollm2-135m
+data:
+  train: {path: train.csv}
+train:
+  lr: -1
+  batch_size: 0
+  epoch: 3
+"""
+    with pytest.raises(SpecError) as exc:
+        parse_spec(text, where="s.yaml")
+    found = {(p.field, p.where) for p in exc.value.problems}
+    assert ("task.type", "s.yaml:3") in found
+    assert ("train.lr", "s.yaml:10") in found
+    assert ("train.batch_size", "s.yaml:11") in found
+    assert ("train.epoch", "s.yaml:12") in found
+    assert "4 problems" in str(exc.value)
+
+
+def test_missing_required_section():
+    with pytest.raises(SpecError) as exc:
+        parse_spec("name: x\nmodel: smollm2-135m\n")
+    fields = {p.field for p in exc.value.problems}
+    assert {"task", "objective", "data"} <= fields
+
+
+def test_threshold_metric_must_fit_task():
+    text = VALID.replace('"accuracy >= 0.8"', '"rouge_l >= 0.3"')
+    with pytest.raises(SpecError, match="rouge_l"):
+        parse_spec(text)
+
+
+@pytest.mark.parametrize("bad", ["accuracy => 0.8", "accuracy", ">= 0.8", "accuracy >= high"])
+def test_bad_threshold_text_is_rejected(bad: str):
+    with pytest.raises(ValueError, match="metric >= value"):
+        Threshold.parse(bad)
+
+
+def test_unmapped_logical_column_is_rejected():
+    text = VALID.replace("{label: category}", "{lable: category}")
+    with pytest.raises(SpecError, match="'lable' is not a column"):
+        parse_spec(text)
+
+
+def test_yaml_syntax_error_has_line():
+    with pytest.raises(SpecError) as exc:
+        parse_spec("name: x\ntask: [unclosed\nmodel: y\n", where="bad.yaml")
+    assert exc.value.problems[0].where.startswith("bad.yaml:")
+
+
+def test_missing_spec_file(tmp_path: Path):
+    with pytest.raises(SpecError, match="spec file not found"):
+        load_spec(tmp_path / "nope.yaml")
+
+
+def test_json_schema_describes_the_spec():
+    schema = json_schema()
+    assert set(schema["required"]) >= {"name", "task", "objective", "model", "data"}
+    assert "train" in schema["properties"]
+    json.dumps(schema)  # serialisable
