@@ -26,7 +26,7 @@ def test_run_trains_evaluates_and_tracks(classification_spec: Path, tmp_path: Pa
     import mlflow
     from mlflow.tracking import MlflowClient
 
-    spec = classification_spec.read_text().replace("max_steps: 4", "max_steps: 30")
+    spec = classification_spec.read_text().replace("max_steps: 4", "max_steps: 150")
     classification_spec.write_text(spec)
     ws = Workspace.at(tmp_path / "ws")
     result = tuneline.run(classification_spec, workspace=ws, show_progress=False)
@@ -36,7 +36,7 @@ def test_run_trains_evaluates_and_tracks(classification_spec: Path, tmp_path: Pa
     assert report is not None and report.n_examples == 12
     base, tuned = report.result("base"), report.result("tuned")
     assert base is not None and tuned is not None
-    assert tuned.metrics["accuracy"] > base.metrics["accuracy"]
+    assert tuned.metrics["accuracy"] >= base.metrics["accuracy"] + 0.3
     assert tuned.metrics["invalid_rate"] < base.metrics["invalid_rate"]
 
     # the model is saved with its tokenizer and the spec
@@ -48,7 +48,7 @@ def test_run_trains_evaluates_and_tracks(classification_spec: Path, tmp_path: Pa
     # the run is in the embedded MLflow store, with its artifacts inside the workspace
     mlflow.set_tracking_uri(ws.tracking_uri)
     run = MlflowClient().get_run(result.run_id)
-    assert run.data.params["train.max_steps"] == "30"
+    assert run.data.params["train.max_steps"] == "150"
     assert run.data.tags["tuneline.spec_sha256"] == load_spec(classification_spec).sha256
     assert len(run.data.tags["tuneline.data.train.sha256"]) == 64
     assert "tuneline.version.torch" in run.data.tags
