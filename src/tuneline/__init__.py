@@ -42,30 +42,22 @@ if TYPE_CHECKING:
     from tuneline.workspace import Workspace
 
 
+# Heavy stage functions load lazily so `import tuneline` (and `tuneline --help`) stays fast.
+_LAZY = {
+    "run": "tuneline.pipeline",
+    "validate": "tuneline.pipeline",
+    "prepare_data": ("tuneline.data", "prepare"),
+    "train": "tuneline.train",
+    "evaluate_model": "tuneline.eval",
+    "Workspace": "tuneline.workspace",
+}
+
+
 def __getattr__(name: str) -> Any:
-    # Heavy stage functions load lazily so `import tuneline` stays fast.
-    if name == "run":
-        from tuneline.pipeline import run
+    import importlib
 
-        return run
-    if name == "validate":
-        from tuneline.pipeline import validate
-
-        return validate
-    if name == "prepare_data":
-        from tuneline.data import prepare
-
-        return prepare
-    if name == "train":
-        from tuneline.train import train
-
-        return train
-    if name == "evaluate_model":
-        from tuneline.eval import evaluate_model
-
-        return evaluate_model
-    if name == "Workspace":
-        from tuneline.workspace import Workspace
-
-        return Workspace
-    raise AttributeError(f"module 'tuneline' has no attribute {name!r}")
+    target = _LAZY.get(name)
+    if target is None:
+        raise AttributeError(f"module 'tuneline' has no attribute {name!r}")
+    module, attr = target if isinstance(target, tuple) else (target, name)
+    return getattr(importlib.import_module(module), attr)

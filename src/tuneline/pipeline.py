@@ -12,7 +12,7 @@ from typing import Any
 
 from tuneline.data import PreparedData, prepare
 from tuneline.errors import Problem, TrainingError
-from tuneline.eval import EvalReport, check_objective, evaluate_model, render_table
+from tuneline.eval import EvalReport, ModelResult, check_objective, evaluate_model, render_table
 from tuneline.models import load_model, load_tokenizer, resolve_model_source
 from tuneline.spec import LoadedSpec, load_spec
 from tuneline.train import TrainResult, default_device, resolve_precision, train
@@ -104,18 +104,20 @@ def run(
             tracking.log_run_inputs(loaded, data.sources, spec.model, source.fingerprint())
             mlflow.log_params({"data.labels_count": len(data.labels or []), "device": device, "precision": precision})
 
+        def evaluate(name: str) -> ModelResult:
+            assert test
+            result = evaluate_model(name, spec, model, tokenizer, test, data.labels,
+                                    autocast=autocast_for(precision, device), device=device,
+                                    show_progress=show_progress)
+            mlflow.log_metrics({f"{name}.{k}": v for k, v in result.metrics.items()})
+            return result
+
         base_result = None
         if test and spec.eval.compare_base and not resume:
-            base_result = evaluate_model("base", spec, model, tokenizer, test, data.labels,
-                                         autocast=autocast_for(precision, device), device=device,
-                                         show_progress=show_progress)
-            mlflow.log_metrics({f"base.{k}": v for k, v in base_result.metrics.items()})
-
-        log_every = spec.train.log_every
+            base_result = evaluate("base")  # before training, on the untouched model
 
         def on_step(step: int, metrics: dict[str, float]) -> None:
-            if step % log_every == 0:
-                mlflow.log_metrics(metrics, step=step)
+            mlflow.log_metrics(metrics, step=step)  # every step: a few ms against seconds of training
 
         model, result = train(
             spec.train, model, tokenizer, data.train, run_dir, eval_examples=data.eval or None, resume=resume,
@@ -137,14 +139,9 @@ def run(
         report = None
         if test:
             if base_result is None and spec.eval.compare_base and hasattr(model, "disable_adapter"):
-                with model.disable_adapter():
-                    base_result = evaluate_model("base", spec, model, tokenizer, test, data.labels,
-                                                 autocast=autocast_for(precision, device), device=device,
-                                                 show_progress=show_progress)
-                mlflow.log_metrics({f"base.{k}": v for k, v in base_result.metrics.items()})
-            tuned = evaluate_model("tuned", spec, model, tokenizer, test, data.labels,
-                                   autocast=autocast_for(precision, device), device=device, show_progress=show_progress)
-            mlflow.log_metrics({f"tuned.{k}": v for k, v in tuned.metrics.items()})
+                with model.disable_adapter():  # resumed LoRA run: the base is the model minus the adapter
+                    base_result = evaluate("base")
+            tuned = evaluate("tuned")
             report = EvalReport(
                 task=spec.task.type, primary=spec.objective.primary, n_examples=len(test),
                 results=[r for r in (base_result, tuned) if r is not None],

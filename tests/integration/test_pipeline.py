@@ -112,3 +112,42 @@ def test_resumed_run_equals_uninterrupted(classification_spec: Path, tiny_model_
 def test_resume_without_checkpoint_is_a_clear_error(classification_spec: Path, tmp_path: Path):
     with pytest.raises(TrainingError, match="nothing to resume"):
         tuneline.run(classification_spec, workspace=tmp_path / "ws", resume=True, show_progress=False)
+
+
+def test_instruction_task_reports_text_metrics(tmp_path: Path, tiny_model_dir: Path):
+    from helpers import write_jsonl, write_spec
+
+    rows = [{"prompt": f"Repeat the word {w}", "answer": w} for w in ["card", "bank", "loan", "rate"] * 3]
+    write_jsonl(tmp_path / "d.jsonl", rows)
+    spec = write_spec(tmp_path, f"""
+        name: tiny-instruct
+        task: {{type: instruction}}
+        objective: {{primary: rouge_l, thresholds: ["rouge_l >= 0.0"]}}
+        model: {tiny_model_dir}
+        data:
+          train: {{path: d.jsonl, columns: {{instruction: prompt, response: answer}}}}
+          test: {{path: d.jsonl, columns: {{instruction: prompt, response: answer}}}}
+        train: {{method: lora, max_steps: 3, batch_size: 4, precision: fp32}}
+        eval: {{max_new_tokens: 4}}
+    """)
+    result = tuneline.run(spec, workspace=tmp_path / "ws", show_progress=False)
+    assert result.report is not None
+    tuned = result.report.result("tuned")
+    assert tuned is not None and set(tuned.metrics) == {"rouge_l", "bleu"}
+    assert 0.0 <= tuned.metrics["rouge_l"] <= 1.0
+    assert len(tuned.predictions) == len(rows)
+
+
+def test_resume_continues_the_same_tracked_run(classification_spec: Path, tmp_path: Path):
+    spec = classification_spec.read_text().replace("method: full", "method: lora")
+    classification_spec.write_text(spec)
+    ws = Workspace.at(tmp_path / "ws")
+    first = tuneline.run(classification_spec, workspace=ws, show_progress=False)
+    again = tuneline.run(classification_spec, workspace=ws, resume=True, show_progress=False)
+    assert again.run_id == first.run_id
+    assert again.train.resumed_from_step == first.train.steps
+    assert again.train.final_loss == pytest.approx(first.train.final_loss)
+    assert again.report is not None and first.report is not None
+    # base metrics come from the same model with the adapter switched off
+    assert again.report.result("base").metrics == first.report.result("base").metrics
+    assert again.report.result("tuned").metrics == first.report.result("tuned").metrics

@@ -71,32 +71,28 @@ def build_examples(task: TaskSpec, source: DataSource, records: list[Record]) ->
     examples: list[Example] = []
     problems: list[Problem] = []
 
-    def missing(rec: Record, logical: str) -> None:
-        problems.append(Problem(f"empty {cols[logical]!r}", where=rec.where, field=cols[logical],
-                                hint="fill the cell or remove the row"))
+    def required(rec: Record, *logicals: str) -> list[str] | None:
+        """The non-empty values of ``logicals``, or None after recording each empty one."""
+        values = [_text(rec.fields.get(cols[name])) for name in logicals]
+        for name, value in zip(logicals, values, strict=True):
+            if value is None:
+                problems.append(Problem(f"empty {cols[name]!r}", where=rec.where, field=cols[name],
+                                        hint="fill the cell or remove the row"))
+        return None if any(v is None for v in values) else [v for v in values if v is not None]
 
     for rec in records:
         f = rec.fields
         if task.type == "classification":
-            text, label = _text(f.get(cols["text"])), _text(f.get(cols["label"]))
-            if text is None:
-                missing(rec, "text")
-            if label is None:
-                missing(rec, "label")
-            if text is None or label is None:
+            if (got := required(rec, "text", "label")) is None:
                 continue
-            label = label.strip()
+            text, label = got[0], got[1].strip()
             msgs = (*system, {"role": "user", "content": text}, {"role": "assistant", "content": label})
             examples.append(Example(rec.where, tuple(msgs), label, label))
         elif task.type == "instruction":
-            instr, resp = _text(f.get(cols["instruction"])), _text(f.get(cols["response"]))
-            inp = _text(f.get(cols["input"]))
-            if instr is None:
-                missing(rec, "instruction")
-            if resp is None:
-                missing(rec, "response")
-            if instr is None or resp is None:
+            if (got := required(rec, "instruction", "response")) is None:
                 continue
+            instr, resp = got
+            inp = _text(f.get(cols["input"]))
             user = instr if inp is None else f"{instr}\n\n{inp}"
             msgs = (*system, {"role": "user", "content": user}, {"role": "assistant", "content": resp})
             examples.append(Example(rec.where, tuple(msgs), resp))
@@ -106,10 +102,10 @@ def build_examples(task: TaskSpec, source: DataSource, records: list[Record]) ->
                 problems.append(Problem(msgs_or_problem, where=rec.where, field=cols["messages"],
                                         hint='expected a list like [{"role": "user", "content": "..."}, {"role": "assistant", "content": "..."}]'))
                 continue
-            msgs = msgs_or_problem
-            if system and msgs[0]["role"] != "system":
-                msgs = [*system, *msgs]
-            examples.append(Example(rec.where, tuple(msgs), msgs[-1]["content"]))
+            turns = msgs_or_problem
+            if system and turns[0]["role"] != "system":
+                turns = [*system, *turns]
+            examples.append(Example(rec.where, tuple(turns), turns[-1]["content"]))
     return examples, problems
 
 

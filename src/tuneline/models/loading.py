@@ -101,7 +101,7 @@ def load_model(source: ModelSource, cache_root: Path, device: str = "cpu", dtype
     attn = "eager" if device == "cpu" else "sdpa"
     torch_dtype = torch.bfloat16 if dtype == "bf16" else torch.float32
     try:
-        model = AutoModelForCausalLM.from_pretrained(where, dtype=torch_dtype, attn_implementation=attn)
+        model: Any = AutoModelForCausalLM.from_pretrained(where, dtype=torch_dtype, attn_implementation=attn)
     except OSError as exc:
         raise ModelError(Problem(f"cannot load model {source.ref!r}: {exc}", field="model",
                                  hint="a hub id needs network access; use a local directory or the built-in model offline")) from exc

@@ -147,7 +147,7 @@ class DataSpec(_Model):
 
 class LoraSpec(_Model):
     r: int = Field(default=16, gt=0)
-    alpha: float = Field(default=32, gt=0)
+    alpha: int = Field(default=32, gt=0, description="Scaling: the update is multiplied by alpha / r.")
     # 0 by default: on CPU, dropout masks on every adapted layer's input measured ~30% of step time.
     dropout: float = Field(default=0.0, ge=0, lt=1)
     target_modules: list[str] | Literal["all-linear"] = "all-linear"
@@ -170,7 +170,7 @@ class TrainSpec(_Model):
         default="auto", description="auto: bf16 where the CPU/GPU supports it, else fp32."
     )
     checkpoint_every: int = Field(default=200, gt=0, description="Save a resumable checkpoint every N steps.")
-    log_every: int = Field(default=10, gt=0)
+    log_every: int = Field(default=10, gt=0, description="Log a progress line every N steps when output is not a terminal.")
 
 
 class EvalSpec(_Model):

@@ -168,7 +168,7 @@ def train(
     pad_id = tokenizer.pad_token_id
 
     ckpt_root = out_dir / "checkpoints"
-    start_step, resumed_from = 0, None
+    start_step, resumed_from, loss_value = 0, None, float("nan")
     if resume:
         last = latest_checkpoint(ckpt_root)
         if last is None:
@@ -176,6 +176,7 @@ def train(
                                         hint="run without --resume to start training"))
         meta = load_checkpoint(last, model, optimizer, scheduler, fingerprint)
         start_step = resumed_from = int(meta["step"])
+        loss_value = float(meta.get("loss", "nan"))
         log.info("resumed from %s (step %d of %d)", last.name, start_step, total_steps)
     else:
         shutil.rmtree(ckpt_root, ignore_errors=True)
@@ -186,7 +187,7 @@ def train(
              f"{trainable:,}", f"{total_params:,}", 100 * trainable / total_params, len(encoded),
              total_steps, precision, device)
     model.train()
-    tokens_done, t0, loss_value = 0, time.perf_counter(), float("nan")
+    tokens_done, t0 = 0, time.perf_counter()
     progress = _progress(show_progress)
     with progress:
         task = progress.add_task("train", total=total_steps, completed=start_step, loss=float("nan"), tps=0.0)
@@ -212,7 +213,7 @@ def train(
             elapsed = time.perf_counter() - t0
             tps = tokens_done / elapsed if elapsed > 0 else 0.0
             progress.update(task, completed=done, loss=loss_value, tps=tps)
-            metrics = {"train_loss": loss_value, "lr": scheduler.get_last_lr()[0],
+            metrics = {"train_loss": loss_value, "lr": float(scheduler.get_last_lr()[0]),
                        "grad_norm": float(grad_norm), "tokens_per_second": tps,
                        "epoch": done * cfg.grad_accum / per_epoch}
             if not (show_progress and progress.console.is_terminal) and (done % cfg.log_every == 0 or done == total_steps):
@@ -220,7 +221,8 @@ def train(
             if on_step is not None:
                 on_step(done, metrics)
             if done % cfg.checkpoint_every == 0 and done < total_steps:
-                save_checkpoint(ckpt_root, done, model, optimizer, scheduler, fingerprint, {"total_steps": total_steps})
+                save_checkpoint(ckpt_root, done, model, optimizer, scheduler, fingerprint,
+                                {"total_steps": total_steps, "loss": loss_value})
     seconds = time.perf_counter() - t0
 
     # --- save --------------------------------------------------------------------------------
@@ -229,7 +231,8 @@ def train(
     shutil.rmtree(adapter_dir, ignore_errors=True)
     model.save_pretrained(adapter_dir)
     tokenizer.save_pretrained(adapter_dir)
-    save_checkpoint(ckpt_root, total_steps, model, optimizer, scheduler, fingerprint, {"total_steps": total_steps})
+    save_checkpoint(ckpt_root, total_steps, model, optimizer, scheduler, fingerprint,
+                    {"total_steps": total_steps, "loss": loss_value})
     model.eval()
     result = TrainResult(
         adapter_dir=str(adapter_dir), steps=total_steps, epochs=total_steps * cfg.grad_accum / per_epoch,
