@@ -134,3 +134,11 @@ def test_stratified_sample_keeps_every_label_and_is_deterministic():
     assert {e.label for e in s1} == {"a", "b", "c"}
     assert [e.where for e in s1] == [e.where for e in s2]
     assert [e.where for e in sample_examples(exs, 10, stratify=True, seed=1)] != [e.where for e in s1]
+
+
+def test_stratified_sample_smaller_than_label_count_keeps_one_per_label(caplog):
+    exs = [Example(f"f:{i}", (), lab, lab) for i, lab in enumerate("abcdefgh" * 3)]
+    with caplog.at_level("WARNING"):
+        picked = sample_examples(exs, 5, stratify=True, seed=0)
+    assert sorted(e.label for e in picked) == list("abcdefgh")
+    assert "below the 8 labels" in caplog.text

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import random
 from collections import defaultdict
 from dataclasses import dataclass
@@ -13,6 +14,7 @@ from tuneline.errors import Problem
 from tuneline.spec.models import TASK_COLUMNS, DataSource, TaskSpec
 
 Message = dict[str, str]
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -141,6 +143,9 @@ def sample_examples(examples: list[Example], max_rows: int, stratify: bool, seed
     for ex in examples:
         groups[ex.label or ""].append(ex)
     labels = sorted(groups)
+    if max_rows < len(labels):
+        log.warning("sample.max_rows=%d is below the %d labels; keeping one row per label (%d rows)",
+                    max_rows, len(labels), len(labels))
     for lab in labels:
         rng.shuffle(groups[lab])
     total = len(examples)
