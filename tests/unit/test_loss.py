@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from tuneline.data.tokenize import Encoded
@@ -44,3 +45,33 @@ def test_epoch_batches_deterministic_and_complete():
     assert b1 == epoch_batches(lengths, 3, seed=1, epoch=0)
     assert sorted(i for b in b1 for i in b) == list(range(10))
     assert b1 != epoch_batches(lengths, 3, seed=1, epoch=1)
+
+
+def test_gradient_accumulation_equals_one_big_batch(tiny_model_dir):
+    """Batch 16 == batch 4 x accumulation 4, with answers of very different lengths."""
+    from transformers import AutoModelForCausalLM
+
+    from tuneline.train.loop import accumulate_gradients
+
+    g = torch.Generator().manual_seed(1)
+    encs = []
+    for i in range(16):
+        n, k = 12 + i, 1 + (i % 4) * 5  # answer lengths 1..16 tokens
+        ids = torch.randint(10, 1000, (n,), generator=g).tolist()
+        encs.append(Encoded(ids, [-100] * (n - k) + ids[n - k :], f"x:{i}"))
+    model = wrap_for_training(AutoModelForCausalLM.from_pretrained(tiny_model_dir), TrainSpec())
+
+    def grads(micro):
+        model.zero_grad()
+        loss, _ = accumulate_gradients(model, micro, 2, "fp32", "cpu")
+        return loss, {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    big_loss, big = grads([encs])
+    acc_loss, acc = grads([encs[i : i + 4] for i in range(0, 16, 4)])
+    assert acc_loss == pytest.approx(big_loss, rel=1e-5)
+    for n in big:
+        torch.testing.assert_close(acc[n], big[n], rtol=1e-4, atol=1e-7)
+
+    # the naive mean of per-micro-batch means differs: the test would catch that bug
+    naive = [sum(accumulate_gradients(model, [encs[i : i + 4]], 2, "fp32", "cpu")[0] for i in range(0, 16, 4)) / 4]
+    assert naive[0] != pytest.approx(big_loss, rel=1e-3)

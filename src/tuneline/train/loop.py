@@ -108,6 +108,26 @@ def _micro_batches(lengths: list[int], cfg: TrainSpec, per_epoch: int, step: int
     return out
 
 
+def accumulate_gradients(model: Any, micro_batches: list[list[Encoded]], pad_id: int, precision: str,
+                         device: str) -> tuple[float, int]:
+    """Backward over the micro-batches of one optimizer step; return (loss, real tokens).
+
+    The loss is normalised by the answer tokens of the whole step, not averaged per micro-batch,
+    so batch 16 and batch 4 x accumulation 4 give the same gradients (the accumulation-scaling
+    bug, where short micro-batches weigh as much as long ones, cannot happen).
+    """
+    n_answer = sum(e.n_answer_tokens for mb in micro_batches for e in mb)
+    step_loss, tokens = 0.0, 0
+    for mb in micro_batches:
+        batch = {k: v.to(device) for k, v in collate(mb, pad_id).items()}
+        with autocast_for(precision, device):
+            loss_sum, _ = answer_loss_sum(model, batch)
+        (loss_sum / n_answer).backward()
+        step_loss += float(loss_sum.detach()) / n_answer
+        tokens += int(batch["attention_mask"].sum())
+    return step_loss, tokens
+
+
 def evaluate_loss(model: Any, encoded: list[Encoded], batch_size: int, pad_id: int, precision: str, device: str) -> float:
     """Mean answer-token loss over ``encoded`` (teacher forcing)."""
     import torch
@@ -192,17 +212,9 @@ def train(
     with progress:
         task = progress.add_task("train", total=total_steps, completed=start_step, loss=float("nan"), tps=0.0)
         for step in range(start_step, total_steps):
-            micro = _micro_batches(lengths, cfg, per_epoch, step)
-            n_answer = sum(encoded[i].n_answer_tokens for mb in micro for i in mb)
-            step_loss = 0.0
-            for mb in micro:
-                batch = {k: v.to(device) for k, v in collate([encoded[i] for i in mb], pad_id).items()}
-                with autocast_for(precision, device):
-                    loss_sum, _ = answer_loss_sum(model, batch)
-                # token-normalised across the whole accumulated step (not mean of micro-batch means)
-                (loss_sum / n_answer).backward()
-                step_loss += float(loss_sum.detach()) / n_answer
-                tokens_done += int(batch["attention_mask"].sum())
+            micro = [[encoded[i] for i in mb] for mb in _micro_batches(lengths, cfg, per_epoch, step)]
+            step_loss, step_tokens = accumulate_gradients(model, micro, pad_id, precision, device)
+            tokens_done += step_tokens
             grad_norm = (torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
                          if cfg.max_grad_norm else torch.tensor(0.0))
             optimizer.step()
