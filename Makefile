@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-slow lint clean
+.PHONY: install demo test test-slow lint bench clean
 
 install: $(STAMP)
 
@@ -30,8 +30,11 @@ test-slow: install
 	$(BIN)/pytest -m slow
 
 lint: install
-	$(BIN)/ruff check src tests
+	$(BIN)/ruff check src tests bench
 	$(BIN)/mypy src
+
+bench: install
+	$(BIN)/python bench/train_throughput.py
 
 clean:
 	rm -rf $(VENV) .tuneline .pytest_cache
