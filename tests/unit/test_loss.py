@@ -75,3 +75,28 @@ def test_gradient_accumulation_equals_one_big_batch(tiny_model_dir):
     # the naive mean of per-micro-batch means differs: the test would catch that bug
     naive = [sum(accumulate_gradients(model, [encs[i : i + 4]], 2, "fp32", "cpu")[0] for i in range(0, 16, 4)) / 4]
     assert naive[0] != pytest.approx(big_loss, rel=1e-3)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    from tuneline.train.loop import accumulate_gradients
+
+    g = torch.Generator().manual_seed(2)
+    encs = [Encoded(ids, [-100] * 10 + ids[10:], "x") for ids in
+            (torch.randint(10, 1000, (n,), generator=g).tolist() for n in (14, 20, 17))]
+
+    def grads(checkpointing: bool):
+        torch.manual_seed(0)
+        model = wrap_for_training(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+                                  TrainSpec(gradient_checkpointing=checkpointing))
+        model.train()
+        loss, _ = accumulate_gradients(model, [encs], 2, "fp32", "cpu")
+        return loss, {n: p.grad for n, p in model.named_parameters() if p.requires_grad}, model
+
+    plain_loss, plain, _ = grads(False)
+    ckpt_loss, ckpt, model = grads(True)
+    assert model.get_base_model().is_gradient_checkpointing
+    assert ckpt_loss == pytest.approx(plain_loss, rel=1e-6)
+    for n in plain:
+        torch.testing.assert_close(ckpt[n], plain[n], rtol=1e-5, atol=1e-7)

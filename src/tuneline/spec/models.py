@@ -165,6 +165,8 @@ class TrainSpec(_Model):
     warmup_ratio: float = Field(default=0.05, ge=0, lt=1)
     weight_decay: float = Field(default=0.0, ge=0)
     max_grad_norm: float | None = Field(default=1.0, gt=0)
+    gradient_checkpointing: bool = Field(
+        default=False, description="Recompute activations in the backward pass: less memory, ~30% more compute.")
     seed: int = 0
     precision: Literal["auto", "bf16", "fp32"] = Field(
         default="auto", description="auto: bf16 where the CPU/GPU supports it, else fp32."

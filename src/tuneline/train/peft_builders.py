@@ -22,6 +22,9 @@ def build_peft_config(train: TrainSpec) -> Any:
 
 def wrap_for_training(model: Any, train: TrainSpec) -> Any:
     """Return the model to train: a PeftModel for LoRA, the model itself for ``full``."""
+    if train.gradient_checkpointing:
+        # non-reentrant checkpointing works with frozen inputs (no enable_input_require_grads hack)
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if train.method == "full":
         for p in model.parameters():
             p.requires_grad_(True)
