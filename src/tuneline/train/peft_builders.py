@@ -37,6 +37,10 @@ def wrap_for_training(model: Any, train: TrainSpec) -> Any:
     for p in model.parameters():
         if p.requires_grad and p.dtype != torch.float32:
             p.data = p.data.float()
+    if train.fused_lora:
+        from tuneline.train import fast_lora
+
+        fast_lora.install(model)
     return model
 
 
