@@ -167,6 +167,10 @@ class TrainSpec(_Model):
     max_grad_norm: float | None = Field(default=1.0, gt=0)
     gradient_checkpointing: bool = Field(
         default=False, description="Recompute activations in the backward pass: less memory, ~30% more compute.")
+    packing: bool = Field(
+        default=False,
+        description="Pack each micro-batch's examples into rows of seq_len tokens (block-diagonal attention, "
+                    "same loss); pays off when lengths vary widely. Off: length-grouped padded batches.")
     fused_lora: bool = Field(
         default=True,
         description="Fused LoRA forward/backward (same results as peft's, ~1.7x faster on CPU); off: peft's own.")

@@ -42,3 +42,51 @@ def collate(examples: Sequence[Encoded], pad_id: int) -> dict[str, Any]:
         labels[i, :k] = torch.tensor(e.labels)
         attention[i, :k] = 1
     return {"input_ids": input_ids, "attention_mask": attention, "labels": labels}
+
+
+def pack_rows(lengths: Sequence[int], capacity: int) -> list[list[int]]:
+    """Group indices into rows of total length <= ``capacity`` (best-fit decreasing).
+
+    Each index goes, longest first, into the open row it fills most tightly, or a new row. An
+    example longer than ``capacity`` gets a row of its own.
+    """
+    rows: list[list[int]] = []
+    free: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+        fits = [r for r in range(len(rows)) if free[r] >= lengths[i]]
+        if fits:
+            r = min(fits, key=lambda r: free[r])
+            rows[r].append(i)
+            free[r] -= lengths[i]
+        else:
+            rows.append([i])
+            free.append(capacity - lengths[i])
+    return rows
+
+
+def collate_packed(examples: Sequence[Encoded], pad_id: int, capacity: int) -> dict[str, Any]:
+    """Examples packed into rows of at most ``capacity`` tokens: ``input_ids``, ``labels``, ``position_ids``.
+
+    Position ids restart at 0 for each example (and for a row's tail padding), and there is no
+    ``attention_mask``: from the restarts transformers builds a block-diagonal causal mask (or uses
+    flash attention's varlen kernels), so no example attends to another. Each example's first label
+    is masked, so no example is asked to predict the start of the next one.
+    """
+    import torch
+
+    rows = pack_rows([len(e.input_ids) for e in examples], capacity)
+    width = max(sum(len(examples[i].input_ids) for i in row) for row in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+    position_ids = torch.zeros((len(rows), width), dtype=torch.long)
+    for r, row in enumerate(rows):
+        off = 0
+        for i in row:
+            e = examples[i]
+            k = len(e.input_ids)
+            input_ids[r, off : off + k] = torch.tensor(e.input_ids)
+            labels[r, off + 1 : off + k] = torch.tensor(e.labels[1:])
+            position_ids[r, off : off + k] = torch.arange(k)
+            off += k
+        position_ids[r, off:] = torch.arange(width - off)
+    return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids}

@@ -17,7 +17,7 @@ from tuneline.data.examples import Example
 from tuneline.data.tokenize import Encoded, encode_example, end_of_turn
 from tuneline.errors import DataError, Problem, TrainingError
 from tuneline.spec.models import TrainSpec
-from tuneline.train.batching import collate, epoch_batches
+from tuneline.train.batching import collate, collate_packed, epoch_batches
 from tuneline.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from tuneline.train.loss import answer_loss_sum
 from tuneline.train.peft_builders import count_parameters, wrap_for_training
@@ -108,23 +108,30 @@ def _micro_batches(lengths: list[int], cfg: TrainSpec, per_epoch: int, step: int
     return out
 
 
+def make_batch(examples: list[Encoded], pad_id: int, device: str, pack_capacity: int | None = None) -> dict[str, Any]:
+    """Tensors for one micro-batch on ``device``: padded, or packed into rows of ``pack_capacity`` tokens."""
+    batch = collate(examples, pad_id) if pack_capacity is None else collate_packed(examples, pad_id, pack_capacity)
+    return {k: v.to(device) for k, v in batch.items()}
+
+
 def accumulate_gradients(model: Any, micro_batches: list[list[Encoded]], pad_id: int, precision: str,
-                         device: str) -> tuple[float, int]:
+                         device: str, pack_capacity: int | None = None) -> tuple[float, int]:
     """Backward over the micro-batches of one optimizer step; return (loss, real tokens).
 
-    The loss is normalised by the answer tokens of the whole step, not averaged per micro-batch,
+    With ``pack_capacity`` each micro-batch is packed into rows of that many tokens (no padding
+    between examples, no attention across them); the loss is the same as unpacked. The loss is normalised by the answer tokens of the whole step, not averaged per micro-batch,
     so batch 16 and batch 4 x accumulation 4 give the same gradients (the accumulation-scaling
     bug, where short micro-batches weigh as much as long ones, cannot happen).
     """
     n_answer = sum(e.n_answer_tokens for mb in micro_batches for e in mb)
     step_loss, tokens = 0.0, 0
     for mb in micro_batches:
-        batch = {k: v.to(device) for k, v in collate(mb, pad_id).items()}
+        batch = make_batch(mb, pad_id, device, pack_capacity)
         with autocast_for(precision, device):
             loss_sum, _ = answer_loss_sum(model, batch)
         (loss_sum / n_answer).backward()
         step_loss += float(loss_sum.detach()) / n_answer
-        tokens += int(batch["attention_mask"].sum())
+        tokens += sum(len(e.input_ids) for e in mb)
     return step_loss, tokens
 
 
@@ -137,7 +144,7 @@ def evaluate_loss(model: Any, encoded: list[Encoded], batch_size: int, pad_id: i
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i].input_ids))
     with torch.no_grad(), autocast_for(precision, device):
         for b in range(0, len(order), batch_size):
-            batch = {k: v.to(device) for k, v in collate([encoded[i] for i in order[b : b + batch_size]], pad_id).items()}
+            batch = make_batch([encoded[i] for i in order[b : b + batch_size]], pad_id, device)
             s, n = answer_loss_sum(model, batch)
             total += float(s)
             count += n
@@ -213,7 +220,8 @@ def train(
         task = progress.add_task("train", total=total_steps, completed=start_step, loss=float("nan"), tps=0.0)
         for step in range(start_step, total_steps):
             micro = [[encoded[i] for i in mb] for mb in _micro_batches(lengths, cfg, per_epoch, step)]
-            step_loss, step_tokens = accumulate_gradients(model, micro, pad_id, precision, device)
+            step_loss, step_tokens = accumulate_gradients(model, micro, pad_id, precision, device,
+                                                          cfg.seq_len if cfg.packing else None)
             tokens_done += step_tokens
             grad_norm = (torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
                          if cfg.max_grad_norm else torch.tensor(0.0))

@@ -2,7 +2,13 @@
 
 The vocabulary projection (49k-way for SmolLM2) is computed only at positions whose next token is
 an answer token, instead of at every position: prompts are most of each sequence and their loss is
-masked anyway. The result equals the standard shifted cross-entropy.
+masked anyway. Long answers are projected in chunks of ``LOGITS_CHUNK`` positions, each recomputed in
+the backward pass, so a batch of long summaries never holds a [tokens x 49k] logits tensor. The
+result equals the standard shifted cross-entropy.
+
+A batch may be padded (``attention_mask``) or packed (``position_ids`` restarting at 0 for every
+example and no ``attention_mask``: transformers then builds a block-diagonal causal mask, or uses
+the varlen kernels with flash attention, so examples sharing a row never attend to each other).
 """
 
 from __future__ import annotations
@@ -18,17 +24,33 @@ def _decoder_and_head(model: Any) -> tuple[Any, Any]:
     return decoder, causal_lm.get_output_embeddings()
 
 
-def answer_loss_sum(model: Any, batch: dict[str, Any]) -> tuple[Any, int]:
+# answer positions per vocabulary projection: 2048 x 49,152 fp32 logits is 400 MB
+LOGITS_CHUNK = 2048
+
+
+def answer_loss_sum(model: Any, batch: dict[str, Any], chunk: int = LOGITS_CHUNK) -> tuple[Any, int]:
     """(sum of token cross-entropies over answer tokens, number of answer tokens)."""
+    import torch
     import torch.nn.functional as F
+    from torch.utils.checkpoint import checkpoint
 
     decoder, head = _decoder_and_head(model)
-    hidden = decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+    hidden = decoder(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
+                     position_ids=batch.get("position_ids"), use_cache=False).last_hidden_state
     targets = batch["labels"][:, 1:]
     keep = targets != IGNORE_INDEX
-    logits = head(hidden[:, :-1][keep]).float()
-    n = int(keep.sum())
-    return F.cross_entropy(logits, targets[keep], reduction="sum"), n
+    h, t = hidden[:, :-1][keep], targets[keep]
+    n = int(t.shape[0])
+
+    def ce_sum(h_part: Any, t_part: Any) -> Any:
+        return F.cross_entropy(head(h_part).float(), t_part, reduction="sum")
+
+    if n <= chunk:
+        return ce_sum(h, t), n
+    recompute = torch.is_grad_enabled()
+    parts = [checkpoint(ce_sum, h[i : i + chunk], t[i : i + chunk], use_reentrant=False) if recompute
+             else ce_sum(h[i : i + chunk], t[i : i + chunk]) for i in range(0, n, chunk)]
+    return torch.stack(parts).sum(), n
 
 
 def standard_loss_sum(model: Any, batch: dict[str, Any]) -> tuple[Any, int]:

@@ -1,0 +1,130 @@
+"""Packing several examples into one row changes nothing an example sees: same loss, same gradients."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tuneline.data.tokenize import IGNORE_INDEX, Encoded
+from tuneline.spec.models import TrainSpec
+from tuneline.train.batching import collate, collate_packed, pack_rows
+from tuneline.train.loss import answer_loss_sum, standard_loss_sum
+from tuneline.train.peft_builders import wrap_for_training
+
+
+def _examples(seed: int = 0) -> list[Encoded]:
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i, (n, k) in enumerate([(20, 4), (9, 2), (31, 7), (14, 1), (25, 5), (6, 3)]):
+        ids = torch.randint(10, 1000, (n,), generator=g).tolist()
+        out.append(Encoded(ids, [IGNORE_INDEX] * (n - k) + ids[n - k :], f"train.jsonl:{i + 1}"))
+    return out
+
+
+def test_best_fit_decreasing_packs_every_example_once_within_capacity():
+    lengths = [20, 9, 31, 14, 25, 6, 40, 3]
+    rows = pack_rows(lengths, 40)
+    assert sorted(i for r in rows for i in r) == list(range(len(lengths)))
+    assert all(sum(lengths[i] for i in r) <= 40 for r in rows)
+    assert len(rows) == 4 == -(-sum(lengths) // 40)  # 148 tokens: the minimum number of 40-token rows
+    assert pack_rows(lengths, 40) == rows
+    assert pack_rows([50, 10], 40) == [[0], [1]]  # too long for a row: a row of its own
+
+
+def test_packed_rows_restart_positions_and_mask_each_examples_first_label():
+    ex = _examples()
+    batch = collate_packed(ex, pad_id=2, capacity=40)
+    assert "attention_mask" not in batch and batch["input_ids"].shape[0] < len(ex)
+    for row_ids, row_pos, row_lab in zip(batch["input_ids"], batch["position_ids"], batch["labels"], strict=True):
+        starts = (row_pos == 0).nonzero().flatten().tolist()
+        for s in starts:
+            assert row_lab[s] == IGNORE_INDEX
+    # every real token is there exactly once, every answer token is a target exactly once
+    assert int((batch["input_ids"] != 2).sum()) == sum(len(e.input_ids) for e in ex)
+    assert int((batch["labels"] != IGNORE_INDEX).sum()) == sum(e.n_answer_tokens for e in ex)
+
+
+def _model(tiny_model_dir, attn: str, dtype=torch.float32):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation=attn, dtype=dtype)
+    model = wrap_for_training(base, TrainSpec())
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05)
+    return model
+
+
+def _grads(model, batch):
+    model.zero_grad()
+    loss, n = answer_loss_sum(model, batch)
+    loss.backward()
+    return loss.detach(), n, {k: p.grad.clone() for k, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_packed_loss_and_gradients_equal_unpacked(tiny_model_dir, attn):
+    model = _model(tiny_model_dir, attn)
+    ex = _examples()
+    packed_loss, packed_n, packed = _grads(model, collate_packed(ex, 2, 40))
+    padded_loss, padded_n, padded = _grads(model, collate(ex, 2))
+    assert packed_n == padded_n == sum(e.n_answer_tokens for e in ex)
+    torch.testing.assert_close(packed_loss, padded_loss, rtol=1e-5, atol=1e-5)
+    for k in padded:
+        torch.testing.assert_close(packed[k], padded[k], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-3)])
+def test_each_examples_loss_in_a_packed_row_equals_its_loss_alone(tiny_model_dir, dtype, tol):
+    """Per example: keep only its labels in the packed batch; the loss must equal running it alone.
+
+    Another example sharing its row (before or after it) would change it if attention leaked."""
+    model = _model(tiny_model_dir, "eager", dtype)
+    ex = _examples(1)
+    with torch.no_grad():
+        for i, e in enumerate(ex):
+            only = [e if j == i else Encoded(o.input_ids, [IGNORE_INDEX] * len(o.input_ids), o.where)
+                    for j, o in enumerate(ex)]
+            batch = collate_packed(only, 2, 40)
+            assert batch["input_ids"].shape[0] < len(ex)  # it really shares a row with others
+            packed, n = answer_loss_sum(model, batch)
+            alone, n_alone = answer_loss_sum(model, collate([e], 2))
+            assert n == n_alone == e.n_answer_tokens
+            assert float(packed) == pytest.approx(float(alone), rel=tol, abs=tol), e.where
+
+
+def test_chunked_answer_logits_equal_the_standard_loss_and_gradients(tiny_model_dir):
+    model = _model(tiny_model_dir, "eager")
+    batch = collate(_examples(2), 2)
+    model.zero_grad()
+    chunked, n = answer_loss_sum(model, batch, chunk=3)  # 22 answer tokens in 8 chunks
+    chunked.backward()
+    got = {k: p.grad.clone() for k, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad()
+    ref, n_ref = standard_loss_sum(model, batch)
+    ref.backward()
+    assert n == n_ref == 22
+    torch.testing.assert_close(chunked, ref, rtol=1e-5, atol=1e-5)
+    for k, p in model.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(got[k], p.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_a_packed_optimizer_step_equals_an_unpacked_one(tiny_model_dir):
+    from tuneline.train.loop import accumulate_gradients
+
+    model = _model(tiny_model_dir, "eager")
+    ex = _examples(3)
+    micro = [ex[:3], ex[3:]]  # with gradient accumulation
+    results = []
+    for capacity in (None, 40):
+        model.zero_grad()
+        loss, tokens = accumulate_gradients(model, micro, 2, "fp32", "cpu", pack_capacity=capacity)
+        results.append((loss, tokens, {k: p.grad.clone() for k, p in model.named_parameters() if p.requires_grad}))
+    (l0, t0, g0), (l1, t1, g1) = results
+    assert t0 == t1 == sum(len(e.input_ids) for e in ex)  # real tokens, padding not counted
+    assert l1 == pytest.approx(l0, rel=1e-6)
+    for k in g0:
+        torch.testing.assert_close(g1[k], g0[k], rtol=1e-4, atol=1e-6)
