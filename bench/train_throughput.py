@@ -1,18 +1,19 @@
 """Training throughput: tuneline's trainer vs the standard Hugging Face path, side by side.
 
 Both train the built-in SmolLM2-135M with LoRA (r=16, all linear layers) on the same BANKING77
-examples for the same number of optimizer steps (batch 16):
+examples for the same number of optimizer steps (batch 16 by default):
 
   (a) standard: transformers ``Trainer`` + peft, ``DataCollatorForSeq2Seq`` padding, default
       (fp32) precision, labels masked to the answer exactly as tuneline masks them;
-  (b) tuneline: ``tuneline.train.train`` with its defaults (bf16 where supported, answer-only
-      logits, length-grouped batches).
+  (b) tuneline: ``tuneline.train.train`` with its defaults (bf16 base + fp32 adapters where
+      supported, fused LoRA, answer-only logits, length-grouped batches; ``--packing`` packs rows),
+      and the Trainer's linear schedule without warm-up so the loss curves are comparable.
 
 Each runs in its own process so peak RSS is its own. Prints real (non-padding) tokens/s, peak RSS,
-final losses, tuneline's utilisation of this machine's bf16 matmul peak (measured in the same
+both loss curves, tuneline's utilisation of this machine's bf16 matmul peak (measured in the same
 run), and last the speed-up ratio.
 
-    python bench/train_throughput.py [--steps 20]
+    python bench/train_throughput.py [--steps 20] [--batch 16] [--packing]
 """
 
 from __future__ import annotations
@@ -29,11 +30,22 @@ REPO = Path(__file__).resolve().parents[1]
 SPEC = REPO / "examples" / "banking77" / "tuneline.yaml"
 
 
+HELD_OUT = 200  # rows after the training rows, never trained on: both models' loss is measured on them
+
+
 def _examples(n: int):
     from tuneline.data import prepare
     from tuneline.spec import load_spec
 
     return prepare(load_spec(SPEC)).train[:n]
+
+
+def _held_out_loss(model, tok, n_train: int, precision: str) -> float:
+    """Mean answer-token loss on the same held-out rows, computed by the same code for both runs."""
+    from tuneline.train.loop import encode_all, evaluate_loss
+
+    encoded, _ = encode_all(tok, _examples(n_train + HELD_OUT)[n_train:], 256)
+    return evaluate_loss(model, encoded, 32, tok.pad_token_id, precision, "cpu")
 
 
 def _model_dir(cache: Path) -> Path:
@@ -75,10 +87,10 @@ def run_standard(steps: int, batch: int, cache: Path, out: dict) -> None:
     seconds = time.perf_counter() - t0
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     out.update(seconds=seconds, tokens=sum(len(r["input_ids"]) for r in rows), losses=losses,
-               peak_rss_gb=_peak_rss_gb())
+               peak_rss_gb=_peak_rss_gb(), held_out_loss=_held_out_loss(model, tok, steps * batch, "fp32"))
 
 
-def run_tuneline(steps: int, batch: int, cache: Path, out: dict) -> None:
+def run_tuneline(steps: int, batch: int, cache: Path, packing: bool, out: dict) -> None:
     from tuneline.models import load_model, load_tokenizer, resolve_model_source
     from tuneline.spec.models import TrainSpec
     from tuneline.train import train
@@ -88,30 +100,49 @@ def run_tuneline(steps: int, batch: int, cache: Path, out: dict) -> None:
     precision = resolve_precision("auto", "cpu")
     tok = load_tokenizer(source, cache)
     model = load_model(source, cache, dtype=precision)
-    cfg = TrainSpec(max_steps=steps, batch_size=batch, lr=1e-3, seq_len=256, warmup_ratio=0.0)
-    n_layers, hidden = model.config.num_hidden_layers, model.config.hidden_size
+    from tuneline.train.loop import encode_all
+
+    # the Trainer's defaults where they differ from tuneline's: linear decay, no warm-up
+    cfg = TrainSpec(max_steps=steps, batch_size=batch, lr=1e-3, seq_len=256, warmup_ratio=0.0, lr_scheduler="linear",
+                    packing=packing)
+    examples = _examples(steps * batch)
+    encoded, _ = encode_all(tok, examples, 256)
+    config = model.config
     non_embedding = sum(p.numel() for n, p in model.named_parameters() if "embed_tokens" not in n)
     losses: list[float] = []
-    _, result = train(cfg, model, tok, _examples(steps * batch), Path(tempfile.mkdtemp()), show_progress=False,
-                      on_step=lambda step, m: losses.append(m["train_loss"]))
-    out.update(seconds=result.seconds, tokens=result.train_tokens, losses=losses,
+    trained, result = train(cfg, model, tok, examples, Path(tempfile.mkdtemp()), show_progress=False,
+                            on_step=lambda step, m: losses.append(m["train_loss"]))
+    out.update(seconds=result.seconds, tokens=result.train_tokens, computed_tokens=result.computed_tokens, losses=losses,
                peak_rss_gb=_peak_rss_gb(), precision=precision, non_embedding_params=non_embedding,
-               n_layers=n_layers, hidden=hidden)
+               held_out_loss=_held_out_loss(trained, tok, steps * batch, precision),
+               adapter_params=result.trainable_params, head_params=config.vocab_size * config.hidden_size,
+               answer_tokens=sum(e.n_answer_tokens for e in encoded),
+               attention_flops=sum(len(e.input_ids) ** 2 for e in encoded) * 6 * config.hidden_size
+               * config.num_hidden_layers)
 
 
-def bf16_peak_flops() -> float:
+# (M, K, N): a large square product and the built-in model's own projections at a large token count
+PEAK_SHAPES = [(2048, 2048, 2048), (4096, 576, 576), (4096, 576, 1536), (4096, 1536, 576)]
+
+
+def bf16_matmul_flops() -> dict[tuple[int, int, int], float]:
+    """bf16 matmul FLOP/s for each of PEAK_SHAPES, best of 5 timings each (the machine is noisy)."""
     import torch
 
-    a = torch.randn(2048, 2048, dtype=torch.bfloat16)
-    b = torch.randn(2048, 2048, dtype=torch.bfloat16)
-    a @ b
-    best, reps = float("inf"), 10
-    for _ in range(5):  # best of 5: this machine's timings are noisy, the peak is the least-disturbed run
-        t0 = time.perf_counter()
-        for _ in range(reps):
-            a @ b
-        best = min(best, time.perf_counter() - t0)
-    return 2 * 2048**3 * reps / best
+    out = {}
+    for m, k, n in PEAK_SHAPES:
+        a = torch.randn(m, k, dtype=torch.bfloat16)
+        b = torch.randn(k, n, dtype=torch.bfloat16)
+        a @ b
+        reps = max(3, int(2e10 / (2 * m * k * n)))
+        best = float("inf")
+        for _ in range(5):
+            t0 = time.perf_counter()
+            for _ in range(reps):
+                a @ b
+            best = min(best, time.perf_counter() - t0)
+        out[(m, k, n)] = 2 * m * k * n * reps / best
+    return out
 
 
 def _in_child(fn, *args) -> dict:
@@ -126,10 +157,21 @@ def _in_child(fn, *args) -> dict:
         return dict(out)
 
 
+def _tail(losses: list[float]) -> float:
+    tail = losses[-max(1, len(losses) // 4):]
+    return sum(tail) / len(tail)
+
+
 def _curve(losses: list[float]) -> str:
     """First loss, final loss, and the mean of the last quarter (single steps are noisy)."""
-    tail = losses[-max(1, len(losses) // 4):]
-    return f"loss {losses[0]:.3f} -> final {losses[-1]:.3f} (last-quarter mean {sum(tail) / len(tail):.3f})"
+    return f"loss {losses[0]:.3f} -> final {losses[-1]:.3f} (last-quarter mean {_tail(losses):.3f})"
+
+
+def _curves(std: list[float], ours: list[float]) -> str:
+    """Both loss curves side by side, every few steps."""
+    every = max(1, len(std) // 8)
+    steps = sorted({*range(0, len(std), every), len(std) - 1})
+    return "\n".join(f"  step {s + 1:4d}  standard {std[s]:.3f}  tuneline {ours[s]:.3f}" for s in steps)
 
 
 def main() -> None:
@@ -137,26 +179,44 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20, help="optimizer steps for each trainer")
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--cache", type=Path, default=REPO / ".tuneline" / "models")
+    ap.add_argument("--packing", action="store_true", help="train tuneline with train.packing: true")
     args = ap.parse_args()
     args.cache.mkdir(parents=True, exist_ok=True)
     _model_dir(args.cache)  # convert once, outside the timings
 
-    peak_before = bf16_peak_flops()
+    peaks_before = bf16_matmul_flops()
     std = _in_child(run_standard, args.steps, args.batch, args.cache)
-    ours = _in_child(run_tuneline, args.steps, args.batch, args.cache)
-    peak = max(peak_before, bf16_peak_flops())
+    ours = _in_child(run_tuneline, args.steps, args.batch, args.cache, args.packing)
+    peaks_after = bf16_matmul_flops()
+    peaks = {shape: max(peaks_before[shape], peaks_after[shape]) for shape in PEAK_SHAPES}
+    square, best_shape = peaks[PEAK_SHAPES[0]], max(PEAK_SHAPES, key=lambda sh: peaks[sh])
     std_tps, our_tps = std["tokens"] / std["seconds"], ours["tokens"] / ours["seconds"]
-    # LoRA: forward 2N + backward to the inputs 2N FLOPs per token (no base weight gradients);
-    # attention is small at these lengths (~50 tokens) and left out, so this slightly understates.
-    achieved = 4 * ours["non_embedding_params"] * our_tps
+    # Work actually done. Frozen base: forward 2N + backward to the inputs 2N per computed token
+    # (a shared prefix counts once per batch, not once per example); adapters: forward 2P + backward
+    # 4P (inputs and weights); vocabulary head (frozen, tied) only at answer positions; causal
+    # attention 2 L^2 d per layer forward, x3 with the backward (~1% of the total here).
+    done = ours["computed_tokens"]
+    flops = (4 * ours["non_embedding_params"] * done + 6 * ours["adapter_params"] * done
+             + 4 * ours["head_params"] * ours["answer_tokens"] + ours["attention_flops"])
+    achieved = flops / ours["seconds"]
     print(f"examples: {args.steps * args.batch} BANKING77 rows, {args.steps} steps of {args.batch}")
-    print(f"bf16 matmul peak (2048^3), measured now: {peak / 1e9:.0f} GFLOP/s")
+    print("bf16 matmul FLOP/s measured now (best of before and after the runs): "
+          + ", ".join(f"{m}x{k}x{n} {peaks[(m, k, n)] / 1e9:.0f} G" for m, k, n in PEAK_SHAPES))
     print(f"standard (Trainer + peft, fp32, padding): {std_tps:7.1f} real tokens/s  peak RSS {std['peak_rss_gb']:.2f} GB  "
           f"{_curve(std['losses'])}")
     print(f"tuneline ({ours['precision']}, answer-only logits):      {our_tps:7.1f} real tokens/s  peak RSS "
           f"{ours['peak_rss_gb']:.2f} GB  {_curve(ours['losses'])}")
-    print(f"tuneline utilisation: {achieved / 1e9:.0f} GFLOP/s = {100 * achieved / peak:.1f}% of the bf16 peak "
-          f"(4 x {ours['non_embedding_params'] / 1e6:.1f}M non-embedding params x tokens/s)")
+    print("loss curves (same rows, same steps):")
+    print(_curves(std["losses"], ours["losses"]))
+    print(f"final loss: standard {std['losses'][-1]:.3f}, tuneline {ours['losses'][-1]:.3f}; last-quarter mean: "
+          f"standard {_tail(std['losses']):.3f}, tuneline {_tail(ours['losses']):.3f}")
+    print(f"held-out answer loss after training ({HELD_OUT} unseen rows, same code): "
+          f"standard {std['held_out_loss']:.3f}, tuneline {ours['held_out_loss']:.3f}")
+    print(f"tuneline utilisation: {achieved / 1e9:.0f} GFLOP/s = {100 * achieved / square:.1f}% of the square "
+          f"2048^3 bf16 product, {100 * achieved / peaks[best_shape]:.1f}% of the best shape "
+          f"({flops / done / 1e6:.0f} MFLOP per computed token, {done:,} computed of {ours['tokens']:,} "
+          f"example tokens: 4 x {ours['non_embedding_params'] / 1e6:.1f}M "
+          f"frozen + 6 x {ours['adapter_params'] / 1e6:.2f}M adapter params, head at answer tokens, attention)")
     print(f"speed-up (tuneline / standard, real tokens/s): {our_tps / std_tps:.2f}x")
 
 

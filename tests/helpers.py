@@ -41,3 +41,24 @@ def write_spec(dir_: Path, body: str) -> Path:
     p = dir_ / "tuneline.yaml"
     p.write_text(textwrap.dedent(body).lstrip())
     return p
+
+
+def lora_model(model_dir: Path, attn: str | None = None, dtype=None, **lora):
+    """A LoRA-wrapped model with random (non-zero) B matrices, so the adapters change the output.
+
+    peft starts B at zero; tests comparing two computations need adapters that matter."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from tuneline.spec.models import LoraSpec, TrainSpec
+    from tuneline.train.peft_builders import wrap_for_training
+
+    torch.manual_seed(0)
+    kwargs = {"attn_implementation": attn} if attn else {}
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype or torch.float32, **kwargs)
+    model = wrap_for_training(base, TrainSpec(lora=LoraSpec(**lora)))
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05)
+    return model

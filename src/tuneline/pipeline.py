@@ -141,6 +141,10 @@ def run(
             if base_result is None and spec.eval.compare_base and hasattr(model, "disable_adapter"):
                 with model.disable_adapter():  # resumed LoRA run: the base is the model minus the adapter
                     base_result = evaluate("base")
+            if hasattr(model, "merge_adapter"):
+                # the adapter is saved; generate with it merged into the base weights, as it would be
+                # served, instead of computing the adapter products for every generated token
+                model.merge_adapter()
             tuned = evaluate("tuned")
             report = EvalReport(
                 task=spec.task.type, primary=spec.objective.primary, n_examples=len(test),

@@ -19,7 +19,7 @@ def _cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
 def test_help_lists_commands():
     out = _cli("--help")
     assert out.returncode == 0
-    for cmd in ("run", "validate", "schema", "runs"):
+    for cmd in ("run", "validate", "schema", "runs", "pull"):
         assert cmd in out.stdout
 
 
@@ -60,3 +60,17 @@ def test_runs_on_empty_workspace(tmp_path: Path):
     out = _cli("runs", "--workspace", str(tmp_path / "ws"))
     assert out.returncode == 0, out.stderr
     assert "no runs yet" in out.stdout
+
+
+def test_pull_finds_the_builtin_model_already_converted_in_the_workspace(tmp_path: Path, builtin_dir: Path):
+    import shutil
+
+    ws = tmp_path / "ws"
+    # the session's converted copy (conversion itself is tested in test_builtin_model)
+    shutil.copytree(builtin_dir, ws / "models" / builtin_dir.name)
+    out = _cli("pull", "--workspace", str(ws))
+    assert out.returncode == 0, out.stderr
+    assert "ready" in out.stdout and "SmolLM2-135M" in out.stdout
+    assert "converting" not in out.stderr  # already there: not converted again
+    out = _cli("pull", "no/such-model-anywhere", "--workspace", str(ws))
+    assert out.returncode == 0 and "nothing to convert" in out.stdout

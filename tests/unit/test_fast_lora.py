@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import lora_model
 
-from tuneline.spec.models import LoraSpec, TrainSpec
+from tuneline.spec.models import TrainSpec
 from tuneline.train import fast_lora
 from tuneline.train.peft_builders import wrap_for_training
 
@@ -23,16 +24,7 @@ def test_lora_linear_gradients_are_exact_in_float64():
 
 
 def _model(tiny_model_dir, **lora):
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(0)
-    model = wrap_for_training(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
-                              TrainSpec(lora=LoraSpec(**lora)))
-    with torch.no_grad():  # peft starts B at zero; make the adapter matter
-        for n, p in model.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0, 0.05)
-    return model
+    return lora_model(tiny_model_dir, **lora)
 
 
 def _loss_and_grads(model, ids):
@@ -88,3 +80,28 @@ def test_cases_the_fused_path_cannot_compute_fall_back_to_peft(tiny_model_dir):
     with model.disable_adapter():  # base model only
         torch.testing.assert_close(layer(x), layer.get_base_layer()(x))
     assert not torch.allclose(layer(x), layer.get_base_layer()(x))
+
+
+@pytest.mark.slow
+def test_compiled_layers_give_the_same_loss_and_gradients(tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    from tuneline.data.tokenize import Encoded
+    from tuneline.train.loop import accumulate_gradients
+
+    g = torch.Generator().manual_seed(3)
+    encs = [Encoded(ids, [-100] * 8 + ids[8:], "x") for ids in
+            (torch.randint(10, 1000, (n,), generator=g).tolist() for n in (14, 20, 17))]
+
+    def run(compiled: bool):
+        torch.manual_seed(0)
+        model = wrap_for_training(AutoModelForCausalLM.from_pretrained(tiny_model_dir), TrainSpec(compile=compiled))
+        model.train()
+        loss, _ = accumulate_gradients(model, [encs], 2, "fp32", "cpu")
+        return loss, {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+
+    plain_loss, plain = run(False)
+    compiled_loss, compiled = run(True)
+    assert compiled_loss == pytest.approx(plain_loss, rel=1e-5)
+    for n in plain:
+        torch.testing.assert_close(compiled[n], plain[n], rtol=1e-3, atol=1e-6)

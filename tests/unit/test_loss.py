@@ -100,3 +100,14 @@ def test_gradient_checkpointing_gives_the_same_gradients(tiny_model_dir):
     assert ckpt_loss == pytest.approx(plain_loss, rel=1e-6)
     for n in plain:
         torch.testing.assert_close(ckpt[n], plain[n], rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("kind,mid,end", [("cosine", 0.5, 0.0), ("linear", 0.5, 0.0), ("constant", 1.0, 1.0)])
+def test_lr_schedules_warm_up_then_decay(kind, mid, end):
+    from tuneline.train.loop import _lr_lambda
+
+    f = _lr_lambda(total=22, warmup=2, kind=kind)
+    assert [f(0), f(1)] == [0.5, 1.0]  # linear warm-up
+    assert f(2) == pytest.approx(1.0)
+    assert f(12) == pytest.approx(mid)  # half way through the decay
+    assert f(22) == pytest.approx(end)

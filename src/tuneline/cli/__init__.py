@@ -79,6 +79,25 @@ def validate(spec: SpecArg) -> None:
 
 
 @app.command()
+def pull(
+    model: Annotated[str, typer.Argument(help="Built-in alias, .gguf file, local directory or hub id.")] = "smollm2-135m",
+    workspace: WorkspaceOpt = None,
+) -> None:
+    """Prepare a base model in the workspace ahead of a run (a GGUF is converted once and cached)."""
+    _setup_logging(False)
+    from tuneline.models import ensure_converted, resolve_model_source
+    from tuneline.workspace import Workspace
+
+    source = resolve_model_source(model, Path.cwd())
+    if source.is_gguf:
+        target = ensure_converted(source, Workspace.at(workspace).models_dir)
+        console.print(f"[green]ready[/] {model}: {target}", soft_wrap=True)
+    else:
+        console.print(f"[green]ready[/] {model}: loaded as it is ({source.path or source.ref}), nothing to convert",
+                      soft_wrap=True)
+
+
+@app.command()
 def schema() -> None:
     """Print the JSON Schema of tuneline.yaml (for editor completion and validation)."""
     from tuneline.spec import json_schema

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from tuneline.data.examples import Example
-from tuneline.eval.generate import generate
+from tuneline.eval.generate import LabelTrie, generate
 from tuneline.eval.metrics import classification_metrics, normalize_label, text_metrics
 from tuneline.eval.report import (
     EvalReport,
@@ -18,6 +18,7 @@ from tuneline.spec.models import Spec
 
 __all__ = [
     "EvalReport",
+    "LabelTrie",
     "ModelResult",
     "ThresholdCheck",
     "check_objective",
@@ -52,8 +53,13 @@ def evaluate_model(
     show_progress: bool = True,
 ) -> ModelResult:
     """Generate answers for ``examples`` with ``model`` and score them."""
+    trie = None
+    if spec.task.type == "classification" and spec.eval.constrain_to_labels and labels and examples:
+        eos = tokenizer.convert_tokens_to_ids(tokenizer.eos_token) if tokenizer.eos_token else None
+        trie = LabelTrie(tokenizer, labels, examples[0], eos)
     preds, spe = generate(
-        model, tokenizer, examples, batch_size=spec.eval.batch_size, max_new_tokens=spec.eval.max_new_tokens,
-        autocast=autocast, device=device, description=f"eval {name}", show_progress=show_progress,
+        model, tokenizer, examples, batch_size=spec.eval.batch_size,
+        max_new_tokens=trie.max_len if trie else spec.eval.max_new_tokens,  # a label never needs more
+        autocast=autocast, device=device, description=f"eval {name}", show_progress=show_progress, labels=trie,
     )
     return ModelResult(name, score(spec, preds, examples, labels), spe, preds)

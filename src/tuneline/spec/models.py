@@ -163,14 +163,25 @@ class TrainSpec(_Model):
     grad_accum: int = Field(default=1, gt=0)
     seq_len: int = Field(default=256, gt=8)
     warmup_ratio: float = Field(default=0.05, ge=0, lt=1)
+    lr_scheduler: Literal["cosine", "linear", "constant"] = Field(
+        default="cosine", description="Decay after warm-up: cosine or linear to 0, or constant.")
     weight_decay: float = Field(default=0.0, ge=0)
     max_grad_norm: float | None = Field(default=1.0, gt=0)
     gradient_checkpointing: bool = Field(
         default=False, description="Recompute activations in the backward pass: less memory, ~30% more compute.")
+    compile: bool = Field(
+        default=False,
+        description="torch.compile each decoder layer (regional: compiled once, reused by every layer). "
+                    "Pays off on GPUs and long runs; the first steps wait for compilation.")
     packing: bool = Field(
         default=False,
         description="Pack each micro-batch's examples into rows of seq_len tokens (block-diagonal attention, "
                     "same loss); pays off when lengths vary widely. Off: length-grouped padded batches.")
+    share_prefix: bool = Field(
+        default=True,
+        description="Compute the tokens every example of a batch starts with (the rendered system prompt "
+                    "and instruction) once per batch and reuse their keys/values: same loss and gradients, "
+                    "fewer tokens to compute. Not with packing or gradient checkpointing.")
     fused_lora: bool = Field(
         default=True,
         description="Fused LoRA forward/backward (same results as peft's, ~1.7x faster on CPU); off: peft's own.")
@@ -186,6 +197,11 @@ class EvalSpec(_Model):
     batch_size: int = Field(default=32, gt=0)
     max_new_tokens: int = Field(default=24, gt=0)
     compare_base: bool = Field(default=True, description="Also evaluate the untuned base model.")
+    constrain_to_labels: bool = Field(
+        default=True,
+        description="Classification: decoding may only produce one of the labels (the model picks which), "
+                    "for the base and the tuned model alike. Off: free generation; an answer that is not a "
+                    "label counts as wrong (reported as invalid_label_rate).")
 
 
 class TrackingSpec(_Model):

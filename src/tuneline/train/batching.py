@@ -12,6 +12,10 @@ from tuneline.data.tokenize import IGNORE_INDEX, Encoded
 # hold similar lengths (little padding) while the order stays random across windows.
 GROUP_WINDOW_BATCHES = 64
 
+# Padded widths are rounded up to a multiple of this, so a run sees a few dozen distinct matrix
+# shapes instead of one per batch width (oneDNN/cuBLAS pick and cache a kernel per shape).
+PAD_MULTIPLE = 1
+
 
 def epoch_batches(lengths: Sequence[int], batch_size: int, seed: int, epoch: int) -> list[list[int]]:
     """Index batches for one epoch. Same (seed, epoch) always gives the same batches."""
@@ -27,11 +31,41 @@ def epoch_batches(lengths: Sequence[int], batch_size: int, seed: int, epoch: int
     return batches
 
 
-def collate(examples: Sequence[Encoded], pad_id: int) -> dict[str, Any]:
-    """Right-padded ``input_ids``, ``attention_mask`` and ``labels`` tensors."""
+# Shortest common prefix worth computing once per batch instead of once per example.
+MIN_SHARED_PREFIX = 4
+
+
+def shared_prefix_len(examples: Sequence[Encoded]) -> int:
+    """Tokens every example starts with that can be computed once for the whole batch (0: none).
+
+    The prefix stops before the shortest example's last token and before the first position any
+    example predicts (a label), so every target is still computed from the examples' own tokens.
+    """
+    if len(examples) < 2:
+        return 0
+    first = examples[0].input_ids
+    limit = min(len(e.input_ids) for e in examples) - 1
+    for e in examples:
+        answer_at = next((j for j, lab in enumerate(e.labels) if lab != IGNORE_INDEX and j > 0), len(e.labels))
+        limit = min(limit, answer_at - 1)
+    n = 0
+    while n < limit and all(e.input_ids[n] == first[n] for e in examples):
+        n += 1
+    return n if n >= MIN_SHARED_PREFIX else 0
+
+
+def collate(examples: Sequence[Encoded], pad_id: int, multiple: int | None = None,
+            share_prefix: bool = False) -> dict[str, Any]:
+    """Right-padded ``input_ids``, ``attention_mask`` and ``labels`` tensors.
+
+    The width is the longest example rounded up to ``multiple`` (default :data:`PAD_MULTIPLE`).
+    With ``share_prefix``, ``prefix_len`` says how many leading tokens all examples share (the
+    rendered system prompt, typically): the loss computes them once and reuses their keys and
+    values for every example."""
     import torch
 
-    width = max(len(e.input_ids) for e in examples)
+    multiple = PAD_MULTIPLE if multiple is None else multiple
+    width = -(-max(len(e.input_ids) for e in examples) // multiple) * multiple
     n = len(examples)
     input_ids = torch.full((n, width), pad_id, dtype=torch.long)
     labels = torch.full((n, width), IGNORE_INDEX, dtype=torch.long)
@@ -41,7 +75,10 @@ def collate(examples: Sequence[Encoded], pad_id: int) -> dict[str, Any]:
         input_ids[i, :k] = torch.tensor(e.input_ids)
         labels[i, :k] = torch.tensor(e.labels)
         attention[i, :k] = 1
-    return {"input_ids": input_ids, "attention_mask": attention, "labels": labels}
+    batch: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attention, "labels": labels}
+    if share_prefix:
+        batch["prefix_len"] = shared_prefix_len(examples)
+    return batch
 
 
 def pack_rows(lengths: Sequence[int], capacity: int) -> list[list[int]]:

@@ -108,7 +108,7 @@ def install(model: Any) -> int:
     for module in model.modules():
         if type(module) is LoraLinear and not hasattr(module, _MARK):
             setattr(module, _MARK, True)
-            module.forward = types.MethodType(_fast_forward, module)
+            module.forward = types.MethodType(_fast_forward, module)  # type: ignore[method-assign]
             n += 1
     return n
 

@@ -17,7 +17,7 @@ from tuneline.data.examples import Example
 from tuneline.data.tokenize import Encoded, encode_example, end_of_turn
 from tuneline.errors import DataError, Problem, TrainingError
 from tuneline.spec.models import TrainSpec
-from tuneline.train.batching import collate, collate_packed, epoch_batches
+from tuneline.train.batching import collate, collate_packed, epoch_batches, shared_prefix_len
 from tuneline.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from tuneline.train.loss import answer_loss_sum
 from tuneline.train.peft_builders import count_parameters, wrap_for_training
@@ -36,6 +36,7 @@ class TrainResult:
     train_examples: int
     dropped_too_long: int
     train_tokens: int
+    computed_tokens: int  # train_tokens minus the shared prefixes computed once per batch
     seconds: float
     tokens_per_second: float
     final_loss: float
@@ -80,12 +81,17 @@ def autocast_for(precision: str, device: str) -> Any:
     return nullcontext()
 
 
-def _lr_lambda(total: int, warmup: int) -> Callable[[int], float]:
+def _lr_lambda(total: int, warmup: int, kind: str = "cosine") -> Callable[[int], float]:
+    """Linear warm-up, then cosine or linear decay to 0, or constant."""
     def f(step: int) -> float:
         if step < warmup:
             return (step + 1) / warmup
-        progress = (step - warmup) / max(1, total - warmup)
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        if kind == "linear":
+            return 1.0 - progress
+        if kind == "constant":
+            return 1.0
+        return 0.5 * (1 + math.cos(math.pi * progress))
 
     return f
 
@@ -108,14 +114,17 @@ def _micro_batches(lengths: list[int], cfg: TrainSpec, per_epoch: int, step: int
     return out
 
 
-def make_batch(examples: list[Encoded], pad_id: int, device: str, pack_capacity: int | None = None) -> dict[str, Any]:
-    """Tensors for one micro-batch on ``device``: padded, or packed into rows of ``pack_capacity`` tokens."""
-    batch = collate(examples, pad_id) if pack_capacity is None else collate_packed(examples, pad_id, pack_capacity)
-    return {k: v.to(device) for k, v in batch.items()}
+def make_batch(examples: list[Encoded], pad_id: int, device: str, pack_capacity: int | None = None,
+               share_prefix: bool = False) -> dict[str, Any]:
+    """Tensors for one micro-batch on ``device``: padded (optionally with a shared prefix computed
+    once), or packed into rows of ``pack_capacity`` tokens."""
+    batch = (collate(examples, pad_id, share_prefix=share_prefix) if pack_capacity is None
+             else collate_packed(examples, pad_id, pack_capacity))
+    return {k: v.to(device) if hasattr(v, "to") else v for k, v in batch.items()}
 
 
 def accumulate_gradients(model: Any, micro_batches: list[list[Encoded]], pad_id: int, precision: str,
-                         device: str, pack_capacity: int | None = None) -> tuple[float, int]:
+                         device: str, pack_capacity: int | None = None, share_prefix: bool = False) -> tuple[float, int]:
     """Backward over the micro-batches of one optimizer step; return (loss, real tokens).
 
     With ``pack_capacity`` each micro-batch is packed into rows of that many tokens (no padding
@@ -126,7 +135,7 @@ def accumulate_gradients(model: Any, micro_batches: list[list[Encoded]], pad_id:
     n_answer = sum(e.n_answer_tokens for mb in micro_batches for e in mb)
     step_loss, tokens = 0.0, 0
     for mb in micro_batches:
-        batch = make_batch(mb, pad_id, device, pack_capacity)
+        batch = make_batch(mb, pad_id, device, pack_capacity, share_prefix)
         with autocast_for(precision, device):
             loss_sum, _ = answer_loss_sum(model, batch)
         (loss_sum / n_answer).backward()
@@ -144,7 +153,7 @@ def evaluate_loss(model: Any, encoded: list[Encoded], batch_size: int, pad_id: i
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i].input_ids))
     with torch.no_grad(), autocast_for(precision, device):
         for b in range(0, len(order), batch_size):
-            batch = make_batch([encoded[i] for i in order[b : b + batch_size]], pad_id, device)
+            batch = make_batch([encoded[i] for i in order[b : b + batch_size]], pad_id, device, share_prefix=True)
             s, n = answer_loss_sum(model, batch)
             total += float(s)
             count += n
@@ -191,8 +200,10 @@ def train(
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     warmup = int(cfg.warmup_ratio * total_steps)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(total_steps, warmup))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(total_steps, warmup, cfg.lr_scheduler))
     pad_id = tokenizer.pad_token_id
+    # caches do not mix with activation checkpointing (transformers turns them off)
+    share_prefix = cfg.share_prefix and not cfg.gradient_checkpointing
 
     ckpt_root = out_dir / "checkpoints"
     start_step, resumed_from, loss_value = 0, None, float("nan")
@@ -214,15 +225,16 @@ def train(
              f"{trainable:,}", f"{total_params:,}", 100 * trainable / total_params, len(encoded),
              total_steps, precision, device)
     model.train()
-    tokens_done, t0 = 0, time.perf_counter()
+    tokens_done, computed, t0 = 0, 0, time.perf_counter()
     progress = _progress(show_progress)
     with progress:
         task = progress.add_task("train", total=total_steps, completed=start_step, loss=float("nan"), tps=0.0)
         for step in range(start_step, total_steps):
             micro = [[encoded[i] for i in mb] for mb in _micro_batches(lengths, cfg, per_epoch, step)]
             step_loss, step_tokens = accumulate_gradients(model, micro, pad_id, precision, device,
-                                                          cfg.seq_len if cfg.packing else None)
+                                                          cfg.seq_len if cfg.packing else None, share_prefix)
             tokens_done += step_tokens
+            computed += step_tokens - sum((len(mb) - 1) * shared_prefix_len(mb) for mb in micro) * share_prefix
             grad_norm = (torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
                          if cfg.max_grad_norm else torch.tensor(0.0))
             optimizer.step()
@@ -257,6 +269,7 @@ def train(
     result = TrainResult(
         adapter_dir=str(adapter_dir), steps=total_steps, epochs=total_steps * cfg.grad_accum / per_epoch,
         train_examples=len(encoded), dropped_too_long=len(dropped), train_tokens=tokens_done,
+        computed_tokens=computed,
         seconds=seconds, tokens_per_second=tokens_done / seconds if seconds > 0 else 0.0,
         final_loss=loss_value, eval_loss=eval_loss, trainable_params=trainable, total_params=total_params,
         precision=precision, device=device, resumed_from_step=resumed_from,

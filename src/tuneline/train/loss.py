@@ -13,6 +13,8 @@ the varlen kernels with flash attention, so examples sharing a row never attend 
 
 from __future__ import annotations
 
+import functools
+import inspect
 from typing import Any
 
 from tuneline.data.tokenize import IGNORE_INDEX
@@ -28,6 +30,16 @@ def _decoder_and_head(model: Any) -> tuple[Any, Any]:
 LOGITS_CHUNK = 2048
 
 
+@functools.cache
+def _cache_argument_of(forward: Any) -> str:
+    return "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
+
+
+def _cache_argument(decoder: Any) -> str:
+    """The decoder's keyword for a KV cache: ``cache`` (transformers >= 5.24) or ``past_key_values``."""
+    return _cache_argument_of(type(decoder).forward)
+
+
 def answer_loss_sum(model: Any, batch: dict[str, Any], chunk: int = LOGITS_CHUNK) -> tuple[Any, int]:
     """(sum of token cross-entropies over answer tokens, number of answer tokens)."""
     import torch
@@ -35,9 +47,20 @@ def answer_loss_sum(model: Any, batch: dict[str, Any], chunk: int = LOGITS_CHUNK
     from torch.utils.checkpoint import checkpoint
 
     decoder, head = _decoder_and_head(model)
-    hidden = decoder(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
-                     position_ids=batch.get("position_ids"), use_cache=False).last_hidden_state
-    targets = batch["labels"][:, 1:]
+    ids, prefix = batch["input_ids"], int(batch.get("prefix_len", 0))
+    if prefix:
+        # the shared prefix once, its keys/values repeated for every row (gradients flow back through
+        # the repeat, summed over rows: exactly what computing it per row gives)
+        out = decoder(input_ids=ids[:1, :prefix], use_cache=True)
+        cache = out.cache if getattr(out, "cache", None) is not None else out.past_key_values
+        cache.batch_repeat_interleave(ids.shape[0])
+        positions = torch.arange(prefix, ids.shape[1], device=ids.device).expand(ids.shape[0], -1)
+        hidden = decoder(input_ids=ids[:, prefix:], attention_mask=batch["attention_mask"], position_ids=positions,
+                         use_cache=True, **{_cache_argument(decoder): cache}).last_hidden_state
+    else:
+        hidden = decoder(input_ids=ids, attention_mask=batch.get("attention_mask"),
+                         position_ids=batch.get("position_ids"), use_cache=False).last_hidden_state
+    targets = batch["labels"][:, prefix + 1 :]
     keep = targets != IGNORE_INDEX
     h, t = hidden[:, :-1][keep], targets[keep]
     n = int(t.shape[0])

@@ -28,6 +28,8 @@ def wrap_for_training(model: Any, train: TrainSpec) -> Any:
     if train.method == "full":
         for p in model.parameters():
             p.requires_grad_(True)
+        if train.compile:
+            compile_layers(model)
         return model
     import torch
     from peft import get_peft_model
@@ -41,7 +43,25 @@ def wrap_for_training(model: Any, train: TrainSpec) -> Any:
         from tuneline.train import fast_lora
 
         fast_lora.install(model)
+    if train.compile:
+        compile_layers(model)
     return model
+
+
+def compile_layers(model: Any) -> int:
+    """``torch.compile`` every decoder layer in place; return how many.
+
+    Regional compilation: the layers share one compiled graph (same code, same shapes), so compile
+    time is that of one layer rather than of the whole model. Dynamic shapes, since batch widths vary.
+    """
+    causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    decoder = getattr(causal_lm, causal_lm.base_model_prefix)
+    layers = getattr(decoder, "layers", None)
+    if layers is None:
+        return 0
+    for layer in layers:
+        layer.compile(dynamic=True)
+    return len(layers)
 
 
 def count_parameters(model: Any) -> tuple[int, int]:
