@@ -37,8 +37,9 @@ lint: install
 	$(BIN)/ruff check src tests bench
 	$(BIN)/mypy src
 
-bench: install
+bench: setup
 	$(BIN)/python bench/train_throughput.py
+	$(BIN)/python bench/train_ablation.py
 
 clean:
 	rm -rf $(VENV) .tuneline .pytest_cache
