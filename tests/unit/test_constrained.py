@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from tuneline.data.examples import Example
+from tuneline.data.tokenize import encode_prompt
 from tuneline.eval.generate import LabelTrie, generate
 
 
@@ -45,3 +46,63 @@ def test_constrained_generation_answers_only_labels(tiny_model_dir, tokenizer):
                               autocast=torch.autocast("cpu", enabled=False), show_progress=False, labels=trie)
     assert not set(free) <= set(labels)
     assert set(constrained) <= set(labels) and len(constrained) == len(examples)
+
+
+def test_completion_is_the_rest_of_the_only_label_left(tokenizer):
+    labels = ["card_arrival", "card_linking", "exchange_rate"]
+    end = tokenizer.convert_tokens_to_ids(tokenizer.eos_token)
+    trie = LabelTrie(tokenizer, labels, _prompt("hi"), end)
+    full = {label: _walk(trie, tokenizer, label) for label in labels}
+    assert trie.completion([]) is None  # three labels still possible
+    for path in full.values():
+        assert trie.completion(path) == []  # complete
+        # the shortest prefix that decides the label completes to exactly the label's tokens
+        k = next(k for k in range(len(path) + 1) if trie.completion(path[:k]) is not None)
+        assert path[:k] + trie.completion(path[:k]) == path
+        pad = [end] * 3  # what a row that stopped early carries afterwards
+        assert trie.decided(path[:k] + pad) == path
+    assert trie.completion([999_999]) is None and trie.decided([999_999]) == [999_999]  # off the trie
+
+
+def _walk(trie: LabelTrie, tokenizer, label: str) -> list[int]:
+    """The answer tokens of ``label`` (label tokens + end of turn) as the trie spells them."""
+    seq: list[int] = []
+    for t in tokenizer.encode(label, add_special_tokens=False):
+        seq.append(t)
+    while (nxt := trie.next.get(tuple(seq))) and len(nxt) == 1:
+        seq.append(next(iter(nxt)))
+    return seq
+
+
+def test_shared_prefix_and_early_stop_change_no_answer(tiny_model_dir, tokenizer):
+    """The prompt prefix run once per batch (padding after it) and rows stopped once their label is
+    decided give the same answers as plain left-padded decoding of every prompt."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    with torch.no_grad():  # larger random weights than the init: answers then depend on the prompt
+        for p in model.parameters():
+            p.normal_(0.0, 0.3 if p.dim() > 1 else 1.0)
+    labels = ["card_arrival", "card_linking", "lost_or_stolen_card", "exchange_rate", "top_up_failed"]
+    texts = ["where is my card", "I lost my card yesterday on the bus", "what rate", "top up failed again and again",
+             "hm", "link my card please", "x"]
+    examples = [_prompt(t) for t in texts]
+    end = tokenizer.convert_tokens_to_ids(tokenizer.eos_token)
+    trie = LabelTrie(tokenizer, labels, examples[0], end)
+    off = torch.autocast("cpu", enabled=False)
+    for trie_or_none, new in ((trie, trie.max_len), (None, 6)):
+        # the reference: each prompt alone (no padding, no shared prefix), decoded to the end
+        reference = []
+        for ex in examples:
+            ids = torch.tensor([encode_prompt(tokenizer, ex)])
+            allowed = (lambda _r, seq, n=ids.shape[1]: trie.allowed(seq[n:].tolist())) if trie_or_none else None
+            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new,
+                                 do_sample=False, eos_token_id=end, pad_token_id=tokenizer.pad_token_id,
+                                 prefix_allowed_tokens_fn=allowed)
+            reference.append(tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip())
+        assert len(set(reference)) > 1  # the answers differ between prompts: the comparison means something
+        for share in (False, True):
+            answers, _ = generate(model, tokenizer, examples, batch_size=3, max_new_tokens=new, autocast=off,
+                                  show_progress=False, labels=trie_or_none, share_prefix=share)
+            assert answers == reference, (share, trie_or_none is not None)

@@ -21,6 +21,7 @@ class LabelTrie:
     def __init__(self, tokenizer: Any, labels: list[str], template: Example, end_id: int | None) -> None:
         eot = end_of_turn(tokenizer)
         self.next: dict[tuple[int, ...], set[int]] = {}
+        self.nodes: set[tuple[int, ...]] = set()  # every prefix of every answer, complete ones included
         self.end_id = end_id
         self.max_len = 1
         for label in labels:
@@ -30,6 +31,7 @@ class LabelTrie:
             self.max_len = max(self.max_len, len(answer) + 1)
             for k in range(len(answer)):
                 self.next.setdefault(tuple(answer[:k]), set()).add(answer[k])
+            self.nodes.update(tuple(answer[:k]) for k in range(len(answer) + 1))
 
     def allowed(self, generated: list[int]) -> list[int]:
         """Tokens that may follow ``generated``; the end token once a label is complete."""
@@ -37,6 +39,31 @@ class LabelTrie:
         if nxt:
             return sorted(nxt)
         return [self.end_id] if self.end_id is not None else []
+
+    def completion(self, generated: list[int]) -> list[int] | None:
+        """The rest of the answer when ``generated`` leaves exactly one label, else None."""
+        node = tuple(generated)
+        if node not in self.nodes:
+            return None  # off the trie: the trie does not decide it
+        rest: list[int] = []
+        while nxt := self.next.get(node):
+            if len(nxt) > 1:
+                return None
+            (t,) = nxt
+            rest.append(t)
+            node = (*node, t)
+        return rest
+
+    def decided(self, generated: list[int]) -> list[int]:
+        """``generated`` up to the token that decided the label, plus that label's remaining tokens.
+
+        Tokens after that point are padding from a row that stopped early (or, had it run on, the
+        same forced tokens); without a decision the tokens are returned as they are."""
+        for k in range(len(generated) + 1):
+            rest = self.completion(generated[:k])
+            if rest is not None:
+                return generated[:k] + rest
+        return generated
 
 
 def generate(
@@ -51,11 +78,20 @@ def generate(
     description: str = "generate",
     show_progress: bool = True,
     labels: LabelTrie | None = None,
+    share_prefix: bool = True,
 ) -> tuple[list[str], float]:
     """Greedy answers for each example's prompt, in input order; and seconds per example.
 
     With ``labels``, decoding is constrained to the label set (a classifier's answer is always
-    one of its labels; the model still picks which)."""
+    one of its labels; the model still picks which), and a row stops as soon as its label is
+    decided: the rest of a label whose prefix no other label shares is the only tokens the
+    constrained greedy search could produce, so they are filled in without running the model.
+
+    With ``share_prefix``, the tokens every prompt starts with (system prompt and instruction)
+    are run once per batch and their KV cache repeated for every row; each row's padding goes
+    between that prefix and its own tokens, with the attention mask hiding it, so positions are
+    those of the unpadded prompt.
+    """
     import torch
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -64,6 +100,8 @@ def generate(
     outputs: list[str] = [""] * len(prompts)
     eos = tokenizer.convert_tokens_to_ids(tokenizer.eos_token) if tokenizer.eos_token else None
     pad = tokenizer.pad_token_id
+    n_prefix = common_prefix_len(prompts) if share_prefix else 0
+    prefix = prompts[0][:n_prefix] if n_prefix else []
     model.eval()
     t0 = time.perf_counter()
     bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
@@ -72,24 +110,73 @@ def generate(
         task = bar.add_task(description, total=len(prompts))
         for b in range(0, len(order), batch_size):
             idx = order[b : b + batch_size]
-            width = max(len(prompts[i]) for i in idx)
+            width = n_prefix + max(len(prompts[i]) - n_prefix for i in idx)
             ids = torch.full((len(idx), width), pad, dtype=torch.long)
             mask = torch.zeros((len(idx), width), dtype=torch.long)
-            for r, i in enumerate(idx):  # left padding so every row continues at the same column
-                ids[r, width - len(prompts[i]):] = torch.tensor(prompts[i])
-                mask[r, width - len(prompts[i]):] = 1
-            constrain = None
+            ids[:, :n_prefix] = torch.tensor(prefix, dtype=torch.long)
+            mask[:, :n_prefix] = 1
+            for r, i in enumerate(idx):  # pad between prefix and prompt: every row continues at one column
+                ids[r, width - len(prompts[i]) + n_prefix:] = torch.tensor(prompts[i][n_prefix:])
+                mask[r, width - len(prompts[i]) + n_prefix:] = 1
+            extra: dict[str, Any] = {}
+            if n_prefix:
+                extra[_generate_cache_argument(model)] = _prefix_cache(model, ids[:1, :n_prefix].to(device), len(idx))
             if labels is not None:
                 def constrain(_row: int, seq: Any, width: int = width) -> list[int]:
                     return labels.allowed(seq[width:].tolist())
+                extra["prefix_allowed_tokens_fn"] = constrain
+                extra["stopping_criteria"] = _stop_when_decided(labels, width)
             out = model.generate(
                 input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
-                do_sample=False, eos_token_id=eos, pad_token_id=pad, prefix_allowed_tokens_fn=constrain,
+                do_sample=False, eos_token_id=eos, pad_token_id=pad, **extra,
             )
             for r, i in enumerate(idx):
-                outputs[i] = tokenizer.decode(out[r, width:], skip_special_tokens=True).strip()
+                answer = out[r, width:].tolist()
+                if labels is not None:
+                    answer = labels.decided(answer)
+                outputs[i] = tokenizer.decode(answer, skip_special_tokens=True).strip()
             bar.update(task, advance=len(idx))
     return outputs, (time.perf_counter() - t0) / max(1, len(prompts))
+
+
+def common_prefix_len(prompts: list[list[int]]) -> int:
+    """Tokens all ``prompts`` start with, leaving each at least one token of its own (0: none)."""
+    if len(prompts) < 2:
+        return 0
+    first, limit = prompts[0], min(len(p) for p in prompts) - 1
+    n = 0
+    while n < limit and all(p[n] == first[n] for p in prompts):
+        n += 1
+    return n
+
+
+def _prefix_cache(model: Any, prefix_ids: Any, rows: int) -> Any:
+    """The KV cache of ``prefix_ids`` (one row), repeated for ``rows`` rows."""
+    out = model(input_ids=prefix_ids, use_cache=True, logits_to_keep=1)
+    cache = out.cache if getattr(out, "cache", None) is not None else out.past_key_values
+    cache.batch_repeat_interleave(rows)
+    return cache
+
+
+def _generate_cache_argument(model: Any) -> str:
+    """The keyword for a KV cache: ``cache`` (transformers >= 5.24) or ``past_key_values``."""
+    from tuneline.train.loss import _cache_argument_of
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return _cache_argument_of(type(base).forward)
+
+
+def _stop_when_decided(trie: LabelTrie, start: int) -> Any:
+    """A stopping criterion: a row is done once its tokens from ``start`` on leave a single label."""
+    import torch
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    class LabelDecided(StoppingCriteria):
+        def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
+            done = [trie.completion(row[start:].tolist()) is not None for row in input_ids]
+            return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
+
+    return StoppingCriteriaList([LabelDecided()])
 
 
 @contextmanager
