@@ -82,6 +82,70 @@ def test_cases_the_fused_path_cannot_compute_fall_back_to_peft(tiny_model_dir):
     assert not torch.allclose(layer(x), layer.get_base_layer()(x))
 
 
+def test_lora_group_gradients_are_exact_in_float64():
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(2, 5, 6, dtype=torch.float64, generator=g, requires_grad=True)
+    ws = [torch.randn(out, 6, dtype=torch.float64, generator=g) for out in (4, 2, 3)]
+    as_ = [torch.randn(r, 6, dtype=torch.float64, generator=g, requires_grad=True) for r in (3, 2, 3)]
+    bs = [torch.randn(out, r, dtype=torch.float64, generator=g, requires_grad=True) for out, r in ((4, 3), (2, 2), (3, 3))]
+    scales = [2.0, 0.5, 1.5]
+    outs = fast_lora.lora_group(x, torch.cat(ws), as_, bs, scales)
+    for y, w, a, b, s in zip(outs, ws, as_, bs, scales, strict=True):
+        torch.testing.assert_close(y, x @ w.T + s * (x @ a.T) @ b.T)
+    # one output unused (its gradient None) and the others used: gradients still exact
+    assert torch.autograd.gradcheck(
+        lambda x, *ab: sum(o.sum() * k for o, k in zip(fast_lora.lora_group(x, torch.cat(ws), list(ab[:3]),
+                                                                             list(ab[3:]), scales)[:2], (1.0, 3.0))),
+        (x, *as_, *bs))
+
+
+def test_grouped_linears_share_one_product_and_equal_peft(tiny_model_dir):
+    model = _model(tiny_model_dir)
+    attn = model.base_model.model.model.layers[0].self_attn
+    q, k, v = attn.q_proj, attn.k_proj, attn.v_proj
+    group = getattr(q, fast_lora._GROUP)
+    assert getattr(k, fast_lora._GROUP) is group and [m is n for m, n in zip(group.members, (q, k, v))] == [True] * 3
+    # the base weights are views of one stacked matrix: no copy, and peft still owns them
+    stacked = group.weight
+    assert q.get_base_layer().weight.data_ptr() == stacked.data_ptr()
+    assert v.get_base_layer().weight.data_ptr() == stacked[q.out_features + k.out_features :].data_ptr()
+
+    calls = []
+    real = fast_lora.lora_group
+    fast_lora.lora_group = lambda *a: calls.append(1) or real(*a)  # type: ignore[assignment]
+    try:
+        ids = torch.randint(10, 1000, (3, 17), generator=torch.Generator().manual_seed(5))
+        loss, got = _loss_and_grads(model, ids)
+    finally:
+        fast_lora.lora_group = real  # type: ignore[assignment]
+    assert len(calls) == 2 * 2  # q/k/v and gate/up in each of the 2 layers, one product each
+    fast_lora.uninstall(model)
+    ref_loss, ref = _loss_and_grads(model, ids)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-6, atol=1e-6)
+    for n in ref:
+        torch.testing.assert_close(got[n], ref[n], rtol=1e-4, atol=1e-7)
+
+
+def test_group_restacks_weights_that_were_replaced_and_skips_merged_adapters(tiny_model_dir):
+    model = _model(tiny_model_dir)
+    ids = torch.randint(10, 1000, (2, 9), generator=torch.Generator().manual_seed(6))
+    ref = model(input_ids=ids).logits.detach()
+    q = model.base_model.model.model.layers[0].self_attn.q_proj
+    q.get_base_layer().weight.data = q.get_base_layer().weight.data.clone()  # e.g. moved or re-loaded
+    torch.testing.assert_close(model(input_ids=ids).logits, ref)
+    assert q.get_base_layer().weight.data_ptr() == getattr(q, fast_lora._GROUP).weight.data_ptr()  # stacked again
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn_like(p))
+    tuned = model(input_ids=ids).logits.detach()
+    model.merge_adapter()  # merged: the base weights already hold the adapters; no grouped path
+    assert getattr(q, fast_lora._GROUP).adapter() is None
+    torch.testing.assert_close(model(input_ids=ids).logits, tuned, rtol=1e-4, atol=1e-5)
+    model.unmerge_adapter()
+    torch.testing.assert_close(model(input_ids=ids).logits, tuned, rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.slow
 def test_compiled_layers_give_the_same_loss_and_gradients(tiny_model_dir):
     from transformers import AutoModelForCausalLM

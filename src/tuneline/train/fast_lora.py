@@ -12,6 +12,14 @@ weight's dtype, and writes fp32 gradients for the fp32 adapter weights. peft sti
 modules, their configuration and saving; :func:`install` only swaps the forward of the modules it
 can compute exactly (one active adapter, no dropout, no DoRA or other variant, not merged, a plain
 ``nn.Linear`` base) and leaves every other case to peft's own forward.
+
+Linears that read the same input (``q_proj``/``k_proj``/``v_proj`` and ``gate_proj``/``up_proj`` in
+Llama-family models) are also computed together: their frozen weights become row blocks of one
+matrix (the modules keep them as views, so nothing is copied and peft sees the same parameters),
+one product computes all their outputs, one product their adapters' ``x A^T`` (A's stacked) and
+one their ``B`` (block-diagonal); the backward is likewise three products for the group instead of
+five per linear. The first member called computes the group and hands the others their outputs
+when they are called with the same input; any other call pattern computes them one by one.
 """
 
 from __future__ import annotations
@@ -20,6 +28,7 @@ import types
 from typing import Any
 
 _MARK = "_tuneline_fast_lora"
+_GROUP = "_tuneline_lora_group"
 
 
 def _function() -> Any:
@@ -73,6 +82,137 @@ def lora_linear(x: Any, weight: Any, bias: Any, lora_a: Any, lora_b: Any, scale:
     return _FN.apply(x, weight, bias, lora_a, lora_b, scale)
 
 
+def _group_function() -> Any:
+    import torch
+
+    class LoraGroupFunction(torch.autograd.Function):
+        """Outputs y_i = x W_i^T + s_i (x A_i^T) B_i^T of linears sharing x, W the stacked W_i."""
+
+        @staticmethod
+        def forward(ctx: Any, x: Any, weight: Any, sizes: tuple[int, ...], scales: tuple[float, ...],
+                    *adapters: Any) -> Any:
+            n = len(sizes)
+            lora_as, lora_bs = adapters[:n], adapters[n:]
+            dtype = weight.dtype
+            with torch.autocast(device_type=x.device.type, enabled=False):
+                x2 = x.reshape(-1, x.shape[-1]).to(dtype)
+                a = torch.cat(lora_as).to(dtype)  # (sum of ranks, in)
+                b = torch.block_diag(*(lb * s for lb, s in zip(lora_bs, scales, strict=True))).to(dtype)
+                xa = x2 @ a.t()
+                y = torch.nn.functional.linear(x2, weight)
+                y.addmm_(xa, b.t())
+            ctx.save_for_backward(x2, weight, a, b, xa)
+            ctx.sizes, ctx.scales, ctx.x_shape, ctx.x_dtype = sizes, scales, x.shape, x.dtype
+            ctx.ranks = tuple(la.shape[0] for la in lora_as)
+            ctx.dtypes = tuple(t.dtype for t in adapters)
+            return tuple(o.view(*x.shape[:-1], o.shape[-1]) for o in y.split(sizes, dim=1))
+
+        @staticmethod
+        def backward(ctx: Any, *grads: Any) -> Any:
+            x2, weight, a, b, xa = ctx.saved_tensors
+            n = len(ctx.sizes)
+            with torch.autocast(device_type=x2.device.type, enabled=False):
+                g = torch.cat([gr.reshape(-1, size).to(weight.dtype) if gr is not None
+                               else x2.new_zeros(x2.shape[0], size)
+                               for gr, size in zip(grads, ctx.sizes, strict=True)], dim=1)
+                gb = g @ b  # gradient w.r.t. xa (scales already folded into b)
+                grad_x = None
+                if ctx.needs_input_grad[0]:
+                    grad_x = (g @ weight).addmm_(gb, a).view(ctx.x_shape).to(ctx.x_dtype)
+                grad_a = (gb.t() @ x2).split(ctx.ranks, dim=0)
+                grad_b_all = g.t() @ xa  # only its diagonal blocks are B's gradients
+                rows = grad_b_all.split(ctx.sizes, dim=0)
+                grad_as, grad_bs = [], []
+                for i, (r0, ga) in enumerate(zip(_offsets(ctx.ranks), grad_a, strict=True)):
+                    grad_as.append(ga.to(ctx.dtypes[i]) if ctx.needs_input_grad[4 + i] else None)
+                    grad_bs.append(rows[i][:, r0 : r0 + ctx.ranks[i]].to(ctx.dtypes[n + i]).mul_(ctx.scales[i])
+                                   if ctx.needs_input_grad[4 + n + i] else None)
+            return (grad_x, None, None, None, *grad_as, *grad_bs)
+
+    return LoraGroupFunction
+
+
+def _offsets(sizes: tuple[int, ...]) -> list[int]:
+    out, at = [], 0
+    for size in sizes:
+        out.append(at)
+        at += size
+    return out
+
+
+_GROUP_FN: Any = None
+
+
+def lora_group(x: Any, weight: Any, lora_as: list[Any], lora_bs: list[Any], scales: list[float]) -> tuple[Any, ...]:
+    """The outputs of LoRA linears that share the input ``x``; ``weight`` stacks their base weights."""
+    global _GROUP_FN
+    if _GROUP_FN is None:
+        _GROUP_FN = _group_function()
+    sizes = tuple(int(b.shape[0]) for b in lora_bs)
+    return _GROUP_FN.apply(x, weight, sizes, tuple(scales), *lora_as, *lora_bs)  # type: ignore[no-any-return]
+
+
+# sibling linears that read the same input, by architecture family (Llama, Mistral, Qwen, Gemma, ...)
+GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+
+
+class _Group:
+    """LoRA linears fed the same input, their base weights rows of one stacked matrix."""
+
+    def __init__(self, members: list[Any]) -> None:
+        self.members = members
+        self.weight: Any = None
+        self.pending: dict[int, Any] = {}  # member index -> output computed with the group
+        self.pending_x: Any = None
+        self.pending_version = -1
+        self.stack()
+
+    def stack(self) -> None:
+        """Concatenate the members' base weights and make each member's weight a view of its rows."""
+        import torch
+
+        weights = [m.get_base_layer().weight for m in self.members]
+        with torch.no_grad():
+            self.weight = torch.cat([w.data for w in weights])
+            at = 0
+            for w in weights:
+                w.data = self.weight[at : at + w.shape[0]]
+                at += w.shape[0]
+        self.ptrs = [m.get_base_layer().weight.data_ptr() for m in self.members]
+
+    def adapter(self) -> str | None:
+        """The common adapter name if every member can take the grouped path now, else None."""
+        names = {_fast_path_ok(m) for m in self.members}
+        if len(names) != 1 or None in names:
+            return None
+        for m, ptr in zip(self.members, self.ptrs, strict=True):
+            base = m.get_base_layer()
+            if base.bias is not None:
+                return None
+            if base.weight.data_ptr() != ptr or base.weight.dtype != self.weight.dtype:
+                self.stack()  # the weights were replaced (moved, cast, re-loaded): stack them again
+                break
+        return names.pop()
+
+    def forward(self, member: Any, x: Any) -> Any:
+        i = self.members.index(member)
+        if self.pending_x is x and x._version == self.pending_version and i in self.pending:
+            out = self.pending.pop(i)
+            if not self.pending:
+                self.pending_x = None
+            return out
+        name = self.adapter()
+        if name is None:
+            self.pending, self.pending_x = {}, None
+            return None
+        outs = lora_group(x, self.weight, [m.lora_A[name].weight for m in self.members],
+                          [m.lora_B[name].weight for m in self.members],
+                          [float(m.scaling[name]) for m in self.members])
+        self.pending = {j: o for j, o in enumerate(outs) if j != i}
+        self.pending_x, self.pending_version = x, x._version
+        return outs[i]
+
+
 def _fast_path_ok(module: Any) -> str | None:
     """The single adapter name if ``module`` can use the fused path right now, else None."""
     import torch
@@ -92,6 +232,11 @@ def _fast_path_ok(module: Any) -> str | None:
 
 
 def _fast_forward(self: Any, x: Any, *args: Any, **kwargs: Any) -> Any:
+    group = getattr(self, _GROUP, None)
+    if group is not None and not (args or kwargs):
+        out = group.forward(self, x)
+        if out is not None:
+            return out
     name = None if (args or kwargs) else _fast_path_ok(self)
     if name is None:
         return type(self).forward(self, x, *args, **kwargs)  # peft's own forward
@@ -100,8 +245,10 @@ def _fast_forward(self: Any, x: Any, *args: Any, **kwargs: Any) -> Any:
                        float(self.scaling[name]))
 
 
-def install(model: Any) -> int:
-    """Use the fused forward in every peft LoRA ``Linear`` of ``model``; return how many."""
+def install(model: Any, group: bool = True) -> int:
+    """Use the fused forward in every peft LoRA ``Linear`` of ``model``; return how many.
+
+    With ``group``, sibling linears that read the same input (:data:`GROUPS`) are computed together."""
     from peft.tuners.lora.layer import Linear as LoraLinear
 
     n = 0
@@ -110,6 +257,14 @@ def install(model: Any) -> int:
             setattr(module, _MARK, True)
             module.forward = types.MethodType(_fast_forward, module)  # type: ignore[method-assign]
             n += 1
+    for module in list(model.modules()) if group else ():
+        for names in GROUPS:
+            members = [getattr(module, name, None) for name in names]
+            members = [m for m in members if type(m) is LoraLinear and hasattr(m, _MARK)]
+            if len(members) > 1 and not any(hasattr(m, _GROUP) for m in members):
+                shared = _Group(members)
+                for m in members:
+                    setattr(m, _GROUP, shared)
     return n
 
 
@@ -121,4 +276,6 @@ def uninstall(model: Any) -> int:
             del module.forward
             delattr(module, _MARK)
             n += 1
+        if hasattr(module, _GROUP):
+            delattr(module, _GROUP)  # the weights stay views of the stacked matrix: same values
     return n
