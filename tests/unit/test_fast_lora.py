@@ -95,7 +95,8 @@ def test_lora_group_gradients_are_exact_in_float64():
     # one output unused (its gradient None) and the others used: gradients still exact
     assert torch.autograd.gradcheck(
         lambda x, *ab: sum(o.sum() * k for o, k in zip(fast_lora.lora_group(x, torch.cat(ws), list(ab[:3]),
-                                                                             list(ab[3:]), scales)[:2], (1.0, 3.0))),
+                                                                             list(ab[3:]), scales)[:2], (1.0, 3.0),
+                                         strict=True)),
         (x, *as_, *bs))
 
 
@@ -104,7 +105,7 @@ def test_grouped_linears_share_one_product_and_equal_peft(tiny_model_dir):
     attn = model.base_model.model.model.layers[0].self_attn
     q, k, v = attn.q_proj, attn.k_proj, attn.v_proj
     group = getattr(q, fast_lora._GROUP)
-    assert getattr(k, fast_lora._GROUP) is group and [m is n for m, n in zip(group.members, (q, k, v))] == [True] * 3
+    assert getattr(k, fast_lora._GROUP) is group and group.members == [q, k, v]
     # the base weights are views of one stacked matrix: no copy, and peft still owns them
     stacked = group.weight
     assert q.get_base_layer().weight.data_ptr() == stacked.data_ptr()

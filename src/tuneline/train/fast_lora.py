@@ -149,7 +149,7 @@ def lora_group(x: Any, weight: Any, lora_as: list[Any], lora_bs: list[Any], scal
     if _GROUP_FN is None:
         _GROUP_FN = _group_function()
     sizes = tuple(int(b.shape[0]) for b in lora_bs)
-    return _GROUP_FN.apply(x, weight, sizes, tuple(scales), *lora_as, *lora_bs)  # type: ignore[no-any-return]
+    return _GROUP_FN.apply(x, weight, sizes, tuple(scales), *lora_as, *lora_bs)
 
 
 # sibling linears that read the same input, by architecture family (Llama, Mistral, Qwen, Gemma, ...)

@@ -42,7 +42,8 @@ def wrap_for_training(model: Any, train: TrainSpec) -> Any:
     if train.fused_lora:
         from tuneline.train import fast_lora
 
-        fast_lora.install(model)
+        # grouping hands outputs between modules through Python state, which compiled graphs do not trace
+        fast_lora.install(model, group=not train.compile)
     if train.compile:
         compile_layers(model)
     return model
