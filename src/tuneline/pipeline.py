@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tuneline.curation import DatasetVersion
 from tuneline.data import PreparedData, prepare
 from tuneline.errors import Problem, TrainingError
 from tuneline.eval import EvalReport, ModelResult, check_objective, evaluate_model, render_table
@@ -36,18 +37,48 @@ class RunResult:
 
 
 def validate(spec_path: str | Path) -> tuple[LoadedSpec, PreparedData]:
-    """Check the spec and every row of its data; raise with all problems found. Trains nothing."""
+    """Check the spec and every row of its data; raise with all problems found. Trains nothing.
+
+    Runs without the tokenizer (no model needed), so the too-long check is left to ``data prepare``
+    and ``run``."""
     loaded = load_spec(spec_path)
     return loaded, prepare(loaded)
 
 
-def run_fingerprint(loaded: LoadedSpec, data: PreparedData, model_fingerprint: str) -> str:
+def prepare_version(
+    loaded: LoadedSpec, ws: Workspace, tokenizer: Any = None,
+) -> tuple[PreparedData, DatasetVersion | None]:
+    """Curate the spec's data and store it as a dataset version (unless curation is disabled)."""
+    from tuneline.curation import save_version
+
+    if tokenizer is None:
+        source = resolve_model_source(loaded.spec.model, loaded.base_dir)
+        tokenizer = load_tokenizer(source, ws.models_dir)
+    data = prepare(loaded, tokenizer)
+    if data.curated is None or not loaded.spec.curation.enabled:
+        return data, None
+    return data, save_version(data.curated, ws.datasets_dir, loaded.spec.name, loaded.sha256)
+
+
+def curation_summary(data: PreparedData, version: DatasetVersion | None) -> str:
+    """One line: the version id, rows per split, drops per reason, PII found."""
+    if version is None:
+        return "curation off"
+    m = version.manifest
+    rows = ", ".join(f"{k} {v:,}" for k, v in m["counts"].items() if v)
+    dropped = ", ".join(f"{k} {v:,}" for k, v in m["dropped_by_reason"].items()) or "none"
+    pii = ", ".join(f"{k} {v:,}" for k, v in m["pii_found"].items()) or "none"
+    return f"dataset {version.id}: {rows}; dropped: {dropped}; PII redacted: {pii}"
+
+
+def run_fingerprint(loaded: LoadedSpec, data: PreparedData, model_fingerprint: str,
+                    dataset_version: str | None = None) -> str:
     """What a checkpoint must match to be resumed: training config, data and base model."""
-    spec = loaded.spec.model_dump(mode="json", include={"task", "model", "data", "train"})
+    spec = loaded.spec.model_dump(mode="json", include={"task", "model", "data", "curation", "train"})
     spec["train"].pop("checkpoint_every", None)
     spec["train"].pop("log_every", None)
-    payload = json.dumps({"spec": spec, "data": [s.sha256 for s in data.sources], "model": model_fingerprint},
-                         sort_keys=True)
+    payload = json.dumps({"spec": spec, "data": [s.sha256 for s in data.sources], "model": model_fingerprint,
+                          "dataset_version": dataset_version}, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()
 
 
@@ -66,19 +97,20 @@ def run(
     console = console or Console()
     t0 = time.perf_counter()
     ws = workspace if isinstance(workspace, Workspace) else Workspace.at(workspace)
-    loaded, data = validate(spec_path)
+    loaded = load_spec(spec_path)
     spec = loaded.spec
-    console.print(f"[bold]{spec.name}[/]: {spec.task.type}, model {spec.model}; "
-                  + ", ".join(f"{s.split} {s.rows_used} rows" for s in data.sources))
-
     source = resolve_model_source(spec.model, loaded.base_dir)
     tokenizer = load_tokenizer(source, ws.models_dir)
+    data, version = prepare_version(loaded, ws, tokenizer)
+    console.print(f"[bold]{spec.name}[/]: {spec.task.type}, model {spec.model}; "
+                  + ", ".join(f"{s.split} {s.rows_used} rows" for s in data.sources))
+    console.print(curation_summary(data, version), soft_wrap=True)
     device = default_device()
     precision = resolve_precision(spec.train.precision, device)
     # frozen LoRA base weights in bf16 when computing in bf16; full fine-tuning keeps fp32 masters
     base_dtype = "bf16" if precision == "bf16" and spec.train.method == "lora" else "fp32"
     model = load_model(source, ws.models_dir, device=device, dtype=base_dtype)
-    fingerprint = run_fingerprint(loaded, data, source.fingerprint())
+    fingerprint = run_fingerprint(loaded, data, source.fingerprint(), version.id if version else None)
     run_dir = ws.run_dir(spec.name)
     state_file = run_dir / "run.json"
     test = data.test or data.eval
@@ -102,6 +134,8 @@ def run(
         state_file.write_text(json.dumps({"mlflow_run_id": run_id, "fingerprint": fingerprint}, indent=2))
         if not resume:
             tracking.log_run_inputs(loaded, data.sources, spec.model, source.fingerprint())
+            if version is not None:
+                tracking.log_dataset_version(version)
             mlflow.log_params({"data.labels_count": len(data.labels or []), "device": device, "precision": precision})
 
         def evaluate(name: str) -> ModelResult:
@@ -116,13 +150,29 @@ def run(
         if test and spec.eval.compare_base and not resume:
             base_result = evaluate("base")  # before training, on the untouched model
 
-        def on_step(step: int, metrics: dict[str, float]) -> None:
-            mlflow.log_metrics(metrics, step=step)  # every step: a few ms against seconds of training
+        pending: list[Any] = []
 
-        model, result = train(
-            spec.train, model, tokenizer, data.train, run_dir, eval_examples=data.eval or None, resume=resume,
-            fingerprint=fingerprint, device=device, on_step=on_step, show_progress=show_progress,
-        )
+        def flush() -> None:
+            if pending:
+                mlflow.MlflowClient().log_batch(run_id, metrics=pending)
+                pending.clear()
+
+        def on_step(step: int, metrics: dict[str, float]) -> None:
+            # every step's values, written in batches: one SQLite commit costs ~25 ms here
+            from mlflow.entities import Metric
+
+            now = int(time.time() * 1000)
+            pending.extend(Metric(k, float(v), now, step) for k, v in metrics.items())
+            if step % spec.train.log_every == 0:
+                flush()
+
+        try:
+            model, result = train(
+                spec.train, model, tokenizer, data.train, run_dir, eval_examples=data.eval or None, resume=resume,
+                fingerprint=fingerprint, device=device, on_step=on_step, show_progress=show_progress,
+            )
+        finally:
+            flush()
         mlflow.log_metrics({k: float(v) for k, v in result.to_dict().items()
                             if isinstance(v, (int, float)) and not isinstance(v, bool) and v is not None},
                            step=result.steps)

@@ -11,6 +11,7 @@ import json
 import logging
 import platform
 import subprocess
+import warnings
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -100,6 +101,28 @@ def log_run_inputs(loaded: LoadedSpec, data_sources: list[Any], model_ref: str, 
         tags[f"tuneline.data.{s.split}.rows_used"] = str(s.rows_used)
     tags.update({f"tuneline.version.{k}": v for k, v in library_versions().items()})
     mlflow.set_tags(tags)
+
+
+def log_dataset_version(version: Any) -> None:
+    """The curated dataset version as MLflow dataset inputs (train: context training, validation and
+    test: evaluation), its id as a tag, and its manifest and data card as artifacts."""
+    import mlflow
+    import pandas as pd  # type: ignore[import-untyped]
+
+    for split, context in (("train", "training"), ("validation", "validation"), ("test", "evaluation")):
+        path = version.path / f"{split}.parquet"
+        if not version.manifest["counts"].get(split):
+            continue
+        df = pd.read_parquet(path)
+        with warnings.catch_warnings():  # MLflow registers two same-named local sources and warns about it
+            warnings.simplefilter("ignore", UserWarning)
+            dataset = mlflow.data.from_pandas(  # type: ignore[attr-defined]
+                df, source=str(path), name=f"{version.id}/{split}")
+        mlflow.log_input(dataset, context=context)
+    mlflow.set_tags({"tuneline.dataset_version": version.id,
+                     "tuneline.dataset_rejected": str(version.manifest["rejected"])})
+    mlflow.log_artifact(str(version.path / "manifest.json"), "dataset")
+    mlflow.log_artifact(str(version.card), "dataset")
 
 
 def list_runs(workspace: Workspace, uri: str | None = None, max_results: int = 50) -> list[dict[str, Any]]:

@@ -27,6 +27,11 @@ class Workspace:
         return self._dir("models")
 
     @property
+    def datasets_dir(self) -> Path:
+        """Dataset versions: curated Parquet splits, manifest, rejects, data card per version id."""
+        return self._dir("datasets")
+
+    @property
     def runs_dir(self) -> Path:
         return self._dir("runs")
 

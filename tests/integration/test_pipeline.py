@@ -130,6 +130,7 @@ def test_instruction_task_reports_text_metrics(tmp_path: Path, tiny_model_dir: P
         data:
           train: {{path: d.jsonl, columns: {{instruction: prompt, response: answer}}}}
           test: {{path: d.jsonl, columns: {{instruction: prompt, response: answer}}}}
+        curation: {{enabled: false}}  # trains on its test rows on purpose (curation would remove them)
         train: {{method: lora, max_steps: 3, batch_size: 4, precision: fp32}}
         eval: {{max_new_tokens: 4}}
     """)

@@ -56,3 +56,19 @@ def test_example_without_answer_tokens_is_an_error(tokenizer):
 
 def test_end_of_turn_token(tokenizer):
     assert end_of_turn(tokenizer) == "<|im_end|>"
+
+
+def test_fast_length_check_finds_exactly_the_examples_over_the_limit(tokenizer):
+    from helpers import banking_rows
+
+    from tuneline.data.tokenize import lengths_over
+
+    rows = banking_rows(["card_arrival", "exchange_rate", "top_up_failed", "cash_withdrawal_charge"], 15)
+    examples = [Example(f"t.csv:{i}", (
+        *([{"role": "system", "content": "Classify."}] if i % 2 else []),  # two role sequences
+        {"role": "user", "content": ("  " if i % 5 == 0 else "") + r["text"]},  # leading spaces: a merge edge
+        {"role": "assistant", "content": r["category"]}), r["category"], r["category"]) for i, r in enumerate(rows)]
+    exact = [len(encode_example(tokenizer, ex, 1 << 30).input_ids) for ex in examples]
+    for limit in sorted(set(exact))[::3]:  # limits all through the range of real lengths
+        got = lengths_over(tokenizer, examples, limit)
+        assert got == {i: n for i, n in enumerate(exact) if n > limit}, limit

@@ -137,6 +137,133 @@ def runs(
     console.print(table)
 
 
+data_app = typer.Typer(help="Curate data into dataset versions; inspect, compare and export their rejects.",
+                       no_args_is_help=True)
+app.add_typer(data_app, name="data")
+VersionArg = Annotated[str, typer.Argument(help="Dataset version id (or a unique prefix of it).", show_default=False)]
+
+
+@data_app.command("prepare")
+def data_prepare(spec: SpecArg, workspace: WorkspaceOpt = None,
+                 verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False) -> None:
+    """Read, validate and curate the spec's data into a dataset version (the same stage `run` runs).
+
+    The same inputs and curation settings always give the same version id."""
+    _setup_logging(verbose)
+    from tuneline.pipeline import curation_summary, prepare_version
+    from tuneline.spec import load_spec
+    from tuneline.workspace import Workspace
+
+    loaded = load_spec(spec)
+    data, version = prepare_version(loaded, Workspace.at(workspace))
+    console.print(curation_summary(data, version), soft_wrap=True)
+    if version is not None:
+        console.print(f"stored in {version.path}; details: `tuneline data show {version.id}`", soft_wrap=True)
+
+
+@data_app.command("show")
+def data_show(version: VersionArg, workspace: WorkspaceOpt = None,
+              as_json: Annotated[bool, typer.Option("--json", help="Print the manifest as JSON.")] = False) -> None:
+    """Print a dataset version's manifest: sources, steps with their counts, drops, PII, splits."""
+    from rich.table import Table
+
+    from tuneline.curation import load_version
+    from tuneline.workspace import Workspace
+
+    v = load_version(version, Workspace.at(workspace).datasets_dir)
+    m = v.manifest
+    if as_json:
+        sys.stdout.write(json.dumps(m, indent=2, ensure_ascii=False) + "\n")
+        return
+    console.print(f"[bold]{m['id']}[/] ({m['spec']}, created {m['created']}): "
+                  + ", ".join(f"{k} {n:,}" for k, n in m["counts"].items()), soft_wrap=True)
+    for src in m["sources"]:
+        console.print(f"  source {src['split']}: {src['path']} sha256 {src['sha256'][:16]} ({src['rows']:,} rows)",
+                      soft_wrap=True)
+    table = Table(title="curation steps")
+    for col in ("step", "in", "out", "dropped", "changed", "seconds"):
+        table.add_column(col)
+    for st in m["steps"]:
+        table.add_row(st["name"], f"{st['rows_in']:,}", f"{st['rows_out']:,}",
+                      ", ".join(f"{k} {n:,}" for k, n in st["dropped"].items()) or "-", f"{st['changed']:,}",
+                      f"{st['seconds']:.2f}")
+    console.print(table)
+    console.print(f"PII found: {', '.join(f'{k} {n:,}' for k, n in m['pii_found'].items()) or 'none'}; "
+                  f"conflicting duplicate groups: {m['conflict_groups']:,}; rejected rows: {m['rejected']:,} "
+                  f"(`tuneline data rejects {m['id']}`)", soft_wrap=True)
+    console.print(f"data card: {v.card}", soft_wrap=True)
+
+
+@data_app.command("rejects")
+def data_rejects(
+    version: VersionArg, workspace: WorkspaceOpt = None,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Write JSONL here instead of stdout.")] = None,
+    step: Annotated[str | None, typer.Option(help="Only rows dropped by this step (e.g. dedup, pii).")] = None,
+) -> None:
+    """Export every row curation dropped, one JSON object per line: split, where (file:line), step,
+    reason, and the row itself."""
+    from tuneline.curation import load_version
+    from tuneline.workspace import Workspace
+
+    rows = [r for r in load_version(version, Workspace.at(workspace).datasets_dir).rejects()
+            if step is None or r["step"] == step]
+    text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+    if out is None:
+        sys.stdout.write(text)
+    else:
+        out.write_text(text)
+        err_console.print(f"{len(rows):,} rejected rows written to {out}")
+
+
+@data_app.command("diff")
+def data_diff(
+    old: Annotated[str, typer.Argument(help="The earlier version.", show_default=False)],
+    new: Annotated[str, typer.Argument(help="The later version.", show_default=False)],
+    workspace: WorkspaceOpt = None,
+    limit: Annotated[int, typer.Option(help="Show at most this many rows per split and direction.")] = 10,
+) -> None:
+    """What changed between two dataset versions: rows added and removed per split, changed sources
+    and curation settings."""
+    from tuneline.curation import diff_versions, load_version
+    from tuneline.curation.steps import text_of
+    from tuneline.workspace import Workspace
+
+    root = Workspace.at(workspace).datasets_dir
+    d = diff_versions(load_version(old, root), load_version(new, root))
+    console.print(f"[bold]{d['from']}[/] -> [bold]{d['to']}[/]")
+    for src in d["sources_changed"]:
+        console.print(f"  source changed: {src}", soft_wrap=True)
+    for name, change in d["params"].items():
+        console.print(f"  {name} settings: {change['from']} -> {change['to']}", soft_wrap=True)
+    for split, sd in d["splits"].items():
+        if not sd["added"] and not sd["removed"]:
+            console.print(f"  {split}: {sd['rows_to']:,} rows, unchanged")
+            continue
+        console.print(f"  {split}: {sd['rows_from']:,} -> {sd['rows_to']:,} rows "
+                      f"(+{len(sd['added']):,} added, -{len(sd['removed']):,} removed)")
+        for sign, rows in (("+", sd["added"]), ("-", sd["removed"])):
+            for ex in rows[:limit]:
+                label = f" [{ex.label}]" if ex.label is not None else ""
+                console.print(f"    {sign} {ex.where}: {_escape(text_of(ex)[:100])}{_escape(label)}", soft_wrap=True,
+                              highlight=False)
+            if len(rows) > limit:
+                console.print(f"    {sign} ... and {len(rows) - limit:,} more")
+
+
+@data_app.command("list")
+def data_list(workspace: WorkspaceOpt = None) -> None:
+    """List the dataset versions in the workspace, oldest first."""
+    from tuneline.curation import list_versions
+    from tuneline.workspace import Workspace
+
+    versions = list_versions(Workspace.at(workspace).datasets_dir)
+    if not versions:
+        console.print("no dataset versions yet: `tuneline data prepare SPEC`")
+    for m in versions:
+        console.print(f"{m['id']}  {m['created']}  {m['spec']}  "
+                      + ", ".join(f"{k} {n:,}" for k, n in m["counts"].items()) + f"  rejected {m['rejected']:,}")
+
+
 def _fmt(metrics: dict[str, float], key: str) -> str:
     return f"{metrics[key]:.4f}" if key in metrics else "-"
 

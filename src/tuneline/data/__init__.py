@@ -1,4 +1,5 @@
-"""Data stage: read the spec's sources, validate every row, map columns, build task examples.
+"""Data stage: read the spec's sources, validate every row, map columns, build task examples,
+curate them (:mod:`tuneline.curation`).
 
 ``prepare(loaded_spec)`` is the entry function. It reports every bad row at once (file, line,
 field) and raises before anything is trained.
@@ -6,16 +7,17 @@ field) and raises before anything is trained.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from tuneline.data.examples import Example, build_examples, check_columns, sample_examples
+from tuneline.data.examples import Example
 from tuneline.data.readers import Record, read_records
 from tuneline.data.tokenize import IGNORE_INDEX, Encoded, encode_example, encode_prompt, end_of_turn
-from tuneline.errors import DataError, Problem
 from tuneline.spec.loader import LoadedSpec
 
-MAX_LISTED_PROBLEMS = 25
+if TYPE_CHECKING:
+    from tuneline.curation import Curated, SourceInfo
 
 __all__ = [
     "IGNORE_INDEX",
@@ -23,22 +25,12 @@ __all__ = [
     "Example",
     "PreparedData",
     "Record",
-    "SourceInfo",
     "encode_example",
     "encode_prompt",
     "end_of_turn",
     "prepare",
     "read_records",
 ]
-
-
-@dataclass(frozen=True)
-class SourceInfo:
-    split: str
-    path: str
-    sha256: str
-    rows_read: int
-    rows_used: int
 
 
 @dataclass
@@ -48,68 +40,21 @@ class PreparedData:
     test: list[Example]
     labels: list[str] | None
     sources: list[SourceInfo] = field(default_factory=list)
+    curated: Curated | None = None
 
     def summary(self) -> dict[str, Any]:
         return {s.split: {"path": s.path, "rows_read": s.rows_read, "rows_used": s.rows_used} for s in self.sources}
 
 
-def _raise_if(problems: list[Problem], what: str) -> None:
-    if not problems:
-        return
-    shown = problems[:MAX_LISTED_PROBLEMS]
-    if len(problems) > MAX_LISTED_PROBLEMS:
-        shown.append(Problem(f"... and {len(problems) - MAX_LISTED_PROBLEMS} more problems of the same kinds"))
-    raise DataError(shown, title=f"{what}; nothing was trained")
+def prepare(loaded: LoadedSpec, tokenizer: Any = None) -> PreparedData:
+    """Read, validate, curate and sample the train/eval/test sources of a spec.
 
+    Raises :class:`DataError` listing every row that breaks a check whose policy is ``fail``
+    (file, line, field). ``tokenizer`` enables the too-long check."""
+    from tuneline.curation import curate
 
-def prepare(loaded: LoadedSpec) -> PreparedData:
-    """Read, validate and sample the train/eval/test sources of a spec."""
-    spec = loaded.spec
-    problems: list[Problem] = []
-    splits: dict[str, list[Example]] = {"train": [], "eval": [], "test": []}
-    sources: list[SourceInfo] = []
-    for split in ("train", "eval", "test"):
-        src = getattr(spec.data, split)
-        if src is None:
-            continue
-        path = loaded.resolve(src.path)
-        try:
-            read = read_records(path, src.resolved_format(), display=src.path)
-        except DataError as exc:
-            problems.extend(_with_field(p, f"data.{split}.path") for p in exc.problems)
-            continue
-        problems.extend(read.problems)
-        col_problems = check_columns(spec.task, src, read.columns, f"{src.path}:1", f"data.{split}")
-        problems.extend(col_problems)
-        if col_problems:
-            continue
-        examples, row_problems = build_examples(spec.task, src, read.records)
-        problems.extend(row_problems)
-        if not read.records and not read.problems:
-            problems.append(Problem("dataset is empty: no rows", where=src.path, field=f"data.{split}",
-                                    hint="add rows or point the spec at another file"))
-        if src.sample is not None:
-            examples = sample_examples(examples, src.sample.max_rows, src.sample.stratify, src.sample.seed)
-        splits[split] = examples
-        sources.append(SourceInfo(split, src.path, read.sha256, len(read.records), len(examples)))
-    _raise_if(problems, "the data has problems")
-
-    labels = None
-    if spec.task.type == "classification":
-        labels = list(spec.task.labels) if spec.task.labels else sorted({ex.label or "" for ex in splits["train"]})
-        known = set(labels)
-        origin = "task.labels" if spec.task.labels else "the labels seen in training data"
-        for split, examples in splits.items():
-            if split == "train" and not spec.task.labels:
-                continue
-            for ex in examples:
-                if ex.label not in known:
-                    problems.append(Problem(f"label {ex.label!r} is not in {origin}", where=ex.where,
-                                            field=f"data.{split}",
-                                            hint="fix the label, add it to task.labels, or add training rows for it"))
-        _raise_if(problems, "the data has labels the model cannot learn")
-    return PreparedData(splits["train"], splits["eval"], splits["test"], labels, sources)
-
-
-def _with_field(p: Problem, field: str) -> Problem:
-    return Problem(p.message, where=p.where, field=p.field or field, hint=p.hint)
+    curated = curate(loaded, tokenizer)
+    splits = curated.splits
+    used = {"train": len(splits["train"]), "validation": len(splits["validation"]), "test": len(splits["test"])}
+    sources = [dataclasses.replace(s, rows_used=used[s.split]) for s in curated.sources]
+    return PreparedData(splits["train"], splits["validation"], splits["test"], curated.labels, sources, curated)

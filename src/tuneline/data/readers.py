@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import csv
 import hashlib
-import io
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,6 +37,7 @@ class ReadResult:
     columns: list[str] = field(default_factory=list)
     problems: list[Problem] = field(default_factory=list)
     sha256: str = ""
+    raw: dict[str, str] = field(default_factory=dict)  # problem location -> the line as read (for rejects)
 
 
 def read_records(path: Path, fmt: str, display: str | None = None) -> ReadResult:
@@ -66,31 +67,34 @@ def _read_jsonl(raw: bytes, name: str, out: ReadResult) -> None:
         try:
             text = line.decode("utf-8")
         except UnicodeDecodeError as exc:
-            out.problems.append(Problem(f"invalid UTF-8 at byte {exc.start}", where=f"{name}:{i}",
-                                        hint="re-save the file as UTF-8"))
+            _bad(out, Problem(f"invalid UTF-8 at byte {exc.start}", where=f"{name}:{i}",
+                              hint="re-save the file as UTF-8"), line.decode("utf-8", "replace"))
             continue
         try:
             obj = json.loads(text)
         except json.JSONDecodeError as exc:
-            out.problems.append(Problem(f"invalid JSON: {exc.msg} (column {exc.colno})", where=f"{name}:{i}",
-                                        hint="each line must be one JSON object"))
+            _bad(out, Problem(f"invalid JSON: {exc.msg} (column {exc.colno})", where=f"{name}:{i}",
+                              hint="each line must be one JSON object"), text)
             continue
         if not isinstance(obj, dict):
-            out.problems.append(Problem(f"expected a JSON object, got {type(obj).__name__}", where=f"{name}:{i}"))
+            _bad(out, Problem(f"expected a JSON object, got {type(obj).__name__}", where=f"{name}:{i}"), text)
             continue
         seen.update(dict.fromkeys(obj))
         out.records.append(Record(name, i, obj))
     out.columns = list(seen)
 
 
+def _bad(out: ReadResult, problem: Problem, raw: str) -> None:
+    out.problems.append(problem)
+    out.raw[problem.where or ""] = raw
+
+
 def _read_csv(raw: bytes, name: str, out: ReadResult) -> None:
-    try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        line = raw[: exc.start].count(b"\n") + 1
-        raise DataError(Problem(f"invalid UTF-8 at byte {exc.start}", where=f"{name}:{line}",
-                                hint="re-save the file as UTF-8")) from None
-    reader = csv.reader(io.StringIO(text, newline=""), strict=True)
+    # undecodable bytes become lone surrogates, so the rest of the file is still read and each
+    # line holding one is reported by itself
+    text = raw.decode("utf-8", "surrogateescape").removeprefix("\ufeff")
+    lines = text.splitlines(keepends=True)
+    reader = csv.reader(lines, strict=True)
     try:
         header = next(reader)
     except StopIteration:
@@ -98,27 +102,43 @@ def _read_csv(raw: bytes, name: str, out: ReadResult) -> None:
         return
     except csv.Error as exc:
         raise DataError(Problem(f"cannot parse the CSV header: {exc}", where=f"{name}:1")) from None
+    if _SURROGATE.search("".join(header)):
+        raise DataError(Problem("invalid UTF-8 in the header row", where=f"{name}:1", hint="re-save the file as UTF-8"))
     out.columns = [h.strip() for h in header]
-    start = reader.line_num + 1
-    while True:
+    _csv_rows(lines, reader.line_num, name, out)
+
+
+_SURROGATE = re.compile("[\udc80-\udcff]")
+
+
+def _csv_rows(lines: list[str], start: int, name: str, out: ReadResult) -> None:
+    """Rows from physical line ``start`` (0-based) on. After a quoting error the reader restarts on
+    the next line, so one bad row does not hide the rest of the file."""
+    n_fields = len(out.columns)
+    while start < len(lines):
+        reader = csv.reader(lines[start:], strict=True)
+        first = start + 1  # 1-based line of the row about to be read
         try:
-            row = next(reader)
-        except StopIteration:
-            break
+            for row in reader:
+                line, first = first, start + reader.line_num + 1
+                if not row or all(not c.strip() for c in row):
+                    continue
+                joined = ",".join(row)
+                if _SURROGATE.search(joined):
+                    _bad(out, Problem("invalid UTF-8", where=f"{name}:{line}", hint="re-save the file as UTF-8"),
+                         joined.encode("utf-8", "surrogateescape").decode("utf-8", "replace"))
+                    continue
+                if len(row) != n_fields:
+                    _bad(out, Problem(f"expected {n_fields} fields, found {len(row)}", where=f"{name}:{line}",
+                                      hint="check quoting: a field with commas must be in double quotes"), joined)
+                    continue
+                out.records.append(Record(name, line, dict(zip(out.columns, row, strict=True))))
+            return
         except csv.Error as exc:
-            out.problems.append(Problem(f"bad CSV: {exc}", where=f"{name}:{start}",
-                                        hint="check quoting: a field with commas or quotes must be in double quotes"))
-            # csv cannot resynchronise after a quoting error: stop here, counted as a problem
-            break
-        line = start
-        start = reader.line_num + 1
-        if not row or all(not c.strip() for c in row):
-            continue
-        if len(row) != len(header):
-            out.problems.append(Problem(f"expected {len(header)} fields, found {len(row)}", where=f"{name}:{line}",
-                                        hint="check quoting: a field with commas must be in double quotes"))
-            continue
-        out.records.append(Record(name, line, dict(zip(out.columns, row, strict=True))))
+            _bad(out, Problem(f"bad CSV: {exc}", where=f"{name}:{first}",
+                              hint="check quoting: a field with commas or quotes must be in double quotes"),
+                 lines[first - 1].rstrip("\r\n"))
+            start = first  # resume on the line after the one the bad row started on
 
 
 def _read_parquet(path: Path, name: str, out: ReadResult) -> None:

@@ -98,3 +98,51 @@ def encode_prompt(tokenizer: Any, example: Example) -> list[int]:
     """Token ids of the prompt for generation (ends with the assistant header)."""
     text = render(tokenizer, example.prompt_messages, add_generation_prompt=True)
     return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def lengths_over(tokenizer: Any, examples: list[Example], limit: int, margin: int = 8) -> dict[int, int]:
+    """{index: exact token count} of the examples longer than ``limit`` tokens once templated.
+
+    Fast for large datasets. The template's own tokens are measured once per role sequence (a
+    probe with the same roles). An example whose content bytes (+1 per message) plus those cannot
+    reach the limit is skipped: a byte-level BPE token covers at least one byte, a SentencePiece
+    one at least one byte or the word-start marker. The rest are estimated from their contents,
+    each distinct content tokenized once in one batch call of the Rust tokenizer; only estimates
+    within ``margin`` of the limit, or over it, are encoded exactly with :func:`encode_example`,
+    so the answer is exact."""
+    if not examples:
+        return {}
+    eot = end_of_turn(tokenizer)
+    overhead: dict[tuple[str, ...], int] = {}
+    x = len(tokenizer("x", add_special_tokens=False)["input_ids"])
+    candidates: list[int] = []
+    for i, ex in enumerate(examples):
+        roles = tuple(m["role"] for m in ex.messages)
+        if roles not in overhead:
+            probe = Example("probe", tuple({"role": r, "content": "x"} for r in roles), "x")
+            overhead[roles] = len(encode_example(tokenizer, probe, 1 << 30, eot).input_ids) - x * len(roles)
+        bound = overhead[roles] + sum(len(m["content"].encode("utf-8")) + 1 for m in ex.messages)
+        if bound > limit:
+            candidates.append(i)
+    contents = list(dict.fromkeys(m["content"] for i in candidates for m in examples[i].messages))
+    count = dict(zip(contents, _token_counts(tokenizer, contents), strict=True))
+    over: dict[int, int] = {}
+    for i in candidates:
+        ex = examples[i]
+        roles = tuple(m["role"] for m in ex.messages)
+        if overhead[roles] + sum(count[m["content"]] for m in ex.messages) >= limit - margin:
+            n = len(encode_example(tokenizer, ex, 1 << 30, eot).input_ids)
+            if n > limit:
+                over[i] = n
+    return over
+
+
+def _token_counts(tokenizer: Any, texts: list[str]) -> list[int]:
+    """Tokens of each text without special tokens (the Rust batch path when there is one)."""
+    if not texts:
+        return []
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    fast = getattr(backend, "encode_batch_fast", None)
+    if fast is not None:
+        return [len(e.ids) for e in fast(texts, add_special_tokens=False)]
+    return [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]

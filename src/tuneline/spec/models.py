@@ -145,6 +145,87 @@ class DataSpec(_Model):
     )
 
 
+Policy = Literal["fail", "drop", "warn"]
+PiiType = Literal["email", "phone", "card", "iban", "ip", "national_id"]
+PII_TYPES: tuple[PiiType, ...] = ("email", "phone", "card", "iban", "ip", "national_id")
+
+
+class ValidationSpec(_Model):
+    """What to do with each kind of bad row: stop the run, drop the row (exported with its reason),
+    or warn. ``warn`` keeps a row that can still be used (unknown label, too long: training then
+    skips it) and drops, with a warning, a row that cannot be read or built."""
+
+    unreadable: Policy = Field(default="fail", description="Bad JSON, bad CSV quoting, invalid UTF-8.")
+    missing_field: Policy = Field(default="fail", description="A required field missing or empty.")
+    unknown_label: Policy = Field(default="fail", description="A label outside the declared label set.")
+    too_long: Policy = Field(default="drop", description="Longer than train.seq_len tokens after templating.")
+
+
+class NormalizeSpec(_Model):
+    enabled: bool = True
+    unicode: Literal["NFC", "NFKC", "none"] = Field(default="NFC", description="Unicode normal form.")
+    whitespace: bool = Field(default=True, description="Strip ends, collapse runs of spaces/tabs, at most one blank line.")
+    control_chars: bool = Field(default=True, description="Remove control characters other than newline and tab.")
+
+
+class DedupSpec(_Model):
+    exact: bool = Field(default=True, description="Drop rows whose normalized text repeats an earlier row.")
+    near: bool = Field(default=True, description="Drop near-duplicates (MinHash LSH on word shingles).")
+    threshold: float = Field(default=0.8, gt=0, le=1, description="Estimated Jaccard similarity for near-duplicates.")
+    num_perm: int = Field(default=128, ge=16, le=512, description="MinHash permutations.")
+    shingle: int = Field(default=3, ge=1, le=10, description="Words per shingle.")
+    conflicts: Literal["drop", "keep_first", "warn"] = Field(
+        default="drop", description="Same input, different answers: drop them all (default), keep the first, or warn.")
+
+
+class PiiSpec(_Model):
+    policy: Literal["redact", "drop", "off"] = Field(
+        default="redact", description="redact: replace with typed placeholders such as <EMAIL>; drop: drop the row.")
+    types: list[PiiType] = Field(default_factory=lambda: list(PII_TYPES))
+
+
+class QualitySpec(_Model):
+    min_chars: int = Field(default=1, ge=0, description="Fewest characters of text (all turns but the system prompt).")
+    max_chars: int = Field(default=20_000, gt=0)
+    max_repetition: float = Field(default=0.5, gt=0, le=1,
+                                  description="Largest share of repeated word 3-grams (rows with >= 10 words).")
+    min_alpha_ratio: float = Field(default=0.25, ge=0, le=1,
+                                   description="Smallest share of letters among non-space characters.")
+
+
+class DecontaminateSpec(_Model):
+    enabled: bool = True
+    ngram: int = Field(default=8, ge=3, le=50, description="Words per n-gram for overlap.")
+    threshold: float = Field(default=0.5, gt=0, le=1,
+                             description="Drop a training row when this share of its n-grams occurs in an eval row.")
+
+
+class SplitSpec(_Model):
+    validation: float = Field(default=0.1, ge=0, lt=1, description="Share carved out when data.eval is absent.")
+    test: float = Field(default=0.1, ge=0, lt=1, description="Share carved out when data.test is absent.")
+    seed: int = 0
+
+
+class CurationSpec(_Model):
+    """Curation steps run on every source before training: each step's counts go to the manifest."""
+
+    enabled: bool = True
+    validation: ValidationSpec = Field(default_factory=ValidationSpec)
+    normalize: NormalizeSpec = Field(default_factory=NormalizeSpec)
+    pii: PiiSpec = Field(default_factory=PiiSpec)
+    quality: QualitySpec = Field(default_factory=QualitySpec)
+    dedup: DedupSpec = Field(default_factory=DedupSpec)
+    decontaminate: DecontaminateSpec = Field(default_factory=DecontaminateSpec)
+    max_per_class: int | None = Field(default=None, gt=0, description="Classification: cap rows per label (seeded).")
+    split: SplitSpec = Field(default_factory=SplitSpec)
+
+    @model_validator(mode="after")
+    def _split_fits(self) -> CurationSpec:
+        if self.split.validation + self.split.test >= 1:
+            raise ValueError("split.validation + split.test must leave rows for training (sum < 1)")
+        return self
+
+
 class LoraSpec(_Model):
     r: int = Field(default=16, gt=0)
     alpha: int = Field(default=32, gt=0, description="Scaling: the update is multiplied by alpha / r.")
@@ -184,7 +265,8 @@ class TrainSpec(_Model):
                     "fewer tokens to compute. Not with packing or gradient checkpointing.")
     fused_lora: bool = Field(
         default=True,
-        description="Fused LoRA forward/backward (same results as peft's, ~1.7x faster on CPU); off: peft's own.")
+        description="Fused LoRA forward/backward (same results as peft's; linears reading the same input, "
+                    "q/k/v and gate/up, computed as one product); off: peft's own.")
     seed: int = 0
     precision: Literal["auto", "bf16", "fp32"] = Field(
         default="auto", description="auto: bf16 where the CPU/GPU supports it, else fp32."
@@ -221,6 +303,7 @@ class Spec(_Model):
         description="Built-in alias (smollm2-135m), Hugging Face id, local directory, or .gguf file."
     )
     data: DataSpec
+    curation: CurationSpec = Field(default_factory=CurationSpec)
     train: TrainSpec = Field(default_factory=TrainSpec)
     eval: EvalSpec = Field(default_factory=EvalSpec)
     tracking: TrackingSpec = Field(default_factory=TrackingSpec)

@@ -1,0 +1,423 @@
+"""``curate``: read a spec's sources and run the curation steps, in this order:
+
+validation (a policy per check) -> normalization -> PII -> quality filters -> deduplication
+(exact, conflicting, near) -> decontamination against the evaluation rows -> cap per class ->
+split (when only a training file is given) -> the sources' own sampling.
+
+The result holds the curated splits, every dropped row with its reason, a report per step and
+the content id of the data (see :mod:`tuneline.curation.version`).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+from tuneline.curation.steps import (
+    Recorder,
+    Reject,
+    Splits,
+    StepReport,
+    cap_per_class,
+    input_of,
+    label_counts,
+    map_contents,
+    stratified_split,
+    text_of,
+)
+from tuneline.data.examples import Example, build_examples, check_columns, sample_examples
+from tuneline.data.readers import read_records
+from tuneline.errors import DataError, Problem
+from tuneline.spec.loader import LoadedSpec
+from tuneline.spec.models import CurationSpec
+
+log = logging.getLogger(__name__)
+
+MAX_LISTED_PROBLEMS = 25
+SPLIT_NAMES = {"train": "train", "eval": "validation", "test": "test"}  # spec section -> stored split
+
+
+@dataclass(frozen=True)
+class SourceInfo:
+    split: str
+    path: str
+    sha256: str
+    rows_read: int
+    rows_used: int
+
+
+@dataclass
+class Curated:
+    splits: Splits  # train, validation, test (possibly empty)
+    labels: list[str] | None
+    sources: list[SourceInfo]
+    steps: list[StepReport]
+    rejects: list[Reject]
+    pii_counts: dict[str, int] = field(default_factory=dict)
+    conflicts: list[dict[str, Any]] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+
+def raise_if(problems: list[Problem], what: str) -> None:
+    if not problems:
+        return
+    shown = problems[:MAX_LISTED_PROBLEMS]
+    if len(problems) > MAX_LISTED_PROBLEMS:
+        shown.append(Problem(f"... and {len(problems) - MAX_LISTED_PROBLEMS} more problems of the same kinds"))
+    raise DataError(shown, title=f"{what}; nothing was trained")
+
+
+def curate(loaded: LoadedSpec, tokenizer: Any = None) -> Curated:
+    """Read and curate the spec's data. Raises :class:`DataError` for a check whose policy is ``fail``.
+
+    ``tokenizer`` enables the too-long check (examples longer than ``train.seq_len`` tokens after
+    templating); without it that check is skipped and training drops such rows (and counts them).
+    With ``curation.enabled: false`` only validation runs (every check at its policy)."""
+    spec = loaded.spec
+    cur = spec.curation
+    rec = Recorder()
+    splits, sources, labels, problems = _read_and_validate(loaded, tokenizer, rec)
+    raise_if(problems, "the data has problems")
+    out = Curated(splits, labels, sources, rec.steps, rec.rejects)
+    if cur.enabled:
+        # eval rows as read (before any sampling), for decontamination
+        held_out = [ex for name in ("validation", "test") for ex in splits[name]]
+        splits = _normalize(cur, splits, rec)
+        splits = _pii(cur, splits, rec, out)
+        splits = _quality(cur, splits, rec)
+        splits = _dedup(cur, splits, rec, out)
+        splits = _decontaminate(cur, splits, held_out, rec)
+        splits = _balance(cur, splits, rec)
+        splits = _split(loaded, cur, splits, rec)
+    splits = _sample(loaded, splits, rec)
+    out.splits = splits
+    if not splits["train"]:
+        dropped: dict[str, int] = {}
+        for st in rec.steps:
+            for k, v in st.dropped.items():
+                dropped[k] = dropped.get(k, 0) + v
+        raise DataError(Problem(
+            "curation left no training rows (dropped: " + (", ".join(f"{k} {v}" for k, v in dropped.items()) or "none")
+            + ")", field="curation",
+            hint="check the rejects (`tuneline data rejects` after a run with validation policies set to drop), "
+                 "or relax the curation settings; training rows that repeat the test set are removed on purpose"))
+    return out
+
+
+# --- validation ------------------------------------------------------------------------------
+
+
+def _read_and_validate(
+    loaded: LoadedSpec, tokenizer: Any, rec: Recorder,
+) -> tuple[Splits, list[SourceInfo], list[str] | None, list[Problem]]:
+    spec = loaded.spec
+    policy = spec.curation.validation
+    fatal: list[Problem] = []
+    splits: Splits = {"train": [], "validation": [], "test": []}
+    sources: list[SourceInfo] = []
+    with rec.step("validation", policy.model_dump(), splits) as report:
+        for section, split in SPLIT_NAMES.items():
+            src = getattr(spec.data, section)
+            if src is None:
+                continue
+            try:
+                read = read_records(loaded.resolve(src.path), src.resolved_format(), display=src.path)
+            except DataError as exc:  # the file itself: missing or unparseable; always fatal
+                fatal.extend(Problem(p.message, p.where, p.field or f"data.{section}.path", p.hint) for p in exc.problems)
+                continue
+            report.rows_in += len(read.records) + len(read.problems)
+            col_problems = check_columns(spec.task, src, read.columns, f"{src.path}:1", f"data.{section}")
+            if col_problems:  # the file's columns do not fit the spec: always fatal
+                fatal.extend(col_problems)
+                continue
+            for p in read.problems:
+                _apply(policy.unreadable, "unreadable", p, split, {"raw": read.raw.get(p.where or "", "")},
+                       rec, report, fatal)
+            examples, row_problems = build_examples(spec.task, src, read.records)
+            for p in row_problems:
+                row = next((r.fields for r in read.records if r.where == p.where), {})
+                _apply(policy.missing_field, "missing_field", p, split, {"fields": _jsonable(row)}, rec, report, fatal)
+            if not read.records and not read.problems:
+                fatal.append(Problem("dataset is empty: no rows", where=src.path, field=f"data.{section}",
+                                     hint="add rows or point the spec at another file"))
+            splits[split] = examples
+            sources.append(SourceInfo(split, src.path, read.sha256, len(read.records) + len(read.problems), 0))
+
+        labels = None
+        if spec.task.type == "classification":
+            labels = list(spec.task.labels) if spec.task.labels else sorted({ex.label or "" for ex in splits["train"]})
+            known = set(labels)
+            origin = "task.labels" if spec.task.labels else "the labels seen in training data"
+            for split, examples in splits.items():
+                if split == "train" and not spec.task.labels:
+                    continue
+                kept = []
+                for ex in examples:
+                    if ex.label in known:
+                        kept.append(ex)
+                        continue
+                    p = Problem(f"label {ex.label!r} is not in {origin}", where=ex.where,
+                                field=f"data.{_section(split)}",
+                                hint="fix the label, add it to task.labels, or add training rows for it")
+                    if _apply_example(policy.unknown_label, "unknown_label", p, split, ex, rec, report, fatal):
+                        kept.append(ex)
+                splits[split] = kept
+
+        if tokenizer is not None:
+            from tuneline.data.tokenize import lengths_over
+
+            limit = spec.train.seq_len
+            for split, examples in splits.items():
+                over = lengths_over(tokenizer, examples, limit)
+                kept = []
+                for i, ex in enumerate(examples):
+                    if i not in over:
+                        kept.append(ex)
+                        continue
+                    n = over[i]
+                    p = Problem(f"{n} tokens after templating, over train.seq_len={limit}", where=ex.where,
+                                field=f"data.{_section(split)}", hint="raise train.seq_len or shorten the row")
+                    if _apply_example(policy.too_long, "too_long", p, split, ex, rec, report, fatal):
+                        kept.append(ex)
+                splits[split] = kept
+        else:
+            report.details["too_long"] = "skipped: no tokenizer (training drops and counts such rows)"
+        rec.finish(report, splits)
+    return splits, sources, labels, fatal
+
+
+def _section(split: str) -> str:
+    return {v: k for k, v in SPLIT_NAMES.items()}[split]
+
+
+def _jsonable(fields: dict[str, Any]) -> dict[str, Any]:
+    return {k: v if isinstance(v, (str, int, float, bool, type(None), list, dict)) else str(v) for k, v in fields.items()}
+
+
+def _apply(policy: str, kind: str, p: Problem, split: str, row: dict[str, Any], rec: Recorder, report: StepReport,
+           fatal: list[Problem]) -> None:
+    """A row that cannot be built: fail, or drop it (``warn`` also logs it)."""
+    if policy == "fail":
+        fatal.append(p)
+        return
+    if policy == "warn":
+        log.warning("dropped %s", p)
+    report.dropped[kind] = report.dropped.get(kind, 0) + 1
+    rec.rejects.append(Reject(split, p.where or "", report.name, f"{kind}: {p.message}", row))
+
+
+def _apply_example(policy: str, kind: str, p: Problem, split: str, ex: Example, rec: Recorder, report: StepReport,
+                   fatal: list[Problem]) -> bool:
+    """A built example failing a check: True when it stays (``warn``)."""
+    if policy == "fail":
+        fatal.append(p)
+        return False
+    if policy == "warn":
+        log.warning("kept despite: %s", p)
+        report.details.setdefault("warned", {}).setdefault(kind, 0)
+        report.details["warned"][kind] += 1
+        return True
+    rec.reject(report, split, ex, kind, f"{kind}: {p.message}")
+    return False
+
+
+# --- the cleaning steps ------------------------------------------------------------------------
+
+
+def _normalize(cur: CurationSpec, splits: Splits, rec: Recorder) -> Splits:
+    from tuneline.curation.textops import normalize_text
+
+    cfg = cur.normalize
+    with rec.step("normalize", cfg.model_dump(), splits) as report:
+        if not cfg.enabled:
+            return rec.finish(report, splits)
+
+        def norm(text: str) -> str:
+            return normalize_text(text, cfg.unicode, cfg.whitespace, cfg.control_chars)
+
+        out: Splits = {}
+        for split, examples in splits.items():
+            new = []
+            for ex in examples:
+                n = map_contents(ex, norm, answer_too=ex.label is None)
+                report.changed += n is not ex
+                new.append(n)
+            out[split] = new
+        return rec.finish(report, out)
+
+
+def _pii(cur: CurationSpec, splits: Splits, rec: Recorder, out: Curated) -> Splits:
+    from tuneline.curation.pii import Redactor
+
+    cfg = cur.pii
+    with rec.step("pii", cfg.model_dump(), splits) as report:
+        if cfg.policy == "off":
+            return rec.finish(report, splits)
+        redactor = Redactor(cfg.types)
+        counts: dict[str, int] = {}
+        result: Splits = {}
+        for split, examples in splits.items():
+            kept = []
+            for ex in examples:
+                found: dict[str, int] = {}
+
+                def redact(text: str, found: dict[str, int] = found) -> str:
+                    new, n = redactor.redact(text)
+                    for k, v in n.items():
+                        found[k] = found.get(k, 0) + v
+                    return new
+
+                red = map_contents(ex, redact, answer_too=ex.label is None)
+                for k, v in found.items():
+                    counts[k] = counts.get(k, 0) + v
+                if not found:
+                    kept.append(ex)
+                elif cfg.policy == "drop":
+                    rec.reject(report, split, ex, "pii", "pii: contains " + ", ".join(f"{v} {k}" for k, v in found.items()))
+                else:
+                    report.changed += 1
+                    kept.append(red)
+            result[split] = kept
+        report.details["found"] = dict(sorted(counts.items()))
+        out.pii_counts = dict(sorted(counts.items()))
+        return rec.finish(report, result)
+
+
+def _quality(cur: CurationSpec, splits: Splits, rec: Recorder) -> Splits:
+    from tuneline.curation.textops import alpha_ratio, repetition_ratio
+
+    cfg = cur.quality
+    with rec.step("quality", cfg.model_dump(), splits) as report:
+        result: Splits = {}
+        for split, examples in splits.items():
+            kept = []
+            for ex in examples:
+                text = text_of(ex)
+                n = len(text)
+                if n < cfg.min_chars:
+                    rec.reject(report, split, ex, "too_short", f"too_short: {n} characters < min_chars {cfg.min_chars}")
+                elif n > cfg.max_chars:
+                    rec.reject(report, split, ex, "too_long_text", f"too_long_text: {n} characters > max_chars {cfg.max_chars}")
+                elif (r := repetition_ratio(text)) > cfg.max_repetition:
+                    rec.reject(report, split, ex, "repetitive", f"repetitive: {r:.0%} of its word 3-grams repeat "
+                                                                f"(max_repetition {cfg.max_repetition:g})")
+                elif (a := alpha_ratio(text)) < cfg.min_alpha_ratio:
+                    rec.reject(report, split, ex, "non_text", f"non_text: {a:.0%} letters "
+                                                              f"(min_alpha_ratio {cfg.min_alpha_ratio:g})")
+                else:
+                    kept.append(ex)
+            result[split] = kept
+        return rec.finish(report, result)
+
+
+def _dedup(cur: CurationSpec, splits: Splits, rec: Recorder, out: Curated) -> Splits:
+    from tuneline.curation.textops import dedup_key, exact_duplicates, near_duplicates
+
+    cfg = cur.dedup
+    with rec.step("dedup", cfg.model_dump(), splits) as report:
+        result: Splits = {}
+        for split, examples in splits.items():
+            inputs = [dedup_key(input_of(ex)) for ex in examples]
+            answers = [dedup_key(ex.reference) for ex in examples]
+            drop: dict[int, tuple[str, str]] = {}
+            if cfg.exact:
+                # conflicting duplicates: the same input with different answers
+                by_input: dict[str, list[int]] = {}
+                for i, key in enumerate(inputs):
+                    by_input.setdefault(key, []).append(i)
+                for rows in by_input.values():
+                    if len(rows) > 1 and len({answers[i] for i in rows}) > 1:
+                        group = [{"where": examples[i].where, "answer": examples[i].reference} for i in rows]
+                        out.conflicts.append({"split": split, "input": input_of(examples[rows[0]]), "rows": group})
+                        head = examples[rows[0]].where
+                        if cfg.conflicts == "drop":
+                            for i in rows:
+                                drop[i] = ("conflict", f"conflict: the same input as {head if i != rows[0] else 'other rows'} "
+                                           f"with a different answer ({len(rows)} rows)")
+                        elif cfg.conflicts == "warn":
+                            log.warning("conflicting answers for the same input at %s", ", ".join(g["where"] for g in group))
+                full = [f"{a}\x1f{b}" for a, b in zip(inputs, answers, strict=True)]
+                for i, dup_of in enumerate(exact_duplicates(full)):
+                    if dup_of is not None and i not in drop:
+                        drop[i] = ("exact_duplicate", f"exact_duplicate: same as {examples[dup_of].where}")
+            if cfg.near:
+                skip = [i in drop for i in range(len(examples))]
+                near = near_duplicates([input_of(ex) for ex in examples], cfg.threshold, cfg.num_perm, cfg.shingle,
+                                       skip=skip)
+                for i, near_of in enumerate(near):
+                    if near_of is not None and i not in drop:
+                        drop[i] = ("near_duplicate", f"near_duplicate: of {examples[near_of].where} "
+                                                     f"(similarity >= {cfg.threshold:g})")
+            kept = []
+            for i, ex in enumerate(examples):
+                if i in drop:
+                    kind, reason = drop[i]
+                    rec.reject(report, split, ex, kind, reason)
+                else:
+                    kept.append(ex)
+            result[split] = kept
+        report.details["conflict_groups"] = len(out.conflicts)
+        return rec.finish(report, result)
+
+
+def _decontaminate(cur: CurationSpec, splits: Splits, held_out: list[Example], rec: Recorder) -> Splits:
+    from tuneline.curation.textops import NgramIndex
+
+    cfg = cur.decontaminate
+    with rec.step("decontaminate", {**cfg.model_dump(), "against": ["validation", "test"]}, splits) as report:
+        if not cfg.enabled or not held_out:
+            return rec.finish(report, splits)
+        index = NgramIndex((input_of(ex) for ex in held_out), cfg.ngram)
+        kept = []
+        for ex in splits["train"]:
+            text = input_of(ex)
+            if index.exact(text):
+                rec.reject(report, "train", ex, "eval_exact", "eval_exact: the same text as an evaluation row")
+            elif (share := index.overlap(text)) >= cfg.threshold:
+                rec.reject(report, "train", ex, "eval_overlap",
+                           f"eval_overlap: {share:.0%} of its {cfg.ngram}-grams occur in evaluation rows")
+            else:
+                kept.append(ex)
+        return rec.finish(report, {**splits, "train": kept})
+
+
+def _balance(cur: CurationSpec, splits: Splits, rec: Recorder) -> Splits:
+    with rec.step("balance", {"max_per_class": cur.max_per_class}, splits) as report:
+        report.details["before"] = {s: label_counts(v) for s, v in splits.items() if v and v[0].label is not None}
+        if cur.max_per_class is None or not splits["train"] or splits["train"][0].label is None:
+            return rec.finish(report, splits)
+        kept, dropped = cap_per_class(splits["train"], cur.max_per_class, cur.split.seed)
+        for ex in dropped:
+            rec.reject(report, "train", ex, "over_cap", f"over_cap: label {ex.label!r} has more than "
+                                                        f"max_per_class={cur.max_per_class} rows")
+        return rec.finish(report, {**splits, "train": kept})
+
+
+def _split(loaded: LoadedSpec, cur: CurationSpec, splits: Splits, rec: Recorder) -> Splits:
+    data = loaded.spec.data
+    shares = {"validation": cur.split.validation, "test": cur.split.test}
+    only_train = data.eval is None and data.test is None
+    with rec.step("split", {**cur.split.model_dump(), "applied": only_train}, splits) as report:
+        if not only_train or not any(shares.values()):
+            return rec.finish(report, splits)
+        parts = stratified_split(splits["train"], {k: v for k, v in shares.items() if v > 0}, cur.split.seed)
+        report.details["sizes"] = {k: len(v) for k, v in parts.items()}
+        return rec.finish(report, {"train": parts["train"], "validation": parts.get("validation", []),
+                                   "test": parts.get("test", [])})
+
+
+def _sample(loaded: LoadedSpec, splits: Splits, rec: Recorder) -> Splits:
+    params = {}
+    for section, split in SPLIT_NAMES.items():
+        src = getattr(loaded.spec.data, section)
+        if src is not None and src.sample is not None:
+            params[split] = src.sample.model_dump()
+    with rec.step("sample", params, splits) as report:
+        result = dict(splits)
+        for split, cfg in params.items():
+            before = len(splits[split])
+            result[split] = sample_examples(splits[split], cfg["max_rows"], cfg["stratify"], cfg["seed"])
+            if before > len(result[split]):
+                report.details[split] = f"{len(result[split])} of {before} rows selected (not rejects: unselected)"
+        return rec.finish(report, result)

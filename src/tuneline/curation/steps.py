@@ -1,0 +1,147 @@
+"""The curation steps, each a function over the examples of every split.
+
+Every step takes and returns ``{split: [Example]}``, records what it did in a :class:`StepReport`
+(rows in and out, drops per reason, rows changed, seconds) and turns every row it drops into a
+:class:`Reject` that keeps the row and says why. Nothing is dropped without being counted.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections import Counter, defaultdict
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+from tuneline.data.examples import Example
+
+Splits = dict[str, list[Example]]
+
+
+@dataclass(frozen=True)
+class Reject:
+    """A row curation dropped: where it came from, which step dropped it, why, and the row."""
+
+    split: str
+    where: str
+    step: str
+    reason: str
+    row: dict[str, Any]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"split": self.split, "where": self.where, "step": self.step, "reason": self.reason, "row": self.row}
+
+
+@dataclass
+class StepReport:
+    name: str
+    params: dict[str, Any]
+    rows_in: int = 0
+    rows_out: int = 0
+    dropped: dict[str, int] = field(default_factory=dict)  # reason kind -> rows
+    changed: int = 0
+    seconds: float = 0.0
+    details: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "params": self.params, "rows_in": self.rows_in, "rows_out": self.rows_out,
+                "dropped": self.dropped, "changed": self.changed, "seconds": round(self.seconds, 4),
+                "details": self.details}
+
+
+class Recorder:
+    """Collects step reports and rejects while the steps run."""
+
+    def __init__(self) -> None:
+        self.steps: list[StepReport] = []
+        self.rejects: list[Reject] = []
+
+    @contextmanager
+    def step(self, name: str, params: dict[str, Any], splits: Splits) -> Iterator[StepReport]:
+        report = StepReport(name, params, rows_in=_count(splits))
+        t0 = time.perf_counter()
+        yield report
+        report.seconds = time.perf_counter() - t0
+        self.steps.append(report)
+
+    def reject(self, report: StepReport, split: str, ex: Example, kind: str, reason: str) -> None:
+        report.dropped[kind] = report.dropped.get(kind, 0) + 1
+        self.rejects.append(Reject(split, ex.where, report.name, reason, example_row(ex)))
+
+    def finish(self, report: StepReport, splits: Splits) -> Splits:
+        report.rows_out = _count(splits)
+        return splits
+
+
+def _count(splits: Splits) -> int:
+    return sum(len(v) for v in splits.values())
+
+
+def example_row(ex: Example) -> dict[str, Any]:
+    """The JSON form of an example, as stored in a dataset version."""
+    return {"messages": [dict(m) for m in ex.messages], "reference": ex.reference, "label": ex.label}
+
+
+def text_of(ex: Example) -> str:
+    """What curation reads: every turn but the system prompt (which comes from the spec)."""
+    return "\n".join(m["content"] for m in ex.messages if m["role"] != "system")
+
+
+def input_of(ex: Example) -> str:
+    """The input side: every turn before the final answer, the system prompt excepted."""
+    return "\n".join(m["content"] for m in ex.messages[:-1] if m["role"] != "system")
+
+
+def map_contents(ex: Example, fn: Callable[[str], str], answer_too: bool) -> Example:
+    """``ex`` with ``fn`` applied to each non-system turn (the final answer only if ``answer_too``)."""
+    last = len(ex.messages) - 1
+    msgs = tuple(m if m["role"] == "system" or (i == last and not answer_too) else {**m, "content": fn(m["content"])}
+                 for i, m in enumerate(ex.messages))
+    if msgs == ex.messages:
+        return ex
+    reference = msgs[-1]["content"] if ex.label is None else ex.reference
+    return Example(ex.where, msgs, reference, ex.label)
+
+
+def stratified_split(examples: list[Example], shares: dict[str, float], seed: int) -> dict[str, list[Example]]:
+    """Split ``examples`` into named parts of the given shares (the rest: "train"), per label when
+    labelled, seeded; every part keeps the input order."""
+    rng = random.Random(seed)
+    groups: dict[str | None, list[int]] = defaultdict(list)
+    for i, ex in enumerate(examples):
+        groups[ex.label].append(i)
+    assigned: dict[int, str] = {}
+    for key in sorted(groups, key=lambda k: (k is None, k or "")):
+        idx = groups[key][:]
+        rng.shuffle(idx)
+        at = 0
+        for name, share in shares.items():
+            take = int(round(share * len(idx)))
+            take = min(take, len(idx) - at - 1) if len(idx) - at > 1 else 0  # leave training rows
+            for i in idx[at : at + take]:
+                assigned[i] = name
+            at += take
+    parts: dict[str, list[Example]] = {"train": [], **{name: [] for name in shares}}
+    for i, ex in enumerate(examples):
+        parts[assigned.get(i, "train")].append(ex)
+    return parts
+
+
+def cap_per_class(examples: list[Example], cap: int, seed: int) -> tuple[list[Example], list[Example]]:
+    """(kept, dropped): at most ``cap`` rows per label, chosen with a seeded shuffle; order kept."""
+    rng = random.Random(seed)
+    groups: dict[str | None, list[int]] = defaultdict(list)
+    for i, ex in enumerate(examples):
+        groups[ex.label].append(i)
+    keep: set[int] = set()
+    for key in sorted(groups, key=lambda k: (k is None, k or "")):
+        idx = groups[key][:]
+        rng.shuffle(idx)
+        keep.update(idx[:cap])
+    return ([ex for i, ex in enumerate(examples) if i in keep], [ex for i, ex in enumerate(examples) if i not in keep])
+
+
+def label_counts(examples: list[Example]) -> dict[str, int]:
+    return dict(sorted(Counter(ex.label or "" for ex in examples).items()))

@@ -1,0 +1,478 @@
+"""Text operations for data curation: normalization, duplicate finding, quality signals, decontamination.
+
+Every function here is pure and works on plain strings; a row is identified by its index in the
+sequence passed in. The functions are written for throughput (hundreds of thousands of rows per
+call): cheap checks skip work on text that needs none, and near-duplicate detection hashes word
+shingles with numpy/pyarrow and computes MinHash signatures and LSH buckets in Rust (``rensa``).
+
+numpy, pyarrow and rensa are imported only by :func:`near_duplicates`, so importing this module
+stays cheap.
+"""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+from collections.abc import Iterable, Sequence
+from functools import cache
+from typing import TYPE_CHECKING, Any, Literal
+
+if TYPE_CHECKING:
+    import numpy as np
+    import numpy.typing as npt
+
+__all__ = [
+    "NgramIndex",
+    "alpha_ratio",
+    "dedup_key",
+    "exact_duplicates",
+    "near_duplicates",
+    "normalize_text",
+    "repetition_ratio",
+]
+
+UNICODE_FORMS = ("NFC", "NFKC", "none")
+
+# Whitespace other than "\n", as str.split() sees it (includes \t, \v, \f, \x1c-\x1f, NBSP, ...).
+_HSPACE_TO_COLLAPSE = re.compile(r"[^\S\n]{2,}|[^\S \n]")
+_BLANK_LINES = re.compile(r"\n{3,}")
+
+# Zero-width (non-)joiners are format characters (Cf) but carry meaning: they shape Persian and
+# Indic words and hold emoji sequences together, so removing them would change the text.
+_KEEP_FORMAT = frozenset("\u200c\u200d")
+
+
+@cache
+def _control_pattern(keep_whitespace: bool) -> re.Pattern[str]:
+    """Characters of category Cc/Cf to delete, except \\n and \\t (and ZWNJ/ZWJ).
+
+    With ``keep_whitespace`` the control characters that are whitespace (\\r, \\v, \\f,
+    \\x1c-\\x1f, \\x85) are kept too, so the whitespace step can turn them into spaces or newlines
+    instead of gluing the words around them together.
+    """
+    keep = set("\n\t") | _KEEP_FORMAT
+    # Cc and Cf live in the BMP, plane 1 and plane 14 only.
+    candidates = (*range(0x20000), *range(0xE0000, 0xE1000))
+    cps = [
+        cp
+        for cp in candidates
+        if unicodedata.category(chr(cp)) in ("Cc", "Cf")
+        and chr(cp) not in keep
+        and not (keep_whitespace and chr(cp).isspace())
+    ]
+    ranges: list[str] = []
+    start = prev = cps[0]
+    for cp in [*cps[1:], -2]:
+        if cp != prev + 1:
+            ranges.append(f"\\U{start:08x}" if start == prev else f"\\U{start:08x}-\\U{prev:08x}")
+            start = cp
+        prev = cp
+    return re.compile("[" + "".join(ranges) + "]+")
+
+
+def normalize_text(
+    text: str, unicode: str = "NFC", whitespace: bool = True, control_chars: bool = True
+) -> str:
+    """Return ``text`` cleaned for training and comparison.
+
+    - ``control_chars``: delete control and format characters (Unicode Cc/Cf: NUL, zero-width
+      space, BOM, bidi controls, soft hyphen, ...) except newline and tab, and except the
+      zero-width joiner/non-joiner, which are part of how some scripts and emoji are written.
+    - ``unicode``: ``"NFC"`` composes characters (e + combining acute -> é), ``"NFKC"`` also folds
+      compatibility forms (full-width letters, ligatures, NBSP), ``"none"`` leaves them.
+    - ``whitespace``: \\r\\n and \\r become \\n; runs of other whitespace become one space; spaces at
+      the end of a line go; at most one blank line in a row; leading/trailing whitespace goes.
+    """
+    if unicode not in UNICODE_FORMS:
+        raise ValueError(f"unicode must be one of {', '.join(UNICODE_FORMS)}, not {unicode!r}")
+    # isprintable() is False for every Cc/Cf character (and for \n, \t, non-ASCII spaces), so a
+    # True answer proves there is nothing to delete.
+    if control_chars and not text.isprintable():
+        text = _control_pattern(whitespace).sub("", text)
+    # ASCII text is invariant under NFC and NFKC.
+    if unicode != "none" and not text.isascii():
+        form: Literal["NFC", "NFKC"] = "NFKC" if unicode == "NFKC" else "NFC"
+        if not unicodedata.is_normalized(form, text):
+            text = unicodedata.normalize(form, text)
+    if not whitespace:
+        return text
+    if "\r" in text:
+        text = text.replace("\r\n", "\n").replace("\r", "\n")
+    if "\n" not in text:
+        return " ".join(text.split())
+    text = _HSPACE_TO_COLLAPSE.sub(" ", text)
+    if " \n" in text:
+        text = text.replace(" \n", "\n")
+    if "\n\n\n" in text:
+        text = _BLANK_LINES.sub("\n\n", text)
+    return text.strip()
+
+
+def dedup_key(text: str) -> str:
+    """The key under which two texts count as exact duplicates: casefolded, whitespace collapsed."""
+    return " ".join(text.casefold().split())
+
+
+def exact_duplicates(keys: Sequence[str]) -> list[int | None]:
+    """For each row, the index of the first earlier row with the same key, else None."""
+    first: dict[str, int] = {}
+    out: list[int | None] = []
+    for i, key in enumerate(keys):
+        j = first.setdefault(key, i)
+        out.append(None if j == i else j)
+    return out
+
+
+def repetition_ratio(text: str, n: int = 3) -> float:
+    """Share of the word n-grams (lowercased) that repeat an earlier n-gram of the same text.
+
+    0.0 for texts of fewer than 10 words, where the measure means little.
+    """
+    if n < 1:
+        raise ValueError(f"n must be >= 1, not {n}")
+    words = text.lower().split()
+    total = len(words) - n + 1
+    if len(words) < 10 or total <= 0:
+        return 0.0
+    grams: Iterable[Any] = words if n == 1 else zip(*[words[i:] for i in range(n)], strict=False)
+    return (total - len(set(grams))) / total
+
+
+_ASCII_WHITESPACE = bytes(c for c in range(128) if chr(c).isspace())
+_ASCII_LETTERS = bytes(c for c in range(128) if chr(c).isalpha())
+
+
+def alpha_ratio(text: str) -> float:
+    """Letters / characters that are not whitespace; 1.0 when there are none."""
+    if text.isascii():
+        raw = text.encode("ascii")
+        non_space = len(raw.translate(None, _ASCII_WHITESPACE))
+        letters = len(raw) - len(raw.translate(None, _ASCII_LETTERS))
+    else:
+        chars = "".join(text.split())
+        non_space = len(chars)
+        letters = sum(map(str.isalpha, chars))
+    return letters / non_space if non_space else 1.0
+
+
+# ---------------------------------------------------------------------------------------------
+# Near duplicates: word shingles -> MinHash (rensa) -> LSH bands -> exact Jaccard on candidates
+# ---------------------------------------------------------------------------------------------
+
+# How likely a pair at exactly the threshold must be to share at least one LSH band.
+_BAND_RECALL_AT_THRESHOLD = 0.995
+
+
+def _lsh_bands(threshold: float, num_perm: int) -> tuple[int, int]:
+    """(bands, rows per band) for LSH: the longest band (fewest chance candidates) that still makes
+    a pair whose Jaccard equals ``threshold`` a candidate with probability >= 0.995. Rows per band
+    divides ``num_perm`` so every signature value is used."""
+    best = 1
+    for r in range(1, num_perm + 1):
+        if num_perm % r:
+            continue
+        if 1.0 - (1.0 - threshold**r) ** (num_perm // r) >= _BAND_RECALL_AT_THRESHOLD:
+            best = r
+    return num_perm // best, best
+
+
+def _mix64(x: npt.NDArray[np.uint64]) -> npt.NDArray[np.uint64]:
+    """SplitMix64 finalizer, in place: spreads the bits of each value (uint64 arithmetic wraps)."""
+    import numpy as np
+
+    x += np.uint64(0x9E3779B97F4A7C15)
+    x ^= x >> np.uint64(30)
+    x *= np.uint64(0xBF58476D1CE4E5B9)
+    x ^= x >> np.uint64(27)
+    x *= np.uint64(0x94D049BB133111EB)
+    x ^= x >> np.uint64(31)
+    return x
+
+
+def _word_ids(
+    texts: Sequence[str], vocab: dict[str, int]
+) -> tuple[npt.NDArray[np.uint64], npt.NDArray[np.int64]]:
+    """Lowercased whitespace-separated words of each text as integer ids, plus row offsets into
+    them. ``vocab`` numbers words in order of first appearance across calls, so ids are consistent
+    between chunks and deterministic. Every text must contain at least one word.
+    """
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    arr: Any = pa.array(texts, type=pa.large_string())
+    if pc.all(pc.string_is_ascii(arr)).as_py():
+        words = pc.ascii_split_whitespace(pc.ascii_trim_whitespace(pc.ascii_lower(arr)))
+    else:
+        words = pc.utf8_split_whitespace(pc.utf8_trim_whitespace(pc.utf8_lower(arr)))
+    offsets = words.offsets.to_numpy().astype(np.int64)
+    encoded = pc.dictionary_encode(pc.list_flatten(words))
+    # the chunk's dictionary lists its words in order of first appearance
+    chunk_words: list[str] = encoded.dictionary.to_pylist()
+    to_global = np.fromiter(
+        (vocab.setdefault(w, len(vocab)) for w in chunk_words), np.uint64, len(chunk_words)
+    )
+    return to_global[encoded.indices.to_numpy()], offsets - offsets[0]
+
+
+# Rows tokenized and shingled at a time: bounds the temporary arrays (~0.5 KB per row).
+_CHUNK_ROWS = 50_000
+
+
+def _row_shingles(
+    texts: Sequence[str], k: int
+) -> tuple[npt.NDArray[np.uint64], npt.NDArray[np.int64]]:
+    """Shingle hashes of all rows, flattened, plus row offsets (see :func:`_shingle_hashes`)."""
+    import numpy as np
+    import pyarrow as pa
+
+    vocab: dict[str, int] = {}
+    parts: list[npt.NDArray[np.uint64]] = []
+    counts: list[npt.NDArray[np.int64]] = []
+    for start in range(0, len(texts), _CHUNK_ROWS):
+        ids, word_offsets = _word_ids(texts[start : start + _CHUNK_ROWS], vocab)
+        hashes, offsets = _shingle_hashes(ids, word_offsets, k)
+        parts.append(hashes)
+        counts.append(np.diff(offsets))
+    pa.default_memory_pool().release_unused()  # arrow's allocator would keep the chunks' memory
+    all_offsets = np.zeros(len(texts) + 1, np.int64)
+    np.cumsum(np.concatenate(counts), out=all_offsets[1:])
+    return np.concatenate(parts), all_offsets
+
+
+# Per-position multipliers for shingle hashing (fixed, so results are reproducible).
+_SHINGLE_MULTIPLIERS = (
+    0x9E3779B97F4A7C15,
+    0xC2B2AE3D27D4EB4F,
+    0x165667B19E3779F9,
+    0xD6E8FEB86659FD93,
+    0xFF51AFD7ED558CCD,
+    0xC4CEB9FE1A85EC53,
+    0x27D4EB2F165667C5,
+    0x85EBCA77C2B2AE63,
+)
+_LENGTH_MULTIPLIER = 0xA0761D6478BD642F
+
+
+def _shingle_hashes(
+    ids: npt.NDArray[np.uint64], offsets: npt.NDArray[np.int64], k: int
+) -> tuple[npt.NDArray[np.uint64], npt.NDArray[np.int64]]:
+    """64-bit hashes of each row's word k-grams (a row of fewer than k words is one shingle of all
+    its words), flattened, plus row offsets into them. Rows must have >= 1 word."""
+    import numpy as np
+
+    m = ids.size
+    lengths = np.diff(offsets)
+    starts = offsets[:-1]
+    padded = np.concatenate([ids + np.uint64(1), np.zeros(k, np.uint64)])
+    mults = [
+        np.uint64(_SHINGLE_MULTIPLIERS[t % len(_SHINGLE_MULTIPLIERS)] + 2 * (t // 8))
+        for t in range(k)
+    ]
+    acc = padded[:m] * mults[0]
+    short = lengths < k
+    short_starts = starts[short]
+    short_lengths = lengths[short]
+    short_vals = np.zeros(short_starts.size, np.uint64)
+    for t in range(k):
+        if t:
+            acc += padded[t : t + m] * mults[t]
+        sel = short_lengths == t + 1
+        if sel.any():
+            short_vals[sel] = acc[short_starts[sel]]
+    # A k-gram starts at every position at least k words before the end of its row.
+    row_end = np.repeat(offsets[1:], lengths)
+    valid = np.arange(m, dtype=np.int64) + k <= row_end
+    length_tag = np.full(m, k, np.uint64)
+    if short_starts.size:
+        acc[short_starts] = short_vals
+        valid[short_starts] = True
+        length_tag[short_starts] = short_lengths.astype(np.uint64)
+    hashes = acc[valid] + length_tag[valid] * np.uint64(_LENGTH_MULTIPLIER)
+    counts = np.where(short, 1, lengths - k + 1)
+    sh_offsets = np.zeros(lengths.size + 1, np.int64)
+    np.cumsum(counts, out=sh_offsets[1:])
+    return _mix64(hashes), sh_offsets
+
+
+def _gather_rows(
+    values: npt.NDArray[np.uint64], offsets: npt.NDArray[np.int64], rows: npt.NDArray[np.int64]
+) -> tuple[npt.NDArray[np.uint64], npt.NDArray[np.int64]]:
+    """The segments ``rows`` of a flat ragged array, as a new flat array and offsets."""
+    import numpy as np
+
+    counts = offsets[rows + 1] - offsets[rows]
+    new_offsets = np.zeros(rows.size + 1, np.int64)
+    np.cumsum(counts, out=new_offsets[1:])
+    index = np.repeat(offsets[rows] - new_offsets[:-1], counts) + np.arange(new_offsets[-1])
+    return values[index], new_offsets
+
+
+def near_duplicates(
+    texts: Sequence[str],
+    threshold: float = 0.8,
+    num_perm: int = 128,
+    shingle: int = 3,
+    seed: int = 0,
+    skip: Sequence[bool] | None = None,
+) -> list[int | None]:
+    """For each row, the index of an earlier kept row whose word-shingle Jaccard similarity is
+    >= ``threshold``, else None.
+
+    Shingles are runs of ``shingle`` consecutive lowercased words; a text with fewer words is one
+    shingle of all of them. A row is *kept* when it is not skipped, has words, and is not itself a
+    near duplicate; only kept rows are matched against, so a chain of edits points at its first
+    kept version. Where several kept rows qualify, the most similar one (then the earliest) wins.
+
+    MinHash signatures (``num_perm`` values, ``seed``) and LSH banding propose candidate pairs;
+    each candidate is then checked with the exact Jaccard similarity of the two shingle sets, so
+    every match reported is real (no false positives). A pair at or above the threshold is missed
+    only if LSH does not propose it; the bands are chosen so that happens with probability < 0.5%
+    at exactly the threshold, and far less above it. Results are deterministic.
+
+    Rows marked in ``skip`` (e.g. exact duplicates already found) and rows without words are
+    neither matched nor indexed; their result is None.
+    """
+    n = len(texts)
+    if not 0.0 < threshold <= 1.0:
+        raise ValueError(f"threshold must be in (0, 1], not {threshold}")
+    if num_perm < 1:
+        raise ValueError(f"num_perm must be >= 1, not {num_perm}")
+    if shingle < 1:
+        raise ValueError(f"shingle must be >= 1, not {shingle}")
+    if not 0 <= seed < 2**64:
+        raise ValueError(f"seed must be in [0, 2**64), not {seed}")
+    if skip is not None and len(skip) != n:
+        raise ValueError(f"skip has {len(skip)} entries for {n} texts")
+    result: list[int | None] = [None] * n
+    # Rows taking part: not skipped, with at least one word.
+    active = [
+        i
+        for i, t in enumerate(texts)
+        if not (skip is not None and skip[i]) and t and not t.isspace()
+    ]
+    if len(active) < 2:
+        return result
+
+    import numpy as np
+    import rensa  # type: ignore[import-untyped]
+
+    hashes, offsets = _row_shingles([texts[i] for i in active], shingle)
+
+    # 1. Rensa signs every row and flags the rows sharing an LSH band with any other row. Most rows
+    #    share none: they are kept without further work.
+    num_bands, band_rows = _lsh_bands(threshold, num_perm)
+    matrix = rensa.RMinHash.digest_matrix_from_flat_token_hashes(
+        hashes, offsets.astype(np.uint64), num_perm, seed
+    )
+    lsh = rensa.RMinHashLSH(threshold, num_perm, num_bands)
+    flags = lsh.query_duplicate_flags_matrix_one_shot(matrix)
+    del matrix, lsh
+    flagged = np.flatnonzero(np.asarray(flags, dtype=bool))
+    if flagged.size == 0:
+        return result
+
+    # 2. Band keys of the flagged rows only (same signatures, same bands), then one pass in row
+    #    order: candidates are the kept rows sharing a band; keep the best exact-Jaccard match.
+    sub_hashes, sub_offsets = _gather_rows(hashes, offsets, flagged)
+    sub_matrix = rensa.RMinHash.digest_matrix_from_flat_token_hashes(
+        sub_hashes, sub_offsets.astype(np.uint64), num_perm, seed
+    )
+    signatures = np.asarray(sub_matrix.to_rows(), dtype=np.uint64).reshape(flagged.size, num_perm)
+    keys = np.zeros((flagged.size, num_bands), np.uint64)
+    for b in range(num_bands):
+        key = np.full(flagged.size, b + 1, np.uint64)
+        for col in range(b * band_rows, (b + 1) * band_rows):
+            key = _mix64(key ^ signatures[:, col])
+        keys[:, b] = key
+    del signatures, sub_matrix
+    # Only the (row, band) keys another flagged row shares matter; number those buckets densely.
+    _, bucket_of, bucket_sizes = np.unique(keys.ravel(), return_inverse=True, return_counts=True)
+    shared = bucket_sizes[bucket_of] > 1
+    row_buckets: list[int] = bucket_of[shared].tolist()
+    row_bounds: list[int] = np.concatenate(
+        [[0], np.cumsum(shared.reshape(flagged.size, num_bands).sum(axis=1))]
+    ).tolist()
+    del keys, bucket_of, shared
+
+    bounds: list[int] = sub_offsets.tolist()
+    shingle_sets: dict[int, frozenset[int]] = {}
+
+    def shingles_of(pos: int) -> frozenset[int]:
+        found = shingle_sets.get(pos)
+        if found is None:
+            found = frozenset(sub_hashes[bounds[pos] : bounds[pos + 1]].tolist())
+            shingle_sets[pos] = found
+        return found
+
+    kept_in: list[list[int] | None] = [None] * bucket_sizes.size  # kept rows of each bucket
+    for pos in range(flagged.size):
+        my_buckets = row_buckets[row_bounds[pos] : row_bounds[pos + 1]]
+        candidates: set[int] = set()
+        for bucket in my_buckets:
+            members = kept_in[bucket]
+            if members is not None:
+                candidates.update(members)
+        best, best_sim = -1, -1.0
+        if candidates:
+            mine = shingles_of(pos)
+            for cand in sorted(candidates):
+                theirs = shingles_of(cand)
+                inter = len(mine & theirs)
+                sim = inter / (len(mine) + len(theirs) - inter)
+                if sim >= threshold and sim > best_sim:
+                    best, best_sim = cand, sim
+        if best >= 0:
+            result[active[int(flagged[pos])]] = active[int(flagged[best])]
+            continue
+        for bucket in my_buckets:
+            members = kept_in[bucket]
+            if members is None:
+                kept_in[bucket] = [pos]
+            else:
+                members.append(pos)
+    return result
+
+
+# ---------------------------------------------------------------------------------------------
+# Decontamination
+# ---------------------------------------------------------------------------------------------
+
+
+class NgramIndex:
+    """Word n-grams of evaluation texts, for checking training texts against them.
+
+    Words are whitespace-separated and casefolded (as in :func:`dedup_key`). N-grams are stored as
+    Python hashes of word tuples: compact and fast, valid for the life of this process.
+    """
+
+    def __init__(self, texts: Iterable[str], n: int = 8) -> None:
+        if n < 1:
+            raise ValueError(f"n must be >= 1, not {n}")
+        self.n = n
+        self._keys: set[str] = set()
+        self._grams: set[int] = set()
+        for text in texts:
+            key = dedup_key(text)
+            self._keys.add(key)
+            words = key.split()
+            if len(words) >= n:
+                self._grams.update(map(hash, zip(*[words[i:] for i in range(n)], strict=False)))
+
+    def __len__(self) -> int:
+        """Number of distinct evaluation texts (by :func:`dedup_key`)."""
+        return len(self._keys)
+
+    def exact(self, text: str) -> bool:
+        """True when ``text`` equals an evaluation text up to case and whitespace."""
+        return dedup_key(text) in self._keys
+
+    def overlap(self, text: str) -> float:
+        """Share of the word n-grams of ``text`` found in any evaluation text; 0.0 when ``text``
+        has fewer than n words."""
+        words = text.casefold().split()
+        total = len(words) - self.n + 1
+        if total <= 0:
+            return 0.0
+        grams = zip(*[words[i:] for i in range(self.n)], strict=False)
+        return sum(map(self._grams.__contains__, map(hash, grams))) / total
