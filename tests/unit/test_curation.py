@@ -86,6 +86,23 @@ def test_drop_policy_exports_every_bad_row_with_its_reason_and_line(tmp_path: Pa
     assert version.manifest["steps"][0]["rows_in"] == len(GOOD) + 7
 
 
+def test_bad_csv_lines_are_dropped_one_by_one_and_the_rest_is_read(tmp_path: Path):
+    path = tmp_path / "train.csv"
+    good = "".join(f'"{r["text"]}",{r["label"]}\n' for r in GOOD)
+    path.write_bytes(b"text,label\n" + good[:good.index("\n") + 1].encode()
+                     + b'"an "unescaped" quote",card\n'          # line 3: bad quoting
+                     + b'caf\xe9 au lait at the airport,rate\n'  # line 4: invalid UTF-8
+                     + b'three,fields,here\n'                   # line 5: wrong field count
+                     + good[good.index("\n") + 1 :].encode())   # lines 6-10: still read
+    spec = write_spec(tmp_path, SPEC.format(extra="").replace("train.jsonl", "train.csv") + ALL_DROP)
+    curated = curate(load_spec(spec))
+    assert _reasons(curated) == {"train.csv:3": "unreadable", "train.csv:4": "unreadable",
+                                 "train.csv:5": "unreadable"}
+    assert len(curated.splits["train"]) == len(GOOD)
+    raw = {r.where: r.row["raw"] for r in curated.rejects}
+    assert "unescaped" in raw["train.csv:3"] and "caf" in raw["train.csv:4"]
+
+
 def test_fail_policy_stops_and_names_the_first_bad_line(tmp_path: Path):
     with pytest.raises(DataError) as exc:
         _prepare(tmp_path, GOOD, lines=_bad_lines())
@@ -223,3 +240,63 @@ def test_cli_data_prepare_show_rejects(tmp_path: Path, builtin_dir: Path):
     assert [(r["where"], r["step"]) for r in rows] == [("train.jsonl:7", "dedup")]
     res = runner.invoke(app, ["data", "show", "ds-nope", "-w", str(ws)])
     assert res.exit_code != 0
+    # the same inputs: the same id; one row changed: a new id, and diff shows that row
+    res = runner.invoke(app, ["data", "prepare", str(spec), "-w", str(ws)])
+    assert vid in res.output
+    write_jsonl(tmp_path / "train.jsonl", [*GOOD[:-1], {"text": "A brand new question about my pin", "label": "card"},
+                                           {"text": GOOD[0]["text"], "label": "card"}])
+    res = runner.invoke(app, ["data", "prepare", str(spec), "-w", str(ws)])
+    new = next(w for w in res.output.split() if w.startswith("ds-")).rstrip(":")
+    assert new != vid
+    res = runner.invoke(app, ["data", "diff", vid, new, "-w", str(ws)])
+    assert res.exit_code == 0, res.output
+    assert "+ train.jsonl:6: A brand new question about my pin" in res.output
+    assert "- train.jsonl:6: " + GOOD[-1]["text"] in res.output
+
+
+def test_map_contents_keeps_the_example_when_nothing_changes_and_the_turns_it_reads():
+    from tuneline.curation.steps import input_of, map_contents, text_of
+    from tuneline.data.examples import Example
+
+    system = {"role": "system", "content": "Be brief."}
+    chat = Example("c.jsonl:1", (system, {"role": "user", "content": "Hi  there"},
+                                 {"role": "assistant", "content": "Hello  back"}), "Hello  back")
+    labelled = Example("t.csv:2", ({"role": "user", "content": "Card  lost"},
+                                   {"role": "assistant", "content": "card"}), "card", "card")
+    assert text_of(chat) == "Hi  there\nHello  back" and input_of(chat) == "Hi  there"
+    assert text_of(labelled) == "Card  lost\ncard" and input_of(labelled) == "Card  lost"
+    seen: list[str] = []
+
+    def squeeze(text: str) -> str:
+        seen.append(text)
+        return " ".join(text.split())
+
+    assert map_contents(labelled, str.strip, answer_too=False) is labelled
+    new = map_contents(labelled, squeeze, answer_too=False)
+    assert seen == ["Card  lost"]  # not the system prompt, not the label
+    assert new.messages == ({"role": "user", "content": "Card lost"}, {"role": "assistant", "content": "card"})
+    assert (new.where, new.reference, new.label) == ("t.csv:2", "card", "card")
+    seen.clear()
+    new = map_contents(chat, squeeze, answer_too=True)
+    assert seen == ["Hi  there", "Hello  back"]
+    assert new.messages[0] is system and new.messages[1:] == (
+        {"role": "user", "content": "Hi there"}, {"role": "assistant", "content": "Hello back"})
+    assert new.reference == "Hello back"
+    assert chat.messages[2]["content"] == "Hello  back"  # the original is left as it was
+
+
+def test_curation_leaves_the_garbage_collector_as_it_found_it(tmp_path: Path):
+    import gc
+
+    assert gc.isenabled()
+    _prepare(tmp_path, GOOD, ALL_DROP)
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        _prepare(tmp_path, GOOD, ALL_DROP)
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
+    with pytest.raises(DataError):  # a failing curation too
+        _prepare(tmp_path, [], ALL_DROP)
+    assert gc.isenabled()

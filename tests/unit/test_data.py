@@ -142,3 +142,51 @@ def test_stratified_sample_smaller_than_label_count_keeps_one_per_label(caplog):
         picked = sample_examples(exs, 5, stratify=True, seed=0)
     assert sorted(e.label for e in picked) == list("abcdefgh")
     assert "below the 8 labels" in caplog.text
+
+
+def test_jsonl_reading_of_valid_files_and_every_kind_of_bad_line(tmp_path: Path):
+    """The fast path (one decode for the whole file, the JSON scanner per line) reads what the
+    line-by-line path reads, and a bad line gets the same problem whichever path reads it."""
+    lines = [b'{"text": "a", "label": "x"}', b'  {"text": "leading spaces"}  ', b'{"text": "crlf"}\r',
+             b" \t ", b"\x0c", b"\xef\xbb\xbf{\"text\": \"bom\"}", b'{"a": 1}, {"b": 2}', b'{"a": 1} x',
+             b'{"text": NaN, "n": 1e400}', b'"a string"', b'{"text": "ok", "extra": [1, {"b": null}]}']
+    good = b"\n".join(lines) + b"\n"
+    for raw in (good, good + b'{"text": "\xff"}\n'):  # the second is not UTF-8 as a whole
+        p = tmp_path / "d.jsonl"
+        p.write_bytes(raw)
+        out = read_records(p, "jsonl", display="d.jsonl")
+        assert [(r.line, sorted(r.fields)) for r in out.records] == [
+            (1, ["label", "text"]), (2, ["text"]), (3, ["text"]), (9, ["n", "text"]), (11, ["extra", "text"])]
+        assert [out.records[i].fields["text"] for i in (0, 1, 2, 4)] == ["a", "leading spaces", "crlf", "ok"]
+        assert out.records[3].fields["text"] != out.records[3].fields["text"]  # NaN
+        assert out.records[3].fields["n"] == float("inf")
+        assert out.columns == ["text", "label", "n", "extra"]
+        problems = [(pr.where, pr.message) for pr in out.problems]
+        assert problems[:4] == [
+            ("d.jsonl:6", "invalid JSON: Unexpected UTF-8 BOM (decode using utf-8-sig) (column 1)"),
+            ("d.jsonl:7", "invalid JSON: Extra data (column 9)"),
+            ("d.jsonl:8", "invalid JSON: Extra data (column 10)"),
+            ("d.jsonl:10", "expected a JSON object, got str"),
+        ]
+        if raw != good:
+            assert problems[4] == ("d.jsonl:12", "invalid UTF-8 at byte 10")
+            assert out.raw["d.jsonl:12"] == '{"text": "\ufffd"}'
+
+
+def test_jsonl_scanner_agrees_with_json_loads():
+    import json
+
+    from tuneline.data.readers import _loads
+
+    for text in ['{"a":1}', ' {"a":1}', '{"a":1} ', '{"a":1}\r', "\ufeff{}", '{"a":1}{"b":2}', "[1,2]", "1",
+                 '"x"', "null", "NaN", "-Infinity", '{"a":', '{"a":"\\x"}', '{"a":"\x01"}', "", " ", "tru",
+                 '{"a":"\\ud800"}', "1.5e3", '{"a":[1,{"b":null}]}', "\t{}\t", "{} {}"]:
+        try:
+            expected = ("ok", repr(json.loads(text)))
+        except json.JSONDecodeError as exc:
+            expected = ("error", str(exc))
+        try:
+            got = ("ok", repr(_loads(text)))
+        except json.JSONDecodeError as exc:
+            got = ("error", str(exc))
+        assert got == expected, text

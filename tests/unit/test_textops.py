@@ -195,6 +195,58 @@ def test_near_duplicates_finds_planted_edits_in_a_larger_set_and_nothing_else():
     assert {i: j for i, j in enumerate(result) if j is not None} == planted
 
 
+def _reference_shingle_hashes(ids: list[list[int]], k: int) -> list[list[int]]:
+    """The shingle hash of :func:`_shingle_hashes` written out for one shingle at a time."""
+    from tuneline.curation.textops import _LENGTH_MULTIPLIER, _SHINGLE_MULTIPLIERS
+
+    mask = 2**64 - 1
+
+    def mix(x: int) -> int:
+        x = (x + 0x9E3779B97F4A7C15) & mask
+        x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & mask
+        x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & mask
+        return x ^ (x >> 31)
+
+    def shingle(words: list[int]) -> int:
+        acc = sum((w + 1) * (_SHINGLE_MULTIPLIERS[t % 8] + 2 * (t // 8)) for t, w in enumerate(words))
+        return mix((acc + len(words) * _LENGTH_MULTIPLIER) & mask)
+
+    return [[shingle(row)] if len(row) < k else [shingle(row[i : i + k]) for i in range(len(row) - k + 1)]
+            for row in ids]
+
+
+def test_shingle_hashes_follow_their_definition():
+    import numpy as np
+
+    from tuneline.curation.textops import _shingle_hashes
+
+    rng = random.Random(5)
+    for k in (1, 2, 3, 4, 9):
+        rows = [[rng.randrange(2**40) for _ in range(rng.randint(1, 12))] for _ in range(50)]
+        offsets = np.concatenate([[0], np.cumsum([len(r) for r in rows])]).astype(np.int64)
+        flat = np.array([w for r in rows for w in r], np.uint64)
+        hashes, sh_offsets = _shingle_hashes(flat, offsets, k)
+        got = [hashes[a:b].tolist() for a, b in zip(sh_offsets[:-1], sh_offsets[1:], strict=True)]
+        assert got == _reference_shingle_hashes(rows, k)
+
+
+def test_near_duplicates_is_the_same_whatever_the_chunking(monkeypatch: pytest.MonkeyPatch):
+    """Rows are split into words in chunks, the next ones in worker threads: the word numbering
+    and so the result do not depend on it."""
+    import tuneline.curation.textops as textops
+
+    rng = random.Random(4)
+    texts = [" ".join(_sentence(rng, rng.randint(3, 30))) for _ in range(400)]
+    texts += [t.replace(t.split()[-1], "edited", 1).upper() for t in texts[:150:3]]
+    texts += ["", "   ", "caf\u00e9 cr\u00e8me br\u00fbl\u00e9e \u00e0 la carte"]  # a chunk that is not ASCII
+    skip = [i % 17 == 0 for i in range(len(texts))]
+    whole = near_duplicates(texts, skip=skip)
+    assert sum(r is not None for r in whole) > 20
+    for rows in (1, 7, 64):
+        monkeypatch.setattr(textops, "_CHUNK_ROWS", rows)
+        assert near_duplicates(texts, skip=skip) == whole
+
+
 # --- quality signals ------------------------------------------------------------------------
 
 
@@ -214,6 +266,37 @@ def test_alpha_ratio_is_low_for_numbers_and_symbols():
     assert alpha_ratio("Hello world") == 1.0
     assert alpha_ratio("Gr\u00f6\u00dfe 12") == pytest.approx(5 / 7)
     assert alpha_ratio("   ") == 1.0
+
+
+def _random_texts(seed: int, n: int) -> list[str]:
+    """Short texts mixing words, repeated words and every kind of whitespace, control and
+    non-ASCII character the fast paths must leave to the general ones."""
+    rng = random.Random(seed)
+    pieces = ["a", "B", "the", "my", "12", ".", " ", " ", "  ", "\n", "\t", "\r\n", "\x0b", "\x1c", "\x85",
+              "\u00a0", "\u3000", "\u2028", "\u200b", "\u200d", "\x00", "\ufeff", "e\u0301", "\u00df",
+              "\u0130", "\ufb01", "\uff21", "\u03a3", "\u65e5"]
+    return ["".join(rng.choice(pieces) for _ in range(rng.randint(0, 14))) for _ in range(n)]
+
+
+def test_text_signals_equal_their_definitions_on_all_kinds_of_text():
+    """The quick paths (clean single-spaced text, ASCII, no repeated words) give exactly what
+    the plain definitions give."""
+    for text in _random_texts(3, 20_000):
+        assert dedup_key(text) == " ".join(text.casefold().split())
+        chars = "".join(text.split())
+        assert alpha_ratio(text) == (sum(map(str.isalpha, chars)) / len(chars) if chars else 1.0)
+        words = text.lower().split()
+        for n in (1, 2, 3):
+            total = len(words) - n + 1
+            grams = list(zip(*[words[i:] for i in range(n)], strict=False))
+            expected = 0.0 if len(words) < 10 or total <= 0 else (total - len(set(grams))) / total
+            assert repetition_ratio(text, n) == expected
+        for form in ("NFC", "NFKC", "none"):
+            once = normalize_text(text, form)
+            if "\n" not in once and "\r" not in text:
+                assert once == " ".join(once.split())  # single spaces, nothing at the ends
+    words = [f"w{i % 7}" for i in range(40)]  # words repeat, 3-grams repeat
+    assert repetition_ratio(" ".join(words)) == (38 - 7) / 38
 
 
 # --- decontamination ------------------------------------------------------------------------

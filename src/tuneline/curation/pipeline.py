@@ -10,7 +10,11 @@ the content id of the data (see :mod:`tuneline.curation.version`).
 
 from __future__ import annotations
 
+import gc
 import logging
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -74,6 +78,25 @@ def curate(loaded: LoadedSpec, tokenizer: Any = None) -> Curated:
     ``tokenizer`` enables the too-long check (examples longer than ``train.seq_len`` tokens after
     templating); without it that check is skipped and training drops such rows (and counts them).
     With ``curation.enabled: false`` only validation runs (every check at its policy)."""
+    with _gc_paused():
+        return _curate(loaded, tokenizer)
+
+
+@contextmanager
+def _gc_paused() -> Iterator[None]:
+    """The cyclic garbage collector paused: curation builds hundreds of thousands of containers
+    (rows, messages, keys) and no reference cycles, and the collector's passes over them would
+    cost seconds. It runs again (if it ran before) when curation ends, whatever happened."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
+def _curate(loaded: LoadedSpec, tokenizer: Any) -> Curated:
     spec = loaded.spec
     cur = spec.curation
     rec = Recorder()
@@ -233,8 +256,10 @@ def _normalize(cur: CurationSpec, splits: Splits, rec: Recorder) -> Splits:
         if not cfg.enabled:
             return rec.finish(report, splits)
 
+        unicode, whitespace, control_chars = cfg.unicode, cfg.whitespace, cfg.control_chars
+
         def norm(text: str) -> str:
-            return normalize_text(text, cfg.unicode, cfg.whitespace, cfg.control_chars)
+            return normalize_text(text, unicode, whitespace, control_chars)
 
         out: Splits = {}
         for split, examples in splits.items():
@@ -256,24 +281,26 @@ def _pii(cur: CurationSpec, splits: Splits, rec: Recorder, out: Curated) -> Spli
             return rec.finish(report, splits)
         redactor = Redactor(cfg.types)
         counts: dict[str, int] = {}
+        found: dict[str, int] = {}  # in the current row, per type
+
+        def redact(text: str) -> str:
+            new, n = redactor.redact(text)
+            for k, v in n.items():
+                found[k] = found.get(k, 0) + v
+            return new
+
         result: Splits = {}
         for split, examples in splits.items():
             kept = []
             for ex in examples:
-                found: dict[str, int] = {}
-
-                def redact(text: str, found: dict[str, int] = found) -> str:
-                    new, n = redactor.redact(text)
-                    for k, v in n.items():
-                        found[k] = found.get(k, 0) + v
-                    return new
-
+                found.clear()
                 red = map_contents(ex, redact, answer_too=ex.label is None)
-                for k, v in found.items():
-                    counts[k] = counts.get(k, 0) + v
                 if not found:
                     kept.append(ex)
-                elif cfg.policy == "drop":
+                    continue
+                for k, v in found.items():
+                    counts[k] = counts.get(k, 0) + v
+                if cfg.policy == "drop":
                     rec.reject(report, split, ex, "pii", "pii: contains " + ", ".join(f"{v} {k}" for k, v in found.items()))
                 else:
                     report.changed += 1
@@ -290,19 +317,21 @@ def _quality(cur: CurationSpec, splits: Splits, rec: Recorder) -> Splits:
     cfg = cur.quality
     with rec.step("quality", cfg.model_dump(), splits) as report:
         result: Splits = {}
+        min_chars, max_chars, max_repetition, min_alpha_ratio = (
+            cfg.min_chars, cfg.max_chars, cfg.max_repetition, cfg.min_alpha_ratio)
         for split, examples in splits.items():
             kept = []
             for ex in examples:
                 text = text_of(ex)
                 n = len(text)
-                if n < cfg.min_chars:
+                if n < min_chars:
                     rec.reject(report, split, ex, "too_short", f"too_short: {n} characters < min_chars {cfg.min_chars}")
-                elif n > cfg.max_chars:
+                elif n > max_chars:
                     rec.reject(report, split, ex, "too_long_text", f"too_long_text: {n} characters > max_chars {cfg.max_chars}")
-                elif (r := repetition_ratio(text)) > cfg.max_repetition:
+                elif (r := repetition_ratio(text)) > max_repetition:
                     rec.reject(report, split, ex, "repetitive", f"repetitive: {r:.0%} of its word 3-grams repeat "
                                                                 f"(max_repetition {cfg.max_repetition:g})")
-                elif (a := alpha_ratio(text)) < cfg.min_alpha_ratio:
+                elif (a := alpha_ratio(text)) < min_alpha_ratio:
                     rec.reject(report, split, ex, "non_text", f"non_text: {a:.0%} letters "
                                                               f"(min_alpha_ratio {cfg.min_alpha_ratio:g})")
                 else:
@@ -312,24 +341,29 @@ def _quality(cur: CurationSpec, splits: Splits, rec: Recorder) -> Splits:
 
 
 def _dedup(cur: CurationSpec, splits: Splits, rec: Recorder, out: Curated) -> Splits:
-    from tuneline.curation.textops import dedup_key, exact_duplicates, near_duplicates
+    from tuneline.curation.textops import dedup_key, near_duplicates
 
     cfg = cur.dedup
     with rec.step("dedup", cfg.model_dump(), splits) as report:
         result: Splits = {}
         for split, examples in splits.items():
-            inputs = [dedup_key(input_of(ex)) for ex in examples]
-            answers = [dedup_key(ex.reference) for ex in examples]
+            texts = [input_of(ex) for ex in examples]
+            inputs = [dedup_key(t) for t in texts]
+            # answers repeat (labels above all): each distinct one keyed once
+            answer_keys = {r: dedup_key(r) for r in {ex.reference for ex in examples}}
+            answers = [answer_keys[ex.reference] for ex in examples]
             drop: dict[int, tuple[str, str]] = {}
             if cfg.exact:
                 # conflicting duplicates: the same input with different answers
-                by_input: dict[str, list[int]] = {}
+                repeated = {key for key, n in Counter(inputs).items() if n > 1}
+                by_input: dict[str, list[int]] = {}  # the inputs of more than one row, in order
                 for i, key in enumerate(inputs):
-                    by_input.setdefault(key, []).append(i)
+                    if key in repeated:
+                        by_input.setdefault(key, []).append(i)
                 for rows in by_input.values():
-                    if len(rows) > 1 and len({answers[i] for i in rows}) > 1:
+                    if len({answers[i] for i in rows}) > 1:
                         group = [{"where": examples[i].where, "answer": examples[i].reference} for i in rows]
-                        out.conflicts.append({"split": split, "input": input_of(examples[rows[0]]), "rows": group})
+                        out.conflicts.append({"split": split, "input": texts[rows[0]], "rows": group})
                         head = examples[rows[0]].where
                         if cfg.conflicts == "drop":
                             for i in rows:
@@ -337,13 +371,17 @@ def _dedup(cur: CurationSpec, splits: Splits, rec: Recorder, out: Curated) -> Sp
                                            f"with a different answer ({len(rows)} rows)")
                         elif cfg.conflicts == "warn":
                             log.warning("conflicting answers for the same input at %s", ", ".join(g["where"] for g in group))
-                full = [f"{a}\x1f{b}" for a, b in zip(inputs, answers, strict=True)]
-                for i, dup_of in enumerate(exact_duplicates(full)):
-                    if dup_of is not None and i not in drop:
-                        drop[i] = ("exact_duplicate", f"exact_duplicate: same as {examples[dup_of].where}")
+                # exact duplicates: the same input and the same answer as an earlier row (so only
+                # rows whose input repeats can be one)
+                for rows in by_input.values():
+                    first_with: dict[str, int] = {}  # answer -> its first row
+                    for i in rows:
+                        first = first_with.setdefault(answers[i], i)
+                        if first != i and i not in drop:
+                            drop[i] = ("exact_duplicate", f"exact_duplicate: same as {examples[first].where}")
             if cfg.near:
                 skip = [i in drop for i in range(len(examples))]
-                near = near_duplicates([input_of(ex) for ex in examples], cfg.threshold, cfg.num_perm, cfg.shingle,
+                near = near_duplicates(texts, cfg.threshold, cfg.num_perm, cfg.shingle,
                                        skip=skip)
                 for i, near_of in enumerate(near):
                     if near_of is not None and i not in drop:

@@ -86,23 +86,42 @@ def example_row(ex: Example) -> dict[str, Any]:
 
 def text_of(ex: Example) -> str:
     """What curation reads: every turn but the system prompt (which comes from the spec)."""
-    return "\n".join(m["content"] for m in ex.messages if m["role"] != "system")
+    msgs = ex.messages
+    if len(msgs) == 2 and msgs[0]["role"] != "system" and msgs[1]["role"] != "system":  # question, answer
+        return f"{msgs[0]['content']}\n{msgs[1]['content']}"
+    return "\n".join([m["content"] for m in msgs if m["role"] != "system"])
 
 
 def input_of(ex: Example) -> str:
     """The input side: every turn before the final answer, the system prompt excepted."""
-    return "\n".join(m["content"] for m in ex.messages[:-1] if m["role"] != "system")
+    msgs = ex.messages
+    if len(msgs) == 2 and msgs[0]["role"] != "system":
+        return msgs[0]["content"]
+    return "\n".join([m["content"] for m in msgs[:-1] if m["role"] != "system"])
 
 
 def map_contents(ex: Example, fn: Callable[[str], str], answer_too: bool) -> Example:
-    """``ex`` with ``fn`` applied to each non-system turn (the final answer only if ``answer_too``)."""
-    last = len(ex.messages) - 1
-    msgs = tuple(m if m["role"] == "system" or (i == last and not answer_too) else {**m, "content": fn(m["content"])}
-                 for i, m in enumerate(ex.messages))
-    if msgs == ex.messages:
+    """``ex`` with ``fn`` applied to each non-system turn (the final answer only if ``answer_too``);
+    ``ex`` itself when ``fn`` changed none of them."""
+    msgs = ex.messages
+    last = len(msgs) - 1
+    new: list[str] | None = None  # the new contents, once one differs
+    for i in range(len(msgs) if answer_too else last):
+        m = msgs[i]
+        if m["role"] == "system":
+            continue
+        content = m["content"]
+        mapped = fn(content)
+        if mapped != content and new is None:
+            new = [m["content"] for m in msgs]
+        if new is not None:
+            new[i] = mapped
+    if new is None:
         return ex
-    reference = msgs[-1]["content"] if ex.label is None else ex.reference
-    return Example(ex.where, msgs, reference, ex.label)
+    mapped_msgs = tuple(m if m["role"] == "system" or (i == last and not answer_too) else {**m, "content": new[i]}
+                        for i, m in enumerate(msgs))
+    reference = mapped_msgs[-1]["content"] if ex.label is None else ex.reference
+    return Example(ex.where, mapped_msgs, reference, ex.label)
 
 
 def stratified_split(examples: list[Example], shares: dict[str, float], seed: int) -> dict[str, list[Example]]:

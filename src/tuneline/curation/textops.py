@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import re
 import unicodedata
+from collections import deque
 from collections.abc import Iterable, Sequence
 from functools import cache
+from itertools import chain
 from typing import TYPE_CHECKING, Any, Literal
 
 if TYPE_CHECKING:
@@ -87,15 +89,22 @@ def normalize_text(
         raise ValueError(f"unicode must be one of {', '.join(UNICODE_FORMS)}, not {unicode!r}")
     # isprintable() is False for every Cc/Cf character (and for \n, \t, non-ASCII spaces), so a
     # True answer proves there is nothing to delete.
-    if control_chars and not text.isprintable():
+    printable = text.isprintable()
+    if control_chars and not printable:
         text = _control_pattern(whitespace).sub("", text)
+        printable = text.isprintable()
     # ASCII text is invariant under NFC and NFKC.
     if unicode != "none" and not text.isascii():
         form: Literal["NFC", "NFKC"] = "NFKC" if unicode == "NFKC" else "NFC"
         if not unicodedata.is_normalized(form, text):
             text = unicodedata.normalize(form, text)
+            printable = text.isprintable()
     if not whitespace:
         return text
+    if printable:  # the only whitespace is " ": nothing to do unless spaces repeat, lead or trail
+        if "  " not in text and not text.startswith(" ") and not text.endswith(" "):
+            return text
+        return " ".join(text.split())
     if "\r" in text:
         text = text.replace("\r\n", "\n").replace("\r", "\n")
     if "\n" not in text:
@@ -108,9 +117,16 @@ def normalize_text(
     return text.strip()
 
 
+def _single_spaced(text: str) -> bool:
+    """True when ``text`` is printable (so its only whitespace is " ") and has no space at its
+    ends or next to another: ``" ".join(text.split()) == text``, quickly."""
+    return text.isprintable() and "  " not in text and not text.startswith(" ") and not text.endswith(" ")
+
+
 def dedup_key(text: str) -> str:
     """The key under which two texts count as exact duplicates: casefolded, whitespace collapsed."""
-    return " ".join(text.casefold().split())
+    key = text.casefold()
+    return key if _single_spaced(key) else " ".join(key.split())
 
 
 def exact_duplicates(keys: Sequence[str]) -> list[int | None]:
@@ -134,7 +150,12 @@ def repetition_ratio(text: str, n: int = 3) -> float:
     total = len(words) - n + 1
     if len(words) < 10 or total <= 0:
         return 0.0
-    grams: Iterable[Any] = words if n == 1 else zip(*[words[i:] for i in range(n)], strict=False)
+    repeats = len(words) - len(set(words))  # words that occurred before
+    if n == 1:
+        return repeats / total
+    if repeats < n:  # the last occurrence of a repeated n-gram is n words that occurred before
+        return 0.0
+    grams = zip(*[words[i:] for i in range(n)], strict=False)
     return (total - len(set(grams))) / total
 
 
@@ -146,8 +167,9 @@ def alpha_ratio(text: str) -> float:
     """Letters / characters that are not whitespace; 1.0 when there are none."""
     if text.isascii():
         raw = text.encode("ascii")
-        non_space = len(raw.translate(None, _ASCII_WHITESPACE))
-        letters = len(raw) - len(raw.translate(None, _ASCII_LETTERS))
+        others = raw.translate(None, _ASCII_LETTERS)  # usually short: digits, punctuation, spaces
+        letters = len(raw) - len(others)
+        non_space = letters + len(others.translate(None, _ASCII_WHITESPACE))
     else:
         chars = "".join(text.split())
         non_space = len(chars)
@@ -180,22 +202,22 @@ def _mix64(x: npt.NDArray[np.uint64]) -> npt.NDArray[np.uint64]:
     """SplitMix64 finalizer, in place: spreads the bits of each value (uint64 arithmetic wraps)."""
     import numpy as np
 
+    shifted = np.empty_like(x)
     x += np.uint64(0x9E3779B97F4A7C15)
-    x ^= x >> np.uint64(30)
+    x ^= np.right_shift(x, np.uint64(30), out=shifted)
     x *= np.uint64(0xBF58476D1CE4E5B9)
-    x ^= x >> np.uint64(27)
+    x ^= np.right_shift(x, np.uint64(27), out=shifted)
     x *= np.uint64(0x94D049BB133111EB)
-    x ^= x >> np.uint64(31)
+    x ^= np.right_shift(x, np.uint64(31), out=shifted)
     return x
 
 
-def _word_ids(
-    texts: Sequence[str], vocab: dict[str, int]
-) -> tuple[npt.NDArray[np.uint64], npt.NDArray[np.int64]]:
-    """Lowercased whitespace-separated words of each text as integer ids, plus row offsets into
-    them. ``vocab`` numbers words in order of first appearance across calls, so ids are consistent
-    between chunks and deterministic. Every text must contain at least one word.
-    """
+def _split_words(
+    texts: Sequence[str],
+) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64], list[str]]:
+    """The lowercased whitespace-separated words of each text: row offsets into the words, each
+    word's index among the distinct words, and the distinct words in order of first appearance.
+    Arrow does the work, with the GIL released for most of it."""
     import numpy as np
     import pyarrow as pa
     import pyarrow.compute as pc
@@ -207,33 +229,60 @@ def _word_ids(
         words = pc.utf8_split_whitespace(pc.utf8_trim_whitespace(pc.utf8_lower(arr)))
     offsets = words.offsets.to_numpy().astype(np.int64)
     encoded = pc.dictionary_encode(pc.list_flatten(words))
-    # the chunk's dictionary lists its words in order of first appearance
-    chunk_words: list[str] = encoded.dictionary.to_pylist()
+    # the dictionary lists the words in order of first appearance
+    return offsets - offsets[0], encoded.indices.to_numpy().astype(np.int64), encoded.dictionary.to_pylist()
+
+
+def _word_ids(
+    split: tuple[npt.NDArray[np.int64], npt.NDArray[np.int64], list[str]], vocab: dict[str, int]
+) -> tuple[npt.NDArray[np.uint64], npt.NDArray[np.int64]]:
+    """The words of a chunk of texts (from :func:`_split_words`) as integer ids, plus row offsets
+    into them. ``vocab`` numbers words in order of first appearance across calls, so ids are
+    consistent between chunks and deterministic. Every text must contain at least one word.
+    """
+    import numpy as np
+
+    offsets, indices, chunk_words = split
     to_global = np.fromiter(
         (vocab.setdefault(w, len(vocab)) for w in chunk_words), np.uint64, len(chunk_words)
     )
-    return to_global[encoded.indices.to_numpy()], offsets - offsets[0]
+    return to_global[indices], offsets
 
 
 # Rows tokenized and shingled at a time: bounds the temporary arrays (~0.5 KB per row).
 _CHUNK_ROWS = 50_000
+# Chunks split into words ahead, in worker threads, while the current one is numbered and hashed.
+_SPLIT_AHEAD = 2
 
 
 def _row_shingles(
     texts: Sequence[str], k: int
 ) -> tuple[npt.NDArray[np.uint64], npt.NDArray[np.int64]]:
-    """Shingle hashes of all rows, flattened, plus row offsets (see :func:`_shingle_hashes`)."""
+    """Shingle hashes of all rows, flattened, plus row offsets (see :func:`_shingle_hashes`).
+
+    The rows go in chunks; while one chunk's words are numbered and hashed, the next chunks are
+    split into words in other threads (Arrow and numpy release the GIL, so a second core helps).
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
     import numpy as np
     import pyarrow as pa
 
+    chunks = [texts[start : start + _CHUNK_ROWS] for start in range(0, len(texts), _CHUNK_ROWS)]
     vocab: dict[str, int] = {}
     parts: list[npt.NDArray[np.uint64]] = []
     counts: list[npt.NDArray[np.int64]] = []
-    for start in range(0, len(texts), _CHUNK_ROWS):
-        ids, word_offsets = _word_ids(texts[start : start + _CHUNK_ROWS], vocab)
-        hashes, offsets = _shingle_hashes(ids, word_offsets, k)
-        parts.append(hashes)
-        counts.append(np.diff(offsets))
+    with ThreadPoolExecutor(max_workers=_SPLIT_AHEAD) as pool:
+        ahead = deque(pool.submit(_split_words, chunk) for chunk in chunks[:_SPLIT_AHEAD])
+        for i in range(len(chunks)):
+            split = ahead.popleft().result()
+            if i + _SPLIT_AHEAD < len(chunks):
+                ahead.append(pool.submit(_split_words, chunks[i + _SPLIT_AHEAD]))
+            ids, word_offsets = _word_ids(split, vocab)
+            del split
+            hashes, offsets = _shingle_hashes(ids, word_offsets, k)
+            parts.append(hashes)
+            counts.append(np.diff(offsets))
     pa.default_memory_pool().release_unused()  # arrow's allocator would keep the chunks' memory
     all_offsets = np.zeros(len(texts) + 1, np.int64)
     np.cumsum(np.concatenate(counts), out=all_offsets[1:])
@@ -264,31 +313,40 @@ def _shingle_hashes(
     m = ids.size
     lengths = np.diff(offsets)
     starts = offsets[:-1]
-    padded = np.concatenate([ids + np.uint64(1), np.zeros(k, np.uint64)])
+    ends = offsets[1:]
+    padded = np.zeros(m + k, np.uint64)
+    np.add(ids, np.uint64(1), out=padded[:m])
     mults = [
         np.uint64(_SHINGLE_MULTIPLIERS[t % len(_SHINGLE_MULTIPLIERS)] + 2 * (t // 8))
         for t in range(k)
     ]
     acc = padded[:m] * mults[0]
+    term = np.empty_like(acc)
     short = lengths < k
     short_starts = starts[short]
     short_lengths = lengths[short]
     short_vals = np.zeros(short_starts.size, np.uint64)
     for t in range(k):
         if t:
-            acc += padded[t : t + m] * mults[t]
+            acc += np.multiply(padded[t : t + m], mults[t], out=term)
         sel = short_lengths == t + 1
         if sel.any():
             short_vals[sel] = acc[short_starts[sel]]
-    # A k-gram starts at every position at least k words before the end of its row.
-    row_end = np.repeat(offsets[1:], lengths)
-    valid = np.arange(m, dtype=np.int64) + k <= row_end
-    length_tag = np.full(m, k, np.uint64)
+    del padded, term
+    # A k-gram starts at every position at least k words before the end of its row: not at the
+    # last k - 1 positions of a row (a short row's only shingle starts at its first word).
+    valid = np.ones(m, bool)
+    for t in range(1, k):
+        valid[ends[lengths >= t] - t] = False
+    # Each shingle's hash is tagged with its length in words: k, or a short row's length.
+    tag = np.uint64((k * _LENGTH_MULTIPLIER) % 2**64)
     if short_starts.size:
-        acc[short_starts] = short_vals
         valid[short_starts] = True
-        length_tag[short_starts] = short_lengths.astype(np.uint64)
-    hashes = acc[valid] + length_tag[valid] * np.uint64(_LENGTH_MULTIPLIER)
+        short_vals += short_lengths.astype(np.uint64) * np.uint64(_LENGTH_MULTIPLIER)
+        short_vals -= tag  # added back to every shingle below
+        acc[short_starts] = short_vals
+    hashes = acc[valid]
+    hashes += tag
     counts = np.where(short, 1, lengths - k + 1)
     sh_offsets = np.zeros(lengths.size + 1, np.int64)
     np.cumsum(counts, out=sh_offsets[1:])
@@ -378,7 +436,9 @@ def near_duplicates(
     sub_matrix = rensa.RMinHash.digest_matrix_from_flat_token_hashes(
         sub_hashes, sub_offsets.astype(np.uint64), num_perm, seed
     )
-    signatures = np.asarray(sub_matrix.to_rows(), dtype=np.uint64).reshape(flagged.size, num_perm)
+    signatures = np.fromiter(
+        chain.from_iterable(sub_matrix.to_rows()), np.uint64, flagged.size * num_perm
+    ).reshape(flagged.size, num_perm)
     keys = np.zeros((flagged.size, num_bands), np.uint64)
     for b in range(num_bands):
         key = np.full(flagged.size, b + 1, np.uint64)
@@ -396,15 +456,17 @@ def near_duplicates(
     del keys, bucket_of, shared
 
     bounds: list[int] = sub_offsets.tolist()
+    all_shingles: list[int] = sub_hashes.tolist()
     shingle_sets: dict[int, frozenset[int]] = {}
 
     def shingles_of(pos: int) -> frozenset[int]:
         found = shingle_sets.get(pos)
         if found is None:
-            found = frozenset(sub_hashes[bounds[pos] : bounds[pos + 1]].tolist())
+            found = frozenset(all_shingles[bounds[pos] : bounds[pos + 1]])
             shingle_sets[pos] = found
         return found
 
+    flagged_rows: list[int] = flagged.tolist()
     kept_in: list[list[int] | None] = [None] * bucket_sizes.size  # kept rows of each bucket
     for pos in range(flagged.size):
         my_buckets = row_buckets[row_bounds[pos] : row_bounds[pos + 1]]
@@ -423,7 +485,7 @@ def near_duplicates(
                 if sim >= threshold and sim > best_sim:
                     best, best_sim = cand, sim
         if best >= 0:
-            result[active[int(flagged[pos])]] = active[int(flagged[best])]
+            result[active[flagged_rows[pos]]] = active[flagged_rows[best]]
             continue
         for bucket in my_buckets:
             members = kept_in[bucket]

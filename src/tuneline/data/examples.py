@@ -58,6 +58,9 @@ def check_columns(task: TaskSpec, source: DataSource, columns: list[str], where:
 
 
 def _text(value: Any) -> str | None:
+    """``value`` as text, or None when it is missing, NaN or blank."""
+    if type(value) is str:  # the common case; blank means empty or only whitespace
+        return value if value and not value.isspace() else None
     if value is None:
         return None
     if isinstance(value, float) and value != value:  # NaN from Parquet/pandas
@@ -82,15 +85,19 @@ def build_examples(task: TaskSpec, source: DataSource, records: list[Record]) ->
                                         hint="fill the cell or remove the row"))
         return None if any(v is None for v in values) else [v for v in values if v is not None]
 
+    kind = task.type
+    text_col, label_col = cols.get("text", ""), cols.get("label", "")
     for rec in records:
         f = rec.fields
-        if task.type == "classification":
-            if (got := required(rec, "text", "label")) is None:
+        if kind == "classification":
+            text, label = _text(f.get(text_col)), _text(f.get(label_col))
+            if text is None or label is None:
+                required(rec, "text", "label")  # records the empty one(s)
                 continue
-            text, label = got[0], got[1].strip()
+            label = label.strip()
             msgs = (*system, {"role": "user", "content": text}, {"role": "assistant", "content": label})
-            examples.append(Example(rec.where, tuple(msgs), label, label))
-        elif task.type == "instruction":
+            examples.append(Example(rec.where, msgs, label, label))
+        elif kind == "instruction":
             if (got := required(rec, "instruction", "response")) is None:
                 continue
             instr, resp = got

@@ -11,6 +11,7 @@ import csv
 import hashlib
 import json
 import re
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -59,19 +60,54 @@ def read_records(path: Path, fmt: str, display: str | None = None) -> ReadResult
     return out
 
 
-def _read_jsonl(raw: bytes, name: str, out: ReadResult) -> None:
-    seen: dict[str, None] = {}
-    for i, line in enumerate(raw.split(b"\n"), start=1):
-        if not line.strip():
+# What bytes.strip() strips: the ASCII whitespace.
+_ASCII_WHITESPACE = " \t\n\r\x0b\x0c"
+
+
+def _jsonl_lines(raw: bytes, name: str, out: ReadResult) -> Iterator[tuple[int, str]]:
+    """(line number, text) of each line that is not blank; a line that is not UTF-8 becomes a problem."""
+    try:
+        whole = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        pass
+    else:
+        for i, line in enumerate(whole.split("\n"), start=1):
+            if line.strip(_ASCII_WHITESPACE):
+                yield i, line
+        return
+    for i, bline in enumerate(raw.split(b"\n"), start=1):  # decoded one by one: each bad line is reported
+        if not bline.strip():
             continue
         try:
-            text = line.decode("utf-8")
+            line = bline.decode("utf-8")
         except UnicodeDecodeError as exc:
             _bad(out, Problem(f"invalid UTF-8 at byte {exc.start}", where=f"{name}:{i}",
-                              hint="re-save the file as UTF-8"), line.decode("utf-8", "replace"))
+                              hint="re-save the file as UTF-8"), bline.decode("utf-8", "replace"))
             continue
+        yield i, line
+
+
+# What json.loads runs (the C scanner of a default decoder), without the checks around it.
+_scan_value: Callable[[str, int], tuple[Any, int]] = json.JSONDecoder().scan_once  # type: ignore[attr-defined]
+
+
+def _loads(text: str) -> Any:
+    """``json.loads(text)``, quicker for a line that is one JSON value with nothing around it."""
+    try:
+        value, end = _scan_value(text, 0)
+    except (StopIteration, ValueError):
+        value, end = None, -1
+    # anything else (leading or trailing whitespace, a byte order mark, bad JSON) goes the usual
+    # way, which also raises the usual error
+    return value if end == len(text) else json.loads(text)
+
+
+def _read_jsonl(raw: bytes, name: str, out: ReadResult) -> None:
+    seen: dict[str, Any] = {}  # the columns, in order of first appearance (the values do not matter)
+    records = out.records
+    for i, text in _jsonl_lines(raw, name, out):
         try:
-            obj = json.loads(text)
+            obj = _loads(text)
         except json.JSONDecodeError as exc:
             _bad(out, Problem(f"invalid JSON: {exc.msg} (column {exc.colno})", where=f"{name}:{i}",
                               hint="each line must be one JSON object"), text)
@@ -79,8 +115,8 @@ def _read_jsonl(raw: bytes, name: str, out: ReadResult) -> None:
         if not isinstance(obj, dict):
             _bad(out, Problem(f"expected a JSON object, got {type(obj).__name__}", where=f"{name}:{i}"), text)
             continue
-        seen.update(dict.fromkeys(obj))
-        out.records.append(Record(name, i, obj))
+        seen.update(obj)
+        records.append(Record(name, i, obj))
     out.columns = list(seen)
 
 

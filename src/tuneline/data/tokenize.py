@@ -7,7 +7,12 @@ anything after the end-of-turn token get label ``IGNORE_INDEX``.
 
 from __future__ import annotations
 
+import json
+import re
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from itertools import chain, islice
+from operator import itemgetter
 from typing import Any
 
 from tuneline.data.examples import Example, Message
@@ -107,42 +112,212 @@ def lengths_over(tokenizer: Any, examples: list[Example], limit: int, margin: in
     probe with the same roles). An example whose content bytes (+1 per message) plus those cannot
     reach the limit is skipped: a byte-level BPE token covers at least one byte, a SentencePiece
     one at least one byte or the word-start marker. The rest are estimated from their contents,
-    each distinct content tokenized once in one batch call of the Rust tokenizer; only estimates
-    within ``margin`` of the limit, or over it, are encoded exactly with :func:`encode_example`,
-    so the answer is exact."""
+    each distinct content counted once (see :func:`_token_counts`); only estimates within
+    ``margin`` of the limit, or over it, are encoded exactly with :func:`encode_example`, so the
+    answer is exact."""
     if not examples:
         return {}
     eot = end_of_turn(tokenizer)
     overhead: dict[tuple[str, ...], int] = {}
     x = len(tokenizer("x", add_special_tokens=False)["input_ids"])
-    candidates: list[int] = []
+    candidates: list[tuple[int, int]] = []  # (index, template tokens) of the rows that might be too long
+    role_of, content_of = itemgetter("role"), itemgetter("content")
     for i, ex in enumerate(examples):
-        roles = tuple(m["role"] for m in ex.messages)
-        if roles not in overhead:
+        msgs = ex.messages
+        roles = tuple(map(role_of, msgs))
+        template = overhead.get(roles)
+        if template is None:
             probe = Example("probe", tuple({"role": r, "content": "x"} for r in roles), "x")
-            overhead[roles] = len(encode_example(tokenizer, probe, 1 << 30, eot).input_ids) - x * len(roles)
-        bound = overhead[roles] + sum(len(m["content"].encode("utf-8")) + 1 for m in ex.messages)
-        if bound > limit:
-            candidates.append(i)
-    contents = list(dict.fromkeys(m["content"] for i in candidates for m in examples[i].messages))
-    count = dict(zip(contents, _token_counts(tokenizer, contents), strict=True))
+            template = len(encode_example(tokenizer, probe, 1 << 30, eot).input_ids) - x * len(roles)
+            overhead[roles] = template
+        contents = "".join(map(content_of, msgs))
+        n_bytes = len(contents) if contents.isascii() else len(contents.encode("utf-8"))
+        if template + n_bytes + len(msgs) > limit:
+            candidates.append((i, template))
+    distinct = list(dict.fromkeys(m["content"] for i, _ in candidates for m in examples[i].messages))
+    count = dict(zip(distinct, _token_counts(tokenizer, distinct), strict=True))
     over: dict[int, int] = {}
-    for i in candidates:
+    for i, template in candidates:
         ex = examples[i]
-        roles = tuple(m["role"] for m in ex.messages)
-        if overhead[roles] + sum(count[m["content"]] for m in ex.messages) >= limit - margin:
+        if template + sum(map(count.__getitem__, map(content_of, ex.messages))) >= limit - margin:
             n = len(encode_example(tokenizer, ex, 1 << 30, eot).input_ids)
             if n > limit:
                 over[i] = n
     return over
 
 
+# Texts whose count from words is compared with a full tokenization before the others are
+# counted that way; with no more texts than this, every text is simply tokenized.
+_CHECK_SAMPLE = 500
+
+
 def _token_counts(tokenizer: Any, texts: list[str]) -> list[int]:
-    """Tokens of each text without special tokens (the Rust batch path when there is one)."""
+    """Tokens of each text without special tokens (the Rust batch path when there is one).
+
+    Many texts are counted from their words (see :func:`_word_counts`), once that count was found
+    equal to a full tokenization on a sample of them; otherwise each text is tokenized."""
     if not texts:
         return []
     backend = getattr(tokenizer, "backend_tokenizer", None)
     fast = getattr(backend, "encode_batch_fast", None)
-    if fast is not None:
-        return [len(e.ids) for e in fast(texts, add_special_tokens=False)]
-    return [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+    if fast is None:
+        return [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+
+    def tokenized(batch: list[str]) -> list[int]:
+        return [len(e.ids) for e in fast(batch, add_special_tokens=False)] if batch else []
+
+    if len(texts) > _CHECK_SAMPLE:
+        counts = _word_counts(backend, texts, tokenized)
+        if counts is not None:
+            return counts
+    return tokenized(texts)
+
+
+# Pre-tokenizer kinds whose cuts fall where :func:`_words` cuts, or inside words. The byte-level
+# regex (GPT-2) starts a piece at a space followed by a letter, digit or symbol, and ends a run of
+# whitespace before its last space when a word follows; SentencePiece's metaspace starts a piece
+# at each space; the whitespace splitters cut at every space; digits and punctuation cut inside
+# words. ``Split`` is taken on trust (the Llama 3 and Qwen patterns cut like GPT-2's) and left to
+# the comparison on a sample. ``Sequence`` is read part by part.
+_WORD_LOCAL_PRE_TOKENIZERS = frozenset({"ByteLevel", "Metaspace", "Whitespace", "WhitespaceSplit",
+                                        "BertPreTokenizer", "Split", "Digits", "Punctuation"})
+
+
+def _cuts_before_spaces(pre_tokenizer: Any) -> bool:
+    """Whether ``pre_tokenizer`` is made of the kinds above, one of them cutting at spaces, so
+    that a text's pieces are the pieces of its words (see :func:`_words`)."""
+    try:
+        state = json.loads(pre_tokenizer.__getstate__())
+    except (AttributeError, TypeError, ValueError):
+        return False
+    parts = state.get("pretokenizers", []) if state.get("type") == "Sequence" else [state]
+
+    def splits(part: dict[str, Any]) -> bool:
+        kind = part.get("type")
+        if kind == "ByteLevel":
+            return bool(part.get("use_regex", True))
+        if kind == "Metaspace":
+            return bool(part.get("split", True))
+        return kind in ("Whitespace", "WhitespaceSplit", "BertPreTokenizer", "Split")
+
+    return (bool(parts) and all(p.get("type") in _WORD_LOCAL_PRE_TOKENIZERS for p in parts)
+            and any(splits(p) for p in parts))
+
+
+# A space followed by a character that is not whitespace, not at the start of the text: where
+# the pre-tokenizers above always start a new piece. (Python's whitespace includes Unicode's, so
+# "not whitespace" here is never whitespace to a tokenizer.)
+_WORD_START = re.compile(r"(?<=.)(?= \S)", re.DOTALL)
+
+
+def _single_spaced(text: str) -> bool:
+    """True when ``text`` is printable (so its only whitespace is " ") with no space at its ends or
+    next to another: :func:`_words` then cuts at every space."""
+    return text.isprintable() and "  " not in text and not text.startswith(" ") and not text.endswith(" ")
+
+
+def _words(text: str) -> list[str]:
+    """``text`` cut in front of each space that is followed by a character other than whitespace
+    (not at its very start): the first part, then the others without that space (each stands for
+    " " + word). ``" ".join(_words(text)) == text``."""
+    if _single_spaced(text):
+        return text.split(" ")
+    first, *rest = _WORD_START.split(text)
+    return [first, *(w[1:] for w in rest)]
+
+
+class _WordTokens:
+    """Tokens of words, each distinct one tokenized once, in batches: a first word as it is,
+    a following word with the space before it."""
+
+    def __init__(self, tokenized: Callable[[list[str]], list[int]]) -> None:
+        self._tokenized = tokenized
+        self.first: dict[str, int] = {}
+        self.rest: dict[str, int] = {}
+
+    def add(self, firsts: Iterable[str], rests: Iterable[str]) -> None:
+        new_firsts = [w for w in set(firsts) if w not in self.first]
+        new_rests = [w for w in set(rests) if w not in self.rest]
+        n = self._tokenized(new_firsts + [" " + w for w in new_rests])
+        self.first.update(zip(new_firsts, n[: len(new_firsts)], strict=True))
+        self.rest.update(zip(new_rests, n[len(new_firsts):], strict=True))
+
+
+# Texts split into words by Arrow at a time: bounds its temporary arrays.
+_ARROW_CHUNK = 50_000
+
+
+def _single_spaced_counts(texts: list[str], tokens: _WordTokens) -> list[int]:
+    """Token counts of single-spaced texts summed over their words, the words found by Arrow
+    (cut at every space, as :func:`_words` would) and summed with numpy."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    out: list[int] = []
+    for start in range(0, len(texts), _ARROW_CHUNK):
+        words = pc.split_pattern(pa.array(texts[start : start + _ARROW_CHUNK], pa.large_string()), pattern=" ")
+        offsets = words.offsets.to_numpy().astype(np.int64)
+        offsets -= offsets[0]
+        encoded = pc.dictionary_encode(pc.list_flatten(words))
+        vocab: list[str] = encoded.dictionary.to_pylist()
+        index = encoded.indices.to_numpy().astype(np.int64)
+        is_first = np.zeros(index.size, bool)
+        is_first[offsets[:-1]] = True  # every text has a first word (maybe "")
+        first_ids = np.flatnonzero(np.bincount(index[is_first], minlength=len(vocab)))
+        rest_ids = np.flatnonzero(np.bincount(index[~is_first], minlength=len(vocab)))
+        tokens.add((vocab[i] for i in first_ids.tolist()), (vocab[i] for i in rest_ids.tolist()))
+        first_n = np.fromiter((tokens.first.get(w, 0) for w in vocab), np.int64, len(vocab))
+        rest_n = np.fromiter((tokens.rest.get(w, 0) for w in vocab), np.int64, len(vocab))
+        per_word = np.where(is_first, first_n[index], rest_n[index])
+        total = np.zeros(index.size + 1, np.int64)
+        np.cumsum(per_word, out=total[1:])
+        out.extend((total[offsets[1:]] - total[offsets[:-1]]).tolist())
+    return out
+
+
+def _word_counts(backend: Any, texts: list[str], tokenized: Callable[[list[str]], list[int]]) -> list[int] | None:
+    """Token counts of ``texts`` summed over their words, or None where that does not apply.
+
+    A Rust tokenizer encodes a text by normalizing it, splitting off its added tokens, cutting the
+    rest into pre-tokens and running the model on each pre-token by itself (BPE never merges
+    across them). Without a normalizer, for a text holding no added token, and with a
+    pre-tokenizer that cuts at every space between two words (the byte-level regex of GPT-2 and
+    Llama 3 style tokenizers, SentencePiece's metaspace, whitespace splitters), the count is the
+    sum over the text's words (see :func:`_words`) of the count of each word (with the space
+    before it) tokenized alone; each distinct word is tokenized once. Texts holding an added
+    token are tokenized whole. Before the sums are returned they are compared with full
+    tokenizations of a sample of the texts: one difference and None is returned, so the caller
+    tokenizes every text."""
+    pre_tokenizer = getattr(backend, "pre_tokenizer", None)
+    if getattr(backend, "normalizer", None) is not None or pre_tokenizer is None:
+        return None
+    if not _cuts_before_spaces(pre_tokenizer):
+        return None
+    specials = sorted({t.content for t in backend.get_added_tokens_decoder().values() if t.content}, key=len,
+                      reverse=True)
+    holds_special = re.compile("|".join(map(re.escape, specials))).search if specials else None
+    whole: list[int] = []  # texts holding an added token
+    simple: list[int] = []  # single-spaced texts: the common case, cut into words by Arrow
+    other: list[int] = []
+    for i, text in enumerate(texts):
+        if holds_special is not None and holds_special(text):
+            whole.append(i)
+        else:
+            (simple if _single_spaced(text) else other).append(i)
+    tokens = _WordTokens(tokenized)
+    counts = [0] * len(texts)
+    for i, n in zip(simple, _single_spaced_counts([texts[i] for i in simple], tokens), strict=True):
+        counts[i] = n
+    parts = [_words(texts[i]) for i in other]
+    tokens.add((p[0] for p in parts), chain.from_iterable(islice(p, 1, None) for p in parts))
+    for i, p in zip(other, parts, strict=True):
+        counts[i] = tokens.first[p[0]] + sum(map(tokens.rest.__getitem__, islice(p, 1, None)))
+    step = max(1, len(texts) // _CHECK_SAMPLE)
+    skip = set(whole)
+    sample = [i for i in range(0, len(texts), step) if i not in skip][:_CHECK_SAMPLE]
+    if [counts[i] for i in sample] != tokenized([texts[i] for i in sample]):
+        return None
+    for i, n in zip(whole, tokenized([texts[i] for i in whole]), strict=True):
+        counts[i] = n
+    return counts
