@@ -127,6 +127,17 @@ def test_grouped_linears_share_one_product_and_equal_peft(tiny_model_dir):
         torch.testing.assert_close(got[n], ref[n], rtol=1e-4, atol=1e-7)
 
 
+def test_grouped_path_runs_under_inference_mode(tiny_model_dir):
+    """Generation with an unmerged adapter: inference tensors have no version counter."""
+    model = _model(tiny_model_dir)
+    ids = torch.randint(10, 1000, (2, 9), generator=torch.Generator().manual_seed(7))
+    with torch.inference_mode():
+        grouped = model(input_ids=ids).logits
+        fast_lora.uninstall(model)
+        plain = model(input_ids=ids).logits
+    torch.testing.assert_close(grouped, plain, rtol=1e-4, atol=1e-5)
+
+
 def test_group_restacks_weights_that_were_replaced_and_skips_merged_adapters(tiny_model_dir):
     model = _model(tiny_model_dir)
     ids = torch.randint(10, 1000, (2, 9), generator=torch.Generator().manual_seed(6))

@@ -196,7 +196,7 @@ class _Group:
 
     def forward(self, member: Any, x: Any) -> Any:
         i = self.members.index(member)
-        if self.pending_x is x and x._version == self.pending_version and i in self.pending:
+        if self.pending_x is x and _version(x) == self.pending_version and i in self.pending:
             out = self.pending.pop(i)
             if not self.pending:
                 self.pending_x = None
@@ -209,8 +209,13 @@ class _Group:
                           [m.lora_B[name].weight for m in self.members],
                           [float(m.scaling[name]) for m in self.members])
         self.pending = {j: o for j, o in enumerate(outs) if j != i}
-        self.pending_x, self.pending_version = x, x._version
+        self.pending_x, self.pending_version = x, _version(x)
         return outs[i]
+
+
+def _version(x: Any) -> int:
+    """The tensor's in-place version counter (inference tensors have none and cannot change)."""
+    return -1 if x.is_inference() else int(x._version)
 
 
 def _fast_path_ok(module: Any) -> str | None:
