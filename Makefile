@@ -28,6 +28,7 @@ demo: setup
 	$(BIN)/tuneline run examples/banking77/tuneline.yaml
 
 test: install
+	bash scripts/install-browser.sh
 	$(BIN)/pytest
 
 test-slow: install

@@ -6,6 +6,7 @@ Python API (the CLI calls exactly these)::
     result = tuneline.run("examples/banking77/tuneline.yaml")
     loaded = tuneline.load_spec("tuneline.yaml")
     data = tuneline.prepare_data(loaded)
+    suite = tuneline.evaluate("examples/banking77/tuneline.yaml")  # re-evaluate the last run's adapter
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ __all__ = [
     "TunelineError",
     "Workspace",
     "__version__",
-    "evaluate_model",
+    "evaluate",
     "json_schema",
     "load_spec",
     "parse_spec",
@@ -48,7 +49,7 @@ _LAZY = {
     "validate": "tuneline.pipeline",
     "prepare_data": ("tuneline.data", "prepare"),
     "train": "tuneline.train",
-    "evaluate_model": "tuneline.eval",
+    "evaluate": "tuneline.pipeline",
     "Workspace": "tuneline.workspace",
 }
 

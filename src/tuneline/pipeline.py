@@ -13,7 +13,15 @@ from typing import Any
 from tuneline.curation import DatasetVersion
 from tuneline.data import PreparedData, prepare
 from tuneline.errors import Problem, TrainingError
-from tuneline.eval import EvalReport, ModelResult, check_objective, evaluate_model, render_table
+from tuneline.eval import (
+    EvalSet,
+    EvalSuite,
+    Evaluation,
+    describe_failures,
+    flat_metrics,
+    load_golden,
+    render_tables,
+)
 from tuneline.models import load_model, load_tokenizer, resolve_model_source
 from tuneline.spec import LoadedSpec, load_spec
 from tuneline.train import TrainResult, default_device, resolve_precision, train
@@ -28,7 +36,7 @@ class RunResult:
     run_id: str
     run_dir: Path
     train: TrainResult
-    report: EvalReport | None
+    report: EvalSuite | None
     seconds: float
 
     @property
@@ -114,6 +122,7 @@ def run(
     run_dir = ws.run_dir(spec.name)
     state_file = run_dir / "run.json"
     test = data.test or data.eval
+    sets = eval_sets(loaded, ws, test)  # a changed golden set stops the run here, before any training
 
     mlflow_run_id = None
     if resume:
@@ -138,17 +147,12 @@ def run(
                 tracking.log_dataset_version(version)
             mlflow.log_params({"data.labels_count": len(data.labels or []), "device": device, "precision": precision})
 
-        def evaluate(name: str) -> ModelResult:
-            assert test
-            result = evaluate_model(name, spec, model, tokenizer, test, data.labels,
-                                    autocast=autocast_for(precision, device), device=device,
-                                    show_progress=show_progress)
-            mlflow.log_metrics({f"{name}.{k}": v for k, v in result.metrics.items()})
-            return result
-
-        base_result = None
-        if test and spec.eval.compare_base and not resume:
-            base_result = evaluate("base")  # before training, on the untouched model
+        evaluation = Evaluation(spec, tokenizer, sets, data.labels, autocast=autocast_for(precision, device),
+                                device=device, show_progress=show_progress) if sets else None
+        scored_base = False
+        if evaluation is not None and spec.eval.compare_base and not resume:
+            evaluation.score_system("base", model, spec.model)  # before training, on the untouched model
+            scored_base = True
 
         pending: list[Any] = []
 
@@ -187,34 +191,119 @@ def run(
                           f"train.seq_len={spec.train.seq_len}[/]")
 
         report = None
-        if test:
-            if base_result is None and spec.eval.compare_base and hasattr(model, "disable_adapter"):
+        if evaluation is not None:
+            if not scored_base and spec.eval.compare_base and hasattr(model, "disable_adapter"):
                 with model.disable_adapter():  # resumed LoRA run: the base is the model minus the adapter
-                    base_result = evaluate("base")
+                    evaluation.score_system("base", model, spec.model)
             if hasattr(model, "merge_adapter"):
                 # the adapter is saved; generate with it merged into the base weights, as it would be
                 # served, instead of computing the adapter products for every generated token
                 model.merge_adapter()
-            tuned = evaluate("tuned")
-            report = EvalReport(
-                task=spec.task.type, primary=spec.objective.primary, n_examples=len(test),
-                results=[r for r in (base_result, tuned) if r is not None],
-                checks=check_objective(spec.objective, tuned.metrics),
-                references=[ex.reference for ex in test], wheres=[ex.where for ex in test],
-            )
-            (run_dir / "eval_report.json").write_text(json.dumps(report.to_dict(), indent=2))
-            mlflow.log_dict(report.to_dict(), "eval/report.json")
-            mlflow.log_table(_columns(report.prediction_rows()), "eval/predictions.json")
-            mlflow.set_tag("tuneline.objective_passed", str(report.passed).lower())
-            console.print(render_table(report))
-            verdict = "[green]PASSED[/]" if report.passed else "[red]FAILED[/]"
-            console.print(f"objective {verdict}: " + ", ".join(c.threshold for c in report.checks))
+            evaluation.score_system("candidate", model, str(result.adapter_dir))
+            del model
+            report = _finish_evaluation(evaluation, loaded, ws, source, device, base_dtype, run_dir, console)
     seconds = time.perf_counter() - t0
     console.print(f"run {run_id} finished in {seconds:.0f}s; see it with `tuneline runs` or `mlflow ui "
                   f"--backend-store-uri {tracking.tracking_uri(loaded, ws)}`")
     return RunResult(run_id, run_dir, result, report, seconds)
 
 
-def _columns(rows: list[dict[str, str]]) -> dict[str, list[str]]:
-    keys = list(rows[0]) if rows else []
-    return {k: [r[k] for r in rows] for k in keys}
+def eval_sets(loaded: LoadedSpec, ws: Workspace, test: list[Any]) -> list[EvalSet]:
+    """The test split (or validation split when there is no test split) and each golden set."""
+    sets = [EvalSet("test", "test", test)] if test else []
+    for g in loaded.spec.eval.golden:
+        golden = load_golden(loaded, g, ws.root)
+        sets.append(EvalSet(g.name, "golden", golden.examples, golden.version, golden.sha256, g.path))
+    return sets
+
+
+def load_adapter_model(source: Any, ws: Workspace, adapter_dir: str | Path, device: str, dtype: str) -> Any:
+    """The base model with a saved adapter merged into its weights (as it would be served)."""
+    from peft import PeftModel
+
+    folder = Path(adapter_dir)
+    if not (folder / "adapter_config.json").is_file():
+        if (folder / "config.json").is_file():  # a fully fine-tuned model saved whole
+            return load_model(resolve_model_source(str(folder), folder), ws.models_dir, device=device, dtype=dtype)
+        raise TrainingError(Problem(f"no adapter in {folder} (adapter_config.json not found)",
+                                    hint="point at the `adapter` folder of a run, e.g. .tuneline/runs/NAME/adapter"))
+    base = load_model(source, ws.models_dir, device=device, dtype=dtype)
+    return PeftModel.from_pretrained(base, str(folder)).merge_and_unload()
+
+
+def _finish_evaluation(evaluation: Evaluation, loaded: LoadedSpec, ws: Workspace, source: Any, device: str,
+                       dtype: str, run_dir: Path, console: Any, production: str | Path | None = None) -> EvalSuite:
+    """Score the production adapter (when there is one), then score, record and print the evaluation."""
+    import mlflow
+
+    production = production or (loaded.resolve(loaded.spec.eval.production) if loaded.spec.eval.production else None)
+    if production is not None:
+        evaluation.score_system("production", load_adapter_model(source, ws, production, device, dtype),
+                                str(production))
+    suite = evaluation.finish()
+    (run_dir / "eval_report.json").write_text(json.dumps(suite.to_dict(), indent=2))
+    mlflow.log_dict(suite.to_dict(), "eval/report.json")
+    mlflow.log_metrics(flat_metrics(suite))
+    mlflow.set_tag("tuneline.objective_passed", str(suite.passed).lower())
+    for table in render_tables(suite):
+        console.print(table)
+    if suite.passed:
+        console.print(f"gates [green]PASSED[/] ({len(suite.gates)})")
+    else:
+        console.print("gates [red]FAILED[/]:\n  " + "\n  ".join(describe_failures(suite.gates)))
+    return suite
+
+
+def evaluate(
+    spec_path: str | Path,
+    *,
+    workspace: str | Path | Workspace | None = None,
+    adapter: str | Path | None = None,
+    production: str | Path | None = None,
+    show_progress: bool = True,
+    console: Any = None,
+) -> EvalSuite:
+    """Evaluate a trained adapter (default: the spec's last run) beside the base model and the
+    production adapter, on the test split and the golden sets; record it in that run's MLflow run."""
+    import mlflow
+    from rich.console import Console
+
+    import tuneline.tracking as tracking
+
+    console = console or Console()
+    ws = workspace if isinstance(workspace, Workspace) else Workspace.at(workspace)
+    loaded = load_spec(spec_path)
+    spec = loaded.spec
+    source = resolve_model_source(spec.model, loaded.base_dir)
+    tokenizer = load_tokenizer(source, ws.models_dir)
+    data, _ = prepare_version(loaded, ws, tokenizer)
+    run_dir = ws.run_dir(spec.name)
+    candidate = Path(adapter) if adapter else run_dir / "adapter"
+    if not (candidate / "adapter_config.json").is_file() and not (candidate / "config.json").is_file():
+        raise TrainingError(Problem(f"no trained adapter at {candidate}",
+                                    hint=f"train one with `tuneline run {spec_path}`, or pass --adapter FOLDER"))
+    sets = eval_sets(loaded, ws, data.test or data.eval)
+    if not sets:
+        raise TrainingError(Problem("nothing to evaluate on: the spec has no test or validation split and no "
+                                    "golden sets", field="data.test", hint="add data.test or eval.golden"))
+    device = default_device()
+    precision = resolve_precision(spec.train.precision, device)
+    dtype = "bf16" if precision == "bf16" and spec.train.method == "lora" else "fp32"
+    evaluation = Evaluation(spec, tokenizer, sets, data.labels, autocast=autocast_for(precision, device),
+                            device=device, show_progress=show_progress)
+    if spec.eval.compare_base:
+        evaluation.score_system("base", load_model(source, ws.models_dir, device=device, dtype=dtype), spec.model)
+    evaluation.score_system("candidate", load_adapter_model(source, ws, candidate, device, dtype), str(candidate))
+    state = run_dir / "run.json"
+    run_id = json.loads(state.read_text()).get("mlflow_run_id") if state.is_file() and not adapter else None
+    if run_id:
+        mlflow.set_tracking_uri(tracking.tracking_uri(loaded, ws))
+        active = mlflow.start_run(run_id=run_id)
+    else:
+        active = tracking.start_run(loaded, ws, run_name="eval")
+    with active as mlrun:
+        if not run_id:
+            mlflow.set_tag("tuneline.adapter", str(candidate))
+        suite = _finish_evaluation(evaluation, loaded, ws, source, device, dtype, run_dir, console, production)
+        console.print(f"recorded in run {mlrun.info.run_id}; HTML page: `tuneline report {mlrun.info.run_id[:12]}`")
+    return suite

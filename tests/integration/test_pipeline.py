@@ -33,14 +33,21 @@ def test_run_trains_evaluates_and_tracks(classification_spec: Path, tmp_path: Pa
 
     # training moved the model: accuracy on held-out intents went up from the random base
     report = result.report
-    assert report is not None and report.n_examples == 12
-    base, tuned = report.result("base"), report.result("tuned")
+    assert report is not None and report.main_set().n == 12
+    base, tuned = report.main_set().system("base"), report.main_set().system("candidate")
     assert base is not None and tuned is not None
-    assert tuned.metrics["accuracy"] >= base.metrics["accuracy"] + 0.3
+    assert tuned.metrics["accuracy"].value >= base.metrics["accuracy"].value + 0.3
+    # every metric comes with its 95% interval, and the paired test compares the same rows
+    acc = tuned.metrics["accuracy"]
+    assert acc.low is not None and acc.high is not None and acc.low <= acc.value <= acc.high
+    (mcnemar,) = [c for c in report.main_set().comparisons if c.metric == "accuracy"]
+    assert mcnemar.test == "mcnemar" and mcnemar.b == "base"
+    fixed = [f for f in report.main_set().flips["candidate_vs_base"] if f.kind == "fixed"]
+    assert len(fixed) == mcnemar.a_only
     # every example starts with the same system prompt: computed once per batch, not per example
     assert 0 < result.train.computed_tokens < result.train.train_tokens
     # decoding is constrained to the label set: every answer of either model is one of the labels
-    assert tuned.metrics["invalid_rate"] == base.metrics["invalid_rate"] == 0.0
+    assert tuned.metrics["invalid_rate"].value == base.metrics["invalid_rate"].value == 0.0
 
     # the model is saved with its tokenizer and the spec
     adapter = Path(result.train.adapter_dir)
@@ -55,7 +62,7 @@ def test_run_trains_evaluates_and_tracks(classification_spec: Path, tmp_path: Pa
     assert run.data.tags["tuneline.spec_sha256"] == load_spec(classification_spec).sha256
     assert len(run.data.tags["tuneline.data.train.sha256"]) == 64
     assert "tuneline.version.torch" in run.data.tags
-    assert run.data.metrics["tuned.accuracy"] == pytest.approx(tuned.metrics["accuracy"])
+    assert run.data.metrics["candidate.accuracy"] == pytest.approx(tuned.metrics["accuracy"].value)
     assert run.info.artifact_uri.startswith(ws.artifact_root.as_uri())
     history = MlflowClient().get_metric_history(result.run_id, "train_loss")
     assert len(history) == 150  # every step, although written in batches
@@ -142,9 +149,11 @@ def test_instruction_task_reports_text_metrics(tmp_path: Path, tiny_model_dir: P
     """)
     result = tuneline.run(spec, workspace=tmp_path / "ws", show_progress=False)
     assert result.report is not None
-    tuned = result.report.result("tuned")
-    assert tuned is not None and set(tuned.metrics) == {"rouge_l", "bleu"}
-    assert 0.0 <= tuned.metrics["rouge_l"] <= 1.0
+    tuned = result.report.main_set().system("candidate")
+    assert tuned is not None
+    assert set(tuned.metrics) == {"rouge_l", "bleu", "chrf", "exact_match", "answer_tokens", "refusal_rate",
+                                  "stopped_rate"}
+    assert 0.0 <= tuned.metrics["rouge_l"].value <= 1.0
     assert len(tuned.predictions) == len(rows)
 
 
@@ -159,5 +168,5 @@ def test_resume_continues_the_same_tracked_run(classification_spec: Path, tmp_pa
     assert again.train.final_loss == pytest.approx(first.train.final_loss)
     assert again.report is not None and first.report is not None
     # base metrics come from the same model with the adapter switched off
-    assert again.report.result("base").metrics == first.report.result("base").metrics
-    assert again.report.result("tuned").metrics == first.report.result("tuned").metrics
+    for system in ("base", "candidate"):
+        assert again.report.main_set().system(system).metrics == first.report.main_set().system(system).metrics

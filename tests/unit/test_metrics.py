@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tuneline.eval.metrics import classification_metrics, normalize_label, text_metrics
-from tuneline.eval.report import check_objective
-from tuneline.spec.models import ObjectiveSpec
+from tuneline.eval.metrics import classification_metrics, normalize_label, score
 
 
 @pytest.mark.parametrize("raw", ["card_arrival", " Card_Arrival.", "card arrival", "card-arrival\n"])
@@ -24,14 +22,8 @@ def test_classification_metrics():
 
 
 def test_text_metrics_reward_overlap():
-    same = text_metrics(["the card is blocked"], ["the card is blocked"])
-    other = text_metrics(["hello there"], ["the card is blocked"])
-    assert same["rouge_l"] == pytest.approx(1.0)
-    assert same["bleu"] > other["bleu"]
-    assert other["rouge_l"] == 0.0
-
-
-def test_objective_checks_pass_and_fail():
-    obj = ObjectiveSpec(primary="accuracy", thresholds=["accuracy >= 0.8", "macro_f1 > 0.5"])
-    checks = check_objective(obj, {"accuracy": 0.9, "macro_f1": 0.5})
-    assert [c.passed for c in checks] == [True, False]
+    same = score("instruction", ["the card is blocked"], ["the card is blocked"], None).values()
+    other = score("instruction", ["hello there"], ["the card is blocked"], None).values()
+    assert same["rouge_l"] == pytest.approx(1.0) and same["exact_match"] == 1.0
+    assert same["bleu"] > other["bleu"] and same["chrf"] > other["chrf"]
+    assert other["rouge_l"] == 0.0 and other["exact_match"] == 0.0

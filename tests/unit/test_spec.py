@@ -119,3 +119,14 @@ def test_json_schema_describes_the_spec():
     assert set(schema["required"]) >= {"name", "task", "objective", "model", "data"}
     assert "train" in schema["properties"]
     json.dumps(schema)  # serialisable
+
+
+def test_gate_expressions_name_quantities_the_task_reports():
+    ok = VALID.replace('"accuracy >= 0.8"', '"accuracy - base.accuracy >= 0.10", "forgetting <= 0.05", '
+                                            '"p95_latency_ms <= 800", "robustness.typos <= 0.1"')
+    assert len(parse_spec(ok).objective.parsed_thresholds()) == 4
+    bad = VALID.replace('"accuracy >= 0.8"', '"accuracy - base.rouge_l >= 0.1", "golden.nope.accuracy >= 0.5"')
+    with pytest.raises(SpecError) as exc:
+        parse_spec(bad)
+    text = str(exc.value)
+    assert "rouge_l" in text and "no golden set named 'nope'" in text

@@ -9,12 +9,16 @@ import json
 import logging
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
+from typer.core import TyperGroup
 
 from tuneline.errors import TunelineError
+
+if TYPE_CHECKING:
+    from tuneline.eval import EvalSuite
 
 app = typer.Typer(
     name="tuneline",
@@ -126,13 +130,13 @@ def runs(
         console.print("no runs yet: start one with `tuneline run SPEC`")
         return
     table = Table(title="tuneline runs")
-    for col in ("run id", "experiment", "status", "steps", "base", "tuned", "objective"):
+    for col in ("run id", "experiment", "status", "steps", "base", "candidate", "gates"):
         table.add_column(col)
     for r in rows:
         m, t = r["metrics"], r["tags"]
-        primary = "accuracy" if "tuned.accuracy" in m or "base.accuracy" in m else "rouge_l"
+        primary = "accuracy" if "candidate.accuracy" in m or "base.accuracy" in m else "rouge_l"
         table.add_row(r["run_id"][:12], r["experiment"], r["status"], str(int(m["steps"])) if "steps" in m else "-",
-                      f"{primary} {_fmt(m, 'base.' + primary)}", f"{primary} {_fmt(m, 'tuned.' + primary)}",
+                      f"{primary} {_fmt(m, 'base.' + primary)}", f"{primary} {_fmt(m, 'candidate.' + primary)}",
                       {"true": "[green]pass[/]", "false": "[red]fail[/]"}.get(t.get("tuneline.objective_passed", ""), "-"))
     console.print(table)
 
@@ -262,6 +266,200 @@ def data_list(workspace: WorkspaceOpt = None) -> None:
     for m in versions:
         console.print(f"{m['id']}  {m['created']}  {m['spec']}  "
                       + ", ".join(f"{k} {n:,}" for k, n in m["counts"].items()) + f"  rejected {m['rejected']:,}")
+
+
+class _DefaultCommandGroup(TyperGroup):
+    """A command group whose first argument, when it is not a subcommand, goes to ``run``:
+    ``tuneline eval SPEC`` is ``tuneline eval run SPEC``."""
+
+    def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
+        if args and args[0] not in self.commands and args[0] not in ("--help", "-h"):
+            args = ["run", *args]
+        return super().parse_args(ctx, args)
+
+
+eval_app = typer.Typer(
+    cls=_DefaultCommandGroup, no_args_is_help=True,
+    help="Evaluate a trained model beside the base and production models: `tuneline eval SPEC` "
+         "(= `tuneline eval run SPEC`); blind human A/B rating with export-human / import-human.")
+app.add_typer(eval_app, name="eval")
+
+
+@eval_app.command("run")
+def eval_run(
+    spec: SpecArg,
+    adapter: Annotated[Path | None, typer.Option(help="Adapter folder to evaluate (default: the spec's last run).")] = None,
+    production: Annotated[Path | None, typer.Option(
+        help="Adapter folder of the production model to compare with (default: eval.production).")] = None,
+    workspace: WorkspaceOpt = None,
+    no_progress: Annotated[bool, typer.Option("--no-progress", help="No progress bars.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Also print the report (without per-row data) as JSON.")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+) -> None:
+    """Score base, candidate and production on the test split and golden sets: metrics with 95%
+    intervals, paired tests, flips, forgetting, robustness, latency; then check the gates.
+
+    Exits 0 when every gate passes, 2 when one fails (each failure is printed with its margin), 1 on an error.
+    """
+    _setup_logging(verbose)
+    from tuneline.pipeline import evaluate
+
+    suite = evaluate(spec, workspace=workspace, adapter=adapter, production=production,
+                     show_progress=not no_progress, console=console)
+    if as_json:
+        sys.stdout.write(json.dumps(suite.to_dict(with_rows=False), indent=2) + "\n")
+    if not suite.passed:
+        raise typer.Exit(2)
+
+
+def _last_report(spec: Path, workspace: Path | None) -> tuple[EvalSuite, Path]:
+    from tuneline.errors import Problem, TrainingError
+    from tuneline.eval import EvalSuite
+    from tuneline.spec import load_spec
+    from tuneline.workspace import Workspace
+
+    loaded = load_spec(spec)
+    run_dir = Workspace.at(workspace).run_dir(loaded.spec.name)
+    path = run_dir / "eval_report.json"
+    if not path.is_file():
+        raise TrainingError(Problem(f"no evaluation of {loaded.spec.name!r} yet ({path} not found)",
+                                    hint=f"run `tuneline run {spec}` or `tuneline eval {spec}` first"))
+    return EvalSuite.from_dict(json.loads(path.read_text())), run_dir
+
+
+@eval_app.command("export-human")
+def eval_export_human(
+    spec: SpecArg,
+    out: Annotated[Path, typer.Option("--out", "-o", help="CSV to hand to raters.")] = Path("human_ab.csv"),
+    against: Annotated[str, typer.Option(help="Compare the candidate with: base or production.")] = "base",
+    eval_set: Annotated[str, typer.Option("--set", help="Evaluation set: test or a golden set's name.")] = "test",
+    n: Annotated[int | None, typer.Option("-n", help="At most this many items (default: all).")] = 100,
+    seed: int = 0,
+    workspace: WorkspaceOpt = None,
+) -> None:
+    """Write a blind, shuffled A/B file of the last evaluation's answers (candidate vs base or
+    production) for raters; the key that unblinds it is kept in the run folder."""
+    from tuneline.errors import Problem, TunelineError
+    from tuneline.eval.human import export_human
+
+    suite, run_dir = _last_report(spec, workspace)
+    s = next((x for x in suite.sets if x.name == eval_set), None)
+    if s is None:
+        raise TunelineError(Problem(f"no evaluation set {eval_set!r} in the last evaluation",
+                                    hint=f"choose one of {[x.name for x in suite.sets]}"))
+    cand, other = s.system("candidate"), s.system(against)
+    if cand is None or other is None:
+        raise TunelineError(Problem(f"the last evaluation has no {against!r} answers",
+                                    hint="use --against base, or evaluate with a production model first"))
+    rows = [{"id": w, "input": i, "reference": r, "candidate": a, against: b}
+            for w, i, r, a, b in zip(s.wheres, s.inputs, s.references, cand.predictions, other.predictions, strict=True)]
+    key = run_dir / "human" / f"{out.stem}.key.json"
+    key.parent.mkdir(parents=True, exist_ok=True)
+    written = export_human(rows, candidate="candidate", other=against, out=out, key_out=key, n=n, seed=seed)
+    skipped = json.loads(key.read_text()).get("skipped_identical", 0)
+    console.print(f"{written} items written to {out} (fill the `preference` column with A, B or tie); "
+                  f"{skipped} rows left out because both answers were identical; key kept at {key}", soft_wrap=True)
+
+
+@eval_app.command("import-human")
+def eval_import_human(
+    spec: SpecArg,
+    ratings: Annotated[Path, typer.Argument(help="The rated CSV.", show_default=False)],
+    key: Annotated[Path | None, typer.Option(help="Key file (default: the run folder's key for this CSV's name).")] = None,
+    workspace: WorkspaceOpt = None,
+) -> None:
+    """Read raters' preferences back: the candidate's win rate (ties count half) with a 95% interval,
+    stored in the evaluation report, checked against a `human_win_rate` gate, and logged to the run."""
+    import mlflow
+
+    from tuneline.eval import check_gates
+    from tuneline.eval.human import import_human
+    from tuneline.spec import load_spec
+    from tuneline.tracking import tracking_uri
+    from tuneline.workspace import Workspace
+
+    suite, run_dir = _last_report(spec, workspace)
+    key = key or run_dir / "human" / f"{ratings.stem}.key.json"
+    result = import_human(ratings, key)
+    if not result["n"]:
+        err_console.print(f"no rated items in {ratings} ({result['unrated']} unrated): fill the `preference` column "
+                          "with A, B or tie")
+        raise typer.Exit(1)
+    suite.human = result
+    loaded = load_spec(spec)
+    suite.gates = check_gates(loaded.spec.objective, suite)
+    (run_dir / "eval_report.json").write_text(json.dumps(suite.to_dict(), indent=2))
+    console.print(f"candidate vs {result['against']}: win rate {result['win_rate']:.3f} "
+                  f"[{result['low']:.3f}, {result['high']:.3f}] over {result['n']} rated items "
+                  f"({result['wins']} wins, {result['ties']} ties, {result['losses']} losses; {result['unrated']} unrated)")
+    state = run_dir / "run.json"
+    run_id = json.loads(state.read_text()).get("mlflow_run_id") if state.is_file() else None
+    if run_id:
+        mlflow.set_tracking_uri(tracking_uri(loaded, Workspace.at(workspace)))
+        with mlflow.start_run(run_id=run_id):
+            mlflow.log_metrics({"human.win_rate": result["win_rate"], "human.win_rate_low": result["low"],
+                                "human.win_rate_high": result["high"], "human.rated": result["n"]})
+            mlflow.log_artifact(str(ratings), "human")
+            mlflow.log_dict(suite.to_dict(), "eval/report.json")
+        console.print(f"logged to run {run_id}")
+
+
+golden_app = typer.Typer(help="Golden sets: named, frozen evaluation sets with their registered versions.",
+                         no_args_is_help=True)
+app.add_typer(golden_app, name="golden")
+
+
+@golden_app.command("list")
+def golden_list(spec: SpecArg, workspace: WorkspaceOpt = None) -> None:
+    """Each golden set of the spec: registered versions, and whether the file on disk still matches."""
+    from tuneline.data import read_golden_examples
+    from tuneline.eval.golden import registered_versions
+    from tuneline.spec import load_spec
+    from tuneline.workspace import Workspace
+
+    loaded = load_spec(spec)
+    root = Workspace.at(workspace).root
+    if not loaded.spec.eval.golden:
+        console.print("the spec declares no golden sets (eval.golden)")
+    for g in loaded.spec.eval.golden:
+        versions = registered_versions(root, loaded.spec.name, g.name)
+        _, sha = read_golden_examples(loaded, g)
+        if not versions:
+            state = "not registered yet (registered as v1 on first use)"
+        elif versions[-1]["sha256"] == sha:
+            state = f"[green]v{versions[-1]['version']}[/], file unchanged"
+        else:
+            state = f"[red]file changed since v{versions[-1]['version']}[/]: `tuneline golden register {spec} {g.name}`"
+        console.print(f"{g.name} ({g.path}): {state}", soft_wrap=True)
+        for v in versions:
+            console.print(f"  v{v['version']}  {v['registered']}  {v['rows']} rows  sha256 {v['sha256'][:16]}")
+
+
+@golden_app.command("register")
+def golden_register(
+    spec: SpecArg,
+    name: Annotated[str, typer.Argument(help="The golden set's name in eval.golden.", show_default=False)],
+    workspace: WorkspaceOpt = None,
+) -> None:
+    """Register the golden set's current file as its next version (nothing happens if unchanged)."""
+    from tuneline.eval import register_golden
+    from tuneline.spec import load_spec
+    from tuneline.workspace import Workspace
+
+    entry, created = register_golden(load_spec(spec), name, Workspace.at(workspace).root)
+    if created:
+        console.print(f"[green]registered[/] {name} v{entry['version']} ({entry['rows']} rows, sha256 {entry['sha256'][:16]})")
+    else:
+        console.print(f"{name} is unchanged: still v{entry['version']}")
+
+
+def _register_report() -> None:
+    from tuneline.cli.report import register
+
+    register(app)
+
+
+_register_report()
 
 
 def _fmt(metrics: dict[str, float], key: str) -> str:

@@ -106,11 +106,13 @@ def _curate(loaded: LoadedSpec, tokenizer: Any) -> Curated:
     if cur.enabled:
         # eval rows as read (before any sampling), for decontamination
         held_out = [ex for name in ("validation", "test") for ex in splits[name]]
+        golden = _golden_rows(loaded)
+        held_out += [ex for rows, _ in golden.values() for ex in rows]
         splits = _normalize(cur, splits, rec)
         splits = _pii(cur, splits, rec, out)
         splits = _quality(cur, splits, rec)
         splits = _dedup(cur, splits, rec, out)
-        splits = _decontaminate(cur, splits, held_out, rec)
+        splits = _decontaminate(cur, splits, held_out, rec, {k: sha for k, (_, sha) in golden.items()})
         splits = _balance(cur, splits, rec)
         splits = _split(loaded, cur, splits, rec)
     splits = _sample(loaded, splits, rec)
@@ -399,11 +401,20 @@ def _dedup(cur: CurationSpec, splits: Splits, rec: Recorder, out: Curated) -> Sp
         return rec.finish(report, result)
 
 
-def _decontaminate(cur: CurationSpec, splits: Splits, held_out: list[Example], rec: Recorder) -> Splits:
+def _golden_rows(loaded: LoadedSpec) -> dict[str, tuple[list[Example], str]]:
+    """Each golden set's rows and file hash: training must never see them."""
+    from tuneline.data import read_golden_examples
+
+    return {g.name: read_golden_examples(loaded, g) for g in loaded.spec.eval.golden}
+
+
+def _decontaminate(cur: CurationSpec, splits: Splits, held_out: list[Example], rec: Recorder,
+                   golden: dict[str, str] | None = None) -> Splits:
     from tuneline.curation.textops import NgramIndex
 
     cfg = cur.decontaminate
-    with rec.step("decontaminate", {**cfg.model_dump(), "against": ["validation", "test"]}, splits) as report:
+    against: list[str] = ["validation", "test"] + [f"golden:{k}@{sha[:16]}" for k, sha in (golden or {}).items()]
+    with rec.step("decontaminate", {**cfg.model_dump(), "against": against}, splits) as report:
         if not cfg.enabled or not held_out:
             return rec.finish(report, splits)
         index = NgramIndex((input_of(ex) for ex in held_out), cfg.ngram)

@@ -18,6 +18,7 @@ from tuneline.spec.loader import LoadedSpec
 
 if TYPE_CHECKING:
     from tuneline.curation import Curated, SourceInfo
+    from tuneline.spec.models import GoldenSetSpec
 
 __all__ = [
     "IGNORE_INDEX",
@@ -29,6 +30,7 @@ __all__ = [
     "encode_prompt",
     "end_of_turn",
     "prepare",
+    "read_golden_examples",
     "read_records",
 ]
 
@@ -58,3 +60,22 @@ def prepare(loaded: LoadedSpec, tokenizer: Any = None) -> PreparedData:
     used = {"train": len(splits["train"]), "validation": len(splits["validation"]), "test": len(splits["test"])}
     sources = [dataclasses.replace(s, rows_used=used[s.split]) for s in curated.sources]
     return PreparedData(splits["train"], splits["validation"], splits["test"], curated.labels, sources, curated)
+
+
+def read_golden_examples(loaded: LoadedSpec, g: GoldenSetSpec) -> tuple[list[Example], str]:
+    """The golden set's examples and the file's SHA-256; any bad row is an error (a golden set is clean)."""
+    from tuneline.data.examples import build_examples, check_columns
+    from tuneline.errors import DataError, Problem
+
+    field = f"eval.golden.{g.name}"
+    read = read_records(loaded.resolve(g.path), g.resolved_format(), display=g.path)
+    problems = list(read.problems)
+    problems += check_columns(loaded.spec.task, g, read.columns, f"{g.path}:1", field)
+    if problems:
+        raise DataError(problems, title=f"golden set {g.name!r} cannot be read")
+    examples, row_problems = build_examples(loaded.spec.task, g, read.records)
+    if row_problems:
+        raise DataError(row_problems, title=f"golden set {g.name!r} has bad rows")
+    if not examples:
+        raise DataError(Problem("golden set is empty", where=g.path, field=field, hint="add rows or remove the set"))
+    return examples, read.sha256

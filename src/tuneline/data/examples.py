@@ -97,7 +97,13 @@ def build_examples(task: TaskSpec, source: DataSource, records: list[Record]) ->
             label = label.strip()
             msgs = (*system, {"role": "user", "content": text}, {"role": "assistant", "content": label})
             examples.append(Example(rec.where, msgs, label, label))
-        elif kind == "instruction":
+        elif kind == "summarization":
+            if (got := required(rec, "text", "summary")) is None:
+                continue
+            doc, summary = got
+            msgs = (*system, {"role": "user", "content": doc}, {"role": "assistant", "content": summary})
+            examples.append(Example(rec.where, tuple(msgs), summary))
+        elif kind in ("instruction", "structured"):
             if (got := required(rec, "instruction", "response")) is None:
                 continue
             instr, resp = got

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 from tuneline.data.examples import Example
@@ -66,7 +67,21 @@ class LabelTrie:
         return generated
 
 
-def generate(
+@dataclass
+class Generation:
+    texts: list[str]  # the answers, in input order
+    seconds_per_example: float
+    stopped: list[bool]  # the answer ended with end-of-turn (not cut at max_new_tokens)
+    tokens: list[int]  # answer length in tokens, the end token excluded
+
+
+def generate(model: Any, tokenizer: Any, examples: list[Example], **kwargs: Any) -> tuple[list[str], float]:
+    """Greedy answers in input order, and seconds per example (see :func:`generate_detailed`)."""
+    out = generate_detailed(model, tokenizer, examples, **kwargs)
+    return out.texts, out.seconds_per_example
+
+
+def generate_detailed(
     model: Any,
     tokenizer: Any,
     examples: list[Example],
@@ -79,8 +94,8 @@ def generate(
     show_progress: bool = True,
     labels: LabelTrie | None = None,
     share_prefix: bool = True,
-) -> tuple[list[str], float]:
-    """Greedy answers for each example's prompt, in input order; and seconds per example.
+) -> Generation:
+    """Greedy answers for each example's prompt, in input order, with whether each stopped on its own.
 
     With ``labels``, decoding is constrained to the label set (a classifier's answer is always
     one of its labels; the model still picks which), and a row stops as soon as its label is
@@ -98,7 +113,10 @@ def generate(
     prompts = [encode_prompt(tokenizer, ex) for ex in examples]
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     outputs: list[str] = [""] * len(prompts)
+    stopped = [False] * len(prompts)
+    lengths = [0] * len(prompts)
     eos = tokenizer.convert_tokens_to_ids(tokenizer.eos_token) if tokenizer.eos_token else None
+    ends = {t for t in (eos, _end_of_turn_id(tokenizer)) if t is not None}
     pad = tokenizer.pad_token_id
     n_prefix = common_prefix_len(prompts) if share_prefix else 0
     prefix = prompts[0][:n_prefix] if n_prefix else []
@@ -134,9 +152,22 @@ def generate(
                 answer = out[r, width:].tolist()
                 if labels is not None:
                     answer = labels.decided(answer)
-                outputs[i] = tokenizer.decode(answer, skip_special_tokens=True).strip()
+                end = next((k for k, t in enumerate(answer) if t in ends), None)
+                stopped[i] = end is not None
+                lengths[i] = len(answer) if end is None else end
+                outputs[i] = tokenizer.decode(answer[:lengths[i]], skip_special_tokens=True).strip()
             bar.update(task, advance=len(idx))
-    return outputs, (time.perf_counter() - t0) / max(1, len(prompts))
+    return Generation(outputs, (time.perf_counter() - t0) / max(1, len(prompts)), stopped, lengths)
+
+
+def _end_of_turn_id(tokenizer: Any) -> int | None:
+    from tuneline.errors import DataError
+
+    try:
+        tid = tokenizer.convert_tokens_to_ids(end_of_turn(tokenizer))
+    except DataError:
+        return None
+    return tid if isinstance(tid, int) and tid != tokenizer.unk_token_id else None
 
 
 def common_prefix_len(prompts: list[list[int]]) -> int:

@@ -1,9 +1,33 @@
-"""Task metrics on generated text: accuracy and macro-F1 for labels, ROUGE-L and BLEU for text."""
+"""Task metrics on generated answers, each computable on any subset of rows (for bootstrap intervals).
+
+- classification: accuracy, macro-F1, invalid_rate (answers that are no label), per-class
+  precision/recall/F1 and the confusion matrix;
+- instruction, chat, summarization: ROUGE-L, BLEU, chrF, exact match;
+- structured (JSON answers): JSON validity, field accuracy, exact match, ROUGE-L;
+- every task: answer length in tokens, refusal rate, and the share of answers that stopped on
+  their own (end of turn) rather than running into the token limit.
+"""
 
 from __future__ import annotations
 
+import json
 import re
 import unicodedata
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from tuneline.eval.stats import Aggregate, macro_f1_metric, mean_metric, summed_stats_metric
+
+COMMON_METRICS = ("answer_tokens", "refusal_rate", "stopped_rate")
+
+# Lower is better for these; every other metric: higher is better.
+LOWER_IS_BETTER = frozenset({"invalid_rate", "refusal_rate", "answer_tokens"})
+
+_REFUSAL = re.compile(
+    r"\b(i'?m sorry|i am sorry|i apologi[sz]e|i can(?:'|no)t|i cannot|i'?m (?:not able|unable)|i am (?:not able|unable)"
+    r"|as an ai\b|i won'?t be able|i do not have the ability)", re.IGNORECASE)
 
 
 def normalize_label(text: str) -> str:
@@ -13,25 +37,140 @@ def normalize_label(text: str) -> str:
     return text.strip(" _.,;:!?\"'`")
 
 
+def normalize_text(text: str) -> str:
+    """For exact match of free text: NFKC, lower case, single spaces, no trailing punctuation."""
+    text = unicodedata.normalize("NFKC", text).strip().lower()
+    return re.sub(r"\s+", " ", text).strip(" .!?")
+
+
+def is_refusal(text: str) -> bool:
+    return bool(_REFUSAL.search(text[:200]))
+
+
+@dataclass
+class Scored:
+    """Per-row results and the metrics as functions of a set of row indices."""
+
+    metrics: dict[str, Aggregate]
+    primary_scores: np.ndarray  # per row: 1/0 right for labels, the primary text metric otherwise
+    correct: np.ndarray | None = None  # per row right/wrong, where the task has one (classification)
+    per_class: dict[str, dict[str, float]] = field(default_factory=dict)
+    confusion: tuple[list[str], list[str], list[list[int]]] | None = None
+
+    def values(self) -> dict[str, float]:
+        idx = np.arange(len(self.primary_scores))
+        return {name: agg(idx) for name, agg in self.metrics.items()}
+
+
+def score(task: str, predictions: list[str], references: list[str], labels: list[str] | None, *,
+          primary: str | None = None, answer_tokens: list[int] | None = None,
+          stopped: list[bool] | None = None) -> Scored:
+    """Score ``predictions`` against ``references`` for ``task``; ``primary`` picks the per-row score."""
+    if task == "classification":
+        scored = _classification(predictions, references, labels or sorted(set(references)))
+    elif task == "structured":
+        scored = _structured(predictions, references, primary)
+    else:
+        scored = _text(predictions, references, primary)
+    n = len(predictions)
+    scored.metrics["answer_tokens"] = mean_metric(answer_tokens if answer_tokens is not None
+                                                  else [len(p.split()) for p in predictions])
+    scored.metrics["refusal_rate"] = mean_metric([is_refusal(p) for p in predictions])
+    scored.metrics["stopped_rate"] = mean_metric(stopped if stopped is not None else [True] * n)
+    return scored
+
+
 def classification_metrics(predictions: list[str], references: list[str], labels: list[str]) -> dict[str, float]:
-    from sklearn.metrics import accuracy_score, f1_score
+    """Accuracy, macro-F1 and invalid_rate on all rows (see :func:`score` for the rest)."""
+    values = _classification(predictions, references, labels).values()
+    return {k: values[k] for k in ("accuracy", "macro_f1", "invalid_rate")}
 
-    pred = [normalize_label(p) for p in predictions]
-    ref = [normalize_label(r) for r in references]
+
+def _classification(predictions: list[str], references: list[str], labels: list[str]) -> Scored:
     known = sorted({normalize_label(x) for x in labels})
-    return {
-        "accuracy": float(accuracy_score(ref, pred)),
+    names = {normalize_label(x): x for x in labels}
+    pos = {lab: i for i, lab in enumerate(known)}
+    for r in references:  # a reference outside the label set still gets a class of its own
+        key = normalize_label(r)
+        if key not in pos:
+            pos[key] = len(known)
+            known.append(key)
+            names[key] = r
+    pred = np.array([pos.get(normalize_label(p), -1) for p in predictions], dtype=np.int64)
+    ref = np.array([pos[normalize_label(r)] for r in references], dtype=np.int64)
+    correct = pred == ref
+    k = len(known)
+    metrics: dict[str, Aggregate] = {
+        "accuracy": mean_metric(correct),
         # macro over the label set: an invented label counts as wrong, not as a new class
-        "macro_f1": float(f1_score(ref, pred, labels=known, average="macro", zero_division=0)),
-        "invalid_rate": sum(p not in set(known) for p in pred) / max(1, len(pred)),
+        "macro_f1": macro_f1_metric(pred, ref, k),
+        "invalid_rate": mean_metric(pred < 0),
     }
+    tp = np.bincount(ref[correct], minlength=k)
+    n_pred = np.bincount(pred[pred >= 0], minlength=k)
+    n_ref = np.bincount(ref, minlength=k)
+    per_class = {}
+    for i, key in enumerate(known):
+        prec = float(tp[i] / n_pred[i]) if n_pred[i] else 0.0
+        rec = float(tp[i] / n_ref[i]) if n_ref[i] else 0.0
+        per_class[names[key]] = {"precision": prec, "recall": rec,
+                                 "f1": 2 * prec * rec / (prec + rec) if prec + rec else 0.0, "support": int(n_ref[i])}
+    invalid = bool((pred < 0).any())
+    cols = k + 1 if invalid else k
+    matrix = np.zeros((k, cols), dtype=np.int64)
+    np.add.at(matrix, (ref, np.where(pred < 0, k, pred)), 1)
+    label_names = [names[x] for x in known]
+    columns = label_names + (["(invalid)"] if invalid else [])
+    return Scored(metrics, correct.astype(float), correct, per_class, (label_names, columns, matrix.tolist()))
 
 
-def text_metrics(predictions: list[str], references: list[str]) -> dict[str, float]:
+def _text(predictions: list[str], references: list[str], primary: str | None) -> Scored:
     import sacrebleu
     from rouge_score import rouge_scorer
 
     scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
-    rouge = [scorer.score(r, p)["rougeL"].fmeasure for p, r in zip(predictions, references, strict=True)]
-    bleu = sacrebleu.corpus_bleu(predictions, [references]).score / 100.0
-    return {"rouge_l": sum(rouge) / max(1, len(rouge)), "bleu": bleu}
+    rouge = np.array([scorer.score(r, p)["rougeL"].fmeasure for p, r in zip(predictions, references, strict=True)])
+    exact = np.array([normalize_text(p) == normalize_text(r) for p, r in zip(predictions, references, strict=True)])
+    metrics: dict[str, Aggregate] = {"rouge_l": mean_metric(rouge), "exact_match": mean_metric(exact)}
+    if predictions:
+        for name, metric in (("bleu", sacrebleu.BLEU()), ("chrf", sacrebleu.CHRF())):
+            stats = np.array(metric._extract_corpus_statistics(predictions, [references]), dtype=float)
+            metrics[name] = summed_stats_metric(stats, _corpus_score(metric))
+    else:
+        metrics["bleu"] = metrics["chrf"] = mean_metric([])
+    per_row = {"rouge_l": rouge, "exact_match": exact.astype(float)}
+    return Scored(metrics, per_row.get(primary or "rouge_l", rouge), exact)
+
+
+def _corpus_score(metric: Any) -> Any:
+    # sacrebleu's own statistics -> score path (its significance tests use the same), scaled to 0..1
+    return lambda summed: float(metric._compute_score_from_stats(list(summed)).score) / 100.0
+
+
+def _structured(predictions: list[str], references: list[str], primary: str | None) -> Scored:
+    scored = _text(predictions, references, "rouge_l")
+    valid, fields = [], []
+    for p, r in zip(predictions, references, strict=True):
+        got, ok = _parse_json(p)
+        want, _ = _parse_json(r)
+        valid.append(ok)
+        if isinstance(want, dict) and want:
+            fields.append(sum(isinstance(got, dict) and k in got and got[k] == v for k, v in want.items()) / len(want))
+        else:  # a non-object reference: the whole value must match
+            fields.append(float(ok and got == want))
+    scored.metrics["json_valid"] = mean_metric(valid)
+    scored.metrics["field_accuracy"] = mean_metric(fields)
+    per_row = {"json_valid": np.array(valid, dtype=float), "field_accuracy": np.array(fields, dtype=float)}
+    if primary in per_row:
+        scored.primary_scores = per_row[primary]
+    return scored
+
+
+def _parse_json(text: str) -> tuple[Any, bool]:
+    s = text.strip()
+    if s.startswith("```"):  # a fenced block: take its body
+        s = re.sub(r"^```[a-zA-Z]*\s*|\s*```$", "", s)
+    try:
+        return json.loads(s), True
+    except (json.JSONDecodeError, ValueError):
+        return None, False

@@ -1,100 +1,105 @@
-"""Evaluation reports: metrics per model side by side, objective thresholds checked."""
+"""An evaluation in the terminal (rich tables) and as flat MLflow metrics."""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from tuneline.spec.models import ObjectiveSpec
+from tuneline.eval.results import EvalSuite, SetResult
+
+SYSTEM_ORDER = ("base", "production", "candidate")
 
 
-@dataclass
-class ModelResult:
-    name: str  # "base" or "tuned"
-    metrics: dict[str, float]
-    seconds_per_example: float
-    predictions: list[str] = field(default_factory=list)
-
-
-@dataclass
-class ThresholdCheck:
-    threshold: str
-    metric: str
-    observed: float | None
-    passed: bool
-
-
-@dataclass
-class EvalReport:
-    task: str
-    primary: str
-    n_examples: int
-    results: list[ModelResult]
-    checks: list[ThresholdCheck]
-    references: list[str] = field(default_factory=list)
-    wheres: list[str] = field(default_factory=list)
-
-    @property
-    def passed(self) -> bool:
-        return all(c.passed for c in self.checks)
-
-    def result(self, name: str) -> ModelResult | None:
-        return next((r for r in self.results if r.name == name), None)
-
-    def to_dict(self, with_predictions: bool = False) -> dict[str, Any]:
-        d = asdict(self)
-        d["passed"] = self.passed
-        if not with_predictions:
-            d.pop("references")
-            d.pop("wheres")
-            for r in d["results"]:
-                r.pop("predictions")
-        return d
-
-    def prediction_rows(self) -> list[dict[str, str]]:
-        rows = []
-        for i, (where, ref) in enumerate(zip(self.wheres, self.references, strict=True)):
-            row = {"where": where, "reference": ref}
-            row.update({r.name: r.predictions[i] for r in self.results})
-            rows.append(row)
-        return rows
-
-
-def check_objective(objective: ObjectiveSpec, metrics: dict[str, float]) -> list[ThresholdCheck]:
-    """Check each threshold against the tuned model's metrics."""
-    checks = []
-    for t in objective.parsed_thresholds():
-        observed = metrics.get(t.metric)
-        checks.append(ThresholdCheck(str(t), t.metric, observed, observed is not None and t.check(observed)))
-    return checks
-
-
-def render_table(report: EvalReport) -> Any:
-    """A rich Table: each metric with base and tuned values, the change, and threshold pass/fail."""
+def render_tables(suite: EvalSuite) -> list[Any]:
+    """Rich renderables: per evaluation set the side-by-side metric table; then probes and gates."""
     from rich.table import Table
 
-    names = [r.name for r in report.results]
-    table = Table(title=f"Evaluation on {report.n_examples} held-out examples ({report.task})")
+    out: list[Any] = []
+    for s in suite.sets:
+        out.append(_set_table(suite, s))
+    extra = Table(title="forgetting, robustness, latency (candidate)", show_header=True)
+    extra.add_column("check")
+    extra.add_column("value", justify="right")
+    if suite.forgetting:
+        f = suite.forgetting
+        extra.add_row(f"general-ability probe ({f.n} questions): base -> candidate",
+                      f"{f.base.value:.3f} -> {f.candidate.value:.3f} (forgetting {f.drop:+.3f})")
+    if suite.robustness:
+        r = suite.robustness
+        for kind, p in r.perturbations.items():
+            extra.add_row(f"{r.metric} under {kind} ({r.n} rows, clean {r.clean:.3f})",
+                          f"{p.value:.3f} (drop {p.drop:+.3f})")
+    if suite.latency:
+        lat = suite.latency
+        extra.add_row(f"latency, {lat.n} single requests",
+                      f"p50 {lat.p50_ms:.0f} ms, p95 {lat.p95_ms:.0f} ms, {lat.tokens_per_second:.1f} tok/s")
+    if extra.row_count:
+        out.append(extra)
+    if suite.gates:
+        gates = Table(title="gates")
+        for col in ("gate", "observed", "margin", "result"):
+            gates.add_column(col)
+        for g in suite.gates:
+            observed = "-" if g.observed is None else f"{g.observed:.4f}"
+            margin = "-" if g.margin is None else f"{g.margin:+.4f}"
+            verdict = "[green]PASS[/]" if g.passed else "[red]FAIL[/]"
+            gates.add_row(g.expr, observed, margin, verdict + (f" ({g.note})" if g.note else ""))
+        out.append(gates)
+    return out
+
+
+def _set_table(suite: EvalSuite, s: SetResult) -> Any:
+    from rich.table import Table
+
+    label = f"golden set {s.name} v{s.version}" if s.kind == "golden" else f"{s.name} split"
+    table = Table(title=f"{label}: {s.n} rows, value [95% interval]")
+    names = [n for n in SYSTEM_ORDER if s.system(n) is not None]
     table.add_column("metric")
     for n in names:
         table.add_column(n, justify="right")
-    if "base" in names and "tuned" in names:
-        table.add_column("change", justify="right")
-    table.add_column("objective")
-    metrics = list(report.results[-1].metrics)
-    by_metric = {c.metric: c for c in report.checks}
-    for m in metrics:
-        vals = [r.metrics.get(m) for r in report.results]
-        row = [m + (" *" if m == report.primary else "")] + [f"{v:.4f}" if v is not None else "-" for v in vals]
-        if "base" in names and "tuned" in names:
-            b, t = report.result("base"), report.result("tuned")
-            assert b is not None and t is not None
-            row.append(f"{t.metrics[m] - b.metrics[m]:+.4f}")
-        c = by_metric.get(m)
-        row.append("" if c is None else (f"[green]PASS[/] {c.threshold}" if c.passed else f"[red]FAIL[/] {c.threshold}"))
+    others = [c.b for c in s.comparisons if c.metric == s.comparisons[0].metric] if s.comparisons else []
+    for o in others:
+        table.add_column(f"candidate - {o} (p)", justify="right")
+    first = s.system(names[0]) if names else None
+    for m in (first.metrics if first else {}):
+        row = [m + (" *" if m == suite.primary else "")]
+        for n in names:
+            sys_ = s.system(n)
+            est = sys_.metrics.get(m) if sys_ else None
+            row.append(est.fmt() if est else "-")
+        for o in others:
+            c = next((c for c in s.comparisons if c.metric == m and c.b == o), None)
+            if c is None:
+                row.append("")
+            else:
+                mark = "[bold]" if c.significant else ""
+                row.append(f"{mark}{c.diff.value:+.3f}{'[/]' if mark else ''} (p={c.p_value:.3g})")
         table.add_row(*row)
-    lat = ["latency ms/example"] + [f"{1000 * r.seconds_per_example:.1f}" for r in report.results]
-    if "base" in names and "tuned" in names:
-        lat.append("")
-    table.add_row(*lat, "")
+    for key, flips in s.flips.items():
+        fixed = sum(f.kind == "fixed" for f in flips)
+        table.caption = (table.caption + "; " if table.caption else "") + (
+            f"{key.replace('_', ' ')}: {fixed} fixed, {len(flips) - fixed} broken")
     return table
+
+
+def flat_metrics(suite: EvalSuite) -> dict[str, float]:
+    """MLflow metric names: ``candidate.accuracy`` (test split), ``golden.NAME.candidate.accuracy``,
+    ``forgetting``, ``robustness.typos``, ``p95_latency_ms``, ``gates_passed`` ..."""
+    out: dict[str, float] = {}
+    for s in suite.sets:
+        prefix = "" if s.kind == "test" else f"golden.{s.name}."
+        for sys_ in s.systems:
+            for m, est in sys_.metrics.items():
+                out[f"{prefix}{sys_.name}.{m}"] = est.value
+    if suite.forgetting:
+        out["forgetting"] = suite.forgetting.drop
+        out["probe.base"] = suite.forgetting.base.value
+        out["probe.candidate"] = suite.forgetting.candidate.value
+    if suite.robustness:
+        out["robustness_drop"] = suite.robustness.worst_drop
+        out.update({f"robustness.{k}": p.drop for k, p in suite.robustness.perturbations.items()})
+    if suite.latency:
+        out["p50_latency_ms"] = suite.latency.p50_ms
+        out["p95_latency_ms"] = suite.latency.p95_ms
+        out["tokens_per_second_single"] = suite.latency.tokens_per_second
+    out["gates_passed"] = float(suite.passed)
+    return out

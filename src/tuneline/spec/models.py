@@ -14,25 +14,41 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-TaskType = Literal["classification", "instruction", "chat"]
+TaskType = Literal["classification", "instruction", "chat", "summarization", "structured"]
 FileFormat = Literal["jsonl", "csv", "parquet"]
 
 # Metrics each task type can report; objective thresholds must name one of these.
 TASK_METRICS: dict[str, tuple[str, ...]] = {
-    "classification": ("accuracy", "macro_f1"),
-    "instruction": ("rouge_l", "bleu"),
-    "chat": ("rouge_l", "bleu"),
+    "classification": ("accuracy", "macro_f1", "invalid_rate"),
+    "instruction": ("rouge_l", "bleu", "chrf", "exact_match"),
+    "chat": ("rouge_l", "bleu", "chrf", "exact_match"),
+    "summarization": ("rouge_l", "bleu", "chrf", "exact_match"),
+    "structured": ("json_valid", "field_accuracy", "exact_match", "rouge_l", "bleu", "chrf"),
 }
+# Reported for every task: mean answer length in tokens, share of refusals, share of answers that
+# ended on their own (not at the token limit).
+COMMON_METRICS: tuple[str, ...] = ("answer_tokens", "refusal_rate", "stopped_rate")
 
 # Logical columns each task type reads, and which of them must be present.
 TASK_COLUMNS: dict[str, dict[str, bool]] = {
     "classification": {"text": True, "label": True},
     "instruction": {"instruction": True, "input": False, "response": True},
     "chat": {"messages": True},
+    "summarization": {"text": True, "summary": True},
+    "structured": {"instruction": True, "input": False, "response": True},  # the response is JSON
 }
 
 _OPS = {">=": operator.ge, ">": operator.gt, "<=": operator.le, "<": operator.lt}
-_THRESHOLD_RE = re.compile(r"^\s*([a-z_][a-z0-9_]*)\s*(>=|<=|>|<)\s*(-?[0-9.]+(?:e-?\d+)?)\s*$")
+_NUM = r"-?[0-9]*\.?[0-9]+(?:[eE][-+]?\d+)?"
+_TERM = r"[a-z_][a-z0-9_]*(?:\.[A-Za-z0-9_-]+)*"
+_GATE_RE = re.compile(rf"^\s*({_TERM}(?:\s*[-+]\s*{_TERM})*)\s*(>=|<=|>|<)\s*({_NUM})\s*$")
+
+# Gate quantities every task has beside its metrics (see tuneline.eval.gates)
+SPECIAL_GATES = ("forgetting", "robustness_drop", "p50_latency_ms", "p95_latency_ms", "tokens_per_second",
+                 "human_win_rate")
+Perturbation = Literal["typos", "casing", "whitespace", "paraphrase"]
+PERTURBATION_NAMES: tuple[Perturbation, ...] = ("typos", "casing", "whitespace", "paraphrase")
+GATE_SYSTEMS = ("base", "candidate", "production")
 
 
 class _Model(BaseModel):
@@ -40,26 +56,76 @@ class _Model(BaseModel):
 
 
 class Threshold(_Model):
-    """A success criterion such as ``accuracy >= 0.85``."""
+    """A gate such as ``accuracy >= 0.85`` or ``accuracy - base.accuracy >= 0.10``.
 
-    metric: str
+    The left side is one quantity or a sum/difference of several: a metric of the candidate
+    (``accuracy``), of another system (``base.accuracy``, ``production.accuracy``), of the
+    candidate on a golden set (``golden.NAME.accuracy``, ``golden.NAME.base.accuracy``), or one of
+    ``forgetting``, ``robustness_drop``, ``robustness.KIND``, ``p50_latency_ms``, ``p95_latency_ms``,
+    ``tokens_per_second``, ``human_win_rate``."""
+
+    terms: list[tuple[int, str]]  # (+1 or -1, quantity)
     op: Literal[">=", ">", "<=", "<"]
     value: float
 
     @classmethod
     def parse(cls, text: str) -> Threshold:
-        m = _THRESHOLD_RE.match(text)
+        m = _GATE_RE.match(text)
         if not m:
             raise ValueError(
-                f"cannot read threshold {text!r}; write it as 'metric >= value', e.g. 'accuracy >= 0.85'"
+                f"cannot read threshold {text!r}; write it as 'metric >= value', e.g. 'accuracy >= 0.85' "
+                "or 'accuracy - base.accuracy >= 0.10'"
             )
-        return cls(metric=m.group(1), op=m.group(2), value=float(m.group(3)))  # type: ignore[arg-type]
+        lhs = m.group(1)
+        terms: list[tuple[int, str]] = []
+        for sign, name in re.findall(rf"([-+]?)\s*({_TERM})", lhs):
+            terms.append((-1 if sign == "-" else 1, name))
+        return cls(terms=terms, op=m.group(2), value=float(m.group(3)))  # type: ignore[arg-type]
+
+    @property
+    def metric(self) -> str:
+        """The first quantity (the whole left side for a simple threshold)."""
+        return self.terms[0][1]
+
+    @property
+    def lhs(self) -> str:
+        out = ""
+        for i, (sign, name) in enumerate(self.terms):
+            out += (name if sign > 0 else f"-{name}") if i == 0 else (f" + {name}" if sign > 0 else f" - {name}")
+        return out
 
     def check(self, observed: float) -> bool:
         return bool(_OPS[self.op](observed, self.value))
 
+    def margin(self, observed: float) -> float:
+        """How far past (positive) or short of (negative) the threshold ``observed`` is."""
+        return observed - self.value if self.op in (">=", ">") else self.value - observed
+
     def __str__(self) -> str:
-        return f"{self.metric} {self.op} {self.value:g}"
+        return f"{self.lhs} {self.op} {self.value:g}"
+
+
+def gate_name_problem(name: str, task: str, golden: list[str]) -> str | None:
+    """Why ``name`` is not a quantity a gate can read for ``task`` (None when it is)."""
+    metrics = (*TASK_METRICS[task], *COMMON_METRICS)
+    parts = name.split(".")
+    if name in SPECIAL_GATES:
+        return None
+    if parts[0] == "robustness" and len(parts) == 2:
+        return None if parts[1] in PERTURBATION_NAMES else (
+            f"unknown perturbation {parts[1]!r}; choose one of {list(PERTURBATION_NAMES)}")
+    if parts[0] == "golden":
+        if len(parts) < 3:
+            return f"{name!r}: write golden.NAME.metric or golden.NAME.base.metric"
+        if parts[1] not in golden:
+            return f"{name!r}: no golden set named {parts[1]!r} in eval.golden (have {golden})"
+        parts = parts[2:]
+    if len(parts) == 2 and parts[0] in GATE_SYSTEMS:
+        parts = parts[1:]
+    if len(parts) == 1 and parts[0] in metrics:
+        return None
+    return (f"{name!r} is not reported for task {task!r}; use one of {list(metrics)} (optionally prefixed "
+            f"base., production. or golden.NAME.), or {list(SPECIAL_GATES)}")
 
 
 class TaskSpec(_Model):
@@ -275,7 +341,36 @@ class TrainSpec(_Model):
     log_every: int = Field(default=10, gt=0, description="Log a progress line every N steps when output is not a terminal.")
 
 
+class GoldenSetSpec(DataSource):
+    """A named, frozen evaluation set: registered with its content hash on first use; a changed
+    file is refused until it is registered again as a new version (`tuneline golden register`)."""
+
+    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]*$", max_length=64)]
+
+
+class RobustnessSpec(_Model):
+    enabled: bool = True
+    max_rows: int = Field(default=200, gt=0, description="Rows of the test set re-run under each perturbation.")
+    perturbations: list[Perturbation] = Field(default_factory=lambda: list(PERTURBATION_NAMES))
+    seed: int = 0
+
+
+class LatencySpec(_Model):
+    enabled: bool = True
+    requests: int = Field(default=32, gt=0, description="Single requests (batch 1) timed on the candidate.")
+
+
 class EvalSpec(_Model):
+    golden: list[GoldenSetSpec] = Field(
+        default_factory=list, description="Golden sets: named, frozen evaluation sets scored beside the test split; "
+                                          "their rows are never trained on.")
+    production: str | None = Field(
+        default=None, description="Adapter folder of the model now in production, scored side by side "
+                                  "(relative to the spec file).")
+    forgetting: bool = Field(default=True, description="Run the general-ability probe before and after.")
+    robustness: RobustnessSpec = Field(default_factory=RobustnessSpec)
+    latency: LatencySpec = Field(default_factory=LatencySpec)
+    bootstrap: int = Field(default=1000, ge=100, le=100_000, description="Bootstrap resamples for the 95% intervals.")
     batch_size: int = Field(default=32, gt=0)
     max_new_tokens: int = Field(default=24, gt=0)
     compare_base: bool = Field(default=True, description="Also evaluate the untuned base model.")
@@ -317,15 +412,18 @@ class Spec(_Model):
                 f"objective.primary {self.objective.primary!r} is not reported for task "
                 f"{self.task.type!r}; choose one of {list(metrics)}"
             )
+        golden = [g.name for g in self.eval.golden]
         for t in self.objective.parsed_thresholds():
-            if t.metric not in metrics:
-                problems.append(
-                    f"objective.thresholds: metric {t.metric!r} is not reported for task "
-                    f"{self.task.type!r}; choose one of {list(metrics)}"
-                )
+            for _, name in t.terms:
+                if (why := gate_name_problem(name, self.task.type, golden)) is not None:
+                    problems.append(f"objective.thresholds {str(t)!r}: {why}")
+        dup = sorted({g for g in golden if golden.count(g) > 1})
+        if dup:
+            problems.append(f"eval.golden: names must be unique, repeated: {dup}")
         known = TASK_COLUMNS[self.task.type]
-        for split in ("train", "eval", "test"):
-            src: DataSource | None = getattr(self.data, split)
+        sources: list[tuple[str, DataSource | None]] = [(s, getattr(self.data, s)) for s in ("train", "eval", "test")]
+        sources += [(f"eval.golden.{g.name}", g) for g in self.eval.golden]
+        for split, src in sources:
             if src is None:
                 continue
             for logical in src.columns:

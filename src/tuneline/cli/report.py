@@ -1,0 +1,33 @@
+"""``tuneline report RUN``: write a tracked run's evaluation as one self-contained HTML page."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+
+def register(app: typer.Typer) -> None:
+    """Add the ``report`` command to ``app``."""
+
+    @app.command("report")
+    def report(
+        run: Annotated[str, typer.Argument(help="MLflow run id, or a unique prefix of it (6+ characters).",
+                                           metavar="RUN", show_default=False)],
+        workspace: Annotated[Path | None, typer.Option(
+            "--workspace", "-w", help="Workspace folder (default: $TUNELINE_HOME or ./.tuneline).")] = None,
+        out: Annotated[Path | None, typer.Option(
+            "--out", "-o", help="HTML file to write (default: <workspace>/reports/<run id>.html).")] = None,
+        uri: Annotated[str | None, typer.Option(
+            help="MLflow tracking URI (default: the workspace's SQLite store).")] = None,
+    ) -> None:
+        """Write one self-contained HTML page for an evaluated run: gates, metrics with intervals,
+        comparisons, plots, flips, forgetting, robustness, latency, loss curves, data and spec.
+
+        Prints the path of the file written. Needs the run's evaluation (`tuneline eval SPEC`).
+        """
+        from tuneline.eval.html import write_report
+
+        path = write_report(run, workspace, out, uri=uri)
+        typer.echo(str(path))

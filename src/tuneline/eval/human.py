@@ -1,0 +1,199 @@
+"""Blind A/B human evaluation: export answer pairs for raters, import their preferences.
+
+:func:`export_human` writes two files:
+
+- a CSV for raters, one item per row: ``item, input, reference, response_a, response_b,
+  preference, comment``. ``preference`` is left empty for the rater to fill with ``A``, ``B`` or
+  ``tie``. It names no system: which system's answer is ``A`` is drawn at random per item, and
+  the items are shuffled, so neither the column nor the row order tells the systems apart. Rows
+  whose two answers are identical are skipped (nothing to prefer).
+- a JSON key kept away from raters: ``{"candidate": ..., "other": ..., "seed": ...,
+  "skipped_identical": k, "items": {item: {"a": system, "b": system, "id": row id}}}``.
+
+:func:`import_human` reads the rated CSV with its key and returns the candidate's win rate
+against the other system, ties counted as half a win, with a 95% interval: the percentile
+bootstrap over items (2,000 resamples of the rated items with replacement, seed 0, so the same
+ratings always give the same interval), which, unlike a Wilson interval on wins, handles ties.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import random
+from pathlib import Path
+from typing import Any
+
+from tuneline.errors import DataError, Problem
+
+log = logging.getLogger(__name__)
+
+COLUMNS = ("item", "input", "reference", "response_a", "response_b", "preference", "comment")
+RESAMPLES = 2000
+BOOTSTRAP_SEED = 0
+_PREFERENCES = {"a": "a", "b": "b", "tie": "tie", "=": "tie"}
+
+
+def export_human(
+    rows: list[dict[str, Any]],
+    *,
+    candidate: str,
+    other: str,
+    out: Path,
+    key_out: Path,
+    n: int | None,
+    seed: int,
+) -> int:
+    """Write the blind rating sheet ``out`` (CSV) and its key ``key_out`` (JSON).
+
+    Each row needs ``id``, ``input``, ``reference`` and the two systems' answers under the keys
+    ``candidate`` and ``other``. Rows with identical answers (after trimming whitespace) are
+    skipped; of the rest, ``n`` drawn at random (all when ``n`` is None or larger). Returns the
+    number of items written.
+    """
+    if candidate == other:
+        raise ValueError(f"candidate and other are the same system {candidate!r}")
+    if n is not None and n < 1:
+        raise ValueError(f"n must be at least 1, got {n}")
+    needed = ("id", "input", "reference", candidate, other)
+    problems = [
+        Problem(f"missing {', '.join(repr(k) for k in needed if k not in row)}", where=f"row {i}",
+                hint=f"every row needs {', '.join(needed)}")
+        for i, row in enumerate(rows) if any(k not in row for k in needed)
+    ]
+    if problems:
+        raise DataError(problems, title="cannot export for human evaluation")
+    rng = random.Random(seed)
+    differing = [r for r in rows if str(r[candidate]).strip() != str(r[other]).strip()]
+    skipped = len(rows) - len(differing)
+    chosen = rng.sample(differing, n) if n is not None and n < len(differing) else list(differing)
+    rng.shuffle(chosen)
+
+    items: dict[str, dict[str, str]] = {}
+    width = len(str(len(chosen)))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with out.open("w", encoding="utf-8", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(COLUMNS)
+        for k, row in enumerate(chosen, 1):
+            item = str(k).zfill(width)
+            a, b = (candidate, other) if rng.random() < 0.5 else (other, candidate)
+            items[item] = {"a": a, "b": b, "id": str(row["id"])}
+            writer.writerow([item, row["input"], row["reference"], row[a], row[b], "", ""])
+    key = {"candidate": candidate, "other": other, "seed": seed, "skipped_identical": skipped, "items": items}
+    key_out.parent.mkdir(parents=True, exist_ok=True)
+    key_out.write_text(json.dumps(key, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    log.info("wrote %d items to %s (key %s); skipped %d rows with identical answers", len(chosen), out, key_out, skipped)
+    return len(chosen)
+
+
+def import_human(ratings: Path, key: Path) -> dict[str, Any]:
+    """The candidate's win rate from a rated sheet and its key.
+
+    Preferences are read case-insensitively: ``A``, ``B``, ``tie`` or ``=``; an empty one counts
+    as unrated, as does a key item missing from the sheet. Every row whose item is not in the
+    key (or repeats) or whose preference is anything else is reported, with file and line, in
+    one :class:`~tuneline.errors.DataError`.
+
+    Returns ``candidate``, ``against``, ``n`` (rated items), ``unrated``, ``wins``, ``losses``,
+    ``ties``, ``win_rate`` = (wins + ties/2) / n, and ``low``/``high``: its 95% percentile
+    bootstrap interval over items (None, like ``win_rate``, when nothing is rated); ``interval``
+    names the method.
+    """
+    meta = _read_key(key)
+    items: dict[str, dict[str, str]] = meta["items"]
+    cand, other = meta["candidate"], meta["other"]
+    problems: list[Problem] = []
+    seen: dict[str, int] = {}
+    scores: list[float] = []
+    wins = losses = ties = 0
+    try:
+        f = ratings.open(encoding="utf-8-sig", newline="")  # utf-8-sig: a spreadsheet may add a BOM
+    except OSError as exc:
+        raise DataError(Problem(f"cannot read ratings: {exc.strerror}", where=str(ratings))) from exc
+    with f:
+        reader = csv.reader(f)
+        header = [h.strip().lower() for h in next(reader, [])]
+        missing = [c for c in ("item", "preference") if c not in header]
+        if missing:
+            raise DataError(Problem(f"no column {', '.join(missing)}; the header is {header}", where=f"{ratings}:1",
+                                    hint="rate the CSV written by export_human, keeping its header row"))
+        col_item, col_pref = header.index("item"), header.index("preference")
+        line = reader.line_num + 1  # the physical line a record starts on (quoted fields may span lines)
+        for rec in reader:
+            where, start, line = f"{ratings}:{line}", line, reader.line_num + 1
+            if not any(cell.strip() for cell in rec):
+                continue
+            item = rec[col_item].strip() if col_item < len(rec) else ""
+            pref_raw = rec[col_pref].strip() if col_pref < len(rec) else ""
+            if item not in items:
+                problems.append(Problem(f"unknown item {item!r}: not in the key {key}", where=where, field="item",
+                                        hint="keep the item column as exported; use the key written with this sheet"))
+                continue
+            if item in seen:
+                problems.append(Problem(f"item {item!r} again (first on line {seen[item]})", where=where, field="item",
+                                        hint="rate each item once"))
+                continue
+            seen[item] = start
+            if not pref_raw:
+                continue  # unrated
+            pref = _PREFERENCES.get(pref_raw.lower())
+            if pref is None:
+                problems.append(Problem(f"preference {pref_raw!r} is not A, B or tie", where=where, field="preference",
+                                        hint="write A, B or tie (or leave it empty for unrated)"))
+                continue
+            if pref == "tie":
+                ties += 1
+                scores.append(0.5)
+            elif items[item][pref] == cand:
+                wins += 1
+                scores.append(1.0)
+            else:
+                losses += 1
+                scores.append(0.0)
+    if problems:
+        raise DataError(problems, title=f"bad ratings in {ratings}")
+    rated = len(scores)
+    win_rate: float | None = None
+    low: float | None = None
+    high: float | None = None
+    if rated:
+        win_rate = (wins + ties / 2) / rated
+        low, high = bootstrap_interval(scores)
+    return {
+        "candidate": cand, "against": other, "n": rated, "unrated": len(items) - rated,
+        "wins": wins, "losses": losses, "ties": ties, "win_rate": win_rate, "low": low, "high": high,
+        "interval": f"95% percentile bootstrap over items ({RESAMPLES} resamples, seed {BOOTSTRAP_SEED})",
+    }
+
+
+def bootstrap_interval(scores: list[float], resamples: int = RESAMPLES, seed: int = BOOTSTRAP_SEED) -> tuple[float, float]:
+    """The 2.5th and 97.5th percentiles of the mean of ``scores`` over bootstrap resamples."""
+    import numpy as np
+
+    arr = np.asarray(scores, dtype=float)
+    rng = np.random.default_rng(seed)
+    means = np.empty(resamples)
+    chunk = max(1, 2_000_000 // max(1, len(arr)))  # bounded memory for large sheets
+    for s in range(0, resamples, chunk):
+        k = min(chunk, resamples - s)
+        means[s:s + k] = arr[rng.integers(0, len(arr), size=(k, len(arr)))].mean(axis=1)
+    low, high = np.quantile(means, [0.025, 0.975])
+    return float(low), float(high)
+
+
+def _read_key(key: Path) -> dict[str, Any]:
+    try:
+        meta = json.loads(key.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise DataError(Problem(f"cannot read the key: {exc.strerror}", where=str(key))) from exc
+    except json.JSONDecodeError as exc:
+        raise DataError(Problem(f"the key is not valid JSON: {exc.msg}", where=f"{key}:{exc.lineno}")) from exc
+    ok = (isinstance(meta, dict) and isinstance(meta.get("items"), dict)
+          and isinstance(meta.get("candidate"), str) and isinstance(meta.get("other"), str)
+          and all(isinstance(v, dict) and {"a", "b"} <= v.keys() for v in meta["items"].values()))
+    if not ok:
+        raise DataError(Problem("not a key written by export_human (needs candidate, other and items with a/b)",
+                                where=str(key)))
+    return meta

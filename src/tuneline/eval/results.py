@@ -1,0 +1,227 @@
+"""What an evaluation produces, as plain dataclasses that round-trip through JSON.
+
+One :class:`EvalSuite` per evaluation: for each evaluation set (the spec's test split and each
+golden set) every system (``base``, ``candidate``, ``production`` when one exists) scored on the
+same rows with the same prompts; paired comparisons; flips; the forgetting probe; robustness
+under perturbations; latency; and the gates. The run folder keeps it as ``eval_report.json``
+and MLflow as the artifact ``eval/report.json``; ``tuneline report`` renders it as HTML.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+SYSTEMS = ("base", "candidate", "production")
+
+
+@dataclass
+class Estimate:
+    """A metric value with its 95% bootstrap interval (``low``/``high`` None when not computed)."""
+
+    value: float
+    low: float | None = None
+    high: float | None = None
+
+    def fmt(self, digits: int = 3) -> str:
+        if self.low is None or self.high is None:
+            return f"{self.value:.{digits}f}"
+        return f"{self.value:.{digits}f} [{self.low:.{digits}f}, {self.high:.{digits}f}]"
+
+
+@dataclass
+class Confusion:
+    """Rows: the reference label; columns: the predicted label (``labels`` plus ``(invalid)``
+    when some prediction is not a label)."""
+
+    labels: list[str]
+    columns: list[str]
+    matrix: list[list[int]]
+
+
+@dataclass
+class SystemResult:
+    name: str  # base | candidate | production
+    model: str  # what was scored: the base model reference, or the adapter's folder / version
+    metrics: dict[str, Estimate]
+    seconds_per_example: float
+    predictions: list[str] = field(default_factory=list)
+    scores: list[float] = field(default_factory=list)  # per-example primary score (1/0 for a label)
+    stopped: list[bool] = field(default_factory=list)  # ended with end-of-turn, not at the token limit
+    per_class: dict[str, dict[str, float]] = field(default_factory=dict)  # label -> precision, recall, f1, support
+    confusion: Confusion | None = None
+
+
+@dataclass
+class Comparison:
+    """``a`` minus ``b`` on ``metric``, paired over the same rows."""
+
+    a: str
+    b: str
+    metric: str
+    diff: Estimate
+    p_value: float
+    test: str  # mcnemar | paired_bootstrap
+    significant: bool  # p < 0.05
+    a_only: int | None = None  # McNemar: rows only ``a`` got right
+    b_only: int | None = None  # rows only ``b`` got right
+
+
+@dataclass
+class Flip:
+    index: int
+    where: str
+    input: str
+    reference: str
+    before: str  # the earlier system's answer (b)
+    after: str  # the later system's answer (a)
+    kind: str  # fixed (wrong before, right now) | broken (right before, wrong now)
+
+
+@dataclass
+class SetResult:
+    name: str  # "test" or the golden set's name
+    kind: str  # test | golden
+    n: int
+    systems: list[SystemResult]
+    comparisons: list[Comparison] = field(default_factory=list)
+    flips: dict[str, list[Flip]] = field(default_factory=dict)  # "candidate_vs_base" -> flips
+    version: int | None = None  # golden sets: the registered version
+    sha256: str | None = None
+    path: str | None = None
+    references: list[str] = field(default_factory=list)
+    wheres: list[str] = field(default_factory=list)
+    inputs: list[str] = field(default_factory=list)
+
+    def system(self, name: str) -> SystemResult | None:
+        return next((s for s in self.systems if s.name == name), None)
+
+
+@dataclass
+class ProbeItem:
+    question: str
+    reference: str
+    base: str
+    candidate: str
+    base_ok: bool
+    candidate_ok: bool
+
+
+@dataclass
+class Forgetting:
+    """General-ability probe: share answered right before (base) and after (candidate)."""
+
+    n: int
+    base: Estimate
+    candidate: Estimate
+    drop: float  # base - candidate (positive: the candidate forgot)
+    items: list[ProbeItem] = field(default_factory=list)
+
+
+@dataclass
+class Perturbed:
+    value: float
+    drop: float  # clean - perturbed, on the same rows
+
+
+@dataclass
+class Robustness:
+    set: str
+    metric: str
+    n: int
+    clean: float
+    perturbations: dict[str, Perturbed]
+
+    @property
+    def worst_drop(self) -> float:
+        return max((p.drop for p in self.perturbations.values()), default=0.0)
+
+
+@dataclass
+class Latency:
+    """One request at a time (batch 1), as a server answers a single client."""
+
+    n: int
+    p50_ms: float
+    p95_ms: float
+    mean_ms: float
+    tokens_per_second: float
+
+
+@dataclass
+class GateResult:
+    expr: str
+    observed: float | None
+    threshold: float
+    passed: bool
+    margin: float | None  # how far past (positive) or short of (negative) the threshold
+    note: str = ""  # e.g. why a gate was skipped
+
+
+@dataclass
+class EvalSuite:
+    spec: str
+    task: str
+    primary: str
+    created: str
+    sets: list[SetResult]
+    gates: list[GateResult] = field(default_factory=list)
+    forgetting: Forgetting | None = None
+    robustness: Robustness | None = None
+    latency: Latency | None = None
+    human: dict[str, Any] | None = None
+
+    @property
+    def passed(self) -> bool:
+        return all(g.passed for g in self.gates)
+
+    def main_set(self) -> SetResult:
+        return self.sets[0]
+
+    def to_dict(self, with_rows: bool = True) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["passed"] = self.passed
+        if not with_rows:
+            for s in d["sets"]:
+                for key in ("references", "wheres", "inputs"):
+                    s.pop(key)
+                for sys_ in s["systems"]:
+                    for key in ("predictions", "scores", "stopped"):
+                        sys_.pop(key)
+            if d["forgetting"]:
+                d["forgetting"].pop("items")
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> EvalSuite:
+        def est(x: dict[str, Any]) -> Estimate:
+            return Estimate(**x)
+
+        sets = []
+        for s in d["sets"]:
+            systems = []
+            for r in s["systems"]:
+                r = dict(r)
+                r["metrics"] = {k: est(v) for k, v in r["metrics"].items()}
+                r["confusion"] = Confusion(**r["confusion"]) if r.get("confusion") else None
+                systems.append(SystemResult(**r))
+            s = dict(s)
+            s["systems"] = systems
+            s["comparisons"] = [Comparison(**{**c, "diff": est(c["diff"])}) for c in s.get("comparisons", [])]
+            s["flips"] = {k: [Flip(**f) for f in v] for k, v in s.get("flips", {}).items()}
+            sets.append(SetResult(**s))
+        f = d.get("forgetting")
+        forgetting = None if not f else Forgetting(
+            n=f["n"], base=est(f["base"]), candidate=est(f["candidate"]), drop=f["drop"],
+            items=[ProbeItem(**i) for i in f.get("items", [])])
+        r = d.get("robustness")
+        robustness = None if not r else Robustness(
+            set=r["set"], metric=r["metric"], n=r["n"], clean=r["clean"],
+            perturbations={k: Perturbed(**v) for k, v in r["perturbations"].items()})
+        lat = d.get("latency")
+        return cls(
+            spec=d["spec"], task=d["task"], primary=d["primary"], created=d["created"], sets=sets,
+            gates=[GateResult(**g) for g in d.get("gates", [])], forgetting=forgetting, robustness=robustness,
+            latency=Latency(**lat) if lat else None, human=d.get("human"),
+        )

@@ -1,0 +1,248 @@
+"""An evaluation that reflects production: every system on the same rows, with intervals and gates.
+
+:class:`Evaluation` collects answers system by system (``score_system`` is called with each model
+while it is in memory: the base model before training, the candidate after, the production
+adapter when there is one), then :meth:`Evaluation.finish` scores them: metrics with 95%
+bootstrap intervals on the test split and every golden set, paired differences (McNemar's test
+for right/wrong answers, paired bootstrap otherwise), flips, the forgetting probe, robustness
+under perturbations, latency, and the spec's gates.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from tuneline.data.examples import Example
+from tuneline.eval import stats
+from tuneline.eval.gates import check_gates
+from tuneline.eval.generate import Generation, LabelTrie, generate_detailed
+from tuneline.eval.metrics import COMMON_METRICS, LOWER_IS_BETTER, Scored, score
+from tuneline.eval.results import (
+    Comparison,
+    Confusion,
+    Estimate,
+    EvalSuite,
+    Flip,
+    Forgetting,
+    Latency,
+    Perturbed,
+    ProbeItem,
+    Robustness,
+    SetResult,
+    SystemResult,
+)
+from tuneline.spec.models import TASK_METRICS, Spec
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class EvalSet:
+    name: str
+    kind: str  # test | golden
+    examples: list[Example]
+    version: int | None = None
+    sha256: str | None = None
+    path: str | None = None
+
+
+class Evaluation:
+    """Answers of each system on each evaluation set, then one :class:`EvalSuite` from them."""
+
+    def __init__(self, spec: Spec, tokenizer: Any, sets: list[EvalSet], labels: list[str] | None, *,
+                 autocast: Any, device: str = "cpu", show_progress: bool = True) -> None:
+        self.spec, self.tokenizer, self.sets, self.labels = spec, tokenizer, sets, labels
+        self.autocast, self.device, self.show_progress = autocast, device, show_progress
+        self.models: dict[str, str] = {}  # system -> what it is
+        self.answers: dict[tuple[str, str], Generation] = {}  # (set, system) -> answers
+        self.probe: dict[str, Generation] = {}
+        self.perturbed: dict[str, Generation] = {}
+        self.robust_rows: list[int] = []
+        self.latency: Latency | None = None
+        self.trie = self._trie()
+
+    # --- collecting answers ---------------------------------------------------------------------
+
+    def score_system(self, name: str, model: Any, description: str) -> None:
+        """Generate ``name``'s answers on every set (and the probes that apply to it) with ``model``."""
+        self.models[name] = description
+        for s in self.sets:
+            self.answers[(s.name, name)] = self._generate(model, s.examples, f"{name} on {s.name}")
+        if self.spec.eval.forgetting and name in ("base", "candidate"):
+            from tuneline.eval.probe import load_probe, probe_examples
+
+            self.probe[name] = self._generate(model, probe_examples(load_probe()), f"{name} forgetting probe",
+                                              constrained=False, max_new_tokens=24)
+        if name == "candidate":
+            self._robustness(model)
+            if self.spec.eval.latency.enabled:
+                self.latency = self._latency(model)
+
+    def _trie(self) -> LabelTrie | None:
+        spec, tok = self.spec, self.tokenizer
+        first = next((s.examples[0] for s in self.sets if s.examples), None)
+        if spec.task.type != "classification" or not spec.eval.constrain_to_labels or not self.labels or first is None:
+            return None
+        eos = tok.convert_tokens_to_ids(tok.eos_token) if tok.eos_token else None
+        return LabelTrie(tok, self.labels, first, eos)
+
+    def _generate(self, model: Any, examples: list[Example], what: str, *, constrained: bool = True,
+                  max_new_tokens: int | None = None, batch_size: int | None = None) -> Generation:
+        trie = self.trie if constrained else None
+        if max_new_tokens is None:
+            max_new_tokens = trie.max_len if trie else self.spec.eval.max_new_tokens  # a label never needs more
+        return generate_detailed(
+            model, self.tokenizer, examples, batch_size=batch_size or self.spec.eval.batch_size,
+            max_new_tokens=max_new_tokens, autocast=self.autocast, device=self.device,
+            description=f"eval {what}", show_progress=self.show_progress, labels=trie,
+            share_prefix=len(examples) > 1,
+        )
+
+    def _robustness(self, model: Any) -> None:
+        from tuneline.eval.perturb import perturb_example
+
+        cfg = self.spec.eval.robustness
+        main = self.sets[0].examples if self.sets else []
+        if not cfg.enabled or not main:
+            return
+        rows = list(range(len(main)))
+        random.Random(cfg.seed).shuffle(rows)
+        self.robust_rows = sorted(rows[: cfg.max_rows])
+        for kind in cfg.perturbations:
+            examples = [perturb_example(main[i], kind, cfg.seed + i) for i in self.robust_rows]
+            self.perturbed[kind] = self._generate(model, examples, f"robustness {kind}")
+
+    def _latency(self, model: Any) -> Latency | None:
+        main = self.sets[0].examples if self.sets else []
+        n = min(self.spec.eval.latency.requests, len(main))
+        if n == 0:
+            return None
+        picks = random.Random(1).sample(range(len(main)), n)
+        self._generate(model, [main[picks[0]]], "latency warm-up", batch_size=1)
+        times, tokens = [], 0
+        for i in picks:
+            t0 = time.perf_counter()
+            out = self._generate(model, [main[i]], "latency", batch_size=1)
+            times.append(time.perf_counter() - t0)
+            tokens += out.tokens[0] + int(out.stopped[0])
+        ms = np.array(times) * 1000
+        return Latency(n=n, p50_ms=float(np.percentile(ms, 50)), p95_ms=float(np.percentile(ms, 95)),
+                       mean_ms=float(ms.mean()), tokens_per_second=tokens / max(1e-9, float(np.sum(times))))
+
+    # --- scoring --------------------------------------------------------------------------------
+
+    def _score(self, gen: Generation, examples: list[Example]) -> Scored:
+        return score(self.spec.task.type, gen.texts, [ex.reference for ex in examples], self.labels,
+                     primary=self.spec.objective.primary, answer_tokens=gen.tokens, stopped=gen.stopped)
+
+    def finish(self, created: str | None = None) -> EvalSuite:
+        spec = self.spec
+        resamples = spec.eval.bootstrap
+        set_results = []
+        for s in self.sets:
+            systems = [name for name in ("base", "candidate", "production") if (s.name, name) in self.answers]
+            scored = {name: self._score(self.answers[(s.name, name)], s.examples) for name in systems}
+            n = len(s.examples)
+            idx = stats.resample_indices(n, resamples) if n else None
+            results = []
+            for name in systems:
+                sc, gen = scored[name], self.answers[(s.name, name)]
+                metrics = {}
+                for m, agg in sc.metrics.items():
+                    iv = stats.bootstrap(agg, n, indices=idx)
+                    metrics[m] = Estimate(iv.value, iv.low, iv.high)
+                confusion = Confusion(*sc.confusion) if sc.confusion else None
+                results.append(SystemResult(
+                    name=name, model=self.models.get(name, name), metrics=metrics,
+                    seconds_per_example=gen.seconds_per_example, predictions=gen.texts,
+                    scores=[float(x) for x in sc.primary_scores], stopped=gen.stopped,
+                    per_class=sc.per_class, confusion=confusion))
+            comparisons, flips = [], {}
+            if "candidate" in scored:
+                for other in ("base", "production"):
+                    if other in scored:
+                        comparisons += _compare(spec, scored["candidate"], scored[other], "candidate", other, n,
+                                                resamples)
+                        flips[f"candidate_vs_{other}"] = _flips(s, scored["candidate"], scored[other],
+                                                                self.answers[(s.name, "candidate")],
+                                                                self.answers[(s.name, other)])
+            from tuneline.curation.steps import input_of
+
+            set_results.append(SetResult(
+                name=s.name, kind=s.kind, n=n, systems=results, comparisons=comparisons, flips=flips,
+                version=s.version, sha256=s.sha256, path=s.path, references=[ex.reference for ex in s.examples],
+                wheres=[ex.where for ex in s.examples], inputs=[input_of(ex) for ex in s.examples]))
+        suite = EvalSuite(spec=spec.name, task=spec.task.type, primary=spec.objective.primary,
+                          created=created or time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), sets=set_results,
+                          forgetting=self._forgetting(resamples), robustness=self._robustness_result(),
+                          latency=self.latency)
+        suite.gates = check_gates(spec.objective, suite)
+        return suite
+
+    def _forgetting(self, resamples: int) -> Forgetting | None:
+        if "base" not in self.probe or "candidate" not in self.probe:
+            return None
+        from tuneline.eval.probe import load_probe, probe_correct
+
+        questions = load_probe()
+        base = np.array([probe_correct(a, q) for a, q in zip(self.probe["base"].texts, questions, strict=True)])
+        cand = np.array([probe_correct(a, q) for a, q in zip(self.probe["candidate"].texts, questions, strict=True)])
+        n = len(questions)
+        b = stats.bootstrap(stats.mean_metric(base), n, resamples=resamples)
+        c = stats.bootstrap(stats.mean_metric(cand), n, resamples=resamples)
+        items = [ProbeItem(q.question, q.answers[0], ba, ca, bool(bo), bool(co)) for q, ba, ca, bo, co in
+                 zip(questions, self.probe["base"].texts, self.probe["candidate"].texts, base, cand, strict=True)]
+        return Forgetting(n=n, base=Estimate(b.value, b.low, b.high), candidate=Estimate(c.value, c.low, c.high),
+                          drop=b.value - c.value, items=items)
+
+    def _robustness_result(self) -> Robustness | None:
+        if not self.perturbed or not self.sets:
+            return None
+        main = self.sets[0]
+        clean_gen = self.answers[(main.name, "candidate")]
+        rows = self.robust_rows
+        sub = [main.examples[i] for i in rows]
+        primary = self.spec.objective.primary
+        clean = self._score(Generation([clean_gen.texts[i] for i in rows], 0.0, [clean_gen.stopped[i] for i in rows],
+                                       [clean_gen.tokens[i] for i in rows]), sub).values()[primary]
+        perturbations = {}
+        for kind, gen in self.perturbed.items():
+            value = self._score(gen, sub).values()[primary]
+            drop = (clean - value) if primary not in LOWER_IS_BETTER else (value - clean)
+            perturbations[kind] = Perturbed(value=value, drop=drop)
+        return Robustness(set=main.name, metric=primary, n=len(rows), clean=clean, perturbations=perturbations)
+
+
+def _compare(spec: Spec, a: Scored, b: Scored, a_name: str, b_name: str, n: int, resamples: int) -> list[Comparison]:
+    out = []
+    for metric in (*TASK_METRICS[spec.task.type], *COMMON_METRICS):
+        if metric not in a.metrics or metric not in b.metrics:
+            continue
+        diff, p = stats.paired_bootstrap(a.metrics[metric], b.metrics[metric], n, resamples=resamples)
+        test, a_only, b_only = "paired_bootstrap", None, None
+        if metric == "accuracy" and a.correct is not None and b.correct is not None:
+            p, a_only, b_only = stats.mcnemar(a.correct, b.correct)
+            test = "mcnemar"
+        out.append(Comparison(a_name, b_name, metric, Estimate(diff.value, diff.low, diff.high), p, test, p < 0.05,
+                              a_only, b_only))
+    return out
+
+
+def _flips(s: EvalSet, a: Scored, b: Scored, a_gen: Generation, b_gen: Generation) -> list[Flip]:
+    """Rows right for one system and wrong for the other (``a`` is the later system)."""
+    if a.correct is None or b.correct is None:
+        return []
+    from tuneline.curation.steps import input_of
+
+    out = []
+    for i in np.flatnonzero(a.correct != b.correct):
+        ex = s.examples[i]
+        out.append(Flip(int(i), ex.where, input_of(ex), ex.reference, b_gen.texts[i], a_gen.texts[i],
+                        "fixed" if a.correct[i] else "broken"))
+    return out
