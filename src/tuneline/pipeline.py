@@ -104,19 +104,12 @@ def run(
 
     console = console or Console()
     t0 = time.perf_counter()
-    ws = workspace if isinstance(workspace, Workspace) else Workspace.at(workspace)
-    loaded = load_spec(spec_path)
+    ws, loaded, source, tokenizer, (data, version) = _prepare(spec_path, workspace)
     spec = loaded.spec
-    source = resolve_model_source(spec.model, loaded.base_dir)
-    tokenizer = load_tokenizer(source, ws.models_dir)
-    data, version = prepare_version(loaded, ws, tokenizer)
     console.print(f"[bold]{spec.name}[/]: {spec.task.type}, model {spec.model}; "
                   + ", ".join(f"{s.split} {s.rows_used} rows" for s in data.sources))
     console.print(curation_summary(data, version), soft_wrap=True)
-    device = default_device()
-    precision = resolve_precision(spec.train.precision, device)
-    # frozen LoRA base weights in bf16 when computing in bf16; full fine-tuning keeps fp32 masters
-    base_dtype = "bf16" if precision == "bf16" and spec.train.method == "lora" else "fp32"
+    device, precision, base_dtype = _compute(spec)
     model = load_model(source, ws.models_dir, device=device, dtype=base_dtype)
     fingerprint = run_fingerprint(loaded, data, source.fingerprint(), version.id if version else None)
     run_dir = ws.run_dir(spec.name)
@@ -208,6 +201,24 @@ def run(
     return RunResult(run_id, run_dir, result, report, seconds)
 
 
+def _prepare(spec_path: str | Path, workspace: str | Path | Workspace | None) -> tuple[
+        Workspace, LoadedSpec, Any, Any, tuple[PreparedData, DatasetVersion | None]]:
+    """The workspace, the loaded spec, its model source and tokenizer, and the curated data."""
+    ws = workspace if isinstance(workspace, Workspace) else Workspace.at(workspace)
+    loaded = load_spec(spec_path)
+    source = resolve_model_source(loaded.spec.model, loaded.base_dir)
+    tokenizer = load_tokenizer(source, ws.models_dir)
+    return ws, loaded, source, tokenizer, prepare_version(loaded, ws, tokenizer)
+
+
+def _compute(spec: Any) -> tuple[str, str, str]:
+    """Device, precision, and the dtype of the frozen base weights: bf16 for LoRA when computing in
+    bf16; full fine-tuning keeps fp32 master weights."""
+    device = default_device()
+    precision = resolve_precision(spec.train.precision, device)
+    return device, precision, "bf16" if precision == "bf16" and spec.train.method == "lora" else "fp32"
+
+
 def eval_sets(loaded: LoadedSpec, ws: Workspace, test: list[Any]) -> list[EvalSet]:
     """The test split (or validation split when there is no test split) and each golden set."""
     sets = [EvalSet("test", "test", test)] if test else []
@@ -271,12 +282,8 @@ def evaluate(
     import tuneline.tracking as tracking
 
     console = console or Console()
-    ws = workspace if isinstance(workspace, Workspace) else Workspace.at(workspace)
-    loaded = load_spec(spec_path)
+    ws, loaded, source, tokenizer, (data, _) = _prepare(spec_path, workspace)
     spec = loaded.spec
-    source = resolve_model_source(spec.model, loaded.base_dir)
-    tokenizer = load_tokenizer(source, ws.models_dir)
-    data, _ = prepare_version(loaded, ws, tokenizer)
     run_dir = ws.run_dir(spec.name)
     candidate = Path(adapter) if adapter else run_dir / "adapter"
     if not (candidate / "adapter_config.json").is_file() and not (candidate / "config.json").is_file():
@@ -286,9 +293,7 @@ def evaluate(
     if not sets:
         raise TrainingError(Problem("nothing to evaluate on: the spec has no test or validation split and no "
                                     "golden sets", field="data.test", hint="add data.test or eval.golden"))
-    device = default_device()
-    precision = resolve_precision(spec.train.precision, device)
-    dtype = "bf16" if precision == "bf16" and spec.train.method == "lora" else "fp32"
+    device, precision, dtype = _compute(spec)
     evaluation = Evaluation(spec, tokenizer, sets, data.labels, autocast=autocast_for(precision, device),
                             device=device, show_progress=show_progress)
     if spec.eval.compare_base:

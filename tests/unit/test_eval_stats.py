@@ -69,11 +69,21 @@ def test_macro_f1_on_resamples_matches_scikit_learn():
     refs = [labels[i] for i in rng.integers(0, 5, 300)]  # l5 never occurs as a reference
     preds = [labels[i] if rng.random() < 0.9 else "nonsense" for i in rng.integers(0, 6, 300)]
     sc = score("classification", preds, refs, labels)
-    for idx in (np.arange(300), rng.integers(0, 300, 300)):
+    for idx in (np.arange(300), rng.integers(0, 300, 300), np.arange(20)):
+        r, p = [refs[i] for i in idx], [preds[i] for i in idx]
+        present = sorted(set(r) | (set(p) & set(labels)))  # "nonsense" is wrong, not a class
         ours = sc.metrics["macro_f1"](idx)
-        theirs = f1_score([refs[i] for i in idx], [preds[i] for i in idx], labels=labels, average="macro",
-                          zero_division=0)
-        assert ours == pytest.approx(theirs)
+        assert ours == pytest.approx(f1_score(r, p, labels=present, average="macro", zero_division=0))
+
+
+def test_macro_f1_interval_contains_its_value_on_a_small_set_with_many_labels():
+    # 2 rows per label, 77 labels, 90% right: resamples miss labels; those must not count as 0
+    refs = [f"l{i}" for i in range(77) for _ in range(2)]
+    rng = np.random.default_rng(3)
+    preds = [r if rng.random() < 0.9 else "l0" for r in refs]
+    sc = score("classification", preds, refs, sorted(set(refs)))
+    iv = stats.bootstrap(sc.metrics["macro_f1"], len(refs))
+    assert iv.low <= iv.value <= iv.high
 
 
 def test_corpus_bleu_from_summed_statistics_equals_sacrebleu():
