@@ -72,13 +72,20 @@ def _set_table(suite: EvalSuite, s: SetResult) -> Any:
                 row.append("")
             else:
                 mark = "[bold]" if c.significant else ""
-                row.append(f"{mark}{c.diff.value:+.3f}{'[/]' if mark else ''} (p={c.p_value:.3g})")
+                row.append(f"{mark}{c.diff.value:+.3f}{'[/]' if mark else ''} ({format_p(c.p_value, c.test)})")
         table.add_row(*row)
     for key, flips in s.flips.items():
         fixed = sum(f.kind == "fixed" for f in flips)
         table.caption = (table.caption + "; " if table.caption else "") + (
             f"{key.replace('_', ' ')}: {fixed} fixed, {len(flips) - fixed} broken")
     return table
+
+
+def format_p(p: float, test: str, resamples: int = 1000) -> str:
+    """``p=0.012``; a paired-bootstrap p of 0 means "below one resample in B": ``p<0.001``."""
+    if test == "paired_bootstrap" and p == 0:
+        return f"p<{1 / resamples:.2g}"
+    return f"p={p:.3g}"
 
 
 def flat_metrics(suite: EvalSuite) -> dict[str, float]:
