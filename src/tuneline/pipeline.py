@@ -38,6 +38,7 @@ class RunResult:
     train: TrainResult
     report: EvalSuite | None
     seconds: float
+    model_version: int | None = None  # the registered version (alias `candidate`)
 
     @property
     def passed(self) -> bool:
@@ -195,10 +196,14 @@ def run(
             evaluation.score_system("candidate", model, str(result.adapter_dir))
             del model
             report = _finish_evaluation(evaluation, loaded, ws, source, device, base_dtype, run_dir, console)
+        model_version = _register(loaded, ws, source, run_id, version.id if version else None, report)
+        console.print(f"registered as {spec.name} version {model_version} (alias candidate); "
+                      + ("promote it with `tuneline promote " + f"{spec.name} {model_version}`" if report and report.passed
+                         else "its gates did not pass, so `tuneline promote` will refuse it"))
     seconds = time.perf_counter() - t0
     console.print(f"run {run_id} finished in {seconds:.0f}s; see it with `tuneline runs` or `mlflow ui "
                   f"--backend-store-uri {tracking.tracking_uri(loaded, ws)}`")
-    return RunResult(run_id, run_dir, result, report, seconds)
+    return RunResult(run_id, run_dir, result, report, seconds, model_version)
 
 
 def _prepare(spec_path: str | Path, workspace: str | Path | Workspace | None) -> tuple[
@@ -217,6 +222,22 @@ def _compute(spec: Any) -> tuple[str, str, str]:
     device = default_device()
     precision = resolve_precision(spec.train.precision, device)
     return device, precision, "bf16" if precision == "bf16" and spec.train.method == "lora" else "fp32"
+
+
+def _register(loaded: LoadedSpec, ws: Workspace, source: Any, run_id: str, dataset_version: str | None,
+              suite: EvalSuite | None) -> int:
+    """Register the run's adapter artifact as the next version of the spec's model."""
+    import mlflow
+
+    import tuneline
+    from tuneline import registry, tracking
+
+    tags = registry.version_tags(
+        spec_sha256=loaded.sha256, dataset_version=dataset_version,
+        code_version=tracking.git_sha(loaded.base_dir) or f"tuneline {tuneline.__version__}",
+        base_model=loaded.spec.model, base_fingerprint=source.fingerprint(), suite=suite)
+    return registry.register_version(tracking.tracking_uri(loaded, ws), loaded.spec.name, run_id,
+                                     mlflow.get_artifact_uri("adapter"), tags)
 
 
 def eval_sets(loaded: LoadedSpec, ws: Workspace, test: list[Any]) -> list[EvalSet]:
@@ -310,5 +331,11 @@ def evaluate(
         if not run_id:
             mlflow.set_tag("tuneline.adapter", str(candidate))
         suite = _finish_evaluation(evaluation, loaded, ws, source, device, dtype, run_dir, console, production)
+        if run_id:
+            from tuneline import registry
+
+            updated = registry.update_eval_tags(tracking.tracking_uri(loaded, ws), run_id, suite)
+            if updated:
+                console.print(f"gate results updated on {spec.name} version(s) {', '.join(map(str, updated))}")
         console.print(f"recorded in run {mlrun.info.run_id}; HTML page: `tuneline report {mlrun.info.run_id[:12]}`")
     return suite

@@ -454,9 +454,11 @@ def golden_register(
 
 
 def _register_report() -> None:
+    from tuneline.cli.registry import register as register_registry
     from tuneline.cli.report import register
 
     register(app)
+    register_registry(app)
 
 
 _register_report()

@@ -1,0 +1,132 @@
+"""Registry commands: ``models``, ``promote``, ``rollback``, ``lineage``."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+console = Console()
+
+NameArg = Annotated[str, typer.Argument(help="The model: the use case's spec name.", show_default=False)]
+VersionArg = Annotated[int, typer.Argument(help="Version number (see `tuneline models`).", show_default=False)]
+WorkspaceOpt = Annotated[
+    Path | None, typer.Option("--workspace", "-w", help="Workspace folder (default: $TUNELINE_HOME or ./.tuneline).")]
+UriOpt = Annotated[str | None, typer.Option(help="MLflow tracking URI (default: the workspace's SQLite store).")]
+
+
+def _uri(workspace: Path | None, uri: str | None) -> str:
+    from tuneline.workspace import Workspace
+
+    return uri or Workspace.at(workspace).tracking_uri
+
+
+def register(app: typer.Typer) -> None:
+    app.command("models")(models)
+    app.command("promote")(promote)
+    app.command("rollback")(rollback)
+    app.command("lineage")(lineage)
+
+
+def models(
+    name: Annotated[str | None, typer.Argument(help="Only this model.", show_default=False)] = None,
+    workspace: WorkspaceOpt = None, uri: UriOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+) -> None:
+    """List registered model versions with their aliases, metrics and gate status, newest first."""
+    from dataclasses import asdict
+
+    from rich.table import Table
+
+    from tuneline.registry import list_versions
+
+    versions = list_versions(_uri(workspace, uri), name)
+    if as_json:
+        sys.stdout.write(json.dumps([asdict(v) for v in versions], indent=2) + "\n")
+        return
+    if not versions:
+        console.print("no registered models yet: `tuneline run SPEC` registers each trained adapter")
+        return
+    table = Table(title="registered models")
+    for col in ("model", "version", "aliases", "created", "dataset", "metrics", "gates"):
+        table.add_column(col)
+    for v in versions:
+        gates = {True: "[green]pass[/]", False: f"[red]fail[/] {v.tags.get('tuneline.gates_failed', '')}",
+                 None: "not evaluated"}[v.gates_passed]
+        shown = {k: x for k, x in v.metrics.items() if k in ("accuracy", "macro_f1", "rouge_l", "json_valid")}
+        table.add_row(v.name, str(v.version), ", ".join(v.aliases) or "-", v.created,
+                      v.tags.get("tuneline.dataset_version", "-"),
+                      ", ".join(f"{k} {x:.3f}" for k, x in shown.items()) or "-", gates)
+    console.print(table)
+
+
+def promote(
+    name: NameArg, version: VersionArg,
+    force: Annotated[bool, typer.Option("--force", help="Promote although the gates failed (needs --reason).")] = False,
+    reason: Annotated[str | None, typer.Option(help="Why; recorded in the alias history.")] = None,
+    workspace: WorkspaceOpt = None, uri: UriOpt = None,
+) -> None:
+    """Move the `production` alias to VERSION, only if its gates passed (or with --force --reason)."""
+    from tuneline.registry import promote as do_promote
+
+    info = do_promote(_uri(workspace, uri), name, version, force=force, reason=reason)
+    forced = " [yellow](forced: gates did not pass)[/]" if force and info.gates_passed is not True else ""
+    console.print(f"[green]promoted[/] {name} version {version} to production{forced}")
+
+
+def rollback(
+    name: NameArg,
+    reason: Annotated[str | None, typer.Option(help="Why; recorded in the alias history.")] = None,
+    workspace: WorkspaceOpt = None, uri: UriOpt = None,
+) -> None:
+    """Move `production` back to the version that held it before the current one."""
+    from tuneline.registry import rollback as do_rollback
+
+    current, previous = do_rollback(_uri(workspace, uri), name, reason)
+    console.print(f"[green]rolled back[/] {name}: production {current} -> {previous}")
+
+
+def lineage(
+    name: NameArg, version: VersionArg, workspace: WorkspaceOpt = None, uri: UriOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Print the chain behind a version: source files -> dataset version -> curation -> training run
+    -> evaluation -> the aliases it held and when."""
+    from tuneline.registry import lineage as get_lineage
+    from tuneline.workspace import Workspace
+
+    chain = get_lineage(_uri(workspace, uri), Workspace.at(workspace).datasets_dir, name, version)
+    if as_json:
+        sys.stdout.write(json.dumps(chain, indent=2) + "\n")
+        return
+    p = console.print
+    p(f"[bold]{name} version {version}[/] (aliases: {', '.join(chain['aliases']) or 'none'}); adapter {chain['source']}",
+      soft_wrap=True)
+    p("source files")
+    for s in chain["sources"]:
+        p(f"  {s['split']}: {s['path']} sha256 {s['sha256'][:16]} ({s['rows_used']} rows used)", soft_wrap=True)
+    ds = chain["dataset"]
+    p(f"-> dataset version {ds['id'] or '(curation off)'}: {ds['counts'] or ''}", soft_wrap=True)
+    if ds["id"]:
+        p(f"-> curation: {' -> '.join(ds['steps'])}; dropped {ds['dropped'] or 'none'}; manifest {ds['manifest']}",
+          soft_wrap=True)
+    run = chain["run"]
+    p(f"-> training run {run['id']}: {run['params']}", soft_wrap=True)
+    p(f"   code {run['code']}, spec sha256 {str(run['spec_sha256'])[:16]}, base model {run['base_model']} "
+      f"({str(run['base_model_fingerprint'])[:16]}), torch {run['libraries'].get('torch', '?')}, "
+      f"transformers {run['libraries'].get('transformers', '?')}, peft {run['libraries'].get('peft', '?')}",
+      soft_wrap=True)
+    ev = chain["eval"]
+    gates = {True: "passed", False: f"FAILED ({ev['gates_failed']})", None: "not evaluated"}[ev["gates_passed"]]
+    metrics = ", ".join(f"{k} {v:.3f}" for k, v in ev["metrics"].items()
+                        if k in ("accuracy", "macro_f1", "rouge_l", "json_valid"))
+    p(f"-> evaluation: gates {gates}; {metrics}; report {ev['report']}", soft_wrap=True)
+    p("-> aliases held")
+    for h in chain["aliases_held"]:
+        forced = " (forced)" if h["forced"] else ""
+        until = h["until"] or "now"
+        p(f"  {h['alias']}: {h['from']} -> {until} ({h['how']}{forced} by {h['by']}: {h['reason']})", soft_wrap=True)

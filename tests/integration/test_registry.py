@@ -1,0 +1,79 @@
+"""Registry: runs become versions with lineage tags; promotion is gated; rollback undoes it."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import tuneline
+from tuneline import registry
+from tuneline.registry import RegistryError
+from tuneline.workspace import Workspace
+
+
+def _run(spec: Path, ws: Workspace, thresholds: str) -> int:
+    text = spec.read_text()
+    start = text.index("thresholds:")
+    end = text.index("\n", start)
+    spec.write_text(text[:start] + f"thresholds: {thresholds}" + text[end:])
+    result = tuneline.run(spec, workspace=ws, show_progress=False)
+    assert result.model_version is not None
+    return result.model_version
+
+
+def test_versions_promotion_rollback_and_lineage(classification_spec: Path, tmp_path: Path):
+    ws = Workspace.at(tmp_path / "ws")
+    uri = ws.tracking_uri
+    v1 = _run(classification_spec, ws, '["accuracy >= 0.0"]')
+    v2 = _run(classification_spec, ws, '["accuracy >= 0.99"]')  # this version's gate fails
+    assert (v1, v2) == (1, 2)
+    assert registry.resolve(uri, "tiny-intents@candidate").version == 2  # the latest trained version
+
+    info = registry.get_version(uri, "tiny-intents", 1)
+    assert info.gates_passed is True and "accuracy" in info.metrics
+    assert info.tags["tuneline.dataset_version"].startswith("ds-")
+    assert len(info.tags["tuneline.spec_sha256"]) == 64 and info.tags["tuneline.base_model_fingerprint"]
+
+    registry.promote(uri, "tiny-intents", 1)
+    assert registry.resolve(uri, "tiny-intents").version == 1  # bare name: production
+    with pytest.raises(RegistryError, match=r"cannot be promoted: its gates failed \(accuracy >= 0.99\)"):
+        registry.promote(uri, "tiny-intents", 2)
+    with pytest.raises(RegistryError, match="needs --reason"):
+        registry.promote(uri, "tiny-intents", 2, force=True)
+    registry.promote(uri, "tiny-intents", 2, force=True, reason="hotfix approved by the team")
+    assert registry.resolve(uri, "tiny-intents").version == 2
+    assert registry.rollback(uri, "tiny-intents") == (2, 1)
+    assert registry.resolve(uri, "tiny-intents@production").version == 1
+    with pytest.raises(RegistryError, match="no earlier production version"):
+        registry.rollback(uri, "tiny-intents")
+    last = registry.history(uri, "tiny-intents")[-2]
+    assert last["forced"] and last["reason"] == "hotfix approved by the team"
+
+    chain = registry.lineage(uri, ws.datasets_dir, "tiny-intents", 2)
+    assert [s["split"] for s in chain["sources"]] == ["train", "test"]
+    assert chain["dataset"]["id"] == info.tags["tuneline.dataset_version"]
+    assert "decontaminate" in chain["dataset"]["steps"]
+    assert chain["run"]["params"]["train.max_steps"] == "4" and chain["eval"]["gates_passed"] is False
+    held = [(h["alias"], h["until"] is None) for h in chain["aliases_held"]]
+    assert held == [("candidate", True), ("production", False)]  # production until the rollback
+
+    env = {**os.environ, "COLUMNS": "200"}
+    cli = [sys.executable, "-c", "from tuneline.cli import main; main()"]
+    out = subprocess.run([*cli, "lineage", "tiny-intents", "2", "-w", str(ws.root)], capture_output=True,
+                         text=True, timeout=120, env=env)
+    assert out.returncode == 0, out.stderr
+    for piece in ("source files", "train.csv sha256", "-> dataset version ds-", "-> curation:",
+                  "-> training run", "-> evaluation: gates FAILED", "production:", "forced"):
+        assert piece in out.stdout, piece
+    out = subprocess.run([*cli, "promote", "tiny-intents", "2", "-w", str(ws.root)], capture_output=True,
+                         text=True, timeout=120, env=env)
+    assert out.returncode == 1 and "cannot be promoted" in out.stderr
+    out = subprocess.run([*cli, "models", "tiny-intents", "-w", str(ws.root), "--json"], capture_output=True,
+                         text=True, timeout=120, env=env)
+    rows = json.loads(out.stdout)
+    assert [(r["version"], r["aliases"]) for r in rows] == [(2, ["candidate"]), (1, ["production"])]
