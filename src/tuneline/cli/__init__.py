@@ -456,9 +456,11 @@ def golden_register(
 def _register_report() -> None:
     from tuneline.cli.registry import register as register_registry
     from tuneline.cli.report import register
+    from tuneline.cli.serve import register as register_serve
 
     register(app)
     register_registry(app)
+    register_serve(app)
 
 
 _register_report()

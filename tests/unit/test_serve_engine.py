@@ -1,0 +1,51 @@
+"""The serving engine: requests for different adapters batched together answer exactly as alone."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture
+def engine(tiny_model_dir: Path, tmp_path: Path):
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tuneline.serve import Engine
+
+    paths = []
+    for seed in (1, 2):  # two adapters with random (non-zero) B: each changes the answers
+        torch.manual_seed(seed)
+        base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+        cfg = LoraConfig(r=8, lora_alpha=64, target_modules="all-linear", init_lora_weights=False)
+        get_peft_model(base, cfg).save_pretrained(tmp_path / f"a{seed}")
+        paths.append(str(tmp_path / f"a{seed}"))
+    eng = Engine(AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32),
+                 AutoTokenizer.from_pretrained(tiny_model_dir), max_batch=16, window_s=0.05)
+    names = [eng.adapter_for(f"m@{i}", p) for i, p in enumerate(paths)]
+    yield eng, names
+    eng.close()
+
+
+def test_mixed_adapter_batch_equals_one_at_a_time(engine):
+    from tuneline.serve import Job
+
+    eng, names = engine
+    tok = eng.tokenizer
+    texts = [tok.apply_chat_template([{"role": "user", "content": t}], tokenize=False, add_generation_prompt=True)
+             for t in ("my card has not arrived", "what is the exchange rate today?", "lost card")]
+    prompts = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
+    rows = [(p, a) for p in prompts for a in [*names, "__base__"]]
+    alone = [eng.submit(Job(p, a, 6)).result().text for p, a in rows]
+    per = len(names) + 1
+    assert all(len(set(alone[i:i + per])) == per for i in range(0, len(alone), per))  # each adapter differs
+
+    jobs = [Job(p, a, 6) for p, a in rows]
+    with eng._queue.mutex:  # enqueue all at once: the worker takes them as one batch
+        eng._queue.queue.extend(jobs)
+        eng._queue.unfinished_tasks += len(jobs)
+        eng._queue.not_empty.notify()
+    assert [j.future.result().text for j in jobs] == alone
+    assert eng.batch_sizes[-1] == len(jobs)  # answered in one generate call
