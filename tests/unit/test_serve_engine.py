@@ -39,6 +39,16 @@ def test_mixed_adapter_batch_equals_one_at_a_time(engine):
     prompts = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
     rows = [(p, a) for p in prompts for a in [*names, "__base__"]]
     alone = [eng.submit(Job(p, a, 6)).result().text for p, a in rows]
+    # the reference: peft's own forward (its adapter_names path), one row at a time
+    import torch
+
+    for (p, a), text in zip(rows, alone, strict=True):
+        with torch.inference_mode():
+            out = eng.model.generate(input_ids=torch.tensor([p]), max_new_tokens=6, do_sample=False,
+                                     adapter_names=[a], pad_token_id=tok.pad_token_id)
+        new = out[0, len(p):].tolist()
+        end = next((k for k, t in enumerate(new) if t in eng.end_ids), len(new))
+        assert tok.decode(new[:end], skip_special_tokens=True) == text, (a, text)
     per = len(names) + 1
     assert all(len(set(alone[i:i + per])) == per for i in range(0, len(alone), per))  # each adapter differs
 

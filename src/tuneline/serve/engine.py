@@ -1,8 +1,8 @@
 """The serving engine: one base model in memory, many LoRA adapters, requests batched together.
 
-Requests for different adapters that arrive together are answered in one ``generate`` call with
-peft's mixed-adapter batches (``adapter_names``: each row runs through its own adapter, or the
-base model for ``__base__``), so eight adapters cost about what one does. One worker thread owns
+Requests for different adapters that arrive together are answered in one ``generate`` call: each
+row runs through its own adapter (or the base model for ``__base__``) with the stacked, batched
+LoRA products of :mod:`tuneline.serve.multilora`, so eight adapters cost about what one does. One worker thread owns
 the model; callers get a :class:`concurrent.futures.Future` (or, streaming, a queue of text
 pieces). Model references resolve through the registry on every request (cached for
 ``resolve_ttl`` seconds), so a promotion or rollback is picked up without a restart, while a
@@ -59,6 +59,7 @@ class Engine:
         self.autocast = autocast
         self.context_length = int(getattr(model.config, "max_position_embeddings", 2048))
         self.adapters: dict[str, str] = {}  # adapter name -> source
+        self.multi: Any = None  # MultiLora once an adapter is loaded
         self.batch_sizes: collections.deque[int] = collections.deque(maxlen=10_000)  # rows per generate call
         self._resolved: dict[str, tuple[float, Any]] = {}
         self._load_lock = threading.Lock()
@@ -91,6 +92,10 @@ class Engine:
             self.model.load_adapter(path, adapter_name=name)
             self.model.eval()
         self.adapters[name] = path
+        from tuneline.serve.multilora import MultiLora
+
+        self.multi = MultiLora(self.model)  # again after each load: a new adapter may add layers
+        self.multi.rebuild(list(self.adapters))
         _flag_trainable(self.model)
         log.info("loaded adapter %s from %s", name, path)
 
@@ -182,8 +187,8 @@ class Engine:
             kwargs.update(do_sample=True, temperature=batch[0].temperature, top_k=0)
         else:
             kwargs.update(do_sample=False)
-        if self.adapters:
-            kwargs["adapter_names"] = [j.adapter for j in batch]
+        if self.multi is not None:  # each row through its own adapter (or none), in one batch
+            self.multi.index = torch.tensor([self.multi.slot(j.adapter) for j in batch], device=ids.device)
         elif any(j.adapter != BASE for j in batch):
             raise RuntimeError("adapter requested before any adapter was loaded")
         stream = batch[0].stream
@@ -219,8 +224,12 @@ class Engine:
     def _call(self, ids: Any, mask: Any, kwargs: dict[str, Any]) -> Any:
         from contextlib import nullcontext
 
-        with self._torch.inference_mode(), self.autocast or nullcontext():
-            return self.model.generate(input_ids=ids, attention_mask=mask, **kwargs)
+        try:
+            with self._torch.inference_mode(), self.autocast or nullcontext():
+                return self.model.generate(input_ids=ids, attention_mask=mask, **kwargs)
+        finally:
+            if self.multi is not None:
+                self.multi.index = None
 
 
 def _flag_trainable(model: Any) -> None:
