@@ -20,7 +20,8 @@ from typing import Any, Literal
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from tuneline.serve.engine import BASE, Engine, Job
 from tuneline.serve.requestlog import RequestLog
@@ -41,6 +42,18 @@ def _error_body(message: str, type_: str, param: str | None = None, code: str | 
 
 class _Req(BaseModel):
     model_config = ConfigDict(extra="ignore")
+
+    @field_validator("*")
+    @classmethod
+    def _valid_unicode(cls, value: Any) -> Any:
+        # JSON may escape a lone surrogate ("\\ud800"); the tokenizer and the request log cannot encode one
+        for s in value if isinstance(value, list) else [value]:
+            if isinstance(s, str) and not s.isascii():
+                try:
+                    s.encode("utf-8")
+                except UnicodeEncodeError:
+                    raise ValueError("contains a lone UTF-16 surrogate, which is not valid Unicode") from None
+        return value
 
 
 class ChatMessage(_Req):
@@ -117,6 +130,12 @@ def create_app(engine: Engine, log: RequestLog, config: ServerConfig) -> FastAPI
     @app.exception_handler(ApiError)
     async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
         return JSONResponse(_error_body(exc.message, exc.type, exc.param, exc.code), status_code=exc.status)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        # FastAPI's own 4xx (a body it cannot parse, an unknown path, a wrong method) in the same shape
+        return JSONResponse(_error_body(str(exc.detail), "invalid_request_error"), status_code=exc.status_code,
+                            headers=exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:

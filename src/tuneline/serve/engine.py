@@ -183,7 +183,7 @@ class Engine:
             mask[r, width - len(j.prompt_ids):] = 1
         kwargs: dict[str, Any] = {"max_new_tokens": max(j.max_new_tokens for j in batch), "pad_token_id": pad,
                                   "eos_token_id": sorted(self.end_ids) or None}
-        if batch[0].temperature > 0:
+        if batch[0].temperature >= 1e-3:  # below that, sampling is greedy decoding (and overflows)
             kwargs.update(do_sample=True, temperature=batch[0].temperature, top_k=0)
         else:
             kwargs.update(do_sample=False)
@@ -198,7 +198,15 @@ class Engine:
             streamer = TextIteratorStreamer(tok, skip_prompt=True, skip_special_tokens=True)
             kwargs["streamer"] = streamer
             out_box: list[Any] = []
-            gen = threading.Thread(target=lambda: out_box.append(self._call(ids, mask, kwargs)))
+
+            def run() -> None:
+                try:
+                    out_box.append(self._call(ids, mask, kwargs))
+                except BaseException as exc:  # noqa: BLE001 - handed to the caller below
+                    out_box.append(exc)
+                    streamer.end()  # a failed generate must not leave the worker waiting for text
+
+            gen = threading.Thread(target=run, daemon=True)
             gen.start()
             for piece in streamer:
                 if piece:
@@ -206,6 +214,8 @@ class Engine:
             gen.join()
             stream.put(None)
             out = out_box[0]
+            if isinstance(out, BaseException):
+                raise out
         else:
             out = self._call(ids, mask, kwargs)
         results = []
