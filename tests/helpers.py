@@ -62,3 +62,22 @@ def lora_model(model_dir: Path, attn: str | None = None, dtype=None, **lora):
             if "lora_B" in n:
                 p.normal_(0, 0.05)
     return model
+
+
+def tiny_lora_spec(dir_: Path, model_dir: Path, name: str, per_label: int = 8, max_steps: int = 3) -> Path:
+    """A classification spec training a LoRA adapter on the tiny model in a few steps, with the
+    slow evaluation extras (probe, robustness, latency) off: for registry and serving tests."""
+    labels = ["card_arrival", "lost_or_stolen_card", "exchange_rate"]
+    write_csv(dir_ / "train.csv", banking_rows(labels, per_label))
+    write_csv(dir_ / "test.csv", banking_rows(labels, 2, "test"))
+    return write_spec(dir_, f"""
+        name: {name}
+        task: {{type: classification, instruction: Classify the message.}}
+        objective: {{primary: accuracy, thresholds: ["accuracy >= 0.0"]}}
+        model: {model_dir}
+        data:
+          train: {{path: train.csv, columns: {{label: category}}}}
+          test: {{path: test.csv, columns: {{label: category}}}}
+        train: {{method: lora, lr: 3.0e-2, max_steps: {max_steps}, batch_size: 8, seq_len: 96, precision: fp32, seed: 0}}
+        eval: {{batch_size: 16, forgetting: false, robustness: {{enabled: false}}, latency: {{enabled: false}}}}
+    """)

@@ -22,23 +22,10 @@ KEYS = {"sk-all": Key("ops", {"*"}), "sk-other": Key("other-team", {"another-mod
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path):
-    from helpers import banking_rows, write_csv, write_spec
+    from helpers import tiny_lora_spec
 
     tmp = tmp_path_factory.mktemp("serve")
-    labels = ["card_arrival", "lost_or_stolen_card", "exchange_rate"]
-    write_csv(tmp / "train.csv", banking_rows(labels, 8))
-    write_csv(tmp / "test.csv", banking_rows(labels, 2, "test"))
-    spec = write_spec(tmp, f"""
-        name: tiny-intents
-        task: {{type: classification, instruction: Classify the message.}}
-        objective: {{primary: accuracy, thresholds: ["accuracy >= 0.0"]}}
-        model: {tiny_model_dir}
-        data:
-          train: {{path: train.csv, columns: {{label: category}}}}
-          test: {{path: test.csv, columns: {{label: category}}}}
-        train: {{method: lora, lr: 3.0e-2, max_steps: 3, batch_size: 8, seq_len: 96, precision: fp32, seed: 0}}
-        eval: {{batch_size: 16, forgetting: false, robustness: {{enabled: false}}, latency: {{enabled: false}}}}
-    """)
+    spec = tiny_lora_spec(tmp, tiny_model_dir, "tiny-intents")
     ws = Workspace.at(tmp / "ws")
     v1 = tuneline.run(spec, workspace=ws, show_progress=False).model_version
     spec.write_text(spec.read_text().replace("seed: 0", "seed: 1").replace("max_steps: 3", "max_steps: 6"))

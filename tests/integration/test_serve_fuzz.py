@@ -47,23 +47,10 @@ FUZZ = settings(max_examples=30, deadline=None, derandomize=True, database=None,
 @pytest.fixture(scope="module")
 def app(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path):
     """The served app over a registry with one tiny LoRA version in production."""
-    from helpers import banking_rows, write_csv, write_spec
+    from helpers import tiny_lora_spec
 
-    tmp = tmp_path_factory.mktemp("serve-fuzz")
-    labels = ["card_arrival", "lost_or_stolen_card"]
-    write_csv(tmp / "train.csv", banking_rows(labels, 4))
-    write_csv(tmp / "test.csv", banking_rows(labels, 1, "test"))
-    spec = write_spec(tmp, f"""
-        name: {MODEL}
-        task: {{type: classification, instruction: Classify the message.}}
-        objective: {{primary: accuracy, thresholds: ["accuracy >= 0.0"]}}
-        model: {tiny_model_dir}
-        data:
-          train: {{path: train.csv, columns: {{label: category}}}}
-          test: {{path: test.csv, columns: {{label: category}}}}
-        train: {{method: lora, lr: 3.0e-2, max_steps: 1, batch_size: 8, seq_len: 64, precision: fp32, seed: 0}}
-        eval: {{batch_size: 16, forgetting: false, robustness: {{enabled: false}}, latency: {{enabled: false}}}}
-    """)
+    spec = tiny_lora_spec(tmp_path_factory.mktemp("serve-fuzz"), tiny_model_dir, MODEL, per_label=4, max_steps=1)
+    tmp = spec.parent
     ws = Workspace.at(tmp / "ws")
     assert tuneline.run(spec, workspace=ws, show_progress=False).model_version == 1
     registry.promote(ws.tracking_uri, MODEL, 1)
