@@ -22,13 +22,17 @@ from tuneline.eval import (
     load_golden,
     render_tables,
 )
+from tuneline.eval.validate import sample_rows
 from tuneline.models import load_model, load_tokenizer, resolve_model_source
 from tuneline.spec import LoadedSpec, load_spec
 from tuneline.train import TrainResult, default_device, resolve_precision, train
+from tuneline.train.checkpoint import latest_checkpoint
 from tuneline.train.loop import autocast_for
 from tuneline.workspace import Workspace
 
 log = logging.getLogger(__name__)
+
+EVAL_LOSS_ROWS = 500  # validation rows for the end-of-training loss (a seeded sample: it is one number)
 
 
 @dataclass
@@ -81,9 +85,12 @@ def curation_summary(data: PreparedData, version: DatasetVersion | None) -> str:
 
 
 def run_fingerprint(loaded: LoadedSpec, data: PreparedData, model_fingerprint: str,
-                    dataset_version: str | None = None) -> str:
-    """What a checkpoint must match to be resumed: training config, data and base model."""
+                    dataset_version: str | None = None, train_cfg: Any = None) -> str:
+    """What a checkpoint must match to be resumed: training config (after a search: the best
+    trial's), data and base model."""
     spec = loaded.spec.model_dump(mode="json", include={"task", "model", "data", "curation", "train"})
+    if train_cfg is not None:
+        spec["train"] = train_cfg.model_dump(mode="json")
     spec["train"].pop("checkpoint_every", None)
     spec["train"].pop("log_every", None)
     payload = json.dumps({"spec": spec, "data": [s.sha256 for s in data.sources], "model": model_fingerprint,
@@ -112,7 +119,6 @@ def run(
     console.print(curation_summary(data, version), soft_wrap=True)
     device, precision, base_dtype = _compute(spec)
     model = load_model(source, ws.models_dir, device=device, dtype=base_dtype)
-    fingerprint = run_fingerprint(loaded, data, source.fingerprint(), version.id if version else None)
     run_dir = ws.run_dir(spec.name)
     state_file = run_dir / "run.json"
     test = data.test or data.eval
@@ -134,7 +140,7 @@ def run(
         active = tracking.start_run(loaded, ws)
     with active as mlrun:
         run_id = mlrun.info.run_id
-        state_file.write_text(json.dumps({"mlflow_run_id": run_id, "fingerprint": fingerprint}, indent=2))
+        state_file.write_text(json.dumps({"mlflow_run_id": run_id}, indent=2))
         if not resume:
             tracking.log_run_inputs(loaded, data.sources, spec.model, source.fingerprint())
             if version is not None:
@@ -143,6 +149,21 @@ def run(
 
         evaluation = Evaluation(spec, tokenizer, sets, data.labels, autocast=autocast_for(precision, device),
                                 device=device, show_progress=show_progress) if sets else None
+        train_cfg, found = spec.train, None
+        if spec.search is not None:  # search -> train the best configuration -> evaluate
+            from tuneline.tune import best_train, search
+
+            found = search(loaded, ws, data=data, version=version, tokenizer=tokenizer, source=source, device=device,
+                           precision=precision, dtype=base_dtype, resume=resume, parent_run_id=run_id,
+                           console=console, show_progress=show_progress)
+            if found.best is None:
+                raise TrainingError(Problem(f"no search trial completed ({found.counts()})",
+                                            hint="see the trials above; widen the space or raise search.trials"))
+            train_cfg = best_train(spec, found)
+            _log_search(found, console)
+        fingerprint = run_fingerprint(loaded, data, source.fingerprint(), version.id if version else None, train_cfg)
+        state_file.write_text(json.dumps({"mlflow_run_id": run_id, "fingerprint": fingerprint}, indent=2))
+
         scored_base = False
         if evaluation is not None and spec.eval.compare_base and not resume:
             evaluation.score_system("base", model, spec.model)  # before training, on the untouched model
@@ -165,10 +186,17 @@ def run(
                 flush()
 
         try:
-            model, result = train(
-                spec.train, model, tokenizer, data.train, run_dir, eval_examples=data.eval or None, resume=resume,
-                fingerprint=fingerprint, device=device, on_step=on_step, show_progress=show_progress,
-            )
+            if found is not None and found.reusable_adapter and not resume:
+                model, result = _reuse_trial(model, found, run_dir, tokenizer, console)
+            else:
+                # a resumed search run may have stopped before training began: then train from the start
+                train_resume = resume and (found is None or latest_checkpoint(run_dir / "checkpoints") is not None)
+                model, result = train(
+                    train_cfg, model, tokenizer, data.train, run_dir, resume=train_resume,
+                    eval_examples=sample_rows(data.eval, EVAL_LOSS_ROWS, train_cfg.seed) or None,
+                    fingerprint=fingerprint, device=device, on_step=on_step, show_progress=show_progress,
+                    validation=_early_stopping(loaded, train_cfg, tokenizer, data, precision, device),
+                )
         finally:
             flush()
         mlflow.log_metrics({k: float(v) for k, v in result.to_dict().items()
@@ -180,6 +208,10 @@ def run(
         console.print(f"trained {result.steps} steps in {result.seconds:.0f}s "
                       f"({result.tokens_per_second:.0f} tok/s, final loss {result.final_loss:.4f}); "
                       f"adapter: {result.adapter_dir}")
+        if result.best_step is not None and train_cfg.early_stopping is not None:
+            console.print(f"early stopping: {'stopped at step ' + str(result.steps) if result.stopped_early else 'ran all steps'}"
+                          f"; kept the best weights, step {result.best_step} (validation "
+                          f"{train_cfg.early_stopping.metric or spec.objective.primary} {result.best_value:.4f})")
         if result.dropped_too_long:
             console.print(f"[yellow]dropped {result.dropped_too_long} training examples longer than "
                           f"train.seq_len={spec.train.seq_len}[/]")
@@ -204,6 +236,52 @@ def run(
     console.print(f"run {run_id} finished in {seconds:.0f}s; see it with `tuneline runs` or `mlflow ui "
                   f"--backend-store-uri {tracking.tracking_uri(loaded, ws)}`")
     return RunResult(run_id, run_dir, result, report, seconds, model_version)
+
+
+def _early_stopping(loaded: LoadedSpec, cfg: Any, tokenizer: Any, data: PreparedData, precision: str,
+                    device: str) -> Any:
+    """The validation that stops a run on a plateau and keeps its best weights (None when off)."""
+    es = cfg.early_stopping
+    if es is None:
+        return None
+    from tuneline.eval.validate import make_scorer, maximize
+    from tuneline.train.loop import Validation, steps_per_epoch
+
+    metric = es.metric or loaded.spec.objective.primary
+    score = make_scorer(loaded.spec, tokenizer, data.eval, data.labels, metric, precision=precision, device=device,
+                        rows=es.rows, seed=cfg.seed)
+    every = max(1, round(es.every * steps_per_epoch(len(data.train), cfg)))
+    return Validation(every=every, score=score, maximize=maximize(metric), patience=es.patience,
+                      min_delta=es.min_delta, keep_best=True)
+
+
+def _reuse_trial(model: Any, found: Any, run_dir: Path, tokenizer: Any, console: Any) -> tuple[Any, TrainResult]:
+    """The best trial trained on every training row with these values: use its adapter, do not retrain."""
+    import shutil
+
+    from peft import PeftModel
+
+    src = Path(found.reusable_adapter)
+    dest = run_dir / "adapter"
+    shutil.rmtree(dest, ignore_errors=True)
+    shutil.copytree(src, dest)
+    saved = json.loads((src.parent / "train_result.json").read_text())
+    saved["adapter_dir"] = str(dest)
+    saved["validations"] = [tuple(v) for v in saved.get("validations", [])]
+    console.print(f"reusing trial {found.best.number}'s adapter: it trained on every training row with the best values")
+    return PeftModel.from_pretrained(model, str(dest)), TrainResult(**saved)
+
+
+def _log_search(found: Any, console: Any) -> None:
+    """The trials table on the console; the best values as this run's params."""
+    import mlflow
+
+    from tuneline.tune.report import search_table
+
+    console.print(search_table(found))
+    mlflow.log_params({f"search.best.{k}": v for k, v in found.best_params.items()})
+    mlflow.set_tags({"tuneline.study": found.study_name, "tuneline.search_best_trial": str(found.best.number)})
+    mlflow.log_dict(found.to_dict(), "search/summary.json")
 
 
 def _prepare(spec_path: str | Path, workspace: str | Path | Workspace | None) -> tuple[
@@ -339,3 +417,32 @@ def evaluate(
                 console.print(f"gate results updated on {spec.name} version(s) {', '.join(map(str, updated))}")
         console.print(f"recorded in run {mlrun.info.run_id}; HTML page: `tuneline report {mlrun.info.run_id[:12]}`")
     return suite
+
+
+def tune(
+    spec_path: str | Path,
+    *,
+    workspace: str | Path | Workspace | None = None,
+    resume: bool = False,
+    restart: bool = False,
+    workers: int | None = None,
+    trials: int | None = None,
+    show_progress: bool = True,
+    console: Any = None,
+) -> Any:
+    """Run (or resume) the spec's hyperparameter search alone; return its :class:`SearchResult`.
+    ``tuneline run`` on the same spec and data then reuses the finished study."""
+    from rich.console import Console
+
+    from tuneline.tune import search
+    from tuneline.tune.report import search_table
+
+    console = console or Console()
+    ws, loaded, source, tokenizer, (data, version) = _prepare(spec_path, workspace)
+    console.print(curation_summary(data, version), soft_wrap=True)
+    device, precision, dtype = _compute(loaded.spec)
+    found = search(loaded, ws, data=data, version=version, tokenizer=tokenizer, source=source, device=device,
+                   precision=precision, dtype=dtype, resume=resume, restart=restart, workers=workers, trials=trials,
+                   console=console, show_progress=show_progress)
+    console.print(search_table(found))
+    return found

@@ -59,9 +59,10 @@ def run(
     no_progress: Annotated[bool, typer.Option("--no-progress", help="No progress bars (log lines instead).")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
-    """Run the pipeline: validate data, evaluate the base model, train, evaluate, track.
+    """Run the pipeline: validate data, (search,) evaluate the base model, train, evaluate, track.
 
-    Exits 0 when the objective's thresholds pass, 2 when they fail, 1 on an error.
+    With a `search` section the hyperparameter search runs first (or a finished one is reused)
+    and the best configuration is trained. Exits 0 when the objective's thresholds pass, 2 when they fail, 1 on an error.
     """
     _setup_logging(verbose)
     from tuneline.pipeline import run as run_pipeline
@@ -69,6 +70,37 @@ def run(
     result = run_pipeline(spec, workspace=workspace, resume=resume, show_progress=not no_progress, console=console)
     if result.report is not None and not result.report.passed:
         raise typer.Exit(2)
+
+
+@app.command()
+def tune(
+    spec: SpecArg,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted search: finished trials are "
+                                                          "kept, interrupted ones run again.")] = False,
+    restart: Annotated[bool, typer.Option("--restart", help="Delete this spec's study and search again.")] = False,
+    workers: Annotated[int | None, typer.Option("--workers", min=1, help="Trials in parallel in this many "
+                                                "processes (default: search.workers).")] = None,
+    trials: Annotated[int | None, typer.Option("--trials", min=1, help="Override search.trials.")] = None,
+    workspace: WorkspaceOpt = None,
+    no_progress: Annotated[bool, typer.Option("--no-progress", help="No progress bars.")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+) -> None:
+    """Search hyperparameters (the spec's `search` section): Optuna TPE with pruning, resumable.
+
+    Each trial trains on the training split and is scored on the validation split; each is an
+    MLflow child run of the search run. `tuneline run SPEC` afterwards trains and evaluates the
+    best configuration (a finished search is reused, not repeated).
+    """
+    _setup_logging(verbose)
+    if resume and restart:
+        raise typer.BadParameter("--resume and --restart exclude each other")
+    from tuneline.pipeline import tune as tune_pipeline
+
+    found = tune_pipeline(spec, workspace=workspace, resume=resume, restart=restart, workers=workers, trials=trials,
+                          show_progress=not no_progress, console=console)
+    if found.best is None:
+        raise typer.Exit(2)
+    console.print(f"next: `tuneline run {spec}` trains and evaluates the best configuration")
 
 
 @app.command()

@@ -444,16 +444,19 @@ def _balance(cur: CurationSpec, splits: Splits, rec: Recorder) -> Splits:
 
 
 def _split(loaded: LoadedSpec, cur: CurationSpec, splits: Splits, rec: Recorder) -> Splits:
+    """Carve the validation and test splits the spec does not give from the training rows
+    (stratified by label, seeded)."""
     data = loaded.spec.data
-    shares = {"validation": cur.split.validation, "test": cur.split.test}
-    only_train = data.eval is None and data.test is None
-    with rec.step("split", {**cur.split.model_dump(), "applied": only_train}, splits) as report:
-        if not only_train or not any(shares.values()):
+    given = {"validation": data.eval is not None, "test": data.test is not None}
+    shares = {k: v for k, v in {"validation": cur.split.validation, "test": cur.split.test}.items()
+              if v > 0 and not given[k]}
+    with rec.step("split", {**cur.split.model_dump(), "applied": sorted(shares)}, splits) as report:
+        if not shares:
             return rec.finish(report, splits)
-        parts = stratified_split(splits["train"], {k: v for k, v in shares.items() if v > 0}, cur.split.seed)
+        parts = stratified_split(splits["train"], shares, cur.split.seed)
         report.details["sizes"] = {k: len(v) for k, v in parts.items()}
-        return rec.finish(report, {"train": parts["train"], "validation": parts.get("validation", []),
-                                   "test": parts.get("test", [])})
+        return rec.finish(report, {"train": parts["train"],
+                                   **{k: parts[k] if k in shares else splits[k] for k in ("validation", "test")}})
 
 
 def _sample(loaded: LoadedSpec, splits: Splits, rec: Recorder) -> Splits:

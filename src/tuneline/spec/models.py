@@ -128,6 +128,26 @@ def gate_name_problem(name: str, task: str, golden: list[str]) -> str | None:
             f"base., production. or golden.NAME.), or {list(SPECIAL_GATES)}")
 
 
+def set_path(d: dict[str, object], path: str, value: object) -> dict[str, object]:
+    """A copy of nested dict ``d`` with ``path`` (``lora.r``) set to ``value``; KeyError for an unknown path.
+
+    A comma-separated string set on ``target_modules`` becomes the list of module names."""
+    head, _, rest = path.partition(".")
+    if head not in d:
+        raise KeyError(path)
+    out = dict(d)
+    if rest:
+        inner = out[head]
+        if not isinstance(inner, dict):
+            raise KeyError(path)
+        out[head] = set_path(inner, rest, value)
+    else:
+        if head == "target_modules" and isinstance(value, str) and value != "all-linear":
+            value = [m.strip() for m in value.split(",") if m.strip()]
+        out[head] = value
+    return out
+
+
 class TaskSpec(_Model):
     type: TaskType = Field(description="What the model must do.")
     labels: list[str] | None = Field(
@@ -300,6 +320,17 @@ class LoraSpec(_Model):
     target_modules: list[str] | Literal["all-linear"] = "all-linear"
 
 
+class EarlyStoppingSpec(_Model):
+    """Stop a run when the validation metric stops improving; keep the best weights."""
+
+    metric: str | None = Field(
+        default=None, description="Validation metric: one the task reports, or eval_loss; default objective.primary.")
+    every: float = Field(default=0.25, gt=0, description="Validate every this many epochs.")
+    patience: int = Field(default=3, gt=0, description="Stop after this many validations without improvement.")
+    min_delta: float = Field(default=0.0, ge=0, description="Smallest change that counts as an improvement.")
+    rows: int = Field(default=200, gt=0, description="Validation rows scored each time (seeded sample).")
+
+
 class TrainSpec(_Model):
     method: Literal["lora", "full"] = "lora"
     lora: LoraSpec = Field(default_factory=LoraSpec)
@@ -337,6 +368,8 @@ class TrainSpec(_Model):
     precision: Literal["auto", "bf16", "fp32"] = Field(
         default="auto", description="auto: bf16 where the CPU/GPU supports it, else fp32."
     )
+    early_stopping: EarlyStoppingSpec | None = Field(
+        default=None, description="Validate during training; stop on a plateau and keep the best weights.")
     checkpoint_every: int = Field(default=200, gt=0, description="Save a resumable checkpoint every N steps.")
     log_every: int = Field(default=10, gt=0, description="Log a progress line every N steps when output is not a terminal.")
 
@@ -381,6 +414,106 @@ class EvalSpec(_Model):
                     "label counts as wrong (reported as invalid_label_rate).")
 
 
+# validation metrics where lower is better (every other metric: higher is better)
+LOWER_IS_BETTER = ("eval_loss", "invalid_rate", "refusal_rate")
+# train fields a search may not vary: they change what is recorded, not what is learned
+NOT_SEARCHABLE = ("checkpoint_every", "log_every", "early_stopping", "precision", "compile")
+
+
+def validation_metric_problem(metric: str, task: str) -> str | None:
+    """Why ``metric`` cannot be measured on the validation split during training (None when it can)."""
+    allowed = ("eval_loss", *TASK_METRICS[task])
+    return None if metric in allowed else f"{metric!r} is not measured for task {task!r}; use one of {list(allowed)}"
+
+
+class ParamSpace(_Model):
+    """One searched parameter: ``{type: loguniform, low: 1e-4, high: 3e-3}``,
+    ``{type: int, low: 4, high: 64, log: true}``, ``{type: categorical, choices: [8, 16, 32]}``."""
+
+    type: Literal["loguniform", "uniform", "int", "categorical"]
+    low: float | None = None
+    high: float | None = None
+    step: float | None = Field(default=None, gt=0, description="uniform/int: grid step.")
+    log: bool = Field(default=False, description="int: sample on a log scale.")
+    choices: list[str | bool | int | float] | None = Field(
+        default=None, description="categorical: the values (a list for target_modules is written 'q_proj,v_proj').")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ParamSpace:
+        if self.type == "categorical":
+            if not self.choices:
+                raise ValueError("categorical needs a non-empty `choices` list")
+            if self.low is not None or self.high is not None:
+                raise ValueError("categorical takes `choices`, not low/high")
+            return self
+        if self.choices is not None:
+            raise ValueError(f"{self.type} takes low/high, not `choices`")
+        if self.low is None or self.high is None:
+            raise ValueError(f"{self.type} needs both `low` and `high`")
+        if self.low >= self.high:
+            raise ValueError(f"low ({self.low:g}) must be below high ({self.high:g})")
+        if (self.type == "loguniform" or self.log) and self.low <= 0:
+            raise ValueError("a log scale needs low > 0")
+        if self.type == "int" and (self.low != int(self.low) or self.high != int(self.high)):
+            raise ValueError("int needs whole-number low and high")
+        if self.type == "loguniform" and self.step is not None:
+            raise ValueError("loguniform takes no `step`")
+        return self
+
+    def endpoints(self) -> list[object]:
+        """Values that bound what the search can pick (checked against the train section up front)."""
+        if self.type == "categorical":
+            return list(self.choices or [])
+        if self.type == "int":
+            return [int(self.low or 0), int(self.high or 0)]
+        return [self.low, self.high]
+
+
+class PrunerSpec(_Model):
+    type: Literal["hyperband", "successive_halving", "median", "none"] = Field(
+        default="hyperband", description="Stop unpromising trials early from their intermediate validation scores.")
+    min_resource: int = Field(default=1, gt=0, description="Validations every trial gets before it can be pruned.")
+    reduction_factor: int = Field(default=3, ge=2, description="hyperband/successive_halving: 1 in this many "
+                                                               "trials goes on at each rung.")
+    startup_trials: int = Field(default=2, ge=0, description="median: trials finished before any is pruned.")
+
+
+class RaySpec(_Model):
+    address: str | None = Field(
+        default=None, description="Ray cluster to join (host:port, ray://host:10001 or auto); "
+                                  "none: a Ray instance inside this process.")
+    cpus_per_trial: float = Field(default=1, gt=0)
+    gpus_per_trial: float = Field(default=0, ge=0)
+    max_failures: int = Field(default=1, ge=0, description="Retries of a trial whose worker died.")
+
+
+class SearchSpec(_Model):
+    """Hyperparameter search: Optuna (TPE sampling, pruning) over train parameters."""
+
+    space: dict[str, ParamSpace] = Field(
+        min_length=1, description="Train parameters to search, by path: lr, epochs, batch_size, warmup_ratio, "
+                                  "lora.r, lora.alpha, lora.dropout, lora.target_modules, method, ...")
+    trials: int = Field(default=20, gt=0, description="Finished trials (complete or pruned) to run.")
+    metric: str | None = Field(
+        default=None, description="Validation metric to optimize (default objective.primary; eval_loss works too).")
+    direction: Literal["maximize", "minimize"] | None = Field(
+        default=None, description="Default: minimize for eval_loss and rates of errors, else maximize.")
+    pruner: PrunerSpec = Field(default_factory=PrunerSpec)
+    eval_every: float = Field(default=0.5, gt=0, description="Validate each trial every this many epochs.")
+    eval_rows: int = Field(default=200, gt=0, description="Validation rows scored at each validation (seeded).")
+    train_rows: int | None = Field(
+        default=None, gt=0, description="Trials train on a seeded sample of this many rows (cheaper trials); "
+                                        "the best configuration is then retrained on all of them.")
+    timeout_minutes: float | None = Field(default=None, gt=0, description="Start no new trial after this long.")
+    backend: Literal["local", "ray"] = "local"
+    workers: int = Field(default=1, gt=0, description="local: trials run in parallel in this many processes.")
+    ray: RaySpec = Field(default_factory=RaySpec)
+    seed: int = 0
+
+    def resolved_direction(self, metric: str) -> str:
+        return self.direction or ("minimize" if metric in LOWER_IS_BETTER else "maximize")
+
+
 class TrackingSpec(_Model):
     uri: str | None = Field(
         default=None, description="MLflow tracking URI; default: SQLite store in the workspace."
@@ -401,6 +534,8 @@ class Spec(_Model):
     curation: CurationSpec = Field(default_factory=CurationSpec)
     train: TrainSpec = Field(default_factory=TrainSpec)
     eval: EvalSpec = Field(default_factory=EvalSpec)
+    search: SearchSpec | None = Field(
+        default=None, description="Hyperparameter search: `tuneline tune`, and `tuneline run` searches first.")
     tracking: TrackingSpec = Field(default_factory=TrackingSpec)
 
     @model_validator(mode="after")
@@ -437,6 +572,37 @@ class Spec(_Model):
                     f"data.{split}.format: cannot infer the format of {src.path!r}; "
                     "set format to jsonl, csv or parquet"
                 )
+        problems += self._search_problems()
         if problems:
             raise ValueError("; ".join(problems))
         return self
+
+    def _search_problems(self) -> list[str]:
+        problems: list[str] = []
+        es = self.train.early_stopping
+        if es is not None and es.metric and (why := validation_metric_problem(es.metric, self.task.type)):
+            problems.append(f"train.early_stopping.metric: {why}")
+        if self.search is None:
+            return problems
+        if self.search.metric and (why := validation_metric_problem(self.search.metric, self.task.type)):
+            problems.append(f"search.metric: {why}")
+        base = self.train.model_dump()
+        for path, space in self.search.space.items():
+            head = path.split(".")[0]
+            if head in NOT_SEARCHABLE:
+                problems.append(f"search.space.{path}: not a parameter a search may vary")
+                continue
+            for value in space.endpoints():
+                try:
+                    TrainSpec.model_validate(set_path(base, path, value))
+                except KeyError:
+                    problems.append(f"search.space.{path}: train has no parameter {path!r}; use one of "
+                                    f"{[k for k in TrainSpec.model_fields if k not in NOT_SEARCHABLE]} "
+                                    "or lora.r, lora.alpha, lora.dropout, lora.target_modules")
+                    break
+                except ValueError as e:
+                    first = e.errors()[0] if hasattr(e, "errors") else {"msg": str(e)}
+                    problems.append(f"search.space.{path}: the value {value!r} is not valid for train.{path}: "
+                                    f"{first.get('msg')}")
+                    break
+        return problems

@@ -9,7 +9,7 @@ import shutil
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +18,12 @@ from tuneline.data.tokenize import Encoded, encode_example, end_of_turn
 from tuneline.errors import DataError, Problem, TrainingError
 from tuneline.spec.models import TrainSpec
 from tuneline.train.batching import collate, collate_packed, epoch_batches, shared_prefix_len
-from tuneline.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from tuneline.train.checkpoint import (
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+    trainable_state,
+)
 from tuneline.train.loss import answer_loss_sum
 from tuneline.train.peft_builders import count_parameters, wrap_for_training
 from tuneline.train.precision import resolve_precision
@@ -26,6 +31,31 @@ from tuneline.train.precision import resolve_precision
 log = logging.getLogger(__name__)
 
 StepCallback = Callable[[int, dict[str, float]], None]
+
+
+@dataclass
+class Validation:
+    """Validate during training, every ``every`` optimizer steps and after the last one.
+
+    ``score(model)`` returns the metric (the model is in eval mode, gradients off). With
+    ``patience``, training stops after that many validations without an improvement of more than
+    ``min_delta``; with ``keep_best`` the run ends with the best weights seen (kept on disk in the
+    checkpoint folder, so a resumed run keeps them too). ``report(index, value)`` is called after
+    each validation (1-based index) and may raise to end the run (a pruned search trial).
+    """
+
+    every: int
+    score: Callable[[Any], float]
+    maximize: bool = True
+    patience: int | None = None
+    min_delta: float = 0.0
+    keep_best: bool = False
+    report: Callable[[int, float], None] | None = None
+
+    def improved(self, value: float, best: float | None) -> bool:
+        if best is None or math.isnan(best):
+            return not math.isnan(value)
+        return value > best + self.min_delta if self.maximize else value < best - self.min_delta
 
 
 @dataclass
@@ -46,6 +76,10 @@ class TrainResult:
     precision: str
     device: str
     resumed_from_step: int | None
+    validations: list[tuple[int, float]] = field(default_factory=list)  # (step, value)
+    best_step: int | None = None
+    best_value: float | None = None
+    stopped_early: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -102,6 +136,11 @@ def _schedule(n_examples: int, cfg: TrainSpec) -> tuple[int, int]:
     if cfg.max_steps:
         return per_epoch, cfg.max_steps
     return per_epoch, max(1, math.ceil(cfg.epochs * per_epoch / cfg.grad_accum))
+
+
+def steps_per_epoch(n_examples: int, cfg: TrainSpec) -> float:
+    """Optimizer steps in one pass over ``n_examples``."""
+    return math.ceil(n_examples / cfg.batch_size) / cfg.grad_accum
 
 
 def _micro_batches(lengths: list[int], cfg: TrainSpec, per_epoch: int, step: int) -> list[list[int]]:
@@ -173,18 +212,23 @@ def train(
     device: str = "cpu",
     on_step: StepCallback | None = None,
     show_progress: bool = True,
+    validation: Validation | None = None,
+    encoded_train: tuple[list[Encoded], list[str]] | None = None,
 ) -> tuple[Any, TrainResult]:
     """Train ``model`` on ``train_examples`` per ``cfg``; save the adapter under ``out_dir/adapter``.
 
-    ``on_step(step, metrics)`` is called after every optimizer step (for tracking). Returns the
-    trained (PEFT-wrapped) model and a :class:`TrainResult`.
+    ``on_step(step, metrics)`` is called after every optimizer step (for tracking);
+    ``validation`` scores the model during training (early stopping, search trials).
+    ``encoded_train`` is ``encode_all(tokenizer, train_examples, cfg.seq_len)`` when the caller
+    already has it (a search encodes once for all trials). Returns the trained (PEFT-wrapped) model
+    and a :class:`TrainResult`.
     """
     import torch
 
     # --- setup -------------------------------------------------------------------------------
     precision = resolve_precision(cfg.precision, device)
     seed_everything(cfg.seed)
-    encoded, dropped = encode_all(tokenizer, train_examples, cfg.seq_len)
+    encoded, dropped = encoded_train or encode_all(tokenizer, train_examples, cfg.seq_len)
     if dropped:
         log.warning("dropped %d training examples longer than seq_len=%d (first: %s); raise train.seq_len to keep them",
                     len(dropped), cfg.seq_len, dropped[0])
@@ -207,6 +251,7 @@ def train(
 
     ckpt_root = out_dir / "checkpoints"
     start_step, resumed_from, loss_value = 0, None, float("nan")
+    history: list[tuple[int, float]] = []
     if resume:
         last = latest_checkpoint(ckpt_root)
         if last is None:
@@ -215,6 +260,7 @@ def train(
         meta = load_checkpoint(last, model, optimizer, scheduler, fingerprint)
         start_step = resumed_from = int(meta["step"])
         loss_value = float(meta.get("loss", "nan"))
+        history = [(int(a), float(b)) for a, b in meta.get("validations", [])]
         log.info("resumed from %s (step %d of %d)", last.name, start_step, total_steps)
     else:
         shutil.rmtree(ckpt_root, ignore_errors=True)
@@ -226,6 +272,7 @@ def train(
              total_steps, precision, device)
     model.train()
     tokens_done, computed, t0 = 0, 0, time.perf_counter()
+    done, stopped_early = start_step, False
     progress = _progress(show_progress)
     with progress:
         task = progress.add_task("train", total=total_steps, completed=start_step, loss=float("nan"), tps=0.0)
@@ -250,12 +297,25 @@ def train(
                        "epoch": done * cfg.grad_accum / per_epoch}
             if not (show_progress and progress.console.is_terminal) and (done % cfg.log_every == 0 or done == total_steps):
                 log.info("step %d/%d loss %.4f  %.0f tok/s", done, total_steps, loss_value, tps)
+            if validation is not None and (done % validation.every == 0 or done == total_steps):
+                value = _validate(model, validation, history, done, ckpt_root)
+                metrics["validation"] = value
+                stopped_early = _plateaued(validation, history) and done < total_steps
             if on_step is not None:
                 on_step(done, metrics)
+            if validation is not None and validation.report is not None and history and history[-1][0] == done:
+                validation.report(len(history), history[-1][1])  # may raise: a pruned trial ends here
+            if stopped_early:
+                log.info("early stopping at step %d: no improvement in the last validations", done)
+                break
             if done % cfg.checkpoint_every == 0 and done < total_steps:
                 save_checkpoint(ckpt_root, done, model, optimizer, scheduler, fingerprint,
-                                {"total_steps": total_steps, "loss": loss_value})
+                                {"total_steps": total_steps, "loss": loss_value, "validations": history})
     seconds = time.perf_counter() - t0
+    best_step, best_value = _best(validation, history)
+    if validation is not None and validation.keep_best and best_step is not None and best_step != done:
+        _load_trainable(model, ckpt_root / "best.pt")
+        log.info("kept the best weights: step %d (validation %.4f)", best_step, best_value)
 
     # --- save --------------------------------------------------------------------------------
     eval_loss = evaluate_loss(model, eval_encoded, cfg.batch_size, pad_id, precision, device) if eval_encoded else None
@@ -263,18 +323,64 @@ def train(
     shutil.rmtree(adapter_dir, ignore_errors=True)
     model.save_pretrained(adapter_dir)
     tokenizer.save_pretrained(adapter_dir)
-    save_checkpoint(ckpt_root, total_steps, model, optimizer, scheduler, fingerprint,
-                    {"total_steps": total_steps, "loss": loss_value})
+    save_checkpoint(ckpt_root, done, model, optimizer, scheduler, fingerprint,
+                    {"total_steps": total_steps, "loss": loss_value, "validations": history})
     model.eval()
     result = TrainResult(
-        adapter_dir=str(adapter_dir), steps=total_steps, epochs=total_steps * cfg.grad_accum / per_epoch,
+        adapter_dir=str(adapter_dir), steps=done, epochs=done * cfg.grad_accum / per_epoch,
         train_examples=len(encoded), dropped_too_long=len(dropped), train_tokens=tokens_done,
         computed_tokens=computed,
         seconds=seconds, tokens_per_second=tokens_done / seconds if seconds > 0 else 0.0,
         final_loss=loss_value, eval_loss=eval_loss, trainable_params=trainable, total_params=total_params,
         precision=precision, device=device, resumed_from_step=resumed_from,
+        validations=history, best_step=best_step, best_value=best_value, stopped_early=stopped_early,
     )
     return model, result
+
+
+def _validate(model: Any, validation: Validation, history: list[tuple[int, float]], step: int,
+              ckpt_root: Path) -> float:
+    """Score the model now; record it; keep its weights when it is the best so far."""
+    import torch
+
+    best = _best(validation, history)[1]
+    model.eval()
+    with torch.no_grad():
+        value = float(validation.score(model))
+    model.train()
+    history.append((step, value))
+    if validation.keep_best and validation.improved(value, best):
+        tmp = ckpt_root / ".best.pt"
+        torch.save(trainable_state(model), tmp)
+        tmp.replace(ckpt_root / "best.pt")
+    return value
+
+
+def _best(validation: Validation | None, history: list[tuple[int, float]]) -> tuple[int | None, float | None]:
+    """The first validation that no later one improved on (by more than min_delta)."""
+    best_step, best = None, None
+    for step, value in history:
+        if validation is not None and validation.improved(value, best):
+            best_step, best = step, value
+    return best_step, best
+
+
+def _plateaued(validation: Validation, history: list[tuple[int, float]]) -> bool:
+    if not validation.patience:
+        return False
+    best_step = _best(validation, history)[0]
+    since = sum(1 for step, _ in history if best_step is None or step > best_step)
+    return since >= validation.patience
+
+
+def _load_trainable(model: Any, path: Path) -> None:
+    import torch
+
+    state = torch.load(path, weights_only=True)
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, value in state.items():
+            params[name].copy_(value)
 
 
 def _progress(enabled: bool) -> Any:

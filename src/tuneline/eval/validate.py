@@ -1,0 +1,72 @@
+"""Score a model on validation rows while it trains: early stopping and search trials.
+
+The same generation and metrics as the evaluation (constrained labels for classification), on a
+seeded sample of the validation split, so a search optimizes what the gates later check; or the
+teacher-forced answer loss (``eval_loss``), which needs no generation.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from typing import Any
+
+from tuneline.data.examples import Example
+from tuneline.errors import Problem, TrainingError
+from tuneline.spec.models import LOWER_IS_BETTER, Spec
+
+
+def sample_rows(examples: list[Example], rows: int, seed: int) -> list[Example]:
+    """At most ``rows`` of ``examples``, a seeded sample kept in input order."""
+    if len(examples) <= rows:
+        return list(examples)
+    keep = sorted(random.Random(seed).sample(range(len(examples)), rows))
+    return [examples[i] for i in keep]
+
+
+def make_scorer(spec: Spec, tokenizer: Any, examples: list[Example], labels: list[str] | None, metric: str, *,
+                precision: str, device: str, rows: int = 200, seed: int = 0) -> Callable[[Any], float]:
+    """``score(model) -> value`` of ``metric`` on (a sample of) ``examples``."""
+    if not examples:
+        raise TrainingError(Problem(
+            f"validating on {metric!r} needs a validation split, and this spec has none",
+            field="data.eval", hint="add data.eval, or set curation.split.validation above 0"))
+    picked = sample_rows(examples, rows, seed)
+    if metric == "eval_loss":
+        from tuneline.train.loop import encode_all, evaluate_loss
+
+        encoded = encode_all(tokenizer, picked, spec.train.seq_len)[0]
+        pad = tokenizer.pad_token_id
+
+        def loss(model: Any) -> float:
+            return evaluate_loss(model, encoded, spec.eval.batch_size, pad, precision, device)
+
+        return loss
+
+    from tuneline.eval.generate import LabelTrie, generate_detailed
+    from tuneline.eval.metrics import score
+    from tuneline.train.loop import autocast_for
+
+    trie = None
+    if spec.task.type == "classification" and spec.eval.constrain_to_labels and labels:
+        eos = tokenizer.convert_tokens_to_ids(tokenizer.eos_token) if tokenizer.eos_token else None
+        trie = LabelTrie(tokenizer, labels, picked[0], eos)
+    references = [ex.reference for ex in picked]
+
+    def generated(model: Any) -> float:
+        out = generate_detailed(model, tokenizer, picked, batch_size=spec.eval.batch_size,
+                                max_new_tokens=trie.max_len if trie else spec.eval.max_new_tokens,
+                                autocast=autocast_for(precision, device), device=device, show_progress=False,
+                                labels=trie, share_prefix=len(picked) > 1)
+        scored = score(spec.task.type, out.texts, references, labels, primary=spec.objective.primary,
+                       answer_tokens=out.tokens, stopped=out.stopped)
+        return scored.values()[metric]
+
+    return generated
+
+
+def maximize(metric: str, direction: str | None = None) -> bool:
+    """Whether a higher value of ``metric`` is better (``direction`` overrides)."""
+    if direction is not None:
+        return direction == "maximize"
+    return metric not in LOWER_IS_BETTER

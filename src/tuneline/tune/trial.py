@@ -1,0 +1,131 @@
+"""One search trial: train with the trial's values, validate as it goes, report, track.
+
+A :class:`TrialContext` holds everything a trial needs that does not change between trials: the
+curated examples, their tokenization, the validation rows, the model source. It is built once per
+search and shared: pickled once for local worker processes, put once in Ray's object store.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tuneline.data.examples import Example
+from tuneline.data.tokenize import Encoded
+from tuneline.spec.models import Spec
+from tuneline.tune.space import apply_params
+
+log = logging.getLogger(__name__)
+
+Report = Callable[[int, float, bool], None]  # (validation index, value, is the last one)
+
+
+class TrialPruned(Exception):  # noqa: N818 - the name says what happened, like optuna.TrialPruned
+    """Raised by a report callback to end a trial that the pruner stopped."""
+
+
+@dataclass
+class TrialContext:
+    spec: Spec
+    source: Any  # tuneline.models.ModelSource
+    models_dir: Path
+    tokenizer: Any
+    train: list[Example]
+    encoded: tuple[list[Encoded], list[str]]  # train tokenized at spec.train.seq_len: (kept, dropped)
+    validation: list[Example]
+    labels: list[str] | None
+    metric: str
+    maximize: bool
+    device: str
+    precision: str
+    dtype: str
+    study_name: str
+    study_dir: Path
+    tracking_uri: str
+    experiment_id: str
+    parent_run_id: str
+    trained_on_all: bool  # trials see every training row (so the best trial's adapter can be reused)
+    extra_tags: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class TrialOutcome:
+    value: float
+    validations: list[tuple[int, float]]
+    steps: int
+    seconds: float
+    adapter_dir: str
+    mlflow_run_id: str
+
+
+def trial_dir(ctx: TrialContext, key: str) -> Path:
+    return ctx.study_dir / f"trial-{key}"
+
+
+def run_trial(ctx: TrialContext, key: str, params: dict[str, Any], report: Report) -> TrialOutcome:
+    """Train one configuration; ``report`` after each validation (it raises :class:`TrialPruned` to
+    stop). Tracked as an MLflow child run of the search run; the adapter is kept in the trial folder."""
+    from mlflow.entities import Metric, Param
+    from mlflow.tracking import MlflowClient
+
+    from tuneline.eval.validate import make_scorer
+    from tuneline.models import load_model
+    from tuneline.tracking import flatten
+    from tuneline.train.loop import Validation, steps_per_epoch, train
+
+    cfg = apply_params(ctx.spec.train, params)
+    out = trial_dir(ctx, key)
+    client = MlflowClient(ctx.tracking_uri)
+    run = client.create_run(ctx.experiment_id, run_name=f"trial {key}", tags={
+        "mlflow.parentRunId": ctx.parent_run_id, "tuneline.study": ctx.study_name, "tuneline.trial": key,
+        "tuneline.kind": "search-trial", **ctx.extra_tags})
+    run_id = run.info.run_id
+    client.log_batch(run_id, params=[Param(f"train.{k}", str(v)[:500]) for k, v in flatten(cfg.model_dump()).items()]
+                     + [Param(f"search.{k}", str(v)) for k, v in params.items()])
+    t0 = time.perf_counter()
+    try:
+        encoded = ctx.encoded if cfg.seq_len == ctx.spec.train.seq_len else None
+        n_examples = len(encoded[0]) if encoded else len(ctx.train)
+        per_epoch = steps_per_epoch(n_examples, cfg)
+        every = max(1, round(ctx.spec.search.eval_every * per_epoch) if ctx.spec.search else 1)
+        total = cfg.max_steps or max(1, math.ceil(cfg.epochs * math.ceil(n_examples / cfg.batch_size) / cfg.grad_accum))
+        n_validations = math.ceil(total / every)
+
+        def on_validation(index: int, value: float) -> None:
+            client.log_batch(run_id, metrics=[Metric(ctx.metric, value, int(time.time() * 1000), index)])
+            report(index, value, index >= n_validations)
+
+        score = make_scorer(ctx.spec, ctx.tokenizer, ctx.validation, ctx.labels, ctx.metric,
+                            precision=ctx.precision, device=ctx.device, rows=len(ctx.validation))
+        validation = Validation(every=every, score=score, maximize=ctx.maximize, report=on_validation)
+        model = load_model(ctx.source, ctx.models_dir, device=ctx.device, dtype=ctx.dtype)
+        _, result = train(cfg, model, ctx.tokenizer, ctx.train, out, device=ctx.device, show_progress=False,
+                          validation=validation, encoded_train=encoded)
+    except TrialPruned:
+        client.set_tag(run_id, "tuneline.trial_state", "pruned")
+        client.set_terminated(run_id, "KILLED")
+        shutil.rmtree(out, ignore_errors=True)
+        raise
+    except BaseException as e:
+        client.set_tag(run_id, "tuneline.trial_state", "failed")
+        client.set_tag(run_id, "tuneline.error", f"{type(e).__name__}: {e}"[:4000])
+        client.set_terminated(run_id, "FAILED")
+        raise
+    seconds = time.perf_counter() - t0
+    value = result.validations[-1][1]
+    client.log_batch(run_id, metrics=[Metric(k, float(v), int(time.time() * 1000), result.steps) for k, v in
+                                      {"final_loss": result.final_loss, "tokens_per_second": result.tokens_per_second,
+                                       "train_seconds": result.seconds}.items()])
+    client.set_tag(run_id, "tuneline.trial_state", "complete")
+    client.set_terminated(run_id, "FINISHED")
+    shutil.rmtree(out / "checkpoints", ignore_errors=True)  # the adapter is what a reuse needs
+    (out / "train_result.json").write_text(json.dumps(result.to_dict(), indent=2))
+    (out / "params.json").write_text(json.dumps(params, indent=2))
+    return TrialOutcome(value, result.validations, result.steps, seconds, result.adapter_dir, run_id)

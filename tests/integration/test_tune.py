@@ -1,0 +1,135 @@
+"""Hyperparameter search on the tiny model: pruning, resume after a kill, the best values trained."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from helpers import banking_rows, write_csv, write_spec
+
+LABELS = ["card_arrival", "lost_or_stolen_card", "exchange_rate"]
+
+
+def search_spec(tmp_path: Path, model_dir: Path, *, trials: int = 6, extra: str = "") -> Path:
+    write_csv(tmp_path / "train.csv", banking_rows(LABELS, 12))
+    write_csv(tmp_path / "test.csv", banking_rows(LABELS, 2, "test"))
+    return write_spec(tmp_path, f"""
+        name: tiny-search
+        task: {{type: classification, instruction: Classify the message.}}
+        objective: {{primary: accuracy, thresholds: ["accuracy >= 0.0"]}}
+        model: {model_dir}
+        data:
+          train: {{path: train.csv, columns: {{label: category}}}}
+          test: {{path: test.csv, columns: {{label: category}}}}
+        curation: {{split: {{validation: 0.25}}}}
+        train: {{method: lora, lr: 1.0e-2, lora: {{r: 8}}, epochs: 3, batch_size: 8, seq_len: 96, precision: fp32, seed: 0}}
+        eval: {{batch_size: 16, forgetting: false, robustness: {{enabled: false}}, latency: {{enabled: false}}}}
+        search:
+          trials: {trials}
+          metric: eval_loss
+          space:
+            lr: {{type: loguniform, low: 1.0e-5, high: 5.0e-2}}
+            lora.r: {{type: categorical, choices: [4, 8]}}
+          pruner: {{type: successive_halving, min_resource: 1, reduction_factor: 2}}
+          eval_every: 0.5
+          seed: 0
+        {extra}
+    """)
+
+
+def _study(ws: Path):
+    import optuna
+
+    storage = f"sqlite:///{ws / 'studies.db'}"
+    names = optuna.study.get_all_study_names(storage)
+    assert len(names) == 1, names
+    return optuna.load_study(study_name=names[0], storage=storage)
+
+
+def test_search_prunes_and_run_trains_the_best(tmp_path: Path, tiny_model_dir: Path):
+    import mlflow
+    from rich.console import Console
+
+    from tuneline.pipeline import run
+
+    spec = search_spec(tmp_path, tiny_model_dir)
+    ws = tmp_path / "ws"
+    result = run(spec, workspace=ws, show_progress=False, console=Console(width=200))
+    study = _study(ws)
+    trials = study.get_trials()
+    states = [t.state.name for t in trials]
+    assert states.count("COMPLETE") + states.count("PRUNED") == 6, states
+    pruned = [t for t in trials if t.state.name == "PRUNED"]
+    complete = [t for t in trials if t.state.name == "COMPLETE"]
+    assert pruned, f"nothing was pruned: {[(t.params, t.intermediate_values) for t in trials]}"
+    full = max(len(t.intermediate_values) for t in complete)
+    # a pruned trial stopped early: fewer validations than a trial that ran to the end
+    assert all(len(t.intermediate_values) < full for t in pruned)
+    # trial 0 is the spec's own values (the hand-set default, measured beside the search's picks)
+    assert trials[0].params == {"lr": 1.0e-2, "lora.r": 8} and trials[0].user_attrs.get("default") is True
+    # the final run trained with the best trial's values
+    client = mlflow.MlflowClient(f"sqlite:///{ws / 'mlflow.db'}")
+    params = client.get_run(result.run_id).data.params
+    best = study.best_trial
+    assert float(params["search.best.lr"]) == pytest.approx(best.params["lr"])
+    assert int(params["search.best.lora.r"]) == best.params["lora.r"]
+    adapter_cfg = json.loads((Path(result.train.adapter_dir) / "adapter_config.json").read_text())
+    assert adapter_cfg["r"] == best.params["lora.r"]
+    # each trial is an MLflow child run of the run
+    children = client.search_runs([client.get_run(result.run_id).info.experiment_id],
+                                  f"tags.`mlflow.parentRunId` = '{result.run_id}'")
+    assert len(children) == 6
+
+
+def _finished(ws: Path) -> int:
+    import sqlite3
+
+    db = ws / "studies.db"
+    if not db.exists():
+        return 0
+    try:
+        with sqlite3.connect(db, timeout=5) as con:
+            return con.execute("select count(*) from trials where state in ('COMPLETE', 'PRUNED')").fetchone()[0]
+    except sqlite3.OperationalError:
+        return 0
+
+
+def test_search_resumes_after_a_kill_without_rerunning_finished_trials(tmp_path: Path, tiny_model_dir: Path):
+    spec = search_spec(tmp_path, tiny_model_dir, extra="")
+    ws = tmp_path / "ws"
+    cmd = [sys.executable, "-m", "tuneline.cli", "tune", str(spec), "-w", str(ws), "--no-progress"]
+    env = {**os.environ, "COLUMNS": "200"}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.time() + 240
+    while _finished(ws) < 2 and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    assert proc.poll() is None, proc.stdout.read().decode() if proc.stdout else ""
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    before = {t.number: (t.params, t.value, t.state.name) for t in _study(ws).get_trials()
+              if t.state.name in ("COMPLETE", "PRUNED")}
+    assert len(before) >= 2
+
+    again = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode != 0 and "--resume" in again.stderr  # not silently restarted
+
+    resumed = subprocess.run([*cmd, "--resume"], env=env, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    trials = _study(ws).get_trials()
+    finished = [t for t in trials if t.state.name in ("COMPLETE", "PRUNED")]
+    assert len(finished) == 6
+    for t in trials:  # finished trials are untouched, not rerun
+        if t.number in before:
+            assert (t.params, t.value, t.state.name) == before[t.number]
+    # only the missing trials ran in the second process: one "trial N:" line each
+    ran = [line for line in resumed.stdout.splitlines() if line.startswith("trial ")]
+    assert len(ran) == 6 - len(before), resumed.stdout
+    interrupted = [t for t in trials if t.user_attrs.get("interrupted")]
+    for t in interrupted:  # the trial that was running at the kill was queued again with its values
+        assert any(r.user_attrs.get("retry_of") == t.number and r.params == t.params for r in trials)
