@@ -85,6 +85,13 @@ def test_search_prunes_and_run_trains_the_best(tmp_path: Path, tiny_model_dir: P
     children = client.search_runs([client.get_run(result.run_id).info.experiment_id],
                                   f"tags.`mlflow.parentRunId` = '{result.run_id}'")
     assert len(children) == 6
+    # the run's report shows the search: every trial, the best one, the two plots
+    from tuneline.eval.html import write_report
+
+    page = write_report(result.run_id, ws).read_text()
+    assert 'id="search"' in page and f"Best: trial {best.number}</strong>" in page
+    assert page.count("(best)") == 1 and page.count("pruned") >= len(pruned)
+    assert 'alt="optimization history"' in page and 'alt="parallel coordinates"' in page
 
 
 def _finished(ws: Path) -> int:
@@ -133,3 +140,131 @@ def test_search_resumes_after_a_kill_without_rerunning_finished_trials(tmp_path:
     interrupted = [t for t in trials if t.user_attrs.get("interrupted")]
     for t in interrupted:  # the trial that was running at the kill was queued again with its values
         assert any(r.user_attrs.get("retry_of") == t.number and r.params == t.params for r in trials)
+
+
+@pytest.mark.parametrize("space,match", [
+    ("{learning_rate: {type: loguniform, low: 1.0e-4, high: 1.0e-2}}", "train has no parameter 'learning_rate'"),
+    ("{lora.rank: {type: int, low: 4, high: 8}}", "train has no parameter 'lora.rank'"),
+    ("{lr: {type: loguniform, low: 0, high: 1.0e-2}}", "a log scale needs low > 0"),
+    ("{lr: {type: uniform, low: 0.1, high: 0.01}}", "must be below high"),
+    ("{batch_size: {type: categorical}}", "needs a non-empty `choices`"),
+    ("{batch_size: {type: categorical, choices: [0, 16]}}", "the value 0 is not valid for train.batch_size"),
+    ("{lora.dropout: {type: uniform, low: 0.0, high: 1.5}}", "the value 1.5 is not valid for train.lora.dropout"),
+    ("{checkpoint_every: {type: int, low: 1, high: 9}}", "not a parameter a search may vary"),
+])
+def test_search_space_errors_name_the_parameter(tmp_path: Path, tiny_model_dir: Path, space: str, match: str):
+    from tuneline.errors import SpecError
+    from tuneline.spec import load_spec
+
+    spec = write_spec(tmp_path, f"""
+        name: x
+        task: {{type: classification}}
+        objective: {{primary: accuracy}}
+        model: {tiny_model_dir}
+        data: {{train: {{path: train.csv}}}}
+        search: {{space: {space}}}
+    """)
+    with pytest.raises(SpecError, match=match.replace("(", r"\(").replace(".", r"\.")):
+        load_spec(spec)
+
+
+def test_search_metric_must_be_measured_on_validation(tmp_path: Path, tiny_model_dir: Path):
+    from tuneline.errors import SpecError
+    from tuneline.spec import load_spec
+
+    spec = write_spec(tmp_path, f"""
+        name: x
+        task: {{type: classification}}
+        objective: {{primary: accuracy}}
+        model: {tiny_model_dir}
+        data: {{train: {{path: train.csv}}}}
+        search: {{metric: rouge_l, space: {{lr: {{type: loguniform, low: 1.0e-4, high: 1.0e-2}}}}}}
+    """)
+    with pytest.raises(SpecError, match="search.metric: 'rouge_l' is not measured"):
+        load_spec(spec)
+
+
+def test_apply_params_sets_nested_values_and_module_lists():
+    from tuneline.spec.models import TrainSpec
+    from tuneline.tune import apply_params
+
+    cfg = apply_params(TrainSpec(), {"lr": 2e-3, "lora.r": 32, "lora.target_modules": "q_proj, v_proj",
+                                     "batch_size": 32})
+    assert (cfg.lr, cfg.lora.r, cfg.lora.target_modules, cfg.batch_size) == (2e-3, 32, ["q_proj", "v_proj"], 32)
+    assert cfg.lora.alpha == TrainSpec().lora.alpha  # untouched values stay
+
+
+def _trial_runs(ws: Path):
+    import mlflow
+
+    client = mlflow.MlflowClient(f"sqlite:///{ws / 'mlflow.db'}")
+    exps = [e.experiment_id for e in client.search_experiments()]
+    return client.search_runs(exps, "tags.`tuneline.kind` = 'search-trial'", max_results=1000) if exps else []
+
+
+def test_trials_run_in_parallel_worker_processes(tmp_path: Path, tiny_model_dir: Path):
+    from rich.console import Console
+
+    from tuneline.pipeline import tune
+
+    spec = search_spec(tmp_path, tiny_model_dir, trials=4)
+    ws = tmp_path / "ws"
+    found = tune(spec, workspace=ws, workers=2, show_progress=False, console=Console(width=200))
+    assert sum(1 for t in found.trials if t.state in ("complete", "pruned")) >= 4
+    workers = {r.data.tags["tuneline.worker"] for r in _trial_runs(ws)}
+    assert len(workers) == 2 and not any(w.endswith(f":{os.getpid()}") for w in workers), workers
+    assert found.best is not None and found.best.params == found.best_params
+
+
+@pytest.fixture
+def ray_cluster():
+    """A local Ray cluster on loopback with 2 CPUs, stopped at the end."""
+    import socket
+
+    ray_bin = Path(sys.executable).parent / "ray"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    subprocess.run([str(ray_bin), "start", "--head", f"--port={port}", "--num-cpus=2", "--node-ip-address=127.0.0.1",
+                    "--include-dashboard=false", "--disable-usage-stats"], check=True, env=env, capture_output=True,
+                   timeout=180)
+    try:
+        yield f"127.0.0.1:{port}"
+    finally:
+        subprocess.run([str(ray_bin), "stop", "--force"], env=env, capture_output=True, timeout=120)
+
+
+def test_search_on_a_ray_cluster_survives_a_killed_trial_worker(tmp_path: Path, tiny_model_dir: Path, ray_cluster: str):
+    spec = search_spec(tmp_path, tiny_model_dir, trials=4, extra=f"""
+          backend: ray
+          ray: {{address: "{ray_cluster}", cpus_per_trial: 1, max_failures: 1}}
+    """)
+    spec.write_text(spec.read_text().replace("train: {method: lora, lr: 1.0e-2, lora: {r: 8}, epochs: 3,",
+                                 "train: {method: lora, lr: 1.0e-2, lora: {r: 8}, epochs: 12,"))
+    ws = tmp_path / "ws"
+    cmd = [sys.executable, "-m", "tuneline.cli", "tune", str(spec), "-w", str(ws), "--no-progress"]
+    proc = subprocess.Popen(cmd, env={**os.environ, "COLUMNS": "200"}, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    killed = None
+    deadline = time.time() + 300
+    while killed is None and time.time() < deadline and proc.poll() is None:
+        running = [r for r in _trial_runs(ws) if r.info.status == "RUNNING"] if (ws / "mlflow.db").exists() else []
+        if running:  # a trial is training in a Ray worker: kill that process
+            host_pid = running[0].data.tags["tuneline.worker"]
+            killed = (running[0].data.tags["tuneline.trial"], int(host_pid.rsplit(":", 1)[1]))
+            time.sleep(1.0)
+            os.kill(killed[1], signal.SIGKILL)
+        time.sleep(0.3)
+    out, _ = proc.communicate(timeout=600)
+    assert killed is not None, out
+    assert proc.returncode == 0, out
+    study = _study(ws)
+    trials = study.get_trials()
+    assert len(trials) == 4
+    victim = next(t for t in trials if t.user_attrs["ray_trial_id"] == killed[0])
+    # the killed trial was retried (a second attempt) or recorded as failed; the search finished
+    assert victim.user_attrs["attempts"] == 2 or victim.state.name == "FAIL", (victim.state, victim.user_attrs)
+    assert sum(1 for t in trials if t.state.name in ("COMPLETE", "PRUNED")) >= 3
+    attempts = [r for r in _trial_runs(ws) if r.data.tags["tuneline.trial"] == killed[0]]
+    assert any(r.data.tags.get("tuneline.trial_state") == "interrupted" for r in attempts)

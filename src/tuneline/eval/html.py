@@ -628,8 +628,47 @@ def _dataset(m: dict[str, Any] | None) -> str:
     return out
 
 
+def _search(found: Any) -> str:
+    """The hyperparameter search: trials, best, importances, history and parallel-coordinates plots."""
+    if found is None:
+        return ""
+    from tuneline.tune.report import history_plot, parallel_plot
+
+    names = list(found.trials[0].params) if found.trials else []
+    best = found.best.number if found.best else None
+    rows = []
+    for t in found.trials:
+        value = (_num(t.value, 4) if t.value is not None
+                 else (f"({_num(t.validations[-1][1], 4)})" if t.validations else "-"))
+        state = t.state + (f" (retry of {t.retry_of})" if t.retry_of is not None else "") + (
+            f" ({t.attempts} attempts)" if t.attempts > 1 else "")
+        rows.append([f"{t.number}{' (best)' if t.number == best else ''}",
+                     *(_e(f"{t.params[n]:.4g}" if isinstance(t.params.get(n), float) else t.params.get(n, ""))
+                       for n in names),
+                     value, _e(state), str(len(t.validations)), _num(t.seconds, 0) if t.seconds is not None else "-"])
+    out = (f'<h2 id="search">Hyperparameter search</h2><p>study <code>{_e(found.study_name)}</code>, backend '
+           f"{_e(found.backend)}, {len(found.trials)} trials; objective: validation {_e(found.metric)} "
+           f"({_e(found.direction)}). Pruned trials show their last validation in brackets.</p>")
+    if found.best is not None:
+        params = ", ".join(f"{k} = {v:.4g}" if isinstance(v, float) else f"{k} = {v}" for k, v in found.best.params.items())
+        out += f"<p><strong>Best: trial {found.best.number}</strong>, {_e(found.metric)} {_num(found.best.value, 4)}, with {_e(params)}.</p>"
+    out += _table(["trial", *names, found.metric, "state", "validations", "seconds"], rows, cls="compact",
+                  num_cols=tuple(range(1, len(names) + 2)))
+    if found.importances:
+        out += "<h3>Parameter importances</h3>" + _table(
+            ["parameter", "importance"], [[_e(k), _num(v, 2)] for k, v in
+                                          sorted(found.importances.items(), key=lambda kv: -kv[1])],
+            cls="compact", num_cols=(1,))
+    out += _embed(history_plot(found, _figure), "optimization history",
+                  "Each trial's validation score; the line is the best so far.")
+    out += _embed(parallel_plot(found, _figure), "parallel coordinates",
+                  "Complete trials across the searched parameters, coloured by score.")
+    return out
+
+
 def render_html(suite: EvalSuite, *, title: str, spec_text: str | None, dataset: dict[str, Any] | None,
-                loss_curves: dict[str, list[tuple[int, float]]], run_info: dict[str, str]) -> str:
+                loss_curves: dict[str, list[tuple[int, float]]], run_info: dict[str, str],
+                search: Any = None) -> str:
     """One self-contained HTML page (inline CSS, plots as inline SVG images, no script, no URL)."""
     nav = [("gates", "Gates")]
     nav += [(f"set-{_slug(s.name)}", s.name) for s in suite.sets]
@@ -637,6 +676,8 @@ def render_html(suite: EvalSuite, *, title: str, spec_text: str | None, dataset:
                                 ("latency", "latency", "Latency"), ("human", "human", "Human evaluation")):
         if getattr(suite, attr):
             nav.append((anchor, label))
+    if search is not None:
+        nav.append(("search", "Search"))
     nav.append(("loss", "Loss"))
     if dataset:
         nav.append(("data", "Data"))
@@ -653,6 +694,7 @@ def render_html(suite: EvalSuite, *, title: str, spec_text: str | None, dataset:
         _robustness(suite.robustness),
         _latency(suite.latency),
         _human(suite.human),
+        _search(search),
         _losses(loss_curves),
         _dataset(dataset),
         f'<h2 id="spec">Spec</h2><pre>{_e(spec_text)}</pre>' if spec_text else "",
@@ -758,6 +800,12 @@ def write_report(run_ref: str, workspace: str | Path | None = None, out: Path | 
         if "dataset/manifest.json" in _artifact_paths(client, run_id, "dataset"):
             dataset = json.loads(_download_text(client, run_id, "dataset/manifest.json", tmp_dir))
 
+        search = None
+        if "search/summary.json" in _artifact_paths(client, run_id, "search"):
+            from tuneline.tune.study import SearchResult
+
+            search = SearchResult.from_dict(json.loads(_download_text(client, run_id, "search/summary.json", tmp_dir)))
+
     curves: dict[str, list[tuple[int, float]]] = {}
     for key in LOSS_METRICS:
         history = client.get_metric_history(run_id, key)
@@ -781,7 +829,8 @@ def write_report(run_ref: str, workspace: str | Path | None = None, out: Path | 
             info[label] = tags[tag]
 
     title = f"tuneline report: {suite.spec} ({run_id[:12]})"
-    page = render_html(suite, title=title, spec_text=spec_text, dataset=dataset, loss_curves=curves, run_info=info)
+    page = render_html(suite, title=title, spec_text=spec_text, dataset=dataset, loss_curves=curves, run_info=info,
+                       search=search)
     path = Path(out) if out is not None else ws.root / "reports" / f"{run_id}.html"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(page, encoding="utf-8")

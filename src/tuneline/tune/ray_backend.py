@@ -41,7 +41,13 @@ def _trainable(config: dict[str, Any], ctx: TrialContext | None = None, threads:
 
 def run_ray(ctx: TrialContext, s: SearchSpec, storage: Any, *, resume: bool, console: Any) -> Any:
     """Run the search through Ray Tune; return the workspace's Optuna study holding its trials."""
-    import ray
+    try:
+        import ray
+    except ImportError as e:
+        from tuneline.errors import Problem, TrainingError
+
+        raise TrainingError(Problem("search.backend is ray, and Ray is not installed", field="search.backend",
+                                    hint="pip install 'tuneline[ray]' (Ray Tune), or set backend: local")) from e
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search.optuna import OptunaSearch
@@ -62,13 +68,13 @@ def run_ray(ctx: TrialContext, s: SearchSpec, storage: Any, *, resume: bool, con
         tuner = tune.Tuner.restore(str(ray_dir), trainable=trainable, resume_errored=True)
     else:
         defaults = default_params(ctx.spec)
-        searcher = OptunaSearch(space=distributions(s), sampler=make_sampler(s),
+        searcher = OptunaSearch(space=distributions(s), metric=METRIC, mode=mode, sampler=make_sampler(s),
                                 points_to_evaluate=[defaults] if defaults else None)
-        scheduler = ASHAScheduler(time_attr="training_iteration", max_t=max_validations(s, ctx.spec.train),
+        scheduler = ASHAScheduler(metric=METRIC, mode=mode, time_attr="training_iteration", max_t=max_validations(s, ctx.spec.train),
                                   grace_period=s.pruner.min_resource, reduction_factor=s.pruner.reduction_factor)
         tuner = tune.Tuner(
             trainable,
-            tune_config=tune.TuneConfig(metric=METRIC, mode=mode, search_alg=searcher, scheduler=scheduler,
+            tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler,
                                         num_samples=s.trials,
                                         time_budget_s=s.timeout_minutes * 60 if s.timeout_minutes else None),
             run_config=tune.RunConfig(name="ray", storage_path=str(ctx.study_dir),

@@ -10,7 +10,9 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import shutil
+import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -85,7 +87,8 @@ def run_trial(ctx: TrialContext, key: str, params: dict[str, Any], report: Repor
     client = MlflowClient(ctx.tracking_uri)
     run = client.create_run(ctx.experiment_id, run_name=f"trial {key}", tags={
         "mlflow.parentRunId": ctx.parent_run_id, "tuneline.study": ctx.study_name, "tuneline.trial": key,
-        "tuneline.kind": "search-trial", **ctx.extra_tags})
+        "tuneline.kind": "search-trial", "tuneline.worker": f"{socket.gethostname()}:{os.getpid()}",
+        **ctx.extra_tags})
     run_id = run.info.run_id
     client.log_batch(run_id, params=[Param(f"train.{k}", str(v)[:500]) for k, v in flatten(cfg.model_dump()).items()]
                      + [Param(f"search.{k}", str(v)) for k, v in params.items()])
