@@ -81,3 +81,18 @@ def tiny_lora_spec(dir_: Path, model_dir: Path, name: str, per_label: int = 8, m
         train: {{method: lora, lr: 3.0e-2, max_steps: {max_steps}, batch_size: 8, seq_len: 96, precision: fp32, seed: 0}}
         eval: {{batch_size: 16, forgetting: false, robustness: {{enabled: false}}, latency: {{enabled: false}}}}
     """)
+
+
+def spec_error(dir_: Path, extra: str) -> str:
+    """The SpecError message of a minimal classification spec plus ``extra`` (top-level YAML)."""
+    import pytest
+
+    from tuneline.errors import SpecError
+    from tuneline.spec import load_spec
+
+    body = "name: x\ntask: {type: classification}\nobjective: {primary: accuracy}\nmodel: smollm2-135m\n"
+    body += "data: {train: {path: train.csv}}\n" + textwrap.dedent(extra).strip() + "\n"
+    (dir_ / "tuneline.yaml").write_text(body)
+    with pytest.raises(SpecError) as info:
+        load_spec(dir_ / "tuneline.yaml")
+    return str(info.value)

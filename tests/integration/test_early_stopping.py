@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -100,24 +99,3 @@ def test_run_with_early_stopping_validates_on_the_validation_split(tmp_path: Pat
     assert result.train.stopped_early
     assert len(result.train.validations) == 2 and result.train.best_step == result.train.validations[0][0]
     assert result.train.steps < 6 * 3
-
-
-@pytest.mark.parametrize("bad,match", [
-    ("{metric: bleu}", "not measured for task 'classification'"),
-])
-def test_early_stopping_metric_is_checked_when_the_spec_loads(tmp_path: Path, tiny_model_dir: Path, bad: str,
-                                                              match: str):
-    from helpers import write_spec
-
-    from tuneline.errors import SpecError
-
-    spec = write_spec(tmp_path, f"""
-        name: x
-        task: {{type: classification}}
-        objective: {{primary: accuracy}}
-        model: {tiny_model_dir}
-        data: {{train: {{path: train.csv}}}}
-        train: {{early_stopping: {bad}}}
-    """)
-    with pytest.raises(SpecError, match=match):
-        load_spec(spec)

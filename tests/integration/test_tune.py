@@ -142,58 +142,6 @@ def test_search_resumes_after_a_kill_without_rerunning_finished_trials(tmp_path:
         assert any(r.user_attrs.get("retry_of") == t.number and r.params == t.params for r in trials)
 
 
-@pytest.mark.parametrize("space,match", [
-    ("{learning_rate: {type: loguniform, low: 1.0e-4, high: 1.0e-2}}", "train has no parameter 'learning_rate'"),
-    ("{lora.rank: {type: int, low: 4, high: 8}}", "train has no parameter 'lora.rank'"),
-    ("{lr: {type: loguniform, low: 0, high: 1.0e-2}}", "a log scale needs low > 0"),
-    ("{lr: {type: uniform, low: 0.1, high: 0.01}}", "must be below high"),
-    ("{batch_size: {type: categorical}}", "needs a non-empty `choices`"),
-    ("{batch_size: {type: categorical, choices: [0, 16]}}", "the value 0 is not valid for train.batch_size"),
-    ("{lora.dropout: {type: uniform, low: 0.0, high: 1.5}}", "the value 1.5 is not valid for train.lora.dropout"),
-    ("{checkpoint_every: {type: int, low: 1, high: 9}}", "not a parameter a search may vary"),
-])
-def test_search_space_errors_name_the_parameter(tmp_path: Path, tiny_model_dir: Path, space: str, match: str):
-    from tuneline.errors import SpecError
-    from tuneline.spec import load_spec
-
-    spec = write_spec(tmp_path, f"""
-        name: x
-        task: {{type: classification}}
-        objective: {{primary: accuracy}}
-        model: {tiny_model_dir}
-        data: {{train: {{path: train.csv}}}}
-        search: {{space: {space}}}
-    """)
-    with pytest.raises(SpecError, match=match.replace("(", r"\(").replace(".", r"\.")):
-        load_spec(spec)
-
-
-def test_search_metric_must_be_measured_on_validation(tmp_path: Path, tiny_model_dir: Path):
-    from tuneline.errors import SpecError
-    from tuneline.spec import load_spec
-
-    spec = write_spec(tmp_path, f"""
-        name: x
-        task: {{type: classification}}
-        objective: {{primary: accuracy}}
-        model: {tiny_model_dir}
-        data: {{train: {{path: train.csv}}}}
-        search: {{metric: rouge_l, space: {{lr: {{type: loguniform, low: 1.0e-4, high: 1.0e-2}}}}}}
-    """)
-    with pytest.raises(SpecError, match="search.metric: 'rouge_l' is not measured"):
-        load_spec(spec)
-
-
-def test_apply_params_sets_nested_values_and_module_lists():
-    from tuneline.spec.models import TrainSpec
-    from tuneline.tune import apply_params
-
-    cfg = apply_params(TrainSpec(), {"lr": 2e-3, "lora.r": 32, "lora.target_modules": "q_proj, v_proj",
-                                     "batch_size": 32})
-    assert (cfg.lr, cfg.lora.r, cfg.lora.target_modules, cfg.batch_size) == (2e-3, 32, ["q_proj", "v_proj"], 32)
-    assert cfg.lora.alpha == TrainSpec().lora.alpha  # untouched values stay
-
-
 def _trial_runs(ws: Path):
     import mlflow
 
