@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tuneline.baseline import baseline_table
 from tuneline.curation import DatasetVersion
 from tuneline.data import PreparedData, prepare
 from tuneline.errors import Problem, TrainingError
@@ -168,6 +169,9 @@ def run(
         if evaluation is not None and spec.eval.compare_base and not resume:
             evaluation.score_system("base", model, spec.model)  # before training, on the untouched model
             scored_base = True
+        baselines = None
+        if spec.baseline.enabled and test and not resume:  # the cheaper options, on the untouched model
+            baselines = measure_baselines(loaded, ws, tokenizer, model, data, device, precision, show_progress)
 
         pending: list[Any] = []
 
@@ -227,7 +231,14 @@ def run(
                 model.merge_adapter()
             evaluation.score_system("candidate", model, str(result.adapter_dir))
             del model
-            report = _finish_evaluation(evaluation, loaded, ws, source, device, base_dtype, run_dir, console)
+            def add_baselines(suite: EvalSuite) -> None:
+                if baselines is not None:
+                    _with_fine_tuned(baselines, suite, loaded, tokenizer, data, result.seconds)
+                    suite.baselines = baselines.to_dict()
+                    console.print(baseline_table(baselines))
+
+            report = _finish_evaluation(evaluation, loaded, ws, source, device, base_dtype, run_dir, console,
+                                        before_record=add_baselines)
         model_version = _register(loaded, ws, source, run_id, version.id if version else None, report)
         console.print(f"registered as {spec.name} version {model_version} (alias candidate); "
                       + ("promote it with `tuneline promote " + f"{spec.name} {model_version}`" if report and report.passed
@@ -236,6 +247,38 @@ def run(
     console.print(f"run {run_id} finished in {seconds:.0f}s; see it with `tuneline runs` or `mlflow ui "
                   f"--backend-store-uri {tracking.tracking_uri(loaded, ws)}`")
     return RunResult(run_id, run_dir, result, report, seconds, model_version)
+
+
+def measure_baselines(loaded: LoadedSpec, ws: Workspace, tokenizer: Any, model: Any, data: PreparedData,
+                      device: str, precision: str, show_progress: bool) -> Any:
+    """Prompt only, few-shot, retrieval and the embedding classifier on the test rows (base model)."""
+    from tuneline.baseline import Context, measure
+    from tuneline.baseline.encoder import load_encoder
+
+    spec = loaded.spec
+    needs_encoder = any(o in spec.baseline.options for o in ("retrieval", "embedding"))
+    encoder = (load_encoder(spec.baseline.encoder, loaded.base_dir, ws.root / "embeddings", device=device)
+               if needs_encoder else None)
+    ctx = Context(spec=spec, tokenizer=tokenizer, model=model, train=data.train, validation=data.eval,
+                  test=data.test or data.eval, labels=data.labels, autocast=autocast_for(precision, device),
+                  device=device, encoder=encoder, show_progress=show_progress)
+    return measure(ctx)
+
+
+def _with_fine_tuned(report: Any, suite: EvalSuite, loaded: LoadedSpec, tokenizer: Any, data: PreparedData,
+                     train_seconds: float) -> None:
+    """Add the evaluated candidate (cost: its training time) and recommend."""
+    import numpy as np
+
+    from tuneline.baseline import add_system, recommend
+    from tuneline.data.tokenize import encode_prompt
+
+    test = data.test or data.eval
+    lat = suite.latency
+    add_system(report, "fine_tuned", "the fine-tuned candidate (cost: its training time)", suite.main_set(),
+               loaded.spec, data.labels, train_seconds, lat.p50_ms if lat else None, lat.p95_ms if lat else None,
+               float(np.mean([len(encode_prompt(tokenizer, ex)) for ex in test])) if test else None)
+    recommend(report, loaded.spec.eval.bootstrap)
 
 
 def _early_stopping(loaded: LoadedSpec, cfg: Any, tokenizer: Any, data: PreparedData, precision: str,
@@ -342,7 +385,8 @@ def load_adapter_model(source: Any, ws: Workspace, adapter_dir: str | Path, devi
 
 
 def _finish_evaluation(evaluation: Evaluation, loaded: LoadedSpec, ws: Workspace, source: Any, device: str,
-                       dtype: str, run_dir: Path, console: Any, production: str | Path | None = None) -> EvalSuite:
+                       dtype: str, run_dir: Path, console: Any, production: str | Path | None = None,
+                       before_record: Any = None) -> EvalSuite:
     """Score the production adapter (when there is one), then score, record and print the evaluation."""
     import mlflow
 
@@ -351,6 +395,8 @@ def _finish_evaluation(evaluation: Evaluation, loaded: LoadedSpec, ws: Workspace
         evaluation.score_system("production", load_adapter_model(source, ws, production, device, dtype),
                                 str(production))
     suite = evaluation.finish()
+    if before_record is not None:
+        before_record(suite)
     (run_dir / "eval_report.json").write_text(json.dumps(suite.to_dict(), indent=2))
     mlflow.log_dict(suite.to_dict(), "eval/report.json")
     mlflow.log_metrics(flat_metrics(suite))
@@ -446,3 +492,53 @@ def tune(
                    console=console, show_progress=show_progress)
     console.print(search_table(found))
     return found
+
+
+def baseline(
+    spec_path: str | Path,
+    *,
+    workspace: str | Path | Workspace | None = None,
+    show_progress: bool = True,
+    console: Any = None,
+) -> Any:
+    """Measure the cheaper options on the test rows; beside the spec's last evaluated run when it was
+    scored on the same rows; recommend one. Returns a :class:`tuneline.baseline.BaselineReport`."""
+    import mlflow
+    from rich.console import Console
+
+    import tuneline.tracking as tracking
+    from tuneline.eval import EvalSuite
+    from tuneline.eval.results import SetResult
+
+    console = console or Console()
+    ws, loaded, source, tokenizer, (data, _) = _prepare(spec_path, workspace)
+    spec = loaded.spec
+    test = data.test or data.eval
+    if not test:
+        raise TrainingError(Problem("nothing to measure the baselines on: no test or validation split",
+                                    field="data.test", hint="add data.test"))
+    device, precision, dtype = _compute(spec)
+    model = load_model(source, ws.models_dir, device=device, dtype=dtype)
+    report = measure_baselines(loaded, ws, tokenizer, model, data, device, precision, show_progress)
+    run_dir = ws.run_dir(spec.name)
+    saved = run_dir / "eval_report.json"
+    if saved.is_file():
+        suite = EvalSuite.from_dict(json.loads(saved.read_text()))
+        main: SetResult = suite.main_set()
+        state = json.loads((run_dir / "run.json").read_text()) if (run_dir / "run.json").is_file() else {}
+        seconds = 0.0
+        if state.get("mlflow_run_id"):
+            client = mlflow.MlflowClient(tracking.tracking_uri(loaded, ws))
+            seconds = float(client.get_run(state["mlflow_run_id"]).data.metrics.get("seconds", 0.0))
+        if main.wheres == [ex.where for ex in test]:
+            _with_fine_tuned(report, suite, loaded, tokenizer, data, seconds)
+        else:
+            console.print(f"[yellow]the last run ({saved}) was evaluated on other rows; the fine-tuned model is "
+                          "left out of the comparison (run `tuneline run` again)[/]")
+    from tuneline.baseline import recommend
+
+    if report.recommended is None:
+        recommend(report, spec.eval.bootstrap)
+    (run_dir / "baseline_report.json").write_text(json.dumps(report.to_dict(), indent=2))
+    console.print(baseline_table(report))
+    return report

@@ -125,8 +125,9 @@ def log_dataset_version(version: Any) -> None:
     mlflow.log_artifact(str(version.card), "dataset")
 
 
-def list_runs(workspace: Workspace, uri: str | None = None, max_results: int = 50) -> list[dict[str, Any]]:
-    """Recent runs across experiments of the store, newest first."""
+def list_runs(workspace: Workspace, uri: str | None = None, max_results: int = 50,
+              include_trials: bool = False) -> list[dict[str, Any]]:
+    """Recent runs across experiments of the store, newest first (search trials left out unless asked)."""
     import mlflow
     from mlflow.tracking import MlflowClient
 
@@ -135,18 +136,25 @@ def list_runs(workspace: Workspace, uri: str | None = None, max_results: int = 5
     exps = client.search_experiments()
     if not exps:
         return []
-    runs = client.search_runs([e.experiment_id for e in exps], order_by=["attributes.start_time DESC"],
-                              max_results=max_results)
     names = {e.experiment_id: e.name for e in exps}
-    rows = []
-    for r in runs:
-        rows.append({
-            "run_id": r.info.run_id,
-            "experiment": names.get(r.info.experiment_id, r.info.experiment_id),
-            "name": r.info.run_name,
-            "status": r.info.status,
-            "start_time": r.info.start_time,
-            "metrics": dict(r.data.metrics),
-            "tags": dict(r.data.tags),
-        })
-    return rows
+    rows: list[dict[str, Any]] = []
+    token = None
+    while len(rows) < max_results:
+        page = client.search_runs([e.experiment_id for e in exps], order_by=["attributes.start_time DESC"],
+                                  max_results=max(max_results, 100), page_token=token)
+        for r in page:
+            if not include_trials and r.data.tags.get("tuneline.kind") == "search-trial":
+                continue
+            rows.append({
+                "run_id": r.info.run_id,
+                "experiment": names.get(r.info.experiment_id, r.info.experiment_id),
+                "name": r.info.run_name,
+                "status": r.info.status,
+                "start_time": r.info.start_time,
+                "metrics": dict(r.data.metrics),
+                "tags": dict(r.data.tags),
+            })
+        token = page.token
+        if not token:
+            break
+    return rows[:max_results]

@@ -85,6 +85,12 @@ def test_search_prunes_and_run_trains_the_best(tmp_path: Path, tiny_model_dir: P
     children = client.search_runs([client.get_run(result.run_id).info.experiment_id],
                                   f"tags.`mlflow.parentRunId` = '{result.run_id}'")
     assert len(children) == 6
+    # `tuneline runs` lists the run, not its trials (unless --trials)
+    from tuneline.tracking import list_runs
+    from tuneline.workspace import Workspace
+
+    assert [r["run_id"] for r in list_runs(Workspace.at(ws))] == [result.run_id]
+    assert len(list_runs(Workspace.at(ws), include_trials=True)) == 7
     # the run's report shows the search: every trial, the best one, the two plots
     from tuneline.eval.html import write_report
 

