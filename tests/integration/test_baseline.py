@@ -177,3 +177,15 @@ def test_run_measures_every_option_beside_the_fine_tuned_model(tmp_path: Path, t
     for name in ("prompt", "few_shot", "retrieval", "embedding", "fine_tuned"):
         assert f"<td>{name}" in page
     assert 'alt="accuracy by option"' in page
+
+
+def test_constrained_answers_are_the_last_turn_not_the_demonstrations(tokenizer):
+    """Demonstrations are assistant turns too; the label trie must hold only the final answer."""
+    from tuneline.eval.generate import LabelTrie
+
+    plain = _ex(0, "where is my card?", "card_arrival")
+    shown = with_demonstrations(plain, [_ex(1, "rate?", "exchange_rate"), _ex(2, "stolen", "lost_or_stolen_card")])
+    a = LabelTrie(tokenizer, LABELS, plain, tokenizer.eos_token_id)
+    b = LabelTrie(tokenizer, LABELS, shown, tokenizer.eos_token_id)
+    assert a.next == b.next and a.max_len == b.max_len
+    assert len(b.next[()]) >= 2  # more than one label can start the answer

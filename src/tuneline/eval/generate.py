@@ -28,7 +28,7 @@ class LabelTrie:
         for label in labels:
             ex = Example(template.where, (*template.prompt_messages, {"role": "assistant", "content": label}), label)
             enc = encode_example(tokenizer, ex, 1 << 30, eot)
-            answer = [t for t, lab in zip(enc.input_ids, enc.labels, strict=True) if lab != IGNORE_INDEX]
+            answer = _last_answer(enc.input_ids, enc.labels)
             self.max_len = max(self.max_len, len(answer) + 1)
             for k in range(len(answer)):
                 self.next.setdefault(tuple(answer[:k]), set()).add(answer[k])
@@ -65,6 +65,16 @@ class LabelTrie:
             if rest is not None:
                 return generated[:k] + rest
         return generated
+
+
+def _last_answer(ids: list[int], labels: list[int]) -> list[int]:
+    """The tokens of the final assistant turn: the last run of trained positions (earlier assistant
+    turns, such as demonstrations in the prompt, are trained too but are not this answer)."""
+    end = max((i for i, lab in enumerate(labels) if lab != IGNORE_INDEX), default=-1) + 1
+    start = end
+    while start > 0 and labels[start - 1] != IGNORE_INDEX:
+        start -= 1
+    return ids[start:end]
 
 
 @dataclass

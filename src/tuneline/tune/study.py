@@ -30,6 +30,9 @@ from tuneline.workspace import Workspace
 
 log = logging.getLogger(__name__)
 
+# fANOVA on fewer complete trials than this ranks parameters by noise
+MIN_TRIALS_FOR_IMPORTANCE = 4
+
 
 @dataclass
 class TrialRow:
@@ -462,7 +465,8 @@ def _row(t: Any) -> TrialRow:
         state = "interrupted"
     seconds = (t.datetime_complete - t.datetime_start).total_seconds() if t.datetime_complete and t.datetime_start else None
     return TrialRow(number=t.number, state=state, params=dict(t.params),
-                    value=float(t.value) if t.value is not None else None,
+                    # Optuna stores a pruned trial's last report as its value: it is not a finished score
+                    value=float(t.value) if t.value is not None and state == "complete" else None,
                     validations=sorted((int(k), float(v)) for k, v in t.intermediate_values.items()),
                     seconds=seconds if seconds is not None else t.user_attrs.get("seconds"),
                     retry_of=t.user_attrs.get("retry_of"), interrupted=bool(t.user_attrs.get("interrupted")),
@@ -477,7 +481,7 @@ def summarize(study: Any, s: SearchSpec, metric: str, direction: str, *, backend
     complete = [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE]
     best = _row(study.best_trial) if complete else None
     importances: dict[str, float] = {}
-    if len(complete) >= 2 and len(s.space) >= 1:
+    if len(complete) >= MIN_TRIALS_FOR_IMPORTANCE:
         import optuna
 
         try:
