@@ -64,13 +64,16 @@ def lora_model(model_dir: Path, attn: str | None = None, dtype=None, **lora):
     return model
 
 
-def tiny_lora_spec(dir_: Path, model_dir: Path, name: str, per_label: int = 8, max_steps: int = 3) -> Path:
+def tiny_lora_spec(dir_: Path, model_dir: Path, name: str, per_label: int = 8, max_steps: int = 3,
+                   train: str | None = None, extra: str = "") -> Path:
     """A classification spec training a LoRA adapter on the tiny model in a few steps, with the
     slow evaluation extras (probe, robustness, latency) off: for registry and serving tests."""
     labels = ["card_arrival", "lost_or_stolen_card", "exchange_rate"]
     write_csv(dir_ / "train.csv", banking_rows(labels, per_label))
     write_csv(dir_ / "test.csv", banking_rows(labels, 2, "test"))
-    return write_spec(dir_, f"""
+    default_train = (f"{{method: lora, lr: 3.0e-2, max_steps: {max_steps}, batch_size: 8, seq_len: 96, "
+                     "precision: fp32, seed: 0}")
+    spec = write_spec(dir_, f"""
         name: {name}
         task: {{type: classification, instruction: Classify the message.}}
         objective: {{primary: accuracy, thresholds: ["accuracy >= 0.0"]}}
@@ -78,9 +81,16 @@ def tiny_lora_spec(dir_: Path, model_dir: Path, name: str, per_label: int = 8, m
         data:
           train: {{path: train.csv, columns: {{label: category}}}}
           test: {{path: test.csv, columns: {{label: category}}}}
-        train: {{method: lora, lr: 3.0e-2, max_steps: {max_steps}, batch_size: 8, seq_len: 96, precision: fp32, seed: 0}}
+        train: {train or default_train}
         eval: {{batch_size: 16, forgetting: false, robustness: {{enabled: false}}, latency: {{enabled: false}}}}
     """)
+    return _append(spec, extra) if extra else spec
+
+
+def _append(spec: Path, extra: str) -> Path:
+    """``spec`` with the top-level YAML ``extra`` added at its end."""
+    spec.write_text(spec.read_text() + textwrap.dedent(extra).strip() + "\n")
+    return spec
 
 
 def spec_error(dir_: Path, extra: str) -> str:

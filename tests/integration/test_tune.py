@@ -11,25 +11,15 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import banking_rows, write_csv, write_spec
-
-LABELS = ["card_arrival", "lost_or_stolen_card", "exchange_rate"]
+from helpers import tiny_lora_spec
 
 
 def search_spec(tmp_path: Path, model_dir: Path, *, trials: int = 6, extra: str = "") -> Path:
-    write_csv(tmp_path / "train.csv", banking_rows(LABELS, 12))
-    write_csv(tmp_path / "test.csv", banking_rows(LABELS, 2, "test"))
-    return write_spec(tmp_path, f"""
-        name: tiny-search
-        task: {{type: classification, instruction: Classify the message.}}
-        objective: {{primary: accuracy, thresholds: ["accuracy >= 0.0"]}}
-        model: {model_dir}
-        data:
-          train: {{path: train.csv, columns: {{label: category}}}}
-          test: {{path: test.csv, columns: {{label: category}}}}
+    return tiny_lora_spec(
+        tmp_path, model_dir, "tiny-search", per_label=12,
+        train="{method: lora, lr: 1.0e-2, lora: {r: 8}, epochs: 3, batch_size: 8, seq_len: 96, precision: fp32, seed: 0}",
+        extra=f"""
         curation: {{split: {{validation: 0.25}}}}
-        train: {{method: lora, lr: 1.0e-2, lora: {{r: 8}}, epochs: 3, batch_size: 8, seq_len: 96, precision: fp32, seed: 0}}
-        eval: {{batch_size: 16, forgetting: false, robustness: {{enabled: false}}, latency: {{enabled: false}}}}
         baseline: {{enabled: false}}
         search:
           trials: {trials}
@@ -41,7 +31,7 @@ def search_spec(tmp_path: Path, model_dir: Path, *, trials: int = 6, extra: str 
           eval_every: 0.5
           seed: 0
         {extra}
-    """)
+        """)
 
 
 def _study(ws: Path):
