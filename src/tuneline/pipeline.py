@@ -90,6 +90,8 @@ def run_fingerprint(loaded: LoadedSpec, data: PreparedData, model_fingerprint: s
     """What a checkpoint must match to be resumed: training config (after a search: the best
     trial's), data and base model."""
     spec = loaded.spec.model_dump(mode="json", include={"task", "model", "data", "curation", "train"})
+    if loaded.spec.retrieval is not None:  # the hybrid trains on other prompts
+        spec["retrieval"] = loaded.spec.retrieval.model_dump(mode="json")
     if train_cfg is not None:
         spec["train"] = train_cfg.model_dump(mode="json")
     spec["train"].pop("checkpoint_every", None)
@@ -150,11 +152,15 @@ def run(
 
         evaluation = Evaluation(spec, tokenizer, sets, data.labels, autocast=autocast_for(precision, device),
                                 device=device, show_progress=show_progress) if sets else None
+        # the hybrid trains (and validates) on prompts with retrieved examples; evaluation and the
+        # baselines start from the plain rows and augment per system, as the server does
+        retriever = hybrid_retriever(loaded, ws, data, version, device, console)
+        trained_on = with_retrieval(data, retriever)
         train_cfg, found = spec.train, None
         if spec.search is not None:  # search -> train the best configuration -> evaluate
             from tuneline.tune import best_train, search
 
-            found = search(loaded, ws, data=data, version=version, tokenizer=tokenizer, source=source, device=device,
+            found = search(loaded, ws, data=trained_on, version=version, tokenizer=tokenizer, source=source, device=device,
                            precision=precision, dtype=base_dtype, resume=resume, parent_run_id=run_id,
                            console=console, show_progress=show_progress)
             if found.best is None:
@@ -196,10 +202,10 @@ def run(
                 # a resumed search run may have stopped before training began: then train from the start
                 train_resume = resume and (found is None or latest_checkpoint(run_dir / "checkpoints") is not None)
                 model, result = train(
-                    train_cfg, model, tokenizer, data.train, run_dir, resume=train_resume,
-                    eval_examples=sample_rows(data.eval, EVAL_LOSS_ROWS, train_cfg.seed) or None,
+                    train_cfg, model, tokenizer, trained_on.train, run_dir, resume=train_resume,
+                    eval_examples=sample_rows(trained_on.eval, EVAL_LOSS_ROWS, train_cfg.seed) or None,
                     fingerprint=fingerprint, device=device, on_step=on_step, show_progress=show_progress,
-                    validation=_early_stopping(loaded, train_cfg, tokenizer, data, precision, device),
+                    validation=_early_stopping(loaded, train_cfg, tokenizer, trained_on, precision, device),
                 )
         finally:
             flush()
@@ -208,6 +214,12 @@ def run(
                            step=result.steps)
         spec_copy = Path(result.adapter_dir) / "tuneline.yaml"
         spec_copy.write_text(loaded.text)
+        served = None  # the hybrid: the retriever shipped with the adapter, loaded back as the server will
+        if retriever is not None and spec.retrieval is not None:
+            from tuneline.retrieval import adapter_retriever
+
+            retriever.index.copy_to(result.adapter_dir, spec.retrieval.k)
+            served = adapter_retriever(result.adapter_dir, encoders={retriever.encoder.fingerprint: retriever.encoder})
         mlflow.log_artifacts(result.adapter_dir, "adapter")
         console.print(f"trained {result.steps} steps in {result.seconds:.0f}s "
                       f"({result.tokens_per_second:.0f} tok/s, final loss {result.final_loss:.4f}); "
@@ -229,11 +241,13 @@ def run(
                 # the adapter is saved; generate with it merged into the base weights, as it would be
                 # served, instead of computing the adapter products for every generated token
                 model.merge_adapter()
-            evaluation.score_system("candidate", model, str(result.adapter_dir))
+            evaluation.score_system("candidate", model, _described(result.adapter_dir, served),
+                                    served.augment if served else None)
             del model
+
             def add_baselines(suite: EvalSuite) -> None:
                 if baselines is not None:
-                    _with_fine_tuned(baselines, suite, loaded, tokenizer, data, result.seconds)
+                    _with_fine_tuned(baselines, suite, loaded, tokenizer, data, result.seconds, served)
                     suite.baselines = baselines.to_dict()
                     console.print(baseline_table(baselines))
 
@@ -253,7 +267,7 @@ def measure_baselines(loaded: LoadedSpec, ws: Workspace, tokenizer: Any, model: 
                       device: str, precision: str, show_progress: bool) -> Any:
     """Prompt only, few-shot, retrieval and the embedding classifier on the test rows (base model)."""
     from tuneline.baseline import Context, measure
-    from tuneline.baseline.encoder import load_encoder
+    from tuneline.retrieval.encoder import load_encoder
 
     spec = loaded.spec
     needs_encoder = any(o in spec.baseline.options for o in ("retrieval", "embedding"))
@@ -266,19 +280,61 @@ def measure_baselines(loaded: LoadedSpec, ws: Workspace, tokenizer: Any, model: 
 
 
 def _with_fine_tuned(report: Any, suite: EvalSuite, loaded: LoadedSpec, tokenizer: Any, data: PreparedData,
-                     train_seconds: float) -> None:
-    """Add the evaluated candidate (cost: its training time) and recommend."""
+                     train_seconds: float, retriever: Any = None) -> None:
+    """Add the evaluated candidate (cost: its training time; the hybrid's: plus indexing) and recommend."""
     import numpy as np
 
     from tuneline.baseline import add_system, recommend
     from tuneline.data.tokenize import encode_prompt
 
     test = data.test or data.eval
+    prompts = retriever.augment(test) if retriever is not None and test else test
     lat = suite.latency
-    add_system(report, "fine_tuned", "the fine-tuned candidate (cost: its training time)", suite.main_set(),
-               loaded.spec, data.labels, train_seconds, lat.p50_ms if lat else None, lat.p95_ms if lat else None,
-               float(np.mean([len(encode_prompt(tokenizer, ex)) for ex in test])) if test else None)
+    name, what = (("hybrid", f"fine-tuned with the {retriever.k} nearest training examples in its prompt (cost: "
+                             "indexing and training)") if retriever is not None
+                  else ("fine_tuned", "the fine-tuned candidate (cost: its training time)"))
+    one_off = train_seconds + (float(retriever.index.meta.get("seconds", 0.0)) if retriever is not None else 0.0)
+    add_system(report, name, what, suite.main_set(), loaded.spec, data.labels, one_off,
+               lat.p50_ms if lat else None, lat.p95_ms if lat else None,
+               float(np.mean([len(encode_prompt(tokenizer, ex)) for ex in prompts])) if prompts else None)
     recommend(report, loaded.spec.eval.bootstrap)
+
+
+def hybrid_retriever(loaded: LoadedSpec, ws: Workspace, data: PreparedData, version: DatasetVersion | None,
+                     device: str, console: Any = None) -> Any:
+    """The spec's retrieval index over its training rows (built once per dataset version and
+    encoder) with ``retrieval.k``; None when the spec has no ``retrieval``."""
+    cfg = loaded.spec.retrieval
+    if cfg is None:
+        return None
+    from tuneline.retrieval import Retriever, build_index, index_folder
+    from tuneline.retrieval.encoder import load_encoder
+
+    if not data.train:
+        raise TrainingError(Problem("retrieval needs training rows to retrieve from", field="retrieval"))
+    encoder = load_encoder(cfg.encoder, loaded.base_dir, ws.root / "embeddings", device=device,
+                           field="retrieval.encoder")
+    folder = index_folder(ws.root, version.id if version else None, data.train, encoder)
+    index = build_index(data.train, encoder, folder, version.id if version else None)
+    if console is not None:
+        console.print(f"hybrid: the {cfg.k} nearest of {len(index.examples):,} training rows in every prompt "
+                      f"({cfg.encoder}, index {folder})", soft_wrap=True)
+    return Retriever(index, encoder, cfg.k)
+
+
+def with_retrieval(data: PreparedData, retriever: Any) -> PreparedData:
+    """``data`` as the hybrid trains on it: training rows with their nearest other training rows,
+    validation rows with their nearest training rows (test rows stay plain: evaluation augments
+    them per system). ``data`` itself without a retriever."""
+    if retriever is None:
+        return data
+    from dataclasses import replace
+
+    return replace(data, train=retriever.augment_training(data.train), eval=retriever.augment(data.eval))
+
+
+def _described(adapter_dir: Any, retriever: Any) -> str:
+    return str(adapter_dir) + (f" + the {retriever.k} nearest training examples" if retriever is not None else "")
 
 
 def _early_stopping(loaded: LoadedSpec, cfg: Any, tokenizer: Any, data: PreparedData, precision: str,
@@ -392,8 +448,11 @@ def _finish_evaluation(evaluation: Evaluation, loaded: LoadedSpec, ws: Workspace
 
     production = production or (loaded.resolve(loaded.spec.eval.production) if loaded.spec.eval.production else None)
     if production is not None:
+        from tuneline.retrieval import adapter_retriever
+
+        served = adapter_retriever(production, ws.root / "embeddings", device)
         evaluation.score_system("production", load_adapter_model(source, ws, production, device, dtype),
-                                str(production))
+                                _described(production, served), served.augment if served else None)
     suite = evaluation.finish()
     if before_record is not None:
         before_record(suite)
@@ -443,7 +502,11 @@ def evaluate(
                             device=device, show_progress=show_progress)
     if spec.eval.compare_base:
         evaluation.score_system("base", load_model(source, ws.models_dir, device=device, dtype=dtype), spec.model)
-    evaluation.score_system("candidate", load_adapter_model(source, ws, candidate, device, dtype), str(candidate))
+    from tuneline.retrieval import adapter_retriever
+
+    served = adapter_retriever(candidate, ws.root / "embeddings", device)
+    evaluation.score_system("candidate", load_adapter_model(source, ws, candidate, device, dtype),
+                            _described(candidate, served), served.augment if served else None)
     state = run_dir / "run.json"
     run_id = json.loads(state.read_text()).get("mlflow_run_id") if state.is_file() and not adapter else None
     if run_id:
@@ -531,7 +594,10 @@ def baseline(
             client = mlflow.MlflowClient(tracking.tracking_uri(loaded, ws))
             seconds = float(client.get_run(state["mlflow_run_id"]).data.metrics.get("seconds", 0.0))
         if main.wheres == [ex.where for ex in test]:
-            _with_fine_tuned(report, suite, loaded, tokenizer, data, seconds)
+            from tuneline.retrieval import adapter_retriever
+
+            served = adapter_retriever(run_dir / "adapter", ws.root / "embeddings", device)
+            _with_fine_tuned(report, suite, loaded, tokenizer, data, seconds, served)
         else:
             console.print(f"[yellow]the last run ({saved}) was evaluated on other rows; the fine-tuned model is "
                           "left out of the comparison (run `tuneline run` again)[/]")

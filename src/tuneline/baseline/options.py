@@ -17,10 +17,15 @@ from typing import Any
 
 import numpy as np
 
-from tuneline.baseline.retrieval import NearestIndex, with_demonstrations, with_label_set
 from tuneline.data.examples import Example
 from tuneline.eval import stats
 from tuneline.eval.results import Estimate
+from tuneline.retrieval.index import (
+    NearestIndex,
+    retrieval_prompts,
+    with_demonstrations,
+    with_label_set,
+)
 from tuneline.spec.models import LOWER_IS_BETTER, Spec
 
 log = logging.getLogger(__name__)
@@ -114,7 +119,7 @@ class Context:
     labels: list[str] | None
     autocast: Any
     device: str
-    encoder: Any = None  # tuneline.baseline.encoder.Encoder, loaded when an option needs it
+    encoder: Any = None  # tuneline.retrieval.encoder.Encoder, loaded when an option needs it
     show_progress: bool = False
 
 
@@ -261,14 +266,6 @@ def _fixed_shots(ctx: Context) -> list[Example]:
 def _few_shot(ctx: Context, desc: str) -> OptionResult:
     shots = _fixed_shots(ctx)
     return _generated_option(ctx, "few_shot", desc, [with_demonstrations(ex, shots) for ex in ctx.test], 0.0)
-
-
-def retrieval_prompts(index: NearestIndex, examples: list[Example], vectors: np.ndarray, k: int,
-                      exclude: list[int | None] | None = None) -> list[Example]:
-    """Each example with its ``k`` nearest indexed examples as demonstrations (nearest last)."""
-    nearest, _ = index.search(vectors, k, exclude)
-    return [with_demonstrations(ex, [index.examples[j] for j in reversed(row)]) for ex, row in zip(examples, nearest,
-                                                                                                    strict=True)]
 
 
 def _retrieval(ctx: Context, desc: str, train_vectors: np.ndarray, index_seconds: float) -> OptionResult:

@@ -23,13 +23,15 @@ class Example:
 
     ``messages`` is the full conversation including the answer turn(s); the model is trained on
     assistant turns only. ``reference`` is the expected final answer (the label for
-    classification), used by evaluation.
+    classification), used by evaluation. ``demonstrations`` counts the messages right after the
+    system prompt that are retrieved or fixed examples shown as context: they are not trained on.
     """
 
     where: str
     messages: tuple[Message, ...]
     reference: str
     label: str | None = None
+    demonstrations: int = 0
 
     @property
     def prompt_messages(self) -> list[Message]:

@@ -55,13 +55,15 @@ def end_of_turn(tokenizer: Any) -> str:
         field="model", hint="use a chat model whose template ends turns with an end-of-turn token"))
 
 
-def segments(tokenizer: Any, messages: list[Message], eot: str) -> list[tuple[str, bool]]:
-    """Split the rendered conversation into (text, is_answer) pieces, in order."""
+def segments(tokenizer: Any, messages: list[Message], eot: str, context: int = 0) -> list[tuple[str, bool]]:
+    """Split the rendered conversation into (text, is_answer) pieces, in order. The first
+    ``context`` messages after the system prompt(s) (demonstrations) count as prompt, not answers."""
     full = render(tokenizer, messages)
     pieces: list[tuple[str, bool]] = []
     pos = 0
+    first_trained = sum(1 for m in messages if m["role"] == "system") + context
     for i, m in enumerate(messages):
-        if m["role"] != "assistant":
+        if m["role"] != "assistant" or i < first_trained:
             continue
         prefix = render(tokenizer, messages[:i], add_generation_prompt=True)
         if not full.startswith(prefix) or prefix[:pos] != full[:pos]:
@@ -84,7 +86,7 @@ def encode_example(tokenizer: Any, example: Example, seq_len: int, eot: str | No
     eot = eot or end_of_turn(tokenizer)
     ids: list[int] = []
     labels: list[int] = []
-    for text, is_answer in segments(tokenizer, list(example.messages), eot):
+    for text, is_answer in segments(tokenizer, list(example.messages), eot, example.demonstrations):
         piece = tokenizer(text, add_special_tokens=False)["input_ids"]
         ids.extend(piece)
         labels.extend(piece if is_answer else [IGNORE_INDEX] * len(piece))

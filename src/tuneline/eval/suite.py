@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -69,20 +70,24 @@ class Evaluation:
 
     # --- collecting answers ---------------------------------------------------------------------
 
-    def score_system(self, name: str, model: Any, description: str) -> None:
-        """Generate ``name``'s answers on every set (and the probes that apply to it) with ``model``."""
+    def score_system(self, name: str, model: Any, description: str,
+                     augment: Callable[[list[Example]], list[Example]] | None = None) -> None:
+        """Generate ``name``'s answers on every set (and the probes that apply to it) with ``model``.
+        ``augment`` turns the plain prompts into what this system is served (the hybrid: retrieved
+        examples in front); it is applied to every prompt, the perturbed ones and each timed request."""
         self.models[name] = description
+        prompts = augment or (lambda examples: examples)
         for s in self.sets:
-            self.answers[(s.name, name)] = self._generate(model, s.examples, f"{name} on {s.name}")
+            self.answers[(s.name, name)] = self._generate(model, prompts(s.examples), f"{name} on {s.name}")
         if self.spec.eval.forgetting and name in ("base", "candidate"):
             from tuneline.eval.probe import load_probe, probe_examples
 
-            self.probe[name] = self._generate(model, probe_examples(load_probe()), f"{name} forgetting probe",
-                                              constrained=False, max_new_tokens=24)
+            self.probe[name] = self._generate(model, prompts(probe_examples(load_probe())),
+                                              f"{name} forgetting probe", constrained=False, max_new_tokens=24)
         if name == "candidate":
-            self._robustness(model)
+            self._robustness(model, prompts)
             if self.spec.eval.latency.enabled:
-                self.latency = self._latency(model)
+                self.latency = self._latency(model, prompts)
 
     def _trie(self) -> LabelTrie | None:
         spec, tok = self.spec, self.tokenizer
@@ -104,7 +109,7 @@ class Evaluation:
             share_prefix=len(examples) > 1,
         )
 
-    def _robustness(self, model: Any) -> None:
+    def _robustness(self, model: Any, prompts: Callable[[list[Example]], list[Example]]) -> None:
         from tuneline.eval.perturb import perturb_example
 
         cfg = self.spec.eval.robustness
@@ -116,19 +121,19 @@ class Evaluation:
         self.robust_rows = sorted(rows[: cfg.max_rows])
         for kind in cfg.perturbations:
             examples = [perturb_example(main[i], kind, cfg.seed + i) for i in self.robust_rows]
-            self.perturbed[kind] = self._generate(model, examples, f"robustness {kind}")
+            self.perturbed[kind] = self._generate(model, prompts(examples), f"robustness {kind}")
 
-    def _latency(self, model: Any) -> Latency | None:
+    def _latency(self, model: Any, prompts: Callable[[list[Example]], list[Example]]) -> Latency | None:
         main = self.sets[0].examples if self.sets else []
         n = min(self.spec.eval.latency.requests, len(main))
         if n == 0:
             return None
         picks = random.Random(1).sample(range(len(main)), n)
-        self._generate(model, [main[picks[0]]], "latency warm-up", batch_size=1)
+        self._generate(model, prompts([main[picks[0]]]), "latency warm-up", batch_size=1)
         times, tokens = [], 0
         for i in picks:
             t0 = time.perf_counter()
-            out = self._generate(model, [main[i]], "latency", batch_size=1)
+            out = self._generate(model, prompts([main[i]]), "latency", batch_size=1)
             times.append(time.perf_counter() - t0)
             tokens += out.tokens[0] + int(out.stopped[0])
         ms = np.array(times) * 1000

@@ -204,12 +204,16 @@ def create_app(engine: Engine, log: RequestLog, config: ServerConfig) -> FastAPI
         return Job(prompt_ids, adapter, limit, float(body.temperature or 0.0), stop,
                    queue.Queue() if body.stream else None)
 
-    async def answer(request: Request, body: _Common, endpoint: str, prompt_ids: list[int], logged_prompt: Any,
+    async def answer(request: Request, body: _Common, endpoint: str, prompt: Any, logged_prompt: Any,
                      chat: bool) -> Any:
+        """``prompt(adapter) -> (token ids, what was retrieved or None)``: built once the model is
+        resolved, since a hybrid adapter puts its retrieved examples in the prompt."""
         t0 = time.perf_counter()
         name = body.model.partition("@")[0]
         key = authorize(request, name)
-        model_name, version, adapter = await asyncio.get_running_loop().run_in_executor(None, resolve, body.model)
+        loop = asyncio.get_running_loop()
+        model_name, version, adapter = await loop.run_in_executor(None, resolve, body.model)
+        prompt_ids, retrieved = await loop.run_in_executor(None, prompt, adapter)
         job = make_job(body, prompt_ids, adapter)
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
         created = int(time.time())
@@ -236,9 +240,12 @@ def create_app(engine: Engine, log: RequestLog, config: ServerConfig) -> FastAPI
         usage = {"prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens,
                  "total_tokens": result.prompt_tokens + result.completion_tokens}
         if chat:
-            return {"id": rid, "object": "chat.completion", "created": created, "model": served,
-                    "choices": [{"index": 0, "message": {"role": "assistant", "content": result.text},
-                                 "finish_reason": result.finish_reason, "logprobs": None}], "usage": usage}
+            out = {"id": rid, "object": "chat.completion", "created": created, "model": served,
+                   "choices": [{"index": 0, "message": {"role": "assistant", "content": result.text},
+                                "finish_reason": result.finish_reason, "logprobs": None}], "usage": usage}
+            if retrieved is not None:  # the hybrid: the training rows this answer was shown, to trace it
+                out["retrieved"] = retrieved
+            return out
         return {"id": rid, "object": "text_completion", "created": created, "model": served,
                 "choices": [{"index": 0, "text": result.text, "finish_reason": result.finish_reason,
                              "logprobs": None}], "usage": usage}
@@ -246,12 +253,19 @@ def create_app(engine: Engine, log: RequestLog, config: ServerConfig) -> FastAPI
     @app.post("/v1/chat/completions", response_model=None)
     async def chat_completions(request: Request, body: ChatRequest) -> Any:
         messages = [m.model_dump() for m in body.messages]
-        try:
-            text = engine.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        except Exception as exc:  # a conversation the template rejects (e.g. roles out of order)
-            raise ApiError(400, f"messages: {exc}", "invalid_request_error", "messages") from exc
-        ids = engine.tokenizer(text, add_special_tokens=False)["input_ids"]
-        return await answer(request, body, "chat", ids, messages, chat=True)
+
+        def prompt(adapter: str) -> tuple[list[int], list[dict[str, Any]] | None]:
+            shown, retrieved = messages, None
+            retriever = engine.retrievers.get(adapter)
+            if retriever is not None:  # the hybrid: its nearest training examples go in front, as in training
+                shown, retrieved = retriever.messages(messages)
+            try:
+                text = engine.tokenizer.apply_chat_template(shown, tokenize=False, add_generation_prompt=True)
+            except Exception as exc:  # a conversation the template rejects (e.g. roles out of order)
+                raise ApiError(400, f"messages: {exc}", "invalid_request_error", "messages") from exc
+            return engine.tokenizer(text, add_special_tokens=False)["input_ids"], retrieved
+
+        return await answer(request, body, "chat", prompt, messages, chat=True)
 
     @app.post("/v1/completions", response_model=None)
     async def completions(request: Request, body: CompletionRequest) -> Any:
@@ -262,7 +276,8 @@ def create_app(engine: Engine, log: RequestLog, config: ServerConfig) -> FastAPI
         ids = engine.tokenizer(prompts[0], add_special_tokens=False)["input_ids"]
         if not ids:
             raise ApiError(400, "prompt: empty", "invalid_request_error", "prompt")
-        return await answer(request, body, "completions", ids, prompts[0], chat=False)
+        # a raw prompt is sent as it is, also to a hybrid adapter (there is no conversation to put examples in)
+        return await answer(request, body, "completions", lambda _: (ids, None), prompts[0], chat=False)
 
     @app.get("/v1/models")
     async def models(request: Request) -> dict[str, Any]:

@@ -59,6 +59,8 @@ class Engine:
         self.autocast = autocast
         self.context_length = int(getattr(model.config, "max_position_embeddings", 2048))
         self.adapters: dict[str, str] = {}  # adapter name -> source
+        self.retrievers: dict[str, Any] = {}  # adapter name -> its Retriever (hybrid adapters only)
+        self._encoders: dict[str, Any] = {}  # sentence encoders by fingerprint, shared by the retrievers
         self.multi: Any = None  # MultiLora once an adapter is loaded
         self.batch_sizes: collections.deque[int] = collections.deque(maxlen=10_000)  # rows per generate call
         self._resolved: dict[str, tuple[float, Any]] = {}
@@ -80,6 +82,12 @@ class Engine:
             return name
         with self._load_lock:
             if name not in self.adapters:
+                from tuneline.retrieval import adapter_retriever
+
+                # a hybrid adapter ships the index it was trained with: load it before taking requests for it
+                retriever = adapter_retriever(path, device=str(self.base.device.type), encoders=self._encoders)
+                if retriever is not None:
+                    self.retrievers[name] = retriever
                 self._submit_control(lambda: self._load(name, path))
         return name
 

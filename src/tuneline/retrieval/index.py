@@ -24,11 +24,14 @@ class NearestIndex:
         self.vectors = np.asarray(vectors, dtype=np.float32)
         self.examples = list(examples)
 
-    def search(self, queries: np.ndarray, k: int, exclude: Sequence[int | None] | None = None,
+    def search(self, queries: np.ndarray, k: int, exclude: Sequence[int | Sequence[int] | None] | None = None,
                chunk: int = 1024) -> tuple[np.ndarray, np.ndarray]:
         """(indices, similarities), each ``len(queries) x k``, most similar first; ties go to the
-        lower index. ``exclude[i]`` is an index row ``i`` may not return (itself, for training rows)."""
-        k = min(k, len(self.examples) - (1 if exclude is not None else 0))
+        lower index. ``exclude[i]`` is an index (or indices) row ``i`` may not return (itself, for
+        training rows)."""
+        most = max((len(e) if isinstance(e, Sequence) else 1) for e in exclude if e is not None) \
+            if exclude is not None and any(e is not None for e in exclude) else 0
+        k = min(k, len(self.examples) - most)
         n = len(queries)
         idx = np.zeros((n, max(k, 0)), dtype=np.int64)
         sim = np.zeros((n, max(k, 0)), dtype=np.float32)
@@ -40,7 +43,7 @@ class NearestIndex:
                 for r in range(len(s)):
                     e = exclude[start + r]
                     if e is not None:
-                        s[r, e] = -np.inf
+                        s[r, list(e) if isinstance(e, Sequence) else e] = -np.inf
             # stable sort of the negated similarities: equal similarities keep index order
             top = np.argsort(-s, axis=1, kind="stable")[:, :k]
             idx[start:start + len(s)] = top
@@ -60,7 +63,8 @@ def with_demonstrations(ex: Example, demos: Sequence[Example]) -> Example:
     shown: list[Message] = []
     for d in demos:
         shown += _system_and_turns(d)[1]
-    return Example(where=ex.where, messages=tuple(system + shown + turns), reference=ex.reference, label=ex.label)
+    return Example(where=ex.where, messages=tuple(system + shown + turns), reference=ex.reference, label=ex.label,
+                   demonstrations=len(shown) + ex.demonstrations)
 
 
 def with_label_set(ex: Example, labels: Sequence[str]) -> Example:
@@ -69,4 +73,12 @@ def with_label_set(ex: Example, labels: Sequence[str]) -> Example:
     note = "Answer with exactly one of these labels: " + ", ".join(labels) + "."
     text = (system[0]["content"] + "\n" + note) if system else note
     return Example(where=ex.where, messages=({"role": "system", "content": text}, *turns), reference=ex.reference,
-                   label=ex.label)
+                   label=ex.label, demonstrations=ex.demonstrations)
+
+
+def retrieval_prompts(index: NearestIndex, examples: Sequence[Example], vectors: np.ndarray, k: int,
+                      exclude: Sequence[int | Sequence[int] | None] | None = None) -> list[Example]:
+    """Each example with its ``k`` nearest indexed examples as demonstrations (nearest last)."""
+    nearest, _ = index.search(vectors, k, exclude)
+    return [with_demonstrations(ex, [index.examples[j] for j in reversed(row)]) for ex, row in zip(examples, nearest,
+                                                                                                    strict=True)]
