@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -67,18 +68,25 @@ def test_training_rows_never_see_themselves_or_a_copy(tmp_path: Path, tiny_encod
         load_index(tmp_path / "idx")
 
 
-def test_hybrid_run_trains_evaluates_and_ships_the_index(tmp_path: Path, tiny_model_dir: Path,
-                                                         tiny_encoder_dir: Path):
+@pytest.fixture(scope="module")
+def hybrid_run(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path, tiny_encoder_dir: Path) -> Any:
+    """One hybrid run on the tiny model (spec, workspace, RunResult), shared by the tests that read it."""
     from tuneline.pipeline import run
+
+    tmp_path = tmp_path_factory.mktemp("hybrid")
+    spec = _hybrid_spec(tmp_path, tiny_model_dir, tiny_encoder_dir)
+    return spec, tmp_path / "ws", run(spec, workspace=tmp_path / "ws", show_progress=False)
+
+
+def test_hybrid_run_trains_evaluates_and_ships_the_index(hybrid_run: Any):
     from tuneline.retrieval import adapter_retriever, load_index
 
-    spec = _hybrid_spec(tmp_path, tiny_model_dir, tiny_encoder_dir)
-    result = run(spec, workspace=tmp_path / "ws", show_progress=False)
+    spec, ws, result = hybrid_run
     adapter = Path(result.train.adapter_dir)
     shipped = load_index(adapter / "retrieval")
     assert shipped.k == 2
     version = shipped.meta["dataset_version"]
-    assert version and (tmp_path / "ws" / "datasets" / version / "retrieval").is_dir()  # versioned with the data
+    assert version and (ws / "datasets" / version / "retrieval").is_dir()  # versioned with the data
     # evaluation prompted the candidate as the server will: its answers equal the served retriever's prompts
     suite = result.report
     main = suite.main_set()
@@ -88,7 +96,7 @@ def test_hybrid_run_trains_evaluates_and_ships_the_index(tmp_path: Path, tiny_mo
     assert retriever is not None and retriever.k == 2
     from tuneline.pipeline import _prepare
 
-    _, _, _, _, (data, _) = _prepare(spec, tmp_path / "ws")
+    _, _, _, _, (data, _) = _prepare(spec, ws)
     assert [e.where for e in shipped.examples] == [e.where for e in data.train]  # the training split, all of it
     assert shipped.vectors.shape == (len(data.train), 32)
     prompts = retriever.augment(data.test)
@@ -97,23 +105,39 @@ def test_hybrid_run_trains_evaluates_and_ships_the_index(tmp_path: Path, tiny_mo
     # the run is traceable: the adapter artifact carries the index
     import mlflow
 
-    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'ws' / 'mlflow.db'}")
+    mlflow.set_tracking_uri(f"sqlite:///{ws / 'mlflow.db'}")
     arts = [a.path for a in mlflow.MlflowClient().list_artifacts(result.run_id, "adapter/retrieval")]
     assert sorted(arts) == ["adapter/retrieval/examples.jsonl", "adapter/retrieval/retrieval.json",
                             "adapter/retrieval/vectors.npy"]
 
 
-def test_server_retrieves_for_each_request_from_the_adapters_index(tmp_path: Path, tiny_model_dir: Path,
-                                                                   tiny_encoder_dir: Path):
+def test_eval_scores_the_saved_hybrid_with_its_index_and_a_plain_adapter_without(hybrid_run: Any, tmp_path: Path,
+                                                                                tiny_model_dir: Path):
+    """`tuneline eval` of the hybrid beside a production adapter that has no index: each system is
+    prompted as it would be served, on the same rows (paired)."""
+    import shutil
+
+    from tuneline.pipeline import evaluate
+
+    spec, ws, result = hybrid_run
+    plain = tmp_path / "plain-adapter"
+    shutil.copytree(result.train.adapter_dir, plain, ignore=shutil.ignore_patterns("retrieval"))
+    suite = evaluate(spec, workspace=ws, production=plain, show_progress=False)
+    main = suite.main_set()
+    assert "nearest training examples" in main.system("candidate").model
+    assert main.system("production").model == str(plain)
+    assert main.system("candidate").predictions == result.report.main_set().system("candidate").predictions
+    assert any(c.b == "production" for c in main.comparisons)
+
+
+def test_server_retrieves_for_each_request_from_the_adapters_index(hybrid_run: Any, tiny_model_dir: Path):
     from fastapi.testclient import TestClient
 
-    from tuneline.pipeline import run
     from tuneline.retrieval import adapter_retriever
     from tuneline.serve import build_app
 
-    spec = _hybrid_spec(tmp_path, tiny_model_dir, tiny_encoder_dir)
-    result = run(spec, workspace=tmp_path / "ws", show_progress=False)
-    app = build_app(tmp_path / "ws", keys=None, base=str(tiny_model_dir))
+    _, ws, result = hybrid_run
+    app = build_app(ws, keys=None, base=str(tiny_model_dir))
     engine = app.state.engine
     sent: list[list[int]] = []
     real = engine.submit
