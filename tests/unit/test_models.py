@@ -47,3 +47,17 @@ def test_directory_without_config(tmp_path: Path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ModelError, match="no config.json"):
         resolve_model_source("empty", base_dir=tmp_path)
+
+
+def test_generation_switches_to_sdpa_and_restores_the_training_attention(tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    from tuneline.models.loading import inference_attention
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation="eager")
+    with inference_attention(model):
+        assert model.config._attn_implementation == "sdpa"
+    assert model.config._attn_implementation == "eager"
+    sdpa = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation="sdpa")
+    with inference_attention(sdpa):  # a model already on SDPA (GPU) is left alone
+        assert sdpa.config._attn_implementation == "sdpa"

@@ -10,6 +10,7 @@ from typing import Any
 
 from tuneline.data.examples import Example
 from tuneline.data.tokenize import IGNORE_INDEX, encode_example, encode_prompt, end_of_turn
+from tuneline.models.loading import inference_attention
 
 
 class LabelTrie:
@@ -134,7 +135,7 @@ def generate_detailed(
     t0 = time.perf_counter()
     bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                    disable=not show_progress)
-    with bar, torch.inference_mode(), _params_flagged_trainable(model), autocast:
+    with bar, torch.inference_mode(), _params_flagged_trainable(model), inference_attention(model), autocast:
         task = bar.add_task(description, total=len(prompts))
         for b in range(0, len(order), batch_size):
             idx = order[b : b + batch_size]

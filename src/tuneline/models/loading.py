@@ -6,6 +6,8 @@ import logging
 import os
 import shutil
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -106,3 +108,28 @@ def load_model(source: ModelSource, cache_root: Path, device: str = "cpu", dtype
         raise ModelError(Problem(f"cannot load model {source.ref!r}: {exc}", field="model",
                                  hint="a hub id needs network access; use a local directory or the built-in model offline")) from exc
     return model.to(device)
+
+
+@contextmanager
+def inference_attention(model: Any) -> Iterator[None]:
+    """Generate with PyTorch's scaled-dot-product attention, whatever the model trains with.
+
+    On CPU the model is loaded with the eager attention (faster backward for short training rows),
+    but for generation SDPA measured 1.1x (40-token prompts), 1.8x (156) and 2.4x (592) faster on
+    this CPU, with the same greedy answers but for bf16 near-ties (``bench/generate_attention.py``).
+    The model's own setting is restored on exit."""
+    config = getattr(model, "config", None)
+    before = getattr(config, "_attn_implementation", None)
+    switch = getattr(model, "set_attn_implementation", None)
+    if before != "eager" or switch is None:
+        yield
+        return
+    try:
+        switch("sdpa")
+    except (ValueError, ImportError, AttributeError):  # a model without an SDPA path keeps eager
+        yield
+        return
+    try:
+        yield
+    finally:
+        switch(before)

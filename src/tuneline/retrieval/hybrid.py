@@ -2,7 +2,7 @@
 
 Retrieval feeds the model fresh, traceable examples; fine-tuning makes its behaviour consistent.
 The index (the training rows and their sentence embeddings) is built once per dataset version and
-encoder, stored beside the version (``datasets/<version>/retrieval/<encoder fp>/``), and copied
+encoder, stored beside the version (``datasets/<version>/retrieval/<encoder fp>-<rows sha>/``), and copied
 into the adapter folder (``adapter/retrieval/``, with ``k``), so that evaluation and the server
 retrieve from exactly the index the model was trained with. ``retrieval.json`` holds the SHA-256
 of both files; a changed file is refused when the index is loaded.
@@ -91,10 +91,12 @@ class RetrievalIndex:
 
 def index_folder(root: Path, dataset_version: str | None, examples: Sequence[Example], encoder: Encoder) -> Path:
     """Where the index of these rows lives: beside their dataset version, or (curation off) under
-    ``root/retrieval/<rows sha>/``."""
+    ``root/retrieval/``; by encoder and the rows' identity (a version's id is its content: the same
+    rows read from another path keep the id but trace to other ``where``s)."""
+    name = f"{encoder.fingerprint}-{rows_sha256(examples)[:12]}"
     if dataset_version is not None:
-        return root / "datasets" / dataset_version / FOLDER / encoder.fingerprint
-    return root / FOLDER / rows_sha256(examples)[:16] / encoder.fingerprint
+        return root / "datasets" / dataset_version / FOLDER / name
+    return root / FOLDER / name
 
 
 def build_index(examples: Sequence[Example], encoder: Encoder, folder: Path,

@@ -243,7 +243,9 @@ class Engine:
         from contextlib import nullcontext
 
         try:
-            with self._torch.inference_mode(), self.autocast or nullcontext():
+            from tuneline.models.loading import inference_attention
+
+            with self._torch.inference_mode(), inference_attention(self.model), self.autocast or nullcontext():
                 return self.model.generate(input_ids=ids, attention_mask=mask, **kwargs)
         finally:
             if self.multi is not None:
