@@ -1,0 +1,120 @@
+"""Artifacts on disk: written durably and atomically, and identified by content.
+
+A crash (power loss, SIGKILL) must never leave a half-written checkpoint or adapter where a reader
+would take it for a whole one. Files are written to a temporary name in the same folder, flushed
+and fsynced, then renamed over the final name, and the folder is fsynced so the rename itself is
+durable. ``tree_sha256`` identifies a folder (an adapter) by its files' names and contents, so the
+registry can record what was registered and the server can refuse anything else.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+from pathlib import Path
+
+from tuneline.errors import Problem, TunelineError
+
+ADAPTER_SHA_TAG = "tuneline.adapter_sha256"
+_CHUNK = 1 << 20
+
+
+class ArtifactError(TunelineError):
+    """An artifact on disk is missing, incomplete or not the one that was recorded."""
+
+
+def fsync_dir(path: str | Path) -> None:
+    """Make a folder's entries (a rename, a new file) durable."""
+    fd = os.open(str(path), os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(root: str | Path) -> None:
+    """fsync every file and folder under ``root`` (and ``root`` itself)."""
+    root = Path(root)
+    for dirpath, _, files in os.walk(root):
+        for name in files:
+            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        fsync_dir(dirpath)
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """``path`` holds either its old content or ``data``, never a part of it, even after a crash."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def replace_dir(tmp: str | Path, target: str | Path) -> None:
+    """Put the finished folder ``tmp`` at ``target`` (same file system), durably.
+
+    ``tmp`` is fsynced first. An existing ``target`` is moved aside, never deleted before the new
+    one is in place: a crash between the two renames leaves ``target.old`` whole, and
+    :func:`recover_dir` puts it back."""
+    tmp, target = Path(tmp), Path(target)
+    fsync_tree(tmp)
+    old = target.with_name(target.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if target.exists():
+        os.replace(target, old)
+    os.replace(tmp, target)
+    fsync_dir(target.parent)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def recover_dir(target: str | Path) -> None:
+    """After a crash inside :func:`replace_dir`: bring ``target.old`` back when ``target`` is gone."""
+    target = Path(target)
+    old = target.with_name(target.name + ".old")
+    if not target.exists() and old.is_dir():
+        os.replace(old, target)
+        fsync_dir(target.parent)
+
+
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def tree_sha256(root: str | Path) -> str:
+    """The SHA-256 of a folder: every file's path (relative, '/'-separated) and content hash, in
+    sorted order. Equal for a folder and its copy (e.g. downloaded from the tracking store)."""
+    root = Path(root)
+    if not root.is_dir():
+        raise ArtifactError(Problem(f"no such folder: {root}"))
+    lines = []
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        lines.append(f"{path.relative_to(root).as_posix()}\0{file_sha256(path)}\n")
+    return hashlib.sha256("".join(lines).encode("utf-8")).hexdigest()
+
+
+def verify_tree(root: str | Path, expected: str | None, what: str = "adapter") -> None:
+    """Refuse a folder whose content is not the one recorded (``expected`` None: nothing recorded,
+    nothing to check, e.g. a version registered before hashes were recorded)."""
+    if expected is None:
+        return
+    actual = tree_sha256(root)
+    if actual != expected:
+        raise ArtifactError(Problem(
+            f"the {what} at {root} has SHA-256 {actual[:16]}…, but {expected[:16]}… was recorded when it was registered",
+            hint="the files were changed or are incomplete: download the version again, or register a new one"))
