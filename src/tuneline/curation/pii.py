@@ -64,8 +64,9 @@ from bisect import bisect_right
 from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import Any
 
-__all__ = ["PII_TYPES", "PLACEHOLDERS", "Redactor", "Span"]
+__all__ = ["PII_TYPES", "PLACEHOLDERS", "Redactor", "Span", "redact_json"]
 
 PII_TYPES: tuple[str, ...] = ("email", "phone", "card", "iban", "ip", "national_id")
 PLACEHOLDERS: dict[str, str] = {
@@ -653,3 +654,26 @@ def _resolve(spans: list[Span]) -> list[Span]:
         starts.insert(i, sp.start)
         kept.insert(i, sp)
     return kept
+
+
+def redact_json(obj: Any, redactor: Redactor) -> tuple[Any, int]:
+    """``obj`` with every string in it redacted on its own (message contents, text parts, a
+    completion prompt), and the number of PII spans replaced. Anything that is not JSON becomes
+    its (redacted) string."""
+    if isinstance(obj, str):
+        new, found = redactor.redact(obj)
+        return new, sum(found.values())
+    if obj is None or isinstance(obj, bool | int | float):
+        return obj, 0
+    if isinstance(obj, dict):
+        out: dict[str, Any] = {}
+        total = 0
+        for k, v in obj.items():
+            key, n1 = redact_json(k if isinstance(k, str) else str(k), redactor)
+            out[key], n2 = redact_json(v, redactor)
+            total += n1 + n2
+        return out, total
+    if isinstance(obj, Iterable) and not isinstance(obj, bytes | bytearray):
+        items = [redact_json(v, redactor) for v in obj]
+        return [v for v, _ in items], sum(n for _, n in items)
+    return redact_json(str(obj), redactor)

@@ -30,7 +30,6 @@ import queue
 import threading
 import time
 import weakref
-from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +48,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.pool import StaticPool
 
-from tuneline.curation.pii import Redactor
+from tuneline.curation.pii import Redactor, redact_json
 
 try:
     import fcntl
@@ -352,7 +351,7 @@ class RequestLog:
     def _redact_row(self, raw: dict[str, Any]) -> dict[str, Any]:
         row = dict(raw)
         try:
-            prompt, n1 = _redact_json(raw["prompt"], self.redactor)
+            prompt, n1 = redact_json(raw["prompt"], self.redactor)
             text = json.dumps(prompt, ensure_ascii=False)
         except Exception:
             log.exception("request log: could not redact the prompt of %r; storing a placeholder", raw["id"])
@@ -548,29 +547,6 @@ def _snapshot(obj: Any) -> Any:
     if isinstance(obj, list | tuple):
         return [_snapshot(v) for v in obj]
     return obj
-
-
-def _redact_json(obj: Any, redactor: Redactor) -> tuple[Any, int]:
-    """``obj`` with every string in it redacted on its own (message contents, text parts, a
-    completion prompt), and the number of PII spans replaced. Anything that is not JSON becomes
-    its (redacted) string."""
-    if isinstance(obj, str):
-        new, found = redactor.redact(obj)
-        return new, sum(found.values())
-    if obj is None or isinstance(obj, bool | int | float):
-        return obj, 0
-    if isinstance(obj, dict):
-        out: dict[str, Any] = {}
-        total = 0
-        for k, v in obj.items():
-            key, n1 = _redact_json(k if isinstance(k, str) else str(k), redactor)
-            out[key], n2 = _redact_json(v, redactor)
-            total += n1 + n2
-        return out, total
-    if isinstance(obj, Iterable) and not isinstance(obj, bytes | bytearray):
-        items = [_redact_json(v, redactor) for v in obj]
-        return [v for v, _ in items], sum(n for _, n in items)
-    return _redact_json(str(obj), redactor)
 
 
 def _clean(text: str) -> str:
