@@ -115,15 +115,17 @@ def test_odd_values_are_stored_not_raised(rlog):
     assert len(row["model"]) == 200 and row["prompt_tokens"] == 7
 
 
-def test_logging_20kb_of_at_signs_does_not_block_the_caller(rlog):
-    prompt = [{"role": "user", "content": "a@" * 10_000}]
+def test_logging_a_large_prompt_does_not_block_the_caller(rlog):
+    prompt = [{"role": "user", "content": "a@" * 100_000}]  # 200 KB: redacting it takes ~0.1-0.2 s
     t0 = time.perf_counter()
-    for i in range(20):
+    for i in range(10):
         rlog.log(**_row(i, prompt))
-    per_call = (time.perf_counter() - t0) / 20
-    assert per_call < 0.01  # only a copy onto a queue; redaction and the write are the writer's
-    assert rlog.flush(timeout=60)
-    assert len(_stored(rlog)) == 20
+    per_call = (time.perf_counter() - t0) / 10
+    # log() only copies onto a queue; redaction and the write are the writer thread's (a call
+    # may still wait a few ms for the GIL while that thread redacts)
+    assert per_call < 0.03
+    assert rlog.flush(timeout=120)
+    assert len(_stored(rlog)) == 10
 
 
 # ------------------------------------------------------------------------- never raises, never loses
