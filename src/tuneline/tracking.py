@@ -16,6 +16,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from tuneline.errors import Problem, SpecError
 from tuneline.spec.loader import LoadedSpec
 from tuneline.workspace import Workspace
 
@@ -38,11 +39,26 @@ def start_run(loaded: LoadedSpec, workspace: Workspace, run_name: str | None = N
     name = loaded.spec.tracking.experiment or loaded.spec.name
     exp = mlflow.get_experiment_by_name(name)
     if exp is None:
-        location = None if loaded.spec.tracking.uri else (workspace.artifact_root / name).as_uri()
+        location = None if loaded.spec.tracking.uri else experiment_folder(workspace, name, loaded).as_uri()
         exp_id = mlflow.create_experiment(name, artifact_location=location)
     else:
         exp_id = exp.experiment_id
     return mlflow.start_run(experiment_id=exp_id, run_name=run_name)
+
+
+def experiment_folder(workspace: Workspace, name: str, loaded: LoadedSpec | None = None) -> Path:
+    """The artifact folder of experiment ``name``: one folder directly in the workspace's artifact
+    root, whatever the name (the spec refuses names with '/', '\\' or '..'; this is checked again
+    here, for a spec built in code)."""
+    root = workspace.artifact_root.resolve()
+    folder = (root / name).resolve()
+    if folder.parent != root or not name.strip():
+        where = str(loaded.path) if loaded is not None else None
+        raise SpecError(Problem(
+            f"experiment name {name!r} would put its artifacts outside the workspace ({folder})",
+            where=where, field="tracking.experiment",
+            hint="use letters, digits, spaces and _ . - + @ = , only"))
+    return folder
 
 
 def library_versions() -> dict[str, str]:

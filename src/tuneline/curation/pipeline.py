@@ -15,7 +15,7 @@ import logging
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from tuneline.curation.steps import (
@@ -275,13 +275,19 @@ def _normalize(cur: CurationSpec, splits: Splits, rec: Recorder) -> Splits:
 
 
 def _pii(cur: CurationSpec, splits: Splits, rec: Recorder, out: Curated) -> Splits:
-    from tuneline.curation.pii import Redactor
+    """Redact (or drop) rows with PII. Rejects hold no PII either: a dropped row is kept in its
+    redacted form, and rows earlier steps rejected (kept as read) are redacted here too."""
+    from tuneline.curation.pii import Redactor, redact_json
 
     cfg = cur.pii
     with rec.step("pii", cfg.model_dump(), splits) as report:
         if cfg.policy == "off":
             return rec.finish(report, splits)
         redactor = Redactor(cfg.types)
+        for i, r in enumerate(rec.rejects):
+            row, n = redact_json(r.row, redactor)
+            if n:
+                rec.rejects[i] = replace(r, row=row)
         counts: dict[str, int] = {}
         found: dict[str, int] = {}  # in the current row, per type
 
@@ -302,8 +308,8 @@ def _pii(cur: CurationSpec, splits: Splits, rec: Recorder, out: Curated) -> Spli
                     continue
                 for k, v in found.items():
                     counts[k] = counts.get(k, 0) + v
-                if cfg.policy == "drop":
-                    rec.reject(report, split, ex, "pii", "pii: contains " + ", ".join(f"{v} {k}" for k, v in found.items()))
+                if cfg.policy == "drop":  # the reject keeps the row redacted, and says what it held
+                    rec.reject(report, split, red, "pii", "pii: contains " + ", ".join(f"{v} {k}" for k, v in found.items()))
                 else:
                     report.changed += 1
                     kept.append(red)

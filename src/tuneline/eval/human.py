@@ -30,6 +30,10 @@ from tuneline.errors import DataError, Problem
 log = logging.getLogger(__name__)
 
 COLUMNS = ("item", "input", "reference", "response_a", "response_b", "preference", "comment")
+# A cell starting with one of these is a formula to a spreadsheet (=HYPERLINK(...), +cmd|...,
+# @SUM(...)), fullwidth forms included; such a cell is written with a leading "'" so it shows as
+# text. A cell starting with "'" gets one too, so reading strips exactly one and gives the text back.
+FORMULA_START = frozenset("=+-@\t\r'\uff1d\uff0b\uff0d\uff20")
 RESAMPLES = 2000
 BOOTSTRAP_SEED = 0
 _PREFERENCES = {"a": "a", "b": "b", "tie": "tie", "=": "tie"}
@@ -80,7 +84,7 @@ def export_human(
             item = str(k).zfill(width)
             a, b = (candidate, other) if rng.random() < 0.5 else (other, candidate)
             items[item] = {"a": a, "b": b, "id": str(row["id"])}
-            writer.writerow([item, row["input"], row["reference"], row[a], row[b], "", ""])
+            writer.writerow([escape_cell(c) for c in (item, row["input"], row["reference"], row[a], row[b], "", "")])
     key = {"candidate": candidate, "other": other, "seed": seed, "skipped_identical": skipped, "items": items}
     key_out.parent.mkdir(parents=True, exist_ok=True)
     key_out.write_text(json.dumps(key, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
@@ -125,6 +129,7 @@ def import_human(ratings: Path, key: Path) -> dict[str, Any]:
             where, start, line = f"{ratings}:{line}", line, reader.line_num + 1
             if not any(cell.strip() for cell in rec):
                 continue
+            rec = [unescape_cell(cell) for cell in rec]
             item = rec[col_item].strip() if col_item < len(rec) else ""
             pref_raw = rec[col_pref].strip() if col_pref < len(rec) else ""
             if item not in items:
@@ -166,6 +171,25 @@ def import_human(ratings: Path, key: Path) -> dict[str, Any]:
         "wins": wins, "losses": losses, "ties": ties, "win_rate": win_rate, "low": low, "high": high,
         "interval": f"95% percentile bootstrap over items ({RESAMPLES} resamples, seed {BOOTSTRAP_SEED})",
     }
+
+
+def escape_cell(value: Any) -> str:
+    """``value`` as a CSV cell no spreadsheet runs as a formula (see :data:`FORMULA_START`)."""
+    text = "" if value is None else str(value)
+    return "'" + text if text[:1] in FORMULA_START else text
+
+
+def unescape_cell(cell: str) -> str:
+    """The text :func:`escape_cell` was given."""
+    return cell[1:] if cell[:1] == "'" and cell[1:2] in FORMULA_START else cell
+
+
+def read_sheet(path: Path) -> list[dict[str, str]]:
+    """The rows of a rating sheet, each cell as the text it stands for (escaping undone)."""
+    with path.open(encoding="utf-8-sig", newline="") as f:
+        reader = csv.reader(f)
+        header = [h.strip().lower() for h in next(reader, [])]
+        return [dict(zip(header, (unescape_cell(c) for c in rec), strict=False)) for rec in reader if rec]
 
 
 def bootstrap_interval(scores: list[float], resamples: int = RESAMPLES, seed: int = BOOTSTRAP_SEED) -> tuple[float, float]:

@@ -1,12 +1,36 @@
 """The request log: every request and response, PII redacted, with model version, latency and
 token counts; and feedback (ratings, corrections) on logged responses. SQLite by default, any
-SQLAlchemy URL for a team; the monitoring stage reads it."""
+SQLAlchemy URL for a team; the monitoring stage reads it.
+
+Logging never slows or fails a request. :meth:`RequestLog.log` only copies its arguments onto a
+queue; a writer thread redacts each row (every message's text on its own, before anything is
+JSON-encoded, so escaping cannot hide PII from the redactor) and writes rows in batches, one
+transaction per batch. When the database cannot take a batch (unreachable, locked, table
+missing), its rows, already redacted, are appended to a spool file (JSON lines, fsynced) and
+counted; the writer retries the database with a growing pause (and once more at
+:meth:`~RequestLog.close`) and moves the spooled rows into it when it works again. A row's id is
+the table's primary key and rows already in the table are skipped, so a row is stored once
+however often it is retried. Only when the spool cannot be written either are rows held in
+memory (``held`` in :meth:`~RequestLog.stats`) until one of the two works.
+
+The spool is ``<database file>.spool.jsonl`` next to a SQLite database, else
+``tuneline-requests-<hash of the URL>.spool.jsonl`` in the folder given as ``spool_dir`` (or the
+current directory for other databases). A spool left by an earlier process is recovered at start.
+"""
 
 from __future__ import annotations
 
+import atexit
+import contextlib
+import hashlib
 import json
+import logging
+import os
+import queue
 import threading
 import time
+import weakref
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import (
@@ -19,10 +43,19 @@ from sqlalchemy import (
     Text,
     create_engine,
     insert,
+    make_url,
     select,
 )
+from sqlalchemy.pool import StaticPool
 
-from tuneline.curation.pii import Redactor
+from tuneline.curation.pii import Redactor, redact_json
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - not POSIX: one process per spool
+    fcntl = None  # type: ignore[assignment]
+
+log = logging.getLogger(__name__)
 
 metadata = MetaData()
 requests_table = Table(
@@ -53,13 +86,98 @@ feedback_table = Table(
     Column("comment", Text, nullable=True),
 )
 
+# String columns with a length: longer values are cut, so no row can make a batch fail on a
+# database that enforces lengths (and then fail every retry).
+_LENGTHS = {c.name: c.type.length for c in requests_table.columns
+            if isinstance(c.type, String) and not isinstance(c.type, Text) and c.type.length}
+_INTS = ("model_version", "prompt_tokens", "completion_tokens", "status")
+_ID_CHUNK = 500  # ids per "already stored?" query (SQLite allows 999 parameters)
+REDACTION_FAILED = "<redaction failed>"
+
+
+class RequestLogError(RuntimeError):
+    """The request log's database could not be read or written (feedback, lookups)."""
+
+
+class _Flush:
+    """A marker on the queue: set once every row queued before it is written or spooled."""
+
+    def __init__(self) -> None:
+        self.done = threading.Event()
+        self.ok = False
+
+
+_STOP = object()
+_OPEN: weakref.WeakSet[RequestLog] = weakref.WeakSet()
+
+
+@atexit.register
+def _close_all() -> None:  # rows still queued when the interpreter exits are written first
+    for rl in list(_OPEN):
+        rl.close(timeout=10)
+
 
 class RequestLog:
-    def __init__(self, url: str) -> None:
-        self.engine = create_engine(url)
-        metadata.create_all(self.engine)
+    """Request and feedback log at the SQLAlchemy ``url``; see the module docstring.
+
+    ``spool_dir``: where rows go when the database fails (default: next to a SQLite file, else
+    the current directory). ``retry_seconds`` is the first pause before the database is tried
+    again after a failure (doubling up to ``max_retry_seconds``); ``db_timeout`` is how long
+    SQLite waits for a lock before a write counts as failed.
+    """
+
+    def __init__(self, url: str, spool_dir: str | Path | None = None, *, batch_size: int = 256,
+                 retry_seconds: float = 1.0, max_retry_seconds: float = 30.0, db_timeout: float = 5.0) -> None:
+        u = make_url(url)
+        self.url = u.render_as_string(hide_password=True)
+        kwargs: dict[str, Any] = {"pool_pre_ping": True}
+        memory = u.get_backend_name() == "sqlite" and u.database in (None, "", ":memory:")
+        if u.get_backend_name() == "sqlite":
+            kwargs["connect_args"] = {"timeout": db_timeout, "check_same_thread": False}
+            if memory:  # one in-memory database shared by the writer and the readers
+                kwargs["poolclass"] = StaticPool
+        self.engine = create_engine(u, **kwargs)
+        tag = hashlib.sha256(url.encode()).hexdigest()[:12]
+        self._spool_dir_given = spool_dir is not None
+        if spool_dir is not None:
+            self.spool_path = Path(spool_dir).absolute() / f"tuneline-requests-{tag}.spool.jsonl"
+        elif u.get_backend_name() == "sqlite" and not memory and not str(u.database).startswith("file:"):
+            db = Path(str(u.database)).absolute()
+            self.spool_path = db.with_name(db.name + ".spool.jsonl")
+        else:
+            self.spool_path = Path.cwd() / f"tuneline-requests-{tag}.spool.jsonl"
         self.redactor = Redactor()
-        self._lock = threading.Lock()
+        self.batch_size = batch_size
+        self.retry_seconds = retry_seconds
+        self.max_retry_seconds = max_retry_seconds
+
+        self._db_lock = threading.Lock()  # one write at a time from this process
+        # the one connection of an in-memory database is shared: reads take the lock too
+        self._read_lock: Any = self._db_lock if memory else contextlib.nullcontext()
+        self._state = threading.Lock()  # counters and pending ids
+        self._thread_lock = threading.Lock()
+        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._pending: set[str] = set()  # ids logged but not yet in the database
+        self._counts = {"queued": 0, "written": 0, "spooled": 0, "failed": 0, "held": 0, "recovered": 0,
+                        "in_spool": 0, "db_errors": 0}
+        # writer thread only:
+        self._held: list[dict[str, Any]] = []  # rows neither the database nor the spool took
+        self._pause = retry_seconds
+        self._next_try = 0.0
+        self._db_ok = False
+
+        try:
+            self._ensure_tables()
+        except Exception as exc:
+            log.warning("request log: database %s not reachable (%s); rows are spooled to %s until it is",
+                        self.url, _short(exc), self.spool_path)
+            self._db_failed()
+        self._load_spool_ids()
+        _OPEN.add(self)
+        self._start()
+
+    # ------------------------------------------------------------------ the interface
 
     def redact(self, text: str | None) -> tuple[str | None, int]:
         if text is None:
@@ -70,30 +188,379 @@ class RequestLog:
     def log(self, *, id: str, endpoint: str, model: str, model_name: str, model_version: int | None,
             key_name: str | None, prompt: Any, response: str | None, prompt_tokens: int | None,
             completion_tokens: int | None, finish_reason: str | None, latency_ms: float, status: int) -> None:
-        prompt_text, n1 = self.redact(json.dumps(prompt, ensure_ascii=False))
-        response_text, n2 = self.redact(response)
-        row = {"id": id, "created": time.time(), "endpoint": endpoint, "model": model, "model_name": model_name,
-               "model_version": model_version, "key_name": key_name, "prompt": prompt_text,
-               "response": response_text, "prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-               "finish_reason": finish_reason, "latency_ms": latency_ms, "status": status,
-               "pii_redacted": n1 + n2}
-        with self._lock, self.engine.begin() as conn:
-            conn.execute(insert(requests_table).values(**row))
+        """Queue one request's row; returns at once and never raises. ``prompt`` is the
+        conversation (a list of messages) or a completion prompt (a string)."""
+        try:
+            row = {"id": id, "created": time.time(), "endpoint": endpoint, "model": model,
+                   "model_name": model_name, "model_version": model_version, "key_name": key_name,
+                   "prompt": _snapshot(prompt), "response": response, "prompt_tokens": prompt_tokens,
+                   "completion_tokens": completion_tokens, "finish_reason": finish_reason,
+                   "latency_ms": latency_ms, "status": status}
+            with self._state:
+                self._pending.add(str(id))
+                self._counts["queued"] += 1
+            self._queue.put(row)
+            self._start()
+        except Exception:  # never let logging fail a request
+            log.exception("request log: could not queue request %r", id)
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait until every row queued so far is written or spooled. False on timeout, or when
+        some rows could be neither written nor spooled (they stay queued in memory)."""
+        marker = _Flush()
+        self._queue.put(marker)
+        self._start()
+        return marker.done.wait(timeout) and marker.ok
+
+    def close(self, timeout: float | None = None) -> None:
+        """Write (or spool) everything queued, try the database once more for spooled rows, and
+        stop the writer. A later :meth:`log` starts it again."""
+        with self._thread_lock:
+            thread = self._thread
+            if thread is None or not thread.is_alive():
+                self._thread = None
+                return
+            self._queue.put(_STOP)
+        thread.join(timeout)
+        if not thread.is_alive():
+            with self._thread_lock:
+                if self._thread is thread:
+                    self._thread = None
+            self.engine.dispose()
+
+    def stats(self) -> dict[str, int]:
+        """``queued`` (waiting), ``written`` (rows in the database, ``recovered`` of them from the
+        spool or memory), ``failed`` (rows the database did not take at first), ``spooled`` (rows
+        appended to the spool), ``in_spool`` (there now), ``held`` (in memory: spool unwritable),
+        ``db_errors`` (failed database operations)."""
+        with self._state:
+            return dict(self._counts)
 
     def exists(self, response_id: str) -> bool:
-        with self.engine.connect() as conn:
-            return conn.execute(select(requests_table.c.id).where(requests_table.c.id == response_id)).first() is not None
+        """Whether a response was logged: also true while its row is queued or spooled."""
+        with self._state:
+            if response_id in self._pending:
+                return True
+        try:
+            with self._read_lock, self.engine.connect() as conn:
+                found = conn.execute(select(requests_table.c.id).where(requests_table.c.id == response_id)).first()
+        except Exception as exc:
+            raise RequestLogError(f"request log {self.url}: cannot look up {response_id!r}: {_short(exc)}") from exc
+        return found is not None
 
     def add_feedback(self, response_id: str, rating: int | None, correction: str | None, comment: str | None) -> int:
+        """Store feedback (PII redacted) and return its id; raises :class:`RequestLogError` when
+        the database cannot take it."""
         correction, _ = self.redact(correction)
         comment, _ = self.redact(comment)
-        with self._lock, self.engine.begin() as conn:
-            res = conn.execute(insert(feedback_table).values(
-                response_id=response_id, created=time.time(), rating=rating, correction=correction, comment=comment))
-            key = res.inserted_primary_key
-            assert key is not None
-            return int(key[0])
+        try:
+            with self._db_lock, self.engine.begin() as conn:
+                res = conn.execute(insert(feedback_table).values(
+                    response_id=response_id, created=time.time(), rating=rating,
+                    correction=None if correction is None else _clean(correction),
+                    comment=None if comment is None else _clean(comment)))
+                key = res.inserted_primary_key
+        except Exception as exc:
+            raise RequestLogError(f"request log {self.url}: cannot store feedback: {_short(exc)}") from exc
+        assert key is not None
+        return int(key[0])
 
     def rows(self, table: Table = requests_table) -> list[dict[str, Any]]:
-        with self.engine.connect() as conn:
+        """Every row of ``table`` (after writing what is queued)."""
+        self.flush()
+        with self._read_lock, self.engine.connect() as conn:
             return [dict(r._mapping) for r in conn.execute(select(table))]
+
+    # ------------------------------------------------------------------ the writer
+
+    def _start(self) -> None:
+        with self._thread_lock:
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._run, name="tuneline-request-log", daemon=True)
+                self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            wait = max(0.0, self._next_try - time.monotonic()) if self._behind() else None
+            try:
+                item = self._queue.get(timeout=wait)
+            except queue.Empty:
+                self._guarded(self._recover)
+                continue
+            batch: list[dict[str, Any]] = []
+            markers: list[_Flush] = []
+            stop = False
+            while True:
+                if item is _STOP:
+                    stop = True
+                elif isinstance(item, _Flush):
+                    markers.append(item)
+                else:
+                    batch.append(item)
+                if stop or len(batch) >= self.batch_size:
+                    break
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+            if batch:
+                self._guarded(self._store, batch)
+            if stop:
+                self._guarded(self._recover, True)
+                if self._held:
+                    self._guarded(self._spool_held)
+                if self._held:
+                    log.error("request log: %d rows could be written neither to %s nor to %s and are lost "
+                              "with this process", len(self._held), self.url, self.spool_path)
+            for m in markers:
+                m.ok = not self._held
+                m.done.set()
+            if stop:
+                return
+
+    def _guarded(self, fn: Any, *args: Any) -> None:
+        try:
+            fn(*args)
+        except Exception:  # the writer must not die; whatever failed stays spooled or held
+            log.exception("request log: writer error")
+
+    def _behind(self) -> bool:
+        """Rows wait in the spool or in memory for the database."""
+        return bool(self._held) or self._counts["in_spool"] > 0
+
+    def _store(self, raw: list[dict[str, Any]]) -> None:
+        rows = [self._redact_row(r) for r in raw]
+        with self._state:
+            self._counts["queued"] -= len(raw)
+        if self._behind():
+            self._recover()
+        if not self._behind() and time.monotonic() >= self._next_try:
+            try:
+                if not self._db_ok:
+                    self._ensure_tables()
+                self._write(rows)
+                return
+            except Exception as exc:
+                log.warning("request log: cannot write %d rows to %s (%s); spooling them to %s",
+                            len(rows), self.url, _short(exc), self.spool_path)
+                self._db_failed()
+        with self._state:
+            self._counts["failed"] += len(rows)
+        self._spool(rows)
+
+    def _redact_row(self, raw: dict[str, Any]) -> dict[str, Any]:
+        row = dict(raw)
+        try:
+            prompt, n1 = redact_json(raw["prompt"], self.redactor)
+            text = json.dumps(prompt, ensure_ascii=False)
+        except Exception:
+            log.exception("request log: could not redact the prompt of %r; storing a placeholder", raw["id"])
+            text, n1 = json.dumps(REDACTION_FAILED), 0
+        try:
+            response, n2 = self.redact(None if raw["response"] is None else str(raw["response"]))
+        except Exception:
+            log.exception("request log: could not redact the response of %r; storing a placeholder", raw["id"])
+            response, n2 = REDACTION_FAILED, 0
+        row["prompt"], row["pii_redacted"] = _clean(text), n1 + n2
+        row["response"] = None if response is None else _clean(response)
+        for name, length in _LENGTHS.items():
+            v = row.get(name)
+            if v is not None:
+                row[name] = _clean(str(v))[:length]
+        for name in _INTS:
+            try:
+                row[name] = None if row[name] is None else int(row[name])
+            except (TypeError, ValueError):
+                row[name] = None
+        for name in ("created", "latency_ms"):
+            try:
+                row[name] = None if row[name] is None else float(row[name])
+            except (TypeError, ValueError):
+                row[name] = None
+        if row["created"] is None:
+            row["created"] = time.time()
+        return row
+
+    def _write(self, rows: list[dict[str, Any]]) -> int:
+        """Insert the rows whose id is not stored yet, in one transaction; returns how many."""
+        ids = list(dict.fromkeys(r["id"] for r in rows))
+        with self._db_lock, self.engine.begin() as conn:
+            stored: set[str] = set()
+            for i in range(0, len(ids), _ID_CHUNK):
+                chunk = ids[i:i + _ID_CHUNK]
+                stored.update(conn.execute(select(requests_table.c.id).where(requests_table.c.id.in_(chunk))).scalars())
+            fresh: list[dict[str, Any]] = []
+            for r in rows:
+                if r["id"] not in stored:
+                    stored.add(r["id"])
+                    fresh.append(r)
+            if fresh:
+                conn.execute(insert(requests_table), fresh)
+        self._db_ok = True
+        self._pause = self.retry_seconds
+        self._next_try = 0.0
+        with self._state:
+            self._counts["written"] += len(fresh)
+            self._pending.difference_update(ids)
+        return len(fresh)
+
+    def _db_failed(self) -> None:
+        self._db_ok = False
+        self._next_try = time.monotonic() + self._pause
+        self._pause = min(self._pause * 2, self.max_retry_seconds)
+        with self._state:
+            self._counts["db_errors"] += 1
+
+    def _ensure_tables(self) -> None:
+        with self._db_lock:
+            metadata.create_all(self.engine)
+
+    # ------------------------------------------------------------------ spool and recovery
+
+    def _spool(self, rows: list[dict[str, Any]]) -> None:
+        try:
+            self._append_spool(rows)
+        except OSError as exc:
+            log.error("request log: cannot write the spool %s either (%s); holding %d rows in memory",
+                      self.spool_path, _short(exc), len(rows))
+            self._held.extend(rows)
+            with self._state:
+                self._counts["held"] = len(self._held)
+            return
+        with self._state:
+            self._counts["spooled"] += len(rows)
+            self._counts["in_spool"] += len(rows)
+
+    def _spool_held(self) -> None:
+        rows, self._held = self._held, []
+        with self._state:
+            self._counts["held"] = 0
+        self._spool(rows)
+
+    def _append_spool(self, rows: list[dict[str, Any]]) -> None:
+        data = "".join(json.dumps(r) + "\n" for r in rows).encode()
+        if self._spool_dir_given:
+            self.spool_path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.spool_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        try:
+            if fcntl is not None:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def _recover(self, force: bool = False) -> None:
+        """Move rows held in memory and spooled rows into the database, if it works now."""
+        if not self._behind() and self._db_ok:
+            return
+        if not force and time.monotonic() < self._next_try:
+            return
+        try:
+            fd = os.open(self.spool_path, os.O_RDWR)
+        except FileNotFoundError:
+            fd = -1
+        except OSError as exc:
+            log.warning("request log: cannot open the spool %s: %s", self.spool_path, _short(exc))
+            fd = -1
+        try:
+            spooled: list[dict[str, Any]] = []
+            if fd >= 0:
+                if fcntl is not None:
+                    fcntl.flock(fd, fcntl.LOCK_EX)
+                spooled = self._read_spool(fd)
+            try:
+                self._ensure_tables()
+                n = self._write(self._held + spooled)
+            except Exception as exc:
+                log.warning("request log: %s still failing (%s); next try in %.0f s", self.url, _short(exc),
+                            self._pause)
+                self._db_failed()
+                return
+            if fd >= 0:
+                os.ftruncate(fd, 0)
+                os.fsync(fd)
+            moved = len(self._held) + len(spooled)
+            self._held = []
+            with self._state:
+                self._counts["recovered"] += n
+                self._counts["in_spool"] = 0
+                self._counts["held"] = 0
+            if moved:
+                log.warning("request log: %s works again; moved %d spooled rows into it (%d were there already)",
+                            self.url, moved, moved - n)
+        finally:
+            if fd >= 0:
+                os.close(fd)
+
+    def _read_spool(self, fd: int) -> list[dict[str, Any]]:
+        chunks = []
+        os.lseek(fd, 0, os.SEEK_SET)
+        while block := os.read(fd, 1 << 20):
+            chunks.append(block)
+        rows, bad = [], []
+        for line in b"".join(chunks).decode("utf-8", "replace").splitlines():
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                if not isinstance(row, dict) or "id" not in row:
+                    raise ValueError("not a row")
+                rows.append(row)
+            except ValueError:
+                bad.append(line)
+        if bad:  # a line torn by a crash mid-write: kept aside for a person, not retried forever
+            with open(self.spool_path.with_name(self.spool_path.name + ".bad"), "a") as f:
+                f.write("".join(b + "\n" for b in bad))
+            log.error("request log: %d unreadable lines of %s moved to %s.bad", len(bad), self.spool_path,
+                      self.spool_path.name)
+        return rows
+
+    def _load_spool_ids(self) -> None:
+        """Ids of rows a previous process spooled: they count as logged, and are recovered."""
+        try:
+            with open(self.spool_path, "rb") as f:
+                lines = f.read().splitlines()
+        except OSError:
+            return
+        ids = []
+        for line in lines:
+            try:
+                ids.append(str(json.loads(line)["id"]))
+            except (ValueError, KeyError, TypeError):
+                continue
+        with self._state:
+            self._pending.update(ids)
+            self._counts["in_spool"] += len(ids)
+
+
+# ---------------------------------------------------------------------- helpers
+
+
+def _snapshot(obj: Any) -> Any:
+    """A copy of the containers in ``obj`` (strings are immutable), so a caller changing its
+    messages after :meth:`RequestLog.log` returns cannot change what is logged."""
+    if isinstance(obj, dict):
+        return {k: _snapshot(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_snapshot(v) for v in obj]
+    return obj
+
+
+def _clean(text: str) -> str:
+    """Text any database stores: no NUL (PostgreSQL refuses it) and no lone surrogates (not
+    encodable as UTF-8), each replaced."""
+    if "\x00" in text:
+        text = text.replace("\x00", "\ufffd")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        text = text.encode("utf-8", "replace").decode("utf-8")
+    return text
+
+
+def _short(exc: BaseException) -> str:
+    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return text[:300]

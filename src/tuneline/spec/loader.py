@@ -116,9 +116,79 @@ def _problems_from_validation(err: ValidationError, lines: dict[Loc, int], where
     return problems
 
 
+@dataclass
+class _Frame:
+    """A mapping or list being read: its anchor, the values in it so far, its line."""
+
+    anchor: str | None
+    values: int
+    line: int
+
+
+MAX_YAML_DEPTH = 100  # nested mappings and lists: a spec needs fewer than 10
+MAX_YAML_VALUES = 100_000  # values after every alias is expanded (a "billion laughs" stays out)
+
+
+def check_yaml_structure(text: str, where: str = "<yaml>") -> None:
+    """Refuse YAML that would make a loader recurse forever or blow up: an alias inside the value
+    its anchor names (``a: &x [*x]``, ``a: &x {<<: *x}``: a loop), more than
+    :data:`MAX_YAML_VALUES` values once aliases are expanded, or nesting deeper than
+    :data:`MAX_YAML_DEPTH`. Raises :class:`SpecError` naming the file and line; syntax errors are
+    left to the YAML loader (``yaml.YAMLError``).
+
+    Read from the event stream, before anything is composed: an alias can only name an anchor
+    defined before it, so a loop is exactly an alias met while its anchor's value is still open.
+    """
+    title = f"{where} is not a valid spec"
+    open_anchors: dict[str, _Frame] = {}  # anchor -> its collection, while that is open
+    sizes: dict[str, int] = {}  # anchor -> values it expands to
+    stack: list[_Frame] = []
+
+    def add(n: int, line: int) -> None:
+        if stack:
+            stack[-1].values += n
+            if stack[-1].values > MAX_YAML_VALUES:
+                raise SpecError(Problem(f"the YAML expands to more than {MAX_YAML_VALUES:,} values through its "
+                                        "aliases", where=f"{where}:{line}",
+                                        hint="write the values out instead of repeating them with aliases"),
+                                title=title)
+
+    for ev in yaml.parse(text, Loader=yaml.SafeLoader):
+        line = ev.start_mark.line + 1 if ev.start_mark is not None else 0
+        if isinstance(ev, yaml.CollectionStartEvent):
+            if len(stack) >= MAX_YAML_DEPTH:
+                raise SpecError(Problem(f"nested more than {MAX_YAML_DEPTH} levels deep", where=f"{where}:{line}",
+                                        hint="a spec needs a few levels of mappings and lists"), title=title)
+            frame = _Frame(ev.anchor, 1, line)
+            if ev.anchor is not None:
+                open_anchors[ev.anchor] = frame
+            stack.append(frame)
+        elif isinstance(ev, yaml.CollectionEndEvent):
+            frame = stack.pop()
+            if frame.anchor is not None:
+                sizes[frame.anchor] = frame.values
+                if open_anchors.get(frame.anchor) is frame:
+                    del open_anchors[frame.anchor]
+            add(frame.values, line)
+        elif isinstance(ev, yaml.ScalarEvent):
+            if ev.anchor is not None:
+                sizes[ev.anchor] = 1
+                open_anchors.pop(ev.anchor, None)  # the name now means this scalar
+            add(1, line)
+        elif isinstance(ev, yaml.AliasEvent):
+            anchor = str(ev.anchor)
+            if anchor in open_anchors:
+                raise SpecError(Problem(
+                    f"the alias *{anchor} is inside the value its anchor &{anchor} (line "
+                    f"{open_anchors[anchor].line}) names: a loop", where=f"{where}:{line}",
+                    hint="an alias can repeat a value defined before it, not the value it is part of"), title=title)
+            add(sizes.get(anchor, 1), line)
+
+
 def parse_spec(text: str, where: str = "<spec>") -> Spec:
     """Parse and validate spec text; raise :class:`SpecError` listing every problem."""
     try:
+        check_yaml_structure(text, where)
         node = yaml.compose(text)
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:

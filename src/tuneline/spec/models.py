@@ -28,6 +28,8 @@ TASK_METRICS: dict[str, tuple[str, ...]] = {
 # Reported for every task: mean answer length in tokens, share of refusals, share of answers that
 # ended on their own (not at the token limit).
 COMMON_METRICS: tuple[str, ...] = ("answer_tokens", "refusal_rate", "stopped_rate")
+# An MLflow experiment name tuneline also uses as a folder name: nothing that leaves the folder.
+EXPERIMENT_NAME = re.compile(r"[^\W_][\w .+@=,-]*")
 
 # Logical columns each task type reads, and which of them must be present.
 TASK_COLUMNS: dict[str, dict[str, bool]] = {
@@ -552,7 +554,20 @@ class TrackingSpec(_Model):
     uri: str | None = Field(
         default=None, description="MLflow tracking URI; default: SQLite store in the workspace."
     )
-    experiment: str | None = Field(default=None, description="MLflow experiment; default: the spec name.")
+    experiment: str | None = Field(
+        default=None, max_length=200,
+        description="MLflow experiment; default: the spec name. Letters, digits, spaces and _ . - + @ = , "
+                    "(it names the experiment's artifact folder in the workspace).")
+
+    @field_validator("experiment")
+    @classmethod
+    def _experiment_names_a_folder(cls, v: str | None) -> str | None:
+        if v is not None and (not EXPERIMENT_NAME.fullmatch(v) or ".." in v):
+            raise ValueError(
+                f"experiment name {v!r} cannot be used: it names the experiment's artifact folder in the "
+                "workspace, so it must start with a letter or digit and hold only letters, digits, spaces and "
+                "_ . - + @ = , (no '/', '\\' or '..')")
+        return v
 
 
 class Spec(_Model):
