@@ -231,18 +231,3 @@ def test_spans_found_in_folded_text_point_at_the_original_characters():
     ]
     # text that only looks unusual is left as it is
     assert R.redact("caf\u00e9 \u4e2d\u6587 \uff11\uff12\uff13 \u2460\u2461") == ("caf\u00e9 \u4e2d\u6587 \uff11\uff12\uff13 \u2460\u2461", {})
-
-
-@pytest.mark.parametrize("text", ["a@" * 10_000, "aa@a." * 4_000, "a.a@" * 5_000, "a@a.b" * 4_000])
-def test_many_at_signs_redact_in_linear_time(text: str):
-    # Each "@" used to search the 320 characters around it again, and overlapping hits were
-    # checked against every kept hit: 0.25-0.7 s for these 20 KB on one core. Linear now,
-    # about 20 ms; 150 ms leaves room for a slow, shared machine.
-    import time
-
-    best = float("inf")
-    for _ in range(3):
-        t0 = time.perf_counter()
-        R.redact(text)
-        best = min(best, time.perf_counter() - t0)
-    assert best < 0.15, f"{best:.3f} s for 20 KB"
