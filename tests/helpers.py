@@ -56,11 +56,26 @@ def lora_model(model_dir: Path, attn: str | None = None, dtype=None, **lora):
     torch.manual_seed(0)
     kwargs = {"attn_implementation": attn} if attn else {}
     base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype or torch.float32, **kwargs)
-    model = wrap_for_training(base, TrainSpec(lora=LoraSpec(**lora)))
+    model = float64_adapters(wrap_for_training(base, TrainSpec(lora=LoraSpec(**lora))))
     with torch.no_grad():
         for n, p in model.named_parameters():
             if "lora_B" in n:
                 p.normal_(0, 0.05)
+    return model
+
+
+def float64_adapters(model):
+    """``model`` with its trainable weights back in float64 if its base is float64.
+
+    ``wrap_for_training`` keeps trainable weights in fp32 (right for a bf16 base); in a float64
+    model, kept for comparing two orderings of the same math, that would be the one fp32 rounding
+    left, and the fused LoRA path (computing in the base weight's dtype) would not share it."""
+    import torch
+
+    if any(p.dtype == torch.float64 for p in model.parameters() if not p.requires_grad):
+        for p in model.parameters():
+            if p.requires_grad:
+                p.data = p.data.double()
     return model
 
 
@@ -106,3 +121,67 @@ def spec_error(dir_: Path, extra: str) -> str:
     with pytest.raises(SpecError) as info:
         load_spec(dir_ / "tuneline.yaml")
     return str(info.value)
+
+
+
+# The unit roundoff u of each floating-point type: the largest relative error of one rounding
+# (half the gap between 1 and the next representable number).
+UNIT_ROUNDOFF = {"float64": 2.0**-53, "float32": 2.0**-24, "float16": 2.0**-11, "bfloat16": 2.0**-8}
+
+
+def unit_roundoff(dtype) -> float:
+    """u of ``dtype``, a torch dtype or its name."""
+    return UNIT_ROUNDOFF[str(dtype).removeprefix("torch.")]
+
+
+def tolerance(dtype, reduction_len: int, scale: float = 1.0, c: float = 4.0) -> dict[str, float]:
+    """``atol``/``rtol`` for ``torch.testing.assert_close`` between two computations of the same
+    math that differ only in rounding: summation order, chunking, masking, or the matmul kernel the
+    CPU picks (AMX on Intel, AVX-512 or AVX2 on AMD block and accumulate their sums differently).
+
+    A sum of n terms rounded in ``dtype`` is off by up to n*u*S, and by about sqrt(n)*u*S in
+    practice (the roundings are independent), where u is the unit roundoff of ``dtype`` and S the
+    sum of the *magnitudes* of the terms, not the result: an element that cancels to near 0 still
+    carries the error of its large terms, so a per-element relative tolerance is the wrong shape.
+    The bound is absolute, ``atol = c*sqrt(n)*u*scale`` (``rtol`` 0), where ``scale`` is the
+    magnitude the errors are relative to (``ref.abs().max()`` for a tensor of gradients, the value
+    itself for a sum of positive terms) and ``n`` the longest reduction on the path (the
+    vocabulary for the output head's backward pass, the hidden size for a forward, the number of
+    tokens for a sum of per-token losses); ``c`` covers the few layers an error passes through.
+    In float64 this is ~1e-13 relative: only a different summation order stays inside it.
+    """
+    return {"rtol": 0.0, "atol": c * reduction_len**0.5 * unit_roundoff(dtype) * float(scale)}
+
+
+def float64_model_tolerance(model, scale: float, c: float = 4.0) -> dict[str, float]:
+    """Tolerance between two computations of the same math in a float64 transformer ``model``:
+    float64's over the vocabulary (the longest reduction, in the head's backward pass), plus one
+    fp32 rounding that float64 does not remove: transformers computes RoPE's cos/sin in fp32 and
+    casts them, and the same position can come out an ulp apart in two layouts (vectorised body
+    or scalar tail); each attention score, a sum over the head dimension of products carrying it,
+    moves by at most about that relative to its terms, and so does what it flows into."""
+    cfg = model.config
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    return {"rtol": 0.0, "atol": tolerance("float64", cfg.vocab_size, scale, c)["atol"]
+            + tolerance("float32", head_dim, scale, c)["atol"]}
+
+
+def loss_tolerance(loss: float, n_tokens: int, vocab_size: int, logits_dtype=None, max_logit: float = 0.0,
+                   mean: bool = False, c: float = 4.0) -> dict[str, float]:
+    """Tolerance for a cross-entropy summed over ``n_tokens`` answer tokens, computed two ways.
+
+    ``tuneline.train.loss`` computes it in fp32 whatever the model's dtype. Each token's
+    log-sum-exp over the vocabulary is the log of an fp32 sum of ``vocab_size`` terms, off by up to
+    c*sqrt(V)*u32 in absolute terms; if the logits come from a ``logits_dtype`` coarser than fp32
+    (bf16), each logit also carries about c*u*|logit| and a token's loss moves by at most twice the
+    largest logit error. Tokens err independently (sqrt of their number), and the fp32 sum of the
+    per-token losses adds its own ``tolerance(float32, n_tokens, scale=loss)``. With ``mean``,
+    ``loss`` is that sum divided by ``n_tokens`` (the training loss), and so is the tolerance.
+    """
+    per_token = tolerance("float32", vocab_size, c=c)["atol"]
+    if logits_dtype is not None:
+        per_token += c * unit_roundoff(logits_dtype) * 2 * max_logit
+    loss = float(loss.detach()) if hasattr(loss, "detach") else float(loss)
+    divisor = n_tokens if mean else 1
+    summed = tolerance("float32", n_tokens, scale=abs(loss) * divisor, c=c)["atol"]
+    return {"rtol": 0.0, "atol": (n_tokens**0.5 * per_token + summed) / divisor}
