@@ -209,3 +209,21 @@ def test_two_processes_promoting_at_once_lose_no_event(uri: str, model: str, tmp
     for who in ("p", "q"):  # each process's moves, all there and in the order it made them
         assert [e["reason"] for e in events if e["reason"].startswith(who)] == [f"{who} {i}" for i in range(25)]
     assert registry.resolve(uri, model).version == events[-1]["version"]  # the alias is where the last event says
+
+
+def test_an_alias_moves_only_while_holding_the_stores_lock(uri: str, model: str):
+    import threading
+
+    v = _register(uri, model, _suite(("accuracy >= 0.5", True)))
+    assert registry.lock_path(uri) == Path(uri.removeprefix("sqlite:///") + ".registry.lock")
+    assert registry.lock_path("file:///srv/mlruns") == Path("/srv/mlruns/.tuneline-registry.lock")
+    remote = registry.lock_path("https://mlflow.example.com")
+    assert remote.parent == Path.home() / ".cache" / "tuneline" / "registry-locks"
+    done = threading.Event()
+    with registry._locked(uri):  # another process's promotion or rollback in progress
+        worker = threading.Thread(target=lambda: (registry.promote(uri, model, v), done.set()))
+        worker.start()
+        assert not done.wait(2.0)  # waits for the lock instead of interleaving its read and write
+        assert [e["alias"] for e in registry.history(uri, model)] == ["candidate"]
+    worker.join(60)
+    assert done.is_set() and registry.resolve(uri, model).version == v
