@@ -254,12 +254,13 @@ def run(
             report = _finish_evaluation(evaluation, loaded, ws, source, device, base_dtype, run_dir, console,
                                         before_record=add_baselines)
         model_version = _register(loaded, ws, source, run_id, version.id if version else None, report)
+        from tuneline import registry
+
+        gates = registry.gate_state_of(report) if report else registry.GATE_NOT_EVALUATED
         console.print(f"registered as {spec.name} version {model_version} (alias candidate); "
                       + ("promote it with `tuneline promote " + f"{spec.name} {model_version}`"
-                         if report and report.gates and report.passed
-                         else "its spec has no thresholds (not gated), so promoting it needs --force --reason"
-                         if report and not report.gates
-                         else "its gates did not pass, so `tuneline promote` will refuse it"))
+                         if gates == registry.GATE_PASSED
+                         else f"gates {gates}, so `tuneline promote` will refuse it without --force --reason"))
     seconds = time.perf_counter() - t0
     console.print(f"run {run_id} finished in {seconds:.0f}s; see it with `tuneline runs` or `mlflow ui "
                   f"--backend-store-uri {tracking.tracking_uri(loaded, ws)}`")

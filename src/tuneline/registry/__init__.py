@@ -304,10 +304,9 @@ def _move_alias(client: Any, name: str, alias: str, version: int, *, action: str
         raise RegistryError(Problem(f"the reason is {len(reason)} characters long", field="--reason",
                                     hint=f"keep it under {MAX_REASON_CHARS}; link to a ticket for the details"))
     tags = client.get_registered_model(name).tags if tags is None else tags
-    last = max((k for k in tags if k.startswith(HISTORY_PREFIX)), default=None)
-    ns = time.time_ns()
-    if last is not None:  # strictly after the newest event even if the clock went back
-        ns = max(ns, int(last.removeprefix(HISTORY_PREFIX).split(".")[0]) + 1)
+    stamps = [k.removeprefix(HISTORY_PREFIX).split(".")[0] for k in tags if k.startswith(HISTORY_PREFIX)]
+    # strictly after the newest event, even if this machine's clock is behind the one that wrote it
+    ns = max([time.time_ns(), *(int(t) + 1 for t in stamps if t.isdigit())])
     key = f"{HISTORY_PREFIX}{ns:020d}.{secrets.token_hex(4)}"
     event = {"action": action, "alias": alias, "version": version, "at": _now(), "by": _user(), "reason": reason,
              "forced": forced, "gates": gates}
