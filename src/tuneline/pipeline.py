@@ -254,9 +254,13 @@ def run(
             report = _finish_evaluation(evaluation, loaded, ws, source, device, base_dtype, run_dir, console,
                                         before_record=add_baselines)
         model_version = _register(loaded, ws, source, run_id, version.id if version else None, report)
+        from tuneline import registry
+
+        gates = registry.gate_state_of(report) if report else registry.GATE_NOT_EVALUATED
         console.print(f"registered as {spec.name} version {model_version} (alias candidate); "
-                      + ("promote it with `tuneline promote " + f"{spec.name} {model_version}`" if report and report.passed
-                         else "its gates did not pass, so `tuneline promote` will refuse it"))
+                      + ("promote it with `tuneline promote " + f"{spec.name} {model_version}`"
+                         if gates == registry.GATE_PASSED
+                         else f"gates {gates}, so `tuneline promote` will refuse it without --force --reason"))
     seconds = time.perf_counter() - t0
     console.print(f"run {run_id} finished in {seconds:.0f}s; see it with `tuneline runs` or `mlflow ui "
                   f"--backend-store-uri {tracking.tracking_uri(loaded, ws)}`")
@@ -521,9 +525,13 @@ def evaluate(
         if run_id:
             from tuneline import registry
 
-            updated = registry.update_eval_tags(tracking.tracking_uri(loaded, ws), run_id, suite)
-            if updated:
-                console.print(f"gate results updated on {spec.name} version(s) {', '.join(map(str, updated))}")
+            updated = registry.update_eval_tags(tracking.tracking_uri(loaded, ws), run_id, suite, loaded.sha256)
+            if same := [str(v) for v, counted in updated if counted]:
+                console.print(f"gate results updated on {spec.name} version(s) {', '.join(same)}")
+            if other := [str(v) for v, counted in updated if not counted]:
+                console.print(f"[yellow]the spec changed since {spec.name} version(s) {', '.join(other)} were trained: "
+                              "this evaluation is recorded beside their gate results and does not count for "
+                              "promotion[/]")
         console.print(f"recorded in run {mlrun.info.run_id}; HTML page: `tuneline report {mlrun.info.run_id[:12]}`")
     return suite
 

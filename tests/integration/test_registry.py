@@ -16,11 +16,15 @@ from tuneline.registry import RegistryError
 from tuneline.workspace import Workspace
 
 
-def _run(spec: Path, ws: Workspace, thresholds: str) -> int:
+def _set_thresholds(spec: Path, thresholds: str) -> None:
     text = spec.read_text()
     start = text.index("thresholds:")
     end = text.index("\n", start)
     spec.write_text(text[:start] + f"thresholds: {thresholds}" + text[end:])
+
+
+def _run(spec: Path, ws: Workspace, thresholds: str) -> int:
+    _set_thresholds(spec, thresholds)
     result = tuneline.run(spec, workspace=ws, show_progress=False)
     assert result.model_version is not None
     return result.model_version
@@ -43,6 +47,14 @@ def test_versions_promotion_rollback_and_lineage(classification_spec: Path, tmp_
     assert registry.resolve(uri, "tiny-intents").version == 1  # bare name: production
     with pytest.raises(RegistryError, match=r"cannot be promoted: its gates failed \(accuracy >= 0.99\)"):
         registry.promote(uri, "tiny-intents", 2)
+    # re-evaluating version 2 under an edited spec whose threshold it meets is recorded as such,
+    # and does not unlock its promotion: its gates are those of the spec it was trained with
+    _set_thresholds(classification_spec, '["accuracy >= 0.0"]')
+    assert tuneline.evaluate(classification_spec, workspace=ws, show_progress=False).passed
+    with pytest.raises(RegistryError, match=r"its gates failed \(accuracy >= 0.99\); re-evaluations under other"):
+        registry.promote(uri, "tiny-intents", 2)
+    info2 = registry.get_version(uri, "tiny-intents", 2)
+    assert info2.gate_state == "failed" and [r["gate_state"] for r in info2.reevaluations] == ["passed"]
     with pytest.raises(RegistryError, match="needs --reason"):
         registry.promote(uri, "tiny-intents", 2, force=True)
     registry.promote(uri, "tiny-intents", 2, force=True, reason="hotfix approved by the team")
@@ -52,7 +64,9 @@ def test_versions_promotion_rollback_and_lineage(classification_spec: Path, tmp_
     with pytest.raises(RegistryError, match="no earlier production version"):
         registry.rollback(uri, "tiny-intents")
     last = registry.history(uri, "tiny-intents")[-2]
-    assert last["forced"] and last["reason"] == "hotfix approved by the team"
+    assert last["forced"] and last["reason"] == "hotfix approved by the team" and last["gates"] == "failed"
+    assert [e["reason"] for e in registry.history(uri, "tiny-intents") if e["version"] == 2
+            and e["alias"] == "production"] == ["hotfix approved by the team"]  # never "gates passed"
 
     chain = registry.lineage(uri, ws.datasets_dir, "tiny-intents", 2)
     assert [s["split"] for s in chain["sources"]] == ["train", "test"]
@@ -68,7 +82,8 @@ def test_versions_promotion_rollback_and_lineage(classification_spec: Path, tmp_
                          text=True, timeout=120, env=env)
     assert out.returncode == 0, out.stderr
     for piece in ("source files", "train.csv sha256", "-> dataset version ds-", "-> curation:",
-                  "-> training run", "-> evaluation: gates FAILED", "production:", "forced"):
+                  "-> training run", "-> evaluation: gates FAILED", "under another spec", "gates passed; not "
+                  "counted for promotion", "production:", "forced"):
         assert piece in out.stdout, piece
     out = subprocess.run([*cli, "promote", "tiny-intents", "2", "-w", str(ws.root)], capture_output=True,
                          text=True, timeout=120, env=env)

@@ -46,7 +46,8 @@ def models(
 
     versions = list_versions(_uri(workspace, uri), name)
     if as_json:
-        sys.stdout.write(json.dumps([asdict(v) for v in versions], indent=2) + "\n")
+        rows = [{**asdict(v), "gate_state": v.gate_state, "reevaluations": v.reevaluations} for v in versions]
+        sys.stdout.write(json.dumps(rows, indent=2) + "\n")
         return
     if not versions:
         console.print("no registered models yet: `tuneline run SPEC` registers each trained adapter")
@@ -55,8 +56,10 @@ def models(
     for col in ("model", "version", "aliases", "created", "dataset", "metrics", "gates"):
         table.add_column(col)
     for v in versions:
-        gates = {True: "[green]pass[/]", False: f"[red]fail[/] {v.tags.get('tuneline.gates_failed', '')}",
-                 None: "not evaluated"}[v.gates_passed]
+        gates = {"passed": "[green]passed[/]", "failed": f"[red]failed[/] {v.gates_failed}",
+                 "not gated": "[yellow]not gated[/]"}.get(v.gate_state, v.gate_state)
+        gates += "".join(f"\n[dim]re-evaluated under spec {r['spec_sha256'][:12]}: {r['gate_state']} "
+                         "(not counted)[/]" for r in v.reevaluations)
         shown = {k: x for k, x in v.metrics.items() if k in ("accuracy", "macro_f1", "rouge_l", "json_valid")}
         table.add_row(v.name, str(v.version), ", ".join(v.aliases) or "-", v.created,
                       v.tags.get("tuneline.dataset_version", "-"),
@@ -66,15 +69,18 @@ def models(
 
 def promote(
     name: NameArg, version: VersionArg,
-    force: Annotated[bool, typer.Option("--force", help="Promote although the gates failed (needs --reason).")] = False,
+    force: Annotated[bool, typer.Option(
+        "--force", help="Promote although the gates failed, were not evaluated or the spec has none (needs --reason).")
+    ] = False,
     reason: Annotated[str | None, typer.Option(help="Why; recorded in the alias history.")] = None,
     workspace: WorkspaceOpt = None, uri: UriOpt = None,
 ) -> None:
-    """Move the `production` alias to VERSION, only if its gates passed (or with --force --reason)."""
+    """Move the `production` alias to VERSION, only if its gates passed under the spec it was trained
+    with (or with --force --reason)."""
     from tuneline.registry import promote as do_promote
 
     info = do_promote(_uri(workspace, uri), name, version, force=force, reason=reason)
-    forced = " [yellow](forced: gates did not pass)[/]" if force and info.gates_passed is not True else ""
+    forced = f" [yellow](forced: gates {info.describe_gates()})[/]" if force and info.gate_state != "passed" else ""
     console.print(f"[green]promoted[/] {name} version {version} to production{forced}")
 
 
@@ -121,12 +127,17 @@ def lineage(
       f"transformers {run['libraries'].get('transformers', '?')}, peft {run['libraries'].get('peft', '?')}",
       soft_wrap=True)
     ev = chain["eval"]
-    gates = {True: "passed", False: f"FAILED ({ev['gates_failed']})", None: "not evaluated"}[ev["gates_passed"]]
+    gates = f"FAILED ({ev['gates_failed']})" if ev["gate_state"] == "failed" else ev["gate_state"]
     metrics = ", ".join(f"{k} {v:.3f}" for k, v in ev["metrics"].items()
                         if k in ("accuracy", "macro_f1", "rouge_l", "json_valid"))
-    p(f"-> evaluation: gates {gates}; {metrics}; report {ev['report']}", soft_wrap=True)
+    p(f"-> evaluation: gates {gates} under spec sha256 {str(ev['spec_sha256'])[:16]}; {metrics}; "
+      f"report {ev['report']}", soft_wrap=True)
+    for r in ev["reevaluations"]:
+        failed = f" ({r['gates_failed']})" if r["gates_failed"] else ""
+        p(f"   re-evaluated {r['at']} under another spec (sha256 {r['spec_sha256'][:16]}): gates {r['gate_state']}"
+          f"{failed}; not counted for promotion", soft_wrap=True)
     p("-> aliases held")
     for h in chain["aliases_held"]:
-        forced = " (forced)" if h["forced"] else ""
+        forced = f" (forced; gates {h['gates']})" if h["forced"] and h.get("gates") else " (forced)" if h["forced"] else ""
         until = h["until"] or "now"
         p(f"  {h['alias']}: {h['from']} -> {until} ({h['how']}{forced} by {h['by']}: {h['reason']})", soft_wrap=True)

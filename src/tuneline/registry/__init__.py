@@ -3,23 +3,52 @@
 A version carries the tags that make it traceable (dataset version, spec hash, code version,
 base model and its file hash, evaluation metrics, gate results). Two aliases say what it is for:
 ``candidate`` (the latest trained version) and ``production`` (what serves traffic).
-``production`` moves only to a version whose gates passed, unless forced with a reason; every
-move is appended to the model's alias history (who, when, why), which ``rollback`` walks back
-and ``lineage`` prints.
+
+Gate results belong to the spec they were computed under: a version's gate state
+(:data:`GATE_STATES`: passed, failed, not gated, not evaluated) is the one measured under the
+spec it was trained with (``tuneline.spec_sha256``). Re-evaluating it under the same spec may
+update it; a re-evaluation under another spec is recorded beside it, keyed by that spec's hash
+(``tuneline.reeval.<sha256>.*``), shown by ``models`` and ``lineage``, and never counts for
+promotion. ``production`` moves only to a version whose gates passed, unless forced with a reason
+(a spec without thresholds is "not gated" and needs the same override).
+
+Every alias move is an event of the model's alias history (who, when, why, forced or not), which
+``rollback`` walks back and ``lineage`` prints. Each event is its own registered-model tag
+(``tuneline.history.<nanoseconds>.<random>``: time-ordered, and two writers cannot collide), so the
+history grows without bound; the single JSON tag of older workspaces (``tuneline.alias_history``)
+is still read, as the oldest events. An alias move and its event are written under an
+inter-process file lock (next to a SQLite or file store; for a remote tracking server, in
+``~/.cache/tuneline/registry-locks``, which serializes the moves made from one machine only:
+events from several machines are still never lost, but two rollbacks started at the same moment
+on two machines could both undo the same promotion).
 """
 
 from __future__ import annotations
 
 import getpass
+import hashlib
 import json
+import secrets
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from tuneline.errors import Problem, TunelineError
 
-HISTORY_TAG = "tuneline.alias_history"
+HISTORY_TAG = "tuneline.alias_history"  # legacy: the whole history as one JSON list (read, never written)
+HISTORY_PREFIX = "tuneline.history."  # one registered-model tag per alias move
+REEVAL_PREFIX = "tuneline.reeval."  # version tags of re-evaluations under another spec: PREFIX<sha256>.<what>
 ALIASES = ("candidate", "production")
+
+GATE_PASSED = "passed"
+GATE_FAILED = "failed"
+GATE_NOT_GATED = "not gated"  # the spec has no thresholds: nothing vouches for the version
+GATE_NOT_EVALUATED = "not evaluated"
+GATE_STATES = (GATE_PASSED, GATE_FAILED, GATE_NOT_GATED, GATE_NOT_EVALUATED)
+MAX_REASON_CHARS = 2000
 
 
 class RegistryError(TunelineError):
@@ -37,13 +66,50 @@ class VersionInfo:
     tags: dict[str, str] = field(default_factory=dict)
 
     @property
+    def gate_state(self) -> str:
+        """passed / failed / not gated / not evaluated, under the spec this version was trained with."""
+        state = self.tags.get("tuneline.gate_state")
+        if state is not None:
+            under = self.tags.get("tuneline.gates_spec_sha256")
+            if state not in GATE_STATES or (under is not None and under != self.tags.get("tuneline.spec_sha256")):
+                return GATE_NOT_EVALUATED
+            return state
+        legacy = self.tags.get("tuneline.gates_passed")  # versions registered before gate_state existed
+        return GATE_NOT_EVALUATED if legacy is None else GATE_PASSED if legacy == "true" else GATE_FAILED
+
+    @property
     def gates_passed(self) -> bool | None:
-        value = self.tags.get("tuneline.gates_passed")
-        return None if value is None else value == "true"
+        """True: passed; False: failed; None: not gated or not evaluated."""
+        return {GATE_PASSED: True, GATE_FAILED: False}.get(self.gate_state)
+
+    @property
+    def gates_failed(self) -> str:
+        return self.tags.get("tuneline.gates_failed", "") if self.gate_state == GATE_FAILED else ""
 
     @property
     def metrics(self) -> dict[str, float]:
         return {k.removeprefix("metric."): float(v) for k, v in self.tags.items() if k.startswith("metric.")}
+
+    @property
+    def reevaluations(self) -> list[dict[str, Any]]:
+        """Re-evaluations under other specs than this version's own: recorded, never counted for promotion."""
+        found: dict[str, dict[str, Any]] = {}
+        for key, value in self.tags.items():
+            if not key.startswith(REEVAL_PREFIX):
+                continue
+            sha, _, what = key.removeprefix(REEVAL_PREFIX).partition(".")
+            entry = found.setdefault(sha, {"spec_sha256": sha, "gate_state": GATE_NOT_EVALUATED, "gates_failed": "",
+                                           "at": "", "metrics": {}})
+            if what.startswith("metric."):
+                entry["metrics"][what.removeprefix("metric.")] = float(value)
+            elif what in ("gate_state", "gates_failed", "at"):
+                entry[what] = value
+        return sorted(found.values(), key=lambda e: e["at"])
+
+    def describe_gates(self) -> str:
+        """The gate state in words, e.g. ``failed (accuracy >= 0.9)``."""
+        failed = self.gates_failed
+        return f"{self.gate_state} ({failed})" if failed else self.gate_state
 
 
 def _client(uri: str) -> Any:
@@ -65,25 +131,59 @@ def _user() -> str:
         return "unknown"
 
 
+def lock_path(uri: str) -> Path:
+    """The file locked while an alias moves: beside a SQLite database or inside a file store; for a
+    remote tracking server, one per server URI in the user's cache (it serializes this machine only)."""
+    bare = uri.split("?", 1)[0]
+    if bare.startswith("sqlite:///") and bare != "sqlite:///:memory:":
+        db = Path(bare.removeprefix("sqlite:///"))
+        return db.with_name(db.name + ".registry.lock")
+    if bare.startswith("file:") or (":" not in bare and not bare.startswith("databricks")):  # a plain folder
+        folder = Path(bare.removeprefix("file://").removeprefix("file:"))
+        return folder / ".tuneline-registry.lock"
+    digest = hashlib.sha256(uri.encode()).hexdigest()[:16]
+    return Path.home() / ".cache" / "tuneline" / "registry-locks" / f"{digest}.lock"
+
+
+@contextmanager
+def _locked(uri: str) -> Iterator[None]:
+    """Hold the registry lock of ``uri`` (an exclusive ``flock``; it is released when the process dies)."""
+    import fcntl
+
+    path = lock_path(uri)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a+b") as f:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
 def register_version(uri: str, name: str, run_id: str, source: str, tags: dict[str, str]) -> int:
     """A new version of model ``name`` from a run's adapter artifact; it becomes the ``candidate``."""
     from mlflow.exceptions import MlflowException
 
-    client = _client(uri)
-    try:
-        client.get_registered_model(name)
-    except MlflowException:
-        client.create_registered_model(name, description=f"tuneline use case {name}: LoRA adapters of its runs")
-    mv = client.create_model_version(name, source=source, run_id=run_id, tags=tags)
-    version = int(mv.version)
-    _move_alias(client, name, "candidate", version, action="register", reason="trained", forced=False)
+    with _locked(uri):
+        client = _client(uri)
+        try:
+            client.get_registered_model(name)
+        except MlflowException:
+            client.create_registered_model(name, description=f"tuneline use case {name}: LoRA adapters of its runs")
+        mv = client.create_model_version(name, source=source, run_id=run_id, tags=tags)
+        version = int(mv.version)
+        _move_alias(client, name, "candidate", version, action="register", reason="trained", forced=False,
+                    gates=_info(client, name, mv).gate_state)
     return version
 
 
 def get_version(uri: str, name: str, version: int | str) -> VersionInfo:
+    return _get_version(_client(uri), name, version)
+
+
+def _get_version(client: Any, name: str, version: int | str, rm: Any = None) -> VersionInfo:
     from mlflow.exceptions import MlflowException
 
-    client = _client(uri)
     try:
         mv = client.get_model_version(name, str(version))
     except MlflowException as exc:
@@ -91,7 +191,7 @@ def get_version(uri: str, name: str, version: int | str) -> VersionInfo:
         raise RegistryError(Problem(
             f"model {name!r} has no version {version}",
             hint=f"versions: {sorted(known, key=int) or 'none'}; list them with `tuneline models {name}`")) from exc
-    return _info(client, name, mv)
+    return _info(client, name, mv, rm)
 
 
 def resolve(uri: str, ref: str) -> VersionInfo:
@@ -117,73 +217,115 @@ def list_versions(uri: str, name: str | None = None) -> list[VersionInfo]:
     names = [name] if name else [m.name for m in client.search_registered_models()]
     out: list[VersionInfo] = []
     for n in names:
-        out.extend(_info(client, n, mv) for mv in _versions(client, n))
+        rm = client.get_registered_model(n)
+        out.extend(_info(client, n, mv, rm) for mv in _versions(client, n))
     return sorted(out, key=lambda v: (v.name, -v.version))
 
 
 def history(uri: str, name: str) -> list[dict[str, Any]]:
-    """Every alias move of ``name``, oldest first: action, alias, version, when, who, reason, forced."""
+    """Every alias move of ``name``, oldest first: action, alias, version, when, who, reason, forced
+    (and, for moves recorded since gate states exist, ``gates``: the version's gate state then)."""
+    return _events(_registered(_client(uri), name).tags)
+
+
+def _registered(client: Any, name: str) -> Any:
     from mlflow.exceptions import MlflowException
 
     try:
-        rm = _client(uri).get_registered_model(name)
+        return client.get_registered_model(name)
     except MlflowException as exc:
         raise RegistryError(Problem(f"no registered model {name!r}",
                                     hint="models are registered by `tuneline run`; list them with `tuneline models`")) from exc
-    return json.loads(rm.tags.get(HISTORY_TAG, "[]"))
+
+
+def _events(tags: dict[str, str]) -> list[dict[str, Any]]:
+    """The legacy single-tag history (oldest), then one event per history tag in key (time) order."""
+    events: list[dict[str, Any]] = json.loads(tags.get(HISTORY_TAG, "[]"))
+    events.extend(json.loads(tags[k]) for k in sorted(k for k in tags if k.startswith(HISTORY_PREFIX)))
+    return events
 
 
 def promote(uri: str, name: str, version: int, *, force: bool = False, reason: str | None = None) -> VersionInfo:
-    """Move ``production`` to ``version`` if its gates passed; ``force`` (with a reason) overrides."""
-    info = get_version(uri, name, version)
-    if force and not reason:
-        raise RegistryError(Problem("--force needs --reason \"...\": the reason is recorded with the promotion"))
-    if info.gates_passed is not True and not force:
-        failed = info.tags.get("tuneline.gates_failed", "")
-        state = "were not evaluated" if info.gates_passed is None else f"failed ({failed})" if failed else "failed"
-        raise RegistryError(Problem(
-            f"version {version} of {name!r} cannot be promoted: its gates {state}",
-            hint="train a better version, or override with --force --reason \"why\" (recorded in the history)"))
-    _move_alias(_client(uri), name, "production", version, action="promote",
-                reason=reason or "gates passed", forced=force and info.gates_passed is not True)
-    return get_version(uri, name, version)
+    """Move ``production`` to ``version`` if its gates passed under its own spec; ``force`` (with a
+    reason) overrides failed, not gated and not evaluated alike."""
+    if force and not (reason or "").strip():
+        raise RegistryError(Problem("--force needs --reason \"...\": the reason is recorded with the promotion",
+                                    field="--reason"))
+    with _locked(uri):
+        client = _client(uri)
+        rm = _registered(client, name)
+        info = _get_version(client, name, version, rm)
+        state = info.gate_state
+        if state != GATE_PASSED and not force:
+            why = {GATE_FAILED: "its gates failed" + (f" ({info.gates_failed})" if info.gates_failed else ""),
+                   GATE_NOT_GATED: "it is not gated (its spec has no objective.thresholds)",
+                   GATE_NOT_EVALUATED: "its gates were not evaluated"}[state]
+            others = [f"{r['spec_sha256'][:12]}: {r['gate_state']}" for r in info.reevaluations]
+            note = (f"; re-evaluations under other specs ({', '.join(others)}) do not count" if others else "")
+            raise RegistryError(Problem(
+                f"version {version} of {name!r} cannot be promoted: {why}{note}",
+                hint="train a version whose spec's gates pass, or override with --force --reason \"why\" "
+                     "(recorded in the history)"))
+        _move_alias(client, name, "production", version, action="promote", reason=reason or "gates passed",
+                    forced=force and state != GATE_PASSED, gates=state, tags=rm.tags)
+    if "production" not in info.aliases:
+        info.aliases = sorted([*info.aliases, "production"])
+    return info
 
 
 def rollback(uri: str, name: str, reason: str | None = None) -> tuple[int, int]:
     """Move ``production`` back to the version that held it before the current one; returns (from, to)."""
-    events = history(uri, name)
-    stack: list[int] = []  # production versions in the order they took over; rollback pops
-    for e in events:
-        if e["alias"] != "production":
-            continue
-        if e["action"] == "rollback":
-            stack.pop()
-        else:
-            stack.append(e["version"])
-    if len(stack) < 2:
-        raise RegistryError(Problem(f"{name!r} has no earlier production version to roll back to",
-                                    hint=f"history: `tuneline lineage {name} VERSION`; promote a version instead"))
-    current, previous = stack[-1], stack[-2]
-    _move_alias(_client(uri), name, "production", previous, action="rollback",
-                reason=reason or f"rolled back from version {current}", forced=False)
+    with _locked(uri):  # the history read and the move it decides are one step
+        client = _client(uri)
+        rm = _registered(client, name)
+        stack: list[int] = []  # production versions in the order they took over; rollback pops
+        for e in _events(rm.tags):
+            if e["alias"] != "production":
+                continue
+            if e["action"] == "rollback":
+                stack.pop()
+            else:
+                stack.append(e["version"])
+        if len(stack) < 2:
+            raise RegistryError(Problem(f"{name!r} has no earlier production version to roll back to",
+                                        hint=f"history: `tuneline lineage {name} VERSION`; promote a version instead"))
+        current, previous = stack[-1], stack[-2]
+        _move_alias(client, name, "production", previous, action="rollback",
+                    reason=reason or f"rolled back from version {current}", forced=False,
+                    gates=_get_version(client, name, previous, rm).gate_state, tags=rm.tags)
     return current, previous
 
 
-def _move_alias(client: Any, name: str, alias: str, version: int, *, action: str, reason: str, forced: bool) -> None:
-    client.set_registered_model_alias(name, alias, str(version))
-    rm = client.get_registered_model(name)
-    events = json.loads(rm.tags.get(HISTORY_TAG, "[]"))
-    events.append({"action": action, "alias": alias, "version": version, "at": _now(), "by": _user(),
-                   "reason": reason, "forced": forced})
-    client.set_registered_model_tag(name, HISTORY_TAG, json.dumps(events))
+def _move_alias(client: Any, name: str, alias: str, version: int, *, action: str, reason: str, forced: bool,
+                gates: str, tags: dict[str, str] | None = None) -> None:
+    """Record the move as a new history event, then move the alias. The caller holds the lock (and may
+    pass the registered model's ``tags`` it read under it)."""
+    if len(reason) > MAX_REASON_CHARS:
+        raise RegistryError(Problem(f"the reason is {len(reason)} characters long", field="--reason",
+                                    hint=f"keep it under {MAX_REASON_CHARS}; link to a ticket for the details"))
+    tags = client.get_registered_model(name).tags if tags is None else tags
+    stamps = [k.removeprefix(HISTORY_PREFIX).split(".")[0] for k in tags if k.startswith(HISTORY_PREFIX)]
+    # strictly after the newest event, even if this machine's clock is behind the one that wrote it
+    ns = max([time.time_ns(), *(int(t) + 1 for t in stamps if t.isdigit())])
+    key = f"{HISTORY_PREFIX}{ns:020d}.{secrets.token_hex(4)}"
+    event = {"action": action, "alias": alias, "version": version, "at": _now(), "by": _user(), "reason": reason,
+             "forced": forced, "gates": gates}
+    client.set_registered_model_tag(name, key, json.dumps(event))
+    try:
+        client.set_registered_model_alias(name, alias, str(version))
+    except BaseException:
+        with suppress(Exception):  # the alias did not move, so the event must not say it did; report the first error
+            client.delete_registered_model_tag(name, key)
+        raise
 
 
 def _versions(client: Any, name: str) -> list[Any]:
     return list(client.search_model_versions(f"name='{name}'"))
 
 
-def _info(client: Any, name: str, mv: Any) -> VersionInfo:
-    aliases = [a for a, v in client.get_registered_model(name).aliases.items() if str(v) == str(mv.version)]
+def _info(client: Any, name: str, mv: Any, rm: Any = None) -> VersionInfo:
+    rm = rm or client.get_registered_model(name)
+    aliases = [a for a, v in rm.aliases.items() if str(v) == str(mv.version)]
     created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(mv.creation_timestamp / 1000))
     return VersionInfo(name, int(mv.version), mv.run_id, mv.source, created, sorted(aliases), dict(mv.tags))
 
@@ -196,39 +338,62 @@ def version_tags(*, spec_sha256: str, dataset_version: str | None, code_version:
     if dataset_version:
         tags["tuneline.dataset_version"] = dataset_version
     if suite is not None:
-        tags.update(eval_tags(suite))
+        tags.update(eval_tags(suite, spec_sha256))
     return tags
 
 
-def eval_tags(suite: Any) -> dict[str, str]:
-    """Gate results and the candidate's metrics on the main evaluation set, as version tags."""
-    tags = {"tuneline.gates_passed": str(suite.passed).lower(),
+def gate_state_of(suite: Any) -> str:
+    """passed / failed, or not gated when the spec defines no thresholds."""
+    if not suite.gates:
+        return GATE_NOT_GATED
+    return GATE_PASSED if suite.passed else GATE_FAILED
+
+
+def eval_tags(suite: Any, spec_sha256: str) -> dict[str, str]:
+    """Gate results (with the hash of the spec they were computed under) and the candidate's metrics
+    on the main evaluation set, as version tags."""
+    state = gate_state_of(suite)
+    tags = {"tuneline.gate_state": state, "tuneline.gates_spec_sha256": spec_sha256,
+            "tuneline.gates_passed": str(state == GATE_PASSED).lower(),
             "tuneline.gates_failed": "; ".join(g.expr for g in suite.gates if not g.passed),
             "tuneline.eval_report": "eval/report.json"}
-    cand = suite.main_set().system("candidate") if suite.sets else None
-    if cand is not None:
-        tags.update({f"metric.{k}": f"{v.value:.6g}" for k, v in cand.metrics.items()})
+    tags.update({f"metric.{k}": v for k, v in _metrics(suite).items()})
     return tags
 
 
-def update_eval_tags(uri: str, run_id: str, suite: Any) -> list[int]:
-    """After a re-evaluation: the versions registered from ``run_id`` get the new gate results."""
+def _metrics(suite: Any) -> dict[str, str]:
+    cand = suite.main_set().system("candidate") if suite.sets else None
+    return {k: f"{v.value:.6g}" for k, v in cand.metrics.items()} if cand is not None else {}
+
+
+def update_eval_tags(uri: str, run_id: str, suite: Any, spec_sha256: str) -> list[tuple[int, bool]]:
+    """After a re-evaluation under the spec ``spec_sha256``: each version registered from ``run_id``,
+    with whether its gate results were updated (True: the spec it was trained with) or the
+    re-evaluation was recorded beside them under that spec's hash (False: another spec; it does not
+    count for promotion)."""
     client = _client(uri)
-    updated = []
+    done: list[tuple[int, bool]] = []
     for rm in client.search_registered_models():
         for mv in _versions(client, rm.name):
-            if mv.run_id == run_id:
-                for k, v in eval_tags(suite).items():
-                    client.set_model_version_tag(rm.name, mv.version, k, v)
-                updated.append(int(mv.version))
-    return updated
+            if mv.run_id != run_id:
+                continue
+            same = dict(mv.tags).get("tuneline.spec_sha256") == spec_sha256
+            if same:
+                tags = eval_tags(suite, spec_sha256)
+            else:
+                prefix = f"{REEVAL_PREFIX}{spec_sha256}."
+                tags = {f"{prefix}gate_state": gate_state_of(suite), f"{prefix}at": _now(),
+                        f"{prefix}gates_failed": "; ".join(g.expr for g in suite.gates if not g.passed)}
+                tags.update({f"{prefix}metric.{k}": v for k, v in _metrics(suite).items()})
+            for k, v in tags.items():
+                client.set_model_version_tag(rm.name, mv.version, k, v)
+            done.append((int(mv.version), same))
+    return done
 
 
 def lineage(uri: str, datasets_dir: Any, name: str, version: int) -> dict[str, Any]:
     """The chain behind a version: source files -> dataset version -> curation -> training run ->
     evaluation -> the aliases it held and when."""
-    from pathlib import Path
-
     info = get_version(uri, name, version)
     client = _client(uri)
     run = client.get_run(info.run_id) if info.run_id else None
@@ -255,7 +420,7 @@ def lineage(uri: str, datasets_dir: Any, name: str, version: int) -> dict[str, A
             open_.pop(e["alias"])["until"] = e["at"]
         elif e["version"] == version and e["alias"] not in open_:
             period = {"alias": e["alias"], "from": e["at"], "until": None, "how": e["action"], "by": e["by"],
-                      "reason": e["reason"], "forced": e["forced"]}
+                      "reason": e["reason"], "forced": e["forced"], "gates": e.get("gates")}
             held.append(period)
             open_[e["alias"]] = period
     return {
@@ -272,7 +437,10 @@ def lineage(uri: str, datasets_dir: Any, name: str, version: int) -> dict[str, A
                 "base_model_fingerprint": info.tags.get("tuneline.base_model_fingerprint"),
                 "libraries": {k.removeprefix("tuneline.version."): v for k, v in tags.items()
                               if k.startswith("tuneline.version.")}},
-        "eval": {"gates_passed": info.gates_passed, "gates_failed": info.tags.get("tuneline.gates_failed") or None,
-                 "metrics": info.metrics, "report": f"runs:/{info.run_id}/eval/report.json" if info.run_id else None},
+        "eval": {"gate_state": info.gate_state, "gates_passed": info.gates_passed,
+                 "gates_failed": info.gates_failed or None,
+                 "spec_sha256": info.tags.get("tuneline.gates_spec_sha256") or info.tags.get("tuneline.spec_sha256"),
+                 "metrics": info.metrics, "report": f"runs:/{info.run_id}/eval/report.json" if info.run_id else None,
+                 "reevaluations": info.reevaluations},
         "aliases_held": held,
     }
