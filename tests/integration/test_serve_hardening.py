@@ -9,6 +9,7 @@ training run), each under uvicorn on a free loopback port."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import socket
 import threading
 import time
@@ -97,9 +98,11 @@ def serve(engine: Any, adapters: dict[str, Path], tmp_path: Path, keys: Any = No
 
     listed = [VersionInfo("support", 2, None, "", "", aliases=["production"]),
               VersionInfo("support", 3, None, "", "", aliases=["candidate"])]
+    options = {"list_versions": lambda: listed, **config}
+    known = {f.name for f in dataclasses.fields(ServerConfig)}
     app = create_app(engine, log, ServerConfig(registry_uri="unused", keys=keys, resolve=resolve,
                                                adapters_path=lambda info: info.source, base_name="base",
-                                               list_versions=lambda: listed, **config))
+                                               **{k: v for k, v in options.items() if k in known}))
     app.state.request_log = log
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -319,8 +322,10 @@ def test_stop_strings_apply_to_streamed_text(engine, adapters, tmp_path):
     with serve(engine, adapters, tmp_path) as url:
         client = _openai(url)
         whole = client.completions.create(model="base", prompt="my card", max_tokens=24).choices[0].text
-        stop = whole[len(whole) // 2: len(whole) // 2 + 3]
+        # a 3-character stop string from the middle of the answer, whose first occurrence is not at its start
+        stop = next(whole[k:k + 3] for k in range(len(whole) // 2, 0, -1) if whole.index(whole[k:k + 3]) > 0)
         want = whole[: whole.index(stop)]
+        assert want and len(want) < len(whole) - 3
         plain = client.completions.create(model="base", prompt="my card", max_tokens=24, stop=[stop])
         assert plain.choices[0].text == want and plain.choices[0].finish_reason == "stop"
         chunks = list(client.completions.create(model="base", prompt="my card", max_tokens=24, stop=[stop],
