@@ -144,7 +144,7 @@ def test_server_retrieves_for_each_request_from_the_adapters_index(hybrid_run: A
     engine.submit = lambda job: (sent.append(job.prompt_ids), real(job))[1]
     messages = [{"role": "system", "content": "Classify the message."},
                 {"role": "user", "content": "I still have not received my new card"}]
-    with TestClient(app) as client:
+    with TestClient(app, base_url="http://localhost") as client:  # without keys: localhost only
         r = client.post("/v1/chat/completions", json={"model": "tiny-hybrid@candidate", "messages": messages,
                                                       "max_tokens": 4})
         assert r.status_code == 200, r.text

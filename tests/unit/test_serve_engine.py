@@ -59,3 +59,31 @@ def test_mixed_adapter_batch_equals_one_at_a_time(engine):
         eng._queue.not_empty.notify()
     assert [j.future.result().text for j in jobs] == alone
     assert eng.batch_sizes[-1] == len(jobs)  # answered in one generate call
+
+
+def test_the_end_of_turn_token_ends_an_answer_as_in_evaluation(tiny_model_dir: Path):
+    """A tokenizer whose eos is <|endoftext|>: the chat template's <|im_end|> still ends the answer
+    (evaluation stops there too), rather than generating on to max_new_tokens."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tuneline.serve import Engine, Job
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    tok.eos_token = tok.pad_token = "<|endoftext|>"
+    end_of_turn = tok.convert_tokens_to_ids("<|im_end|>")
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    head = torch.nn.Linear(model.config.hidden_size, model.config.vocab_size, bias=True)
+    with torch.no_grad():  # a model that always says <|im_end|> first
+        head.weight.zero_()
+        head.bias.zero_()
+        head.bias[end_of_turn] = 10.0
+    model.lm_head = head
+    eng = Engine(model, tok)
+    try:
+        prompt = tok(tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False,
+                                             add_generation_prompt=True), add_special_tokens=False)["input_ids"]
+        result = eng.submit(Job(prompt, "__base__", 8)).result(timeout=60)
+    finally:
+        eng.close()
+    assert (result.finish_reason, result.completion_tokens, result.text) == ("stop", 0, "")

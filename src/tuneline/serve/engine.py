@@ -12,11 +12,12 @@ request already admitted keeps the version it resolved.
 from __future__ import annotations
 
 import collections
+import hashlib
 import logging
 import queue
-import re
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
@@ -33,9 +34,19 @@ class Job:
     max_new_tokens: int
     temperature: float = 0.0
     stop: list[str] = field(default_factory=list)
-    stream: queue.Queue[Any] | None = None  # text pieces, then None
+    # streaming: called (on the worker thread) with each piece of text once it is final (text that
+    # could still become a stop string is held back), then with None; a callable or anything with .put
+    stream: Any = None
     future: Future[Result] = field(default_factory=Future)
     control: Any = None  # a function to run on the worker thread instead (loading an adapter)
+    deadline: float | None = None  # time.monotonic() past which the job ends with finish_reason "deadline"
+    top_p: float = 1.0
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    first_token_at: float | None = None  # time.perf_counter() when its first token was generated
+
+    def cancel(self) -> None:
+        """Stop generating for this job (the client went away): it ends with finish_reason "cancelled"."""
+        self.cancelled.set()
 
 
 @dataclass
@@ -43,7 +54,16 @@ class Result:
     text: str
     prompt_tokens: int
     completion_tokens: int
-    finish_reason: str  # stop | length
+    finish_reason: str  # stop | length | cancelled | deadline
+
+
+def slot_name(key: str, path: str) -> str:
+    """The adapter slot for ``key`` (``name@version``) loaded from ``path``: one slot per distinct
+    (key, path), never shared. Every character other than ``[A-Za-z0-9]`` is escaped as ``_`` and
+    six hex digits (injective: ``acme-support`` and ``acme_support`` differ), and the path's hash
+    is appended, so the same key from another folder is another slot."""
+    escaped = "".join(c if c.isascii() and c.isalnum() else f"_{ord(c):06x}" for c in key)
+    return f"{escaped}_p{hashlib.sha256(str(path).encode('utf-8', 'surrogatepass')).hexdigest()[:12]}"
 
 
 class Engine:
@@ -58,38 +78,52 @@ class Engine:
         self.max_batch, self.window_s, self.resolve_ttl = max_batch, window_s, resolve_ttl
         self.autocast = autocast
         self.context_length = int(getattr(model.config, "max_position_embeddings", 2048))
-        self.adapters: dict[str, str] = {}  # adapter name -> source
-        self.retrievers: dict[str, Any] = {}  # adapter name -> its Retriever (hybrid adapters only)
+        self.adapters: dict[str, str] = {}  # adapter slot -> source folder
+        self.retrievers: dict[str, Any] = {}  # adapter slot -> its Retriever (hybrid adapters only)
         self._encoders: dict[str, Any] = {}  # sentence encoders by fingerprint, shared by the retrievers
         self.multi: Any = None  # MultiLora once an adapter is loaded
         self.batch_sizes: collections.deque[int] = collections.deque(maxlen=10_000)  # rows per generate call
+        self.on_batch: list[Callable[[int], None]] = []  # called with each generate call's rows (metrics)
+        self.generating = 0  # rows in the generate call running now
         self._resolved: dict[str, tuple[float, Any]] = {}
         self._load_lock = threading.Lock()
         self._queue: queue.Queue[Job] = queue.Queue()
+        self._held: collections.deque[Job] = collections.deque()  # taken from the queue, answered next round
         self._stop = threading.Event()
-        self._worker = threading.Thread(target=self._run, name="tuneline-engine", daemon=True)
-        self._worker.start()
         self._torch = torch
         eos = tokenizer.convert_tokens_to_ids(tokenizer.eos_token) if tokenizer.eos_token else None
-        self.end_ids = {t for t in (eos, tokenizer.pad_token_id) if t is not None}
+        from tuneline.eval.generate import _end_of_turn_id
+
+        # the end of an assistant turn (e.g. <|im_end|>) ends an answer, as in evaluation, even where
+        # the tokenizer's eos token is another one (<|endoftext|>)
+        self.end_ids = {t for t in (eos, _end_of_turn_id(tokenizer), tokenizer.pad_token_id) if t is not None}
+        self._worker = threading.Thread(target=self._run, name="tuneline-engine", daemon=True)
+        self._worker.start()
 
     # --- adapters ---------------------------------------------------------------------------------
 
-    def adapter_for(self, key: str, path: str) -> str:
-        """The name of the adapter saved at ``path`` (loaded once; ``key`` like ``name@3``)."""
-        name = re.sub(r"[^A-Za-z0-9_]", "_", key)
+    def adapter_for(self, key: str, path: str, sha256: str | None = None) -> str:
+        """The slot of the adapter saved at ``path`` (``key`` like ``name@3``), loaded once. With
+        ``sha256`` (recorded at registration) the folder is verified before it is loaded:
+        :class:`tuneline.artifacts.ArtifactError` when its content is not the recorded one."""
+        name = slot_name(key, path)
         if name in self.adapters:
             return name
         with self._load_lock:
             if name not in self.adapters:
+                from tuneline.artifacts import verify_tree
                 from tuneline.retrieval import adapter_retriever
 
+                verify_tree(path, sha256, what=f"adapter of {key}")
                 # a hybrid adapter ships the index it was trained with: load it before taking requests for it
                 retriever = adapter_retriever(path, device=str(self.base.device.type), encoders=self._encoders)
+                self._submit_control(lambda: self._load(name, path))
                 if retriever is not None:
                     self.retrievers[name] = retriever
-                self._submit_control(lambda: self._load(name, path))
         return name
+
+    def loaded(self, key: str, path: str) -> bool:
+        return slot_name(key, path) in self.adapters
 
     def _load(self, name: str, path: str) -> None:
         from peft import PeftModel
@@ -120,16 +154,20 @@ class Engine:
     # --- requests -----------------------------------------------------------------------------------
 
     def submit(self, job: Job) -> Future[Result]:
+        if self._stop.is_set():
+            raise RuntimeError("the engine is closed")
         self._queue.put(job)
         return job.future
+
+    def waiting(self) -> int:
+        """Jobs waiting for the worker (not yet in a generate call)."""
+        return self._queue.qsize() + len(self._held)
 
     def _submit_control(self, fn: Any) -> None:
         """Run ``fn`` on the worker thread (which owns the model) and wait for it."""
         done: Future[Result] = Future()
         job = Job([], "__control__", 0)
         job.future = done
-        job.stop = []
-        job.stream = None
         job.control = fn
         self._queue.put(job)
         done.result()
@@ -138,28 +176,61 @@ class Engine:
         self._stop.set()
         self._queue.put(Job([], "__stop__", 0))
         self._worker.join(timeout=10)
+        # whatever was still waiting gets an answer, so no caller waits forever
+        pending = list(self._held)
+        while True:
+            try:
+                pending.append(self._queue.get_nowait())
+            except queue.Empty:
+                break
+        for job in pending:
+            if not job.future.done():
+                job.future.set_exception(RuntimeError("the server is shutting down"))
+            _emit(job, None)
+
+    def _next(self, timeout: float | None = None) -> Job:
+        if self._held:
+            return self._held.popleft()
+        return self._queue.get(timeout=timeout) if timeout is not None else self._queue.get()
+
+    def _ended_early(self, job: Job) -> bool:
+        """A job cancelled or past its deadline before it started: answered without generating."""
+        reason = ("cancelled" if job.cancelled.is_set() else
+                  "deadline" if job.deadline is not None and time.monotonic() > job.deadline else None)
+        if reason is None:
+            return False
+        if not job.future.done():
+            job.future.set_result(Result("", len(job.prompt_ids), 0, reason))
+        _emit(job, None)
+        return True
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            job = self._queue.get()
+            job = self._next()
             if job.adapter == "__stop__":
                 return
             if job.adapter == "__control__":
                 self._settle([job], lambda j=job: [j.control()])
                 continue
+            if self._ended_early(job):
+                continue
             batch = [job]
-            if job.stream is None:
-                deadline = time.monotonic() + self.window_s
-                while len(batch) < self.max_batch:
-                    try:
-                        nxt = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
-                    except queue.Empty:
-                        break
-                    special = nxt.adapter.startswith("__") and nxt.adapter != BASE
-                    if nxt.stream is not None or special or nxt.temperature != job.temperature:
-                        self._queue.put(nxt)  # answered in a later round
-                        break
+            held: list[Job] = []
+            deadline = time.monotonic() + self.window_s
+            while len(batch) < self.max_batch:
+                try:
+                    nxt = self._next(timeout=max(0.0, deadline - time.monotonic()))
+                except queue.Empty:
+                    break
+                if nxt.adapter.startswith("__") and nxt.adapter != BASE:
+                    held.append(nxt)  # a control or stop job: right after this batch
+                    break
+                if (nxt.temperature, nxt.top_p) != (job.temperature, job.top_p):
+                    held.append(nxt)  # another sampling setting: a later round
+                    continue
+                if not self._ended_early(nxt):
                     batch.append(nxt)
+            self._held.extendleft(reversed(held))
             self._settle(batch, lambda b=batch: self._generate(b))
 
     @staticmethod
@@ -171,15 +242,17 @@ class Engine:
             for j in batch:
                 if not j.future.done():
                     j.future.set_exception(exc)
-                if j.stream is not None:
-                    j.stream.put(None)
+                _emit(j, None)
             return
         for j, r in zip(batch, results or [None] * len(batch), strict=True):
             if not j.future.done():
                 j.future.set_result(r)
+            _emit(j, None)
 
     def _generate(self, batch: list[Job]) -> list[Result]:
         self.batch_sizes.append(len(batch))
+        for observe in self.on_batch:
+            observe(len(batch))
         torch = self._torch
         tok = self.tokenizer
         width = max(len(j.prompt_ids) for j in batch)
@@ -189,55 +262,28 @@ class Engine:
         for r, j in enumerate(batch):  # left padding: every row continues at the last column
             ids[r, width - len(j.prompt_ids):] = torch.tensor(j.prompt_ids)
             mask[r, width - len(j.prompt_ids):] = 1
+        rows = [_Row(j, tok, self.end_ids) for j in batch]
+        from transformers import StoppingCriteriaList
+
         kwargs: dict[str, Any] = {"max_new_tokens": max(j.max_new_tokens for j in batch), "pad_token_id": pad,
-                                  "eos_token_id": sorted(self.end_ids) or None}
+                                  "eos_token_id": sorted(self.end_ids) or None,
+                                  "stopping_criteria": StoppingCriteriaList([_RowsDone(rows)])}
         if batch[0].temperature >= 1e-3:  # below that, sampling is greedy decoding (and overflows)
             kwargs.update(do_sample=True, temperature=batch[0].temperature, top_k=0)
+            if batch[0].top_p < 1.0:
+                kwargs["top_p"] = batch[0].top_p
         else:
             kwargs.update(do_sample=False)
         if self.multi is not None:  # each row through its own adapter (or none), in one batch
             self.multi.index = torch.tensor([self.multi.slot(j.adapter) for j in batch], device=ids.device)
         elif any(j.adapter != BASE for j in batch):
             raise RuntimeError("adapter requested before any adapter was loaded")
-        stream = batch[0].stream
-        if stream is not None:
-            from transformers import TextIteratorStreamer
-
-            streamer = TextIteratorStreamer(tok, skip_prompt=True, skip_special_tokens=True)
-            kwargs["streamer"] = streamer
-            out_box: list[Any] = []
-
-            def run() -> None:
-                try:
-                    out_box.append(self._call(ids, mask, kwargs))
-                except BaseException as exc:  # noqa: BLE001 - handed to the caller below
-                    out_box.append(exc)
-                    streamer.end()  # a failed generate must not leave the worker waiting for text
-
-            gen = threading.Thread(target=run, daemon=True)
-            gen.start()
-            for piece in streamer:
-                if piece:
-                    stream.put(piece)
-            gen.join()
-            stream.put(None)
-            out = out_box[0]
-            if isinstance(out, BaseException):
-                raise out
-        else:
-            out = self._call(ids, mask, kwargs)
-        results = []
-        for r, j in enumerate(batch):
-            new = out[r, width:].tolist()[: j.max_new_tokens]
-            end = next((k for k, t in enumerate(new) if t in self.end_ids), None)
-            kept = new if end is None else new[:end]
-            text = tok.decode(kept, skip_special_tokens=True)
-            finish = "stop" if end is not None else "length"
-            for s in j.stop:
-                if s and s in text:
-                    text, finish = text[: text.index(s)], "stop"
-            results.append(Result(text, len(j.prompt_ids), len(kept), finish))
-        return results
+        self.generating = len(batch)
+        try:
+            self._call(ids, mask, kwargs)
+        finally:
+            self.generating = 0
+        return [row.result() for row in rows]
 
     def _call(self, ids: Any, mask: Any, kwargs: dict[str, Any]) -> Any:
         from contextlib import nullcontext
@@ -250,6 +296,102 @@ class Engine:
         finally:
             if self.multi is not None:
                 self.multi.index = None
+
+
+def _emit(job: Job, piece: str | None) -> None:
+    if job.stream is None:
+        return
+    try:
+        (job.stream.put if hasattr(job.stream, "put") else job.stream)(piece)
+    except Exception:  # a reader that went away (its event loop closed) must not stop the batch
+        log.debug("dropped a streamed piece", exc_info=True)
+
+
+class _Row:
+    """One job's answer as it is generated: its tokens, the text so far, what was streamed, and
+    why it ended (end of turn, a stop string, its own token limit, cancelled, past its deadline)."""
+
+    def __init__(self, job: Job, tokenizer: Any, end_ids: set[int]) -> None:
+        self.job, self.tok, self.end_ids = job, tokenizer, end_ids
+        self.stops = [s for s in job.stop if s]
+        self.tokens: list[int] = []
+        self.text: str | None = None  # decoded text, kept current only when it is needed while generating
+        self.sent = 0  # characters of text streamed
+        self.finish: str | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.finish is not None
+
+    def step(self, token: int) -> None:
+        job = self.job
+        if job.first_token_at is None:
+            job.first_token_at = time.perf_counter()
+        if token in self.end_ids:
+            self._end("stop")
+            return
+        self.tokens.append(token)
+        if self.stops or job.stream is not None:
+            text = self.tok.decode(self.tokens, skip_special_tokens=True)
+            cut = min((text.index(s) for s in self.stops if s in text), default=None)
+            if cut is not None:
+                self.text = text[:cut]
+                self._end("stop")
+                return
+            self.text = text
+            if job.stream is not None:
+                safe = len(text) - self._held_back(text)
+                while safe > self.sent and text[safe - 1] == "\ufffd":  # an incomplete UTF-8 character
+                    safe -= 1
+                if safe > self.sent:
+                    _emit(job, text[self.sent:safe])
+                    self.sent = safe
+        if len(self.tokens) >= job.max_new_tokens:
+            self._end("length")
+        elif job.cancelled.is_set():
+            self._end("cancelled")
+        elif job.deadline is not None and time.monotonic() > job.deadline:
+            self._end("deadline")
+
+    def _held_back(self, text: str) -> int:
+        """Characters at the end of ``text`` that could be the start of a stop string."""
+        hold = 0
+        for s in self.stops:
+            for k in range(min(len(s) - 1, len(text)), hold, -1):
+                if text.endswith(s[:k]):
+                    hold = k
+                    break
+        return hold
+
+    def _end(self, reason: str) -> None:
+        self.finish = reason
+        if self.text is None:
+            self.text = self.tok.decode(self.tokens, skip_special_tokens=True)
+        if reason in ("stop", "length") and self.job.stream is not None and len(self.text) > self.sent:
+            _emit(self.job, self.text[self.sent:])
+            self.sent = len(self.text)
+
+    def result(self) -> Result:
+        if not self.done:  # generate ended first (it should not: every row has its own limit)
+            self._end("length")
+        assert self.text is not None and self.finish is not None
+        return Result(self.text, len(self.job.prompt_ids), len(self.tokens), self.finish)
+
+
+class _RowsDone:
+    """A stopping criterion over the batch: feeds each row its new token and says which rows are done."""
+
+    def __init__(self, rows: list[_Row]) -> None:
+        self.rows = rows
+
+    def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
+        import torch
+
+        last = input_ids[:, -1].tolist()
+        for row, token in zip(self.rows, last, strict=True):
+            if not row.done:
+                row.step(int(token))
+        return torch.tensor([row.done for row in self.rows], dtype=torch.bool, device=input_ids.device)
 
 
 def _flag_trainable(model: Any) -> None:
