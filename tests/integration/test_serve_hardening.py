@@ -334,13 +334,24 @@ def test_stop_strings_apply_to_streamed_text(engine, adapters, tmp_path):
     assert chunks[-1].choices[0].finish_reason == "stop"
 
 
-def test_the_answer_is_kept_when_the_request_log_fails(engine, adapters, tmp_path):
-    class Broken(RequestLog):
-        def log(self, **kwargs: Any) -> None:
-            raise RuntimeError("disk full")
+def test_the_answer_is_kept_when_the_request_log_database_fails(engine, adapters, tmp_path):
+    import shutil
 
-    with serve(engine, adapters, tmp_path, log=Broken(f"sqlite:///{tmp_path / 'x.db'}")) as url:
-        assert _chat(url, "support").status_code == 200
+    (tmp_path / "db").mkdir()
+    log = RequestLog(f"sqlite:///{tmp_path / 'db' / 'requests.db'}", spool_dir=tmp_path / "spool")
+    shutil.rmtree(tmp_path / "db")  # the database goes away while the server runs
+    with serve(engine, adapters, tmp_path, log=log) as url:
+        answer = _chat(url, "support")
+        assert answer.status_code == 200 and answer.json()["choices"][0]["message"]["content"] is not None
+        assert log.flush(timeout=30)
+        auth = {"Authorization": f"Bearer {ALL}"}
+        metrics = httpx.get(url + "/metrics", headers=auth).text
+        assert 'tuneline_request_log_rows{state="in_spool"} 1.0' in metrics  # kept in the spool, not lost
+        feedback = httpx.post(url + "/v1/feedback", headers=auth, json={"response_id": answer.json()["id"], "rating": 1})
+        assert feedback.status_code == 503 and feedback.json()["error"]["code"] == "request_log_unavailable"
+    (tmp_path / "db").mkdir()  # the database is back: the spooled row moves into it, once
+    log.close()
+    assert [r["id"] for r in RequestLog(f"sqlite:///{tmp_path / 'db' / 'requests.db'}").rows()] == [answer.json()["id"]]
 
 
 # --- defect 8: OpenAI parity, with the openai client -----------------------------------------

@@ -31,7 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from tuneline.serve.engine import BASE, Engine, Job, Result
-from tuneline.serve.requestlog import RequestLog
+from tuneline.serve.requestlog import RequestLog, RequestLogError
 
 log = logging.getLogger("tuneline.serve")
 
@@ -312,6 +312,14 @@ def create_app(engine: Engine, log_db: RequestLog, config: ServerConfig) -> Fast
           ).set_function(lambda: admitted["n"])
     Gauge("tuneline_queue_depth", "Requests waiting for the model", registry=metrics
           ).set_function(lambda: engine.waiting())
+    request_log_rows = Gauge("tuneline_request_log_rows", "Request log: rows queued, in_spool (in the fallback file "
+                             "while the database fails) and held (in memory) now; written, spooled and db_errors "
+                             "since start (RequestLog.stats)", ["state"], registry=metrics)
+    def _log_count(state: str) -> Any:
+        return lambda: log_db.stats().get(state, 0)
+
+    for state in ("queued", "in_spool", "held", "written", "spooled", "db_errors"):
+        request_log_rows.labels(state).set_function(_log_count(state))
     engine.on_batch.append(batch_rows.observe)
     key_table = _key_table(config.keys)
     limit = engine.max_batch + config.max_queue
@@ -642,11 +650,16 @@ def create_app(engine: Engine, log_db: RequestLog, config: ServerConfig) -> Fast
         if body.rating is None and body.correction is None:
             raise ApiError(400, "send a rating, a correction, or both", "invalid_request_error", "rating")
         loop = asyncio.get_running_loop()
-        if not await loop.run_in_executor(None, log_db.exists, body.response_id):
-            raise ApiError(404, f"no logged response {body.response_id!r}", "invalid_request_error", "response_id",
-                           "response_not_found")
-        fid = await loop.run_in_executor(None, log_db.add_feedback, body.response_id, body.rating, body.correction,
-                                         body.comment)
+        try:
+            if not await loop.run_in_executor(None, log_db.exists, body.response_id):
+                raise ApiError(404, f"no logged response {body.response_id!r}", "invalid_request_error",
+                               "response_id", "response_not_found")
+            fid = await loop.run_in_executor(None, log_db.add_feedback, body.response_id, body.rating,
+                                             body.correction, body.comment)
+        except RequestLogError as exc:  # the store is down: the client may retry, nothing was recorded
+            log.error("feedback for %s not stored: %s", body.response_id, exc)
+            raise ApiError(503, "the request log is unavailable; feedback was not stored, retry later",
+                           "server_error", code="request_log_unavailable") from exc
         return {"id": fid, "object": "feedback", "response_id": body.response_id}
 
     @app.get("/healthz")

@@ -406,6 +406,10 @@ class RequestLog:
 
     def _db_failed(self) -> None:
         self._db_ok = False
+        # pooled connections may be broken for good (a server restarted, an SQLite file replaced):
+        # the next try opens new ones
+        with contextlib.suppress(Exception):
+            self.engine.dispose()
         self._next_try = time.monotonic() + self._pause
         self._pause = min(self._pause * 2, self.max_retry_seconds)
         with self._state:
