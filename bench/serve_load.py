@@ -181,6 +181,19 @@ async def client(cid: int, url: str, models: list[str], stats: Stats, stop_at: f
                 stats.status[f"transport:{type(exc).__name__}"] += 1
 
 
+def run_clients(url: str, models: list[str], clients: int, duration: float, max_requests: int, seed: int,
+                max_tokens: int) -> Stats:
+    async def go() -> Stats:
+        stats = Stats()
+        stop_at = time.monotonic() + duration
+        budget = [max_requests]
+        tasks = [client(c, url, models, stats, stop_at, budget, seed, max_tokens) for c in range(clients)]
+        await asyncio.wait_for(asyncio.gather(*tasks), timeout=duration + 180)
+        return stats
+
+    return asyncio.run(go())
+
+
 def pct(values: list[float], q: float) -> str:
     if not values:
         return "-"
@@ -198,6 +211,7 @@ def main() -> int:
     ap.add_argument("--max-queue", type=int, default=64)
     ap.add_argument("--builtin", action="store_true", help="serve the built-in model (default: a tiny random one)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=None, help="server's model threads (default: cores - 1)")
     args = ap.parse_args()
 
     import uvicorn
@@ -213,6 +227,12 @@ def main() -> int:
     source, model_dir = make_model(tmp, args.builtin)
     paths = make_adapters(model_dir, tmp, 3)
     versions = {f"load{k}": VersionInfo(f"load{k}", 1, None, str(p), "") for k, p in enumerate(paths)}
+    import torch
+
+    from tuneline.serve import compute_threads
+
+    torch_threads = compute_threads(args.threads)
+    torch.set_num_threads(torch_threads)
     dtype = "bf16" if args.builtin else "fp32"
     engine = Engine(load_model(source, tmp / "models", dtype=dtype), load_tokenizer(source, tmp / "models"),
                     max_batch=args.max_batch, autocast=autocast_for("bf16", "cpu") if args.builtin else None)
@@ -233,26 +253,25 @@ def main() -> int:
     models = list(versions)
 
     warm_ids: list[str] = []
+    import httpx
 
-    async def run() -> Stats:
-        import httpx
+    with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {KEY}"}, timeout=300) as h:
+        for m in models:  # load each adapter once before the clock starts
+            r = h.post("/v1/completions", json={"model": m, "prompt": "warm up", "max_tokens": 2})
+            r.raise_for_status()
+            warm_ids.append(r.json()["id"])
 
-        async with httpx.AsyncClient(base_url=url, headers={"Authorization": f"Bearer {KEY}"}, timeout=300) as h:
-            for m in models:  # load each adapter once before the clock starts
-                r = await h.post("/v1/completions", json={"model": m, "prompt": "warm up", "max_tokens": 2})
-                r.raise_for_status()
-                warm_ids.append(r.json()["id"])
-        stats = Stats()
-        stop_at = time.monotonic() + args.duration
-        budget = [args.max_requests]
-        tasks = [client(c, url, models, stats, stop_at, budget, args.seed, args.max_tokens)
-                 for c in range(args.clients)]
-        await asyncio.wait_for(asyncio.gather(*tasks), timeout=args.duration + 180)
-        return stats
+    # the clients run in a process of their own: in the server's process they would hold its
+    # interpreter lock while the server streams and batches
+    print(f"{args.clients} clients for {args.duration:g} s on {url} (server: {torch_threads} model threads) ...",
+          flush=True)
+    import multiprocessing
 
-    print(f"{args.clients} clients for {args.duration:g} s on {url} ...", flush=True)
+    ctx = multiprocessing.get_context("spawn")
     t0 = time.perf_counter()
-    stats = asyncio.run(run())
+    with ctx.Pool(1) as pool:
+        stats = pool.apply(run_clients, (url, models, args.clients, args.duration, args.max_requests, args.seed,
+                                         args.max_tokens))
     wall = time.perf_counter() - t0
     server.should_exit = True
     time.sleep(1.0)
@@ -267,7 +286,8 @@ def main() -> int:
     other_4xx = sum(n for k, n in st.items() if k.startswith("4") and k not in ("429", "413"))
     batches = list(engine.batch_sizes)
     print(f"model: {'built-in SmolLM2-135M bf16' if args.builtin else 'tiny random Llama (2 layers, hidden 64)'}, "
-          f"3 adapters, max_batch {args.max_batch}, max_queue {args.max_queue}, {wall:.1f} s")
+          f"3 adapters, max_batch {args.max_batch}, max_queue {args.max_queue}, {torch_threads} model threads, "
+          f"{wall:.1f} s")
     print(f"requests sent {stats.sent}: answered {st['200']}, shed (429) {st['429']}, too large (413) {st['413']}, "
           f"other 4xx {other_4xx}, 5xx {fivexx}, disconnected mid-stream {st['disconnected']}")
     print(f"all outcomes: {dict(sorted(st.items()))}")

@@ -43,6 +43,8 @@ def serve(
     allowed_host: Annotated[list[str] | None, typer.Option(
         help="A Host header to accept besides localhost (repeatable), e.g. the name clients use; without keys "
              "every other Host is refused (DNS rebinding).")] = None,
+    threads: Annotated[int | None, typer.Option(
+        min=1, help="CPU threads for the model (default: the cores available minus one, for the event loop).")] = None,
     workspace: Annotated[Path | None, typer.Option("--workspace", "-w", help="Workspace folder.")] = None,
 ) -> None:
     """Serve the registry's models with the OpenAI API: `model` is NAME (production), NAME@candidate
@@ -65,7 +67,7 @@ def serve(
     serve_log.setLevel(logging.INFO)
     app = build_app(workspace, keys=loaded, log_url=log_url, base=base, max_batch=max_batch, max_queue=max_queue,
                     request_timeout=request_timeout or None, max_body_bytes=max_body, metrics_public=metrics_public,
-                    allowed_hosts=list(allowed_host or []))
+                    allowed_hosts=list(allowed_host or []), threads=threads)
     err_console.print(f"serving on http://{host}:{port}/v1 ({'no auth' if loaded is None else f'{len(loaded)} keys'})")
     try:
         uvicorn.run(app, host=host, port=port, log_level="warning")
