@@ -145,7 +145,7 @@ def run(
         active = tracking.start_run(loaded, ws)
     with active as mlrun:
         run_id = mlrun.info.run_id
-        state_file.write_text(json.dumps({"mlflow_run_id": run_id}, indent=2))
+        atomic_write_text(state_file, json.dumps({"mlflow_run_id": run_id}, indent=2))
         if not resume:
             tracking.log_run_inputs(loaded, data.sources, spec.model, source.fingerprint())
             if version is not None:
@@ -171,7 +171,7 @@ def run(
             train_cfg = best_train(spec, found)
             _log_search(found, console)
         fingerprint = run_fingerprint(loaded, data, source.fingerprint(), version.id if version else None, train_cfg)
-        state_file.write_text(json.dumps({"mlflow_run_id": run_id, "fingerprint": fingerprint}, indent=2))
+        atomic_write_text(state_file, json.dumps({"mlflow_run_id": run_id, "fingerprint": fingerprint}, indent=2))
 
         scored_base = False
         if evaluation is not None and spec.eval.compare_base and not resume:

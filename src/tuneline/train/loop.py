@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import logging
 import math
 import os
@@ -336,8 +337,25 @@ def save_adapter(model: Any, tokenizer: Any, adapter_dir: Path) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
+    _sort_peft_sets(model, tmp)
     replace_dir(tmp, adapter_dir)
     return adapter_dir
+
+
+def _sort_peft_sets(model: Any, folder: Path) -> None:
+    """peft writes a set in its config (``target_modules`` once ``all-linear`` is resolved to module
+    names) in the set's iteration order, which depends on the process's string hash seed: the same
+    training saved two different ``adapter_config.json`` files. Write them sorted."""
+    configs = getattr(model, "peft_config", None)
+    path = folder / "adapter_config.json"
+    if not isinstance(configs, dict) or len(configs) != 1 or not path.is_file():
+        return
+    sets = [k for k, v in vars(next(iter(configs.values()))).items() if isinstance(v, set)]
+    saved = json.loads(path.read_text())
+    for key in sets:
+        if isinstance(saved.get(key), list):
+            saved[key] = sorted(saved[key])
+    path.write_text(json.dumps(saved, indent=2, sort_keys=True))  # peft's own layout
 
 
 def _validate(model: Any, validation: Validation, history: list[tuple[int, float]], step: int,
