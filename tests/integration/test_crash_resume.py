@@ -2,12 +2,13 @@
 continued with `--resume` ends with the adapter of an uninterrupted run, bit for bit; a truncated
 newest checkpoint is skipped (with a warning naming it) for the one before it.
 
-The kills land a seeded random time after a seeded random checkpoint appeared: anywhere in a
-training step, including inside the next checkpoint's write (one is written every step here).
+The kills land a seeded random time (up to 0.2 s) after a seeded random checkpoint appeared: anywhere
+in a training step, including inside the next checkpoint's write (one is written every step here).
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import random
 import re
@@ -24,7 +25,6 @@ from helpers import tiny_lora_spec
 import tuneline
 from tuneline.artifacts import ADAPTER_SHA_TAG, tree_sha256
 
-NAME = "crash"
 STEP = re.compile(r"step-(\d+)")
 # LoRA with dropout (the RNG), accumulation over micro-batches that cross epoch boundaries (the
 # seeded batch order), shared-prefix batching on: all of it must continue exactly after a resume
@@ -32,27 +32,33 @@ TRAIN = ("{{method: lora, lr: 3.0e-2, max_steps: {steps}, batch_size: 2, grad_ac
          "precision: fp32, seed: 0, checkpoint_every: 1, lora: {{dropout: 0.1}}}}")
 
 
-def _spec(folder: Path, model_dir: Path, steps: int) -> Path:
+def _spec(folder: Path, model_dir: Path, name: str, steps: int) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
-    spec = tiny_lora_spec(folder, model_dir, NAME, per_label=5, max_steps=steps, train=TRAIN.format(steps=steps),
+    spec = tiny_lora_spec(folder, model_dir, name, per_label=5, max_steps=steps, train=TRAIN.format(steps=steps),
                           extra="baseline: {enabled: false}\n")
     spec.write_text(spec.read_text().replace("eval: {", "eval: {compare_base: false, "))
     return spec
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Any:
-    """The uninterrupted runs, by number of steps (run once each, in this process: the CLI runs the
-    same code with the same number of threads)."""
-    done: dict[int, tuple[Path, Path]] = {}
+def workspace(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One workspace (tracking store, dataset versions) for the reference and the crashed runs."""
+    return tmp_path_factory.mktemp("crash") / "ws"
 
-    def get(steps: int) -> tuple[Path, Path]:
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path, workspace: Path) -> Any:
+    """The uninterrupted run's adapter, by number of steps (run once each, in this process: the
+    CLI runs the same code with the same number of threads). Its spec differs from the crashed
+    run's in the name only."""
+    done: dict[int, Path] = {}
+
+    def get(steps: int) -> Path:
         if steps not in done:
-            folder = tmp_path_factory.mktemp(f"reference-{steps}")
-            spec = _spec(folder, tiny_model_dir, steps)
-            result = tuneline.run(spec, workspace=folder / "ws", show_progress=False)
+            spec = _spec(tmp_path_factory.mktemp("reference"), tiny_model_dir, f"reference-{steps}", steps)
+            result = tuneline.run(spec, workspace=workspace, show_progress=False)
             assert result.train.steps == steps and result.train.resumed_from_step is None
-            done[steps] = (spec, Path(result.train.adapter_dir))
+            done[steps] = Path(result.train.adapter_dir)
         return done[steps]
 
     return get
@@ -103,56 +109,73 @@ def _truncate_newest(ckpt_root: Path) -> Path:
     return newest
 
 
-def _crash_and_resume(tmp_path: Path, reference: Any, model_dir: Path, steps: int, kills: int, seed: int,
-                      truncate_at: int) -> None:
-    ref_spec, ref_adapter = reference(steps)
-    spec = _spec(tmp_path / "spec", model_dir, steps)
-    assert spec.read_text() == ref_spec.read_text()
-    ws = tmp_path / "ws"
-    ckpt_root = ws / "runs" / NAME / "checkpoints"
+def _crash_and_resume(tmp_path: Path, workspace: Path, ref_adapter: Path, model_dir: Path, steps: int, kills: int,
+                      seed: int, truncate_at: int, caplog: pytest.LogCaptureFixture, final_in_process: bool) -> None:
+    name = f"crash-{steps}"
+    spec = _spec(tmp_path / "spec", model_dir, name, steps)
+    ckpt_root = workspace / "runs" / name / "checkpoints"
     rng = random.Random(seed)
-    planned = sorted(rng.sample(range(1, steps), kills))
     killed_at: list[int] = []
     truncated = None
-    for i, target in enumerate(planned):
-        # past the checkpoints already there, so that every kill lands in training, not at start-up
-        target = max(target, _newest_step(ckpt_root) + 1)
-        assert target < steps, f"no step left to kill in (killed after checkpoints {killed_at})"
+    for i in range(kills):
+        # a checkpoint past those already there (so every kill lands in training, not at start-up),
+        # leaving room for the kills still to come; the last step is never a target
+        newest = _newest_step(ckpt_root)
+        room = steps - 2 - newest
+        assert room >= kills - i, f"no room left for {kills - i} kills (killed after checkpoints {killed_at})"
+        target = newest + rng.randint(1, room // (kills - i))
         log = tmp_path / f"run-{i}.log"
-        proc = _start(spec, ws, log, resume=i > 0)
-        killed_at.append(_kill_after(proc, ckpt_root, target, rng.uniform(0.0, 0.4), log))
+        proc = _start(spec, workspace, log, resume=i > 0)
+        killed_at.append(_kill_after(proc, ckpt_root, target, rng.uniform(0.0, 0.2), log))
         if i == truncate_at:
             truncated = _truncate_newest(ckpt_root)
-    log = tmp_path / "final.log"
-    proc = _start(spec, ws, log, resume=True)
-    assert proc.wait(timeout=600) == 0, log.read_text()[-3000:]
-    out = log.read_text()
-    assert "registered as crash version 1" in out
+    assert len(killed_at) == kills and max(killed_at) < steps, killed_at
+    if final_in_process:  # the same `tuneline run --resume`, without starting python once more
+        with caplog.at_level(logging.WARNING):
+            result = tuneline.run(spec, workspace=workspace, resume=True, show_progress=False)
+        assert result.model_version == 1
+        out = "\n".join(r.getMessage() for r in caplog.records)
+    else:
+        log = tmp_path / "final.log"
+        proc = _start(spec, workspace, log, resume=True)
+        assert proc.wait(timeout=600) == 0, log.read_text()[-3000:]
+        out = log.read_text()
+        assert f"registered as {name} version 1" in out
     assert truncated is not None and f"checkpoint{truncated}isunusable" in "".join(out.split()), (
         f"no warning naming the truncated {truncated}:\n{out[-3000:]}")
-    assert len(killed_at) == kills and max(killed_at) < steps, killed_at
 
-    # the adapter is the uninterrupted run's, bit for bit (weights, config, tokenizer, spec copy)
-    adapter = ws / "runs" / NAME / "adapter"
+    # the adapter is the uninterrupted run's, bit for bit (weights, config, tokenizer; the spec copy
+    # differs in the name only)
+    adapter = workspace / "runs" / name / "adapter"
     ref_weights = (ref_adapter / "adapter_model.safetensors").read_bytes()
     assert (adapter / "adapter_model.safetensors").read_bytes() == ref_weights, f"killed after checkpoints {killed_at}"
-    assert tree_sha256(adapter) == tree_sha256(ref_adapter)
+    files = sorted(p.name for p in ref_adapter.iterdir())
+    assert sorted(p.name for p in adapter.iterdir()) == files
+    for f in files:
+        if f != "tuneline.yaml":
+            assert (adapter / f).read_bytes() == (ref_adapter / f).read_bytes(), f
+    assert (adapter / "tuneline.yaml").read_text() == spec.read_text()
 
     # the registered version records that folder's SHA-256, equal to the artifact in the store
     import mlflow
 
-    client = mlflow.MlflowClient(f"sqlite:///{ws / 'mlflow.db'}")
-    version = client.get_model_version(NAME, "1")
-    mlflow.set_tracking_uri(f"sqlite:///{ws / 'mlflow.db'}")
+    uri = f"sqlite:///{workspace / 'mlflow.db'}"
+    version = mlflow.MlflowClient(uri).get_model_version(name, "1")
+    mlflow.set_tracking_uri(uri)
     stored = Path(mlflow.artifacts.download_artifacts(version.source, dst_path=str(tmp_path / "download")))
     assert version.tags[ADAPTER_SHA_TAG] == tree_sha256(stored) == tree_sha256(adapter)
 
 
-def test_killed_runs_resume_to_the_uninterrupted_adapter(tmp_path: Path, reference: Any, tiny_model_dir: Path):
+def test_killed_runs_resume_to_the_uninterrupted_adapter(tmp_path: Path, reference: Any, workspace: Path,
+                                                        tiny_model_dir: Path, caplog: pytest.LogCaptureFixture):
     """Two kills; after the second the newest checkpoint is truncated as well."""
-    _crash_and_resume(tmp_path, reference, tiny_model_dir, steps=8, kills=2, seed=16, truncate_at=1)
+    _crash_and_resume(tmp_path, workspace, reference(8), tiny_model_dir, steps=8, kills=2, seed=16, truncate_at=1,
+                      caplog=caplog, final_in_process=True)
 
 
 @pytest.mark.slow
-def test_ten_kills_resume_to_the_uninterrupted_adapter(tmp_path: Path, reference: Any, tiny_model_dir: Path):
-    _crash_and_resume(tmp_path, reference, tiny_model_dir, steps=24, kills=10, seed=1600, truncate_at=6)
+def test_ten_kills_resume_to_the_uninterrupted_adapter(tmp_path: Path, reference: Any, workspace: Path,
+                                                      tiny_model_dir: Path, caplog: pytest.LogCaptureFixture):
+    """Ten kills, every run (the last included) through the command line."""
+    _crash_and_resume(tmp_path, workspace, reference(32), tiny_model_dir, steps=32, kills=10, seed=1600,
+                      truncate_at=6, caplog=caplog, final_in_process=False)
