@@ -131,7 +131,7 @@ def _crash_and_resume(tmp_path: Path, workspace: Path, ref_adapter: Path, model_
             truncated = _truncate_newest(ckpt_root)
     assert len(killed_at) == kills and max(killed_at) < steps, killed_at
     if final_in_process:  # the same `tuneline run --resume`, without starting python once more
-        with caplog.at_level(logging.WARNING):
+        with caplog.at_level(logging.INFO):
             result = tuneline.run(spec, workspace=workspace, resume=True, show_progress=False)
         assert result.model_version == 1
         out = "\n".join(r.getMessage() for r in caplog.records)
@@ -141,8 +141,12 @@ def _crash_and_resume(tmp_path: Path, workspace: Path, ref_adapter: Path, model_
         assert proc.wait(timeout=600) == 0, log.read_text()[-3000:]
         out = log.read_text()
         assert f"registered as {name} version 1" in out
-    assert truncated is not None and f"checkpoint{truncated}isunusable" in "".join(out.split()), (
-        f"no warning naming the truncated {truncated}:\n{out[-3000:]}")
+    # the run after the truncation warned, naming the checkpoint it skipped
+    after = out if truncate_at == kills - 1 else (tmp_path / f"run-{truncate_at + 1}.log").read_text()
+    assert truncated is not None and f"checkpoint{truncated}isunusable" in "".join(after.split()), (
+        f"no warning naming the truncated {truncated}:\n{after[-3000:]}")
+    resumed = [int(m.group(1)) for m in re.finditer(r"resumed from step-(\d+)", after)]
+    assert resumed and resumed[0] < int(truncated.name.split("-")[1])  # from the one before it
 
     # the adapter is the uninterrupted run's, bit for bit (weights, config, tokenizer; the spec copy
     # differs in the name only)
