@@ -5,11 +5,13 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tuneline.artifacts import ADAPTER_SHA_TAG, atomic_write_text, replace_dir, tree_sha256
 from tuneline.baseline import baseline_table
 from tuneline.curation import DatasetVersion
 from tuneline.data import PreparedData, prepare
@@ -143,7 +145,7 @@ def run(
         active = tracking.start_run(loaded, ws)
     with active as mlrun:
         run_id = mlrun.info.run_id
-        state_file.write_text(json.dumps({"mlflow_run_id": run_id}, indent=2))
+        atomic_write_text(state_file, json.dumps({"mlflow_run_id": run_id}, indent=2))
         if not resume:
             tracking.log_run_inputs(loaded, data.sources, spec.model, source.fingerprint())
             if version is not None:
@@ -169,7 +171,7 @@ def run(
             train_cfg = best_train(spec, found)
             _log_search(found, console)
         fingerprint = run_fingerprint(loaded, data, source.fingerprint(), version.id if version else None, train_cfg)
-        state_file.write_text(json.dumps({"mlflow_run_id": run_id, "fingerprint": fingerprint}, indent=2))
+        atomic_write_text(state_file, json.dumps({"mlflow_run_id": run_id, "fingerprint": fingerprint}, indent=2))
 
         scored_base = False
         if evaluation is not None and spec.eval.compare_base and not resume:
@@ -212,8 +214,7 @@ def run(
         mlflow.log_metrics({k: float(v) for k, v in result.to_dict().items()
                             if isinstance(v, (int, float)) and not isinstance(v, bool) and v is not None},
                            step=result.steps)
-        spec_copy = Path(result.adapter_dir) / "tuneline.yaml"
-        spec_copy.write_text(loaded.text)
+        atomic_write_text(Path(result.adapter_dir) / "tuneline.yaml", loaded.text)
         served = None  # the hybrid: the retriever shipped with the adapter, loaded back as the server will
         if retriever is not None and spec.retrieval is not None:
             from tuneline.retrieval import adapter_retriever
@@ -221,6 +222,7 @@ def run(
             retriever.index.copy_to(result.adapter_dir, spec.retrieval.k)
             served = adapter_retriever(result.adapter_dir, encoders={retriever.encoder.fingerprint: retriever.encoder})
         mlflow.log_artifacts(result.adapter_dir, "adapter")
+        adapter_sha256 = tree_sha256(result.adapter_dir)  # the folder exactly as logged
         console.print(f"trained {result.steps} steps in {result.seconds:.0f}s "
                       f"({result.tokens_per_second:.0f} tok/s, final loss {result.final_loss:.4f}); "
                       f"adapter: {result.adapter_dir}")
@@ -253,7 +255,7 @@ def run(
 
             report = _finish_evaluation(evaluation, loaded, ws, source, device, base_dtype, run_dir, console,
                                         before_record=add_baselines)
-        model_version = _register(loaded, ws, source, run_id, version.id if version else None, report)
+        model_version = _register(loaded, ws, source, run_id, version.id if version else None, report, adapter_sha256)
         from tuneline import registry
 
         gates = registry.gate_state_of(report) if report else registry.GATE_NOT_EVALUATED
@@ -366,8 +368,10 @@ def _reuse_trial(model: Any, found: Any, run_dir: Path, tokenizer: Any, console:
 
     src = Path(found.reusable_adapter)
     dest = run_dir / "adapter"
-    shutil.rmtree(dest, ignore_errors=True)
-    shutil.copytree(src, dest)
+    tmp = run_dir / f".adapter.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(src, tmp)
+    replace_dir(tmp, dest)  # the previous adapter stays whole until the copy is
     saved = json.loads((src.parent / "train_result.json").read_text())
     saved["adapter_dir"] = str(dest)
     saved["validations"] = [tuple(v) for v in saved.get("validations", [])]
@@ -406,8 +410,9 @@ def _compute(spec: Any) -> tuple[str, str, str]:
 
 
 def _register(loaded: LoadedSpec, ws: Workspace, source: Any, run_id: str, dataset_version: str | None,
-              suite: EvalSuite | None) -> int:
-    """Register the run's adapter artifact as the next version of the spec's model."""
+              suite: EvalSuite | None, adapter_sha256: str) -> int:
+    """Register the run's adapter artifact (whose folder has ``adapter_sha256``, see
+    :func:`tuneline.artifacts.tree_sha256`) as the next version of the spec's model."""
     import mlflow
 
     import tuneline
@@ -417,6 +422,7 @@ def _register(loaded: LoadedSpec, ws: Workspace, source: Any, run_id: str, datas
         spec_sha256=loaded.sha256, dataset_version=dataset_version,
         code_version=tracking.git_sha(loaded.base_dir) or f"tuneline {tuneline.__version__}",
         base_model=loaded.spec.model, base_fingerprint=source.fingerprint(), suite=suite)
+    tags[ADAPTER_SHA_TAG] = adapter_sha256
     return registry.register_version(tracking.tracking_uri(loaded, ws), loaded.spec.name, run_id,
                                      mlflow.get_artifact_uri("adapter"), tags)
 

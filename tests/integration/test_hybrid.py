@@ -111,6 +111,22 @@ def test_hybrid_run_trains_evaluates_and_ships_the_index(hybrid_run: Any):
                             "adapter/retrieval/vectors.npy"]
 
 
+def test_the_registered_version_records_the_sha256_of_the_adapter_as_stored(hybrid_run: Any, tmp_path: Path):
+    """The tag is the hash of the folder the tracking store holds (weights, spec copy and index):
+    what the server can check a downloaded adapter against."""
+    import mlflow
+
+    from tuneline.artifacts import ADAPTER_SHA_TAG, tree_sha256
+
+    _, ws, result = hybrid_run
+    uri = f"sqlite:///{ws / 'mlflow.db'}"
+    version = mlflow.MlflowClient(uri).get_model_version("tiny-hybrid", str(result.model_version))
+    mlflow.set_tracking_uri(uri)
+    stored = Path(mlflow.artifacts.download_artifacts(version.source, dst_path=str(tmp_path)))
+    assert (stored / "retrieval" / "vectors.npy").is_file() and (stored / "tuneline.yaml").is_file()
+    assert version.tags[ADAPTER_SHA_TAG] == tree_sha256(stored) == tree_sha256(result.train.adapter_dir)
+
+
 def test_eval_scores_the_saved_hybrid_with_its_index_and_a_plain_adapter_without(hybrid_run: Any, tmp_path: Path,
                                                                                 tiny_model_dir: Path):
     """`tuneline eval` of the hybrid beside a production adapter that has no index: each system is

@@ -11,6 +11,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from tuneline.artifacts import recover_dir, replace_dir
 from tuneline.errors import ModelError, Problem
 from tuneline.models.sources import ModelSource
 
@@ -32,12 +33,17 @@ def converted_dir(source: ModelSource, cache_root: Path) -> Path:
     return cache_root / f"{source.path.stem}-{digest}"
 
 
+def _complete(folder: Path) -> bool:
+    return (folder / "config.json").is_file() and (folder / "tokenizer_config.json").is_file()
+
+
 def ensure_converted(source: ModelSource, cache_root: Path) -> Path:
     """Dequantize a GGUF once into safetensors under ``cache_root``; return that directory."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     target = converted_dir(source, cache_root)
-    if (target / "config.json").is_file() and (target / "tokenizer_config.json").is_file():
+    recover_dir(target)
+    if _complete(target):
         return target
     assert source.path is not None
     log.info("converting %s to safetensors (once; cached in %s)", source.path.name, target)
@@ -54,8 +60,10 @@ def ensure_converted(source: ModelSource, cache_root: Path) -> Path:
     _strip_gguf_quantizer(model)
     model.save_pretrained(tmp)
     tok.save_pretrained(tmp)
-    shutil.rmtree(target, ignore_errors=True)
-    tmp.rename(target)
+    if _complete(target):  # another process converted it meanwhile (the same file: the same result)
+        shutil.rmtree(tmp, ignore_errors=True)
+        return target
+    replace_dir(tmp, target)  # fsynced, so a crash never leaves a partial conversion in the cache
     log.info("converted in %.1fs", time.perf_counter() - t0)
     return target
 

@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from tuneline.artifacts import replace_dir
 from tuneline.data.examples import Example, Message
 from tuneline.errors import ModelError, Problem
 from tuneline.retrieval.encoder import BUILTIN_ENCODERS, Encoder, load_encoder
@@ -81,11 +82,17 @@ class RetrievalIndex:
     def copy_to(self, adapter_dir: str | Path, k: int) -> Path:
         """Ship the index with an adapter (``adapter_dir/retrieval/``), recording ``k``."""
         dest = Path(adapter_dir) / FOLDER
-        shutil.rmtree(dest, ignore_errors=True)
-        dest.mkdir(parents=True)
-        for name in (VECTORS, ROWS):
-            shutil.copy2(self.path / name, dest / name)
-        (dest / META).write_text(json.dumps({**self.meta, "k": k, "copied_from": str(self.path)}, indent=2) + "\n")
+        tmp = dest.with_name(f".{FOLDER}.tmp-{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        try:
+            for name in (VECTORS, ROWS):
+                shutil.copy2(self.path / name, tmp / name)
+            (tmp / META).write_text(json.dumps({**self.meta, "k": k, "copied_from": str(self.path)}, indent=2) + "\n")
+            replace_dir(tmp, dest)  # fsynced; an index already there stays whole until this one is
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
         return dest
 
 
@@ -134,8 +141,7 @@ def build_index(examples: Sequence[Example], encoder: Encoder, folder: Path,
             "created": datetime.now(UTC).isoformat(timespec="seconds"),
         }
         (tmp / META).write_text(json.dumps(meta, indent=2) + "\n")
-        shutil.rmtree(folder, ignore_errors=True)
-        os.replace(tmp, folder)
+        replace_dir(tmp, folder)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -1,72 +1,206 @@
-"""Resumable checkpoints: trainable weights, optimizer, scheduler, RNG and position, written atomically."""
+"""Resumable checkpoints: trainable weights, optimizer, scheduler, RNG and position.
+
+A checkpoint is a folder ``step-NNNNNNN`` holding ``state.pt`` and ``meta.json`` (which records
+``state.pt``'s SHA-256). It is written in a temporary folder, fsynced and renamed into place, so a
+crash never leaves a partial folder under a checkpoint's name. ``state.pt`` holds only tensors and
+plain Python values and is read with ``torch.load(weights_only=True)``: a checkpoint cannot run
+code when it is loaded. Resuming tries the newest checkpoint first and falls back to an older one
+(with a warning naming the bad one) when it is corrupt, truncated or unreadable.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
+import logging
+import os
 import random
+import re
 import shutil
 from pathlib import Path
 from typing import Any
 
+from tuneline.artifacts import file_sha256, fsync_dir, replace_dir
 from tuneline.errors import Problem, TrainingError
 
+log = logging.getLogger(__name__)
+
 KEEP_LAST = 2
+STATE, META = "state.pt", "meta.json"
+_NAME = re.compile(r"step-(\d+)")
+
+
+class UnusableCheckpoint(Exception):
+    """A checkpoint that cannot be read back (corrupt, truncated, refused by the safe loader)."""
 
 
 def trainable_state(model: Any) -> dict[str, Any]:
     return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
+def rng_state() -> dict[str, Any]:
+    """Every random generator training draws from, as tensors and plain values (what
+    ``torch.load(weights_only=True)`` reads back)."""
+    import numpy as np
+    import torch
+
+    version, internal, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+        "python": [int(version), [int(x) for x in internal], None if gauss is None else float(gauss)],
+        "numpy": [str(kind), torch.from_numpy(np.asarray(keys, dtype=np.int64)), int(pos), int(has_gauss),
+                  float(cached)],
+    }
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    import numpy as np
+    import torch
+
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    if state.get("numpy") is not None:
+        kind, keys, pos, has_gauss, cached = state["numpy"]
+        np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+
+
+def checkpoint_step(path: Path) -> int | None:
+    """The step of a checkpoint folder's name; None for anything else (temporary folders, ``.old``)."""
+    m = _NAME.fullmatch(path.name)
+    return int(m.group(1)) if m else None
+
+
+def checkpoints(ckpt_root: Path) -> list[Path]:
+    """The checkpoint folders under ``ckpt_root``, newest first."""
+    if not ckpt_root.is_dir():
+        return []
+    found = [p for p in ckpt_root.iterdir() if p.is_dir() and checkpoint_step(p) is not None]
+    return sorted(found, key=lambda p: checkpoint_step(p) or 0, reverse=True)
+
+
 def save_checkpoint(ckpt_root: Path, step: int, model: Any, optimizer: Any, scheduler: Any,
                     fingerprint: str, extra: dict[str, Any]) -> Path:
+    """Write the checkpoint of ``step`` durably, then drop all but the last :data:`KEEP_LAST`."""
     import torch
 
     target = ckpt_root / f"step-{step:07d}"
-    tmp = ckpt_root / f".tmp-step-{step:07d}"
+    tmp = ckpt_root / f".tmp-step-{step:07d}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    torch.save(
-        {
-            "model": trainable_state(model),
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "torch_rng": torch.get_rng_state(),
-            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-            "py_rng": random.getstate(),
-        },
-        tmp / "state.pt",
-    )
-    (tmp / "meta.json").write_text(json.dumps({"step": step, "fingerprint": fingerprint, **extra}, indent=2))
-    shutil.rmtree(target, ignore_errors=True)
-    tmp.rename(target)
-    for old in sorted(ckpt_root.glob("step-*"))[:-KEEP_LAST]:
-        shutil.rmtree(old, ignore_errors=True)
+    buf = io.BytesIO()
+    torch.save({"model": trainable_state(model), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "rng": rng_state()}, buf)
+    data = buf.getvalue()
+    (tmp / STATE).write_bytes(data)
+    meta = {"step": step, "fingerprint": fingerprint, "state_sha256": hashlib.sha256(data).hexdigest(), **extra}
+    (tmp / META).write_text(json.dumps(meta, indent=2))
+    replace_dir(tmp, target)  # fsyncs the files and the folders before and after the rename
+    for old in checkpoints(ckpt_root)[KEEP_LAST:]:
+        _discard(old)
     return target
 
 
+def _discard(path: Path) -> None:
+    """Remove a checkpoint: first renamed out of the checkpoint names, so a crash halfway through
+    the deletion never leaves a partial folder that looks like a checkpoint."""
+    trash = path.with_name(f".trash-{path.name}")
+    shutil.rmtree(trash, ignore_errors=True)
+    os.replace(path, trash)
+    fsync_dir(path.parent)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
 def latest_checkpoint(ckpt_root: Path) -> Path | None:
-    found = sorted(p for p in ckpt_root.glob("step-*") if (p / "meta.json").is_file())
-    return found[-1] if found else None
+    """The newest checkpoint folder with a ``meta.json`` (not yet checked for corruption)."""
+    found = [p for p in checkpoints(ckpt_root) if (p / META).is_file()]
+    return found[0] if found else None
 
 
-def load_checkpoint(path: Path, model: Any, optimizer: Any, scheduler: Any, fingerprint: str) -> dict[str, Any]:
-    """Restore state in place; return the checkpoint's meta (with ``step``)."""
+def read_checkpoint(path: Path, fingerprint: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(meta, state) of a checkpoint; :class:`UnusableCheckpoint` when it cannot be read back whole,
+    :class:`TrainingError` when it is whole but belongs to another spec, data or model."""
     import torch
 
-    meta = json.loads((path / "meta.json").read_text())
+    try:
+        meta = json.loads((path / META).read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise UnusableCheckpoint(f"{META} unreadable: {exc}") from exc
+    if not isinstance(meta, dict) or not isinstance(meta.get("step"), int):
+        raise UnusableCheckpoint(f"{META} has no step")
     if meta.get("fingerprint") != fingerprint:
         raise TrainingError(Problem(
             f"checkpoint {path} was made with a different spec, data or model",
             hint="run without --resume to start over, or restore the spec and data it was made with"))
-    state = torch.load(path / "state.pt", weights_only=False)
+    try:
+        actual = file_sha256(path / STATE)
+    except OSError as exc:
+        raise UnusableCheckpoint(f"{STATE} unreadable: {exc}") from exc
+    if meta.get("state_sha256") not in (None, actual):  # None: written before hashes were recorded
+        raise UnusableCheckpoint(f"{STATE} is corrupt or truncated (its SHA-256 is not the one recorded)")
+    try:
+        state = torch.load(path / STATE, weights_only=True, map_location="cpu")
+    except Exception as exc:  # noqa: BLE001 - torch raises many types for a bad file; all mean "unusable"
+        raise UnusableCheckpoint(f"{STATE} cannot be loaded safely: {str(exc).splitlines()[0]}") from exc
+    if isinstance(state, dict) and "rng" not in state and "py_rng" in state:  # the format before the RNG was stored as plain values
+        state["rng"] = {"torch": state["torch_rng"], "cuda": state.get("cuda_rng"),
+                        "python": [state["py_rng"][0], list(state["py_rng"][1]), state["py_rng"][2]]}
+    if not isinstance(state, dict) or not {"model", "optimizer", "scheduler", "rng"} <= state.keys():
+        raise UnusableCheckpoint(f"{STATE} lacks the training state")
+    return meta, state
+
+
+def load_checkpoint(path: Path, model: Any, optimizer: Any, scheduler: Any, fingerprint: str) -> dict[str, Any]:
+    """Restore state in place from the checkpoint at ``path``; return its meta (with ``step``)."""
+    try:
+        meta, state = read_checkpoint(path, fingerprint)
+    except UnusableCheckpoint as exc:
+        raise TrainingError(Problem(f"checkpoint {path} is unusable: {exc}",
+                                    hint="delete it to resume from an older one")) from exc
+    _apply(state, model, optimizer, scheduler)
+    return meta
+
+
+def resume_checkpoint(ckpt_root: Path, model: Any, optimizer: Any, scheduler: Any,
+                      fingerprint: str) -> tuple[Path, dict[str, Any]]:
+    """Restore the newest usable checkpoint under ``ckpt_root``; return (its folder, its meta).
+
+    A corrupt, truncated or unreadable checkpoint is skipped with a warning naming it, and removed
+    once an older one was restored (the resumed run writes it again)."""
+    found = checkpoints(ckpt_root)
+    if not found:
+        raise TrainingError(Problem(f"nothing to resume: no checkpoint in {ckpt_root}",
+                                    hint="run without --resume to start training"))
+    bad: list[tuple[Path, str]] = []
+    for path in found:
+        try:
+            meta, state = read_checkpoint(path, fingerprint)
+        except UnusableCheckpoint as exc:
+            bad.append((path, str(exc)))
+            log.warning("checkpoint %s is unusable (%s); trying the one before it", path, exc)
+            continue
+        _apply(state, model, optimizer, scheduler)
+        for skipped, _ in bad:
+            _discard(skipped)
+        return path, meta
+    listed = "; ".join(f"{p.name}: {why}" for p, why in bad)
+    raise TrainingError(Problem(
+        f"no usable checkpoint in {ckpt_root} ({listed})",
+        hint=f"run without --resume to train from the start (this replaces {ckpt_root})"))
+
+
+def _apply(state: dict[str, Any], model: Any, optimizer: Any, scheduler: Any) -> None:
+    import torch
+
     params = dict(model.named_parameters())
     with torch.no_grad():
         for name, value in state["model"].items():
             params[name].copy_(value)
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
-    torch.set_rng_state(state["torch_rng"])
-    if state.get("cuda_rng") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda_rng"])
-    random.setstate(state["py_rng"])
-    return meta
+    set_rng_state(state["rng"])

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import io
+import json
 import logging
 import math
+import os
 import random
 import shutil
 import time
@@ -13,17 +16,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tuneline.artifacts import atomic_write_bytes, replace_dir
 from tuneline.data.examples import Example
 from tuneline.data.tokenize import Encoded, encode_example, end_of_turn
-from tuneline.errors import DataError, Problem, TrainingError
+from tuneline.errors import DataError, Problem
 from tuneline.spec.models import TrainSpec
 from tuneline.train.batching import collate, collate_packed, epoch_batches, shared_prefix_len
-from tuneline.train.checkpoint import (
-    latest_checkpoint,
-    load_checkpoint,
-    save_checkpoint,
-    trainable_state,
-)
+from tuneline.train.checkpoint import resume_checkpoint, save_checkpoint, trainable_state
 from tuneline.train.loss import answer_loss_sum
 from tuneline.train.peft_builders import count_parameters, wrap_for_training
 from tuneline.train.precision import resolve_precision
@@ -253,11 +252,7 @@ def train(
     start_step, resumed_from, loss_value = 0, None, float("nan")
     history: list[tuple[int, float]] = []
     if resume:
-        last = latest_checkpoint(ckpt_root)
-        if last is None:
-            raise TrainingError(Problem(f"nothing to resume: no checkpoint in {ckpt_root}",
-                                        hint="run without --resume to start training"))
-        meta = load_checkpoint(last, model, optimizer, scheduler, fingerprint)
+        last, meta = resume_checkpoint(ckpt_root, model, optimizer, scheduler, fingerprint)
         start_step = resumed_from = int(meta["step"])
         loss_value = float(meta.get("loss", "nan"))
         history = [(int(a), float(b)) for a, b in meta.get("validations", [])]
@@ -319,10 +314,7 @@ def train(
 
     # --- save --------------------------------------------------------------------------------
     eval_loss = evaluate_loss(model, eval_encoded, cfg.batch_size, pad_id, precision, device) if eval_encoded else None
-    adapter_dir = out_dir / "adapter"
-    shutil.rmtree(adapter_dir, ignore_errors=True)
-    model.save_pretrained(adapter_dir)
-    tokenizer.save_pretrained(adapter_dir)
+    adapter_dir = save_adapter(model, tokenizer, out_dir / "adapter")
     save_checkpoint(ckpt_root, done, model, optimizer, scheduler, fingerprint,
                     {"total_steps": total_steps, "loss": loss_value, "validations": history})
     model.eval()
@@ -338,6 +330,34 @@ def train(
     return model, result
 
 
+def save_adapter(model: Any, tokenizer: Any, adapter_dir: Path) -> Path:
+    """Save the adapter (or whole model) and tokenizer at ``adapter_dir``, atomically and durably:
+    written whole in a temporary folder, then put in place of the previous one (never deleted first)."""
+    tmp = adapter_dir.with_name(f".{adapter_dir.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    _sort_peft_sets(model, tmp)
+    replace_dir(tmp, adapter_dir)
+    return adapter_dir
+
+
+def _sort_peft_sets(model: Any, folder: Path) -> None:
+    """peft writes a set in its config (``target_modules`` once ``all-linear`` is resolved to module
+    names) in the set's iteration order, which depends on the process's string hash seed: the same
+    training saved two different ``adapter_config.json`` files. Write them sorted."""
+    configs = getattr(model, "peft_config", None)
+    path = folder / "adapter_config.json"
+    if not isinstance(configs, dict) or len(configs) != 1 or not path.is_file():
+        return
+    sets = [k for k, v in vars(next(iter(configs.values()))).items() if isinstance(v, set)]
+    saved = json.loads(path.read_text())
+    for key in sets:
+        if isinstance(saved.get(key), list):
+            saved[key] = sorted(saved[key])
+    path.write_text(json.dumps(saved, indent=2, sort_keys=True))  # peft's own layout
+
+
 def _validate(model: Any, validation: Validation, history: list[tuple[int, float]], step: int,
               ckpt_root: Path) -> float:
     """Score the model now; record it; keep its weights when it is the best so far."""
@@ -350,9 +370,9 @@ def _validate(model: Any, validation: Validation, history: list[tuple[int, float
     model.train()
     history.append((step, value))
     if validation.keep_best and validation.improved(value, best):
-        tmp = ckpt_root / ".best.pt"
-        torch.save(trainable_state(model), tmp)
-        tmp.replace(ckpt_root / "best.pt")
+        buf = io.BytesIO()
+        torch.save(trainable_state(model), buf)
+        atomic_write_bytes(ckpt_root / "best.pt", buf.getvalue())
     return value
 
 
