@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import textwrap
+from collections.abc import Iterator
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -185,3 +187,31 @@ def loss_tolerance(loss: float, n_tokens: int, vocab_size: int, logits_dtype=Non
     divisor = n_tokens if mean else 1
     summed = tolerance("float32", n_tokens, scale=abs(loss) * divisor, c=c)["atol"]
     return {"rtol": 0.0, "atol": (n_tokens**0.5 * per_token + summed) / divisor}
+
+
+@contextlib.contextmanager
+def uvicorn_on_loopback(app) -> Iterator[str]:
+    """Serve ``app`` under uvicorn on a free 127.0.0.1 port, in a thread; yields its base URL and
+    stops the server on exit."""
+    import socket
+    import threading
+    import time
+
+    import uvicorn
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not server.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            raise RuntimeError("uvicorn did not start")
+        time.sleep(0.025)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)

@@ -4,13 +4,11 @@ feedback, a PII-redacted request log, and mixed-adapter batches equal to one-at-
 
 from __future__ import annotations
 
-import socket
-import threading
-import time
 from pathlib import Path
 
 import httpx
 import pytest
+from helpers import uvicorn_on_loopback
 
 import tuneline
 from tuneline import registry
@@ -33,22 +31,9 @@ def served(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path):
     assert (v1, v2) == (1, 2)
     registry.promote(ws.tracking_uri, "tiny-intents", 1)
 
-    import uvicorn
-
     app = build_app(ws, keys=KEYS, resolve_ttl=0.0)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    for _ in range(200):
-        if server.started:
-            break
-        time.sleep(0.05)
-    yield {"url": f"http://127.0.0.1:{port}", "ws": ws, "app": app}
-    server.should_exit = True
-    thread.join(timeout=10)
+    with uvicorn_on_loopback(app) as url:
+        yield {"url": url, "ws": ws, "app": app}
     app.state.engine.close()
 
 

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import socket
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,6 +17,7 @@ from typing import Any
 
 import httpx
 import pytest
+from helpers import uvicorn_on_loopback
 
 from tuneline.registry import VersionInfo
 from tuneline.serve import Key, RequestLog, ServerConfig
@@ -85,8 +84,6 @@ def _versions(adapters: dict[str, Path]) -> dict[str, VersionInfo]:
 
 @contextlib.contextmanager
 def serve(engine: Any, adapters: dict[str, Path], tmp_path: Path, keys: Any = None, **config: Any) -> Iterator[str]:
-    import uvicorn
-
     versions = _versions(adapters) | config.pop("versions", {})
     if keys is None and "no_keys" not in config:
         keys = {ALL: Key("ops", {"*"}), NARROW: Key("narrow", {"support@production"})}
@@ -104,21 +101,8 @@ def serve(engine: Any, adapters: dict[str, Path], tmp_path: Path, keys: Any = No
                                                adapters_path=lambda info: info.source, base_name="base",
                                                **{k: v for k, v in options.items() if k in known}))
     app.state.request_log = log
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    for _ in range(400):
-        if server.started:
-            break
-        time.sleep(0.025)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
+    with uvicorn_on_loopback(app) as url:
+        yield url
 
 
 def _openai(url: str, key: str = ALL):

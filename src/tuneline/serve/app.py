@@ -22,16 +22,17 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, field_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from tuneline.serve.engine import BASE, Engine, Job, Result
+from tuneline.serve.keys import Key, hash_key
 from tuneline.serve.requestlog import RequestLog, RequestLogError
+from tuneline.serve.schema import ChatRequest, CommonRequest, CompletionRequest, FeedbackRequest
 
 log = logging.getLogger("tuneline.serve")
 
@@ -48,180 +49,6 @@ class ApiError(Exception):
 
 def _error_body(message: str, type_: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}
-
-
-# --- request models (unknown fields are ignored, as OpenAI's API does; known ones we do not ---
-# --- implement are refused with a 400 naming them, never silently ignored) -------------------------
-
-class _Req(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-
-    @field_validator("*")
-    @classmethod
-    def _valid_unicode(cls, value: Any) -> Any:
-        # JSON may escape a lone surrogate ("\\ud800"); the tokenizer and the request log cannot encode one
-        for s in value if isinstance(value, list) else [value]:
-            if isinstance(s, str) and not s.isascii():
-                try:
-                    s.encode("utf-8")
-                except UnicodeEncodeError:
-                    raise ValueError("contains a lone UTF-16 surrogate, which is not valid Unicode") from None
-        return value
-
-
-class TextPart(_Req):
-    type: Literal["text"]
-    text: str
-
-
-class ChatMessage(_Req):
-    role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart]
-
-    @field_validator("content", mode="before")
-    @classmethod
-    def _text_parts_only(cls, value: Any) -> Any:
-        if isinstance(value, list):
-            for i, part in enumerate(value):
-                kind = part.get("type") if isinstance(part, dict) else type(part).__name__
-                if kind != "text":
-                    raise ValueError(f"part {i} has type {kind!r}: only text parts are supported")
-        return value
-
-    def plain(self) -> dict[str, str]:
-        """As the chat template takes it: ``developer`` is a system message, text parts joined."""
-        content = self.content if isinstance(self.content, str) else "\n".join(p.text for p in self.content)
-        return {"role": "system" if self.role == "developer" else self.role, "content": content}
-
-
-_UNSET: tuple[Any, ...] = (None, False, [], {}, 0, "none")  # values that ask for nothing
-
-
-def _refuse(value: Any) -> Any:
-    if value not in _UNSET:
-        raise ValueError("not supported by this server (it would be ignored, so it is refused)")
-    return value
-
-
-class _Common(_Req):
-    model: str = Field(min_length=1, max_length=300)
-    max_tokens: int | None = Field(default=None, ge=1, le=4096)
-    max_completion_tokens: int | None = Field(default=None, ge=1, le=4096)
-    temperature: float | None = Field(default=None, ge=0, le=2)
-    top_p: float | None = Field(default=None, gt=0, le=1)
-    stream: bool = False
-    stream_options: dict[str, Any] | None = None
-    stop: str | list[str] | None = Field(default=None, description="up to 4 stop strings")
-    n: int = Field(default=1, ge=1, le=1, description="only 1")
-    user: str | None = None
-    seed: int | None = None
-    # not implemented: refused when set (a client must not believe they were applied)
-    tools: list[Any] | None = None
-    tool_choice: Any = None
-    functions: list[Any] | None = None
-    function_call: Any = None
-    logprobs: Any = None
-    top_logprobs: int | None = None
-    response_format: Any = None
-    logit_bias: dict[str, Any] | None = None
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
-    audio: Any = None
-    modalities: list[str] | None = None
-    prediction: Any = None
-
-    @field_validator("tools", "tool_choice", "functions", "function_call", "logprobs", "top_logprobs", "logit_bias",
-                     "presence_penalty", "frequency_penalty", "audio", "prediction")
-    @classmethod
-    def _not_implemented(cls, value: Any) -> Any:
-        return _refuse(value)
-
-    @field_validator("response_format")
-    @classmethod
-    def _text_format(cls, value: Any) -> Any:
-        if value is not None and value != {"type": "text"}:
-            raise ValueError("only {'type': 'text'} is supported (no JSON mode or schemas)")
-        return value
-
-    @field_validator("modalities")
-    @classmethod
-    def _text_modality(cls, value: Any) -> Any:
-        if value is not None and value != ["text"]:
-            raise ValueError("only ['text'] is supported")
-        return value
-
-    @field_validator("stop")
-    @classmethod
-    def _few_stops(cls, value: Any) -> Any:
-        if isinstance(value, list) and len(value) > 4:
-            raise ValueError("at most 4 stop strings")
-        return value
-
-    @field_validator("stream_options")
-    @classmethod
-    def _stream_options(cls, value: Any) -> Any:
-        unknown = set(value or {}) - {"include_usage"}
-        if unknown:
-            raise ValueError(f"unsupported stream options {sorted(unknown)}")
-        return value
-
-
-class ChatRequest(_Common):
-    messages: list[ChatMessage] = Field(min_length=1, max_length=256)
-
-
-class CompletionRequest(_Common):
-    prompt: str | list[str]
-    echo: bool | None = None
-    suffix: str | None = None
-    best_of: int | None = Field(default=None, ge=1, le=1, description="only 1")
-
-    @field_validator("echo", "suffix")
-    @classmethod
-    def _not_implemented_here(cls, value: Any) -> Any:
-        return _refuse(value)
-
-
-class FeedbackRequest(_Req):
-    response_id: str = Field(min_length=1, max_length=64)
-    rating: int | None = Field(default=None, ge=-1, le=5, description="-1/1 (thumbs) or 1-5 stars")
-    correction: str | None = Field(default=None, max_length=20_000)
-    comment: str | None = Field(default=None, max_length=20_000)
-
-
-@dataclass
-class Key:
-    """An API key's scope. ``models``: ``"*"`` (everything), ``NAME`` (every version of NAME),
-    ``NAME@ALIAS`` (only that alias; ``NAME@production`` also allows plain ``NAME``) or ``NAME@3``.
-    ``sha256``: the key's hex digest, for a keys file that does not hold the key itself.
-    ``metrics``: may read ``/metrics`` (so may a ``"*"`` key)."""
-
-    name: str
-    models: set[str]
-    sha256: str | None = None
-    metrics: bool = False
-
-    def allows(self, ref: str) -> bool:
-        if "*" in self.models or ref in self.models:
-            return True
-        name, _, which = ref.partition("@")
-        for allowed in self.models:
-            a_name, _, a_which = allowed.partition("@")
-            if a_name == name and (not a_which or a_which == (which or "production")):
-                return True
-        return False
-
-    def allows_name(self, name: str) -> bool:
-        """Whether any reference to model ``name`` is within scope (for listing)."""
-        return "*" in self.models or any(m.partition("@")[0] == name for m in self.models)
-
-    @property
-    def reads_metrics(self) -> bool:
-        return self.metrics or "*" in self.models
-
-
-def hash_key(token: str) -> str:
-    return hashlib.sha256(token.encode("utf-8")).hexdigest()
 
 
 @dataclass
@@ -490,7 +317,7 @@ def create_app(engine: Engine, log_db: RequestLog, config: ServerConfig) -> Fast
                                 f"({exc.problems[0].message})", "server_error", "model",
                            "adapter_verification_failed") from exc
 
-    def make_job(body: _Common, prompt_ids: list[int], adapter: str, deadline: float | None) -> Job:
+    def make_job(body: CommonRequest, prompt_ids: list[int], adapter: str, deadline: float | None) -> Job:
         limit = body.max_completion_tokens or body.max_tokens or config.default_max_tokens
         if len(prompt_ids) + limit > engine.context_length:
             raise ApiError(400, f"the prompt has {len(prompt_ids)} tokens; with max_tokens {limit} that exceeds the "
@@ -504,7 +331,7 @@ def create_app(engine: Engine, log_db: RequestLog, config: ServerConfig) -> Fast
         return Job(prompt_ids, adapter, limit, temperature, stop, deadline=deadline,
                    top_p=float(body.top_p if body.top_p is not None else 1.0))
 
-    async def answer(request: Request, body: _Common, endpoint: str, prompt: Any, logged_prompt: Any,
+    async def answer(request: Request, body: CommonRequest, endpoint: str, prompt: Any, logged_prompt: Any,
                      chat: bool) -> Any:
         """``prompt(adapter) -> (token ids, what was retrieved or None)``: built once the model is
         resolved, since a hybrid adapter puts its retrieved examples in the prompt."""
