@@ -68,25 +68,6 @@ def make_model(out: Path, builtin: bool) -> tuple[Any, Path]:
     return resolve_model_source(str(out / "tiny")), out / "tiny"
 
 
-def make_adapters(model_dir: Path, out: Path, n: int) -> list[Path]:
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    paths = []
-    for k in range(n):
-        torch.manual_seed(k)
-        model = get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32),
-                               LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"))
-        with torch.no_grad():
-            for name, p in model.named_parameters():
-                if "lora_B" in name:
-                    p.normal_(0, 1e-3)
-        model.save_pretrained(out / f"adapter{k}")
-        paths.append(out / f"adapter{k}")
-    return paths
-
-
 class Stats:
     def __init__(self) -> None:
         self.status: Counter[str] = Counter()
@@ -225,7 +206,9 @@ def main() -> int:
     tmp = Path(tempfile.mkdtemp(prefix="tuneline-serve-load-"))
     print(f"preparing in {tmp} ...", flush=True)
     source, model_dir = make_model(tmp, args.builtin)
-    paths = make_adapters(model_dir, tmp, 3)
+    from serve_throughput import make_adapters  # bench/ is on the path when run as a script
+
+    paths = make_adapters(model_dir, tmp, 3, r=8)
     versions = {f"load{k}": VersionInfo(f"load{k}", 1, None, str(p), "") for k, p in enumerate(paths)}
     import torch
 

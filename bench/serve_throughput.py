@@ -27,7 +27,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
 
-def make_adapters(model_dir: Path, out: Path, n: int) -> list[Path]:
+def make_adapters(model_dir: Path, out: Path, n: int, r: int = 16) -> list[Path]:
+    """``n`` LoRA adapters of rank ``r`` with small random B (each answers differently)."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
@@ -36,7 +37,7 @@ def make_adapters(model_dir: Path, out: Path, n: int) -> list[Path]:
     for k in range(n):
         torch.manual_seed(k)
         base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-        peft_model = get_peft_model(base, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear"))
+        peft_model = get_peft_model(base, LoraConfig(r=r, lora_alpha=2 * r, target_modules="all-linear"))
         with torch.no_grad():
             for name, p in peft_model.named_parameters():
                 if "lora_B" in name:
