@@ -25,6 +25,8 @@ class Example:
     assistant turns only. ``reference`` is the expected final answer (the label for
     classification), used by evaluation. ``demonstrations`` counts the messages right after the
     system prompt that are retrieved or fixed examples shown as context: they are not trained on.
+    ``references`` holds every good answer of an evaluation item (generation tasks: the answers of
+    all rows sharing this input); empty for a plain row, whose only reference is ``reference``.
     """
 
     where: str
@@ -32,6 +34,12 @@ class Example:
     reference: str
     label: str | None = None
     demonstrations: int = 0
+    references: tuple[str, ...] = ()
+
+    @property
+    def all_references(self) -> tuple[str, ...]:
+        """Every reference answer: ``references`` for a grouped item, else ``(reference,)``."""
+        return self.references or (self.reference,)
 
     @property
     def prompt_messages(self) -> list[Message]:

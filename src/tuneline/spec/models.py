@@ -14,7 +14,11 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-TaskType = Literal["classification", "instruction", "chat", "summarization", "structured"]
+TaskType = Literal["classification", "instruction", "chat", "summarization", "translation", "structured"]
+# Tasks where one input may have several good answers: different answers to one input are
+# references (all kept, all scored against), not conflicts. Classification and structured
+# (one correct output per input) treat them as conflicts.
+GENERATION_TASKS: tuple[str, ...] = ("instruction", "chat", "summarization", "translation")
 FileFormat = Literal["jsonl", "csv", "parquet"]
 
 # Metrics each task type can report; objective thresholds must name one of these.
@@ -23,6 +27,7 @@ TASK_METRICS: dict[str, tuple[str, ...]] = {
     "instruction": ("rouge_l", "bleu", "chrf", "exact_match"),
     "chat": ("rouge_l", "bleu", "chrf", "exact_match"),
     "summarization": ("rouge_l", "bleu", "chrf", "exact_match"),
+    "translation": ("bleu", "chrf", "exact_match"),
     "structured": ("json_valid", "field_accuracy", "exact_match", "rouge_l", "bleu", "chrf"),
 }
 # Reported for every task: mean answer length in tokens, share of refusals, share of answers that
@@ -37,6 +42,7 @@ TASK_COLUMNS: dict[str, dict[str, bool]] = {
     "instruction": {"instruction": True, "input": False, "response": True},
     "chat": {"messages": True},
     "summarization": {"text": True, "summary": True},
+    "translation": {"source": True, "target": True},
     "structured": {"instruction": True, "input": False, "response": True},  # the response is JSON
 }
 
