@@ -2,7 +2,13 @@
 
 validation (a policy per check) -> normalization -> PII -> quality filters -> deduplication
 (exact, conflicting, near) -> decontamination against the evaluation rows -> cap per class ->
-split (when only a training file is given) -> the sources' own sampling.
+split (when only a training file is given; all rows of one input in the same split) -> cap per
+input (generation tasks) -> the sources' own sampling.
+
+What a duplicate is follows the task type (:func:`dedup_rule`): for classification and
+structured one input has one correct answer, so the same input with another answer is a
+conflict; for generation tasks (instruction, chat, summarization, translation) different answers
+to one input are references, all kept, and a duplicate is the same input *and* the same answer.
 
 The result holds the curated splits, every dropped row with its reason, a report per step and
 the content id of the data (see :mod:`tuneline.curation.version`).
@@ -24,6 +30,8 @@ from tuneline.curation.steps import (
     Splits,
     StepReport,
     cap_per_class,
+    cap_per_input,
+    input_key,
     input_of,
     label_counts,
     map_contents,
@@ -34,7 +42,7 @@ from tuneline.data.examples import Example, build_examples, check_columns, sampl
 from tuneline.data.readers import read_records
 from tuneline.errors import DataError, Problem
 from tuneline.spec.loader import LoadedSpec
-from tuneline.spec.models import CurationSpec
+from tuneline.spec.models import GENERATION_TASKS, CurationSpec, DedupSpec
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +69,7 @@ class Curated:
     pii_counts: dict[str, int] = field(default_factory=dict)
     conflicts: list[dict[str, Any]] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    dedup_rule: str = ""  # which duplicate rule applied, in words (see dedup_rule())
 
 
 def raise_if(problems: list[Problem], what: str) -> None:
@@ -103,18 +112,22 @@ def _curate(loaded: LoadedSpec, tokenizer: Any) -> Curated:
     splits, sources, labels, problems = _read_and_validate(loaded, tokenizer, rec)
     raise_if(problems, "the data has problems")
     out = Curated(splits, labels, sources, rec.steps, rec.rejects)
+    task = spec.task.type
+    out.dedup_rule = dedup_rule(task, cur.dedup) if cur.enabled else "curation disabled: no deduplication"
     if cur.enabled:
-        # eval rows as read (before any sampling), for decontamination
-        held_out = [ex for name in ("validation", "test") for ex in splits[name]]
+        # eval rows as read (before any sampling), for decontamination, per source
+        held_out = {name: splits[name] for name in ("validation", "test") if splits[name]}
         golden = _golden_rows(loaded)
-        held_out += [ex for rows, _ in golden.values() for ex in rows]
+        held_out.update({f"golden:{k}": rows for k, (rows, _) in golden.items() if rows})
         splits = _normalize(cur, splits, rec)
         splits = _pii(cur, splits, rec, out)
         splits = _quality(cur, splits, rec)
-        splits = _dedup(cur, splits, rec, out)
+        splits = _dedup(cur, task, splits, rec, out)
         splits = _decontaminate(cur, splits, held_out, rec, {k: sha for k, (_, sha) in golden.items()})
         splits = _balance(cur, splits, rec)
         splits = _split(loaded, cur, splits, rec)
+        if task in GENERATION_TASKS:
+            splits = _cap_per_input(cur, splits, rec)
     splits = _sample(loaded, splits, rec)
     out.splits = splits
     if not splits["train"]:
@@ -348,11 +361,35 @@ def _quality(cur: CurationSpec, splits: Splits, rec: Recorder) -> Splits:
         return rec.finish(report, result)
 
 
-def _dedup(cur: CurationSpec, splits: Splits, rec: Recorder, out: Curated) -> Splits:
-    from tuneline.curation.textops import dedup_key, near_duplicates
+def dedup_rule(task: str, cfg: DedupSpec) -> str:
+    """Which duplicate rule applies to ``task`` with these settings, in one sentence."""
+    conflicts = cfg.resolved_conflicts(task)
+    answer = "label" if task == "classification" else "output" if task == "structured" else "answer"
+    if task in GENERATION_TASKS:
+        head = f"generation task ({task}): a duplicate is the same input and the same answer"
+        near = "a near-duplicate has a near-same input and a near-same answer"
+    else:
+        head = (f"{task}: one correct {answer} per input; a duplicate is the same input with the same {answer}")
+        near = "a near-duplicate has a near-same input"
+    if conflicts == "references":
+        what = "different answers to one input are kept as references"
+    else:
+        what = (f"different {answer}s to one input are a conflict: "
+                + {"drop": "all its rows dropped", "keep_first": "the first row kept",
+                   "warn": "all kept, with a warning"}[conflicts] + f" (conflicts: {conflicts})")
+    parts = [head if cfg.exact else head + " (exact: false, not removed)",
+             near if cfg.near else near + " (near: false, not removed)", what]
+    return "; ".join(parts)
+
+
+def _dedup(cur: CurationSpec, task: str, splits: Splits, rec: Recorder, out: Curated) -> Splits:
+    from tuneline.curation.textops import dedup_key, near_duplicates, near_duplicates_paired
 
     cfg = cur.dedup
-    with rec.step("dedup", cfg.model_dump(), splits) as report:
+    conflicts = cfg.resolved_conflicts(task)
+    paired = task in GENERATION_TASKS  # near-duplicates over input and answer
+    with rec.step("dedup", {**cfg.model_dump(), "conflicts": conflicts}, splits) as report:
+        report.details["rule"] = out.dedup_rule
         result: Splits = {}
         for split, examples in splits.items():
             texts = [input_of(ex) for ex in examples]
@@ -362,22 +399,27 @@ def _dedup(cur: CurationSpec, splits: Splits, rec: Recorder, out: Curated) -> Sp
             answers = [answer_keys[ex.reference] for ex in examples]
             drop: dict[int, tuple[str, str]] = {}
             if cfg.exact:
-                # conflicting duplicates: the same input with different answers
                 repeated = {key for key, n in Counter(inputs).items() if n > 1}
                 by_input: dict[str, list[int]] = {}  # the inputs of more than one row, in order
                 for i, key in enumerate(inputs):
                     if key in repeated:
                         by_input.setdefault(key, []).append(i)
-                for rows in by_input.values():
+                # conflicting duplicates: the same input with different answers (references
+                # instead: kept, as the several good answers of a generation task's input)
+                for rows in by_input.values() if conflicts != "references" else ():
                     if len({answers[i] for i in rows}) > 1:
                         group = [{"where": examples[i].where, "answer": examples[i].reference} for i in rows]
                         out.conflicts.append({"split": split, "input": texts[rows[0]], "rows": group})
                         head = examples[rows[0]].where
-                        if cfg.conflicts == "drop":
+                        if conflicts == "drop":
                             for i in rows:
                                 drop[i] = ("conflict", f"conflict: the same input as {head if i != rows[0] else 'other rows'} "
                                            f"with a different answer ({len(rows)} rows)")
-                        elif cfg.conflicts == "warn":
+                        elif conflicts == "keep_first":
+                            for i in rows[1:]:
+                                drop[i] = ("conflict", f"conflict: the same input as {head} with a different answer "
+                                                       f"(conflicts: keep_first kept {head})")
+                        elif conflicts == "warn":
                             log.warning("conflicting answers for the same input at %s", ", ".join(g["where"] for g in group))
                 # exact duplicates: the same input and the same answer as an earlier row (so only
                 # rows whose input repeats can be one)
@@ -389,12 +431,17 @@ def _dedup(cur: CurationSpec, splits: Splits, rec: Recorder, out: Curated) -> Sp
                             drop[i] = ("exact_duplicate", f"exact_duplicate: same as {examples[first].where}")
             if cfg.near:
                 skip = [i in drop for i in range(len(examples))]
-                near = near_duplicates(texts, cfg.threshold, cfg.num_perm, cfg.shingle,
-                                       skip=skip)
+                if paired:
+                    near = near_duplicates_paired(texts, [ex.reference for ex in examples], cfg.threshold,
+                                                  cfg.num_perm, cfg.shingle, skip=skip)
+                    what = "input and answer similarity"
+                else:
+                    near = near_duplicates(texts, cfg.threshold, cfg.num_perm, cfg.shingle, skip=skip)
+                    what = "similarity"
                 for i, near_of in enumerate(near):
                     if near_of is not None and i not in drop:
                         drop[i] = ("near_duplicate", f"near_duplicate: of {examples[near_of].where} "
-                                                     f"(similarity >= {cfg.threshold:g})")
+                                                     f"({what} >= {cfg.threshold:g})")
             kept = []
             for i, ex in enumerate(examples):
                 if i in drop:
@@ -414,8 +461,12 @@ def _golden_rows(loaded: LoadedSpec) -> dict[str, tuple[list[Example], str]]:
     return {g.name: read_golden_examples(loaded, g) for g in loaded.spec.eval.golden}
 
 
-def _decontaminate(cur: CurationSpec, splits: Splits, held_out: list[Example], rec: Recorder,
+def _decontaminate(cur: CurationSpec, splits: Splits, held_out: dict[str, list[Example]], rec: Recorder,
                    golden: dict[str, str] | None = None) -> Splits:
+    """Drop training rows whose input equals an evaluation row's input, or shares ``threshold`` of
+    its n-grams with the evaluation inputs (all held-out sources together). The step's details
+    say, per held-out source, how many training rows matched it exactly and by n-gram overlap (a
+    row can match several sources)."""
     from tuneline.curation.textops import NgramIndex
 
     cfg = cur.decontaminate
@@ -423,17 +474,33 @@ def _decontaminate(cur: CurationSpec, splits: Splits, held_out: list[Example], r
     with rec.step("decontaminate", {**cfg.model_dump(), "against": against}, splits) as report:
         if not cfg.enabled or not held_out:
             return rec.finish(report, splits)
-        index = NgramIndex((input_of(ex) for ex in held_out), cfg.ngram)
+        index = NgramIndex((input_of(ex) for rows in held_out.values() for ex in rows), cfg.ngram)
         kept = []
+        matched: list[str] = []  # the inputs of dropped rows
         for ex in splits["train"]:
             text = input_of(ex)
             if index.exact(text):
-                rec.reject(report, "train", ex, "eval_exact", "eval_exact: the same text as an evaluation row")
+                rec.reject(report, "train", ex, "eval_exact", "eval_exact: the same input as an evaluation row")
+                matched.append(text)
             elif (share := index.overlap(text)) >= cfg.threshold:
                 rec.reject(report, "train", ex, "eval_overlap",
-                           f"eval_overlap: {share:.0%} of its {cfg.ngram}-grams occur in evaluation rows")
+                           f"eval_overlap: {share:.0%} of its input's {cfg.ngram}-grams occur in evaluation rows")
+                matched.append(text)
             else:
                 kept.append(ex)
+        # per source, for the dropped rows only (a row no source matches alone was not dropped)
+        overlap: dict[str, dict[str, int]] = {}
+        for name, rows in held_out.items():
+            exact = overlapping = 0
+            if matched:
+                own = NgramIndex((input_of(ex) for ex in rows), cfg.ngram)
+                for text in matched:
+                    if own.exact(text):
+                        exact += 1
+                    elif own.overlap(text) >= cfg.threshold:
+                        overlapping += 1
+            overlap[name] = {"held_out_rows": len(rows), "exact": exact, "ngram_overlap": overlapping}
+        report.details["overlap"] = overlap
         return rec.finish(report, {**splits, "train": kept})
 
 
@@ -451,18 +518,36 @@ def _balance(cur: CurationSpec, splits: Splits, rec: Recorder) -> Splits:
 
 def _split(loaded: LoadedSpec, cur: CurationSpec, splits: Splits, rec: Recorder) -> Splits:
     """Carve the validation and test splits the spec does not give from the training rows
-    (stratified by label, seeded)."""
+    (seeded, stratified by label): all rows of one input (:func:`input_key`) go to the same split,
+    and the shares count inputs."""
     data = loaded.spec.data
     given = {"validation": data.eval is not None, "test": data.test is not None}
     shares = {k: v for k, v in {"validation": cur.split.validation, "test": cur.split.test}.items()
               if v > 0 and not given[k]}
-    with rec.step("split", {**cur.split.model_dump(), "applied": sorted(shares)}, splits) as report:
+    params = {**cur.split.model_dump(), "applied": sorted(shares), "group_by": "input"}
+    with rec.step("split", params, splits) as report:
         if not shares:
             return rec.finish(report, splits)
-        parts = stratified_split(splits["train"], shares, cur.split.seed)
+        parts = stratified_split(splits["train"], shares, cur.split.seed,
+                                 groups=[input_key(ex) for ex in splits["train"]])
         report.details["sizes"] = {k: len(v) for k, v in parts.items()}
+        report.details["inputs"] = {k: len({input_key(ex) for ex in v}) for k, v in parts.items()}
         return rec.finish(report, {"train": parts["train"],
                                    **{k: parts[k] if k in shares else splits[k] for k in ("validation", "test")}})
+
+
+def _cap_per_input(cur: CurationSpec, splits: Splits, rec: Recorder) -> Splits:
+    """Generation tasks: at most ``max_per_input`` answers per input in the training split."""
+    cap = cur.max_per_input
+    with rec.step("cap_per_input", {"max_per_input": cap, "seed": cur.split.seed}, splits) as report:
+        if cap is None or not splits["train"]:
+            return rec.finish(report, splits)
+        train = splits["train"]
+        kept, dropped = cap_per_input(train, cap, cur.split.seed, [input_key(ex) for ex in train])
+        for ex in dropped:
+            rec.reject(report, "train", ex, "over_cap_input",
+                       f"over_cap_input: its input has more than max_per_input={cap} answers")
+        return rec.finish(report, {**splits, "train": kept})
 
 
 def _sample(loaded: LoadedSpec, splits: Splits, rec: Recorder) -> Splits:

@@ -8,13 +8,15 @@ Every step takes and returns ``{split: [Example]}``, records what it did in a :c
 from __future__ import annotations
 
 import random
+import statistics
 import time
 from collections import Counter, defaultdict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
+from tuneline.curation.textops import dedup_key
 from tuneline.data.examples import Example
 
 Splits = dict[str, list[Example]]
@@ -124,28 +126,73 @@ def map_contents(ex: Example, fn: Callable[[str], str], answer_too: bool) -> Exa
     return Example(ex.where, mapped_msgs, reference, ex.label)
 
 
-def stratified_split(examples: list[Example], shares: dict[str, float], seed: int) -> dict[str, list[Example]]:
+def stratified_split(examples: list[Example], shares: dict[str, float], seed: int,
+                     groups: Sequence[Hashable] | None = None) -> dict[str, list[Example]]:
     """Split ``examples`` into named parts of the given shares (the rest: "train"), per label when
-    labelled, seeded; every part keeps the input order."""
+    labelled, seeded; every part keeps the input order.
+
+    With ``groups`` (a key per row, e.g. the normalized input) the rows of one group go to the same
+    part: the shares count groups, a group's label is its first row's, and "train" keeps at least
+    one group per label. Without it every row is its own group (the same split as with all keys
+    distinct)."""
     rng = random.Random(seed)
-    groups: dict[str | None, list[int]] = defaultdict(list)
+    by_label: dict[str | None, list[list[int]]] = defaultdict(list)  # label -> its groups' rows
+    group_rows: dict[Hashable, list[int]] = {}
     for i, ex in enumerate(examples):
-        groups[ex.label].append(i)
+        key = groups[i] if groups is not None else i
+        rows = group_rows.get(key)
+        if rows is None:
+            rows = group_rows[key] = []
+            by_label[ex.label].append(rows)
+        rows.append(i)
     assigned: dict[int, str] = {}
-    for key in sorted(groups, key=lambda k: (k is None, k or "")):
-        idx = groups[key][:]
-        rng.shuffle(idx)
+    for label in sorted(by_label, key=lambda k: (k is None, k or "")):
+        members = by_label[label][:]
+        rng.shuffle(members)
         at = 0
         for name, share in shares.items():
-            take = int(round(share * len(idx)))
-            take = min(take, len(idx) - at - 1) if len(idx) - at > 1 else 0  # leave training rows
-            for i in idx[at : at + take]:
-                assigned[i] = name
+            take = int(round(share * len(members)))
+            take = min(take, len(members) - at - 1) if len(members) - at > 1 else 0  # leave training groups
+            for rows in members[at : at + take]:
+                for i in rows:
+                    assigned[i] = name
             at += take
     parts: dict[str, list[Example]] = {"train": [], **{name: [] for name in shares}}
     for i, ex in enumerate(examples):
         parts[assigned.get(i, "train")].append(ex)
     return parts
+
+
+def cap_per_input(examples: list[Example], cap: int, seed: int,
+                  keys: Sequence[Hashable]) -> tuple[list[Example], list[Example]]:
+    """(kept, dropped): at most ``cap`` rows per key (input), chosen with a seeded shuffle of each
+    larger group, groups in order of first appearance; order kept."""
+    rng = random.Random(seed)
+    groups: dict[Hashable, list[int]] = {}
+    for i, key in enumerate(keys):
+        groups.setdefault(key, []).append(i)
+    drop: set[int] = set()
+    for rows in groups.values():
+        if len(rows) > cap:
+            chosen = rows[:]
+            rng.shuffle(chosen)
+            drop.update(chosen[cap:])
+    return ([ex for i, ex in enumerate(examples) if i not in drop], [ex for i, ex in enumerate(examples) if i in drop])
+
+
+def input_key(ex: Example) -> str:
+    """The key rows of one input share (for references, group-aware splits, answers per input):
+    the input turns, case and spacing ignored."""
+    return dedup_key(input_of(ex))
+
+
+def answers_per_input(examples: list[Example]) -> dict[str, float]:
+    """How many rows each distinct input has: inputs, rows, min, median, max."""
+    counts = sorted(Counter(input_key(ex) for ex in examples).values())
+    if not counts:
+        return {"inputs": 0, "rows": 0, "min": 0, "median": 0, "max": 0}
+    return {"inputs": len(counts), "rows": len(examples), "min": counts[0],
+            "median": statistics.median(counts), "max": counts[-1]}
 
 
 def cap_per_class(examples: list[Example], cap: int, seed: int) -> tuple[list[Example], list[Example]]:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import re
 import unicodedata
 from collections import deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from functools import cache
 from itertools import chain
 from typing import TYPE_CHECKING, Any, Literal
@@ -29,6 +29,7 @@ __all__ = [
     "dedup_key",
     "exact_duplicates",
     "near_duplicates",
+    "near_duplicates_paired",
     "normalize_text",
     "repetition_ratio",
 ]
@@ -373,6 +374,8 @@ def near_duplicates(
     shingle: int = 3,
     seed: int = 0,
     skip: Sequence[bool] | None = None,
+    groups: Sequence[int] | None = None,
+    accept: Callable[[int, int], bool] | None = None,
 ) -> list[int | None]:
     """For each row, the index of an earlier kept row whose word-shingle Jaccard similarity is
     >= ``threshold``, else None.
@@ -390,6 +393,11 @@ def near_duplicates(
 
     Rows marked in ``skip`` (e.g. exact duplicates already found) and rows without words are
     neither matched nor indexed; their result is None.
+
+    With ``groups`` (an integer per row) only rows of the same group are compared: the LSH
+    buckets are per group, so a large set of similar texts spread over many groups costs no
+    comparisons between groups. With ``accept``, a match must also pass ``accept(row, earlier)``
+    (called on original row indices, only for pairs at or above the threshold).
     """
     n = len(texts)
     if not 0.0 < threshold <= 1.0:
@@ -402,6 +410,8 @@ def near_duplicates(
         raise ValueError(f"seed must be in [0, 2**64), not {seed}")
     if skip is not None and len(skip) != n:
         raise ValueError(f"skip has {len(skip)} entries for {n} texts")
+    if groups is not None and len(groups) != n:
+        raise ValueError(f"groups has {len(groups)} entries for {n} texts")
     result: list[int | None] = [None] * n
     # Rows taking part: not skipped, with at least one word.
     active = [
@@ -440,8 +450,12 @@ def near_duplicates(
         chain.from_iterable(sub_matrix.to_rows()), np.uint64, flagged.size * num_perm
     ).reshape(flagged.size, num_perm)
     keys = np.zeros((flagged.size, num_bands), np.uint64)
+    salt = np.zeros(flagged.size, np.uint64)
+    if groups is not None:  # a bucket per (group, band key)
+        active_groups = np.asarray([groups[i] for i in active], np.int64)[flagged]
+        salt = _mix64(active_groups.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15))
     for b in range(num_bands):
-        key = np.full(flagged.size, b + 1, np.uint64)
+        key = np.full(flagged.size, b + 1, np.uint64) ^ salt
         for col in range(b * band_rows, (b + 1) * band_rows):
             key = _mix64(key ^ signatures[:, col])
         keys[:, b] = key
@@ -482,7 +496,9 @@ def near_duplicates(
                 theirs = shingles_of(cand)
                 inter = len(mine & theirs)
                 sim = inter / (len(mine) + len(theirs) - inter)
-                if sim >= threshold and sim > best_sim:
+                if sim >= threshold and sim > best_sim and (
+                    accept is None or accept(active[flagged_rows[pos]], active[flagged_rows[cand]])
+                ):
                     best, best_sim = cand, sim
         if best >= 0:
             result[active[flagged_rows[pos]]] = active[flagged_rows[best]]
@@ -494,6 +510,68 @@ def near_duplicates(
             else:
                 members.append(pos)
     return result
+
+
+def _word_shingles(text: str, k: int) -> frozenset[tuple[str, ...]]:
+    """The word k-grams of ``text`` (lowercased) as :func:`near_duplicates` sees them: a text of
+    fewer than k words is one shingle of all its words."""
+    words = text.lower().split()
+    if len(words) < k:
+        return frozenset([tuple(words)])
+    return frozenset(zip(*[words[i:] for i in range(k)], strict=False))
+
+
+def near_duplicates_paired(
+    inputs: Sequence[str],
+    answers: Sequence[str],
+    threshold: float = 0.8,
+    num_perm: int = 128,
+    shingle: int = 3,
+    seed: int = 0,
+    skip: Sequence[bool] | None = None,
+) -> list[int | None]:
+    """Near duplicates over (input, answer) pairs: for each row, the index of an earlier kept row
+    whose input is the same (:func:`dedup_key`) or a near duplicate *and* whose answer is a near
+    duplicate (word-shingle Jaccard >= ``threshold`` for each), else None. Different answers to
+    one input are not duplicates unless the answers themselves are near duplicates.
+
+    Inputs are first grouped: each distinct input joins the group of the earlier distinct input
+    it is a near duplicate of (:func:`near_duplicates` over the distinct inputs). Answers are then
+    compared by MinHash LSH within a group only, and every candidate's inputs are checked exactly,
+    so many rows sharing one input cost no more than their answers' LSH buckets, and many rows
+    sharing one answer (but not their input) cost nothing.
+    """
+    if len(answers) != len(inputs):
+        raise ValueError(f"{len(answers)} answers for {len(inputs)} inputs")
+    row_input: list[int] = []  # the index of each row's distinct input
+    first: dict[str, int] = {}
+    distinct: list[str] = []
+    for text in inputs:
+        d = first.setdefault(dedup_key(text), len(first))
+        if d == len(distinct):
+            distinct.append(text)
+        row_input.append(d)
+    near_input = near_duplicates(distinct, threshold, num_perm, shingle, seed)
+    # a near-duplicate input points at a kept one (whose own entry is None): the group's centre
+    group: list[int] = [d if (centre := near_input[d]) is None else centre for d in range(len(distinct))]
+    cache: dict[int, frozenset[tuple[str, ...]]] = {}
+
+    def shingles(d: int) -> frozenset[tuple[str, ...]]:
+        found = cache.get(d)
+        if found is None:
+            found = cache[d] = _word_shingles(distinct[d], shingle)
+        return found
+
+    def inputs_near(i: int, j: int) -> bool:
+        a, b = row_input[i], row_input[j]
+        if a == b:
+            return True
+        sa, sb = shingles(a), shingles(b)
+        inter = len(sa & sb)
+        return inter / (len(sa) + len(sb) - inter) >= threshold
+
+    return near_duplicates(answers, threshold, num_perm, shingle, seed, skip=skip,
+                           groups=[group[d] for d in row_input], accept=inputs_near)
 
 
 # ---------------------------------------------------------------------------------------------

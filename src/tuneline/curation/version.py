@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from tuneline.curation.pipeline import Curated
-from tuneline.curation.steps import example_row, text_of
+from tuneline.curation.steps import answers_per_input, example_row, input_key, text_of
 from tuneline.data.examples import Example
 from tuneline.errors import DataError, Problem
 
@@ -78,10 +78,21 @@ def manifest_of(curated: Curated, spec_name: str, vid: str, spec_sha256: str) ->
         "pii_found": curated.pii_counts,
         "conflicts": curated.conflicts[:100],
         "conflict_groups": len(curated.conflicts),
+        "dedup_rule": curated.dedup_rule,
+        "answers_per_input": {k: answers_per_input(v) for k, v in splits.items() if v},
+        "input_overlap": input_overlap(splits),
         "labels": curated.labels,
         "label_counts": {k: _label_counts(v) for k, v in splits.items() if v and v[0].label is not None},
         "lengths": {k: _length_stats(v) for k, v in splits.items() if v},
     }
+
+
+def input_overlap(splits: dict[str, list[Example]]) -> dict[str, int]:
+    """For validation and test: how many distinct training inputs (:func:`input_key`) also occur
+    in that split. 0 when the splits were carved; more is possible with separate files and
+    decontamination off."""
+    train = {input_key(ex) for ex in splits.get("train", [])}
+    return {k: len(train & {input_key(ex) for ex in splits.get(k, [])}) for k in ("validation", "test")}
 
 
 def save_version(curated: Curated, root: Path, spec_name: str, spec_sha256: str) -> DatasetVersion:
@@ -223,7 +234,20 @@ def data_card(m: dict[str, Any]) -> str:
         lines.append("")
     lines += ["## PII", ""]
     lines += ([f"- {k}: {v:,} found" for k, v in m["pii_found"].items()] or ["- none found"])
-    lines += ["", f"Conflicting duplicate groups (same input, different answers): {m['conflict_groups']:,}", ""]
+    lines += ["", "## Duplicates and answers per input", ""]
+    if m.get("dedup_rule"):
+        lines += [f"Rule: {m['dedup_rule']}.", ""]
+    lines += [f"Conflicting duplicate groups (same input, different answers): {m['conflict_groups']:,}", ""]
+    if m.get("answers_per_input"):
+        lines += ["Answers per input (rows per distinct input, case and spacing ignored):", "",
+                  "| split | inputs | rows | min | median | max |", "|---|---|---|---|---|---|"]
+        lines += [f"| {k} | {v['inputs']:,} | {v['rows']:,} | {v['min']} | {v['median']:g} | {v['max']} |"
+                  for k, v in m["answers_per_input"].items()]
+        lines.append("")
+    if "input_overlap" in m:
+        lines += ["Training inputs that also occur in: " + ", ".join(
+            f"{k} {v:,}" for k, v in m["input_overlap"].items()) + " (0 when those splits were carved from "
+                  "the training rows).", ""]
     lines += ["## Lengths (characters, system prompt excluded)", "",
               "| split | rows | min | median | p95 | max |", "|---|---|---|---|---|---|"]
     lines += [f"| {k} | {v['rows']:,} | {v['min_chars']} | {v['median_chars']:g} | {v['p95_chars']} | {v['max_chars']} |"

@@ -263,13 +263,26 @@ class NormalizeSpec(_Model):
 
 
 class DedupSpec(_Model):
-    exact: bool = Field(default=True, description="Drop rows whose normalized text repeats an earlier row.")
-    near: bool = Field(default=True, description="Drop near-duplicates (MinHash LSH on word shingles).")
+    exact: bool = Field(default=True, description="Drop rows whose normalized input and answer repeat an earlier "
+                                                  "row (case and spacing ignored).")
+    near: bool = Field(default=True, description="Drop near-duplicates (MinHash LSH on word shingles): of the input "
+                                                 "for classification and structured; of the input and the answer "
+                                                 "(both near) for generation tasks.")
     threshold: float = Field(default=0.8, gt=0, le=1, description="Estimated Jaccard similarity for near-duplicates.")
     num_perm: int = Field(default=128, ge=16, le=512, description="MinHash permutations.")
     shingle: int = Field(default=3, ge=1, le=10, description="Words per shingle.")
-    conflicts: Literal["drop", "keep_first", "warn"] = Field(
-        default="drop", description="Same input, different answers: drop them all (default), keep the first, or warn.")
+    conflicts: Literal["drop", "keep_first", "warn", "references"] | None = Field(
+        default=None,
+        description="Same input, different answers: drop them all, keep the first, warn (keep them all and log "
+                    "it), or references (keep them all as several good answers: generation tasks only). Default "
+                    "(omitted): references for instruction, chat, summarization and translation; drop for "
+                    "classification and structured.")
+
+    def resolved_conflicts(self, task_type: str) -> str:
+        """``conflicts`` as it applies to ``task_type``: the set value, else the task's default."""
+        if self.conflicts is not None:
+            return self.conflicts
+        return "references" if task_type in GENERATION_TASKS else "drop"
 
 
 class PiiSpec(_Model):
@@ -295,8 +308,11 @@ class DecontaminateSpec(_Model):
 
 
 class SplitSpec(_Model):
-    validation: float = Field(default=0.1, ge=0, lt=1, description="Share carved out when data.eval is absent.")
-    test: float = Field(default=0.1, ge=0, lt=1, description="Share carved out when data.test is absent.")
+    validation: float = Field(default=0.1, ge=0, lt=1,
+                              description="Share of the training inputs carved out when data.eval is absent (all "
+                                          "rows of one input go to the same split; stratified by label).")
+    test: float = Field(default=0.1, ge=0, lt=1,
+                        description="Share of the training inputs carved out when data.test is absent.")
     seed: int = 0
 
 
@@ -311,6 +327,10 @@ class CurationSpec(_Model):
     dedup: DedupSpec = Field(default_factory=DedupSpec)
     decontaminate: DecontaminateSpec = Field(default_factory=DecontaminateSpec)
     max_per_class: int | None = Field(default=None, gt=0, description="Classification: cap rows per label (seeded).")
+    max_per_input: int | None = Field(
+        default=None, gt=0,
+        description="Generation tasks: keep at most this many answers per input in the training split (seeded "
+                    "choice, order kept; the others are rejects `over_cap_input`).")
     split: SplitSpec = Field(default_factory=SplitSpec)
 
     @model_validator(mode="after")
@@ -631,10 +651,30 @@ class Spec(_Model):
                     f"data.{split}.format: cannot infer the format of {src.path!r}; "
                     "set format to jsonl, csv or parquet"
                 )
+        problems += self._curation_problems()
         problems += self._search_problems()
         if problems:
             raise ValueError("; ".join(problems))
         return self
+
+    def _curation_problems(self) -> list[str]:
+        """Curation settings that only fit some task types."""
+        problems: list[str] = []
+        task = self.task.type
+        if task in GENERATION_TASKS:
+            return problems
+        if self.curation.dedup.conflicts == "references":
+            problems.append(
+                f"curation.dedup.conflicts: 'references' (keep different answers to one input) applies only to "
+                f"generation tasks ({', '.join(GENERATION_TASKS)}); task {task!r} has one correct answer per "
+                "input, so different answers to one input are a conflict: use drop, keep_first or warn, or "
+                "omit the setting (drop)")
+        if self.curation.max_per_input is not None:
+            problems.append(
+                f"curation.max_per_input: applies only to generation tasks ({', '.join(GENERATION_TASKS)}), whose "
+                f"inputs may have several answers; task {task!r} keeps one answer per input: remove the setting"
+                + (" (cap rows per label with curation.max_per_class)" if task == "classification" else ""))
+        return problems
 
     def _search_problems(self) -> list[str]:
         problems: list[str] = []
