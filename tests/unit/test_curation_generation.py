@@ -259,3 +259,26 @@ def test_decontamination_compares_inputs_and_reports_overlap_per_source(tmp_path
     version = save_version(kept, tmp_path / "ds", "gen", loaded.sha256)
     assert version.manifest["input_overlap"] == {"validation": 0, "test": 1}
     assert "test 1" in version.card.read_text()
+
+
+def test_sampling_a_generation_split_takes_whole_inputs_with_all_their_references():
+    # 30 inputs with 1-4 answers each: a row sample would cut some inputs' references
+    rows = [{"text": f"input number {i} about topic {i * 7}", "summary": f"answer {k} for input {i}, variant {k}"}
+            for i in range(30) for k in range(1 + i % 4)]
+    from tuneline.curation.steps import input_key, sample_inputs
+    from tuneline.data.examples import Example
+
+    examples = [Example(f"f:{n}", ({"role": "user", "content": r["text"]}, {"role": "assistant", "content": r["summary"]}),
+                        r["summary"]) for n, r in enumerate(rows, start=2)]
+    full = {}
+    for ex in examples:
+        full.setdefault(input_key(ex), []).append(ex)
+    for seed in range(3):
+        picked = sample_inputs(examples, 40, seed)
+        assert 36 <= len(picked) <= 40  # close to the cap, never over
+        got = {}
+        for ex in picked:
+            got.setdefault(input_key(ex), []).append(ex)
+        assert all(got[k] == full[k] for k in got)  # every chosen input keeps all its answers
+        assert picked == [ex for ex in examples if ex in picked]  # order kept
+    assert sample_inputs(examples, 40, 0) == sample_inputs(examples, 40, 0)

@@ -35,6 +35,7 @@ from tuneline.curation.steps import (
     input_of,
     label_counts,
     map_contents,
+    sample_inputs,
     stratified_split,
     text_of,
 )
@@ -556,11 +557,16 @@ def _sample(loaded: LoadedSpec, splits: Splits, rec: Recorder) -> Splits:
         src = getattr(loaded.spec.data, section)
         if src is not None and src.sample is not None:
             params[split] = src.sample.model_dump()
+    generation = loaded.spec.task.type in GENERATION_TASKS
     with rec.step("sample", params, splits) as report:
         result = dict(splits)
         for split, cfg in params.items():
             before = len(splits[split])
-            result[split] = sample_examples(splits[split], cfg["max_rows"], cfg["stratify"], cfg["seed"])
+            if generation:  # whole inputs, with all their answers
+                result[split] = sample_inputs(splits[split], cfg["max_rows"], cfg["seed"])
+            else:
+                result[split] = sample_examples(splits[split], cfg["max_rows"], cfg["stratify"], cfg["seed"])
             if before > len(result[split]):
-                report.details[split] = f"{len(result[split])} of {before} rows selected (not rejects: unselected)"
+                report.details[split] = (f"{len(result[split])} of {before} rows selected (not rejects: unselected)"
+                                         + (", whole inputs with all their answers" if generation else ""))
         return rec.finish(report, result)

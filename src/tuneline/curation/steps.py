@@ -186,6 +186,27 @@ def input_key(ex: Example) -> str:
     return dedup_key(input_of(ex))
 
 
+def sample_inputs(examples: list[Example], max_rows: int, seed: int) -> list[Example]:
+    """At most ``max_rows`` rows, taken as whole inputs: every answer of a chosen input comes along
+    (a row sample would drop some of an input's references). Inputs are chosen in a seeded order;
+    one that would overshoot ``max_rows`` is passed over for smaller ones, so the sample is as close
+    to ``max_rows`` as the groups allow. Rows keep their order."""
+    if len(examples) <= max_rows:
+        return list(examples)
+    groups: dict[str, list[int]] = {}
+    for i, ex in enumerate(examples):
+        groups.setdefault(input_key(ex), []).append(i)
+    order = list(groups.values())
+    random.Random(seed).shuffle(order)
+    keep: set[int] = set()
+    for rows in order:
+        if len(keep) + len(rows) <= max_rows:
+            keep.update(rows)
+            if len(keep) == max_rows:
+                break
+    return [ex for i, ex in enumerate(examples) if i in keep]
+
+
 def answers_per_input(examples: list[Example]) -> dict[str, float]:
     """How many rows each distinct input has: inputs, rows, min, median, max."""
     counts = sorted(Counter(input_key(ex) for ex in examples).values())

@@ -199,7 +199,8 @@ class ObjectiveSpec(_Model):
 
 
 class SampleSpec(_Model):
-    max_rows: int = Field(gt=0, description="Keep at most this many rows.")
+    max_rows: int = Field(gt=0, description="Keep at most this many rows. Generation tasks sample whole inputs: "
+                                            "every answer of a chosen input comes along.")
     stratify: bool = Field(
         default=True, description="Keep label proportions (classification only), at least one row per label."
     )
