@@ -80,8 +80,8 @@ def _set_table(suite: EvalSuite, s: SetResult) -> Any:
             f"{key.replace('_', ' ')}: {fixed} fixed, {len(flips) - fixed} broken")
         for f in flips[:FLIPS_IN_TERMINAL] if any(x.n_references > 1 for x in flips) else []:
             closest = f.closest_reference if f.closest_reference is not None else f.reference
-            table.caption += (f"\n  {f.kind} #{f.index}: {_short(f.after)!r}; closest of {f.n_references} "
-                              f"references: {_short(closest)!r}")
+            which = f"closest of {f.n_references} references" if f.n_references > 1 else "reference"
+            table.caption += f"\n  {f.kind} #{f.index}: {_short(f.after)!r}; {which}: {_short(closest)!r}"
     return table
 
 
