@@ -17,7 +17,13 @@ from tuneline.data import read_golden_examples, read_records
 from tuneline.data.examples import Example, build_examples
 from tuneline.eval import stats
 from tuneline.eval.items import group_items
-from tuneline.eval.metrics import bleu_tokenize_for, closest_reference, reference_streams, rouge_l, score
+from tuneline.eval.metrics import (
+    bleu_tokenize_for,
+    closest_reference,
+    reference_streams,
+    rouge_l,
+    score,
+)
 from tuneline.spec import load_spec
 from tuneline.spec.models import DataSource, TaskSpec
 

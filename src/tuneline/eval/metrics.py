@@ -172,7 +172,7 @@ def _text(predictions: list[str], references: list[list[str]], primary: str | No
                       for p, refs in zip(predictions, references, strict=True)])
     metrics: dict[str, Aggregate] = {"rouge_l": mean_metric(rouge), "exact_match": mean_metric(exact)}
     if predictions:
-        streams = reference_streams(references)
+        streams: Any = reference_streams(references)  # None-padded: sacrebleu's types omit None, its code allows it
         for name, metric in (("bleu", sacrebleu.BLEU(tokenize=bleu_tokenize)), ("chrf", sacrebleu.CHRF())):
             # per-item sufficient statistics (each against all of the item's references), summed
             # over any resample of items: exactly sacrebleu's corpus score on that resample

@@ -23,7 +23,14 @@ from tuneline.data.examples import Example
 from tuneline.eval import stats
 from tuneline.eval.gates import check_gates
 from tuneline.eval.generate import Generation, LabelTrie, generate_detailed
-from tuneline.eval.metrics import COMMON_METRICS, LOWER_IS_BETTER, Scored, bleu_tokenize_for, closest_reference, score
+from tuneline.eval.metrics import (
+    COMMON_METRICS,
+    LOWER_IS_BETTER,
+    Scored,
+    bleu_tokenize_for,
+    closest_reference,
+    score,
+)
 from tuneline.eval.results import (
     Comparison,
     Confusion,
