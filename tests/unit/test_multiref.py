@@ -281,3 +281,33 @@ def test_evaluation_scores_items_with_every_reference(tmp_path: Path) -> None:
     assert flips[1].kind == "broken" and flips[1].n_references == 1
     gold = suite.sets[1]
     assert gold.n == 1 and gold.system("candidate").metrics["exact_match"].value == 1.0  # type: ignore[union-attr]
+
+
+def test_validation_scorer_scores_items(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Early stopping and search on a generated metric score the validation rows as items."""
+    import sys
+
+    from tuneline.eval.generate import Generation
+    from tuneline.eval.validate import make_scorer
+
+    seen: list[list[Example]] = []
+
+    def fake(model: object, tokenizer: object, examples: list[Example], **kw: object) -> Generation:
+        seen.append(list(examples))
+        return Generation([ex.all_references[-1] for ex in examples], 0.0, [True] * len(examples),
+                          [3] * len(examples))
+
+    monkeypatch.setattr(sys.modules["tuneline.eval.generate"], "generate_detailed", fake)
+    write_jsonl(tmp_path / "train.jsonl", [{"text": "x", "summary": "y"}])
+    spec = load_spec(write_spec(tmp_path, """
+        name: t
+        task: {type: summarization}
+        objective: {primary: exact_match}
+        model: smollm2-135m
+        data: {train: {path: train.jsonl}}
+    """)).spec
+    rows = [_row("v:1", "in a", "one"), _row("v:2", "in b", "two"), _row("v:3", "in a", "uno")]
+    scorer = make_scorer(spec, None, rows, None, "exact_match", precision="fp32", device="cpu")
+    # the answer matches item "in a"'s second reference: right against any of them
+    assert scorer(object()) == 1.0
+    assert [ex.all_references for ex in seen[0]] == [("one", "uno"), ("two",)]
