@@ -126,7 +126,7 @@ def run(
     model = load_model(source, ws.models_dir, device=device, dtype=base_dtype)
     run_dir = ws.run_dir(spec.name)
     state_file = run_dir / "run.json"
-    test = data.test or data.eval
+    test = evaluation_items(spec, data)
     sets = eval_sets(loaded, ws, test)  # a changed golden set stops the run here, before any training
 
     mlflow_run_id = None
@@ -280,7 +280,7 @@ def measure_baselines(loaded: LoadedSpec, ws: Workspace, tokenizer: Any, model: 
     encoder = (load_encoder(spec.baseline.encoder, loaded.base_dir, ws.root / "embeddings", device=device)
                if needs_encoder else None)
     ctx = Context(spec=spec, tokenizer=tokenizer, model=model, train=data.train, validation=data.eval,
-                  test=data.test or data.eval, labels=data.labels, autocast=autocast_for(precision, device),
+                  test=evaluation_items(spec, data), labels=data.labels, autocast=autocast_for(precision, device),
                   device=device, encoder=encoder, show_progress=show_progress)
     return measure(ctx)
 
@@ -293,7 +293,7 @@ def _with_fine_tuned(report: Any, suite: EvalSuite, loaded: LoadedSpec, tokenize
     from tuneline.baseline import add_system, recommend
     from tuneline.data.tokenize import encode_prompt
 
-    test = data.test or data.eval
+    test = evaluation_items(loaded.spec, data)
     prompts = retriever.augment(test) if retriever is not None and test else test
     lat = suite.latency
     name, what = (("hybrid", f"fine-tuned with the {retriever.k} nearest training examples in its prompt (cost: "
@@ -427,12 +427,25 @@ def _register(loaded: LoadedSpec, ws: Workspace, source: Any, run_id: str, datas
                                      mlflow.get_artifact_uri("adapter"), tags)
 
 
+def evaluation_items(spec: Any, data: PreparedData) -> list[Any]:
+    """The evaluation items of the test split (the validation split when there is none): for
+    generation tasks the rows sharing an input are one item with all their answers as references."""
+    from tuneline.eval.items import group_items
+
+    return group_items(data.test or data.eval, spec.task.type)
+
+
 def eval_sets(loaded: LoadedSpec, ws: Workspace, test: list[Any]) -> list[EvalSet]:
-    """The test split (or validation split when there is no test split) and each golden set."""
-    sets = [EvalSet("test", "test", test)] if test else []
+    """The test split (or validation split when there is no test split) and each golden set, as
+    evaluation items (:func:`tuneline.eval.items.group_items`: rows sharing an input are one item)."""
+    from tuneline.eval.items import group_items
+
+    task = loaded.spec.task.type
+    sets = [EvalSet("test", "test", group_items(test, task))] if test else []
     for g in loaded.spec.eval.golden:
         golden = load_golden(loaded, g, ws.root)
-        sets.append(EvalSet(g.name, "golden", golden.examples, golden.version, golden.sha256, g.path))
+        sets.append(EvalSet(g.name, "golden", group_items(golden.examples, task), golden.version, golden.sha256,
+                            g.path))
     return sets
 
 
@@ -503,7 +516,7 @@ def evaluate(
     if not (candidate / "adapter_config.json").is_file() and not (candidate / "config.json").is_file():
         raise TrainingError(Problem(f"no trained adapter at {candidate}",
                                     hint=f"train one with `tuneline run {spec_path}`, or pass --adapter FOLDER"))
-    sets = eval_sets(loaded, ws, data.test or data.eval)
+    sets = eval_sets(loaded, ws, evaluation_items(spec, data))
     if not sets:
         raise TrainingError(Problem("nothing to evaluate on: the spec has no test or validation split and no "
                                     "golden sets", field="data.test", hint="add data.test or eval.golden"))
@@ -590,7 +603,7 @@ def baseline(
     console = console or Console()
     ws, loaded, source, tokenizer, (data, _) = _prepare(spec_path, workspace)
     spec = loaded.spec
-    test = data.test or data.eval
+    test = evaluation_items(spec, data)
     if not test:
         raise TrainingError(Problem("nothing to measure the baselines on: no test or validation split",
                                     field="data.test", hint="add data.test"))

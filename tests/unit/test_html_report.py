@@ -326,3 +326,54 @@ def test_suite_round_trips_through_json() -> None:
     suite = make_suite()
     again = EvalSuite.from_dict(json.loads(json.dumps(suite.to_dict())))
     assert render(again) == default_page()  # deterministic output, same page from the stored JSON
+
+
+def make_multiref_suite() -> EvalSuite:
+    """A summarization suite whose 3 test items have 3, 1 and 5 references, with two flips."""
+    refs = [["The Witcher 3 is a great RPG.", "A great RPG: The Witcher 3.", "The Witcher 3, from 2015."],
+            ["Dirt is a driving game."],
+            ["Portal 2 is fun.", "I liked Portal 2.", "Portal 2 <b>rocks</b>.", "Portal 2!", "Portal 2, a puzzle game."]]
+    metrics = {"rouge_l": Estimate(0.5, 0.4, 0.6), "exact_match": Estimate(0.33, 0.0, 1.0)}
+    flips = [Flip(2, "d.jsonl:3", "inform(name[Portal 2])", refs[2][0], "Bad.", "Portal 2!", "fixed",
+                  "Portal 2!", 5),
+             Flip(1, "d.jsonl:2", "inform(name[Dirt])", refs[1][0], "Dirt is a driving game.", "Dirt.", "broken",
+                  refs[1][0], 1)]
+    test = SetResult(name="test", kind="test", n=3,
+                     systems=[SystemResult("base", "m", metrics, 0.1, ["x", "y", "z"]),
+                              SystemResult("candidate", "m+a", metrics, 0.1, ["x", "Dirt.", "Portal 2!"])],
+                     flips={"candidate_vs_base": flips}, references=[r[0] for r in refs],
+                     wheres=["d.jsonl:1", "d.jsonl:2", "d.jsonl:3"], inputs=["a", "b", "c"], item_references=refs)
+    return EvalSuite(spec="viggo", task="summarization", primary="rouge_l", created="2026-12-01T10:00:00Z",
+                     sets=[test])
+
+
+def test_html_and_terminal_show_references_per_item_and_closest_reference() -> None:
+    from rich.console import Console
+
+    from tuneline.eval.report import render_tables
+
+    page = render(make_multiref_suite())
+    assert re.search(r"<th>items</th><td>3</td>", page)
+    assert "1 / 3 / 5 (min / median / max; 9 references in all)" in page
+    assert "closest reference to after" in page
+    assert "all 5 references" in page and "Portal 2 &lt;b&gt;rocks&lt;/b&gt;." in page  # every one, escaped
+    console = Console(record=True, width=200)
+    for table in render_tables(make_multiref_suite()):
+        console.print(table)
+    text = " ".join(console.export_text().split())  # the title wraps
+    assert "test split: 3 items, references per item 1/3/5 (min/median/max)" in text
+    assert "fixed #2: 'Portal 2!'; closest of 5 references: 'Portal 2!'" in text
+    assert "broken #1: 'Dirt.'; reference: 'Dirt is a driving game.'" in text
+
+
+def test_old_report_without_multireference_fields_loads_and_renders() -> None:
+    d = make_suite().to_dict()
+    for s in d["sets"]:
+        s.pop("item_references")
+        for flips in s["flips"].values():
+            for f in flips:
+                f.pop("closest_reference"), f.pop("n_references")
+    old = EvalSuite.from_dict(json.loads(json.dumps(d)))
+    assert old.sets[0].item_references == [] and old.sets[0].reference_counts() == [1] * old.sets[0].n
+    assert old.sets[0].flips["candidate_vs_base"][0].n_references == 1
+    assert render(old) == default_page()

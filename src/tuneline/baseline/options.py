@@ -108,7 +108,8 @@ class BaselineReport:
 
 @dataclass
 class Context:
-    """What every option needs: the spec, the base model and tokenizer, the splits, the encoder."""
+    """What every option needs: the spec, the base model and tokenizer, the splits, the encoder.
+    ``test`` holds evaluation items (:func:`tuneline.eval.items.group_items`), as the evaluation scores."""
 
     spec: Spec
     tokenizer: Any
@@ -216,10 +217,11 @@ def _generated_option(ctx: Context, name: str, desc: str, prompts: list[Example]
 
 def _scored(ctx: Context, name: str, desc: str, texts: list[str], tokens: list[int] | None,
             stopped: list[bool] | None, one_off: float) -> OptionResult:
-    from tuneline.eval.metrics import score
+    from tuneline.eval.metrics import bleu_tokenize_for, score
 
-    sc = score(ctx.spec.task.type, texts, [ex.reference for ex in ctx.test], ctx.labels,
-               primary=ctx.spec.objective.primary, answer_tokens=tokens, stopped=stopped)
+    sc = score(ctx.spec.task.type, texts, [ex.all_references for ex in ctx.test], ctx.labels,
+               primary=ctx.spec.objective.primary, answer_tokens=tokens, stopped=stopped,
+               bleu_tokenize=bleu_tokenize_for(ctx.spec))
     n = len(texts)
     idx = stats.resample_indices(n, ctx.spec.eval.bootstrap) if n else None
     metrics = {}
@@ -313,13 +315,13 @@ def add_system(report: BaselineReport, name: str, desc: str, suite_set: Any, spe
                one_off_seconds: float, p50_ms: float | None, p95_ms: float | None,
                prompt_tokens: float | None, system: str = "candidate") -> None:
     """Add an evaluated system (the fine-tuned candidate) from the evaluation's set results."""
-    from tuneline.eval.metrics import score
+    from tuneline.eval.metrics import bleu_tokenize_for, score
 
     res = suite_set.system(system) if suite_set is not None else None
     if res is None:
         return
-    sc = score(spec.task.type, list(res.predictions), list(suite_set.references), labels,
-               primary=spec.objective.primary)
+    sc = score(spec.task.type, list(res.predictions), suite_set.all_references(), labels,
+               primary=spec.objective.primary, bleu_tokenize=bleu_tokenize_for(spec))
     report.options.append(OptionResult(
         name, desc, dict(res.metrics), one_off_seconds, p50_ms, p95_ms, prompt_tokens,
         scores=[float(x) for x in sc.primary_scores],

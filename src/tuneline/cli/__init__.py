@@ -403,8 +403,11 @@ def eval_export_human(
     if cand is None or other is None:
         raise TunelineError(Problem(f"the last evaluation has no {against!r} answers",
                                     hint="use --against base, or evaluate with a production model first"))
-    rows = [{"id": w, "input": i, "reference": r, "candidate": a, against: b}
-            for w, i, r, a, b in zip(s.wheres, s.inputs, s.references, cand.predictions, other.predictions, strict=True)]
+    from tuneline.eval.human import reference_cell
+
+    rows = [{"id": w, "input": i, "reference": reference_cell(r), "candidate": a, against: b}
+            for w, i, r, a, b in zip(s.wheres, s.inputs, s.all_references(), cand.predictions, other.predictions,
+                                     strict=True)]
     key = run_dir / "human" / f"{out.stem}.key.json"
     key.parent.mkdir(parents=True, exist_ok=True)
     written = export_human(rows, candidate="candidate", other=against, out=out, key_out=key, n=n, seed=seed)

@@ -11,7 +11,7 @@ from typing import Any
 
 from tuneline.data.readers import Record
 from tuneline.errors import Problem
-from tuneline.spec.models import TASK_COLUMNS, DataSource, TaskSpec
+from tuneline.spec.models import GENERATION_TASKS, TASK_COLUMNS, DataSource, TaskSpec
 
 Message = dict[str, str]
 log = logging.getLogger(__name__)
@@ -80,7 +80,14 @@ def _text(value: Any) -> str | None:
 
 
 def build_examples(task: TaskSpec, source: DataSource, records: list[Record]) -> tuple[list[Example], list[Problem]]:
-    """Validate each record and build its :class:`Example`. Bad rows become problems, never skipped."""
+    """Validate each record and build its :class:`Example`. Bad rows become problems, never skipped.
+
+    Several answers in one row: for a generation task (``GENERATION_TASKS``) the answer column
+    (``summary``, ``response``; a chat's answer is its last assistant turn) may hold a list of
+    texts in JSONL or Parquet; the row becomes one example per answer, same input, same ``where``
+    (training sees every answer; evaluation groups them back into one item). A CSV cell is always
+    one text, even one that looks like a JSON list: in CSV, write one row per answer. An empty
+    list, or an element that is not a non-empty string, is a problem of the row."""
     cols = column_map(task, source)
     system = [{"role": "system", "content": task.instruction}] if task.instruction else []
     examples: list[Example] = []
@@ -95,6 +102,29 @@ def build_examples(task: TaskSpec, source: DataSource, records: list[Record]) ->
                                         hint="fill the cell or remove the row"))
         return None if any(v is None for v in values) else [v for v in values if v is not None]
 
+    def answers(rec: Record, logical: str) -> list[str] | None:
+        """The answer(s) in column ``logical``: one text, or for a generation task a list of texts
+        (JSONL/Parquet) -- each becomes its own row; None after recording what is wrong."""
+        col = cols[logical]
+        value = rec.fields.get(col)
+        if not isinstance(value, (list, tuple)) or kind not in GENERATION_TASKS:
+            got = required(rec, logical)
+            return got
+        if not value:
+            problems.append(Problem(f"empty list in {col!r}: no answer", where=rec.where, field=col,
+                                    hint="give at least one answer, or remove the row"))
+            return None
+        texts = []
+        for i, item in enumerate(value):
+            text = item if isinstance(item, str) and not item.isspace() and item else None
+            if text is None:
+                what = "an empty text" if isinstance(item, str) else f"a {type(item).__name__}, not a string"
+                problems.append(Problem(f"answer {i} of the list in {col!r} is {what}", where=rec.where, field=col,
+                                        hint="a list of answers holds non-empty strings only"))
+                return None
+            texts.append(text)
+        return texts
+
     kind = task.type
     text_col, label_col = cols.get("text", ""), cols.get("label", "")
     for rec in records:
@@ -108,19 +138,23 @@ def build_examples(task: TaskSpec, source: DataSource, records: list[Record]) ->
             msgs = (*system, {"role": "user", "content": text}, {"role": "assistant", "content": label})
             examples.append(Example(rec.where, msgs, label, label))
         elif kind == "summarization":
-            if (got := required(rec, "text", "summary")) is None:
+            doc = required(rec, "text")
+            summaries = answers(rec, "summary")
+            if doc is None or summaries is None:
                 continue
-            doc, summary = got
-            msgs = (*system, {"role": "user", "content": doc}, {"role": "assistant", "content": summary})
-            examples.append(Example(rec.where, tuple(msgs), summary))
+            for summary in summaries:  # several answers: one row each, same input and where
+                msgs = (*system, {"role": "user", "content": doc[0]}, {"role": "assistant", "content": summary})
+                examples.append(Example(rec.where, tuple(msgs), summary))
         elif kind in ("instruction", "structured"):
-            if (got := required(rec, "instruction", "response")) is None:
+            instr = required(rec, "instruction")
+            responses = answers(rec, "response")
+            if instr is None or responses is None:
                 continue
-            instr, resp = got
             inp = _text(f.get(cols["input"]))
-            user = instr if inp is None else f"{instr}\n\n{inp}"
-            msgs = (*system, {"role": "user", "content": user}, {"role": "assistant", "content": resp})
-            examples.append(Example(rec.where, tuple(msgs), resp))
+            user = instr[0] if inp is None else f"{instr[0]}\n\n{inp}"
+            for resp in responses:
+                msgs = (*system, {"role": "user", "content": user}, {"role": "assistant", "content": resp})
+                examples.append(Example(rec.where, tuple(msgs), resp))
         else:  # chat
             msgs_or_problem = _chat_messages(f.get(cols["messages"]))
             if isinstance(msgs_or_problem, str):

@@ -59,7 +59,9 @@ def quantity(suite: EvalSuite, name: str) -> float:
                       skip=system == "production")
     metric = parts[0]
     if metric not in result.metrics:
-        raise Missing(name, f"{metric!r} is not reported for this task")
+        why = " (json_valid and field_accuracy need references that are JSON)" if metric in (
+            "json_valid", "field_accuracy") else ""
+        raise Missing(name, f"{metric!r} is not reported for this task{why}")
     return result.metrics[metric].value
 
 

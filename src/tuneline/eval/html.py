@@ -16,6 +16,7 @@ import io
 import json
 import math
 import os
+import statistics
 import tempfile
 from collections.abc import Iterable, Sequence
 from html import escape
@@ -478,10 +479,23 @@ def _confusion(st: SetResult) -> str:
     return f"<h3>Confusion matrix ({_e(s.name)})</h3>{_embed(fig, f'confusion matrix of {s.name}', what)}{top_pairs}"
 
 
-def _flip_table(flips: list[Flip]) -> str:
-    rows = [[_num(f.index), _text_cell(f.input), _text_cell(f.reference), _text_cell(f.before),
-             _text_cell(f.after), _text_cell(f.where)] for f in flips]
-    return _table(["#", "input", "reference", "before", "after", "where"], rows, cls="compact", num_cols=(0,))
+def _flip_table(flips: list[Flip], st: SetResult | None = None) -> str:
+    if not any(f.n_references > 1 for f in flips):
+        rows = [[_num(f.index), _text_cell(f.input), _text_cell(f.reference), _text_cell(f.before),
+                 _text_cell(f.after), _text_cell(f.where)] for f in flips]
+        return _table(["#", "input", "reference", "before", "after", "where"], rows, cls="compact", num_cols=(0,))
+    every = st.all_references() if st is not None else []
+    rows = []
+    for f in flips:
+        closest = f.closest_reference if f.closest_reference is not None else f.reference
+        refs = every[f.index] if 0 <= f.index < len(every) else [closest]
+        listed = "".join(f"<li>{_e(r)}</li>" for r in refs)
+        cell = (f'<td class="text">{_e(closest)}<details><summary>all {len(refs)} references</summary>'
+                f"<ol>{listed}</ol></details></td>") if len(refs) > 1 else _text_cell(closest)
+        rows.append([_num(f.index), _text_cell(f.input), cell, _text_cell(f.before), _text_cell(f.after),
+                     _text_cell(f.where)])
+    return _table(["#", "input", "closest reference to after", "before", "after", "where"], rows, cls="compact",
+                  num_cols=(0,))
 
 
 def _flips(st: SetResult) -> str:
@@ -497,13 +511,20 @@ def _flips(st: SetResult) -> str:
             shown = items[:MAX_FLIPS_SHOWN]
             count = f"{len(items):,}" if len(items) == len(shown) else f"{len(items):,}, showing the first {len(shown)}"
             summary = f"{title}: {kind} ({count}) - {meaning}"
-            body = _flip_table(shown) if shown else '<p class="muted">none</p>'
+            body = _flip_table(shown, st) if shown else '<p class="muted">none</p>'
             parts.append(f"<details><summary>{_e(summary)}</summary>{body}</details>")
     return "".join(parts)
 
 
 def _set_section(st: SetResult, primary: str) -> str:
-    meta = [("kind", _e(st.kind)), ("rows", _num(st.n))]
+    counts = st.reference_counts()
+    if counts and max(counts) > 1:
+        low, median, high = min(counts), statistics.median(counts), max(counts)
+        meta = [("kind", _e(st.kind)), ("items", _num(st.n)),
+                ("references per item", f"{low} / {median:g} / {high} (min / median / max; "
+                                        f"{sum(counts):,} references in all)")]
+    else:
+        meta = [("kind", _e(st.kind)), ("rows", _num(st.n))]
     if st.version is not None:
         meta.append(("version", _num(st.version)))
     if st.sha256:

@@ -3,7 +3,8 @@
 :func:`export_human` writes two files:
 
 - a CSV for raters, one item per row: ``item, input, reference, response_a, response_b,
-  preference, comment``. ``preference`` is left empty for the rater to fill with ``A``, ``B`` or
+  preference, comment`` (a multi-reference item lists every reference in its ``reference`` cell,
+  numbered, one per line: :func:`reference_cell`). ``preference`` is left empty for the rater to fill with ``A``, ``B`` or
   ``tie``. It names no system: which system's answer is ``A`` is drawn at random per item, and
   the items are shuffled, so neither the column nor the row order tells the systems apart. Rows
   whose two answers are identical are skipped (nothing to prefer).
@@ -171,6 +172,14 @@ def import_human(ratings: Path, key: Path) -> dict[str, Any]:
         "wins": wins, "losses": losses, "ties": ties, "win_rate": win_rate, "low": low, "high": high,
         "interval": f"95% percentile bootstrap over items ({RESAMPLES} resamples, seed {BOOTSTRAP_SEED})",
     }
+
+
+def reference_cell(references: list[str]) -> str:
+    """The ``reference`` cell of an item: its one reference, or every reference numbered on its own
+    line (``[1] ...``) for a multi-reference item, so raters see all the answers judged good."""
+    if len(references) == 1:
+        return references[0]
+    return "\n".join(f"[{k}] {r}" for k, r in enumerate(references, 1))
 
 
 def escape_cell(value: Any) -> str:

@@ -2,8 +2,13 @@
 
 - classification: accuracy, macro-F1, invalid_rate (answers that are no label), per-class
   precision/recall/F1 and the confusion matrix;
-- instruction, chat, summarization: ROUGE-L, BLEU, chrF, exact match;
-- structured (JSON answers): JSON validity, field accuracy, exact match, ROUGE-L;
+- instruction, chat, summarization, translation: ROUGE-L, BLEU, chrF, exact match;
+- structured: exact match, ROUGE-L, BLEU, chrF, and where the references are JSON (an object or
+  array in at least one of them) JSON validity and field accuracy;
+
+An item may have several references (a str or a sequence of str each): BLEU and chrF use
+sacrebleu's multi-reference form (one reference stream per position, None where an item has
+fewer), ROUGE-L is the best over the item's references, exact match is a match with any of them.
 - every task: answer length in tokens, refusal rate, and the share of answers that stopped on
   their own (end of turn) rather than running into the token limit.
 """
@@ -13,6 +18,7 @@ from __future__ import annotations
 import json
 import re
 import unicodedata
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -62,16 +68,49 @@ class Scored:
         return {name: agg(idx) for name, agg in self.metrics.items()}
 
 
-def score(task: str, predictions: list[str], references: list[str], labels: list[str] | None, *,
+References = Sequence["str | Sequence[str]"]
+
+
+def as_reference_lists(references: References) -> list[list[str]]:
+    """Each item's references as a list: a str is one reference, a sequence several."""
+    out = []
+    for r in references:
+        refs = [r] if isinstance(r, str) else list(r)
+        if not refs:
+            raise ValueError("an evaluation item has no reference")
+        out.append(refs)
+    return out
+
+
+def bleu_tokenize_for(spec: Any) -> str:
+    """sacrebleu's BLEU tokenizer for the spec's target language: ``zh`` for Chinese, ``char`` for
+    Japanese and Korean (no spaces between words), else the default ``13a``."""
+    lang = str(getattr(getattr(spec, "task", None), "target_language", None) or "").strip().lower()
+    if lang.startswith("zh"):
+        return "zh"
+    if lang.startswith(("ja", "ko")):
+        return "char"
+    return "13a"
+
+
+def score(task: str, predictions: list[str], references: References, labels: list[str] | None, *,
           primary: str | None = None, answer_tokens: list[int] | None = None,
-          stopped: list[bool] | None = None) -> Scored:
-    """Score ``predictions`` against ``references`` for ``task``; ``primary`` picks the per-row score."""
+          stopped: list[bool] | None = None, bleu_tokenize: str = "13a") -> Scored:
+    """Score ``predictions`` against ``references`` for ``task``; ``primary`` picks the per-item score.
+
+    ``references[i]`` is item i's reference, or a sequence of its references (see the module
+    docstring for how each metric uses several). ``bleu_tokenize`` is sacrebleu's BLEU tokenizer
+    (``13a``, ``zh``, ``char``, ...; see :func:`bleu_tokenize_for`)."""
+    refs = as_reference_lists(references)
+    if len(refs) != len(predictions):
+        raise ValueError(f"{len(predictions)} predictions but {len(refs)} items with references")
     if task == "classification":
-        scored = _classification(predictions, references, labels or sorted(set(references)))
+        firsts = [r[0] for r in refs]
+        scored = _classification(predictions, firsts, labels or sorted(set(firsts)))
     elif task == "structured":
-        scored = _structured(predictions, references, primary)
+        scored = _structured(predictions, refs, primary, bleu_tokenize)
     else:
-        scored = _text(predictions, references, primary)
+        scored = _text(predictions, refs, primary, bleu_tokenize)
     n = len(predictions)
     scored.metrics["answer_tokens"] = mean_metric(answer_tokens if answer_tokens is not None
                                                   else [len(p.split()) for p in predictions])
@@ -124,17 +163,20 @@ def _classification(predictions: list[str], references: list[str], labels: list[
     return Scored(metrics, correct.astype(float), correct, per_class, (label_names, columns, matrix.tolist()))
 
 
-def _text(predictions: list[str], references: list[str], primary: str | None) -> Scored:
+def _text(predictions: list[str], references: list[list[str]], primary: str | None,
+          bleu_tokenize: str = "13a") -> Scored:
     import sacrebleu
-    from rouge_score import rouge_scorer
 
-    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
-    rouge = np.array([scorer.score(r, p)["rougeL"].fmeasure for p, r in zip(predictions, references, strict=True)])
-    exact = np.array([normalize_text(p) == normalize_text(r) for p, r in zip(predictions, references, strict=True)])
+    rouge = np.array([max(rouge_l(p, r) for r in refs) for p, refs in zip(predictions, references, strict=True)])
+    exact = np.array([any(normalize_text(p) == normalize_text(r) for r in refs)
+                      for p, refs in zip(predictions, references, strict=True)])
     metrics: dict[str, Aggregate] = {"rouge_l": mean_metric(rouge), "exact_match": mean_metric(exact)}
     if predictions:
-        for name, metric in (("bleu", sacrebleu.BLEU()), ("chrf", sacrebleu.CHRF())):
-            stats = np.array(metric._extract_corpus_statistics(predictions, [references]), dtype=float)
+        streams: Any = reference_streams(references)  # None-padded: sacrebleu's types omit None, its code allows it
+        for name, metric in (("bleu", sacrebleu.BLEU(tokenize=bleu_tokenize)), ("chrf", sacrebleu.CHRF())):
+            # per-item sufficient statistics (each against all of the item's references), summed
+            # over any resample of items: exactly sacrebleu's corpus score on that resample
+            stats = np.array(metric._extract_corpus_statistics(predictions, streams), dtype=float)
             metrics[name] = summed_stats_metric(stats, _corpus_score(metric))
     else:
         metrics["bleu"] = metrics["chrf"] = mean_metric([])
@@ -142,28 +184,65 @@ def _text(predictions: list[str], references: list[str], primary: str | None) ->
     return Scored(metrics, per_row.get(primary or "rouge_l", rouge), exact)
 
 
+def reference_streams(references: list[list[str]]) -> list[list[str | None]]:
+    """sacrebleu's multi-reference layout: stream j holds every item's j-th reference, None where
+    an item has fewer than j + 1."""
+    width = max((len(r) for r in references), default=0)
+    return [[refs[j] if j < len(refs) else None for refs in references] for j in range(width)]
+
+
+_ROUGE: Any = None
+
+
+def rouge_l(prediction: str, reference: str) -> float:
+    """ROUGE-L F-measure (stemmed) of ``prediction`` against one reference."""
+    global _ROUGE
+    if _ROUGE is None:
+        from rouge_score import rouge_scorer
+
+        _ROUGE = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    return float(_ROUGE.score(reference, prediction)["rougeL"].fmeasure)
+
+
+def closest_reference(prediction: str, references: Sequence[str]) -> str:
+    """The reference with the highest ROUGE-L against ``prediction`` (the first on ties)."""
+    refs = list(references)
+    if len(refs) <= 1:
+        return refs[0] if refs else ""
+    scores = [rouge_l(prediction, r) for r in refs]
+    return refs[int(np.argmax(scores))]
+
+
 def _corpus_score(metric: Any) -> Any:
     # sacrebleu's own statistics -> score path (its significance tests use the same), scaled to 0..1
     return lambda summed: float(metric._compute_score_from_stats(list(summed)).score) / 100.0
 
 
-def _structured(predictions: list[str], references: list[str], primary: str | None) -> Scored:
-    scored = _text(predictions, references, "rouge_l")
+def _structured(predictions: list[str], references: list[list[str]], primary: str | None,
+                bleu_tokenize: str = "13a") -> Scored:
+    scored = _text(predictions, references, primary, bleu_tokenize)  # rouge_l unless exact_match
+    wanted = [[_parse_json(r) for r in refs] for refs in references]
+    if not any(ok and isinstance(v, (dict, list)) for item in wanted for v, ok in item):
+        # the references are not JSON (e.g. a meaning representation): validity and field
+        # accuracy would score every answer 0, so they are left out; exact match and the rest stay
+        return scored
     valid, fields = [], []
-    for p, r in zip(predictions, references, strict=True):
+    for p, item in zip(predictions, wanted, strict=True):
         got, ok = _parse_json(p)
-        want, _ = _parse_json(r)
         valid.append(ok)
-        if isinstance(want, dict) and want:
-            fields.append(sum(isinstance(got, dict) and k in got and got[k] == v for k, v in want.items()) / len(want))
-        else:  # a non-object reference: the whole value must match
-            fields.append(float(ok and got == want))
+        fields.append(max(_field_accuracy(got, ok, want) for want, _ in item))
     scored.metrics["json_valid"] = mean_metric(valid)
     scored.metrics["field_accuracy"] = mean_metric(fields)
     per_row = {"json_valid": np.array(valid, dtype=float), "field_accuracy": np.array(fields, dtype=float)}
     if primary in per_row:
         scored.primary_scores = per_row[primary]
     return scored
+
+
+def _field_accuracy(got: Any, ok: bool, want: Any) -> float:
+    if isinstance(want, dict) and want:
+        return sum(isinstance(got, dict) and k in got and got[k] == v for k, v in want.items()) / len(want)
+    return float(ok and got == want)  # a non-object reference: the whole value must match
 
 
 def _parse_json(text: str) -> tuple[Any, bool]:

@@ -51,7 +51,7 @@ def _set_table(suite: EvalSuite, s: SetResult) -> Any:
     from rich.table import Table
 
     label = f"golden set {s.name} v{s.version}" if s.kind == "golden" else f"{s.name} split"
-    table = Table(title=f"{label}: {s.n} rows, value [95% interval]")
+    table = Table(title=f"{label}: {items_title(s)}, value [95% interval]")
     names = [n for n in SYSTEM_ORDER if s.system(n) is not None]
     table.add_column("metric")
     for n in names:
@@ -78,7 +78,29 @@ def _set_table(suite: EvalSuite, s: SetResult) -> Any:
         fixed = sum(f.kind == "fixed" for f in flips)
         table.caption = (table.caption + "; " if table.caption else "") + (
             f"{key.replace('_', ' ')}: {fixed} fixed, {len(flips) - fixed} broken")
+        for f in flips[:FLIPS_IN_TERMINAL] if any(x.n_references > 1 for x in flips) else []:
+            closest = f.closest_reference if f.closest_reference is not None else f.reference
+            which = f"closest of {f.n_references} references" if f.n_references > 1 else "reference"
+            table.caption += f"\n  {f.kind} #{f.index}: {_short(f.after)!r}; {which}: {_short(closest)!r}"
     return table
+
+
+FLIPS_IN_TERMINAL = 3  # multi-reference flips shown under a set's table, each with its closest reference
+
+
+def _short(text: str, width: int = 60) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= width else text[: width - 1] + "\u2026"
+
+
+def items_title(s: SetResult) -> str:
+    """``"200 rows"``, or for multi-reference items ``"54 items, references per item 1/8/12 (min/median/max)"``."""
+    from tuneline.eval.items import describe_references
+
+    counts = s.reference_counts()
+    if not counts or max(counts) <= 1:
+        return f"{s.n} rows"
+    return f"{s.n} items, {describe_references(counts)}"
 
 
 def format_p(p: float, test: str, resamples: int = 1000) -> str:

@@ -70,17 +70,23 @@ class Comparison:
 
 @dataclass
 class Flip:
-    index: int
+    index: int  # the item's position in its set
     where: str
     input: str
-    reference: str
+    reference: str  # the item's first reference
     before: str  # the earlier system's answer (b)
     after: str  # the later system's answer (a)
     kind: str  # fixed (wrong before, right now) | broken (right before, wrong now)
+    closest_reference: str | None = None  # of the item's references, the closest to ``after`` (ROUGE-L)
+    n_references: int = 1  # how many references the item has
 
 
 @dataclass
 class SetResult:
+    """One evaluation set. ``n`` counts items: for generation tasks the rows sharing an input are
+    one item with all their answers as references (``item_references``; ``references`` keeps each
+    item's first one, as reports before multi-reference items had it)."""
+
     name: str  # "test" or the golden set's name
     kind: str  # test | golden
     n: int
@@ -90,12 +96,25 @@ class SetResult:
     version: int | None = None  # golden sets: the registered version
     sha256: str | None = None
     path: str | None = None
-    references: list[str] = field(default_factory=list)
+    references: list[str] = field(default_factory=list)  # per item: its first reference
     wheres: list[str] = field(default_factory=list)
     inputs: list[str] = field(default_factory=list)
+    item_references: list[list[str]] = field(default_factory=list)  # per item: all its references
 
     def system(self, name: str) -> SystemResult | None:
         return next((s for s in self.systems if s.name == name), None)
+
+    def all_references(self) -> list[list[str]]:
+        """Every item's references (a report without ``item_references``: its one reference each)."""
+        if len(self.item_references) == len(self.references) and self.item_references:
+            return [list(r) for r in self.item_references]
+        return [[r] for r in self.references]
+
+    def reference_counts(self) -> list[int]:
+        """How many references each item has (1 each in a report that did not record them)."""
+        if self.item_references:
+            return [len(r) for r in self.item_references]
+        return [1] * self.n
 
 
 @dataclass
@@ -185,7 +204,7 @@ class EvalSuite:
         d["passed"] = self.passed
         if not with_rows:
             for s in d["sets"]:
-                for key in ("references", "wheres", "inputs"):
+                for key in ("references", "wheres", "inputs", "item_references"):
                     s.pop(key)
                 for sys_ in s["systems"]:
                     for key in ("predictions", "scores", "stopped"):

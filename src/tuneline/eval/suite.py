@@ -23,7 +23,14 @@ from tuneline.data.examples import Example
 from tuneline.eval import stats
 from tuneline.eval.gates import check_gates
 from tuneline.eval.generate import Generation, LabelTrie, generate_detailed
-from tuneline.eval.metrics import COMMON_METRICS, LOWER_IS_BETTER, Scored, score
+from tuneline.eval.metrics import (
+    COMMON_METRICS,
+    LOWER_IS_BETTER,
+    Scored,
+    bleu_tokenize_for,
+    closest_reference,
+    score,
+)
 from tuneline.eval.results import (
     Comparison,
     Confusion,
@@ -45,6 +52,8 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class EvalSet:
+    """An evaluation set: one :class:`Example` per item (see :func:`tuneline.eval.items.group_items`)."""
+
     name: str
     kind: str  # test | golden
     examples: list[Example]
@@ -143,8 +152,9 @@ class Evaluation:
     # --- scoring --------------------------------------------------------------------------------
 
     def _score(self, gen: Generation, examples: list[Example]) -> Scored:
-        return score(self.spec.task.type, gen.texts, [ex.reference for ex in examples], self.labels,
-                     primary=self.spec.objective.primary, answer_tokens=gen.tokens, stopped=gen.stopped)
+        return score(self.spec.task.type, gen.texts, [ex.all_references for ex in examples], self.labels,
+                     primary=self.spec.objective.primary, answer_tokens=gen.tokens, stopped=gen.stopped,
+                     bleu_tokenize=bleu_tokenize_for(self.spec))
 
     def finish(self, created: str | None = None) -> EvalSuite:
         spec = self.spec
@@ -182,7 +192,8 @@ class Evaluation:
             set_results.append(SetResult(
                 name=s.name, kind=s.kind, n=n, systems=results, comparisons=comparisons, flips=flips,
                 version=s.version, sha256=s.sha256, path=s.path, references=[ex.reference for ex in s.examples],
-                wheres=[ex.where for ex in s.examples], inputs=[input_of(ex) for ex in s.examples]))
+                wheres=[ex.where for ex in s.examples], inputs=[input_of(ex) for ex in s.examples],
+                item_references=[list(ex.all_references) for ex in s.examples]))
         suite = EvalSuite(spec=spec.name, task=spec.task.type, primary=spec.objective.primary,
                           created=created or time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), sets=set_results,
                           forgetting=self._forgetting(resamples), robustness=self._robustness_result(),
@@ -240,7 +251,8 @@ def _compare(spec: Spec, a: Scored, b: Scored, a_name: str, b_name: str, n: int,
 
 
 def _flips(s: EvalSet, a: Scored, b: Scored, a_gen: Generation, b_gen: Generation) -> list[Flip]:
-    """Rows right for one system and wrong for the other (``a`` is the later system)."""
+    """Items right for one system and wrong for the other (``a`` is the later system), each with
+    the item's reference closest to ``a``'s answer (ROUGE-L) and its number of references."""
     if a.correct is None or b.correct is None:
         return []
     from tuneline.curation.steps import input_of
@@ -248,6 +260,7 @@ def _flips(s: EvalSet, a: Scored, b: Scored, a_gen: Generation, b_gen: Generatio
     out = []
     for i in np.flatnonzero(a.correct != b.correct):
         ex = s.examples[i]
+        refs = ex.all_references
         out.append(Flip(int(i), ex.where, input_of(ex), ex.reference, b_gen.texts[i], a_gen.texts[i],
-                        "fixed" if a.correct[i] else "broken"))
+                        "fixed" if a.correct[i] else "broken", closest_reference(a_gen.texts[i], refs), len(refs)))
     return out

@@ -26,11 +26,16 @@ def sample_rows(examples: list[Example], rows: int, seed: int) -> list[Example]:
 
 def make_scorer(spec: Spec, tokenizer: Any, examples: list[Example], labels: list[str] | None, metric: str, *,
                 precision: str, device: str, rows: int = 200, seed: int = 0) -> Callable[[Any], float]:
-    """``score(model) -> value`` of ``metric`` on (a sample of) ``examples``."""
+    """``score(model) -> value`` of ``metric`` on (a sample of) ``examples``; a generated metric
+    scores items (rows sharing an input grouped, :func:`tuneline.eval.items.group_items`)."""
     if not examples:
         raise TrainingError(Problem(
             f"validating on {metric!r} needs a validation split, and this spec has none",
             field="data.eval", hint="add data.eval, or set curation.split.validation above 0"))
+    if metric != "eval_loss":  # generated answers are scored per item, all of an input's answers its references
+        from tuneline.eval.items import group_items
+
+        examples = group_items(examples, spec.task.type)
     picked = sample_rows(examples, rows, seed)
     if metric == "eval_loss":
         from tuneline.train.loop import encode_all, evaluate_loss
@@ -44,14 +49,15 @@ def make_scorer(spec: Spec, tokenizer: Any, examples: list[Example], labels: lis
         return loss
 
     from tuneline.eval.generate import LabelTrie, generate_detailed
-    from tuneline.eval.metrics import score
+    from tuneline.eval.metrics import bleu_tokenize_for, score
     from tuneline.train.loop import autocast_for
 
     trie = None
     if spec.task.type == "classification" and spec.eval.constrain_to_labels and labels:
         eos = tokenizer.convert_tokens_to_ids(tokenizer.eos_token) if tokenizer.eos_token else None
         trie = LabelTrie(tokenizer, labels, picked[0], eos)
-    references = [ex.reference for ex in picked]
+    references = [ex.all_references for ex in picked]
+    tokenize = bleu_tokenize_for(spec)
 
     def generated(model: Any) -> float:
         out = generate_detailed(model, tokenizer, picked, batch_size=spec.eval.batch_size,
@@ -59,8 +65,13 @@ def make_scorer(spec: Spec, tokenizer: Any, examples: list[Example], labels: lis
                                 autocast=autocast_for(precision, device), device=device, show_progress=False,
                                 labels=trie, share_prefix=len(picked) > 1)
         scored = score(spec.task.type, out.texts, references, labels, primary=spec.objective.primary,
-                       answer_tokens=out.tokens, stopped=out.stopped)
-        return scored.values()[metric]
+                       answer_tokens=out.tokens, stopped=out.stopped, bleu_tokenize=tokenize)
+        values = scored.values()
+        if metric not in values:  # structured json_valid/field_accuracy with references that are not JSON
+            raise TrainingError(Problem(
+                f"validation metric {metric!r} is not measured on these rows (their answers are not JSON)",
+                hint="validate (early stopping, search) on exact_match, rouge_l or eval_loss"))
+        return values[metric]
 
     return generated
 

@@ -64,7 +64,7 @@ def with_demonstrations(ex: Example, demos: Sequence[Example]) -> Example:
     for d in demos:
         shown += _system_and_turns(d)[1]
     return Example(where=ex.where, messages=tuple(system + shown + turns), reference=ex.reference, label=ex.label,
-                   demonstrations=len(shown) + ex.demonstrations)
+                   demonstrations=len(shown) + ex.demonstrations, references=ex.references)
 
 
 def with_label_set(ex: Example, labels: Sequence[str]) -> Example:
@@ -73,7 +73,7 @@ def with_label_set(ex: Example, labels: Sequence[str]) -> Example:
     note = "Answer with exactly one of these labels: " + ", ".join(labels) + "."
     text = (system[0]["content"] + "\n" + note) if system else note
     return Example(where=ex.where, messages=({"role": "system", "content": text}, *turns), reference=ex.reference,
-                   label=ex.label, demonstrations=ex.demonstrations)
+                   label=ex.label, demonstrations=ex.demonstrations, references=ex.references)
 
 
 def retrieval_prompts(index: NearestIndex, examples: Sequence[Example], vectors: np.ndarray, k: int,
