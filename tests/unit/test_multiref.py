@@ -76,6 +76,16 @@ def test_bleu_on_a_resample_of_items_equals_sacrebleu_on_those_items() -> None:
     assert sc.metrics["chrf"](idx) == pytest.approx(sacrebleu.corpus_chrf(hyps, streams).score / 100, abs=TOL)
 
 
+def test_per_item_scores_of_a_bleu_or_chrf_primary_are_sacrebleus_sentence_scores() -> None:
+    # the per-item score (shown per row, used by the baselines' paired test) is the item's own
+    # sentence-level score against all its references, not another metric
+    bleu = score("summarization", PREDICTIONS, REFERENCES, None, primary="bleu").primary_scores
+    chrf = score("summarization", PREDICTIONS, REFERENCES, None, primary="chrf").primary_scores
+    for i, (p, refs) in enumerate(zip(PREDICTIONS, REFERENCES, strict=True)):
+        assert bleu[i] == pytest.approx(sacrebleu.sentence_bleu(p, refs).score / 100, abs=TOL)
+        assert chrf[i] == pytest.approx(sacrebleu.sentence_chrf(p, refs).score / 100, abs=TOL)
+
+
 def test_bleu_tokenizer_follows_the_target_language() -> None:
     def spec(lang: str | None) -> SimpleNamespace:
         return SimpleNamespace(task=SimpleNamespace(target_language=lang))

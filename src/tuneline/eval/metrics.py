@@ -171,16 +171,21 @@ def _text(predictions: list[str], references: list[list[str]], primary: str | No
     exact = np.array([any(normalize_text(p) == normalize_text(r) for r in refs)
                       for p, refs in zip(predictions, references, strict=True)])
     metrics: dict[str, Aggregate] = {"rouge_l": mean_metric(rouge), "exact_match": mean_metric(exact)}
+    per_row = {"rouge_l": rouge, "exact_match": exact.astype(float)}
     if predictions:
         streams: Any = reference_streams(references)  # None-padded: sacrebleu's types omit None, its code allows it
-        for name, metric in (("bleu", sacrebleu.BLEU(tokenize=bleu_tokenize)), ("chrf", sacrebleu.CHRF())):
+        for name, metric, sentence in (
+                ("bleu", sacrebleu.BLEU(tokenize=bleu_tokenize), sacrebleu.BLEU(tokenize=bleu_tokenize,
+                                                                                 effective_order=True)),
+                ("chrf", sacrebleu.CHRF(), sacrebleu.CHRF())):
             # per-item sufficient statistics (each against all of the item's references), summed
             # over any resample of items: exactly sacrebleu's corpus score on that resample
             stats = np.array(metric._extract_corpus_statistics(predictions, streams), dtype=float)
             metrics[name] = summed_stats_metric(stats, _corpus_score(metric))
+            if primary == name:  # per item: the sentence-level score (sacrebleu's sentence_bleu/_chrf)
+                per_row[name] = np.array([_corpus_score(sentence)(row) for row in stats])
     else:
         metrics["bleu"] = metrics["chrf"] = mean_metric([])
-    per_row = {"rouge_l": rouge, "exact_match": exact.astype(float)}
     return Scored(metrics, per_row.get(primary or "rouge_l", rouge), exact)
 
 
