@@ -82,7 +82,8 @@ def _text(value: Any) -> str | None:
 def build_examples(task: TaskSpec, source: DataSource, records: list[Record]) -> tuple[list[Example], list[Problem]]:
     """Validate each record and build its :class:`Example`. Bad rows become problems, never skipped."""
     cols = column_map(task, source)
-    system = [{"role": "system", "content": task.instruction}] if task.instruction else []
+    prompt = task.system_prompt()  # the instruction, or translation's default naming the language pair
+    system = [{"role": "system", "content": prompt}] if prompt else []
     examples: list[Example] = []
     problems: list[Problem] = []
 
@@ -113,6 +114,12 @@ def build_examples(task: TaskSpec, source: DataSource, records: list[Record]) ->
             doc, summary = got
             msgs = (*system, {"role": "user", "content": doc}, {"role": "assistant", "content": summary})
             examples.append(Example(rec.where, tuple(msgs), summary))
+        elif kind == "translation":
+            if (got := required(rec, "source", "target")) is None:
+                continue
+            text, translated = got
+            msgs = (*system, {"role": "user", "content": text}, {"role": "assistant", "content": translated})
+            examples.append(Example(rec.where, tuple(msgs), translated))
         elif kind in ("instruction", "structured"):
             if (got := required(rec, "instruction", "response")) is None:
                 continue
