@@ -100,3 +100,10 @@ def test_score_reports_bleu_and_chrf_equal_to_sacrebleu():
     assert values["bleu"] == pytest.approx(sacrebleu.corpus_bleu(preds, [refs]).score / 100)
     assert values["chrf"] == pytest.approx(sacrebleu.corpus_chrf(preds, [refs]).score / 100)
     assert values["exact_match"] == pytest.approx(1 / 3)
+
+
+def test_other_tasks_dump_as_before_so_fingerprints_and_study_names_keep():
+    """Run fingerprints and search study names hash task.model_dump(): no new keys outside translation."""
+    spec = parse_spec("name: x\ntask: {type: classification}\nobjective: {primary: accuracy}\nmodel: m\n"
+                      "data: {train: {path: d.csv}}\n")
+    assert spec.task.model_dump(mode="json") == {"type": "classification", "labels": None, "instruction": None}

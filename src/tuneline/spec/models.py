@@ -13,7 +13,15 @@ import re
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
 log = logging.getLogger(__name__)
 
@@ -179,6 +187,15 @@ class TaskSpec(_Model):
     target_language: str | None = Field(
         default=None, min_length=1, max_length=64,
         description="Translation only (required there): the language of the `target` column, e.g. en.")
+
+    @model_serializer(mode="wrap")
+    def _omit_unset_languages(self, handler: SerializerFunctionWrapHandler) -> dict[str, object]:
+        # absent outside translation: fingerprints and study names of other tasks stay as they were
+        out: dict[str, object] = handler(self)
+        for key in ("source_language", "target_language"):
+            if out.get(key, "") is None:
+                del out[key]
+        return out
 
     def system_prompt(self) -> str | None:
         """The system prompt of every example: ``instruction``, or for translation without one
