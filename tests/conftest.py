@@ -75,6 +75,7 @@ def classification_spec(tmp_path: Path, tiny_model_dir: Path) -> Path:
           precision: fp32
         eval:
           batch_size: 16
+        decoding:
           max_new_tokens: 8
     """)
 

@@ -25,6 +25,7 @@ from tuneline.eval import (
     load_golden,
     render_tables,
 )
+from tuneline.eval.generate import DECODING_FILE, Decoding
 from tuneline.eval.validate import sample_rows
 from tuneline.models import load_model, load_tokenizer, resolve_model_source
 from tuneline.spec import LoadedSpec, load_spec
@@ -50,6 +51,15 @@ class RunResult:
     @property
     def passed(self) -> bool:
         return self.report is not None and self.report.passed
+
+
+def evaluated_decoding(spec: Any) -> Decoding:
+    """The decoding settings evaluation used for ``spec``'s fine-tuned model. Classification with
+    label-constrained decoding decodes greedily (only the token limit of ``decoding`` applies)."""
+    decoding = Decoding.of(spec.decoding)
+    if spec.task.type == "classification" and spec.eval.constrain_to_labels:
+        return Decoding(max_new_tokens=decoding.max_new_tokens)
+    return decoding
 
 
 def validate(spec_path: str | Path) -> tuple[LoadedSpec, PreparedData]:
@@ -215,6 +225,9 @@ def run(
                             if isinstance(v, (int, float)) and not isinstance(v, bool) and v is not None},
                            step=result.steps)
         atomic_write_text(Path(result.adapter_dir) / "tuneline.yaml", loaded.text)
+        # how the candidate was evaluated: the server answers with these settings (tuneline.serve)
+        atomic_write_text(Path(result.adapter_dir) / DECODING_FILE,
+                          json.dumps(evaluated_decoding(spec).to_dict(), indent=2) + "\n")
         served = None  # the hybrid: the retriever shipped with the adapter, loaded back as the server will
         if retriever is not None and spec.retrieval is not None:
             from tuneline.retrieval import adapter_retriever

@@ -150,10 +150,22 @@ def test_instruction_task_reports_text_metrics(tmp_path: Path, tiny_model_dir: P
           test: {{path: d.jsonl, columns: {{instruction: prompt, response: answer}}}}
         curation: {{enabled: false}}  # trains on its test rows on purpose (curation would remove them)
         train: {{method: lora, max_steps: 3, batch_size: 4, precision: fp32}}
-        eval: {{max_new_tokens: 4}}
+        decoding: {{max_new_tokens: 4, no_repeat_ngram_size: 2, repetition_penalty: 1.2, stop: ["###"]}}
     """)
-    result = tuneline.run(spec, workspace=tmp_path / "ws", show_progress=False)
+    ws = Workspace.at(tmp_path / "ws")
+    result = tuneline.run(spec, workspace=ws, show_progress=False)
     assert result.report is not None
+    # the decoding settings are recorded with the adapter (the server reads them) and in MLflow
+    recorded = {"max_new_tokens": 4, "num_beams": 1, "repetition_penalty": 1.2, "no_repeat_ngram_size": 2,
+                "stop": ["###"]}
+    assert json.loads((Path(result.train.adapter_dir) / "decoding.json").read_text()) == recorded
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    mlflow.set_tracking_uri(ws.tracking_uri)
+    params = MlflowClient().get_run(result.run_id).data.params
+    assert (params["decoding.no_repeat_ngram_size"], params["decoding.stop"]) == ("2", '["###"]')
+    assert "eval.max_new_tokens" not in params
     tuned = result.report.main_set().system("candidate")
     assert tuned is not None
     assert set(tuned.metrics) == {"rouge_l", "bleu", "chrf", "exact_match", "answer_tokens", "refusal_rate",

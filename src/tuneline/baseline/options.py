@@ -175,11 +175,12 @@ def _trie(ctx: Context, template: Example) -> Any:
 
 
 def _generate(ctx: Context, examples: list[Example], what: str, batch_size: int | None = None) -> Any:
-    from tuneline.eval.generate import generate_detailed
+    from tuneline.eval.generate import Decoding, generate_detailed
 
     trie = _trie(ctx, examples[0])
+    decoding = Decoding(max_new_tokens=trie.max_len) if trie else Decoding.of(ctx.spec.decoding)
     return generate_detailed(ctx.model, ctx.tokenizer, examples, batch_size=batch_size or ctx.spec.eval.batch_size,
-                             max_new_tokens=trie.max_len if trie else ctx.spec.eval.max_new_tokens,
+                             decoding=decoding,
                              autocast=ctx.autocast, device=ctx.device, description=f"baseline {what}",
                              show_progress=ctx.show_progress, labels=trie, share_prefix=len(examples) > 1)
 

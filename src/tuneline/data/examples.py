@@ -89,7 +89,8 @@ def build_examples(task: TaskSpec, source: DataSource, records: list[Record]) ->
     one text, even one that looks like a JSON list: in CSV, write one row per answer. An empty
     list, or an element that is not a non-empty string, is a problem of the row."""
     cols = column_map(task, source)
-    system = [{"role": "system", "content": task.instruction}] if task.instruction else []
+    prompt = task.system_prompt()  # the instruction, or translation's default naming the language pair
+    system = [{"role": "system", "content": prompt}] if prompt else []
     examples: list[Example] = []
     problems: list[Problem] = []
 
@@ -145,6 +146,14 @@ def build_examples(task: TaskSpec, source: DataSource, records: list[Record]) ->
             for summary in summaries:  # several answers: one row each, same input and where
                 msgs = (*system, {"role": "user", "content": doc[0]}, {"role": "assistant", "content": summary})
                 examples.append(Example(rec.where, tuple(msgs), summary))
+        elif kind == "translation":
+            original = required(rec, "source")
+            targets = answers(rec, "target")
+            if original is None or targets is None:
+                continue
+            for target in targets:  # several translations: one row each, same input and where
+                msgs = (*system, {"role": "user", "content": original[0]}, {"role": "assistant", "content": target})
+                examples.append(Example(rec.where, tuple(msgs), target))
         elif kind in ("instruction", "structured"):
             instr = required(rec, "instruction")
             responses = answers(rec, "response")

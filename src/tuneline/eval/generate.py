@@ -1,11 +1,12 @@
-"""Batched greedy generation with the KV cache, length-grouped to keep padding small."""
+"""Batched generation with the KV cache, length-grouped to keep padding small: greedy or beam
+search, with the decoding settings of the spec (:class:`Decoding`) that the server also applies."""
 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from tuneline.data.examples import Example
@@ -78,6 +79,114 @@ def _last_answer(ids: list[int], labels: list[int]) -> list[int]:
     return ids[start:end]
 
 
+DECODING_FILE = "decoding.json"  # an adapter's decoding settings, beside its tuneline.yaml
+
+
+@dataclass(frozen=True)
+class Decoding:
+    """How answers are generated: the spec's ``decoding`` section, recorded with an adapter as
+    ``decoding.json`` so the server answers as evaluation did (see :class:`tuneline.spec.models.DecodingSpec`)."""
+
+    max_new_tokens: int = 24
+    num_beams: int = 1
+    repetition_penalty: float = 1.0
+    no_repeat_ngram_size: int = 0
+    stop: tuple[str, ...] = field(default_factory=tuple)
+
+    @classmethod
+    def of(cls, settings: Any) -> Decoding:
+        """From a :class:`DecodingSpec` or a mapping such as a read ``decoding.json``."""
+        d = dict(settings) if isinstance(settings, Mapping) else settings.model_dump()
+        return cls(max_new_tokens=int(d.get("max_new_tokens", 24)), num_beams=int(d.get("num_beams", 1)),
+                   repetition_penalty=float(d.get("repetition_penalty", 1.0)),
+                   no_repeat_ngram_size=int(d.get("no_repeat_ngram_size", 0)),
+                   stop=tuple(str(x) for x in d.get("stop") or () if x))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "stop": list(self.stop)}
+
+    @property
+    def penalized(self) -> bool:
+        return self.repetition_penalty != 1.0 or self.no_repeat_ngram_size > 0
+
+
+def read_decoding(adapter_dir: Any) -> Decoding | None:
+    """The decoding settings saved with an adapter (``decoding.json``), None when it has none."""
+    import json
+    from pathlib import Path
+
+    path = Path(adapter_dir) / DECODING_FILE
+    return Decoding.of(json.loads(path.read_text(encoding="utf-8"))) if path.is_file() else None
+
+
+def cut_at_stop(tokenizer: Any, tokens: list[int], stops: tuple[str, ...] | list[str]) -> tuple[int, str] | None:
+    """``(n, text)`` for the first ``n`` of ``tokens`` whose decoded text contains a stop string,
+    ``text`` being that decoded text cut before the first stop string in it; None if none occurs.
+    The server's rows (:class:`tuneline.serve.engine._Row`) stop at the same token with the same text."""
+    stops = [x for x in stops if x]
+    if not stops or not any(x in tokenizer.decode(tokens, skip_special_tokens=True) for x in stops):
+        return None
+    for n in range(1, len(tokens) + 1):
+        text = tokenizer.decode(tokens[:n], skip_special_tokens=True)
+        cut = min((text.index(x) for x in stops if x in text), default=None)
+        if cut is not None:
+            return n, text[:cut]
+    return None  # unreachable: the whole answer contains one
+
+
+def decoding_kwargs(decoding: Decoding, prompt_mask: Any) -> dict[str, Any]:
+    """``model.generate`` arguments for ``decoding``'s beams and penalties. ``prompt_mask``
+    ([rows, width], 1 for prompt tokens, 0 for padding): the penalties look at each row's own
+    prompt and answer tokens, never at padding, so a row's answer does not depend on the batch
+    it is in (transformers' own processors count padding tokens as seen)."""
+    from transformers import LogitsProcessorList
+
+    out: dict[str, Any] = {"num_beams": decoding.num_beams, "repetition_penalty": 1.0, "no_repeat_ngram_size": 0}
+    if decoding.penalized:
+        out["logits_processor"] = LogitsProcessorList([_Penalties(decoding, prompt_mask)])
+    return out
+
+
+class _Penalties:
+    """Repetition penalty and no-repeat n-grams over each row's non-padding tokens (rows repeated
+    per beam as ``generate`` expands them): the arithmetic of transformers'
+    RepetitionPenaltyLogitsProcessor and NoRepeatNGramLogitsProcessor."""
+
+    def __init__(self, decoding: Decoding, prompt_mask: Any) -> None:
+        self.penalty, self.n = decoding.repetition_penalty, decoding.no_repeat_ngram_size
+        self.valid = prompt_mask.bool().repeat_interleave(decoding.num_beams, dim=0)
+
+    def __call__(self, input_ids: Any, scores: Any) -> Any:
+        import torch
+
+        rows, cur = input_ids.shape
+        prompt = self.valid.to(input_ids.device)
+        valid = torch.cat([prompt, torch.ones(rows, cur - prompt.shape[1], dtype=torch.bool,
+                                              device=input_ids.device)], dim=1)
+        if self.penalty != 1.0:
+            vocab = scores.shape[-1]
+            ids = torch.where(valid & (input_ids < vocab), input_ids, vocab)
+            seen = torch.zeros(rows, vocab + 1, dtype=torch.bool, device=scores.device)
+            seen.scatter_(1, ids, True)
+            penalized = torch.where(scores < 0, scores * self.penalty, scores / self.penalty)
+            scores = torch.where(seen[:, :vocab], penalized, scores)
+        if self.n > 0:
+            scores = scores.clone()
+            for r in range(rows):
+                banned = _banned_ngram_tokens(input_ids[r][valid[r]].tolist(), self.n)
+                if banned:
+                    scores[r, banned] = -float("inf")
+        return scores
+
+
+def _banned_ngram_tokens(tokens: list[int], n: int) -> list[int]:
+    """Tokens that would complete an n-gram already in ``tokens``."""
+    if len(tokens) + 1 < n:
+        return []
+    prefix = tokens[len(tokens) - n + 1:] if n > 1 else []
+    return sorted({tokens[i + n - 1] for i in range(len(tokens) - n + 1) if tokens[i:i + n - 1] == prefix})
+
+
 @dataclass
 class Generation:
     texts: list[str]  # the answers, in input order
@@ -98,20 +207,27 @@ def generate_detailed(
     examples: list[Example],
     *,
     batch_size: int,
-    max_new_tokens: int,
+    max_new_tokens: int | None = None,
     autocast: Any,
     device: str = "cpu",
     description: str = "generate",
     show_progress: bool = True,
     labels: LabelTrie | None = None,
     share_prefix: bool = True,
+    decoding: Decoding | None = None,
 ) -> Generation:
-    """Greedy answers for each example's prompt, in input order, with whether each stopped on its own.
+    """Answers for each example's prompt, in input order, with whether each stopped on its own.
+
+    ``decoding`` (default: greedy, 24 tokens; ``max_new_tokens`` overrides its token limit) sets
+    beams, penalties and stop strings. An answer is cut before the first stop string it contains
+    and counts as stopped; with greedy decoding a row stops generating there (beam search runs
+    its beams to the end, then cuts). Beam search turns ``share_prefix`` off.
 
     With ``labels``, decoding is constrained to the label set (a classifier's answer is always
-    one of its labels; the model still picks which), and a row stops as soon as its label is
-    decided: the rest of a label whose prefix no other label shares is the only tokens the
-    constrained greedy search could produce, so they are filled in without running the model.
+    one of its labels; the model still picks which), greedily (``decoding``'s other settings do
+    not apply), and a row stops as soon as its label is decided: the rest of a label whose prefix
+    no other label shares is the only tokens the constrained greedy search could produce, so they
+    are filled in without running the model.
 
     With ``share_prefix``, the tokens every prompt starts with (system prompt and instruction)
     are run once per batch and their KV cache repeated for every row; each row's padding goes
@@ -121,6 +237,13 @@ def generate_detailed(
     import torch
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+    decoding = decoding or Decoding()
+    if max_new_tokens is not None:
+        decoding = replace(decoding, max_new_tokens=max_new_tokens)
+    if labels is not None:
+        decoding = Decoding(max_new_tokens=decoding.max_new_tokens)  # constrained greedy over the label trie
+    if decoding.num_beams > 1:
+        share_prefix = False  # the prefix KV cache is one row, not expanded per beam
     prompts = [encode_prompt(tokenizer, ex) for ex in examples]
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     outputs: list[str] = [""] * len(prompts)
@@ -155,8 +278,12 @@ def generate_detailed(
                     return labels.allowed(seq[width:].tolist())
                 extra["prefix_allowed_tokens_fn"] = constrain
                 extra["stopping_criteria"] = _stop_when_decided(labels, width)
+            else:
+                extra.update(decoding_kwargs(decoding, mask))
+                if decoding.stop and decoding.num_beams == 1:
+                    extra["stopping_criteria"] = _stop_on_strings(tokenizer, decoding.stop, width, ends)
             out = model.generate(
-                input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
+                input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=decoding.max_new_tokens,
                 do_sample=False, eos_token_id=eos, pad_token_id=pad, **extra,
             )
             for r, i in enumerate(idx):
@@ -166,7 +293,12 @@ def generate_detailed(
                 end = next((k for k, t in enumerate(answer) if t in ends), None)
                 stopped[i] = end is not None
                 lengths[i] = len(answer) if end is None else end
-                outputs[i] = tokenizer.decode(answer[:lengths[i]], skip_special_tokens=True).strip()
+                cut = cut_at_stop(tokenizer, answer[:lengths[i]], decoding.stop) if decoding.stop else None
+                if cut is not None:
+                    stopped[i], lengths[i] = True, cut[0]
+                    outputs[i] = cut[1].strip()
+                else:
+                    outputs[i] = tokenizer.decode(answer[:lengths[i]], skip_special_tokens=True).strip()
             bar.update(task, advance=len(idx))
     return Generation(outputs, (time.perf_counter() - t0) / max(1, len(prompts)), stopped, lengths)
 
@@ -219,6 +351,25 @@ def _stop_when_decided(trie: LabelTrie, start: int) -> Any:
             return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
 
     return StoppingCriteriaList([LabelDecided()])
+
+
+def _stop_on_strings(tokenizer: Any, stops: tuple[str, ...], start: int, ends: set[int]) -> Any:
+    """A stopping criterion: a row is done once its decoded answer (from column ``start``, up to an
+    end token) contains one of ``stops``."""
+    import torch
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    class StopStrings(StoppingCriteria):
+        def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
+            done = []
+            for row in input_ids:
+                answer = row[start:].tolist()
+                end = next((k for k, t in enumerate(answer) if t in ends), len(answer))
+                text = tokenizer.decode(answer[:end], skip_special_tokens=True)
+                done.append(any(x in text for x in stops))
+            return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
+
+    return StoppingCriteriaList([StopStrings()])
 
 
 @contextmanager

@@ -111,6 +111,8 @@ def score(task: str, predictions: list[str], references: References, labels: lis
         scored = _structured(predictions, refs, primary, bleu_tokenize)
     else:
         scored = _text(predictions, refs, primary, bleu_tokenize)
+        if task == "translation":  # BLEU and chrF; ROUGE's tokenizer drops every non-Latin character
+            scored.metrics.pop("rouge_l")
     n = len(predictions)
     scored.metrics["answer_tokens"] = mean_metric(answer_tokens if answer_tokens is not None
                                                   else [len(p.split()) for p in predictions])

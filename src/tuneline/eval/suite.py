@@ -22,7 +22,7 @@ import numpy as np
 from tuneline.data.examples import Example
 from tuneline.eval import stats
 from tuneline.eval.gates import check_gates
-from tuneline.eval.generate import Generation, LabelTrie, generate_detailed
+from tuneline.eval.generate import Decoding, Generation, LabelTrie, generate_detailed
 from tuneline.eval.metrics import (
     COMMON_METRICS,
     LOWER_IS_BETTER,
@@ -92,7 +92,8 @@ class Evaluation:
             from tuneline.eval.probe import load_probe, probe_examples
 
             self.probe[name] = self._generate(model, prompts(probe_examples(load_probe())),
-                                              f"{name} forgetting probe", constrained=False, max_new_tokens=24)
+                                              f"{name} forgetting probe", constrained=False,
+                                              decoding=Decoding(max_new_tokens=24))  # fixed: greedy, 24 tokens
         if name == "candidate":
             self._robustness(model, prompts)
             if self.spec.eval.latency.enabled:
@@ -107,13 +108,13 @@ class Evaluation:
         return LabelTrie(tok, self.labels, first, eos)
 
     def _generate(self, model: Any, examples: list[Example], what: str, *, constrained: bool = True,
-                  max_new_tokens: int | None = None, batch_size: int | None = None) -> Generation:
+                  decoding: Decoding | None = None, batch_size: int | None = None) -> Generation:
         trie = self.trie if constrained else None
-        if max_new_tokens is None:
-            max_new_tokens = trie.max_len if trie else self.spec.eval.max_new_tokens  # a label never needs more
+        if decoding is None:  # the spec's settings; a label never needs more tokens than the trie's longest
+            decoding = Decoding(max_new_tokens=trie.max_len) if trie else Decoding.of(self.spec.decoding)
         return generate_detailed(
             model, self.tokenizer, examples, batch_size=batch_size or self.spec.eval.batch_size,
-            max_new_tokens=max_new_tokens, autocast=self.autocast, device=self.device,
+            decoding=decoding, autocast=self.autocast, device=self.device,
             description=f"eval {what}", show_progress=self.show_progress, labels=trie,
             share_prefix=len(examples) > 1,
         )

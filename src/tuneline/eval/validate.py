@@ -48,7 +48,7 @@ def make_scorer(spec: Spec, tokenizer: Any, examples: list[Example], labels: lis
 
         return loss
 
-    from tuneline.eval.generate import LabelTrie, generate_detailed
+    from tuneline.eval.generate import Decoding, LabelTrie, generate_detailed
     from tuneline.eval.metrics import bleu_tokenize_for, score
     from tuneline.train.loop import autocast_for
 
@@ -58,10 +58,11 @@ def make_scorer(spec: Spec, tokenizer: Any, examples: list[Example], labels: lis
         trie = LabelTrie(tokenizer, labels, picked[0], eos)
     references = [ex.all_references for ex in picked]
     tokenize = bleu_tokenize_for(spec)
+    decoding = Decoding(max_new_tokens=trie.max_len) if trie else Decoding.of(spec.decoding)
 
     def generated(model: Any) -> float:
         out = generate_detailed(model, tokenizer, picked, batch_size=spec.eval.batch_size,
-                                max_new_tokens=trie.max_len if trie else spec.eval.max_new_tokens,
+                                decoding=decoding,
                                 autocast=autocast_for(precision, device), device=device, show_progress=False,
                                 labels=trie, share_prefix=len(picked) > 1)
         scored = score(spec.task.type, out.texts, references, labels, primary=spec.objective.primary,

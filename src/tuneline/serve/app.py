@@ -318,7 +318,11 @@ def create_app(engine: Engine, log_db: RequestLog, config: ServerConfig) -> Fast
                            "adapter_verification_failed") from exc
 
     def make_job(body: CommonRequest, prompt_ids: list[int], adapter: str, deadline: float | None) -> Job:
-        limit = body.max_completion_tokens or body.max_tokens or config.default_max_tokens
+        # an adapter saved with decoding.json answers as it was evaluated: its token limit and stop
+        # strings unless the request sets its own, its beams and penalties always
+        decoding = engine.decodings.get(adapter)
+        limit = (body.max_completion_tokens or body.max_tokens
+                 or (decoding.max_new_tokens if decoding is not None else config.default_max_tokens))
         if len(prompt_ids) + limit > engine.context_length:
             raise ApiError(400, f"the prompt has {len(prompt_ids)} tokens; with max_tokens {limit} that exceeds the "
                                 f"context length of {engine.context_length}", "invalid_request_error", "messages",
@@ -327,9 +331,15 @@ def create_app(engine: Engine, log_db: RequestLog, config: ServerConfig) -> Fast
         if body.seed is not None and temperature >= 1e-3:
             raise ApiError(400, "seed: reproducible sampling is not supported; use temperature 0 (greedy) to get "
                                 "the same answer every time", "invalid_request_error", "seed")
-        stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
-        return Job(prompt_ids, adapter, limit, temperature, stop, deadline=deadline,
-                   top_p=float(body.top_p if body.top_p is not None else 1.0))
+        stop = [x for x in ([body.stop] if isinstance(body.stop, str) else list(body.stop or [])) if x]
+        if not stop and decoding is not None:
+            stop = list(decoding.stop)
+        job = Job(prompt_ids, adapter, limit, temperature, stop, deadline=deadline,
+                  top_p=float(body.top_p if body.top_p is not None else 1.0))
+        if decoding is not None:
+            job.num_beams, job.repetition_penalty = decoding.num_beams, decoding.repetition_penalty
+            job.no_repeat_ngram_size = decoding.no_repeat_ngram_size
+        return job
 
     async def answer(request: Request, body: CommonRequest, endpoint: str, prompt: Any, logged_prompt: Any,
                      chat: bool) -> Any:

@@ -43,6 +43,16 @@ class Job:
     top_p: float = 1.0
     cancelled: threading.Event = field(default_factory=threading.Event)
     first_token_at: float | None = None  # time.perf_counter() when its first token was generated
+    # the adapter's decoding settings (decoding.json): beam search when num_beams > 1, and penalties
+    num_beams: int = 1
+    repetition_penalty: float = 1.0
+    no_repeat_ngram_size: int = 0
+
+    def batch_key(self) -> tuple[Any, ...]:
+        """Jobs are generated together only when these are equal (beam jobs: their token limit too,
+        since a beam search cut shorter is not the search with the shorter limit)."""
+        return (self.temperature, self.top_p, self.num_beams, self.repetition_penalty, self.no_repeat_ngram_size,
+                self.max_new_tokens if self.num_beams > 1 else None)
 
     def cancel(self) -> None:
         """Stop generating for this job (the client went away): it ends with finish_reason "cancelled"."""
@@ -80,6 +90,7 @@ class Engine:
         self.context_length = int(getattr(model.config, "max_position_embeddings", 2048))
         self.adapters: dict[str, str] = {}  # adapter slot -> source folder
         self.retrievers: dict[str, Any] = {}  # adapter slot -> its Retriever (hybrid adapters only)
+        self.decodings: dict[str, Any] = {}  # adapter slot -> the Decoding it was evaluated with (decoding.json)
         self._encoders: dict[str, Any] = {}  # sentence encoders by fingerprint, shared by the retrievers
         self.multi: Any = None  # MultiLora once an adapter is loaded
         self.batch_sizes: collections.deque[int] = collections.deque(maxlen=10_000)  # rows per generate call
@@ -112,14 +123,18 @@ class Engine:
         with self._load_lock:
             if name not in self.adapters:
                 from tuneline.artifacts import verify_tree
+                from tuneline.eval.generate import read_decoding
                 from tuneline.retrieval import adapter_retriever
 
                 verify_tree(path, sha256, what=f"adapter of {key}")
+                decoding = read_decoding(path)  # absent (adapters from before decoding.json): request settings only
                 # a hybrid adapter ships the index it was trained with: load it before taking requests for it
                 retriever = adapter_retriever(path, device=str(self.base.device.type), encoders=self._encoders)
                 self._submit_control(lambda: self._load(name, path))
                 if retriever is not None:
                     self.retrievers[name] = retriever
+                if decoding is not None:
+                    self.decodings[name] = decoding
         return name
 
     def loaded(self, key: str, path: str) -> bool:
@@ -225,8 +240,8 @@ class Engine:
                 if nxt.adapter.startswith("__") and nxt.adapter != BASE:
                     held.append(nxt)  # a control or stop job: right after this batch
                     break
-                if (nxt.temperature, nxt.top_p) != (job.temperature, job.top_p):
-                    held.append(nxt)  # another sampling setting: a later round
+                if nxt.batch_key() != job.batch_key():
+                    held.append(nxt)  # other sampling or decoding settings: a later round
                     continue
                 if not self._ended_early(nxt):
                     batch.append(nxt)
@@ -265,9 +280,17 @@ class Engine:
         rows = [_Row(j, tok, self.end_ids) for j in batch]
         from transformers import StoppingCriteriaList
 
+        from tuneline.eval.generate import Decoding, decoding_kwargs
+
+        first = batch[0]
+        beams = first.num_beams
+        # a beam search is not followed token by token: stop strings are cut after it, the answer sent whole
+        done = _JobsEnded(batch) if beams > 1 else _RowsDone(rows)
         kwargs: dict[str, Any] = {"max_new_tokens": max(j.max_new_tokens for j in batch), "pad_token_id": pad,
                                   "eos_token_id": sorted(self.end_ids) or None,
-                                  "stopping_criteria": StoppingCriteriaList([_RowsDone(rows)])}
+                                  "stopping_criteria": StoppingCriteriaList([done])}
+        kwargs.update(decoding_kwargs(Decoding(num_beams=beams, repetition_penalty=first.repetition_penalty,
+                                               no_repeat_ngram_size=first.no_repeat_ngram_size), mask))
         if batch[0].temperature >= 1e-3:  # below that, sampling is greedy decoding (and overflows)
             kwargs.update(do_sample=True, temperature=batch[0].temperature, top_k=0)
             if batch[0].top_p < 1.0:
@@ -275,15 +298,39 @@ class Engine:
         else:
             kwargs.update(do_sample=False)
         if self.multi is not None:  # each row through its own adapter (or none), in one batch
-            self.multi.index = torch.tensor([self.multi.slot(j.adapter) for j in batch], device=ids.device)
+            index = torch.tensor([self.multi.slot(j.adapter) for j in batch], device=ids.device)
+            # generate expands each row into its beams (repeat_interleave): so does the adapter index
+            self.multi.index = index.repeat_interleave(beams) if beams > 1 else index
         elif any(j.adapter != BASE for j in batch):
             raise RuntimeError("adapter requested before any adapter was loaded")
         self.generating = len(batch)
         try:
-            self._call(ids, mask, kwargs)
+            out = self._call(ids, mask, kwargs)
         finally:
             self.generating = 0
+        if beams > 1:
+            return [self._beam_result(j, out[r, width:].tolist()) for r, j in enumerate(batch)]
         return [row.result() for row in rows]
+
+    def _beam_result(self, job: Job, tokens: list[int]) -> Result:
+        """A beam job's answer: up to its end token or limit, cut before the first stop string."""
+        from tuneline.eval.generate import cut_at_stop
+
+        end = next((k for k, t in enumerate(tokens) if t in self.end_ids), None)
+        tokens = tokens[:end] if end is not None else tokens[:job.max_new_tokens]
+        finish = "stop" if end is not None else "length"
+        cut = cut_at_stop(self.tokenizer, tokens, job.stop)
+        if cut is not None:
+            tokens, text, finish = tokens[:cut[0]], cut[1], "stop"
+        else:
+            text = self.tokenizer.decode(tokens, skip_special_tokens=True)
+        if job.cancelled.is_set():
+            finish = "cancelled"
+        elif job.deadline is not None and time.monotonic() > job.deadline:
+            finish = "deadline"
+        elif text:
+            _emit(job, text)  # streamed whole, once the search has chosen
+        return Result(text, len(job.prompt_ids), len(tokens), finish)
 
     def _call(self, ids: Any, mask: Any, kwargs: dict[str, Any]) -> Any:
         from contextlib import nullcontext
@@ -392,6 +439,25 @@ class _RowsDone:
             if not row.done:
                 row.step(int(token))
         return torch.tensor([row.done for row in self.rows], dtype=torch.bool, device=input_ids.device)
+
+
+class _JobsEnded:
+    """A beam search's stopping criterion: marks the first token's time, and stops the whole search
+    once every job of the batch is cancelled or past its deadline."""
+
+    def __init__(self, jobs: list[Job]) -> None:
+        self.jobs = jobs
+
+    def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
+        import torch
+
+        now = time.perf_counter()
+        for j in self.jobs:
+            if j.first_token_at is None:
+                j.first_token_at = now
+        ended = all(j.cancelled.is_set() or (j.deadline is not None and time.monotonic() > j.deadline)
+                    for j in self.jobs)
+        return torch.full((input_ids.shape[0],), ended, dtype=torch.bool, device=input_ids.device)
 
 
 def _flag_trainable(model: Any) -> None:

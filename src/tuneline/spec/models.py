@@ -7,12 +7,23 @@ never by import paths: a spec file cannot run code.
 
 from __future__ import annotations
 
+import logging
 import operator
 import re
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
+
+log = logging.getLogger(__name__)
 
 TaskType = Literal["classification", "instruction", "chat", "summarization", "translation", "structured"]
 # Tasks where one input may have several good answers: different answers to one input are
@@ -45,6 +56,9 @@ TASK_COLUMNS: dict[str, dict[str, bool]] = {
     "translation": {"source": True, "target": True},
     "structured": {"instruction": True, "input": False, "response": True},  # the response is JSON
 }
+
+# The system prompt of a translation task without task.instruction
+TRANSLATION_PROMPT = "Translate the text from {source} to {target}. Answer with the translation only."
 
 _OPS = {">=": operator.ge, ">": operator.gt, "<=": operator.le, "<": operator.lt}
 _NUM = r"-?[0-9]*\.?[0-9]+(?:[eE][-+]?\d+)?"
@@ -164,8 +178,45 @@ class TaskSpec(_Model):
     )
     instruction: str | None = Field(
         default=None,
-        description="System prompt given with every example (e.g. what to classify and how to answer).",
+        description="System prompt given with every example (e.g. what to classify and how to answer). "
+                    "Translation without it: " + repr(TRANSLATION_PROMPT) + ".",
     )
+    source_language: str | None = Field(
+        default=None, min_length=1, max_length=64,
+        description="Translation only (required there): the language of the `source` column, e.g. de, en, zh.")
+    target_language: str | None = Field(
+        default=None, min_length=1, max_length=64,
+        description="Translation only (required there): the language of the `target` column, e.g. en.")
+
+    @model_serializer(mode="wrap")
+    def _omit_unset_languages(self, handler: SerializerFunctionWrapHandler) -> dict[str, object]:
+        # absent outside translation: fingerprints and study names of other tasks stay as they were
+        out: dict[str, object] = handler(self)
+        for key in ("source_language", "target_language"):
+            if out.get(key, "") is None:
+                del out[key]
+        return out
+
+    def system_prompt(self) -> str | None:
+        """The system prompt of every example: ``instruction``, or for translation without one
+        :data:`TRANSLATION_PROMPT` with the language pair filled in."""
+        if self.instruction:
+            return self.instruction
+        if self.type == "translation" and self.source_language and self.target_language:
+            return TRANSLATION_PROMPT.format(source=self.source_language, target=self.target_language)
+        return None
+
+    @model_validator(mode="after")
+    def _languages_only_for_translation(self) -> TaskSpec:
+        given = [f for f in ("source_language", "target_language") if getattr(self, f) is not None]
+        if self.type == "translation":
+            missing = [f for f in ("source_language", "target_language") if f not in given]
+            if missing:
+                raise ValueError(f"task type 'translation' needs {' and '.join(missing)} (the language pair, "
+                                 "e.g. source_language: de, target_language: en)")
+        elif given:
+            raise ValueError(f"{' and '.join(given)} apply only to task type 'translation'")
+        return self
 
     @model_validator(mode="after")
     def _labels_only_for_classification(self) -> TaskSpec:
@@ -434,13 +485,40 @@ class EvalSpec(_Model):
     latency: LatencySpec = Field(default_factory=LatencySpec)
     bootstrap: int = Field(default=1000, ge=100, le=100_000, description="Bootstrap resamples for the 95% intervals.")
     batch_size: int = Field(default=32, gt=0)
-    max_new_tokens: int = Field(default=24, gt=0)
     compare_base: bool = Field(default=True, description="Also evaluate the untuned base model.")
     constrain_to_labels: bool = Field(
         default=True,
         description="Classification: decoding may only produce one of the labels (the model picks which), "
                     "for the base and the tuned model alike. Off: free generation; an answer that is not a "
                     "label counts as wrong (reported as invalid_label_rate).")
+
+
+class DecodingSpec(_Model):
+    """How answers are generated, alike in evaluation, validation, the baselines and the server
+    (recorded with the adapter as ``decoding.json``). Classification with ``eval.constrain_to_labels``
+    decodes greedily over the label set: there only ``max_new_tokens`` applies (and a label never
+    needs more tokens than its longest label)."""
+
+    max_new_tokens: int = Field(default=24, gt=0, description="Most tokens of an answer (the server's default "
+                                                              "when a request gives no max_tokens).")
+    num_beams: int = Field(default=1, ge=1, le=16, description="Beam search with this many beams; 1: greedy.")
+    repetition_penalty: float = Field(
+        default=1.0, gt=0, le=10,
+        description="Above 1: tokens already in the prompt or answer are less likely (logits divided by it, "
+                    "negative ones multiplied); 1: off.")
+    no_repeat_ngram_size: int = Field(default=0, ge=0, le=32,
+                                      description="No n-gram of this many tokens occurs twice (prompt included); 0: off.")
+    stop: list[str] = Field(
+        default_factory=list, max_length=4,
+        description="Up to 4 stop strings: an answer is cut before the first one it contains and counts as "
+                    "stopped; the server uses them when a request gives none.")
+
+    @field_validator("stop")
+    @classmethod
+    def _stops_not_empty(cls, v: list[str]) -> list[str]:
+        if any(not s for s in v):
+            raise ValueError("stop strings must not be empty")
+        return v
 
 
 # validation metrics where lower is better (every other metric: higher is better)
@@ -610,6 +688,7 @@ class Spec(_Model):
     curation: CurationSpec = Field(default_factory=CurationSpec)
     train: TrainSpec = Field(default_factory=TrainSpec)
     eval: EvalSpec = Field(default_factory=EvalSpec)
+    decoding: DecodingSpec = Field(default_factory=DecodingSpec)
     baseline: BaselineSpec = Field(default_factory=BaselineSpec)
     search: SearchSpec | None = Field(
         default=None, description="Hyperparameter search: `tuneline tune`, and `tuneline run` searches first.")
@@ -617,6 +696,32 @@ class Spec(_Model):
         default=None, description="Hybrid: retrieved training examples in every prompt, in training, evaluation "
                                   "and serving; the index is versioned with the dataset and shipped with the adapter.")
     tracking: TrackingSpec = Field(default_factory=TrackingSpec)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _migrate_max_new_tokens(cls, data: object) -> object:
+        """``eval.max_new_tokens`` (before decoding settings had their own section) moves to
+        ``decoding.max_new_tokens``, with a deprecation warning."""
+        if not isinstance(data, dict) or not isinstance(data.get("eval"), dict) or "max_new_tokens" not in data["eval"]:
+            return data
+        data = dict(data)
+        ev = dict(data["eval"])
+        old = ev.pop("max_new_tokens")
+        data["eval"] = ev
+        decoding = data.get("decoding")
+        if decoding is None:
+            decoding = {}
+        if not isinstance(decoding, dict):
+            return data  # reported by the field's own validation
+        if "max_new_tokens" in decoding and decoding["max_new_tokens"] != old:
+            raise ValueError(
+                f"eval.max_new_tokens ({old!r}) and decoding.max_new_tokens ({decoding['max_new_tokens']!r}) "
+                "disagree: eval.max_new_tokens is the old place of decoding.max_new_tokens; delete it and keep "
+                "decoding.max_new_tokens")
+        data["decoding"] = {**decoding, "max_new_tokens": old}
+        log.warning("eval.max_new_tokens is deprecated: it is read as decoding.max_new_tokens (%s); move it to "
+                    "the decoding section", old)
+        return data
 
     @model_validator(mode="after")
     def _cross_checks(self) -> Spec:

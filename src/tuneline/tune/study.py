@@ -92,11 +92,16 @@ def study_name(loaded: LoadedSpec, dataset_version: str | None, model_fingerprin
         search.pop(irrelevant)
     payload = json.dumps({"search": search, "train": spec.train.model_dump(mode="json"),
                           "task": spec.task.model_dump(mode="json"), "objective": spec.objective.primary,
-                          "eval": spec.eval.model_dump(mode="json", include={"batch_size", "max_new_tokens",
-                                                                             "constrain_to_labels"}),
+                          # max_new_tokens moved to decoding; kept under "eval" so earlier studies keep their names
+                          "eval": {**spec.eval.model_dump(mode="json", include={"batch_size", "constrain_to_labels"}),
+                                   "max_new_tokens": spec.decoding.max_new_tokens},
                           "data": dataset_version, "model": model_fingerprint,
                           # the hybrid's trials train on other prompts (absent otherwise: older studies keep their names)
-                          **({"retrieval": spec.retrieval.model_dump(mode="json")} if spec.retrieval else {})},
+                          **({"retrieval": spec.retrieval.model_dump(mode="json")} if spec.retrieval else {}),
+                          # the other decoding settings change validation scores (absent at their defaults)
+                          **({"decoding": spec.decoding.model_dump(mode="json")}
+                             if spec.decoding.model_dump(exclude={"max_new_tokens"})
+                             != type(spec.decoding)().model_dump(exclude={"max_new_tokens"}) else {})},
                          sort_keys=True)
     return f"{spec.name}-{hashlib.sha256(payload.encode()).hexdigest()[:12]}"
 
