@@ -321,3 +321,25 @@ def test_validation_scorer_scores_items(tmp_path: Path, monkeypatch: pytest.Monk
     # the answer matches item "in a"'s second reference: right against any of them
     assert scorer(object()) == 1.0
     assert [ex.all_references for ex in seen[0]] == [("one", "uno"), ("two",)]
+
+
+def test_the_baseline_recommendation_compares_corpus_bleu_itself_paired_over_items() -> None:
+    from tuneline.baseline.options import BaselineReport, OptionResult, recommend
+    from tuneline.eval.results import Estimate
+
+    worse = ["A game.", "Mirror's Edge.", "Portal 2.", "Dirt: Showdown."]
+    options = []
+    for name, preds in (("prompt", worse), ("fine_tuned", PREDICTIONS)):
+        sc = score("summarization", preds, REFERENCES, None, primary="bleu")
+        bleu = sc.values()["bleu"]
+        options.append(OptionResult(name, name, {"bleu": Estimate(bleu, bleu, bleu)}, 0.0, None, None, None,
+                                    scores=[float(x) for x in sc.primary_scores], predictions=preds,
+                                    aggregate=sc.metrics["bleu"]))
+    report = recommend(BaselineReport("test", 4, "bleu", options), resamples=200)
+    assert report.best == "fine_tuned"
+    prompt = report.option("prompt")
+    assert prompt is not None and prompt.vs_best is not None
+    # the difference shown is the corpus BLEU difference, not a mean of sentence scores
+    assert prompt.vs_best.value == pytest.approx(options[0].metrics["bleu"].value - options[1].metrics["bleu"].value)
+    assert prompt.vs_best.value != pytest.approx(np.mean(options[0].scores) - np.mean(options[1].scores))
+    assert "aggregate" not in json.dumps(report.to_dict())  # not saved

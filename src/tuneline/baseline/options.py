@@ -68,6 +68,9 @@ class OptionResult:
     vs_best: Estimate | None = None  # primary metric: this option minus the best
     p_vs_best: float | None = None
     skipped: str | None = None  # why it was not measured
+    # the primary metric over any subset of items (not saved): the paired test compares the metric
+    # itself, a corpus BLEU as much as an accuracy, not a mean of per-item scores
+    aggregate: Any = field(default=None, repr=False, compare=False)
 
 
 @dataclass
@@ -85,8 +88,9 @@ class BaselineReport:
 
     def to_dict(self, with_rows: bool = True) -> dict[str, Any]:
         d = asdict(self)
-        if not with_rows:
-            for o in d["options"]:
+        for o in d["options"]:
+            o.pop("aggregate", None)
+            if not with_rows:
                 o.pop("scores"), o.pop("correct"), o.pop("predictions")
         return d
 
@@ -230,7 +234,8 @@ def _scored(ctx: Context, name: str, desc: str, texts: list[str], tokens: list[i
         iv = stats.bootstrap(agg, n, indices=idx)
         metrics[m] = Estimate(iv.value, iv.low, iv.high)
     return OptionResult(name, desc, metrics, one_off, None, None, None, scores=[float(x) for x in sc.primary_scores],
-                        correct=[bool(x) for x in sc.correct] if sc.correct is not None else None, predictions=texts)
+                        correct=[bool(x) for x in sc.correct] if sc.correct is not None else None, predictions=texts,
+                        aggregate=sc.metrics.get(ctx.spec.objective.primary))
 
 
 def _prompt_only(ctx: Context, desc: str) -> OptionResult:
@@ -327,7 +332,7 @@ def add_system(report: BaselineReport, name: str, desc: str, suite_set: Any, spe
         name, desc, dict(res.metrics), one_off_seconds, p50_ms, p95_ms, prompt_tokens,
         scores=[float(x) for x in sc.primary_scores],
         correct=[bool(x) for x in sc.correct] if sc.correct is not None else None,
-        predictions=list(res.predictions)))
+        predictions=list(res.predictions), aggregate=sc.metrics.get(spec.objective.primary)))
 
 
 def recommend(report: BaselineReport, resamples: int = 1000) -> BaselineReport:
@@ -348,8 +353,11 @@ def recommend(report: BaselineReport, resamples: int = 1000) -> BaselineReport:
             continue
         if len(o.scores) != n:
             continue
-        a, b = np.asarray(o.scores), np.asarray(best.scores)
-        diff, p = stats.paired_bootstrap(stats.mean_metric(a), stats.mean_metric(b), n, resamples=resamples)
+        if o.aggregate is not None and best.aggregate is not None:  # the metric itself, paired over items
+            diff, p = stats.paired_bootstrap(o.aggregate, best.aggregate, n, resamples=resamples)
+        else:  # a report read back from JSON: the per-item scores
+            a, b = np.asarray(o.scores), np.asarray(best.scores)
+            diff, p = stats.paired_bootstrap(stats.mean_metric(a), stats.mean_metric(b), n, resamples=resamples)
         if o.correct is not None and best.correct is not None and metric == "accuracy":
             p = stats.mcnemar(np.asarray(o.correct), np.asarray(best.correct))[0]
         o.vs_best, o.p_vs_best = Estimate(diff.value, diff.low, diff.high), float(p)

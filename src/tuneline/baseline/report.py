@@ -14,7 +14,7 @@ def baseline_table(report: BaselineReport) -> Any:
     from rich.table import Table
 
     m = report.metric
-    table = Table(title=f"should we fine-tune? options on the {report.set} split ({report.n} rows)")
+    table = Table(title=f"should we fine-tune? options on the {report.set} split ({report.n} items)")
     for col, right in (("option", False), (f"{m} [95% interval]", True), ("vs best (p)", True),
                        ("one-off cost", True), ("p50 / p95 ms", True), ("prompt tokens", True), ("what", False)):
         table.add_column(col, justify="right" if right else "left")
