@@ -215,3 +215,19 @@ def uvicorn_on_loopback(app) -> Iterator[str]:
     finally:
         server.should_exit = True
         thread.join(timeout=10)
+
+
+@contextlib.contextmanager
+def tiny_engine(model_dir: Path, max_batch: int) -> Iterator:
+    """A serving :class:`tuneline.serve.Engine` on the tiny fp32 model, closed on exit."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tuneline.serve import Engine
+
+    eng = Engine(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32),
+                 AutoTokenizer.from_pretrained(model_dir), max_batch=max_batch, window_s=0.01, resolve_ttl=0.0)
+    try:
+        yield eng
+    finally:
+        eng.close()

@@ -17,7 +17,7 @@ from typing import Any
 
 import httpx
 import pytest
-from helpers import uvicorn_on_loopback
+from helpers import tiny_engine, uvicorn_on_loopback
 
 from tuneline.data.examples import Example
 from tuneline.eval.generate import Decoding, generate_detailed
@@ -73,15 +73,8 @@ def adapters(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> 
 
 @pytest.fixture(scope="module")
 def engine(tiny_model_dir: Path):
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from tuneline.serve import Engine
-
-    eng = Engine(AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32),
-                 AutoTokenizer.from_pretrained(tiny_model_dir), max_batch=8, window_s=0.01, resolve_ttl=0.0)
-    yield eng
-    eng.close()
+    with tiny_engine(tiny_model_dir, max_batch=8) as eng:
+        yield eng
 
 
 @contextlib.contextmanager

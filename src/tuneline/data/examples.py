@@ -79,6 +79,10 @@ def _text(value: Any) -> str | None:
     return s if s.strip() else None
 
 
+# tasks whose row is one input column (the user turn) and one answer column (the assistant turn)
+_INPUT_ANSWER = {"summarization": ("text", "summary"), "translation": ("source", "target")}
+
+
 def build_examples(task: TaskSpec, source: DataSource, records: list[Record]) -> tuple[list[Example], list[Problem]]:
     """Validate each record and build its :class:`Example`. Bad rows become problems, never skipped.
 
@@ -138,22 +142,15 @@ def build_examples(task: TaskSpec, source: DataSource, records: list[Record]) ->
             label = label.strip()
             msgs = (*system, {"role": "user", "content": text}, {"role": "assistant", "content": label})
             examples.append(Example(rec.where, msgs, label, label))
-        elif kind == "summarization":
-            doc = required(rec, "text")
-            summaries = answers(rec, "summary")
-            if doc is None or summaries is None:
+        elif kind in _INPUT_ANSWER:  # summarization (text -> summary), translation (source -> target)
+            input_col, answer_col = _INPUT_ANSWER[kind]
+            given = required(rec, input_col)
+            outputs = answers(rec, answer_col)
+            if given is None or outputs is None:
                 continue
-            for summary in summaries:  # several answers: one row each, same input and where
-                msgs = (*system, {"role": "user", "content": doc[0]}, {"role": "assistant", "content": summary})
-                examples.append(Example(rec.where, tuple(msgs), summary))
-        elif kind == "translation":
-            original = required(rec, "source")
-            targets = answers(rec, "target")
-            if original is None or targets is None:
-                continue
-            for target in targets:  # several translations: one row each, same input and where
-                msgs = (*system, {"role": "user", "content": original[0]}, {"role": "assistant", "content": target})
-                examples.append(Example(rec.where, tuple(msgs), target))
+            for output in outputs:  # several answers: one row each, same input and where
+                msgs = (*system, {"role": "user", "content": given[0]}, {"role": "assistant", "content": output})
+                examples.append(Example(rec.where, tuple(msgs), output))
         elif kind in ("instruction", "structured"):
             instr = required(rec, "instruction")
             responses = answers(rec, "response")
