@@ -366,6 +366,29 @@ def test_html_and_terminal_show_references_per_item_and_closest_reference() -> N
     assert "broken #1: 'Dirt.'; reference: 'Dirt is a driving game.'" in text
 
 
+def test_generation_flips_show_how_far_each_item_moved() -> None:
+    from rich.console import Console
+
+    from tuneline.eval.report import render_tables
+
+    suite = make_multiref_suite()
+    refs = suite.sets[0].item_references
+    suite.sets[0].flips = {"candidate_vs_base": [
+        Flip(2, "d.jsonl:3", "inform(name[Portal 2])", refs[2][0], "Bad.", "Portal 2!", "improved", "Portal 2!", 5,
+             0.8),
+        Flip(1, "d.jsonl:2", "inform(name[Dirt])", refs[1][0], "Dirt is a driving game.", "Dirt.", "worsened",
+             refs[1][0], 1, -0.6)]}
+    page = render(suite)
+    assert "candidate vs base: improved (1)" in page and "candidate vs base: worsened (1)" in page
+    assert "rouge_l on the item at least 0.2 above base" in page
+    assert "<th class=num>change</th>" in page and ">+0.800</td>" in page and ">-0.600</td>" in page
+    console = Console(record=True, width=200)
+    for table in render_tables(suite):
+        console.print(table)
+    text = " ".join(console.export_text().split())
+    assert "candidate vs base: 1 improved, 1 worsened (by >= 0.2 rouge_l)" in text
+
+
 def test_old_report_without_multireference_fields_loads_and_renders() -> None:
     d = make_suite().to_dict()
     for s in d["sets"]:

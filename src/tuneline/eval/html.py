@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from tuneline.errors import Problem, TunelineError
 from tuneline.eval.results import (
+    FLIP_MEANINGS,
     SYSTEMS,
     Comparison,
     Confusion,
@@ -480,33 +481,44 @@ def _confusion(st: SetResult) -> str:
 
 
 def _flip_table(flips: list[Flip], st: SetResult | None = None) -> str:
+    """The flips' items: input, reference (multi-reference items: the one closest to the later
+    answer, all of them folded out), both answers, where; generation tasks also the change of the
+    item's primary score."""
     if not any(f.n_references > 1 for f in flips):
+        headers = ["#", "input", "reference", "before", "after", "where"]
         rows = [[_num(f.index), _text_cell(f.input), _text_cell(f.reference), _text_cell(f.before),
                  _text_cell(f.after), _text_cell(f.where)] for f in flips]
-        return _table(["#", "input", "reference", "before", "after", "where"], rows, cls="compact", num_cols=(0,))
-    every = st.all_references() if st is not None else []
-    rows = []
-    for f in flips:
-        closest = f.closest_reference if f.closest_reference is not None else f.reference
-        refs = every[f.index] if 0 <= f.index < len(every) else [closest]
-        listed = "".join(f"<li>{_e(r)}</li>" for r in refs)
-        cell = (f'<td class="text">{_e(closest)}<details><summary>all {len(refs)} references</summary>'
-                f"<ol>{listed}</ol></details></td>") if len(refs) > 1 else _text_cell(closest)
-        rows.append([_num(f.index), _text_cell(f.input), cell, _text_cell(f.before), _text_cell(f.after),
-                     _text_cell(f.where)])
-    return _table(["#", "input", "closest reference to after", "before", "after", "where"], rows, cls="compact",
-                  num_cols=(0,))
+    else:
+        headers = ["#", "input", "closest reference to after", "before", "after", "where"]
+        every = st.all_references() if st is not None else []
+        rows = []
+        for f in flips:
+            closest = f.closest_reference if f.closest_reference is not None else f.reference
+            refs = every[f.index] if 0 <= f.index < len(every) else [closest]
+            listed = "".join(f"<li>{_e(r)}</li>" for r in refs)
+            cell = (f'<td class="text">{_e(closest)}<details><summary>all {len(refs)} references</summary>'
+                    f"<ol>{listed}</ol></details></td>") if len(refs) > 1 else _text_cell(closest)
+            rows.append([_num(f.index), _text_cell(f.input), cell, _text_cell(f.before), _text_cell(f.after),
+                         _text_cell(f.where)])
+    num_cols: tuple[int, ...] = (0,)
+    if any(f.delta is not None for f in flips):
+        headers.append("change")
+        num_cols = (0, len(headers) - 1)
+        for row, f in zip(rows, flips, strict=True):
+            row.append(f"{f.delta:+.3f}" if f.delta is not None else "")
+    return _table(headers, rows, cls="compact", num_cols=num_cols)
 
 
-def _flips(st: SetResult) -> str:
+def _flips(st: SetResult, primary: str = "") -> str:
     if not st.flips:
         return ""
     parts = ["<h3>Flips</h3>"]
     for key, flips in st.flips.items():
         later, _, earlier = key.partition("_vs_")
         title = f"{later} vs {earlier}" if earlier else key
-        for kind, meaning in (("fixed", f"wrong with {earlier or 'before'}, right with {later}"),
-                              ("broken", f"right with {earlier or 'before'}, wrong with {later}")):
+        kinds = ("improved", "worsened") if any(f.delta is not None for f in flips) else ("fixed", "broken")
+        for kind in kinds:
+            meaning = FLIP_MEANINGS[kind].format(later=later, earlier=earlier or "before", primary=primary or "score")
             items = [f for f in flips if f.kind == kind]
             shown = items[:MAX_FLIPS_SHOWN]
             count = f"{len(items):,}" if len(items) == len(shown) else f"{len(items):,}, showing the first {len(shown)}"
@@ -540,7 +552,7 @@ def _set_section(st: SetResult, primary: str) -> str:
         _comparisons(st.comparisons),
         _per_class(st),
         _confusion(st),
-        _flips(st),
+        _flips(st, primary),
     ])
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from tuneline.eval.results import EvalSuite, SetResult
+from tuneline.eval.results import FLIP_DELTA, EvalSuite, SetResult
 
 SYSTEM_ORDER = ("base", "production", "candidate")
 
@@ -75,9 +75,11 @@ def _set_table(suite: EvalSuite, s: SetResult) -> Any:
                 row.append(f"{mark}{c.diff.value:+.3f}{'[/]' if mark else ''} ({format_p(c.p_value, c.test)})")
         table.add_row(*row)
     for key, flips in s.flips.items():
-        fixed = sum(f.kind == "fixed" for f in flips)
+        kinds = ("improved", "worsened") if any(f.delta is not None for f in flips) else ("fixed", "broken")
+        counts = ", ".join(f"{sum(f.kind == k for f in flips)} {k}" for k in kinds)
+        moved = f" (by >= {FLIP_DELTA:g} {suite.primary})" if kinds[0] == "improved" else ""
         table.caption = (table.caption + "; " if table.caption else "") + (
-            f"{key.replace('_', ' ')}: {fixed} fixed, {len(flips) - fixed} broken")
+            f"{key.replace('_', ' ')}: {counts}{moved}")
         for f in flips[:FLIPS_IN_TERMINAL] if any(x.n_references > 1 for x in flips) else []:
             closest = f.closest_reference if f.closest_reference is not None else f.reference
             which = f"closest of {f.n_references} references" if f.n_references > 1 else "reference"

@@ -76,9 +76,22 @@ class Flip:
     reference: str  # the item's first reference
     before: str  # the earlier system's answer (b)
     after: str  # the later system's answer (a)
-    kind: str  # fixed (wrong before, right now) | broken (right before, wrong now)
+    # fixed (wrong before, right now) | broken (right before, wrong now); generation tasks, by the
+    # item's primary score: improved | worsened (by at least FLIP_DELTA)
+    kind: str
     closest_reference: str | None = None  # of the item's references, the closest to ``after`` (ROUGE-L)
     n_references: int = 1  # how many references the item has
+    delta: float | None = None  # generation tasks: after's primary score on the item minus before's
+
+
+# A generation item "flips" when its primary score (sentence BLEU, chrF, ROUGE-L, ...) moved by at least this
+FLIP_DELTA = 0.2
+FLIP_MEANINGS = {
+    "fixed": "wrong with {earlier}, right with {later}",
+    "broken": "right with {earlier}, wrong with {later}",
+    "improved": "{later}'s {primary} on the item at least " + f"{FLIP_DELTA:g}" + " above {earlier}'s, largest first",
+    "worsened": "{later}'s {primary} on the item at least " + f"{FLIP_DELTA:g}" + " below {earlier}'s, largest first",
+}
 
 
 @dataclass

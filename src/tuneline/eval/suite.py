@@ -32,6 +32,7 @@ from tuneline.eval.metrics import (
     score,
 )
 from tuneline.eval.results import (
+    FLIP_DELTA,
     Comparison,
     Confusion,
     Estimate,
@@ -45,7 +46,7 @@ from tuneline.eval.results import (
     SetResult,
     SystemResult,
 )
-from tuneline.spec.models import TASK_METRICS, Spec
+from tuneline.spec.models import GENERATION_TASKS, TASK_METRICS, Spec
 
 log = logging.getLogger(__name__)
 
@@ -185,7 +186,7 @@ class Evaluation:
                     if other in scored:
                         comparisons += _compare(spec, scored["candidate"], scored[other], "candidate", other, n,
                                                 resamples)
-                        flips[f"candidate_vs_{other}"] = _flips(s, scored["candidate"], scored[other],
+                        flips[f"candidate_vs_{other}"] = _flips(spec, s, scored["candidate"], scored[other],
                                                                 self.answers[(s.name, "candidate")],
                                                                 self.answers[(s.name, other)])
             from tuneline.curation.steps import input_of
@@ -251,17 +252,28 @@ def _compare(spec: Spec, a: Scored, b: Scored, a_name: str, b_name: str, n: int,
     return out
 
 
-def _flips(s: EvalSet, a: Scored, b: Scored, a_gen: Generation, b_gen: Generation) -> list[Flip]:
+def _flips(spec: Spec, s: EvalSet, a: Scored, b: Scored, a_gen: Generation, b_gen: Generation) -> list[Flip]:
     """Items right for one system and wrong for the other (``a`` is the later system), each with
-    the item's reference closest to ``a``'s answer (ROUGE-L) and its number of references."""
-    if a.correct is None or b.correct is None:
-        return []
+    the item's reference closest to ``a``'s answer (ROUGE-L) and its number of references.
+
+    Generation tasks, where an answer is rarely right or wrong as a whole: the items whose primary
+    score moved by at least :data:`FLIP_DELTA`, improved or worsened, largest change first."""
     from tuneline.curation.steps import input_of
 
+    picks: list[tuple[int, str, float | None]]
+    if spec.task.type in GENERATION_TASKS:
+        delta = np.asarray(a.primary_scores, dtype=float) - np.asarray(b.primary_scores, dtype=float)
+        moved = [int(i) for i in np.flatnonzero(np.abs(delta) >= FLIP_DELTA)]
+        picks = [(i, "improved" if delta[i] > 0 else "worsened", float(delta[i]))
+                 for i in sorted(moved, key=lambda i: (-abs(delta[i]), i))]
+    elif a.correct is None or b.correct is None:
+        return []
+    else:
+        picks = [(int(i), "fixed" if a.correct[i] else "broken", None) for i in np.flatnonzero(a.correct != b.correct)]
     out = []
-    for i in np.flatnonzero(a.correct != b.correct):
+    for i, kind, d in picks:
         ex = s.examples[i]
         refs = ex.all_references
-        out.append(Flip(int(i), ex.where, input_of(ex), ex.reference, b_gen.texts[i], a_gen.texts[i],
-                        "fixed" if a.correct[i] else "broken", closest_reference(a_gen.texts[i], refs), len(refs)))
+        out.append(Flip(i, ex.where, input_of(ex), ex.reference, b_gen.texts[i], a_gen.texts[i], kind,
+                        closest_reference(a_gen.texts[i], refs), len(refs), d))
     return out
