@@ -189,7 +189,11 @@ def run(
             scored_base = True
         baselines = None
         if spec.baseline.enabled and test and not resume:  # the cheaper options, on the untouched model
-            baselines = measure_baselines(loaded, ws, tokenizer, model, data, device, precision, show_progress)
+            answered = None
+            if scored_base and evaluation is not None and ("test", "base") in evaluation.answers:
+                answered = (evaluation.sets[0].examples, evaluation.answers[("test", "base")])
+            baselines = measure_baselines(loaded, ws, tokenizer, model, data, device, precision, show_progress,
+                                          answered)
 
         pending: list[Any] = []
 
@@ -283,8 +287,11 @@ def run(
 
 
 def measure_baselines(loaded: LoadedSpec, ws: Workspace, tokenizer: Any, model: Any, data: PreparedData,
-                      device: str, precision: str, show_progress: bool) -> Any:
-    """Prompt only, few-shot, retrieval and the embedding classifier on the test rows (base model)."""
+                      device: str, precision: str, show_progress: bool,
+                      answered: tuple[list[Any], Any] | None = None) -> Any:
+    """Prompt only, few-shot, retrieval and the embedding classifier on the test rows (base model).
+    ``answered``: (prompts, answers) the evaluation already has from this model; an option with the
+    same prompts (prompt-only outside classification) reuses them instead of generating again."""
     from tuneline.baseline import Context, measure
     from tuneline.retrieval.encoder import load_encoder
 
@@ -294,7 +301,7 @@ def measure_baselines(loaded: LoadedSpec, ws: Workspace, tokenizer: Any, model: 
                if needs_encoder else None)
     ctx = Context(spec=spec, tokenizer=tokenizer, model=model, train=data.train, validation=data.eval,
                   test=evaluation_items(spec, data), labels=data.labels, autocast=autocast_for(precision, device),
-                  device=device, encoder=encoder, show_progress=show_progress)
+                  device=device, encoder=encoder, show_progress=show_progress, answered=answered)
     return measure(ctx)
 
 

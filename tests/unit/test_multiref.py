@@ -347,3 +347,36 @@ def test_the_baseline_recommendation_compares_corpus_bleu_itself_paired_over_ite
     assert prompt.vs_best.value == pytest.approx(options[0].metrics["bleu"].value - options[1].metrics["bleu"].value)
     assert prompt.vs_best.value != pytest.approx(np.mean(options[0].scores) - np.mean(options[1].scores))
     assert "aggregate" not in json.dumps(report.to_dict())  # not saved
+
+
+def test_the_prompt_baseline_reuses_the_base_models_answers_to_the_same_prompts(monkeypatch: pytest.MonkeyPatch):
+    """Outside classification the prompt-only baseline asks the base model exactly what the
+    evaluation's base system was asked: its answers are reused, not generated again."""
+    from tuneline.baseline import options
+    from tuneline.eval.generate import Generation
+
+    items = [_row(f"t:{i}", f"input {i}", REFERENCES[i][0]) for i in range(4)]
+    spec = SimpleNamespace(task=SimpleNamespace(type="summarization"), objective=SimpleNamespace(primary="bleu"),
+                           eval=SimpleNamespace(bootstrap=100, batch_size=4, constrain_to_labels=True),
+                           baseline=SimpleNamespace(latency_requests=1, seed=0))
+    calls: list[int] = []
+
+    def generate(ctx, examples, what, batch_size=None):
+        calls.append(len(examples))
+        return Generation(["fresh"] * len(examples), 0.0, [True] * len(examples), [1] * len(examples))
+
+    monkeypatch.setattr(options, "_generate", generate)
+    monkeypatch.setattr(options, "_timed", lambda fn, rows: (1.0, 2.0))
+    monkeypatch.setattr("tuneline.data.tokenize.encode_prompt", lambda tok, ex: [0, 1, 2])
+    known = Generation(PREDICTIONS, 0.0, [True] * 4, [5] * 4)
+
+    def prompt_option(answered):
+        ctx = options.Context(spec=spec, tokenizer=None, model=None, train=[], validation=[], test=items,  # type: ignore[arg-type]
+                              labels=None, autocast=None, device="cpu", answered=answered)
+        return options._prompt_only(ctx, "prompt")
+
+    reused = prompt_option((list(items), known))
+    assert calls == [] and reused.predictions == PREDICTIONS  # no generation for the test items
+    other = [_row(f"t:{i}", f"another input {i}", REFERENCES[i][0]) for i in range(4)]
+    fresh = prompt_option((other, known))  # other prompts: generated
+    assert calls == [4] and fresh.predictions == ["fresh"] * 4

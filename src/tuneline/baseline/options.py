@@ -126,6 +126,9 @@ class Context:
     device: str
     encoder: Any = None  # tuneline.retrieval.encoder.Encoder, loaded when an option needs it
     show_progress: bool = False
+    # prompts this base model has already answered with the same settings (the evaluation's base
+    # system on the test items) and its answers: an option with exactly these prompts reuses them
+    answered: tuple[list[Example], Any] | None = None
 
 
 def measure(ctx: Context) -> BaselineReport:
@@ -212,12 +215,23 @@ def _generated_option(ctx: Context, name: str, desc: str, prompts: list[Example]
     """Score generated answers to ``prompts``; time single requests (``single(row)`` or one prompt alone)."""
     from tuneline.data.tokenize import encode_prompt
 
-    gen = _generate(ctx, prompts, name)
+    gen = _already_answered(ctx, prompts) or _generate(ctx, prompts, name)
     option = _scored(ctx, name, desc, gen.texts, gen.tokens, gen.stopped, one_off)
     option.p50_ms, option.p95_ms = _timed(single or (lambda r: _generate(ctx, [prompts[r]], name, 1)),
                                           _latency_rows(ctx))
     option.prompt_tokens = float(np.mean([len(encode_prompt(ctx.tokenizer, ex)) for ex in prompts]))
     return option
+
+
+def _already_answered(ctx: Context, prompts: list[Example]) -> Any:
+    """The evaluation's answers when it gave the base model exactly ``prompts`` (greedy decoding
+    with the same settings gives the same answers again), else None."""
+    if ctx.answered is None:
+        return None
+    seen, gen = ctx.answered
+    same = len(seen) == len(prompts) and all(a.prompt_messages == b.prompt_messages
+                                             for a, b in zip(seen, prompts, strict=True))
+    return gen if same else None
 
 
 def _scored(ctx: Context, name: str, desc: str, texts: list[str], tokens: list[int] | None,
