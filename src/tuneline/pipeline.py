@@ -53,6 +53,21 @@ class RunResult:
         return self.report is not None and self.report.passed
 
 
+def decoding_mismatch(spec: Any, adapter_dir: str | Path) -> str | None:
+    """Why evaluating the adapter in ``adapter_dir`` under ``spec`` would not score what the server
+    answers: its recorded ``decoding.json`` differs from the spec's settings now (None when they
+    agree or nothing is recorded)."""
+    from tuneline.eval.generate import read_decoding
+
+    recorded = read_decoding(adapter_dir)
+    now = evaluated_decoding(spec)
+    if recorded is None or recorded == now:
+        return None
+    changed = [f"{k} {v!r} -> {now.to_dict()[k]!r}" for k, v in recorded.to_dict().items() if v != now.to_dict()[k]]
+    return (f"the adapter records other decoding settings than the spec has now ({', '.join(changed)}): this "
+            "evaluation uses the spec's, the server answers with the adapter's decoding.json")
+
+
 def evaluated_decoding(spec: Any) -> Decoding:
     """The decoding settings evaluation used for ``spec``'s fine-tuned model. Classification with
     label-constrained decoding decodes greedily (only the token limit of ``decoding`` applies)."""
@@ -540,6 +555,8 @@ def evaluate(
     if not sets:
         raise TrainingError(Problem("nothing to evaluate on: the spec has no test or validation split and no "
                                     "golden sets", field="data.test", hint="add data.test or eval.golden"))
+    if (why := decoding_mismatch(spec, candidate)) is not None:
+        console.print(f"[yellow]{why}[/]")
     device, precision, dtype = _compute(spec)
     evaluation = Evaluation(spec, tokenizer, sets, data.labels, autocast=autocast_for(precision, device),
                             device=device, show_progress=show_progress)

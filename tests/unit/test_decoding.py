@@ -3,9 +3,11 @@ migrated, and generation with beams, penalties and stop strings that does not de
 
 from __future__ import annotations
 
+import json
 import logging
 from contextlib import nullcontext
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from helpers import lora_model, spec_error
@@ -173,3 +175,19 @@ def test_label_trie_decodes_greedily_whatever_the_settings(model_and_tokenizer):
     other = generate_detailed(model, tok, examples, decoding=Decoding(max_new_tokens=trie.max_len, num_beams=3,
                                                                       repetition_penalty=2.0, stop=("_",)), **kwargs)
     assert other.texts == greedy.texts and set(greedy.texts) <= set(labels)
+
+
+def test_evaluating_an_adapter_under_other_decoding_settings_is_flagged(tmp_path):
+    from tuneline.eval.generate import Decoding
+    from tuneline.pipeline import decoding_mismatch
+    from tuneline.spec.models import DecodingSpec
+
+    spec = SimpleNamespace(task=SimpleNamespace(type="summarization"),
+                           eval=SimpleNamespace(constrain_to_labels=True),
+                           decoding=DecodingSpec(max_new_tokens=64, num_beams=2))
+    assert decoding_mismatch(spec, tmp_path) is None  # nothing recorded: nothing to compare
+    (tmp_path / "decoding.json").write_text(json.dumps(Decoding(max_new_tokens=64, num_beams=2).to_dict()))
+    assert decoding_mismatch(spec, tmp_path) is None
+    (tmp_path / "decoding.json").write_text(json.dumps(Decoding(max_new_tokens=32, num_beams=2).to_dict()))
+    why = decoding_mismatch(spec, tmp_path)
+    assert why is not None and "max_new_tokens 32 -> 64" in why and "num_beams" not in why
