@@ -171,7 +171,8 @@ def test_instruction_task_reports_text_metrics(tmp_path: Path, tiny_model_dir: P
     assert set(tuned.metrics) == {"rouge_l", "bleu", "chrf", "exact_match", "answer_tokens", "refusal_rate",
                                   "stopped_rate"}
     assert 0.0 <= tuned.metrics["rouge_l"].value <= 1.0
-    assert len(tuned.predictions) == len(rows)
+    assert len(tuned.predictions) == 4  # 12 rows, 4 distinct inputs: one evaluation item each
+    assert result.report.main_set().n == 4
 
 
 def test_resume_continues_the_same_tracked_run(classification_spec: Path, tmp_path: Path):
