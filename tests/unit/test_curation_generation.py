@@ -181,15 +181,7 @@ def test_keep_first_keeps_the_first_row_of_a_conflict(tmp_path: Path):
     assert "keep_first kept train.jsonl:1" in curated.rejects[0].reason
 
 
-STRUCTURED_SPEC = """
-name: gen
-task: {{type: structured}}
-objective: {{primary: exact_match}}
-model: smollm2-135m
-data:
-  train: {{path: train.jsonl}}
-{extra}
-"""
+STRUCTURED_SPEC = SUMMARY_SPEC.replace("type: summarization", "type: structured").replace("rouge_l", "exact_match")
 
 
 def test_structured_two_outputs_for_one_input_are_a_dropped_conflict(tmp_path: Path):
