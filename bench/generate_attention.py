@@ -30,7 +30,7 @@ def main() -> None:
     from tuneline.models import load_model
     from tuneline.pipeline import _prepare, hybrid_retriever
     from tuneline.retrieval import with_label_set
-    from tuneline.train.loop import autocast_for
+    from tuneline.runtime import autocast_for
 
     ws, loaded, source, tok, (data, version) = _prepare(ROOT / "examples/banking77/hybrid.yaml", None)
     model = load_model(source, ws.models_dir, device="cpu", dtype="bf16")

@@ -199,9 +199,9 @@ def main() -> int:
 
     from tuneline.models import load_model, load_tokenizer
     from tuneline.registry import VersionInfo
+    from tuneline.runtime import autocast_for
     from tuneline.serve import Engine, Key, RequestLog, ServerConfig
     from tuneline.serve.app import create_app
-    from tuneline.train.loop import autocast_for
 
     tmp = Path(tempfile.mkdtemp(prefix="tuneline-serve-load-"))
     print(f"preparing in {tmp} ...", flush=True)

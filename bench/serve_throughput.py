@@ -89,9 +89,9 @@ def main() -> None:
 
     from tuneline.models import ensure_converted, load_model, load_tokenizer, resolve_model_source
     from tuneline.registry import VersionInfo
+    from tuneline.runtime import autocast_for
     from tuneline.serve import Engine, Key, RequestLog, ServerConfig
     from tuneline.serve.app import create_app
-    from tuneline.train.loop import autocast_for
     from tuneline.workspace import Workspace
 
     ws = Workspace.at(REPO / ".tuneline")

@@ -40,10 +40,11 @@ def main() -> None:
 
     from tuneline.data import prepare
     from tuneline.models import load_model, load_tokenizer, resolve_model_source
+    from tuneline.runtime import autocast_for
     from tuneline.spec import load_spec
     from tuneline.spec.models import TrainSpec
     from tuneline.train import fast_lora
-    from tuneline.train.loop import autocast_for, encode_all, make_batch
+    from tuneline.train.loop import encode_all, make_batch
     from tuneline.train.loss import answer_loss_sum
     from tuneline.train.peft_builders import wrap_for_training
 

@@ -92,9 +92,9 @@ def run_standard(steps: int, batch: int, cache: Path, out: dict) -> None:
 
 def run_tuneline(steps: int, batch: int, cache: Path, packing: bool, out: dict) -> None:
     from tuneline.models import load_model, load_tokenizer, resolve_model_source
+    from tuneline.runtime import resolve_precision
     from tuneline.spec.models import TrainSpec
     from tuneline.train import train
-    from tuneline.train.precision import resolve_precision
 
     source = resolve_model_source("smollm2-135m")
     precision = resolve_precision("auto", "cpu")

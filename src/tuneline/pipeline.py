@@ -28,10 +28,10 @@ from tuneline.eval import (
 from tuneline.eval.generate import DECODING_FILE, Decoding
 from tuneline.eval.validate import sample_rows
 from tuneline.models import load_model, load_tokenizer, resolve_model_source
+from tuneline.runtime import Compute, autocast_for
 from tuneline.spec import LoadedSpec, load_spec
-from tuneline.train import TrainResult, default_device, resolve_precision, train
+from tuneline.train import TrainResult, train
 from tuneline.train.checkpoint import latest_checkpoint
-from tuneline.train.loop import autocast_for
 from tuneline.workspace import Workspace
 
 log = logging.getLogger(__name__)
@@ -439,9 +439,8 @@ def _prepare(spec_path: str | Path, workspace: str | Path | Workspace | None) ->
 def _compute(spec: Any) -> tuple[str, str, str]:
     """Device, precision, and the dtype of the frozen base weights: bf16 for LoRA when computing in
     bf16; full fine-tuning keeps fp32 master weights."""
-    device = default_device()
-    precision = resolve_precision(spec.train.precision, device)
-    return device, precision, "bf16" if precision == "bf16" and spec.train.method == "lora" else "fp32"
+    c = Compute.resolve(spec.train.precision, spec.train.method)
+    return c.device, c.precision, c.base_dtype
 
 
 def _register(loaded: LoadedSpec, ws: Workspace, source: Any, run_id: str, dataset_version: str | None,

@@ -1,12 +1,32 @@
-"""The local workspace (``.tuneline/`` by default): model cache, run folders, tracking store."""
+"""The local workspace (``.tuneline/`` by default): model cache, run folders, tracking store.
+
+Every path inside the workspace is named here, and nowhere else::
+
+    .tuneline/
+      models/               converted base models (safetensors)
+      datasets/<id>/        dataset versions (curated splits, manifest, rejects, data card)
+      runs/<spec>/          the latest run of a spec: run.json, checkpoints/, adapter/, reports
+      embeddings/           cached sentence encoders and retrieval indexes
+      studies.db, studies/  hyperparameter searches (Optuna) and their trial folders
+      mlflow.db, mlartifacts/  the local MLflow tracking store and its artifacts
+      requests.db           the server's request and feedback log
+      reports/              HTML reports written by `tuneline report`
+"""
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+from tuneline.artifacts import atomic_write_text
 
 DEFAULT_DIRNAME = ".tuneline"
+RUN_STATE = "run.json"
+EVAL_REPORT = "eval_report.json"
+BASELINE_REPORT = "baseline_report.json"
 
 
 @dataclass(frozen=True)
@@ -39,6 +59,35 @@ class Workspace:
         """Folder of the latest run of a spec: checkpoints, adapter, reports."""
         return self._dir("runs", spec_name)
 
+    def run_state(self, spec_name: str) -> RunState:
+        """What a spec's latest run recorded for resuming it (its MLflow run id, fingerprint)."""
+        return RunState(self.run_dir(spec_name) / RUN_STATE)
+
+    @property
+    def embeddings_dir(self) -> Path:
+        """Sentence encoders converted once, and retrieval indexes per dataset version and encoder."""
+        return self._dir("embeddings")
+
+    @property
+    def reports_dir(self) -> Path:
+        """HTML reports (`tuneline report`)."""
+        return self._dir("reports")
+
+    @property
+    def studies_dir(self) -> Path:
+        """Trial folders of hyperparameter searches, one folder per study."""
+        return self._dir("studies")
+
+    @property
+    def studies_url(self) -> str:
+        """The Optuna storage of the workspace's searches (SQLite beside ``mlflow.db``)."""
+        return f"sqlite:///{self.root / 'studies.db'}"
+
+    @property
+    def requests_url(self) -> str:
+        """The server's request and feedback log (SQLite) when no other store is configured."""
+        return f"sqlite:///{self.root / 'requests.db'}"
+
     @property
     def tracking_uri(self) -> str:
         return f"sqlite:///{self.root / 'mlflow.db'}"
@@ -51,3 +100,24 @@ class Workspace:
         p = self.root.joinpath(*parts)
         p.mkdir(parents=True, exist_ok=True)
         return p
+
+
+@dataclass(frozen=True)
+class RunState:
+    """``runs/<spec>/run.json``: the MLflow run a spec's latest run tracks into, and the fingerprint
+    a checkpoint must match to be resumed. Written atomically; missing means no run yet."""
+
+    path: Path
+
+    def exists(self) -> bool:
+        return self.path.is_file()
+
+    def read(self) -> dict[str, Any]:
+        return json.loads(self.path.read_text()) if self.path.is_file() else {}
+
+    @property
+    def mlflow_run_id(self) -> str | None:
+        return self.read().get("mlflow_run_id")
+
+    def write(self, **values: Any) -> None:
+        atomic_write_text(self.path, json.dumps(values, indent=2))

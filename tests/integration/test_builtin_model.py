@@ -11,10 +11,9 @@ from helpers import banking_rows
 from tuneline.data.examples import Example
 from tuneline.eval import generate
 from tuneline.models import load_model, resolve_model_source
+from tuneline.runtime import autocast_for, resolve_precision
 from tuneline.spec.models import TrainSpec
 from tuneline.train import encode_all, evaluate_loss, train
-from tuneline.train.loop import autocast_for
-from tuneline.train.precision import resolve_precision
 
 INSTRUCTION = "Classify the banking customer's message. Answer with the intent label only."
 

@@ -69,7 +69,7 @@ def test_fused_bf16_base_gives_fp32_adapter_grads_close_to_peft(tiny_model_dir):
     gradient is a sum over the hidden size of products of bf16-rounded values, so the two differ by
     about sqrt(hidden)*u_bf16 of the gradient's norm (normwise: the error is relative to the whole
     tensor, not to each element); a wrong adapter scaling must land outside that."""
-    from tuneline.train.loop import autocast_for
+    from tuneline.runtime import autocast_for
 
     model = _model(tiny_model_dir, torch.float32)
     model.get_base_model().to(torch.bfloat16)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tuneline.train import precision
+from tuneline.runtime import compute as precision
 
 
 @pytest.mark.parametrize(("fast_bf16", "expected"), [(True, "bf16"), (False, "fp32")])
@@ -31,3 +31,12 @@ def test_cpu_flag_detection_reads_cpuinfo(monkeypatch, tmp_path):
         assert precision.cpu_has_fast_bf16() is True
     finally:
         precision.cpu_has_fast_bf16.cache_clear()
+
+
+@pytest.mark.parametrize(("method", "fast_bf16", "base_dtype"),
+                         [("lora", True, "bf16"), ("full", True, "fp32"), ("lora", False, "fp32")])
+def test_base_weights_are_bf16_only_for_adapters_computed_in_bf16(monkeypatch, method, fast_bf16, base_dtype):
+    # full fine-tuning updates the base weights themselves: they stay fp32 master weights
+    monkeypatch.setattr(precision, "cpu_has_fast_bf16", lambda: fast_bf16)
+    c = precision.Compute.resolve("auto", method, device="cpu")
+    assert (c.device, c.precision, c.base_dtype) == ("cpu", "bf16" if fast_bf16 else "fp32", base_dtype)

@@ -100,8 +100,7 @@ def test_base_model_still_answers_the_shipped_probe(builtin_dir: Path, tokenizer
     """The set was selected on the base model: it must still answer (nearly) all of it."""
     from tuneline.eval.generate import generate
     from tuneline.models import load_model, resolve_model_source
-    from tuneline.train.loop import autocast_for
-    from tuneline.train.precision import resolve_precision
+    from tuneline.runtime import autocast_for, resolve_precision
 
     precision = resolve_precision("auto", "cpu")  # as the pipeline evaluates a LoRA run here
     model = load_model(resolve_model_source(str(builtin_dir)), builtin_dir.parent, dtype=precision)

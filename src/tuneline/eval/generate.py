@@ -334,10 +334,10 @@ def _prefix_cache(model: Any, prefix_ids: Any, rows: int) -> Any:
 
 def _generate_cache_argument(model: Any) -> str:
     """The keyword for a KV cache: ``cache`` (transformers >= 5.24) or ``past_key_values``."""
-    from tuneline.train.loss import _cache_argument_of
+    from tuneline.runtime import cache_argument_of
 
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return _cache_argument_of(type(base).forward)
+    return cache_argument_of(type(base).forward)
 
 
 def _stop_when_decided(trie: LabelTrie, start: int) -> Any:

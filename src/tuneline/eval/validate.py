@@ -50,7 +50,7 @@ def make_scorer(spec: Spec, tokenizer: Any, examples: list[Example], labels: lis
 
     from tuneline.eval.generate import Decoding, LabelTrie, generate_detailed
     from tuneline.eval.metrics import bleu_tokenize_for, score
-    from tuneline.train.loop import autocast_for
+    from tuneline.runtime import autocast_for
 
     trie = None
     if spec.task.type == "classification" and spec.eval.constrain_to_labels and labels:

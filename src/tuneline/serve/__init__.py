@@ -45,8 +45,7 @@ def build_app(workspace: Any = None, *, keys: dict[str, Key] | list[Key] | None,
 
     from tuneline import registry
     from tuneline.models import load_model, load_tokenizer, resolve_model_source
-    from tuneline.train import default_device, resolve_precision
-    from tuneline.train.loop import autocast_for
+    from tuneline.runtime import autocast_for, default_device, resolve_precision
     from tuneline.workspace import Workspace
 
     ws = workspace if isinstance(workspace, Workspace) else Workspace.at(workspace)

@@ -2,15 +2,12 @@
 
 from tuneline.train.loop import TrainResult, encode_all, evaluate_loss, train
 from tuneline.train.peft_builders import build_peft_config, wrap_for_training
-from tuneline.train.precision import default_device, resolve_precision
 
 __all__ = [
     "TrainResult",
     "build_peft_config",
-    "default_device",
     "encode_all",
     "evaluate_loss",
-    "resolve_precision",
     "train",
     "wrap_for_training",
 ]

@@ -11,7 +11,6 @@ import random
 import shutil
 import time
 from collections.abc import Callable
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,12 +19,12 @@ from tuneline.artifacts import atomic_write_bytes, replace_dir
 from tuneline.data.examples import Example
 from tuneline.data.tokenize import Encoded, encode_example, end_of_turn
 from tuneline.errors import DataError, Problem
+from tuneline.runtime import autocast_for, resolve_precision
 from tuneline.spec.models import TrainSpec
 from tuneline.train.batching import collate, collate_packed, epoch_batches, shared_prefix_len
 from tuneline.train.checkpoint import resume_checkpoint, save_checkpoint, trainable_state
 from tuneline.train.loss import answer_loss_sum
 from tuneline.train.peft_builders import count_parameters, wrap_for_training
-from tuneline.train.precision import resolve_precision
 
 log = logging.getLogger(__name__)
 
@@ -104,14 +103,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-def autocast_for(precision: str, device: str) -> Any:
-    import torch
-
-    if precision == "bf16":
-        return torch.autocast(device_type=device.split(":")[0], dtype=torch.bfloat16)
-    return nullcontext()
 
 
 def _lr_lambda(total: int, warmup: int, kind: str = "cosine") -> Callable[[int], float]:

@@ -14,10 +14,10 @@ the varlen kernels with flash attention, so examples sharing a row never attend 
 from __future__ import annotations
 
 import functools
-import inspect
 from typing import Any
 
 from tuneline.data.tokenize import IGNORE_INDEX
+from tuneline.runtime import cache_argument_of
 
 
 def _decoder_and_head(model: Any) -> tuple[Any, Any]:
@@ -31,13 +31,9 @@ LOGITS_CHUNK = 2048
 
 
 @functools.cache
-def _cache_argument_of(forward: Any) -> str:
-    return "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
-
-
 def _cache_argument(decoder: Any) -> str:
     """The decoder's keyword for a KV cache: ``cache`` (transformers >= 5.24) or ``past_key_values``."""
-    return _cache_argument_of(type(decoder).forward)
+    return cache_argument_of(type(decoder).forward)
 
 
 def answer_loss_sum(model: Any, batch: dict[str, Any], chunk: int = LOGITS_CHUNK) -> tuple[Any, int]:
