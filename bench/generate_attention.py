@@ -27,15 +27,17 @@ def main() -> None:
     import importlib
 
     gen = importlib.import_module("tuneline.eval.generate")  # the module (tuneline.eval.generate is also a function)
+    from tuneline.context import open_context
     from tuneline.models import load_model
-    from tuneline.pipeline import _prepare, hybrid_retriever
+    from tuneline.pipeline import hybrid_retriever
     from tuneline.retrieval import with_label_set
     from tuneline.runtime import autocast_for
 
-    ws, loaded, source, tok, (data, version) = _prepare(ROOT / "examples/banking77/hybrid.yaml", None)
-    model = load_model(source, ws.models_dir, device="cpu", dtype="bf16")
+    ctx = open_context(ROOT / "examples/banking77/hybrid.yaml")
+    tok, data = ctx.tokenizer, ctx.data
+    model = load_model(ctx.source, ctx.workspace.models_dir, device="cpu", dtype="bf16")
     rows = data.test[: args.rows]
-    retriever = hybrid_retriever(loaded, ws, data, version, "cpu")
+    retriever = hybrid_retriever(ctx)
     eos = tok.convert_tokens_to_ids(tok.eos_token)
     cases = {"plain": rows, "hybrid (k=4)": retriever.augment(rows),
              "label list": [with_label_set(ex, data.labels or []) for ex in rows]}

@@ -71,3 +71,7 @@ class ModelError(TunelineError):
 
 class TrainingError(TunelineError):
     """Training cannot start or continue."""
+
+
+class EvaluationError(TunelineError):
+    """Evaluation cannot start: nothing to evaluate, no adapter where one was named."""

@@ -46,6 +46,59 @@ def start_run(loaded: LoadedSpec, workspace: Workspace, run_name: str | None = N
     return mlflow.start_run(experiment_id=exp_id, run_name=run_name)
 
 
+def start_or_resume(loaded: LoadedSpec, workspace: Workspace, run_id: str | None = None,
+                    run_name: str | None = None) -> Any:
+    """Resume MLflow run ``run_id`` in the spec's store, or start a new run when ``run_id`` is None.
+    Use as a context manager, like :func:`mlflow.start_run`."""
+    import mlflow
+
+    if run_id is None:
+        return start_run(loaded, workspace, run_name=run_name)
+    mlflow.set_tracking_uri(tracking_uri(loaded, workspace))
+    return mlflow.start_run(run_id=run_id)
+
+
+class MetricBatcher:
+    """Per-step training metrics for one run, written in batches: one SQLite commit costs ~25 ms
+    here, so writing every step's values one by one would slow training. Call it as the trainer's
+    ``on_step``; values are flushed every ``every`` steps and on :meth:`flush` (or leaving ``with``)."""
+
+    def __init__(self, run_id: str, every: int) -> None:
+        self.run_id, self.every = run_id, max(1, every)
+        self.pending: list[Any] = []
+
+    def __call__(self, step: int, metrics: dict[str, float]) -> None:
+        import time
+
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        self.pending.extend(Metric(k, float(v), now, step) for k, v in metrics.items())
+        if step % self.every == 0:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.pending:
+            import mlflow
+
+            mlflow.MlflowClient().log_batch(self.run_id, metrics=self.pending)
+            self.pending.clear()
+
+    def __enter__(self) -> MetricBatcher:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.flush()
+
+
+def run_metric(loaded: LoadedSpec, workspace: Workspace, run_id: str, key: str, default: float = 0.0) -> float:
+    """One metric's last value of a run in the spec's store (``default`` when it has none)."""
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri(loaded, workspace))
+    return float(client.get_run(run_id).data.metrics.get(key, default))
+
+
 def experiment_folder(workspace: Workspace, name: str, loaded: LoadedSpec | None = None) -> Path:
     """The artifact folder of experiment ``name``: one folder directly in the workspace's artifact
     root, whatever the name (the spec refuses names with '/', '\\' or '..'; this is checked again

@@ -104,11 +104,12 @@ def _spec(tmp_path: Path, model_dir: Path, encoder: Path, extra: str = "") -> Pa
 def test_no_evaluation_row_is_retrieved_as_a_demonstration(tmp_path: Path, tiny_model_dir: Path,
                                                            tiny_encoder_dir: Path):
     from tuneline.baseline.options import _text, retrieval_prompts
-    from tuneline.pipeline import _prepare
+    from tuneline.context import open_context
     from tuneline.retrieval.encoder import load_encoder
 
-    ws, loaded, _, _, (data, _) = _prepare(_spec(tmp_path, tiny_model_dir, tiny_encoder_dir), tmp_path / "ws")
-    encoder = load_encoder(str(tiny_encoder_dir), cache_root=ws.root / "embeddings")
+    ctx = open_context(_spec(tmp_path, tiny_model_dir, tiny_encoder_dir), tmp_path / "ws")
+    ws, data = ctx.workspace, ctx.data
+    encoder = load_encoder(str(tiny_encoder_dir), cache_root=ws.embeddings_dir)
     index = NearestIndex(encoder.embed([_text(e) for e in data.train]), data.train)
     held_out = {_text(e) for e in data.test + data.eval}
     prompts = retrieval_prompts(index, data.test + data.eval, encoder.embed([_text(e) for e in data.test + data.eval]),

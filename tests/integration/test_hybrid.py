@@ -94,9 +94,9 @@ def test_hybrid_run_trains_evaluates_and_ships_the_index(hybrid_run: Any):
     assert "nearest" not in main.system("base").model  # the base model is scored on the plain prompts
     retriever = adapter_retriever(adapter)
     assert retriever is not None and retriever.k == 2
-    from tuneline.pipeline import _prepare
+    from tuneline.context import open_context
 
-    _, _, _, _, (data, _) = _prepare(spec, ws)
+    data = open_context(spec, ws).data
     assert [e.where for e in shipped.examples] == [e.where for e in data.train]  # the training split, all of it
     assert shipped.vectors.shape == (len(data.train), 32)
     prompts = retriever.augment(data.test)

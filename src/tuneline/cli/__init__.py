@@ -212,7 +212,7 @@ def data_prepare(spec: SpecArg, workspace: WorkspaceOpt = None,
 
     loaded = load_spec(spec)
     data, version = prepare_version(loaded, Workspace.at(workspace))
-    console.print(curation_summary(data, version), soft_wrap=True)
+    console.print(curation_summary(version), soft_wrap=True)
     if version is not None:
         console.print(f"stored in {version.path}; details: `tuneline data show {version.id}`", soft_wrap=True)
 

@@ -15,7 +15,8 @@ import os
 from typing import Any
 
 from tuneline.spec.models import SearchSpec
-from tuneline.tune.space import distributions, max_validations
+from tuneline.tune.sampling import make_sampler
+from tuneline.tune.space import default_params, distributions, max_validations
 from tuneline.tune.trial import TrialContext, run_trial, trial_dir
 
 log = logging.getLogger(__name__)
@@ -51,8 +52,6 @@ def run_ray(ctx: TrialContext, s: SearchSpec, storage: Any, *, resume: bool, con
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search.optuna import OptunaSearch
-
-    from tuneline.tune.study import default_params, make_sampler
 
     mode = "max" if ctx.maximize else "min"
     if not ray.is_initialized():
@@ -90,8 +89,6 @@ def _mirror(ctx: TrialContext, s: SearchSpec, storage: Any, results: Any) -> Any
     import optuna
     from mlflow.tracking import MlflowClient
     from optuna.trial import TrialState
-
-    from tuneline.tune.study import default_params
 
     if ctx.study_name in optuna.study.get_all_study_names(storage):
         optuna.delete_study(study_name=ctx.study_name, storage=storage)

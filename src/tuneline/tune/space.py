@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from tuneline.spec.models import ParamSpace, SearchSpec, TrainSpec, set_path
+from tuneline.spec.models import ParamSpace, SearchSpec, Spec, TrainSpec, set_path
 
 
 def distribution(space: ParamSpace) -> Any:
@@ -56,3 +56,25 @@ def max_validations(search: SearchSpec, train: TrainSpec) -> int:
     elif "epochs" in search.space:
         epochs = max(float(c) for c in search.space["epochs"].choices or [epochs])
     return max(1, int(epochs / search.eval_every + 0.999) + 1)
+
+
+def default_params(spec: Spec) -> dict[str, Any]:
+    """The spec's own train values for the searched parameters, where the space contains them."""
+    assert spec.search is not None
+    train = spec.train.model_dump()
+    out: dict[str, Any] = {}
+    for path in spec.search.space:
+        value: Any = train
+        for part in path.split("."):
+            value = value[part]
+        if path == "lora.target_modules" and isinstance(value, list):
+            value = ",".join(value)
+        dist = distributions(spec.search)[path]
+        try:
+            inside = dist._contains(dist.to_internal_repr(value))
+        except (ValueError, TypeError):
+            inside = False
+        if not inside:
+            return {}
+        out[path] = value
+    return out

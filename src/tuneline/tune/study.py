@@ -21,10 +21,17 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tuneline import tracking
+from tuneline.context import RunContext
+from tuneline.data import Example, PreparedData
 from tuneline.errors import Problem, TrainingError
+from tuneline.eval.validate import sample_rows
 from tuneline.spec.loader import LoadedSpec
-from tuneline.spec.models import SearchSpec, Spec
-from tuneline.tune.space import apply_params, distributions, max_validations, suggest
+from tuneline.spec.models import SearchSpec, Spec, TrainSpec
+from tuneline.train.loop import encode_all
+from tuneline.tune.ray_backend import run_ray
+from tuneline.tune.sampling import make_pruner, make_sampler
+from tuneline.tune.space import apply_params, default_params, max_validations, suggest
 from tuneline.tune.trial import TrialContext, TrialPruned, run_trial
 from tuneline.workspace import Workspace
 
@@ -106,163 +113,135 @@ def study_name(loaded: LoadedSpec, dataset_version: str | None, model_fingerprin
     return f"{spec.name}-{hashlib.sha256(payload.encode()).hexdigest()[:12]}"
 
 
-def storage_url(ws: Workspace) -> str:
-    return f"sqlite:///{ws.root / 'studies.db'}"
-
-
-def make_pruner(search: SearchSpec, train_max: int) -> Any:
-    import optuna
-
-    p = search.pruner
-    if p.type == "hyperband":
-        return optuna.pruners.HyperbandPruner(min_resource=p.min_resource, max_resource=train_max,
-                                              reduction_factor=p.reduction_factor)
-    if p.type == "successive_halving":
-        return optuna.pruners.SuccessiveHalvingPruner(min_resource=p.min_resource, reduction_factor=p.reduction_factor)
-    if p.type == "median":
-        return optuna.pruners.MedianPruner(n_startup_trials=p.startup_trials, n_warmup_steps=p.min_resource - 1)
-    return optuna.pruners.NopPruner()
-
-
-def make_sampler(search: SearchSpec, offset: int = 0) -> Any:
-    import optuna
-
-    # TPE needs some random trials first; Optuna's default (10) would make a short search all random
-    startup = max(2, min(10, search.trials // 3))
-    return optuna.samplers.TPESampler(seed=search.seed + offset, n_startup_trials=startup, multivariate=True)
-
-
-def default_params(spec: Spec) -> dict[str, Any]:
-    """The spec's own train values for the searched parameters, where the space contains them."""
-    assert spec.search is not None
-    train = spec.train.model_dump()
-    out: dict[str, Any] = {}
-    for path in spec.search.space:
-        value: Any = train
-        for part in path.split("."):
-            value = value[part]
-        if path == "lora.target_modules" and isinstance(value, list):
-            value = ",".join(value)
-        dist = distributions(spec.search)[path]
-        try:
-            inside = dist._contains(dist.to_internal_repr(value))
-        except (ValueError, TypeError):
-            inside = False
-        if not inside:
-            return {}
-        out[path] = value
-    return out
-
-
 # --- running ------------------------------------------------------------------------------------
 
-def search(
-    loaded: LoadedSpec,
-    ws: Workspace,
-    *,
-    data: Any,
-    version: Any,
-    tokenizer: Any,
-    source: Any,
-    device: str,
-    precision: str,
-    dtype: str,
-    resume: bool = False,
-    restart: bool = False,
-    workers: int | None = None,
-    trials: int | None = None,
-    parent_run_id: str | None = None,
-    console: Any = None,
-    show_progress: bool = True,
-) -> SearchResult:
-    """Run (or continue, or reuse when finished) the spec's hyperparameter search."""
+@dataclass(frozen=True)
+class SearchOptions:
+    """How to run a search: continue an interrupted one (``resume``), drop it and start over
+    (``restart``), worker processes and trial budget overriding the spec's, and the MLflow run to
+    hang the trials under (``tuneline run``'s own; a search alone gets a parent run of its own)."""
+
+    resume: bool = False
+    restart: bool = False
+    workers: int | None = None
+    trials: int | None = None
+    parent_run_id: str | None = None
+
+
+@dataclass(frozen=True)
+class _Study:
+    """One search's identity: its name, folder, storage, and what it optimizes."""
+
+    name: str
+    folder: Path
+    url: str
+    metric: str
+    direction: str
+
+
+def search(ctx: RunContext, *, data: PreparedData | None = None, options: SearchOptions | None = None) -> SearchResult:
+    """Run (or continue, or reuse when finished) the spec's hyperparameter search on ``data``
+    (default: the context's curated data; the hybrid passes its rows with retrieved examples)."""
     import optuna
-    from rich.console import Console
 
-    from tuneline import tracking
-
-    console = console or Console()
-    spec = loaded.spec
+    opts = options or SearchOptions()
+    spec = ctx.spec
     if spec.search is None:
         raise TrainingError(Problem("the spec has no `search` section", field="search",
                                     hint="add search: {space: {lr: {type: loguniform, low: 1e-4, high: 3e-3}}, trials: 8}"))
-    s = spec.search if trials is None else spec.search.model_copy(update={"trials": trials})
+    s = spec.search if opts.trials is None else spec.search.model_copy(update={"trials": opts.trials})
     metric = s.metric or spec.objective.primary
-    direction = s.resolved_direction(metric)
-    name = study_name(loaded, version.id if version is not None else None, source.fingerprint())
-    study_dir = ws.root / "studies" / name
-    url = storage_url(ws)
+    name = study_name(ctx.loaded, ctx.version_id, ctx.source.fingerprint())
+    study = _Study(name, ctx.workspace.studies_dir / name, ctx.workspace.studies_url, metric,
+                   s.resolved_direction(metric))
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    storage = optuna.storages.RDBStorage(url, engine_kwargs={"connect_args": {"timeout": 120}})
+    storage = optuna.storages.RDBStorage(study.url, engine_kwargs={"connect_args": {"timeout": 120}})
     t0 = time.perf_counter()
+    finished = _continue_or_reuse(ctx, s, study, storage, opts)
+    if isinstance(finished, SearchResult):
+        return finished
+    exists = finished
+    rows = data or ctx.data
+    train_rows = rows.train
+    if s.train_rows and s.train_rows < len(train_rows):
+        train_rows = sample_rows(train_rows, s.train_rows, s.seed)
+    trained_on_all = len(train_rows) == len(rows.train)
+    if s.backend == "ray":
+        parent = opts.parent_run_id or _new_parent_run(ctx.loaded, ctx.workspace, name)
+        trial_ctx = _context(ctx, rows, study, parent, train_rows)
+        optuna_study = run_ray(trial_ctx, s, storage, resume=opts.resume and (study.folder / "ray").exists(),
+                               console=ctx.console)
+        optuna_study.set_user_attr("mlflow_parent_run_id", parent)
+        optuna_study.set_user_attr("trained_on_all", trained_on_all)
+        optuna_study.set_user_attr("backend", "ray")
+    else:
+        parent = _local_study(ctx, study, storage, exists, trained_on_all, opts.parent_run_id)
+        trial_ctx = _context(ctx, rows, study, parent, train_rows)
+        _optimize_local(trial_ctx, s, study.url, opts.workers or s.workers, ctx.console, ctx.show_progress)
+        optuna_study = optuna.load_study(study_name=name, storage=storage)
+    result = summarize(optuna_study, s, metric, study.direction, backend=s.backend, spec=spec,
+                       trained_on_all=trained_on_all, seconds=time.perf_counter() - t0)
+    _record(result, study.folder, tracking.tracking_uri(ctx.loaded, ctx.workspace))
+    return result
 
-    exists = name in optuna.study.get_all_study_names(storage)
-    ray_dir = study_dir / "ray"
-    if restart:
+
+def _continue_or_reuse(ctx: RunContext, s: SearchSpec, study: _Study, storage: Any,
+                       opts: SearchOptions) -> SearchResult | bool:
+    """A finished study's result (reused), or whether an unfinished one exists and may continue;
+    raises when one exists and ``resume`` was not asked for. ``restart`` deletes it first."""
+    import optuna
+
+    exists = study.name in optuna.study.get_all_study_names(storage)
+    ray_dir = study.folder / "ray"
+    if opts.restart:
         if exists:
-            optuna.delete_study(study_name=name, storage=storage)
-        shutil.rmtree(study_dir, ignore_errors=True)
+            optuna.delete_study(study_name=study.name, storage=storage)
+        shutil.rmtree(study.folder, ignore_errors=True)
         exists = False
     if exists:
-        study = optuna.load_study(study_name=name, storage=storage)
-        done = _finished(study)
+        found = optuna.load_study(study_name=study.name, storage=storage)
+        done = _finished(found)
         if done >= s.trials:
-            _close_interrupted(study, tracking.tracking_uri(loaded, ws), retry=False)
-            console.print(f"search {name}: {done} of {s.trials} trials already finished; reusing it "
-                          "(`tuneline tune --restart` runs a new one)")
-            return summarize(study, s, metric, direction, backend=_backend_of(study), spec=spec,
-                             trained_on_all=bool(study.user_attrs.get("trained_on_all")), seconds=0.0)
-        if not resume:
+            _close_interrupted(found, tracking.tracking_uri(ctx.loaded, ctx.workspace), retry=False)
+            ctx.console.print(f"search {study.name}: {done} of {s.trials} trials already finished; reusing it "
+                              "(`tuneline tune --restart` runs a new one)")
+            return summarize(found, s, study.metric, study.direction, backend=_backend_of(found), spec=ctx.spec,
+                             trained_on_all=bool(found.user_attrs.get("trained_on_all")), seconds=0.0)
+        if not opts.resume:
             raise TrainingError(Problem(
-                f"a search for this spec stopped after {done} of {s.trials} trials (study {name})",
+                f"a search for this spec stopped after {done} of {s.trials} trials (study {study.name})",
                 hint="continue it with `tuneline tune SPEC --resume` (or `tuneline run SPEC --resume`); "
                      "start over with `tuneline tune SPEC --restart`"))
-    elif s.backend == "ray" and ray_dir.exists() and not resume:
+    elif s.backend == "ray" and ray_dir.exists() and not opts.resume:
         raise TrainingError(Problem(
-            f"a Ray search for this spec was interrupted (study {name}, {ray_dir})",
+            f"a Ray search for this spec was interrupted (study {study.name}, {ray_dir})",
             hint="continue it with `tuneline tune SPEC --resume`; start over with `--restart`"))
+    return exists
 
-    # the parent run: this command's (tuneline run) or one of its own, kept across resumes
-    uri = tracking.tracking_uri(loaded, ws)
-    train_rows = data.train
-    if s.train_rows and s.train_rows < len(train_rows):
-        from tuneline.eval.validate import sample_rows
 
-        train_rows = sample_rows(train_rows, s.train_rows, s.seed)
-    trained_on_all = len(train_rows) == len(data.train)
-    if s.backend == "ray":
-        from tuneline.tune.ray_backend import run_ray
+def _local_study(ctx: RunContext, study: _Study, storage: Any, exists: bool, trained_on_all: bool,
+                 parent_run_id: str | None) -> str:
+    """Create the Optuna study (the spec's own values queued as trial 0) or continue it after closing
+    the trials a killed process left running; return the MLflow parent run of its trials."""
+    import optuna
 
-        parent = parent_run_id or _new_parent_run(loaded, ws, name)
-        ctx = _context(loaded, ws, data, tokenizer, source, device, precision, dtype, name, study_dir,
-                       parent, metric, direction, train_rows, trained_on_all)
-        study = run_ray(ctx, s, storage, resume=resume and ray_dir.exists(), console=console)
-        study.set_user_attr("mlflow_parent_run_id", parent)
-        study.set_user_attr("trained_on_all", trained_on_all)
-        study.set_user_attr("backend", "ray")
+    spec = ctx.spec
+    if not exists:
+        found = optuna.create_study(study_name=study.name, storage=storage,
+                                    direction="maximize" if study.direction == "maximize" else "minimize")
+        found.set_user_attr("trained_on_all", trained_on_all)
+        found.set_user_attr("backend", "local")
+        found.set_user_attr("spec", spec.name)
+        if (defaults := default_params(spec)):
+            found.enqueue_trial(defaults, user_attrs={"default": True})  # the hand-set values, as trial 0
     else:
-        if not exists:
-            study = optuna.create_study(study_name=name, storage=storage,
-                                        direction="maximize" if direction == "maximize" else "minimize")
-            study.set_user_attr("trained_on_all", trained_on_all)
-            study.set_user_attr("backend", "local")
-            study.set_user_attr("spec", spec.name)
-            if (defaults := default_params(spec)):
-                study.enqueue_trial(defaults, user_attrs={"default": True})  # the hand-set values, as trial 0
-        else:
-            console.print(f"search {name}: resuming after {_finished(study)} finished trials")
-            _close_interrupted(study, uri, retry=True)
-        parent = parent_run_id or study.user_attrs.get("mlflow_parent_run_id") or _new_parent_run(loaded, ws, name)
-        study.set_user_attr("mlflow_parent_run_id", parent)
-        ctx = _context(loaded, ws, data, tokenizer, source, device, precision, dtype, name, study_dir,
-                       parent, metric, direction, train_rows, trained_on_all)
-        n_workers = workers or s.workers
-        _optimize_local(ctx, s, url, n_workers, console, show_progress)
-        study = optuna.load_study(study_name=name, storage=storage)
-    result = summarize(study, s, metric, direction, backend=s.backend, spec=spec, trained_on_all=trained_on_all,
-                       seconds=time.perf_counter() - t0)
-    _record(result, study_dir, uri)
-    return result
+        found = optuna.load_study(study_name=study.name, storage=storage)
+        ctx.console.print(f"search {study.name}: resuming after {_finished(found)} finished trials")
+        _close_interrupted(found, tracking.tracking_uri(ctx.loaded, ctx.workspace), retry=True)
+    parent: str = (parent_run_id or found.user_attrs.get("mlflow_parent_run_id")
+                   or _new_parent_run(ctx.loaded, ctx.workspace, study.name))
+    found.set_user_attr("mlflow_parent_run_id", parent)
+    return parent
 
 
 def _finished(study: Any) -> int:
@@ -301,8 +280,6 @@ def _close_interrupted(study: Any, uri: str, *, retry: bool) -> None:
 def _new_parent_run(loaded: LoadedSpec, ws: Workspace, name: str) -> str:
     import mlflow
 
-    from tuneline import tracking
-
     with tracking.start_run(loaded, ws, run_name="search") as run:
         mlflow.set_tags({"tuneline.kind": "search", "tuneline.study": name})
         mlflow.log_dict(loaded.spec.model_dump(mode="json")["search"], "search/space.json")
@@ -310,31 +287,27 @@ def _new_parent_run(loaded: LoadedSpec, ws: Workspace, name: str) -> str:
     return run_id
 
 
-def _context(loaded: LoadedSpec, ws: Workspace, data: Any, tokenizer: Any, source: Any, device: str, precision: str,
-             dtype: str, name: str, study_dir: Path, parent: str, metric: str, direction: str,
-             train_rows: list[Any], trained_on_all: bool) -> TrialContext:
+def _context(ctx: RunContext, data: PreparedData, study: _Study, parent: str,
+             train_rows: list[Example]) -> TrialContext:
+    """What every trial shares: the rows (tokenized once), the validation rows, where to track."""
     from mlflow.tracking import MlflowClient
 
-    from tuneline import tracking
-    from tuneline.eval.validate import sample_rows
-    from tuneline.train.loop import encode_all
-
-    spec = loaded.spec
+    spec = ctx.spec
     assert spec.search is not None
-    uri = tracking.tracking_uri(loaded, ws)
+    uri = tracking.tracking_uri(ctx.loaded, ctx.workspace)
     experiment_id = MlflowClient(uri).get_run(parent).info.experiment_id
-    study_dir.mkdir(parents=True, exist_ok=True)
+    study.folder.mkdir(parents=True, exist_ok=True)
     if not data.eval:
         raise TrainingError(Problem(
             "a search scores trials on the validation split, and this spec has none",
             field="data.eval", hint="add data.eval, or set curation.split.validation above 0 (never search on the test set)"))
     return TrialContext(
-        spec=spec, source=source, models_dir=ws.models_dir, tokenizer=tokenizer, train=train_rows,
-        encoded=encode_all(tokenizer, train_rows, spec.train.seq_len),  # once, for every trial
+        spec=spec, source=ctx.source, models_dir=ctx.workspace.models_dir, tokenizer=ctx.tokenizer,
+        train=train_rows, encoded=encode_all(ctx.tokenizer, train_rows, spec.train.seq_len),  # once, for every trial
         validation=sample_rows(data.eval, spec.search.eval_rows, spec.search.seed), labels=data.labels,
-        metric=metric, maximize=direction == "maximize", device=device, precision=precision, dtype=dtype,
-        study_name=name, study_dir=study_dir, tracking_uri=uri, experiment_id=experiment_id, parent_run_id=parent,
-        trained_on_all=trained_on_all)
+        metric=study.metric, maximize=study.direction == "maximize", device=ctx.compute.device,
+        study_name=study.name, study_dir=study.folder, tracking_uri=uri, experiment_id=experiment_id,
+        parent_run_id=parent, trained_on_all=len(train_rows) == len(data.train))
 
 
 def objective(ctx: TrialContext) -> Any:
@@ -522,6 +495,6 @@ def _record(result: SearchResult, study_dir: Path, uri: str) -> None:
         client.set_tag(result.parent_run_id, "tuneline.study", result.study_name)
 
 
-def best_train(spec: Spec, result: SearchResult) -> Any:
+def best_train(spec: Spec, result: SearchResult) -> TrainSpec:
     """The train section with the best trial's values applied."""
     return apply_params(spec.train, result.best_params)

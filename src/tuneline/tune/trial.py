@@ -21,6 +21,7 @@ from typing import Any
 
 from tuneline.data.examples import Example
 from tuneline.data.tokenize import Encoded
+from tuneline.runtime import Compute
 from tuneline.spec.models import Spec
 from tuneline.tune.space import apply_params
 
@@ -45,9 +46,7 @@ class TrialContext:
     labels: list[str] | None
     metric: str
     maximize: bool
-    device: str
-    precision: str
-    dtype: str
+    device: str  # each trial's precision and base dtype follow its own configuration (Compute.resolve)
     study_name: str
     study_dir: Path
     tracking_uri: str
@@ -83,6 +82,7 @@ def run_trial(ctx: TrialContext, key: str, params: dict[str, Any], report: Repor
     from tuneline.train.loop import Validation, steps_per_epoch, train
 
     cfg = apply_params(ctx.spec.train, params)
+    compute = Compute.resolve(cfg.precision, cfg.method, ctx.device)  # a trial may pick `method: full`
     out = trial_dir(ctx, key)
     client = MlflowClient(ctx.tracking_uri)
     run = client.create_run(ctx.experiment_id, run_name=f"trial {key}", tags={
@@ -106,9 +106,9 @@ def run_trial(ctx: TrialContext, key: str, params: dict[str, Any], report: Repor
             report(index, value, index >= n_validations)
 
         score = make_scorer(ctx.spec, ctx.tokenizer, ctx.validation, ctx.labels, ctx.metric,
-                            precision=ctx.precision, device=ctx.device, rows=len(ctx.validation))
+                            precision=compute.precision, device=compute.device, rows=len(ctx.validation))
         validation = Validation(every=every, score=score, maximize=ctx.maximize, report=on_validation)
-        model = load_model(ctx.source, ctx.models_dir, device=ctx.device, dtype=ctx.dtype)
+        model = load_model(ctx.source, ctx.models_dir, device=compute.device, dtype=compute.base_dtype)
         _, result = train(cfg, model, ctx.tokenizer, ctx.train, out, device=ctx.device, show_progress=False,
                           validation=validation, encoded_train=encoded)
     except TrialPruned:

@@ -1,0 +1,95 @@
+"""The context every stage of a run works in: one spec, its workspace, base model source, tokenizer,
+curated data and where tensors are computed.
+
+:func:`open_context` builds it (load the spec, resolve the model, load the tokenizer, curate the data
+into a dataset version); the stages of :mod:`tuneline.pipeline`, the search (:mod:`tuneline.tune`)
+and the baselines take it instead of loose bundles of arguments.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from rich.console import Console
+
+from tuneline.curation import DatasetVersion, save_version
+from tuneline.data import PreparedData, prepare
+from tuneline.models import ModelSource, load_tokenizer, resolve_model_source
+from tuneline.runtime import Compute
+from tuneline.spec import LoadedSpec, load_spec
+from tuneline.spec.models import Spec
+from tuneline.workspace import Workspace
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+
+@dataclass
+class RunContext:
+    """A spec opened for work. ``compute`` follows the spec's own ``train`` section; a search may pick
+    another configuration, whose compute :class:`tuneline.pipeline.stages.TrainingPlan` holds."""
+
+    workspace: Workspace
+    loaded: LoadedSpec
+    source: ModelSource
+    tokenizer: PreTrainedTokenizerBase
+    data: PreparedData
+    version: DatasetVersion | None
+    compute: Compute
+    console: Console = field(default_factory=Console)
+    show_progress: bool = True
+
+    @property
+    def spec(self) -> Spec:
+        return self.loaded.spec
+
+    @property
+    def version_id(self) -> str | None:
+        return self.version.id if self.version is not None else None
+
+    @property
+    def run_dir(self) -> Path:
+        """The folder of the spec's latest run (checkpoints, adapter, reports)."""
+        return self.workspace.run_dir(self.spec.name)
+
+
+def workspace_of(workspace: str | Path | Workspace | None) -> Workspace:
+    return workspace if isinstance(workspace, Workspace) else Workspace.at(workspace)
+
+
+def open_context(spec_path: str | Path, workspace: str | Path | Workspace | None = None, *,
+                 console: Console | None = None, show_progress: bool = True) -> RunContext:
+    """Load the spec, resolve its base model and tokenizer, curate its data into a dataset version."""
+    ws = workspace_of(workspace)
+    loaded = load_spec(spec_path)
+    source = resolve_model_source(loaded.spec.model, loaded.base_dir)
+    tokenizer = load_tokenizer(source, ws.models_dir)
+    data, version = prepare_version(loaded, ws, tokenizer)
+    return RunContext(ws, loaded, source, tokenizer, data, version,
+                      Compute.resolve(loaded.spec.train.precision, loaded.spec.train.method),
+                      console or Console(), show_progress)
+
+
+def prepare_version(loaded: LoadedSpec, ws: Workspace, tokenizer: PreTrainedTokenizerBase | None = None,
+                    ) -> tuple[PreparedData, DatasetVersion | None]:
+    """Curate the spec's data and store it as a dataset version (unless curation is disabled)."""
+    if tokenizer is None:
+        source = resolve_model_source(loaded.spec.model, loaded.base_dir)
+        tokenizer = load_tokenizer(source, ws.models_dir)
+    data = prepare(loaded, tokenizer)
+    if data.curated is None or not loaded.spec.curation.enabled:
+        return data, None
+    return data, save_version(data.curated, ws.datasets_dir, loaded.spec.name, loaded.sha256)
+
+
+def curation_summary(version: DatasetVersion | None) -> str:
+    """One line: the version id, rows per split, drops per reason, PII found."""
+    if version is None:
+        return "curation off"
+    m = version.manifest
+    rows = ", ".join(f"{k} {v:,}" for k, v in m["counts"].items() if v)
+    dropped = ", ".join(f"{k} {v:,}" for k, v in m["dropped_by_reason"].items()) or "none"
+    pii = ", ".join(f"{k} {v:,}" for k, v in m["pii_found"].items()) or "none"
+    return f"dataset {version.id}: {rows}; dropped: {dropped}; PII redacted: {pii}"

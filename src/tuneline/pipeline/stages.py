@@ -1,0 +1,381 @@
+"""The stages of ``tuneline run``, in order. Each takes the :class:`~tuneline.context.RunContext` and
+the typed results of the stages it needs, and returns its own result, so a stage cannot run before
+what it depends on:
+
+    open_context -> eval_sets_of -> track -> plan_training -> load_base -> score_untouched
+      -> train_or_reuse -> ship_adapter -> evaluate_candidate -> register -> summarize
+
+Order rules that are code, not comments: the base model is loaded after the training plan (its
+dtype depends on the method the plan trains with); the model reaches training only through
+:class:`Untouched`, the result of scoring the base model and the baselines on it; the candidate is
+evaluated from :class:`Shipped`, the adapter exactly as logged and as the server will load it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import mlflow
+
+from tuneline import registry, tracking
+from tuneline.artifacts import ADAPTER_SHA_TAG, atomic_write_text, replace_dir, tree_sha256
+from tuneline.baseline import BaselineReport, baseline_table
+from tuneline.context import RunContext, curation_summary
+from tuneline.data import PreparedData
+from tuneline.errors import Problem, TrainingError
+from tuneline.eval import EvalSet, EvalSuite, Evaluation
+from tuneline.eval.generate import DECODING_FILE
+from tuneline.eval.validate import make_scorer, maximize, sample_rows
+from tuneline.models import load_model
+from tuneline.pipeline.evaluation import (
+    described,
+    eval_sets,
+    evaluated_decoding,
+    evaluation_items,
+    finish_evaluation,
+    new_evaluation,
+)
+from tuneline.pipeline.systems import (
+    hybrid_retriever,
+    measure_baselines,
+    with_fine_tuned,
+    with_retrieval,
+)
+from tuneline.retrieval import Retriever, adapter_retriever
+from tuneline.runtime import Compute
+from tuneline.spec import LoadedSpec
+from tuneline.spec.models import TrainSpec
+from tuneline.train import TrainResult, train
+from tuneline.train.checkpoint import latest_checkpoint
+from tuneline.train.loop import Validation, steps_per_epoch
+from tuneline.tune import SearchOptions, SearchResult, best_train, search
+from tuneline.tune.report import search_table
+from tuneline.workspace import RunState
+
+if TYPE_CHECKING:
+    from torch import nn
+
+EVAL_LOSS_ROWS = 500  # validation rows for the end-of-training loss (a seeded sample: it is one number)
+
+
+@dataclass(frozen=True)
+class Tracked:
+    """The MLflow run this run tracks into (new, or the interrupted one when resuming)."""
+
+    run_id: str
+    resumed: bool
+    state: RunState
+
+
+@dataclass(frozen=True)
+class TrainingPlan:
+    """What will be trained: the one training configuration in scope from here on (the spec's, or
+    the best search trial's), the search that chose it, the data it trains on (the hybrid's rows
+    carry retrieved examples), the compute it needs, and the fingerprint a checkpoint must match."""
+
+    train: TrainSpec
+    search: SearchResult | None
+    data: PreparedData
+    retriever: Retriever | None
+    compute: Compute
+    fingerprint: str
+
+
+class _HandsOver:
+    """Holds the model for exactly one next stage: :meth:`take` returns it and drops the reference,
+    so a model is never used by two stages and its memory goes when the last stage is done."""
+
+    _model: nn.Module | None
+
+    def take(self) -> nn.Module:
+        model, self._model = self._model, None
+        if model is None:
+            raise RuntimeError(f"the model of {type(self).__name__} was already handed over")
+        return model
+
+
+@dataclass
+class Untouched(_HandsOver):
+    """The base model after it was scored untouched (base answers, baselines), ready to be trained."""
+
+    _model: nn.Module | None
+    evaluation: Evaluation | None
+    scored_base: bool
+    baselines: BaselineReport | None
+
+
+@dataclass
+class Trained(_HandsOver):
+    """The trained model (adapter attached) and what training measured."""
+
+    _model: nn.Module | None
+    result: TrainResult
+
+
+@dataclass(frozen=True)
+class Shipped:
+    """The adapter folder as logged to MLflow (with the spec, decoding settings and the hybrid's
+    index), its tree hash, and the retriever loaded back from it as the server will."""
+
+    adapter_dir: Path
+    sha256: str
+    served: Retriever | None
+
+
+def announce(ctx: RunContext) -> None:
+    spec, data = ctx.spec, ctx.data
+    ctx.console.print(f"[bold]{spec.name}[/]: {spec.task.type}, model {spec.model}; "
+                      + ", ".join(f"{s.split} {s.rows_used} rows" for s in data.sources))
+    ctx.console.print(curation_summary(ctx.version), soft_wrap=True)
+
+
+def eval_sets_of(ctx: RunContext) -> list[EvalSet]:
+    """The test items and golden sets; a changed golden set stops the run here, before any training."""
+    return eval_sets(ctx.loaded, ctx.workspace, evaluation_items(ctx.spec, ctx.data))
+
+
+@contextmanager
+def track(ctx: RunContext, resume: bool) -> Iterator[Tracked]:
+    """Start the run's MLflow run (logging spec, data, model and code), or resume the interrupted one."""
+    state = ctx.workspace.run_state(ctx.spec.name)
+    run_id = None
+    if resume:
+        if not state.exists():
+            raise TrainingError(Problem(f"nothing to resume for {ctx.spec.name!r}: {state.path} not found",
+                                        hint="run without --resume to start a new run"))
+        run_id = state.mlflow_run_id
+    with tracking.start_or_resume(ctx.loaded, ctx.workspace, run_id) as mlrun:
+        tracked = Tracked(mlrun.info.run_id, resume, state)
+        state.write(mlflow_run_id=tracked.run_id)
+        if not resume:
+            tracking.log_run_inputs(ctx.loaded, ctx.data.sources, ctx.spec.model, ctx.source.fingerprint())
+            if ctx.version is not None:
+                tracking.log_dataset_version(ctx.version)
+            mlflow.log_params({"data.labels_count": len(ctx.data.labels or []), "device": ctx.compute.device,
+                               "precision": ctx.compute.precision})
+        yield tracked
+
+
+def run_fingerprint(loaded: LoadedSpec, data: PreparedData, model_fingerprint: str,
+                    dataset_version: str | None = None, train_cfg: TrainSpec | None = None) -> str:
+    """What a checkpoint must match to be resumed: training config (after a search: the best
+    trial's), data and base model."""
+    spec = loaded.spec.model_dump(mode="json", include={"task", "model", "data", "curation", "train"})
+    if loaded.spec.retrieval is not None:  # the hybrid trains on other prompts
+        spec["retrieval"] = loaded.spec.retrieval.model_dump(mode="json")
+    if train_cfg is not None:
+        spec["train"] = train_cfg.model_dump(mode="json")
+    spec["train"].pop("checkpoint_every", None)
+    spec["train"].pop("log_every", None)
+    payload = json.dumps({"spec": spec, "data": [s.sha256 for s in data.sources], "model": model_fingerprint,
+                          "dataset_version": dataset_version}, sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()
+
+
+def plan_training(ctx: RunContext, tracked: Tracked) -> TrainingPlan:
+    """The hybrid's retriever, the search (when the spec has one) and the configuration it picks,
+    the compute that configuration needs, and the fingerprint; recorded in the run state."""
+    # the hybrid trains (and validates) on prompts with retrieved examples; evaluation and the
+    # baselines start from the plain rows and augment per system, as the server does
+    retriever = hybrid_retriever(ctx)
+    trained_on = with_retrieval(ctx.data, retriever)
+    train_cfg, found = ctx.spec.train, None
+    if ctx.spec.search is not None:
+        found = search(ctx, data=trained_on, options=SearchOptions(resume=tracked.resumed,
+                                                                   parent_run_id=tracked.run_id))
+        if found.best is None:
+            raise TrainingError(Problem(f"no search trial completed ({found.counts()})",
+                                        hint="see the trials above; widen the space or raise search.trials"))
+        train_cfg = best_train(ctx.spec, found)
+        _log_search(ctx, found)
+    fingerprint = run_fingerprint(ctx.loaded, ctx.data, ctx.source.fingerprint(), ctx.version_id, train_cfg)
+    tracked.state.write(mlflow_run_id=tracked.run_id, fingerprint=fingerprint)
+    compute = Compute.resolve(train_cfg.precision, train_cfg.method, ctx.compute.device)
+    return TrainingPlan(train_cfg, found, trained_on, retriever, compute, fingerprint)
+
+
+def _log_search(ctx: RunContext, found: SearchResult) -> None:
+    """The trials table on the console; the best values as this run's params."""
+    assert found.best is not None
+    ctx.console.print(search_table(found))
+    mlflow.log_params({f"search.best.{k}": v for k, v in found.best_params.items()})
+    mlflow.set_tags({"tuneline.study": found.study_name, "tuneline.search_best_trial": str(found.best.number)})
+    mlflow.log_dict(found.to_dict(), "search/summary.json")
+
+
+def load_base(ctx: RunContext, plan: TrainingPlan) -> nn.Module:
+    """The base model, in the dtype the planned method trains it in (bf16 frozen weights for an
+    adapter computed in bf16; fp32 master weights for full fine-tuning)."""
+    return load_model(ctx.source, ctx.workspace.models_dir, device=plan.compute.device, dtype=plan.compute.base_dtype)
+
+
+def score_untouched(ctx: RunContext, tracked: Tracked, sets: list[EvalSet], model: nn.Module) -> Untouched:
+    """Score the base model and measure the baselines, both on the untouched model, before training
+    changes it. A resumed run skips both (its base is the trained model minus the adapter)."""
+    evaluation = new_evaluation(ctx, sets) if sets else None
+    scored_base = False
+    if evaluation is not None and ctx.spec.eval.compare_base and not tracked.resumed:
+        evaluation.score_system("base", model, ctx.spec.model)
+        scored_base = True
+    baselines = None
+    if ctx.spec.baseline.enabled and evaluation_items(ctx.spec, ctx.data) and not tracked.resumed:
+        answered = None
+        if evaluation is not None and ("test", "base") in evaluation.answers:
+            answered = (evaluation.sets[0].examples, evaluation.answers[("test", "base")])
+        baselines = measure_baselines(ctx, model, answered)
+    return Untouched(model, evaluation, scored_base, baselines)
+
+
+def train_or_reuse(ctx: RunContext, plan: TrainingPlan, tracked: Tracked, untouched: Untouched) -> Trained:
+    """Train the plan's configuration (resuming from the last checkpoint when asked), or take the
+    best search trial's adapter when it already trained on every training row with these values."""
+    found, model = plan.search, untouched.take()
+    if found is not None and found.reusable_adapter and not tracked.resumed:
+        return _reuse_trial(ctx, found, model)
+    # a resumed search run may have stopped before training began: then train from the start
+    resume = tracked.resumed and (found is None or latest_checkpoint(ctx.run_dir / "checkpoints") is not None)
+    cfg = plan.train
+    with tracking.MetricBatcher(tracked.run_id, cfg.log_every) as on_step:
+        model, result = train(
+            cfg, model, ctx.tokenizer, plan.data.train, ctx.run_dir, resume=resume,
+            eval_examples=sample_rows(plan.data.eval, EVAL_LOSS_ROWS, cfg.seed) or None,
+            fingerprint=plan.fingerprint, device=plan.compute.device, on_step=on_step,
+            show_progress=ctx.show_progress, validation=_early_stopping(ctx, plan))
+    mlflow.log_metrics({k: float(v) for k, v in result.to_dict().items()
+                        if isinstance(v, (int, float)) and not isinstance(v, bool) and v is not None},
+                       step=result.steps)
+    return Trained(model, result)
+
+
+def _early_stopping(ctx: RunContext, plan: TrainingPlan) -> Validation | None:
+    """The validation that stops a run on a plateau and keeps its best weights (None when off)."""
+    cfg = plan.train
+    es = cfg.early_stopping
+    if es is None:
+        return None
+    metric = es.metric or ctx.spec.objective.primary
+    score = make_scorer(ctx.spec, ctx.tokenizer, plan.data.eval, ctx.data.labels, metric,
+                        precision=plan.compute.precision, device=plan.compute.device, rows=es.rows, seed=cfg.seed)
+    every = max(1, round(es.every * steps_per_epoch(len(plan.data.train), cfg)))
+    return Validation(every=every, score=score, maximize=maximize(metric), patience=es.patience,
+                      min_delta=es.min_delta, keep_best=True)
+
+
+def _reuse_trial(ctx: RunContext, found: SearchResult, model: nn.Module) -> Trained:
+    """The best trial trained on every training row with these values: use its adapter, do not retrain."""
+    from peft import PeftModel
+
+    assert found.reusable_adapter is not None and found.best is not None
+    src = Path(found.reusable_adapter)
+    dest = ctx.run_dir / "adapter"
+    tmp = ctx.run_dir / f".adapter.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(src, tmp)
+    replace_dir(tmp, dest)  # the previous adapter stays whole until the copy is
+    saved = json.loads((src.parent / "train_result.json").read_text())
+    saved["adapter_dir"] = str(dest)
+    saved["validations"] = [tuple(v) for v in saved.get("validations", [])]
+    ctx.console.print(f"reusing trial {found.best.number}'s adapter: it trained on every training row with the best values")
+    return Trained(PeftModel.from_pretrained(model, str(dest)), TrainResult(**saved))
+
+
+def ship_adapter(ctx: RunContext, plan: TrainingPlan, trained: Trained) -> Shipped:
+    """Complete the adapter folder as the server loads it (the spec, the decoding settings the
+    candidate is evaluated with, the hybrid's index), log it to MLflow and hash it as logged."""
+    result, spec = trained.result, ctx.spec
+    folder = Path(result.adapter_dir)
+    atomic_write_text(folder / "tuneline.yaml", ctx.loaded.text)
+    # how the candidate was evaluated: the server answers with these settings (tuneline.serve)
+    atomic_write_text(folder / DECODING_FILE, json.dumps(evaluated_decoding(spec).to_dict(), indent=2) + "\n")
+    served = None  # the hybrid: the retriever shipped with the adapter, loaded back as the server will
+    if plan.retriever is not None and spec.retrieval is not None:
+        plan.retriever.index.copy_to(folder, spec.retrieval.k)
+        served = adapter_retriever(folder, encoders={plan.retriever.encoder.fingerprint: plan.retriever.encoder})
+    mlflow.log_artifacts(str(folder), "adapter")
+    shipped = Shipped(folder, tree_sha256(folder), served)  # the folder exactly as logged
+    _print_training(ctx, plan, result)
+    return shipped
+
+
+def _print_training(ctx: RunContext, plan: TrainingPlan, result: TrainResult) -> None:
+    console, cfg = ctx.console, plan.train
+    console.print(f"trained {result.steps} steps in {result.seconds:.0f}s "
+                  f"({result.tokens_per_second:.0f} tok/s, final loss {result.final_loss:.4f}); "
+                  f"adapter: {result.adapter_dir}")
+    if result.best_step is not None and cfg.early_stopping is not None:
+        console.print(f"early stopping: {'stopped at step ' + str(result.steps) if result.stopped_early else 'ran all steps'}"
+                      f"; kept the best weights, step {result.best_step} (validation "
+                      f"{cfg.early_stopping.metric or ctx.spec.objective.primary} {result.best_value:.4f})")
+    if result.dropped_too_long:  # the configuration trained, not the spec's (a search may change seq_len)
+        console.print(f"[yellow]dropped {result.dropped_too_long} training examples longer than "
+                      f"train.seq_len={cfg.seq_len}[/]")
+
+
+def evaluate_candidate(ctx: RunContext, plan: TrainingPlan, untouched: Untouched, trained: Trained,
+                       shipped: Shipped) -> EvalSuite | None:
+    """Score the candidate as served (adapter merged, the hybrid's retriever from the shipped folder)
+    beside the base and production models, add the baselines, record and print; None without sets."""
+    from peft import PeftModel
+
+    evaluation = untouched.evaluation
+    if evaluation is None:
+        return None
+    model = trained.take()
+    if not untouched.scored_base and ctx.spec.eval.compare_base and isinstance(model, PeftModel):
+        with model.disable_adapter():  # resumed LoRA run: the base is the model minus the adapter
+            evaluation.score_system("base", model, ctx.spec.model)
+    if isinstance(model, PeftModel):
+        # the adapter is saved; generate with it merged into the base weights, as it would be
+        # served, instead of computing the adapter products for every generated token
+        model.merge_adapter()
+    served = shipped.served
+    evaluation.score_system("candidate", model, described(shipped.adapter_dir, served),
+                            served.augment if served else None)
+    del model
+    baselines = untouched.baselines
+
+    def add_baselines(suite: EvalSuite) -> None:
+        if baselines is not None:
+            with_fine_tuned(ctx, baselines, suite, trained.result.seconds, served)
+            suite.baselines = baselines.to_dict()
+            ctx.console.print(baseline_table(baselines))
+
+    return finish_evaluation(ctx, evaluation, plan.compute.base_dtype, before_record=add_baselines)
+
+
+def register(ctx: RunContext, tracked: Tracked, shipped: Shipped, report: EvalSuite | None) -> int:
+    """Register the logged adapter as the next version of the spec's model (alias ``candidate``),
+    tagged with the spec, data, code and base model it came from and its gate results."""
+    import tuneline
+
+    loaded = ctx.loaded
+    tags = registry.version_tags(
+        spec_sha256=loaded.sha256, dataset_version=ctx.version_id,
+        code_version=tracking.git_sha(loaded.base_dir) or f"tuneline {tuneline.__version__}",
+        base_model=loaded.spec.model, base_fingerprint=ctx.source.fingerprint(), suite=report)
+    tags[ADAPTER_SHA_TAG] = shipped.sha256
+    version = registry.register_version(tracking.tracking_uri(loaded, ctx.workspace), loaded.spec.name,
+                                       tracked.run_id, mlflow.get_artifact_uri("adapter"), tags)
+    gates = registry.gate_state_of(report) if report else registry.GATE_NOT_EVALUATED
+    name = loaded.spec.name
+    ctx.console.print(f"registered as {name} version {version} (alias candidate); "
+                      + (f"promote it with `tuneline promote {name} {version}`" if gates == registry.GATE_PASSED
+                         else f"gates {gates}, so `tuneline promote` will refuse it without --force --reason"))
+    return version
+
+
+def summarize(ctx: RunContext, tracked: Tracked, started: float) -> float:
+    """Print where to see the run; return its wall time in seconds."""
+    seconds = time.perf_counter() - started
+    ctx.console.print(f"run {tracked.run_id} finished in {seconds:.0f}s; see it with `tuneline runs` or `mlflow ui "
+                      f"--backend-store-uri {tracking.tracking_uri(ctx.loaded, ctx.workspace)}`")
+    return seconds
