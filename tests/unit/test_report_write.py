@@ -78,3 +78,24 @@ def test_write_report_errors(store: tuple[Path, str, str]) -> None:
         write_report("abc", root)
     with pytest.raises(TunelineError, match=r"no evaluation report.*tuneline eval SPEC"):
         write_report(bare, root)
+
+
+def test_a_prefix_finds_the_runs_that_tuneline_runs_lists(store: tuple[Path, str, str]) -> None:
+    """The prefix lookup is `tracking.list_runs`: search trials count, deleted runs do not (their full
+    id still works)."""
+    from mlflow.tracking import MlflowClient
+
+    from tuneline.workspace import Workspace
+
+    root, rid, _ = store
+    client = MlflowClient(tracking_uri=Workspace.at(root).tracking_uri)
+    exp = client.get_run(rid).info.experiment_id
+    trial = client.create_run(exp, tags={"tuneline.kind": "search-trial"}).info.run_id
+    gone = client.create_run(exp).info.run_id
+    for run_id in (trial, gone):
+        client.log_dict(run_id, make_suite().to_dict(), "eval/report.json")
+    client.delete_run(gone)
+    assert write_report(trial[:8], root).name == f"{trial}.html"
+    assert write_report(gone, root).name == f"{gone}.html"
+    with pytest.raises(TunelineError, match=f"no run '{gone[:8]}'"):
+        write_report(gone[:8], root)
