@@ -195,8 +195,9 @@ def log_dataset_version(version: Any) -> None:
 
 
 def list_runs(workspace: Workspace, uri: str | None = None, max_results: int = 50,
-              include_trials: bool = False) -> list[dict[str, Any]]:
-    """Recent runs across experiments of the store, newest first (search trials left out unless asked)."""
+              include_trials: bool = False, run_id_prefix: str | None = None) -> list[dict[str, Any]]:
+    """Recent runs across experiments of the store, newest first (search trials left out unless asked;
+    only runs whose id starts with ``run_id_prefix`` when given)."""
     import mlflow
     from mlflow.tracking import MlflowClient
 
@@ -213,6 +214,8 @@ def list_runs(workspace: Workspace, uri: str | None = None, max_results: int = 5
                                   max_results=max(max_results, 100), page_token=token)
         for r in page:
             if not include_trials and r.data.tags.get("tuneline.kind") == "search-trial":
+                continue
+            if run_id_prefix and not r.info.run_id.startswith(run_id_prefix):
                 continue
             rows.append({
                 "run_id": r.info.run_id,

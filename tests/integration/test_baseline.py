@@ -152,7 +152,7 @@ def test_run_measures_every_option_beside_the_fine_tuned_model(tmp_path: Path, t
     saved = json.loads((tmp_path / "ws" / "runs" / "tiny-baseline" / "baseline_report.json").read_text())
     assert saved["recommended"] == again.recommended
     # the report shows every option side by side with the recommendation
-    from tuneline.eval.html import write_report
+    from tuneline.report import write_report
 
     page = write_report(result.run_id, tmp_path / "ws").read_text()
     assert 'id="baselines"' in page and f"Recommendation: {report.recommended}</strong>" in page

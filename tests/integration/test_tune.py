@@ -83,7 +83,7 @@ def test_search_prunes_and_run_trains_the_best(tmp_path: Path, tiny_model_dir: P
     assert [r["run_id"] for r in list_runs(Workspace.at(ws))] == [result.run_id]
     assert len(list_runs(Workspace.at(ws), include_trials=True)) == 7
     # the run's report shows the search: every trial, the best one, the two plots
-    from tuneline.eval.html import write_report
+    from tuneline.report import write_report
 
     page = write_report(result.run_id, ws).read_text()
     assert 'id="search"' in page and f"Best: trial {best.number}</strong>" in page
