@@ -8,8 +8,8 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections.abc import Mapping, MutableMapping
-from typing import Any
+from collections.abc import Mapping
+from typing import TypedDict
 
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -22,6 +22,16 @@ from tuneline.serve.state import ServerState
 log = logging.getLogger("tuneline.serve")
 
 LOCAL_HOSTS = frozenset({"localhost", "127.0.0.1", "::1"})
+
+
+class RequestState(TypedDict, total=False):
+    """A request's ``scope["state"]`` (``request.state`` in a route): what routes tell the middleware
+    for its count and log line."""
+
+    request_id: str  # req-..., replaced by the response id (chatcmpl-..., cmpl-...) once there is one
+    model_name: str  # the model requested, then the one resolved: the `model` label in /metrics
+    final_status: int  # the status to count when it is not the one sent (499, a stream's 500 or 504)
+    error: str  # a code for the log line (deadline_exceeded)
 
 
 def host_of(header: str) -> str:
@@ -44,8 +54,7 @@ class Guard:
             await self.app(scope, receive, send)
             return
         t0 = time.perf_counter()
-        # the request's state (request.state in a route): request_id, model_name, final_status, error
-        state: MutableMapping[str, Any] = scope.setdefault("state", {})
+        state: RequestState = scope.setdefault("state", {})
         rid = "req-" + uuid.uuid4().hex
         state["request_id"] = rid
         response = _Response(send, state)
@@ -90,7 +99,7 @@ class Guard:
                                                          "server_error"), state["request_id"])
             state["final_status"] = 500
 
-    def _count(self, scope: Scope, state: Mapping[str, Any], sent: int, t0: float) -> None:
+    def _count(self, scope: Scope, state: RequestState, sent: int, t0: float) -> None:
         """The response in /metrics and its log line."""
         path = scope.get("path", "")
         endpoint = endpoint_label(path)
@@ -107,7 +116,7 @@ class Guard:
 class _Response:
     """The send channel of one request: adds ``X-Request-Id`` and remembers the status sent."""
 
-    def __init__(self, send: Send, state: MutableMapping[str, Any]) -> None:
+    def __init__(self, send: Send, state: RequestState) -> None:
         self._send, self.state = send, state
         self.status = 0
 
