@@ -12,19 +12,49 @@ request already admitted keeps the version it resolved.
 from __future__ import annotations
 
 import collections
+import functools
 import hashlib
 import logging
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol, cast
+
+from tuneline.artifacts import verify_tree
+from tuneline.eval.generate import (
+    Decoding,
+    _end_of_turn_id,
+    cut_at_stop,
+    decoding_kwargs,
+    read_decoding,
+)
+from tuneline.models.loading import inference_attention
+from tuneline.registry import VersionInfo
+from tuneline.retrieval import Retriever, adapter_retriever
+from tuneline.retrieval.encoder import Encoder
+from tuneline.serve.multilora import MultiLora
+
+if TYPE_CHECKING:
+    import torch
+    from peft import PeftModel
+    from transformers import GenerationMixin, PreTrainedModel, PreTrainedTokenizerBase
 
 log = logging.getLogger(__name__)
 
 BASE = "__base__"
+
+
+class PieceSink(Protocol):
+    """Where a streamed job's pieces of text go, besides a plain callable (e.g. a ``queue.Queue``)."""
+
+    def put(self, item: str | None) -> None: ...
+
+
+BatchKey = tuple[float, float, int, float, int, int | None]
 
 
 @dataclass
@@ -36,9 +66,9 @@ class Job:
     stop: list[str] = field(default_factory=list)
     # streaming: called (on the worker thread) with each piece of text once it is final (text that
     # could still become a stop string is held back), then with None; a callable or anything with .put
-    stream: Any = None
+    stream: Callable[[str | None], None] | PieceSink | None = None
     future: Future[Result] = field(default_factory=Future)
-    control: Any = None  # a function to run on the worker thread instead (loading an adapter)
+    control: Callable[[], object] | None = None  # a function to run on the worker thread instead (loading an adapter)
     deadline: float | None = None  # time.monotonic() past which the job ends with finish_reason "deadline"
     top_p: float = 1.0
     cancelled: threading.Event = field(default_factory=threading.Event)
@@ -48,7 +78,7 @@ class Job:
     repetition_penalty: float = 1.0
     no_repeat_ngram_size: int = 0
 
-    def batch_key(self) -> tuple[Any, ...]:
+    def batch_key(self) -> BatchKey:
         """Jobs are generated together only when these are equal (beam jobs: their token limit too,
         since a beam search cut shorter is not the search with the shorter limit)."""
         return (self.temperature, self.top_p, self.num_beams, self.repetition_penalty, self.no_repeat_ngram_size,
@@ -77,34 +107,34 @@ def slot_name(key: str, path: str) -> str:
 
 
 class Engine:
-    def __init__(self, model: Any, tokenizer: Any, *, max_batch: int = 8, window_s: float = 0.005,
-                 resolve_ttl: float = 1.0, autocast: Any = None) -> None:
+    def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, *, max_batch: int = 8,
+                 window_s: float = 0.005, resolve_ttl: float = 1.0,
+                 autocast: AbstractContextManager[object] | None = None) -> None:
         import torch
 
         self.base = model.eval()
         _flag_trainable(model)
-        self.model: Any = model  # becomes a PeftModel once the first adapter is loaded
+        # the model that generates: `model`, then a PeftModel wrapping it once the first adapter is loaded
+        self.model: PreTrainedModel | PeftModel = model
         self.tokenizer = tokenizer
         self.max_batch, self.window_s, self.resolve_ttl = max_batch, window_s, resolve_ttl
         self.autocast = autocast
         self.context_length = int(getattr(model.config, "max_position_embeddings", 2048))
         self.adapters: dict[str, str] = {}  # adapter slot -> source folder
-        self.retrievers: dict[str, Any] = {}  # adapter slot -> its Retriever (hybrid adapters only)
-        self.decodings: dict[str, Any] = {}  # adapter slot -> the Decoding it was evaluated with (decoding.json)
-        self._encoders: dict[str, Any] = {}  # sentence encoders by fingerprint, shared by the retrievers
-        self.multi: Any = None  # MultiLora once an adapter is loaded
+        self.retrievers: dict[str, Retriever] = {}  # adapter slot -> its Retriever (hybrid adapters only)
+        self.decodings: dict[str, Decoding] = {}  # adapter slot -> the Decoding it was evaluated with (decoding.json)
+        self._encoders: dict[str, Encoder] = {}  # sentence encoders by fingerprint, shared by the retrievers
+        self.multi: MultiLora | None = None  # once an adapter is loaded
         self.batch_sizes: collections.deque[int] = collections.deque(maxlen=10_000)  # rows per generate call
         self.on_batch: list[Callable[[int], None]] = []  # called with each generate call's rows (metrics)
         self.generating = 0  # rows in the generate call running now
-        self._resolved: dict[str, tuple[float, Any]] = {}
+        self._resolved: dict[str, tuple[float, VersionInfo]] = {}
         self._load_lock = threading.Lock()
         self._queue: queue.Queue[Job] = queue.Queue()
         self._held: collections.deque[Job] = collections.deque()  # taken from the queue, answered next round
         self._stop = threading.Event()
         self._torch = torch
-        eos = tokenizer.convert_tokens_to_ids(tokenizer.eos_token) if tokenizer.eos_token else None
-        from tuneline.eval.generate import _end_of_turn_id
-
+        eos = cast("int | None", tokenizer.convert_tokens_to_ids(tokenizer.eos_token) if tokenizer.eos_token else None)
         # the end of an assistant turn (e.g. <|im_end|>) ends an answer, as in evaluation, even where
         # the tokenizer's eos token is another one (<|endoftext|>)
         self.end_ids = {t for t in (eos, _end_of_turn_id(tokenizer), tokenizer.pad_token_id) if t is not None}
@@ -122,10 +152,6 @@ class Engine:
             return name
         with self._load_lock:
             if name not in self.adapters:
-                from tuneline.artifacts import verify_tree
-                from tuneline.eval.generate import read_decoding
-                from tuneline.retrieval import adapter_retriever
-
                 verify_tree(path, sha256, what=f"adapter of {key}")
                 decoding = read_decoding(path)  # absent (adapters from before decoding.json): request settings only
                 # a hybrid adapter ships the index it was trained with: load it before taking requests for it
@@ -144,19 +170,19 @@ class Engine:
         from peft import PeftModel
 
         if not self.adapters:
-            self.model = PeftModel.from_pretrained(self.base, path, adapter_name=name).eval()
+            model = PeftModel.from_pretrained(self.base, path, adapter_name=name).eval()
         else:
-            self.model.load_adapter(path, adapter_name=name)
-            self.model.eval()
+            model = cast("PeftModel", self.model)  # since the first adapter
+            model.load_adapter(path, adapter_name=name)
+            model.eval()
+        self.model = model
         self.adapters[name] = path
-        from tuneline.serve.multilora import MultiLora
-
-        self.multi = MultiLora(self.model)  # again after each load: a new adapter may add layers
+        self.multi = MultiLora(model)  # again after each load: a new adapter may add layers
         self.multi.rebuild(list(self.adapters))
         _flag_trainable(self.model)
         log.info("loaded adapter %s from %s", name, path)
 
-    def cached_resolve(self, ref: str, resolve: Any) -> Any:
+    def cached_resolve(self, ref: str, resolve: Callable[[str], VersionInfo]) -> VersionInfo:
         """``resolve(ref)``, cached for ``resolve_ttl`` seconds."""
         now = time.monotonic()
         hit = self._resolved.get(ref)
@@ -178,7 +204,7 @@ class Engine:
         """Jobs waiting for the worker (not yet in a generate call)."""
         return self._queue.qsize() + len(self._held)
 
-    def _submit_control(self, fn: Any) -> None:
+    def _submit_control(self, fn: Callable[[], object]) -> None:
         """Run ``fn`` on the worker thread (which owns the model) and wait for it."""
         done: Future[Result] = Future()
         job = Job([], "__control__", 0)
@@ -225,7 +251,7 @@ class Engine:
             if job.adapter == "__stop__":
                 return
             if job.adapter == "__control__":
-                self._settle([job], lambda j=job: [j.control()])
+                self._settle([job], self._control_of(job))
                 continue
             if self._ended_early(job):
                 continue
@@ -246,10 +272,22 @@ class Engine:
                 if not self._ended_early(nxt):
                     batch.append(nxt)
             self._held.extendleft(reversed(held))
-            self._settle(batch, lambda b=batch: self._generate(b))
+            self._settle(batch, functools.partial(self._generate, batch))
 
     @staticmethod
-    def _settle(batch: list[Job], fn: Any) -> None:
+    def _control_of(job: Job) -> Callable[[], list[object]]:
+        control = job.control
+        assert control is not None
+
+        def run() -> list[object]:
+            return [control()]
+
+        return run
+
+    @staticmethod
+    def _settle(batch: list[Job], fn: Callable[[], Sequence[object] | None]) -> None:
+        """Each job's future gets its result from ``fn()`` (a control job: what its function
+        returned), or the exception ``fn`` raised."""
         try:
             results = fn()
         except Exception as exc:  # the callers see it; the worker keeps serving
@@ -261,7 +299,7 @@ class Engine:
             return
         for j, r in zip(batch, results or [None] * len(batch), strict=True):
             if not j.future.done():
-                j.future.set_result(r)
+                j.future.set_result(cast(Result, r))
             _emit(j, None)
 
     def _generate(self, batch: list[Job]) -> list[Result]:
@@ -280,12 +318,10 @@ class Engine:
         rows = [_Row(j, tok, self.end_ids) for j in batch]
         from transformers import StoppingCriteriaList
 
-        from tuneline.eval.generate import Decoding, decoding_kwargs
-
         first = batch[0]
         beams = first.num_beams
         # a beam search is not followed token by token: stop strings are cut after it, the answer sent whole
-        done = _JobsEnded(batch) if beams > 1 else _RowsDone(rows)
+        done: _JobsEnded | _RowsDone = _JobsEnded(batch) if beams > 1 else _RowsDone(rows)
         kwargs: dict[str, Any] = {"max_new_tokens": max(j.max_new_tokens for j in batch), "pad_token_id": pad,
                                   "eos_token_id": sorted(self.end_ids) or None,
                                   "stopping_criteria": StoppingCriteriaList([done])}
@@ -314,8 +350,6 @@ class Engine:
 
     def _beam_result(self, job: Job, tokens: list[int]) -> Result:
         """A beam job's answer: up to its end token or limit, cut before the first stop string."""
-        from tuneline.eval.generate import cut_at_stop
-
         end = next((k for k, t in enumerate(tokens) if t in self.end_ids), None)
         tokens = tokens[:end] if end is not None else tokens[:job.max_new_tokens]
         finish = "stop" if end is not None else "length"
@@ -323,7 +357,7 @@ class Engine:
         if cut is not None:
             tokens, text, finish = tokens[:cut[0]], cut[1], "stop"
         else:
-            text = self.tokenizer.decode(tokens, skip_special_tokens=True)
+            text = _decode(self.tokenizer, tokens)
         if job.cancelled.is_set():
             finish = "cancelled"
         elif job.deadline is not None and time.monotonic() > job.deadline:
@@ -332,24 +366,31 @@ class Engine:
             _emit(job, text)  # streamed whole, once the search has chosen
         return Result(text, len(job.prompt_ids), len(tokens), finish)
 
-    def _call(self, ids: Any, mask: Any, kwargs: dict[str, Any]) -> Any:
-        from contextlib import nullcontext
-
+    def _call(self, ids: torch.Tensor, mask: torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor:
+        """``generate`` with ``kwargs`` (its arguments, of many types), under inference mode: the
+        prompt and answer tokens [rows, width + new tokens]."""
         try:
-            from tuneline.models.loading import inference_attention
-
             with self._torch.inference_mode(), inference_attention(self.model), self.autocast or nullcontext():
-                return self.model.generate(input_ids=ids, attention_mask=mask, **kwargs)
+                # a PeftModel's generate is its base model's (mypy sees only nn.Module's __getattr__)
+                out = cast("GenerationMixin", self.model).generate(input_ids=ids, attention_mask=mask, **kwargs)
+                return cast("torch.Tensor", out)  # not return_dict_in_generate: a tensor
         finally:
             if self.multi is not None:
                 self.multi.index = None
+
+
+def _decode(tokenizer: PreTrainedTokenizerBase, tokens: list[int]) -> str:
+    return cast(str, tokenizer.decode(tokens, skip_special_tokens=True))  # one sequence: one string
 
 
 def _emit(job: Job, piece: str | None) -> None:
     if job.stream is None:
         return
     try:
-        (job.stream.put if hasattr(job.stream, "put") else job.stream)(piece)
+        if hasattr(job.stream, "put"):
+            cast(PieceSink, job.stream).put(piece)
+        else:
+            cast(Callable[[str | None], None], job.stream)(piece)
     except Exception:  # a reader that went away (its event loop closed) must not stop the batch
         log.debug("dropped a streamed piece", exc_info=True)
 
@@ -358,7 +399,7 @@ class _Row:
     """One job's answer as it is generated: its tokens, the text so far, what was streamed, and
     why it ended (end of turn, a stop string, its own token limit, cancelled, past its deadline)."""
 
-    def __init__(self, job: Job, tokenizer: Any, end_ids: set[int]) -> None:
+    def __init__(self, job: Job, tokenizer: PreTrainedTokenizerBase, end_ids: set[int]) -> None:
         self.job, self.tok, self.end_ids = job, tokenizer, end_ids
         self.stops = [s for s in job.stop if s]
         self.tokens: list[int] = []
@@ -379,7 +420,7 @@ class _Row:
             return
         self.tokens.append(token)
         if self.stops or job.stream is not None:
-            text = self.tok.decode(self.tokens, skip_special_tokens=True)
+            text = _decode(self.tok, self.tokens)
             cut = min((text.index(s) for s in self.stops if s in text), default=None)
             if cut is not None:
                 self.text = text[:cut]
@@ -413,7 +454,7 @@ class _Row:
     def _end(self, reason: str) -> None:
         self.finish = reason
         if self.text is None:
-            self.text = self.tok.decode(self.tokens, skip_special_tokens=True)
+            self.text = _decode(self.tok, self.tokens)
         if reason in ("stop", "length") and self.job.stream is not None and len(self.text) > self.sent:
             _emit(self.job, self.text[self.sent:])
             self.sent = len(self.text)
@@ -431,7 +472,7 @@ class _RowsDone:
     def __init__(self, rows: list[_Row]) -> None:
         self.rows = rows
 
-    def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: object) -> torch.Tensor:
         import torch
 
         last = input_ids[:, -1].tolist()
@@ -448,7 +489,7 @@ class _JobsEnded:
     def __init__(self, jobs: list[Job]) -> None:
         self.jobs = jobs
 
-    def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: object) -> torch.Tensor:
         import torch
 
         now = time.perf_counter()
@@ -460,7 +501,7 @@ class _JobsEnded:
         return torch.full((input_ids.shape[0],), ended, dtype=torch.bool, device=input_ids.device)
 
 
-def _flag_trainable(model: Any) -> None:
+def _flag_trainable(model: torch.nn.Module) -> None:
     """Every parameter flagged ``requires_grad`` (nothing is trained: generation runs under
     inference mode). On CPU, generation with frozen parameters measured 3-4x slower (see
     :func:`tuneline.eval.generate._params_flagged_trainable`)."""

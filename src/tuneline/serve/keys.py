@@ -8,7 +8,8 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+
+import yaml
 
 from tuneline.errors import Problem, TunelineError
 
@@ -68,8 +69,6 @@ def load_keys(path: str | Path | None) -> list[Key] | None:
     that alias; also plain ``NAME``), ``NAME@candidate`` or ``NAME@3``. ``metrics: true`` lets the
     key read ``/metrics`` (a ``"*"`` key always may)."""
     if path is not None:
-        import yaml
-
         p = Path(path)
         hint = "a YAML or JSON file: keys: [{name: team-a, sha256: <hex of the key>, models: ['support@production']}]"
         try:
@@ -108,7 +107,7 @@ def load_keys(path: str | Path | None) -> list[Key] | None:
     return out
 
 
-def _key_entry(entry: Any, i: int, where: str) -> Key:
+def _key_entry(entry: object, i: int, where: str) -> Key:
     field = f"keys.{i}"
     if not isinstance(entry, dict):
         raise TunelineError(Problem(f"entry {i} is not a mapping", where=where, field=field))

@@ -12,29 +12,38 @@ A and B matrices of all loaded adapters are stacked once per layer (``[adapters 
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
+    from peft import PeftModel
+    from peft.tuners.lora import Linear as LoraLinear
 
 
 class MultiLora:
     """Patches the LoRA linears of a peft model; ``rows`` selects each batch row's adapter."""
 
-    def __init__(self, peft_model: Any) -> None:
+    def __init__(self, peft_model: PeftModel) -> None:
         from peft.tuners.lora import Linear as LoraLinear
 
         self.model = peft_model
-        self.layers: list[Any] = [m for m in peft_model.modules() if isinstance(m, LoraLinear)]
+        self.layers: list[LoraLinear] = [m for m in peft_model.modules() if isinstance(m, LoraLinear)]
         self.names: list[str] = []
-        self.index: Any = None  # LongTensor [batch]: adapter slot per row (len(names): the base model)
+        self.index: torch.Tensor | None = None  # LongTensor [batch]: adapter slot per row (len(names): the base model)
+        # per layer: the stacked A and scaled B of every adapter, set by rebuild
+        self.stacks: dict[LoraLinear, tuple[torch.Tensor, torch.Tensor]] = {}
         for layer in self.layers:
-            layer.forward = self._forward_of(layer)
+            layer.forward = self._forward_of(layer)  # type: ignore[method-assign]
 
     def rebuild(self, names: list[str]) -> None:
         """Stack the adapters ``names`` (in this order) in every layer; call after loading one."""
         import torch
 
         self.names = list(names)
-        for layer in self.layers:
-            weight: Any = layer.base_layer.weight
+        for patched in self.layers:
+            layer: Any = patched  # peft's attributes are nn.Module.__getattr__ to mypy: Tensor | Module
+            weight: torch.Tensor = layer.base_layer.weight
             have = [n for n in self.names if n in layer.lora_A]
             r = max((layer.lora_A[n].weight.shape[0] for n in have), default=1)
             a = torch.zeros(len(self.names) + 1, r, layer.in_features, dtype=weight.dtype, device=weight.device)
@@ -47,18 +56,19 @@ class MultiLora:
                 a[i, : wa.shape[0]] = wa.to(weight.dtype)
                 b[i, :, : wb.shape[1]] = wb.to(weight.dtype)
                 scale[i] = layer.scaling[n]
-            layer._tl_stack = (a, b * scale)
+            self.stacks[patched] = (a, b * scale)
 
     def slot(self, adapter: str) -> int:
         return self.names.index(adapter) if adapter in self.names else len(self.names)
 
-    def _forward_of(self, layer: Any) -> Any:
+    def _forward_of(self, layer: LoraLinear) -> Callable[..., torch.Tensor]:
         peft_forward = type(layer).forward
 
-        def forward(x: Any, *args: Any, **kwargs: Any) -> Any:
+        # args and kwargs: whatever the model passes a linear layer, handed on unchanged
+        def forward(x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
             import torch
 
-            stack = getattr(layer, "_tl_stack", None)
+            stack = self.stacks.get(layer)
             if self.index is None or stack is None or x.dim() != 3 or kwargs.get("adapter_names") is not None:
                 return peft_forward(layer, x, *args, **kwargs)
             result = layer.base_layer(x, *args, **kwargs)

@@ -2,8 +2,8 @@
 token counts; and feedback (ratings, corrections) on logged responses. SQLite by default, any
 SQLAlchemy URL for a team; the monitoring stage reads it.
 
-Logging never slows or fails a request. :meth:`RequestLog.log` only copies its arguments onto a
-queue; a writer thread redacts each row (every message's text on its own, before anything is
+Logging never slows or fails a request. :meth:`RequestLog.log` only copies its
+:class:`RequestRecord` onto a queue; a writer thread redacts each row (every message's text on its own, before anything is
 JSON-encoded, so escaping cannot hide PII from the redactor) and writes rows in batches, one
 transaction per batch. When the database cannot take a batch (unreachable, locked, table
 missing), its rows, already redacted, are appended to a spool file (JSON lines, fsynced) and
@@ -30,8 +30,11 @@ import queue
 import threading
 import time
 import weakref
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeAlias, cast
 
 from sqlalchemy import (
     Column,
@@ -95,6 +98,32 @@ _ID_CHUNK = 500  # ids per "already stored?" query (SQLite allows 999 parameters
 REDACTION_FAILED = "<redaction failed>"
 
 
+# A row as stored (and spooled): column name -> value, prompt and response redacted.
+StoredRow: TypeAlias = dict[str, str | int | float | None]
+# What a request sent: a conversation (messages) or a completion prompt.
+LoggedPrompt: TypeAlias = str | list[dict[str, str]]
+
+
+@dataclass(frozen=True)
+class RequestRecord:
+    """One answered (or failed) request, as the server hands it to :meth:`RequestLog.log`; the
+    columns of ``requests`` besides ``created`` (the time it is logged) and ``pii_redacted``."""
+
+    id: str
+    endpoint: str
+    model: str  # as requested: NAME, NAME@candidate, NAME@3
+    model_name: str
+    model_version: int | None  # None: the base model
+    key_name: str | None
+    prompt: LoggedPrompt
+    response: str | None
+    prompt_tokens: int | None
+    completion_tokens: int | None
+    finish_reason: str | None
+    latency_ms: float | None
+    status: int
+
+
 class RequestLogError(RuntimeError):
     """The request log's database could not be read or written (feedback, lookups)."""
 
@@ -107,7 +136,12 @@ class _Flush:
         self.ok = False
 
 
-_STOP = object()
+class _Stop:
+    """The marker that stops the writer (after it has written what came before)."""
+
+
+_STOP = _Stop()
+_Queued: TypeAlias = tuple[float, RequestRecord] | _Flush | _Stop  # (time logged, record) or a marker
 _OPEN: weakref.WeakSet[RequestLog] = weakref.WeakSet()
 
 
@@ -153,16 +187,16 @@ class RequestLog:
 
         self._db_lock = threading.Lock()  # one write at a time from this process
         # the one connection of an in-memory database is shared: reads take the lock too
-        self._read_lock: Any = self._db_lock if memory else contextlib.nullcontext()
+        self._read_lock: AbstractContextManager[object] = self._db_lock if memory else contextlib.nullcontext()
         self._state = threading.Lock()  # counters and pending ids
         self._thread_lock = threading.Lock()
-        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[_Queued] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._pending: set[str] = set()  # ids logged but not yet in the database
         self._counts = {"queued": 0, "written": 0, "spooled": 0, "failed": 0, "held": 0, "recovered": 0,
                         "in_spool": 0, "db_errors": 0}
         # writer thread only:
-        self._held: list[dict[str, Any]] = []  # rows neither the database nor the spool took
+        self._held: list[StoredRow] = []  # rows neither the database nor the spool took
         self._pause = retry_seconds
         self._next_try = 0.0
         self._db_ok = False
@@ -185,24 +219,18 @@ class RequestLog:
         new, found = self.redactor.redact(text)
         return new, sum(found.values())
 
-    def log(self, *, id: str, endpoint: str, model: str, model_name: str, model_version: int | None,
-            key_name: str | None, prompt: Any, response: str | None, prompt_tokens: int | None,
-            completion_tokens: int | None, finish_reason: str | None, latency_ms: float, status: int) -> None:
-        """Queue one request's row; returns at once and never raises. ``prompt`` is the
-        conversation (a list of messages) or a completion prompt (a string)."""
+    def log(self, record: RequestRecord) -> None:
+        """Queue one request's row; returns at once and never raises. Its prompt's containers are
+        copied, so a caller changing its messages afterwards cannot change what is logged."""
         try:
-            row = {"id": id, "created": time.time(), "endpoint": endpoint, "model": model,
-                   "model_name": model_name, "model_version": model_version, "key_name": key_name,
-                   "prompt": _snapshot(prompt), "response": response, "prompt_tokens": prompt_tokens,
-                   "completion_tokens": completion_tokens, "finish_reason": finish_reason,
-                   "latency_ms": latency_ms, "status": status}
+            item = (time.time(), replace(record, prompt=_snapshot(record.prompt)))
             with self._state:
-                self._pending.add(str(id))
+                self._pending.add(str(record.id))
                 self._counts["queued"] += 1
-            self._queue.put(row)
+            self._queue.put(item)
             self._start()
         except Exception:  # never let logging fail a request
-            log.exception("request log: could not queue request %r", id)
+            log.exception("request log: could not queue request %r", getattr(record, "id", None))
 
     def flush(self, timeout: float | None = None) -> bool:
         """Wait until every row queued so far is written or spooled. False on timeout, or when
@@ -287,38 +315,46 @@ class RequestLog:
             except queue.Empty:
                 self._guarded(self._recover)
                 continue
-            batch: list[dict[str, Any]] = []
-            markers: list[_Flush] = []
-            stop = False
-            while True:
-                if item is _STOP:
-                    stop = True
-                elif isinstance(item, _Flush):
-                    markers.append(item)
-                else:
-                    batch.append(item)
-                if stop or len(batch) >= self.batch_size:
-                    break
-                try:
-                    item = self._queue.get_nowait()
-                except queue.Empty:
-                    break
+            batch, markers, stop = self._take_batch(item)
             if batch:
                 self._guarded(self._store, batch)
             if stop:
-                self._guarded(self._recover, True)
-                if self._held:
-                    self._guarded(self._spool_held)
-                if self._held:
-                    log.error("request log: %d rows could be written neither to %s nor to %s and are lost "
-                              "with this process", len(self._held), self.url, self.spool_path)
+                self._last_try()
             for m in markers:
                 m.ok = not self._held
                 m.done.set()
             if stop:
                 return
 
-    def _guarded(self, fn: Any, *args: Any) -> None:
+    def _take_batch(self, item: _Queued) -> tuple[list[tuple[float, RequestRecord]], list[_Flush], bool]:
+        """``item`` and what else is queued now, up to ``batch_size`` rows or the stop marker:
+        (rows, flush markers, whether to stop)."""
+        batch: list[tuple[float, RequestRecord]] = []
+        markers: list[_Flush] = []
+        while True:
+            if isinstance(item, _Stop):
+                return batch, markers, True
+            if isinstance(item, _Flush):
+                markers.append(item)
+            else:
+                batch.append(item)
+            if len(batch) >= self.batch_size:
+                return batch, markers, False
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                return batch, markers, False
+
+    def _last_try(self) -> None:
+        """At close: the database once more for spooled rows, rows in memory to the spool."""
+        self._guarded(self._recover, True)
+        if self._held:
+            self._guarded(self._spool_held)
+        if self._held:
+            log.error("request log: %d rows could be written neither to %s nor to %s and are lost "
+                      "with this process", len(self._held), self.url, self.spool_path)
+
+    def _guarded(self, fn: Callable[..., object], *args: object) -> None:
         try:
             fn(*args)
         except Exception:  # the writer must not die; whatever failed stays spooled or held
@@ -328,8 +364,8 @@ class RequestLog:
         """Rows wait in the spool or in memory for the database."""
         return bool(self._held) or self._counts["in_spool"] > 0
 
-    def _store(self, raw: list[dict[str, Any]]) -> None:
-        rows = [self._redact_row(r) for r in raw]
+    def _store(self, raw: list[tuple[float, RequestRecord]]) -> None:
+        rows = [self._redact_row(created, record) for created, record in raw]
         with self._state:
             self._counts["queued"] -= len(raw)
         if self._behind():
@@ -348,18 +384,20 @@ class RequestLog:
             self._counts["failed"] += len(rows)
         self._spool(rows)
 
-    def _redact_row(self, raw: dict[str, Any]) -> dict[str, Any]:
-        row = dict(raw)
+    def _redact_row(self, created: float, record: RequestRecord) -> StoredRow:
+        """The row to store: prompt and response redacted, every value of its column's type."""
+        row: dict[str, Any] = {f.name: getattr(record, f.name) for f in fields(record)}
+        row["created"] = created
         try:
-            prompt, n1 = redact_json(raw["prompt"], self.redactor)
+            prompt, n1 = redact_json(record.prompt, self.redactor)
             text = json.dumps(prompt, ensure_ascii=False)
         except Exception:
-            log.exception("request log: could not redact the prompt of %r; storing a placeholder", raw["id"])
+            log.exception("request log: could not redact the prompt of %r; storing a placeholder", record.id)
             text, n1 = json.dumps(REDACTION_FAILED), 0
         try:
-            response, n2 = self.redact(None if raw["response"] is None else str(raw["response"]))
+            response, n2 = self.redact(None if record.response is None else str(record.response))
         except Exception:
-            log.exception("request log: could not redact the response of %r; storing a placeholder", raw["id"])
+            log.exception("request log: could not redact the response of %r; storing a placeholder", record.id)
             response, n2 = REDACTION_FAILED, 0
         row["prompt"], row["pii_redacted"] = _clean(text), n1 + n2
         row["response"] = None if response is None else _clean(response)
@@ -381,18 +419,18 @@ class RequestLog:
             row["created"] = time.time()
         return row
 
-    def _write(self, rows: list[dict[str, Any]]) -> int:
+    def _write(self, rows: list[StoredRow]) -> int:
         """Insert the rows whose id is not stored yet, in one transaction; returns how many."""
-        ids = list(dict.fromkeys(r["id"] for r in rows))
+        ids = list(dict.fromkeys(str(r["id"]) for r in rows))
         with self._db_lock, self.engine.begin() as conn:
             stored: set[str] = set()
             for i in range(0, len(ids), _ID_CHUNK):
                 chunk = ids[i:i + _ID_CHUNK]
                 stored.update(conn.execute(select(requests_table.c.id).where(requests_table.c.id.in_(chunk))).scalars())
-            fresh: list[dict[str, Any]] = []
+            fresh: list[StoredRow] = []
             for r in rows:
-                if r["id"] not in stored:
-                    stored.add(r["id"])
+                if str(r["id"]) not in stored:
+                    stored.add(str(r["id"]))
                     fresh.append(r)
             if fresh:
                 conn.execute(insert(requests_table), fresh)
@@ -421,7 +459,7 @@ class RequestLog:
 
     # ------------------------------------------------------------------ spool and recovery
 
-    def _spool(self, rows: list[dict[str, Any]]) -> None:
+    def _spool(self, rows: list[StoredRow]) -> None:
         try:
             self._append_spool(rows)
         except OSError as exc:
@@ -441,7 +479,7 @@ class RequestLog:
             self._counts["held"] = 0
         self._spool(rows)
 
-    def _append_spool(self, rows: list[dict[str, Any]]) -> None:
+    def _append_spool(self, rows: list[StoredRow]) -> None:
         data = "".join(json.dumps(r) + "\n" for r in rows).encode()
         if self._spool_dir_given:
             self.spool_path.parent.mkdir(parents=True, exist_ok=True)
@@ -470,7 +508,7 @@ class RequestLog:
             log.warning("request log: cannot open the spool %s: %s", self.spool_path, _short(exc))
             fd = -1
         try:
-            spooled: list[dict[str, Any]] = []
+            spooled: list[StoredRow] = []
             if fd >= 0:
                 if fcntl is not None:
                     fcntl.flock(fd, fcntl.LOCK_EX)
@@ -499,7 +537,7 @@ class RequestLog:
             if fd >= 0:
                 os.close(fd)
 
-    def _read_spool(self, fd: int) -> list[dict[str, Any]]:
+    def _read_spool(self, fd: int) -> list[StoredRow]:
         chunks = []
         os.lseek(fd, 0, os.SEEK_SET)
         while block := os.read(fd, 1 << 20):
@@ -543,13 +581,17 @@ class RequestLog:
 # ---------------------------------------------------------------------- helpers
 
 
-def _snapshot(obj: Any) -> Any:
-    """A copy of the containers in ``obj`` (strings are immutable), so a caller changing its
+def _snapshot(prompt: LoggedPrompt) -> LoggedPrompt:
+    """A copy of the containers in ``prompt`` (strings are immutable), so a caller changing its
     messages after :meth:`RequestLog.log` returns cannot change what is logged."""
+    return cast(LoggedPrompt, _copy(prompt))
+
+
+def _copy(obj: object) -> object:
     if isinstance(obj, dict):
-        return {k: _snapshot(v) for k, v in obj.items()}
+        return {k: _copy(v) for k, v in obj.items()}
     if isinstance(obj, list | tuple):
-        return [_snapshot(v) for v in obj]
+        return [_copy(v) for v in obj]
     return obj
 
 
