@@ -15,6 +15,12 @@
 against the other system, ties counted as half a win, with a 95% interval: the percentile
 bootstrap over items (2,000 resamples of the rated items with replacement, seed 0, so the same
 ratings always give the same interval), which, unlike a Wilson interval on wins, handles ties.
+
+On a spec's last evaluation (``runs/<spec>/eval_report.json``), :func:`export_last_evaluation`
+writes the sheet of one evaluation set with its key kept in the run folder, and
+:func:`import_ratings` reads the rated sheet back: the win rate goes into the report, the gates
+are checked again (a ``human_win_rate`` gate needs it) and, when the run is tracked, the win rate,
+the sheet and the updated report are logged to its MLflow run.
 """
 
 from __future__ import annotations
@@ -23,10 +29,16 @@ import csv
 import json
 import logging
 import random
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tuneline.errors import DataError, Problem
+from tuneline.errors import DataError, Problem, TunelineError
+from tuneline.eval.gates import check_gates
+from tuneline.eval.results import EvalSuite, GateResult
+from tuneline.spec import LoadedSpec
+from tuneline.tracking import tracking_uri
+from tuneline.workspace import EVAL_REPORT, Workspace
 
 log = logging.getLogger(__name__)
 
@@ -230,3 +242,90 @@ def _read_key(key: Path) -> dict[str, Any]:
         raise DataError(Problem("not a key written by export_human (needs candidate, other and items with a/b)",
                                 where=str(key)))
     return meta
+
+
+# --- on a spec's last evaluation ---------------------------------------------------------------
+
+@dataclass(frozen=True)
+class HumanExport:
+    """What :func:`export_last_evaluation` wrote."""
+
+    written: int  # items in the sheet
+    skipped_identical: int  # rows left out because both answers were the same
+    sheet: Path
+    key: Path
+
+
+@dataclass(frozen=True)
+class HumanImport:
+    """What :func:`import_ratings` read and where it went."""
+
+    result: dict[str, Any]  # :func:`import_human`'s answer, now the report's ``human`` entry
+    gates: list[GateResult]  # every gate checked again with the human win rate known
+    logged_to: str | None  # the MLflow run the win rate was logged to (None: the run is not tracked)
+
+
+def key_path(ws: Workspace, spec_name: str, sheet: Path) -> Path:
+    """Where the key of a rating sheet is kept: in the run folder, named after the sheet."""
+    return ws.run_dir(spec_name) / "human" / f"{sheet.stem}.key.json"
+
+
+def last_evaluation(loaded: LoadedSpec, ws: Workspace) -> EvalSuite:
+    """The spec's last evaluation report, or an error saying how to make one."""
+    path = ws.run_dir(loaded.spec.name) / EVAL_REPORT
+    if not path.is_file():
+        raise TunelineError(Problem(f"no evaluation of {loaded.spec.name!r} yet ({path} not found)",
+                                    hint=f"run `tuneline run {loaded.path}` or `tuneline eval {loaded.path}` first"))
+    return EvalSuite.from_dict(json.loads(path.read_text()))
+
+
+def export_last_evaluation(loaded: LoadedSpec, ws: Workspace, *, out: Path, against: str = "base",
+                           eval_set: str = "test", n: int | None = 100, seed: int = 0) -> HumanExport:
+    """A blind sheet of the last evaluation's answers on ``eval_set`` (candidate vs ``against``:
+    base or production) for raters, its key kept in the run folder (:func:`key_path`)."""
+    suite = last_evaluation(loaded, ws)
+    s = next((x for x in suite.sets if x.name == eval_set), None)
+    if s is None:
+        raise TunelineError(Problem(f"no evaluation set {eval_set!r} in the last evaluation", field="--set",
+                                    hint=f"choose one of {[x.name for x in suite.sets]}"))
+    cand, other = s.system("candidate"), s.system(against)
+    if cand is None or other is None:
+        raise TunelineError(Problem(f"the last evaluation has no {against!r} answers", field="--against",
+                                    hint="use --against base, or evaluate with a production model first"))
+    rows: list[dict[str, Any]] = [
+        {"id": w, "input": i, "reference": reference_cell(r), "candidate": a, against: b}
+        for w, i, r, a, b in zip(s.wheres, s.inputs, s.all_references(), cand.predictions, other.predictions,
+                                 strict=True)]
+    key = key_path(ws, loaded.spec.name, out)
+    written = export_human(rows, candidate="candidate", other=against, out=out, key_out=key, n=n, seed=seed)
+    skipped = int(json.loads(key.read_text()).get("skipped_identical", 0))
+    return HumanExport(written=written, skipped_identical=skipped, sheet=out, key=key)
+
+
+def import_ratings(loaded: LoadedSpec, ws: Workspace, ratings: Path, key: Path | None = None) -> HumanImport:
+    """Read a rated sheet (with its key, by default the one :func:`export_last_evaluation` kept) into
+    the spec's last evaluation: store the win rate in the report, check the gates again, and log
+    the win rate, the sheet and the report to the run's MLflow run when it has one."""
+    suite = last_evaluation(loaded, ws)
+    result = import_human(ratings, key or key_path(ws, loaded.spec.name, ratings))
+    if not result["n"]:
+        raise DataError(Problem(f"no rated items ({result['unrated']} unrated)", where=str(ratings),
+                                field="preference", hint="fill the `preference` column with A, B or tie"))
+    suite.human = result
+    suite.gates = check_gates(loaded.spec.objective, suite)
+    (ws.run_dir(loaded.spec.name) / EVAL_REPORT).write_text(json.dumps(suite.to_dict(), indent=2))
+    run_id = ws.run_state(loaded.spec.name).mlflow_run_id
+    if run_id:
+        _log_to_run(tracking_uri(loaded, ws), run_id, result, ratings, suite)
+    return HumanImport(result=result, gates=suite.gates, logged_to=run_id)
+
+
+def _log_to_run(uri: str, run_id: str, result: dict[str, Any], ratings: Path, suite: EvalSuite) -> None:
+    import mlflow
+
+    mlflow.set_tracking_uri(uri)
+    with mlflow.start_run(run_id=run_id):
+        mlflow.log_metrics({"human.win_rate": result["win_rate"], "human.win_rate_low": result["low"],
+                            "human.win_rate_high": result["high"], "human.rated": result["n"]})
+        mlflow.log_artifact(str(ratings), "human")
+        mlflow.log_dict(suite.to_dict(), "eval/report.json")

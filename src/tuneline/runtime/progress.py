@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import sys
+from typing import IO
 
 from rich.console import Console
 from rich.progress import (
@@ -30,10 +31,10 @@ LONG_TASK_SECONDS = 10.0
 __all__ = ["LONG_TASK_SECONDS", "WIDE_COLUMNS", "QuietWhenPiped", "make_console", "progress_bar"]
 
 
-def make_console(*, stderr: bool = False) -> Console:
-    """A console on stdout (or stderr), :data:`WIDE_COLUMNS` wide when that stream is not a terminal
-    and ``COLUMNS`` is not set, so a table in a log keeps one row per line."""
-    console = Console(stderr=stderr)
+def make_console(*, stderr: bool = False, file: IO[str] | None = None) -> Console:
+    """A console on stdout (or stderr, or ``file``), :data:`WIDE_COLUMNS` wide when that stream is not
+    a terminal and ``COLUMNS`` is not set, so a table in a log keeps one row per line."""
+    console = Console(stderr=stderr, file=file)
     if not console.is_terminal and "COLUMNS" not in os.environ:
         console.width = WIDE_COLUMNS
     return console
