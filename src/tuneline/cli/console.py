@@ -28,11 +28,19 @@ __all__ = ["console", "err_console", "escape", "human_output", "print_json", "se
 
 
 def setup_logging(verbose: bool = False) -> None:
-    """Log lines on stderr (debug with ``verbose``), without the chatter of the libraries below."""
+    """Log lines on stderr (debug with ``verbose``), without the chatter of the libraries below:
+    Rich's layout on a terminal; in a log file one plain line per message (Rich would pad every line
+    to the console's width and wrap long ones)."""
     # deprecation chatter from transformers/peft internals says nothing a user can act on
     warnings.filterwarnings("ignore", category=FutureWarning)
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s",
-                        handlers=[RichHandler(console=err_console, show_path=False, show_time=False)], force=True)
+    handler: logging.Handler
+    if err_console.is_terminal:
+        handler = RichHandler(console=err_console, show_path=False, show_time=False)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+    else:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)-8s %(message)s"))
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, handlers=[handler], force=True)
     for noisy in NOISY_LOGGERS:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
