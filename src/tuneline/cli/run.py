@@ -3,7 +3,7 @@ Python API (:mod:`tuneline.pipeline`) and prints; ``--json`` prints the result a
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
@@ -46,7 +46,7 @@ def run(
         raise typer.Exit(EXIT_GATES_FAILED)
 
 
-def run_result_dict(result: RunResult) -> dict[str, Any]:
+def run_result_dict(result: RunResult) -> dict[str, object]:
     """``tuneline run --json``: the run, its training, its evaluation (without per-row data)."""
     return {
         "run_id": result.run_id,
