@@ -10,13 +10,14 @@ import sys
 from pathlib import Path
 
 import tuneline
+from tuneline.cli.exits import EXIT_GATES_FAILED
 from tuneline.workspace import Workspace
 
 TUNELINE = [sys.executable, "-c", "from tuneline.cli import main; main()"]
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "COLUMNS": "200"}  # rich wraps tables at 80 columns when not on a terminal
+    env = {k: v for k, v in os.environ.items() if k != "COLUMNS"}  # stdout is a pipe: the CLI prints wide tables
     return subprocess.run([*TUNELINE, *args], capture_output=True, text=True, timeout=300, env=env)
 
 
@@ -30,7 +31,7 @@ def test_eval_prints_intervals_and_exits_non_zero_on_a_failed_gate(classificatio
     assert result.report is not None and len(result.report.main_set().flips["candidate_vs_base"]) > 0
 
     out = _cli("eval", str(classification_spec), "-w", str(ws.root), "--no-progress")
-    assert out.returncode == 2, out.stdout + out.stderr
+    assert out.returncode == EXIT_GATES_FAILED, out.stdout + out.stderr  # 3: not Click's usage error (2)
     text = " ".join(out.stdout.split())
     assert "test split: 12 rows, value [95% interval]" in text
     assert "candidate - base (p)" in text

@@ -202,3 +202,68 @@ def test_cells_a_spreadsheet_would_run_are_escaped_and_read_back_unchanged(tmp_p
     _write(sheet, rated)
     result = import_human(sheet, key)
     assert result["ties"] == len(rows) and result["win_rate"] == 0.5
+
+
+def _last_evaluation(tmp_path: Path, thresholds: str):
+    """A spec with ``thresholds`` and a saved (empty) last evaluation in workspace ``ws``."""
+    from helpers import write_jsonl, write_spec
+
+    from tuneline.eval.results import EvalSuite
+    from tuneline.spec import load_spec
+    from tuneline.workspace import EVAL_REPORT, Workspace
+
+    write_jsonl(tmp_path / "train.jsonl", [{"text": "x", "label": "a"}])
+    loaded = load_spec(write_spec(tmp_path, f"""
+        name: t
+        task: {{type: classification}}
+        objective: {{primary: accuracy, thresholds: {thresholds}}}
+        model: smollm2-135m
+        data: {{train: {{path: train.jsonl}}}}
+    """))
+    ws = Workspace.at(tmp_path / "ws")
+    suite = EvalSuite(spec="t", task="classification", primary="accuracy", created="now", sets=[])
+    (ws.run_dir("t") / EVAL_REPORT).write_text(json.dumps(suite.to_dict()))
+    return loaded, ws
+
+
+def test_import_ratings_stores_the_win_rate_and_checks_the_gates_again(tmp_path: Path):
+    from tuneline.eval.human import import_ratings, key_path, last_evaluation
+
+    loaded, ws = _last_evaluation(tmp_path, '["human_win_rate >= 0.6"]')
+    sheet = tmp_path / "ab.csv"
+    rows = [{**r, "candidate": r["tuned"]} for r in _rows(12)]
+    export_human(rows, candidate="candidate", other="base", out=sheet, key_out=key_path(ws, "t", sheet), n=None, seed=0)
+    items = json.loads(key_path(ws, "t", sheet).read_text())["items"]
+    rated = [{**r, "preference": "A" if items[r["item"]]["a"] == "candidate" else "B"} for r in _read(sheet)]
+    _write(sheet, rated)
+
+    done = import_ratings(loaded, ws, sheet)  # the key found in the run folder by the sheet's name
+    assert done.result["win_rate"] == 1.0 and done.result["n"] == 12
+    assert [(g.expr, g.passed) for g in done.gates] == [("human_win_rate >= 0.6", True)]
+    assert done.logged_to is None  # no tracked run: nothing logged
+    saved = last_evaluation(loaded, ws)
+    assert saved.human is not None and saved.human["wins"] == 12 and saved.passed
+
+
+def test_import_ratings_of_an_unrated_sheet_says_what_to_fill(tmp_path: Path):
+    from tuneline.eval.human import import_ratings, key_path
+
+    loaded, ws = _last_evaluation(tmp_path, '["accuracy >= 0.5"]')
+    sheet = tmp_path / "ab.csv"
+    rows = [{**r, "candidate": r["tuned"]} for r in _rows(3)]
+    export_human(rows, candidate="candidate", other="base", out=sheet, key_out=key_path(ws, "t", sheet), n=None, seed=0)
+    with pytest.raises(DataError) as err:
+        import_ratings(loaded, ws, sheet)
+    assert f"{sheet}: preference: no rated items (3 unrated)" in err.value.render()
+    assert "fill the `preference` column with A, B or tie" in err.value.render()
+
+
+def test_no_evaluation_yet_names_the_commands_that_make_one(tmp_path: Path):
+    from tuneline.errors import TunelineError
+    from tuneline.eval.human import last_evaluation
+    from tuneline.workspace import Workspace
+
+    loaded, _ = _last_evaluation(tmp_path, '["accuracy >= 0.5"]')
+    with pytest.raises(TunelineError) as err:
+        last_evaluation(loaded, Workspace.at(tmp_path / "empty"))
+    assert "no evaluation of 't' yet" in err.value.render() and f"tuneline eval {loaded.path}" in err.value.render()

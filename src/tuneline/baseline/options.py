@@ -181,7 +181,9 @@ def _trie(ctx: Context, template: Example) -> Any:
     return LabelTrie(tok, ctx.labels, template, eos)
 
 
-def _generate(ctx: Context, examples: list[Example], what: str, batch_size: int | None = None) -> Any:
+def _generate(ctx: Context, examples: list[Example], what: str, batch_size: int | None = None,
+              progress: bool = True) -> Any:
+    """``progress=False`` for a timed single request: a bar per request is a line per request in a log."""
     from tuneline.eval.generate import Decoding, generate_detailed
 
     trie = _trie(ctx, examples[0])
@@ -189,7 +191,8 @@ def _generate(ctx: Context, examples: list[Example], what: str, batch_size: int 
     return generate_detailed(ctx.model, ctx.tokenizer, examples, batch_size=batch_size or ctx.spec.eval.batch_size,
                              decoding=decoding,
                              autocast=ctx.autocast, device=ctx.device, description=f"baseline {what}",
-                             show_progress=ctx.show_progress, labels=trie, share_prefix=len(examples) > 1)
+                             show_progress=ctx.show_progress and progress, labels=trie,
+                             share_prefix=len(examples) > 1)
 
 
 def _latency_rows(ctx: Context) -> list[int]:
@@ -217,7 +220,7 @@ def _generated_option(ctx: Context, name: str, desc: str, prompts: list[Example]
 
     gen = _already_answered(ctx, prompts) or _generate(ctx, prompts, name)
     option = _scored(ctx, name, desc, gen.texts, gen.tokens, gen.stopped, one_off)
-    option.p50_ms, option.p95_ms = _timed(single or (lambda r: _generate(ctx, [prompts[r]], name, 1)),
+    option.p50_ms, option.p95_ms = _timed(single or (lambda r: _generate(ctx, [prompts[r]], name, 1, progress=False)),
                                           _latency_rows(ctx))
     option.prompt_tokens = float(np.mean([len(encode_prompt(ctx.tokenizer, ex)) for ex in prompts]))
     return option
@@ -298,7 +301,7 @@ def _retrieval(ctx: Context, desc: str, train_vectors: np.ndarray, index_seconds
 
     def single(r: int) -> None:  # a request: embed the question, search, generate
         v = ctx.encoder.embed_one(_text(ctx.test[r]))
-        _generate(ctx, retrieval_prompts(index, [ctx.test[r]], v, k), "retrieval", 1)
+        _generate(ctx, retrieval_prompts(index, [ctx.test[r]], v, k), "retrieval", 1, progress=False)
 
     return _generated_option(ctx, "retrieval", desc, prompts, index_seconds, single)
 

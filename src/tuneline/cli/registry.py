@@ -2,26 +2,23 @@
 
 from __future__ import annotations
 
-import json
-import sys
+from dataclasses import asdict
 from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
+from rich.table import Table
 
-console = Console()
-
-NameArg = Annotated[str, typer.Argument(help="The model: the use case's spec name.", show_default=False)]
-VersionArg = Annotated[int, typer.Argument(help="Version number (see `tuneline models`).", show_default=False)]
-WorkspaceOpt = Annotated[
-    Path | None, typer.Option("--workspace", "-w", help="Workspace folder (default: $TUNELINE_HOME or ./.tuneline).")]
-UriOpt = Annotated[str | None, typer.Option(help="MLflow tracking URI (default: the workspace's SQLite store).")]
+from tuneline.cli.console import console, print_json
+from tuneline.cli.options import JsonOpt, ModelNameArg, ModelVersionArg, UriOpt, WorkspaceOpt
+from tuneline.registry import lineage as get_lineage
+from tuneline.registry import list_versions
+from tuneline.registry import promote as do_promote
+from tuneline.registry import rollback as do_rollback
+from tuneline.workspace import Workspace
 
 
 def _uri(workspace: Path | None, uri: str | None) -> str:
-    from tuneline.workspace import Workspace
-
     return uri or Workspace.at(workspace).tracking_uri
 
 
@@ -35,19 +32,13 @@ def register(app: typer.Typer) -> None:
 def models(
     name: Annotated[str | None, typer.Argument(help="Only this model.", show_default=False)] = None,
     workspace: WorkspaceOpt = None, uri: UriOpt = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+    as_json: JsonOpt = False,
 ) -> None:
     """List registered model versions with their aliases, metrics and gate status, newest first."""
-    from dataclasses import asdict
-
-    from rich.table import Table
-
-    from tuneline.registry import list_versions
-
     versions = list_versions(_uri(workspace, uri), name)
     if as_json:
         rows = [{**asdict(v), "gate_state": v.gate_state, "reevaluations": v.reevaluations} for v in versions]
-        sys.stdout.write(json.dumps(rows, indent=2) + "\n")
+        print_json(rows)
         return
     if not versions:
         console.print("no registered models yet: `tuneline run SPEC` registers each trained adapter")
@@ -68,7 +59,7 @@ def models(
 
 
 def promote(
-    name: NameArg, version: VersionArg,
+    name: ModelNameArg, version: ModelVersionArg,
     force: Annotated[bool, typer.Option(
         "--force", help="Promote although the gates failed, were not evaluated or the spec has none (needs --reason).")
     ] = False,
@@ -77,37 +68,30 @@ def promote(
 ) -> None:
     """Move the `production` alias to VERSION, only if its gates passed under the spec it was trained
     with (or with --force --reason)."""
-    from tuneline.registry import promote as do_promote
-
     info = do_promote(_uri(workspace, uri), name, version, force=force, reason=reason)
     forced = f" [yellow](forced: gates {info.describe_gates()})[/]" if force and info.gate_state != "passed" else ""
     console.print(f"[green]promoted[/] {name} version {version} to production{forced}")
 
 
 def rollback(
-    name: NameArg,
+    name: ModelNameArg,
     reason: Annotated[str | None, typer.Option(help="Why; recorded in the alias history.")] = None,
     workspace: WorkspaceOpt = None, uri: UriOpt = None,
 ) -> None:
     """Move `production` back to the version that held it before the current one."""
-    from tuneline.registry import rollback as do_rollback
-
     current, previous = do_rollback(_uri(workspace, uri), name, reason)
     console.print(f"[green]rolled back[/] {name}: production {current} -> {previous}")
 
 
 def lineage(
-    name: NameArg, version: VersionArg, workspace: WorkspaceOpt = None, uri: UriOpt = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    name: ModelNameArg, version: ModelVersionArg, workspace: WorkspaceOpt = None, uri: UriOpt = None,
+    as_json: JsonOpt = False,
 ) -> None:
     """Print the chain behind a version: source files -> dataset version -> curation -> training run
     -> evaluation -> the aliases it held and when."""
-    from tuneline.registry import lineage as get_lineage
-    from tuneline.workspace import Workspace
-
     chain = get_lineage(_uri(workspace, uri), Workspace.at(workspace).datasets_dir, name, version)
     if as_json:
-        sys.stdout.write(json.dumps(chain, indent=2) + "\n")
+        print_json(chain)
         return
     p = console.print
     p(f"[bold]{name} version {version}[/] (aliases: {', '.join(chain['aliases']) or 'none'}); adapter {chain['source']}",

@@ -7,6 +7,8 @@ from typing import Annotated
 
 import typer
 
+from tuneline.cli.options import UriOpt, WorkspaceOpt
+
 
 def register(app: typer.Typer) -> None:
     """Add the ``report`` command to ``app``."""
@@ -15,12 +17,10 @@ def register(app: typer.Typer) -> None:
     def report(
         run: Annotated[str, typer.Argument(help="MLflow run id, or a unique prefix of it (6+ characters).",
                                            metavar="RUN", show_default=False)],
-        workspace: Annotated[Path | None, typer.Option(
-            "--workspace", "-w", help="Workspace folder (default: $TUNELINE_HOME or ./.tuneline).")] = None,
+        workspace: WorkspaceOpt = None,
         out: Annotated[Path | None, typer.Option(
             "--out", "-o", help="HTML file to write (default: <workspace>/reports/<run id>.html).")] = None,
-        uri: Annotated[str | None, typer.Option(
-            help="MLflow tracking URI (default: the workspace's SQLite store).")] = None,
+        uri: UriOpt = None,
     ) -> None:
         """Write one self-contained HTML page for an evaluated run: gates, metrics with intervals,
         comparisons, plots, flips, forgetting, robustness, latency, loss curves, data and spec.

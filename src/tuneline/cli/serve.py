@@ -7,9 +7,10 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 
-err_console = Console(stderr=True)
+from tuneline.cli.console import err_console
+from tuneline.cli.options import WorkspaceOpt
+from tuneline.errors import Problem, TunelineError
 
 
 def register(app: typer.Typer) -> None:
@@ -45,7 +46,7 @@ def serve(
              "every other Host is refused (DNS rebinding).")] = None,
     threads: Annotated[int | None, typer.Option(
         min=1, help="CPU threads for the model (default: the cores available minus one, for the event loop).")] = None,
-    workspace: Annotated[Path | None, typer.Option("--workspace", "-w", help="Workspace folder.")] = None,
+    workspace: WorkspaceOpt = None,
 ) -> None:
     """Serve the registry's models with the OpenAI API: `model` is NAME (production), NAME@candidate
     or NAME@3; /v1/chat/completions, /v1/completions, /v1/models, /v1/feedback, /healthz, /metrics.
@@ -53,8 +54,7 @@ def serve(
     logged (stderr) with its request id (X-Request-Id)."""
     import uvicorn
 
-    from tuneline.errors import Problem, TunelineError
-    from tuneline.serve import build_app, load_keys
+    from tuneline.serve import build_app, load_keys  # lazy: fastapi and torch at --help time
 
     loaded = load_keys(keys)
     if loaded is None and not no_auth:

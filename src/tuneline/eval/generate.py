@@ -12,6 +12,7 @@ from typing import Any
 from tuneline.data.examples import Example
 from tuneline.data.tokenize import IGNORE_INDEX, encode_example, encode_prompt, end_of_turn
 from tuneline.models.loading import inference_attention
+from tuneline.runtime.progress import progress_bar
 
 
 class LabelTrie:
@@ -235,7 +236,6 @@ def generate_detailed(
     those of the unpadded prompt.
     """
     import torch
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     decoding = decoding or Decoding()
     if max_new_tokens is not None:
@@ -256,8 +256,7 @@ def generate_detailed(
     prefix = prompts[0][:n_prefix] if n_prefix else []
     model.eval()
     t0 = time.perf_counter()
-    bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                   disable=not show_progress)
+    bar = progress_bar(enabled=show_progress)
     with bar, torch.inference_mode(), _params_flagged_trainable(model), inference_attention(model), autocast:
         task = bar.add_task(description, total=len(prompts))
         for b in range(0, len(order), batch_size):

@@ -15,6 +15,12 @@
 against the other system, ties counted as half a win, with a 95% interval: the percentile
 bootstrap over items (2,000 resamples of the rated items with replacement, seed 0, so the same
 ratings always give the same interval), which, unlike a Wilson interval on wins, handles ties.
+
+On a spec's last evaluation (``runs/<spec>/eval_report.json``), :func:`export_last_evaluation`
+writes the sheet of one evaluation set with its key kept in the run folder, and
+:func:`import_ratings` reads the rated sheet back: the win rate goes into the report, the gates
+are checked again (a ``human_win_rate`` gate needs it) and, when the run is tracked, the win rate,
+the sheet and the updated report are logged to its MLflow run.
 """
 
 from __future__ import annotations
@@ -23,10 +29,17 @@ import csv
 import json
 import logging
 import random
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
-from tuneline.errors import DataError, Problem
+from tuneline.errors import DataError, Problem, TunelineError
+from tuneline.eval.gates import check_gates
+from tuneline.eval.results import EvalSuite, GateResult
+from tuneline.spec import LoadedSpec
+from tuneline.tracking import tracking_uri
+from tuneline.workspace import EVAL_REPORT, Workspace
 
 log = logging.getLogger(__name__)
 
@@ -40,8 +53,24 @@ BOOTSTRAP_SEED = 0
 _PREFERENCES = {"a": "a", "b": "b", "tie": "tie", "=": "tie"}
 
 
+class HumanResult(TypedDict):
+    """:func:`import_human`'s answer (stored as the evaluation report's ``human`` entry)."""
+
+    candidate: str
+    against: str
+    n: int  # rated items
+    unrated: int
+    wins: int
+    losses: int
+    ties: int
+    win_rate: float | None  # (wins + ties / 2) / n; None when nothing is rated
+    low: float | None  # its 95% interval
+    high: float | None
+    interval: str  # how the interval was computed
+
+
 def export_human(
-    rows: list[dict[str, Any]],
+    rows: Sequence[Mapping[str, object]],
     *,
     candidate: str,
     other: str,
@@ -93,7 +122,7 @@ def export_human(
     return len(chosen)
 
 
-def import_human(ratings: Path, key: Path) -> dict[str, Any]:
+def import_human(ratings: Path, key: Path) -> HumanResult:
     """The candidate's win rate from a rated sheet and its key.
 
     Preferences are read case-insensitively: ``A``, ``B``, ``tie`` or ``=``; an empty one counts
@@ -109,57 +138,12 @@ def import_human(ratings: Path, key: Path) -> dict[str, Any]:
     meta = _read_key(key)
     items: dict[str, dict[str, str]] = meta["items"]
     cand, other = meta["candidate"], meta["other"]
-    problems: list[Problem] = []
-    seen: dict[str, int] = {}
-    scores: list[float] = []
-    wins = losses = ties = 0
-    try:
-        f = ratings.open(encoding="utf-8-sig", newline="")  # utf-8-sig: a spreadsheet may add a BOM
-    except OSError as exc:
-        raise DataError(Problem(f"cannot read ratings: {exc.strerror}", where=str(ratings))) from exc
-    with f:
-        reader = csv.reader(f)
-        header = [h.strip().lower() for h in next(reader, [])]
-        missing = [c for c in ("item", "preference") if c not in header]
-        if missing:
-            raise DataError(Problem(f"no column {', '.join(missing)}; the header is {header}", where=f"{ratings}:1",
-                                    hint="rate the CSV written by export_human, keeping its header row"))
-        col_item, col_pref = header.index("item"), header.index("preference")
-        line = reader.line_num + 1  # the physical line a record starts on (quoted fields may span lines)
-        for rec in reader:
-            where, start, line = f"{ratings}:{line}", line, reader.line_num + 1
-            if not any(cell.strip() for cell in rec):
-                continue
-            rec = [unescape_cell(cell) for cell in rec]
-            item = rec[col_item].strip() if col_item < len(rec) else ""
-            pref_raw = rec[col_pref].strip() if col_pref < len(rec) else ""
-            if item not in items:
-                problems.append(Problem(f"unknown item {item!r}: not in the key {key}", where=where, field="item",
-                                        hint="keep the item column as exported; use the key written with this sheet"))
-                continue
-            if item in seen:
-                problems.append(Problem(f"item {item!r} again (first on line {seen[item]})", where=where, field="item",
-                                        hint="rate each item once"))
-                continue
-            seen[item] = start
-            if not pref_raw:
-                continue  # unrated
-            pref = _PREFERENCES.get(pref_raw.lower())
-            if pref is None:
-                problems.append(Problem(f"preference {pref_raw!r} is not A, B or tie", where=where, field="preference",
-                                        hint="write A, B or tie (or leave it empty for unrated)"))
-                continue
-            if pref == "tie":
-                ties += 1
-                scores.append(0.5)
-            elif items[item][pref] == cand:
-                wins += 1
-                scores.append(1.0)
-            else:
-                losses += 1
-                scores.append(0.0)
+    preferences, problems = _read_preferences(ratings, key, items)
     if problems:
         raise DataError(problems, title=f"bad ratings in {ratings}")
+    # in sheet order: the bootstrap resamples these scores
+    scores = [0.5 if pref == "tie" else float(items[item][pref] == cand) for item, pref in preferences.items()]
+    wins, losses, ties = scores.count(1.0), scores.count(0.0), scores.count(0.5)
     rated = len(scores)
     win_rate: float | None = None
     low: float | None = None
@@ -174,6 +158,55 @@ def import_human(ratings: Path, key: Path) -> dict[str, Any]:
     }
 
 
+def _read_preferences(ratings: Path, key: Path, items: dict[str, dict[str, str]]) -> tuple[dict[str, str], list[Problem]]:
+    """Each rated item's preference (``a``, ``b`` or ``tie``) in sheet order, and every bad row."""
+    try:
+        f = ratings.open(encoding="utf-8-sig", newline="")  # utf-8-sig: a spreadsheet may add a BOM
+    except OSError as exc:
+        raise DataError(Problem(f"cannot read ratings: {exc.strerror}", where=str(ratings))) from exc
+    preferences: dict[str, str] = {}
+    problems: list[Problem] = []
+    seen: dict[str, int] = {}
+    with f:
+        reader = csv.reader(f)
+        header = [h.strip().lower() for h in next(reader, [])]
+        missing = [c for c in ("item", "preference") if c not in header]
+        if missing:
+            raise DataError(Problem(f"no column {', '.join(missing)}; the header is {header}", where=f"{ratings}:1",
+                                    hint="rate the CSV written by export_human, keeping its header row"))
+        col_item, col_pref = header.index("item"), header.index("preference")
+        line = reader.line_num + 1  # the physical line a record starts on (quoted fields may span lines)
+        for rec in reader:
+            where, start, line = f"{ratings}:{line}", line, reader.line_num + 1
+            if not any(cell.strip() for cell in rec):
+                continue
+            cells = [unescape_cell(cell) for cell in rec] + [""] * (len(header) - len(rec))  # short row: empty cells
+            item, pref_raw = cells[col_item].strip(), cells[col_pref].strip()
+            problem = _item_problem(item, items, seen, key, where)
+            if problem is None:
+                seen[item] = start
+                pref = _PREFERENCES.get(pref_raw.lower()) if pref_raw else None
+                if pref_raw and pref is None:
+                    problem = Problem(f"preference {pref_raw!r} is not A, B or tie", where=where, field="preference",
+                                      hint="write A, B or tie (or leave it empty for unrated)")
+                elif pref is not None:
+                    preferences[item] = pref
+            if problem is not None:
+                problems.append(problem)
+    return preferences, problems
+
+
+def _item_problem(item: str, items: dict[str, dict[str, str]], seen: dict[str, int], key: Path,
+                  where: str) -> Problem | None:
+    if item not in items:
+        return Problem(f"unknown item {item!r}: not in the key {key}", where=where, field="item",
+                       hint="keep the item column as exported; use the key written with this sheet")
+    if item in seen:
+        return Problem(f"item {item!r} again (first on line {seen[item]})", where=where, field="item",
+                       hint="rate each item once")
+    return None
+
+
 def reference_cell(references: list[str]) -> str:
     """The ``reference`` cell of an item: its one reference, or every reference numbered on its own
     line (``[1] ...``) for a multi-reference item, so raters see all the answers judged good."""
@@ -182,7 +215,7 @@ def reference_cell(references: list[str]) -> str:
     return "\n".join(f"[{k}] {r}" for k, r in enumerate(references, 1))
 
 
-def escape_cell(value: Any) -> str:
+def escape_cell(value: object) -> str:
     """``value`` as a CSV cell no spreadsheet runs as a formula (see :data:`FORMULA_START`)."""
     text = "" if value is None else str(value)
     return "'" + text if text[:1] in FORMULA_START else text
@@ -230,3 +263,92 @@ def _read_key(key: Path) -> dict[str, Any]:
         raise DataError(Problem("not a key written by export_human (needs candidate, other and items with a/b)",
                                 where=str(key)))
     return meta
+
+
+# --- on a spec's last evaluation ---------------------------------------------------------------
+
+@dataclass(frozen=True)
+class HumanExport:
+    """What :func:`export_last_evaluation` wrote."""
+
+    written: int  # items in the sheet
+    skipped_identical: int  # rows left out because both answers were the same
+    sheet: Path
+    key: Path
+
+
+@dataclass(frozen=True)
+class HumanImport:
+    """What :func:`import_ratings` read and where it went."""
+
+    result: HumanResult  # now the report's ``human`` entry
+    gates: list[GateResult]  # every gate checked again with the human win rate known
+    logged_to: str | None  # the MLflow run the win rate was logged to (None: the run is not tracked)
+
+
+def key_path(ws: Workspace, spec_name: str, sheet: Path) -> Path:
+    """Where the key of a rating sheet is kept: in the run folder, named after the sheet."""
+    return ws.run_dir(spec_name) / "human" / f"{sheet.stem}.key.json"
+
+
+def last_evaluation(loaded: LoadedSpec, ws: Workspace) -> EvalSuite:
+    """The spec's last evaluation report, or an error saying how to make one."""
+    path = ws.run_dir(loaded.spec.name) / EVAL_REPORT
+    if not path.is_file():
+        raise TunelineError(Problem(f"no evaluation of {loaded.spec.name!r} yet ({path} not found)",
+                                    hint=f"run `tuneline run {loaded.path}` or `tuneline eval {loaded.path}` first"))
+    return EvalSuite.from_dict(json.loads(path.read_text()))
+
+
+def export_last_evaluation(loaded: LoadedSpec, ws: Workspace, *, out: Path, against: str = "base",
+                           eval_set: str = "test", n: int | None = 100, seed: int = 0) -> HumanExport:
+    """A blind sheet of the last evaluation's answers on ``eval_set`` (candidate vs ``against``:
+    base or production) for raters, its key kept in the run folder (:func:`key_path`)."""
+    suite = last_evaluation(loaded, ws)
+    s = next((x for x in suite.sets if x.name == eval_set), None)
+    if s is None:
+        raise TunelineError(Problem(f"no evaluation set {eval_set!r} in the last evaluation", field="--set",
+                                    hint=f"choose one of {[x.name for x in suite.sets]}"))
+    cand, other = s.system("candidate"), s.system(against)
+    if cand is None or other is None:
+        raise TunelineError(Problem(f"the last evaluation has no {against!r} answers", field="--against",
+                                    hint="use --against base, or evaluate with a production model first"))
+    rows: list[dict[str, str]] = [
+        {"id": w, "input": i, "reference": reference_cell(r), "candidate": a, against: b}
+        for w, i, r, a, b in zip(s.wheres, s.inputs, s.all_references(), cand.predictions, other.predictions,
+                                 strict=True)]
+    key = key_path(ws, loaded.spec.name, out)
+    written = export_human(rows, candidate="candidate", other=against, out=out, key_out=key, n=n, seed=seed)
+    skipped = int(json.loads(key.read_text()).get("skipped_identical", 0))
+    return HumanExport(written=written, skipped_identical=skipped, sheet=out, key=key)
+
+
+def import_ratings(loaded: LoadedSpec, ws: Workspace, ratings: Path, key: Path | None = None) -> HumanImport:
+    """Read a rated sheet (with its key, by default the one :func:`export_last_evaluation` kept) into
+    the spec's last evaluation: store the win rate in the report, check the gates again, and log
+    the win rate, the sheet and the report to the run's MLflow run when it has one."""
+    suite = last_evaluation(loaded, ws)
+    result = import_human(ratings, key or key_path(ws, loaded.spec.name, ratings))
+    if not result["n"]:
+        raise DataError(Problem(f"no rated items ({result['unrated']} unrated)", where=str(ratings),
+                                field="preference", hint="fill the `preference` column with A, B or tie"))
+    suite.human = dict(result)
+    suite.gates = check_gates(loaded.spec.objective, suite)
+    (ws.run_dir(loaded.spec.name) / EVAL_REPORT).write_text(json.dumps(suite.to_dict(), indent=2))
+    run_id = ws.run_state(loaded.spec.name).mlflow_run_id
+    if run_id:
+        _log_to_run(tracking_uri(loaded, ws), run_id, result, ratings, suite)
+    return HumanImport(result=result, gates=suite.gates, logged_to=run_id)
+
+
+def _log_to_run(uri: str, run_id: str, result: HumanResult, ratings: Path, suite: EvalSuite) -> None:
+    import mlflow
+
+    assert result["win_rate"] is not None and result["low"] is not None and result["high"] is not None
+
+    mlflow.set_tracking_uri(uri)
+    with mlflow.start_run(run_id=run_id):
+        mlflow.log_metrics({"human.win_rate": result["win_rate"], "human.win_rate_low": result["low"],
+                            "human.win_rate_high": result["high"], "human.rated": result["n"]})
+        mlflow.log_artifact(str(ratings), "human")
+        mlflow.log_dict(suite.to_dict(), "eval/report.json")

@@ -46,6 +46,7 @@ from tuneline.eval.results import (
     SetResult,
     SystemResult,
 )
+from tuneline.runtime.progress import progress_bar
 from tuneline.spec.models import GENERATION_TASKS, TASK_METRICS, Spec
 
 log = logging.getLogger(__name__)
@@ -109,14 +110,15 @@ class Evaluation:
         return LabelTrie(tok, self.labels, first, eos)
 
     def _generate(self, model: Any, examples: list[Example], what: str, *, constrained: bool = True,
-                  decoding: Decoding | None = None, batch_size: int | None = None) -> Generation:
+                  decoding: Decoding | None = None, batch_size: int | None = None,
+                  progress: bool = True) -> Generation:
         trie = self.trie if constrained else None
         if decoding is None:  # the spec's settings; a label never needs more tokens than the trie's longest
             decoding = Decoding(max_new_tokens=trie.max_len) if trie else Decoding.of(self.spec.decoding)
         return generate_detailed(
             model, self.tokenizer, examples, batch_size=batch_size or self.spec.eval.batch_size,
             decoding=decoding, autocast=self.autocast, device=self.device,
-            description=f"eval {what}", show_progress=self.show_progress, labels=trie,
+            description=f"eval {what}", show_progress=self.show_progress and progress, labels=trie,
             share_prefix=len(examples) > 1,
         )
 
@@ -140,13 +142,16 @@ class Evaluation:
         if n == 0:
             return None
         picks = random.Random(1).sample(range(len(main)), n)
-        self._generate(model, prompts([main[picks[0]]]), "latency warm-up", batch_size=1)
+        self._generate(model, prompts([main[picks[0]]]), "latency warm-up", batch_size=1, progress=False)
         times, tokens = [], 0
-        for i in picks:
-            t0 = time.perf_counter()
-            out = self._generate(model, prompts([main[i]]), "latency", batch_size=1)
-            times.append(time.perf_counter() - t0)
-            tokens += out.tokens[0] + int(out.stopped[0])
+        with progress_bar(enabled=self.show_progress) as bar:  # one bar for all requests, none per request
+            task = bar.add_task("eval latency", total=n)
+            for i in picks:
+                t0 = time.perf_counter()
+                out = self._generate(model, prompts([main[i]]), "latency", batch_size=1, progress=False)
+                times.append(time.perf_counter() - t0)
+                tokens += out.tokens[0] + int(out.stopped[0])
+                bar.advance(task)
         ms = np.array(times) * 1000
         return Latency(n=n, p50_ms=float(np.percentile(ms, 50)), p95_ms=float(np.percentile(ms, 95)),
                        mean_ms=float(ms.mean()), tokens_per_second=tokens / max(1e-9, float(np.sum(times))))

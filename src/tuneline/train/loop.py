@@ -15,11 +15,20 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+
 from tuneline.artifacts import atomic_write_bytes, replace_dir
 from tuneline.data.examples import Example
 from tuneline.data.tokenize import Encoded, encode_example, end_of_turn
 from tuneline.errors import DataError, Problem
 from tuneline.runtime import autocast_for, resolve_precision
+from tuneline.runtime.progress import QuietWhenPiped, progress_bar
 from tuneline.spec.models import TrainSpec
 from tuneline.train.batching import collate, collate_packed, epoch_batches, shared_prefix_len
 from tuneline.train.checkpoint import resume_checkpoint, save_checkpoint, trainable_state
@@ -281,7 +290,7 @@ def train(
             metrics = {"train_loss": loss_value, "lr": float(scheduler.get_last_lr()[0]),
                        "grad_norm": float(grad_norm), "tokens_per_second": tps,
                        "epoch": done * cfg.grad_accum / per_epoch}
-            if not (show_progress and progress.console.is_terminal) and (done % cfg.log_every == 0 or done == total_steps):
+            if not progress.live_display and (done % cfg.log_every == 0 or done == total_steps):
                 log.info("step %d/%d loss %.4f  %.0f tok/s", done, total_steps, loss_value, tps)
             if validation is not None and (done % validation.every == 0 or done == total_steps):
                 value = _validate(model, validation, history, done, ckpt_root)
@@ -394,18 +403,9 @@ def _load_trainable(model: Any, path: Path) -> None:
             params[name].copy_(value)
 
 
-def _progress(enabled: bool) -> Any:
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-
-    return Progress(
+def _progress(enabled: bool) -> QuietWhenPiped:
+    return progress_bar(
         TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
         TextColumn("loss {task.fields[loss]:.4f}"), TextColumn("{task.fields[tps]:.0f} tok/s"),
-        TimeElapsedColumn(), TimeRemainingColumn(), disable=not enabled, transient=False,
+        TimeElapsedColumn(), TimeRemainingColumn(), enabled=enabled,
     )

@@ -19,13 +19,14 @@ import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tuneline import tracking
 from tuneline.context import RunContext
 from tuneline.data import Example, PreparedData
 from tuneline.errors import Problem, TrainingError
 from tuneline.eval.validate import sample_rows
+from tuneline.runtime.progress import QuietWhenPiped, progress_bar
 from tuneline.spec.loader import LoadedSpec
 from tuneline.spec.models import SearchSpec, Spec, TrainSpec
 from tuneline.train.loop import encode_all
@@ -34,6 +35,9 @@ from tuneline.tune.sampling import make_pruner, make_sampler
 from tuneline.tune.space import apply_params, default_params, max_validations, suggest
 from tuneline.tune.trial import TrialContext, TrialPruned, run_trial
 from tuneline.workspace import Workspace
+
+if TYPE_CHECKING:
+    from rich.console import Console
 
 log = logging.getLogger(__name__)
 
@@ -426,11 +430,8 @@ class _TrialPrinter:
         self.console.print(f"trial {row.number}: {params} -> {row.state} {value}{secs}", highlight=False)
 
 
-def _progress(enabled: bool, console: Any) -> Any:
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                    console=console, disable=not enabled)
+def _progress(enabled: bool, console: Console | None) -> QuietWhenPiped:
+    return progress_bar(enabled=enabled, console=console)
 
 
 def _fmt_value(v: Any) -> str:

@@ -1,0 +1,117 @@
+"""The pipeline commands: ``run``, ``tune``, ``baseline``. Each parses its arguments, calls the
+Python API (:mod:`tuneline.pipeline`) and prints; ``--json`` prints the result alone on stdout."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+
+from tuneline.cli.console import err_console, human_output, print_json, setup_logging
+from tuneline.cli.exits import EXIT_ERROR, EXIT_GATES_FAILED
+from tuneline.cli.options import JsonOpt, NoProgressOpt, SpecArg, VerboseOpt, WorkspaceOpt
+
+if TYPE_CHECKING:
+    from tuneline.pipeline import RunResult
+
+
+def register(app: typer.Typer) -> None:
+    app.command()(run)
+    app.command()(tune)
+    app.command()(baseline)
+
+
+def run(
+    spec: SpecArg,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from the last checkpoint of this spec's run.")] = False,
+    workspace: WorkspaceOpt = None,
+    no_progress: NoProgressOpt = False,
+    as_json: JsonOpt = False,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Run the pipeline: validate data, (search,) evaluate the base model, train, evaluate, track.
+
+    With a `search` section the hyperparameter search runs first (or a finished one is reused)
+    and the best configuration is trained. Exits 0 when the objective's gates pass, 3 when one
+    fails, 1 on an error, 130 when interrupted (resume with --resume).
+    """
+    setup_logging(verbose)
+    from tuneline import pipeline  # lazy: it pulls numpy and every stage; --help stays fast
+
+    with human_output(as_json) as out:
+        result = pipeline.run(spec, workspace=workspace, resume=resume, show_progress=not no_progress, console=out)
+    if as_json:
+        print_json(run_result_dict(result))
+    if result.report is not None and not result.report.passed:
+        raise typer.Exit(EXIT_GATES_FAILED)
+
+
+def run_result_dict(result: RunResult) -> dict[str, object]:
+    """``tuneline run --json``: the run, its training, its evaluation (without per-row data)."""
+    return {
+        "run_id": result.run_id,
+        "run_dir": str(result.run_dir),
+        "train": result.train.to_dict(),
+        "report": result.report.to_dict(with_rows=False) if result.report is not None else None,
+        "seconds": result.seconds,
+        "model_version": result.model_version,
+        "passed": result.passed,
+    }
+
+
+def tune(
+    spec: SpecArg,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted search: finished trials are "
+                                                          "kept, interrupted ones run again.")] = False,
+    restart: Annotated[bool, typer.Option("--restart", help="Delete this spec's study and search again.")] = False,
+    workers: Annotated[int | None, typer.Option("--workers", min=1, help="Trials in parallel in this many "
+                                                "processes (default: search.workers).")] = None,
+    trials: Annotated[int | None, typer.Option("--trials", min=1, help="Override search.trials.")] = None,
+    workspace: WorkspaceOpt = None,
+    no_progress: NoProgressOpt = False,
+    as_json: JsonOpt = False,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Search hyperparameters (the spec's `search` section): Optuna TPE with pruning, resumable.
+
+    Each trial trains on the training split and is scored on the validation split; each is an
+    MLflow child run of the search run. `tuneline run SPEC` afterwards trains and evaluates the
+    best configuration (a finished search is reused, not repeated). Exits 1 when no trial completed.
+    """
+    setup_logging(verbose)
+    if resume and restart:
+        raise typer.BadParameter("--resume and --restart exclude each other")
+    from tuneline import pipeline  # lazy: it pulls numpy and every stage; --help stays fast
+
+    with human_output(as_json) as out:
+        found = pipeline.tune(spec, workspace=workspace, resume=resume, restart=restart, workers=workers,
+                              trials=trials, show_progress=not no_progress, console=out)
+    if as_json:
+        print_json(found.to_dict())
+    if found.best is None:
+        err_console.print("[red]no trial completed[/]: nothing to train; see the trials above")
+        raise typer.Exit(EXIT_ERROR)
+    if not as_json:
+        out.print(f"next: `tuneline run {spec}` trains and evaluates the best configuration")
+
+
+def baseline(
+    spec: SpecArg,
+    workspace: WorkspaceOpt = None,
+    no_progress: NoProgressOpt = False,
+    as_json: JsonOpt = False,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Should we fine-tune at all? Measure prompt-only, few-shot, retrieval and an embedding classifier.
+
+    Each option answers the test rows, scored with the evaluation's metrics and 95% intervals, with
+    its one-off cost, latency and prompt length, beside the spec's last fine-tuned run when it was
+    evaluated on the same rows; then the cheapest option not significantly worse than the best.
+    """
+    setup_logging(verbose)
+    from tuneline import pipeline  # lazy: it pulls numpy and every stage; --help stays fast
+
+    with human_output(as_json) as out:
+        report = pipeline.baseline(spec, workspace=workspace, show_progress=not no_progress, console=out)
+    if as_json:
+        print_json(report.to_dict(with_rows=False))
