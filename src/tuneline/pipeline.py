@@ -29,6 +29,7 @@ from tuneline.eval.generate import DECODING_FILE, Decoding
 from tuneline.eval.validate import sample_rows
 from tuneline.models import load_model, load_tokenizer, resolve_model_source
 from tuneline.runtime import Compute, autocast_for
+from tuneline.runtime.extras import require_extras_for
 from tuneline.spec import LoadedSpec, load_spec
 from tuneline.train import TrainResult, train
 from tuneline.train.checkpoint import latest_checkpoint
@@ -144,6 +145,7 @@ def run(
     t0 = time.perf_counter()
     ws, loaded, source, tokenizer, (data, version) = _prepare(spec_path, workspace)
     spec = loaded.spec
+    require_extras_for(spec)
     console.print(f"[bold]{spec.name}[/]: {spec.task.type}, model {spec.model}; "
                   + ", ".join(f"{s.split} {s.rows_used} rows" for s in data.sources))
     console.print(curation_summary(data, version), soft_wrap=True)
@@ -611,6 +613,7 @@ def tune(
 
     console = console or Console()
     ws, loaded, source, tokenizer, (data, version) = _prepare(spec_path, workspace)
+    require_extras_for(loaded.spec)
     console.print(curation_summary(data, version), soft_wrap=True)
     device, precision, dtype = _compute(loaded.spec)
     found = search(loaded, ws, data=data, version=version, tokenizer=tokenizer, source=source, device=device,

@@ -16,6 +16,7 @@ from rich.console import Console
 from typer.core import TyperGroup
 
 from tuneline.errors import TunelineError
+from tuneline.runtime.extras import missing_extra
 
 if TYPE_CHECKING:
     from tuneline.eval import EvalSuite
@@ -528,7 +529,12 @@ def _fmt(metrics: dict[str, float], key: str) -> str:
 def main() -> None:
     """Entry point: turn tuneline errors into a clear message and exit code 1."""
     try:
-        app()
+        try:
+            app()
+        except ModuleNotFoundError as missing:  # an optional extra the command needs: say which to install
+            if (error := missing_extra(missing)) is None:
+                raise
+            raise error from None
     except TunelineError as exc:
         err_console.print(f"[bold red]error:[/] {_escape(exc.render())}", highlight=False)
         sys.exit(1)

@@ -9,6 +9,8 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
+from tuneline.runtime.extras import require_extra
+
 err_console = Console(stderr=True)
 
 
@@ -51,6 +53,7 @@ def serve(
     or NAME@3; /v1/chat/completions, /v1/completions, /v1/models, /v1/feedback, /healthz, /metrics.
     Without a valid key /healthz says only "ok". Every response is counted in /metrics by status and
     logged (stderr) with its request id (X-Request-Id)."""
+    require_extra("serve", "tuneline serve")
     import uvicorn
 
     from tuneline.errors import Problem, TunelineError
