@@ -3,6 +3,11 @@
 Every model forbids unknown fields, so a typo is an error with the field path and line, never a
 silently ignored setting. Components are named by registered names (``lora``, ``smollm2-135m``),
 never by import paths: a spec file cannot run code.
+
+What the schema refers to lives beside it: task types (:mod:`tuneline.spec.tasks`), the metric
+catalogue (:mod:`tuneline.spec.metrics`), the gate grammar (:mod:`tuneline.spec.gates`), the rules
+across sections (:mod:`tuneline.spec.checks`) and dotted paths a search sets
+(:mod:`tuneline.spec.dotted`).
 """
 
 from __future__ import annotations
