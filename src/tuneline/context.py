@@ -18,6 +18,7 @@ from tuneline.curation import DatasetVersion, save_version
 from tuneline.data import PreparedData, prepare
 from tuneline.models import ModelSource, load_tokenizer, resolve_model_source
 from tuneline.runtime import Compute
+from tuneline.runtime.extras import require_extras_for
 from tuneline.spec import LoadedSpec, load_spec
 from tuneline.spec.models import Spec
 from tuneline.workspace import Workspace
@@ -60,10 +61,13 @@ def workspace_of(workspace: str | Path | Workspace | None) -> Workspace:
 
 
 def open_context(spec_path: str | Path, workspace: str | Path | Workspace | None = None, *,
-                 console: Console | None = None, show_progress: bool = True) -> RunContext:
-    """Load the spec, resolve its base model and tokenizer, curate its data into a dataset version."""
+                 console: Console | None = None, show_progress: bool = True, trains: bool = True) -> RunContext:
+    """Load the spec, resolve its base model and tokenizer, curate its data into a dataset version.
+    ``trains``: the command may search, so the extras a ``search`` section needs must be installed."""
     ws = workspace_of(workspace)
     loaded = load_spec(spec_path)
+    if trains:
+        require_extras_for(loaded.spec)  # a search needs [tune] (and [ray]): say so before any work
     source = resolve_model_source(loaded.spec.model, loaded.base_dir)
     tokenizer = load_tokenizer(source, ws.models_dir)
     data, version = prepare_version(loaded, ws, tokenizer)

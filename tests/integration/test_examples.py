@@ -13,7 +13,7 @@ from tuneline.pipeline import validate
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
 
-@pytest.mark.parametrize("spec", sorted(str(p.relative_to(EXAMPLES)) for p in EXAMPLES.glob("*/*.yaml")))
+@pytest.mark.parametrize("spec", sorted(str(p.relative_to(EXAMPLES)) for p in EXAMPLES.glob("**/*.yaml")))
 def test_every_example_spec_validates(spec: str) -> None:
     loaded, data = validate(EXAMPLES / spec)
     assert data.train, f"{spec}: no training rows after curation"

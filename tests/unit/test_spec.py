@@ -27,8 +27,10 @@ data:
 
 
 def test_every_shipped_example_spec_validates():
-    specs = sorted((REPO / "examples").glob("*/tuneline.yaml"))
-    assert specs, "no example specs found"
+    specs = sorted((REPO / "examples").glob("**/*.yaml"))
+    names = {str(p.relative_to(REPO / "examples")) for p in specs}
+    assert {"banking77/tuneline.yaml", "banking77/hybrid.yaml", "banking77/search.yaml",
+            "viggo/describe.yaml", "viggo/extract.yaml"} <= names
     for path in specs:
         loaded = load_spec(path)
         assert loaded.spec.name
@@ -76,6 +78,83 @@ train:
     assert ("train.batch_size", "s.yaml:11") in found
     assert ("train.epoch", "s.yaml:12") in found
     assert "4 problems" in str(exc.value)
+
+
+def test_a_cross_field_problem_is_reported_with_the_field_errors_each_at_its_line():
+    text = VALID.replace('"accuracy >= 0.8"', '"accuracy >= 0.8", "rouge_l >= 0.3"') + "train:\n  lr: -1\n"
+    with pytest.raises(SpecError) as exc:
+        parse_spec(text, where="s.yaml")
+    found = {(p.field, p.where) for p in exc.value.problems}
+    assert found == {("objective.thresholds[1]", "s.yaml:6"), ("train.lr", "s.yaml:11")}
+    gate = next(p for p in exc.value.problems if p.field == "objective.thresholds[1]")
+    assert "'rouge_l' is not reported for task 'classification'" in gate.message
+    assert "2 problems" in str(exc.value)
+
+
+def test_every_kind_of_cross_field_problem_names_its_field_and_line():
+    text = """\
+name: demo
+task:
+  type: classification
+objective:
+  primary: rouge_l
+  thresholds:
+    - accuracy >= 0.8
+    - golden.nope.accuracy >= 0.5
+model: smollm2-135m
+data:
+  train:
+    path: train.csv
+    columns:
+      lable: category
+  test: {path: test.txt}
+eval:
+  batch_size: 0
+  golden:
+    - {name: frozen, path: g.csv}
+    - {name: frozen, path: h.csv}
+curation:
+  max_per_input: 3
+search:
+  metric: bleu
+  space:
+    lora.rank: {type: int, low: 4, high: 8}
+"""
+    with pytest.raises(SpecError) as exc:
+        parse_spec(text, where="s.yaml")
+    found = {(p.field, p.where) for p in exc.value.problems}
+    assert found == {
+        ("objective.primary", "s.yaml:5"),
+        ("objective.thresholds[1]", "s.yaml:8"),
+        ("data.train.columns.lable", "s.yaml:14"),
+        ("data.test.format", "s.yaml:15"),
+        ("eval.batch_size", "s.yaml:17"),  # a field error, reported with them
+        ("eval.golden[1].name", "s.yaml:20"),
+        ("curation.max_per_input", "s.yaml:22"),
+        ("search.metric", "s.yaml:24"),
+        ("search.space.lora.rank", "s.yaml:26"),
+    }
+    lines = [int(p.where.rpartition(":")[2]) for p in exc.value.problems]
+    assert lines == sorted(lines)  # in the order of the file
+
+
+def test_cross_field_rules_wait_for_the_fields_they_read():
+    """A task type that is not one reports that, not every metric as unknown for it."""
+    text = VALID.replace("type: classification", "type: regression").replace("accuracy", "nonsense")
+    with pytest.raises(SpecError) as exc:
+        parse_spec(text, where="s.yaml")
+    assert [p.field for p in exc.value.problems] == ["task.type"]
+
+
+def test_a_spec_built_in_code_is_checked_across_fields_too():
+    from pydantic import ValidationError
+
+    from tuneline.spec import Spec
+
+    data = {"name": "x", "task": {"type": "classification"}, "objective": {"primary": "rouge_l"},
+            "model": "smollm2-135m", "data": {"train": {"path": "t.csv"}}}
+    with pytest.raises(ValidationError, match="objective.primary: 'rouge_l' is not reported"):
+        Spec.model_validate(data)
 
 
 def test_missing_required_section():

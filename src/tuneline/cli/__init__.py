@@ -20,6 +20,7 @@ from tuneline.cli import data, evaluation, golden, registry, report, run, serve,
 from tuneline.cli.console import err_console, escape
 from tuneline.cli.exits import EXIT_ERROR, EXIT_INTERRUPTED
 from tuneline.errors import TunelineError
+from tuneline.runtime.extras import missing_extra
 
 if TYPE_CHECKING:
     from typer._click import Context as ClickContext  # the Click typer vendors
@@ -86,7 +87,12 @@ def main(args: list[str] | None = None) -> None:
     """Entry point: a tuneline error becomes a clear message and exit 1, Ctrl-C the resume hint and
     exit 130; usage errors are Click's (exit 2)."""
     try:
-        app(args=args, prog_name="tuneline")
+        try:
+            app(args=args, prog_name="tuneline")
+        except ModuleNotFoundError as missing:  # an optional extra the command needs: say which to install
+            if (error := missing_extra(missing)) is None:
+                raise
+            raise error from None
     except TunelineError as exc:
         err_console.print(f"[bold red]error:[/] {escape(exc.render())}", highlight=False)
         raise SystemExit(EXIT_ERROR) from None

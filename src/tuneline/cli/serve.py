@@ -11,6 +11,7 @@ import typer
 from tuneline.cli.console import err_console
 from tuneline.cli.options import WorkspaceOpt
 from tuneline.errors import Problem, TunelineError
+from tuneline.runtime.extras import require_extra
 
 
 def register(app: typer.Typer) -> None:
@@ -52,6 +53,7 @@ def serve(
     or NAME@3; /v1/chat/completions, /v1/completions, /v1/models, /v1/feedback, /healthz, /metrics.
     Without a valid key /healthz says only "ok". Every response is counted in /metrics by status and
     logged (stderr) with its request id (X-Request-Id)."""
+    require_extra("serve", "tuneline serve")
     import uvicorn
 
     from tuneline.serve import build_app, load_keys  # lazy: fastapi and torch at --help time

@@ -66,9 +66,10 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
+from tuneline.spec import PII_TYPES
+
 __all__ = ["PII_TYPES", "PLACEHOLDERS", "Redactor", "Span", "redact_json"]
 
-PII_TYPES: tuple[str, ...] = ("email", "phone", "card", "iban", "ip", "national_id")
 PLACEHOLDERS: dict[str, str] = {
     "email": "<EMAIL>",
     "phone": "<PHONE>",

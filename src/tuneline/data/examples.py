@@ -11,7 +11,7 @@ from typing import Any
 
 from tuneline.data.readers import Record
 from tuneline.errors import Problem
-from tuneline.spec.models import GENERATION_TASKS, TASK_COLUMNS, DataSource, TaskSpec
+from tuneline.spec import GENERATION_TASKS, TASK_COLUMNS, DataSource, TaskSpec
 
 Message = dict[str, str]
 log = logging.getLogger(__name__)

@@ -10,7 +10,7 @@ there is none (nothing to beat yet); any other quantity that was not measured fa
 from __future__ import annotations
 
 from tuneline.eval.results import EvalSuite, GateResult
-from tuneline.spec.models import GATE_SYSTEMS, ObjectiveSpec, Threshold
+from tuneline.spec import GATE_SYSTEMS, ObjectiveSpec, Threshold
 
 
 class Missing(Exception):

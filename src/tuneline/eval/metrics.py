@@ -26,11 +26,6 @@ import numpy as np
 
 from tuneline.eval.stats import Aggregate, macro_f1_metric, mean_metric, summed_stats_metric
 
-COMMON_METRICS = ("answer_tokens", "refusal_rate", "stopped_rate")
-
-# Lower is better for these; every other metric: higher is better.
-LOWER_IS_BETTER = frozenset({"invalid_rate", "refusal_rate", "answer_tokens"})
-
 _REFUSAL = re.compile(
     r"\b(i'?m sorry|i am sorry|i apologi[sz]e|i can(?:'|no)t|i cannot|i'?m (?:not able|unable)|i am (?:not able|unable)"
     r"|as an ai\b|i won'?t be able|i do not have the ability)", re.IGNORECASE)

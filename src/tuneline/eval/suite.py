@@ -24,8 +24,6 @@ from tuneline.eval import stats
 from tuneline.eval.gates import check_gates
 from tuneline.eval.generate import Decoding, Generation, LabelTrie, generate_detailed
 from tuneline.eval.metrics import (
-    COMMON_METRICS,
-    LOWER_IS_BETTER,
     Scored,
     bleu_tokenize_for,
     closest_reference,
@@ -47,7 +45,7 @@ from tuneline.eval.results import (
     SystemResult,
 )
 from tuneline.runtime.progress import progress_bar
-from tuneline.spec.models import GENERATION_TASKS, TASK_METRICS, Spec
+from tuneline.spec import COMMON_METRICS, GENERATION_TASKS, LOWER_IS_BETTER, TASK_METRICS, Spec
 
 log = logging.getLogger(__name__)
 

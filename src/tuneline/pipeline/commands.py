@@ -88,7 +88,7 @@ def evaluate(spec_path: str | Path, *, workspace: WorkspaceRef = None, adapter: 
              console: Console | None = None) -> EvalSuite:
     """Evaluate a trained adapter (default: the spec's last run) beside the base model and the
     production adapter, on the test split and the golden sets; record it in that run's MLflow run."""
-    ctx = open_context(spec_path, workspace, console=console, show_progress=show_progress)
+    ctx = open_context(spec_path, workspace, console=console, show_progress=show_progress, trains=False)
     spec, console, compute = ctx.spec, ctx.console, ctx.compute
     candidate = Path(adapter) if adapter else ctx.run_dir / "adapter"
     if not (candidate / "adapter_config.json").is_file() and not (candidate / "config.json").is_file():
@@ -147,7 +147,8 @@ def baseline(spec_path: str | Path, *, workspace: WorkspaceRef = None, show_prog
              console: Console | None = None) -> BaselineReport:
     """Measure the cheaper options on the test rows; beside the spec's last evaluated run when it was
     scored on the same rows; recommend one. Returns a :class:`tuneline.baseline.BaselineReport`."""
-    ctx = open_context(spec_path, workspace, console=console, show_progress=show_progress)
+    ctx = open_context(spec_path, workspace, console=console, show_progress=show_progress,
+                       trains=False)
     spec, compute = ctx.spec, ctx.compute
     test = evaluation_items(spec, ctx.data)
     if not test:

@@ -3,171 +3,57 @@
 Every model forbids unknown fields, so a typo is an error with the field path and line, never a
 silently ignored setting. Components are named by registered names (``lora``, ``smollm2-135m``),
 never by import paths: a spec file cannot run code.
+
+What the schema refers to lives beside it: task types (:mod:`tuneline.spec.tasks`), the metric
+catalogue (:mod:`tuneline.spec.metrics`), the gate grammar (:mod:`tuneline.spec.gates`), the rules
+across sections (:mod:`tuneline.spec.checks`) and dotted paths a search sets
+(:mod:`tuneline.spec.dotted`).
 """
 
 from __future__ import annotations
 
 import logging
-import operator
 import re
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Literal, get_args
 
 from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
     SerializerFunctionWrapHandler,
+    ValidationError,
+    ValidationInfo,
     field_validator,
     model_serializer,
     model_validator,
 )
 
+from tuneline.spec.checks import SpecParts, cross_field_problems
+from tuneline.spec.dotted import set_path
+from tuneline.spec.gates import Threshold
+from tuneline.spec.metrics import (
+    LOWER_IS_BETTER,
+    PERTURBATION_NAMES,
+    Perturbation,
+)
+from tuneline.spec.tasks import GENERATION_TASKS, TaskType
+
 log = logging.getLogger(__name__)
 
-TaskType = Literal["classification", "instruction", "chat", "summarization", "translation", "structured"]
-# Tasks where one input may have several good answers: different answers to one input are
-# references (all kept, all scored against), not conflicts. Classification and structured
-# (one correct output per input) treat them as conflicts.
-GENERATION_TASKS: tuple[str, ...] = ("instruction", "chat", "summarization", "translation")
 FileFormat = Literal["jsonl", "csv", "parquet"]
 
-# Metrics each task type can report; objective thresholds must name one of these.
-TASK_METRICS: dict[str, tuple[str, ...]] = {
-    "classification": ("accuracy", "macro_f1", "invalid_rate"),
-    "instruction": ("rouge_l", "bleu", "chrf", "exact_match"),
-    "chat": ("rouge_l", "bleu", "chrf", "exact_match"),
-    "summarization": ("rouge_l", "bleu", "chrf", "exact_match"),
-    "translation": ("bleu", "chrf", "exact_match"),
-    "structured": ("json_valid", "field_accuracy", "exact_match", "rouge_l", "bleu", "chrf"),
-}
-# Reported for every task: mean answer length in tokens, share of refusals, share of answers that
-# ended on their own (not at the token limit).
-COMMON_METRICS: tuple[str, ...] = ("answer_tokens", "refusal_rate", "stopped_rate")
 # An MLflow experiment name tuneline also uses as a folder name: nothing that leaves the folder.
 EXPERIMENT_NAME = re.compile(r"[^\W_][\w .+@=,-]*")
 
-# Logical columns each task type reads, and which of them must be present.
-TASK_COLUMNS: dict[str, dict[str, bool]] = {
-    "classification": {"text": True, "label": True},
-    "instruction": {"instruction": True, "input": False, "response": True},
-    "chat": {"messages": True},
-    "summarization": {"text": True, "summary": True},
-    "translation": {"source": True, "target": True},
-    "structured": {"instruction": True, "input": False, "response": True},  # the response is JSON
-}
+# Validation context key: the loader reports cross-field problems itself, with their lines
+CROSS_CHECKS_LATER = "tuneline.cross_checks_later"
 
 # The system prompt of a translation task without task.instruction
 TRANSLATION_PROMPT = "Translate the text from {source} to {target}. Answer with the translation only."
 
-_OPS = {">=": operator.ge, ">": operator.gt, "<=": operator.le, "<": operator.lt}
-_NUM = r"-?[0-9]*\.?[0-9]+(?:[eE][-+]?\d+)?"
-_TERM = r"[a-z_][a-z0-9_]*(?:\.[A-Za-z0-9_-]+)*"
-_GATE_RE = re.compile(rf"^\s*({_TERM}(?:\s*[-+]\s*{_TERM})*)\s*(>=|<=|>|<)\s*({_NUM})\s*$")
-
-# Gate quantities every task has beside its metrics (see tuneline.eval.gates)
-SPECIAL_GATES = ("forgetting", "robustness_drop", "p50_latency_ms", "p95_latency_ms", "tokens_per_second",
-                 "human_win_rate")
-Perturbation = Literal["typos", "casing", "whitespace", "paraphrase"]
-PERTURBATION_NAMES: tuple[Perturbation, ...] = ("typos", "casing", "whitespace", "paraphrase")
-GATE_SYSTEMS = ("base", "candidate", "production")
-
-
 class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-
-class Threshold(_Model):
-    """A gate such as ``accuracy >= 0.85`` or ``accuracy - base.accuracy >= 0.10``.
-
-    The left side is one quantity or a sum/difference of several: a metric of the candidate
-    (``accuracy``), of another system (``base.accuracy``, ``production.accuracy``), of the
-    candidate on a golden set (``golden.NAME.accuracy``, ``golden.NAME.base.accuracy``), or one of
-    ``forgetting``, ``robustness_drop``, ``robustness.KIND``, ``p50_latency_ms``, ``p95_latency_ms``,
-    ``tokens_per_second``, ``human_win_rate``."""
-
-    terms: list[tuple[int, str]]  # (+1 or -1, quantity)
-    op: Literal[">=", ">", "<=", "<"]
-    value: float
-
-    @classmethod
-    def parse(cls, text: str) -> Threshold:
-        m = _GATE_RE.match(text)
-        if not m:
-            raise ValueError(
-                f"cannot read threshold {text!r}; write it as 'metric >= value', e.g. 'accuracy >= 0.85' "
-                "or 'accuracy - base.accuracy >= 0.10'"
-            )
-        lhs = m.group(1)
-        terms: list[tuple[int, str]] = []
-        for sign, name in re.findall(rf"([-+]?)\s*({_TERM})", lhs):
-            terms.append((-1 if sign == "-" else 1, name))
-        return cls(terms=terms, op=m.group(2), value=float(m.group(3)))  # type: ignore[arg-type]
-
-    @property
-    def metric(self) -> str:
-        """The first quantity (the whole left side for a simple threshold)."""
-        return self.terms[0][1]
-
-    @property
-    def lhs(self) -> str:
-        out = ""
-        for i, (sign, name) in enumerate(self.terms):
-            out += (name if sign > 0 else f"-{name}") if i == 0 else (f" + {name}" if sign > 0 else f" - {name}")
-        return out
-
-    def check(self, observed: float) -> bool:
-        return bool(_OPS[self.op](observed, self.value))
-
-    def margin(self, observed: float) -> float:
-        """How far past (positive) or short of (negative) the threshold ``observed`` is."""
-        return observed - self.value if self.op in (">=", ">") else self.value - observed
-
-    def __str__(self) -> str:
-        return f"{self.lhs} {self.op} {self.value:g}"
-
-
-def gate_name_problem(name: str, task: str, golden: list[str]) -> str | None:
-    """Why ``name`` is not a quantity a gate can read for ``task`` (None when it is)."""
-    metrics = (*TASK_METRICS[task], *COMMON_METRICS)
-    parts = name.split(".")
-    if name in SPECIAL_GATES:
-        return None
-    if parts[0] == "robustness" and len(parts) == 2:
-        return None if parts[1] in PERTURBATION_NAMES else (
-            f"unknown perturbation {parts[1]!r}; choose one of {list(PERTURBATION_NAMES)}")
-    if parts[0] == "golden":
-        if len(parts) < 3:
-            return f"{name!r}: write golden.NAME.metric or golden.NAME.base.metric"
-        if parts[1] not in golden:
-            return f"{name!r}: no golden set named {parts[1]!r} in eval.golden (have {golden})"
-        parts = parts[2:]
-    if len(parts) == 2 and parts[0] in GATE_SYSTEMS:
-        parts = parts[1:]
-    if len(parts) == 1 and parts[0] in metrics:
-        return None
-    return (f"{name!r} is not reported for task {task!r}; use one of {list(metrics)} (optionally prefixed "
-            f"base., production. or golden.NAME.), or {list(SPECIAL_GATES)}")
-
-
-def set_path(d: dict[str, object], path: str, value: object) -> dict[str, object]:
-    """A copy of nested dict ``d`` with ``path`` (``lora.r``) set to ``value``; KeyError for an unknown path.
-
-    A comma-separated string set on ``target_modules`` becomes the list of module names."""
-    head, _, rest = path.partition(".")
-    if head not in d:
-        raise KeyError(path)
-    out = dict(d)
-    if rest:
-        inner = out[head]
-        if not isinstance(inner, dict):
-            raise KeyError(path)
-        out[head] = set_path(inner, rest, value)
-    else:
-        if head == "target_modules" and isinstance(value, str) and value != "all-linear":
-            value = [m.strip() for m in value.split(",") if m.strip()]
-        out[head] = value
-    return out
 
 
 class TaskSpec(_Model):
@@ -292,8 +178,9 @@ class DataSpec(_Model):
 
 
 Policy = Literal["fail", "drop", "warn"]
+# The kinds of PII that curation.pii.types may name and tuneline.curation.pii detects
 PiiType = Literal["email", "phone", "card", "iban", "ip", "national_id"]
-PII_TYPES: tuple[PiiType, ...] = ("email", "phone", "card", "iban", "ip", "national_id")
+PII_TYPES: tuple[PiiType, ...] = get_args(PiiType)
 
 
 class ValidationSpec(_Model):
@@ -521,16 +408,8 @@ class DecodingSpec(_Model):
         return v
 
 
-# validation metrics where lower is better (every other metric: higher is better)
-LOWER_IS_BETTER = ("eval_loss", "invalid_rate", "refusal_rate")
 # train fields a search may not vary: they change what is recorded, not what is learned
 NOT_SEARCHABLE = ("checkpoint_every", "log_every", "early_stopping", "precision", "compile")
-
-
-def validation_metric_problem(metric: str, task: str) -> str | None:
-    """Why ``metric`` cannot be measured on the validation split during training (None when it can)."""
-    allowed = ("eval_loss", *TASK_METRICS[task])
-    return None if metric in allowed else f"{metric!r} is not measured for task {task!r}; use one of {list(allowed)}"
 
 
 class ParamSpace(_Model):
@@ -619,6 +498,29 @@ class SearchSpec(_Model):
 
     def resolved_direction(self, metric: str) -> str:
         return self.direction or ("minimize" if metric in LOWER_IS_BETTER else "maximize")
+
+    def space_problems(self, train: TrainSpec) -> list[tuple[str, str]]:
+        """(path, why) for each searched parameter that is not a train parameter a search may vary,
+        or whose range reaches a value ``train`` would refuse."""
+        problems: list[tuple[str, str]] = []
+        base = train.model_dump()
+        for path, space in self.space.items():
+            if path.split(".")[0] in NOT_SEARCHABLE:
+                problems.append((path, "not a parameter a search may vary"))
+                continue
+            for value in space.endpoints():
+                try:
+                    TrainSpec.model_validate(set_path(base, path, value))
+                except KeyError:
+                    problems.append((path, f"train has no parameter {path!r}; use one of "
+                                           f"{[k for k in TrainSpec.model_fields if k not in NOT_SEARCHABLE]} "
+                                           "or lora.r, lora.alpha, lora.dropout, lora.target_modules"))
+                    break
+                except ValidationError as e:
+                    problems.append((path, f"the value {value!r} is not valid for train.{path}: "
+                                           f"{e.errors()[0]['msg']}"))
+                    break
+        return problems
 
 
 BaselineOption = Literal["prompt", "few_shot", "retrieval", "embedding"]
@@ -724,90 +626,12 @@ class Spec(_Model):
         return data
 
     @model_validator(mode="after")
-    def _cross_checks(self) -> Spec:
-        problems: list[str] = []
-        metrics = TASK_METRICS[self.task.type]
-        if self.objective.primary not in metrics:
-            problems.append(
-                f"objective.primary {self.objective.primary!r} is not reported for task "
-                f"{self.task.type!r}; choose one of {list(metrics)}"
-            )
-        golden = [g.name for g in self.eval.golden]
-        for t in self.objective.parsed_thresholds():
-            for _, name in t.terms:
-                if (why := gate_name_problem(name, self.task.type, golden)) is not None:
-                    problems.append(f"objective.thresholds {str(t)!r}: {why}")
-        dup = sorted({g for g in golden if golden.count(g) > 1})
-        if dup:
-            problems.append(f"eval.golden: names must be unique, repeated: {dup}")
-        known = TASK_COLUMNS[self.task.type]
-        sources: list[tuple[str, DataSource | None]] = [(s, getattr(self.data, s)) for s in ("train", "eval", "test")]
-        sources += [(f"eval.golden.{g.name}", g) for g in self.eval.golden]
-        for split, src in sources:
-            if src is None:
-                continue
-            for logical in src.columns:
-                if logical not in known:
-                    problems.append(
-                        f"data.{split}.columns: {logical!r} is not a column of task "
-                        f"{self.task.type!r}; map one of {list(known)}"
-                    )
-            if src.resolved_format() not in ("jsonl", "csv", "parquet"):
-                problems.append(
-                    f"data.{split}.format: cannot infer the format of {src.path!r}; "
-                    "set format to jsonl, csv or parquet"
-                )
-        problems += self._curation_problems()
-        problems += self._search_problems()
+    def _cross_checks(self, info: ValidationInfo) -> Spec:
+        """Rules across sections (:mod:`tuneline.spec.checks`). The loader checks them itself, beside
+        the field errors and with their lines, and passes :data:`CROSS_CHECKS_LATER`."""
+        if info.context and info.context.get(CROSS_CHECKS_LATER):
+            return self
+        problems = cross_field_problems(SpecParts.of(self))
         if problems:
-            raise ValueError("; ".join(problems))
+            raise ValueError("; ".join(str(p) for p in problems))
         return self
-
-    def _curation_problems(self) -> list[str]:
-        """Curation settings that only fit some task types."""
-        problems: list[str] = []
-        task = self.task.type
-        if task in GENERATION_TASKS:
-            return problems
-        if self.curation.dedup.conflicts == "references":
-            problems.append(
-                f"curation.dedup.conflicts: 'references' (keep different answers to one input) applies only to "
-                f"generation tasks ({', '.join(GENERATION_TASKS)}); task {task!r} has one correct answer per "
-                "input, so different answers to one input are a conflict: use drop, keep_first or warn, or "
-                "omit the setting (drop)")
-        if self.curation.max_per_input is not None:
-            problems.append(
-                f"curation.max_per_input: applies only to generation tasks ({', '.join(GENERATION_TASKS)}), whose "
-                f"inputs may have several answers; task {task!r} keeps one answer per input: remove the setting"
-                + (" (cap rows per label with curation.max_per_class)" if task == "classification" else ""))
-        return problems
-
-    def _search_problems(self) -> list[str]:
-        problems: list[str] = []
-        es = self.train.early_stopping
-        if es is not None and es.metric and (why := validation_metric_problem(es.metric, self.task.type)):
-            problems.append(f"train.early_stopping.metric: {why}")
-        if self.search is None:
-            return problems
-        if self.search.metric and (why := validation_metric_problem(self.search.metric, self.task.type)):
-            problems.append(f"search.metric: {why}")
-        base = self.train.model_dump()
-        for path, space in self.search.space.items():
-            head = path.split(".")[0]
-            if head in NOT_SEARCHABLE:
-                problems.append(f"search.space.{path}: not a parameter a search may vary")
-                continue
-            for value in space.endpoints():
-                try:
-                    TrainSpec.model_validate(set_path(base, path, value))
-                except KeyError:
-                    problems.append(f"search.space.{path}: train has no parameter {path!r}; use one of "
-                                    f"{[k for k in TrainSpec.model_fields if k not in NOT_SEARCHABLE]} "
-                                    "or lora.r, lora.alpha, lora.dropout, lora.target_modules")
-                    break
-                except ValueError as e:
-                    first = e.errors()[0] if hasattr(e, "errors") else {"msg": str(e)}
-                    problems.append(f"search.space.{path}: the value {value!r} is not valid for train.{path}: "
-                                    f"{first.get('msg')}")
-                    break
-        return problems
