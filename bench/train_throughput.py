@@ -34,7 +34,7 @@ HELD_OUT = 200  # rows after the training rows, never trained on: both models' l
 
 
 def _examples(n: int):
-    from tuneline.data import prepare
+    from tuneline.curation import prepare
     from tuneline.spec import load_spec
 
     return prepare(load_spec(SPEC)).train[:n]

@@ -13,8 +13,7 @@ from typing import Any
 
 from tuneline.artifacts import ADAPTER_SHA_TAG, atomic_write_text, replace_dir, tree_sha256
 from tuneline.baseline import baseline_table
-from tuneline.curation import DatasetVersion
-from tuneline.data import PreparedData, prepare
+from tuneline.curation import DatasetVersion, PreparedData, prepare
 from tuneline.errors import Problem, TrainingError
 from tuneline.eval import (
     EvalSet,

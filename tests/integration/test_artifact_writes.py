@@ -16,7 +16,7 @@ def test_a_failed_adapter_save_leaves_the_previous_adapter_whole(classification_
                                                                  tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from tuneline.data import prepare
+    from tuneline.curation import prepare
     from tuneline.spec import load_spec
     from tuneline.train import train
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from tuneline.data import prepare
+from tuneline.curation import prepare
 from tuneline.spec import load_spec
 from tuneline.train.loop import Validation, train
 

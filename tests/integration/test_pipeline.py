@@ -10,7 +10,7 @@ import torch
 from helpers import tolerance
 
 import tuneline
-from tuneline.data import prepare
+from tuneline.curation import prepare
 from tuneline.errors import TrainingError
 from tuneline.spec import load_spec
 from tuneline.train import train

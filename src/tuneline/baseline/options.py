@@ -10,6 +10,7 @@ accuracy, the paired bootstrap otherwise, at p < 0.05).
 from __future__ import annotations
 
 import logging
+import math
 import random
 import time
 from dataclasses import asdict, dataclass, field
@@ -17,8 +18,12 @@ from typing import Any
 
 import numpy as np
 
+from tuneline.curation.steps import input_of
 from tuneline.data.examples import Example
+from tuneline.data.tokenize import encode_prompt
 from tuneline.eval import stats
+from tuneline.eval.generate import Decoding, LabelTrie, generate_detailed
+from tuneline.eval.metrics import bleu_tokenize_for, score
 from tuneline.eval.results import Estimate
 from tuneline.retrieval.index import (
     NearestIndex,
@@ -162,8 +167,6 @@ def measure(ctx: Context) -> BaselineReport:
 
 
 def _text(ex: Example) -> str:
-    from tuneline.curation.steps import input_of
-
     return input_of(ex)
 
 
@@ -172,8 +175,6 @@ def _skipped(name: str, desc: str, why: str) -> OptionResult:
 
 
 def _trie(ctx: Context, template: Example) -> Any:
-    from tuneline.eval.generate import LabelTrie
-
     spec, tok = ctx.spec, ctx.tokenizer
     if spec.task.type != "classification" or not spec.eval.constrain_to_labels or not ctx.labels:
         return None
@@ -182,8 +183,6 @@ def _trie(ctx: Context, template: Example) -> Any:
 
 
 def _generate(ctx: Context, examples: list[Example], what: str, batch_size: int | None = None) -> Any:
-    from tuneline.eval.generate import Decoding, generate_detailed
-
     trie = _trie(ctx, examples[0])
     decoding = Decoding(max_new_tokens=trie.max_len) if trie else Decoding.of(ctx.spec.decoding)
     return generate_detailed(ctx.model, ctx.tokenizer, examples, batch_size=batch_size or ctx.spec.eval.batch_size,
@@ -213,7 +212,6 @@ def _timed(fn: Any, rows: list[int]) -> tuple[float | None, float | None]:
 def _generated_option(ctx: Context, name: str, desc: str, prompts: list[Example], one_off: float,
                       single: Any = None) -> OptionResult:
     """Score generated answers to ``prompts``; time single requests (``single(row)`` or one prompt alone)."""
-    from tuneline.data.tokenize import encode_prompt
 
     gen = _already_answered(ctx, prompts) or _generate(ctx, prompts, name)
     option = _scored(ctx, name, desc, gen.texts, gen.tokens, gen.stopped, one_off)
@@ -236,8 +234,6 @@ def _already_answered(ctx: Context, prompts: list[Example]) -> Any:
 
 def _scored(ctx: Context, name: str, desc: str, texts: list[str], tokens: list[int] | None,
             stopped: list[bool] | None, one_off: float) -> OptionResult:
-    from tuneline.eval.metrics import bleu_tokenize_for, score
-
     sc = score(ctx.spec.task.type, texts, [ex.all_references for ex in ctx.test], ctx.labels,
                primary=ctx.spec.objective.primary, answer_tokens=tokens, stopped=stopped,
                bleu_tokenize=bleu_tokenize_for(ctx.spec))
@@ -253,8 +249,6 @@ def _scored(ctx: Context, name: str, desc: str, texts: list[str], tokens: list[i
 
 
 def _prompt_only(ctx: Context, desc: str) -> OptionResult:
-    from tuneline.data.tokenize import encode_prompt
-
     prompts = list(ctx.test)
     if ctx.spec.task.type == "classification" and ctx.labels:
         listed = [with_label_set(ex, ctx.labels) for ex in prompts]
@@ -335,7 +329,6 @@ def add_system(report: BaselineReport, name: str, desc: str, suite_set: Any, spe
                one_off_seconds: float, p50_ms: float | None, p95_ms: float | None,
                prompt_tokens: float | None, system: str = "candidate") -> None:
     """Add an evaluated system (the fine-tuned candidate) from the evaluation's set results."""
-    from tuneline.eval.metrics import bleu_tokenize_for, score
 
     res = suite_set.system(system) if suite_set is not None else None
     if res is None:
@@ -398,7 +391,6 @@ def recommend(report: BaselineReport, resamples: int = 1000) -> BaselineReport:
 def _cost_key(o: OptionResult) -> tuple[float, float]:
     """Cheaper first: the one-off cost on a log scale in steps of 2x (so 0.3 s and 0.9 s of indexing
     count alike, 10 minutes of training does not), then the per-request latency."""
-    import math
 
     return (math.floor(math.log2(1 + o.one_off_seconds)), o.p50_ms if o.p50_ms is not None else float("inf"))
 

@@ -24,6 +24,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from tuneline.curation.pii import Redactor, redact_json
 from tuneline.curation.steps import (
     Recorder,
     Reject,
@@ -39,8 +40,19 @@ from tuneline.curation.steps import (
     stratified_split,
     text_of,
 )
+from tuneline.curation.textops import (
+    NgramIndex,
+    alpha_ratio,
+    dedup_key,
+    near_duplicates,
+    near_duplicates_paired,
+    normalize_text,
+    repetition_ratio,
+)
+from tuneline.data import read_golden_examples
 from tuneline.data.examples import Example, build_examples, check_columns, sample_examples
 from tuneline.data.readers import read_records
+from tuneline.data.tokenize import lengths_over
 from tuneline.errors import DataError, Problem
 from tuneline.spec.loader import LoadedSpec
 from tuneline.spec.models import GENERATION_TASKS, CurationSpec, DedupSpec
@@ -204,8 +216,6 @@ def _read_and_validate(
                 splits[split] = kept
 
         if tokenizer is not None:
-            from tuneline.data.tokenize import lengths_over
-
             limit = spec.train.seq_len
             for split, examples in splits.items():
                 over = lengths_over(tokenizer, examples, limit)
@@ -265,8 +275,6 @@ def _apply_example(policy: str, kind: str, p: Problem, split: str, ex: Example, 
 
 
 def _normalize(cur: CurationSpec, splits: Splits, rec: Recorder) -> Splits:
-    from tuneline.curation.textops import normalize_text
-
     cfg = cur.normalize
     with rec.step("normalize", cfg.model_dump(), splits) as report:
         if not cfg.enabled:
@@ -291,8 +299,6 @@ def _normalize(cur: CurationSpec, splits: Splits, rec: Recorder) -> Splits:
 def _pii(cur: CurationSpec, splits: Splits, rec: Recorder, out: Curated) -> Splits:
     """Redact (or drop) rows with PII. Rejects hold no PII either: a dropped row is kept in its
     redacted form, and rows earlier steps rejected (kept as read) are redacted here too."""
-    from tuneline.curation.pii import Redactor, redact_json
-
     cfg = cur.pii
     with rec.step("pii", cfg.model_dump(), splits) as report:
         if cfg.policy == "off":
@@ -334,8 +340,6 @@ def _pii(cur: CurationSpec, splits: Splits, rec: Recorder, out: Curated) -> Spli
 
 
 def _quality(cur: CurationSpec, splits: Splits, rec: Recorder) -> Splits:
-    from tuneline.curation.textops import alpha_ratio, repetition_ratio
-
     cfg = cur.quality
     with rec.step("quality", cfg.model_dump(), splits) as report:
         result: Splits = {}
@@ -384,8 +388,6 @@ def dedup_rule(task: str, cfg: DedupSpec) -> str:
 
 
 def _dedup(cur: CurationSpec, task: str, splits: Splits, rec: Recorder, out: Curated) -> Splits:
-    from tuneline.curation.textops import dedup_key, near_duplicates, near_duplicates_paired
-
     cfg = cur.dedup
     conflicts = cfg.resolved_conflicts(task)
     paired = task in GENERATION_TASKS  # near-duplicates over input and answer
@@ -457,8 +459,6 @@ def _dedup(cur: CurationSpec, task: str, splits: Splits, rec: Recorder, out: Cur
 
 def _golden_rows(loaded: LoadedSpec) -> dict[str, tuple[list[Example], str]]:
     """Each golden set's rows and file hash: training must never see them."""
-    from tuneline.data import read_golden_examples
-
     return {g.name: read_golden_examples(loaded, g) for g in loaded.spec.eval.golden}
 
 
@@ -468,8 +468,6 @@ def _decontaminate(cur: CurationSpec, splits: Splits, held_out: dict[str, list[E
     its n-grams with the evaluation inputs (all held-out sources together). The step's details
     say, per held-out source, how many training rows matched it exactly and by n-gram overlap (a
     row can match several sources)."""
-    from tuneline.curation.textops import NgramIndex
-
     cfg = cur.decontaminate
     against: list[str] = ["validation", "test"] + [f"golden:{k}@{sha[:16]}" for k, sha in (golden or {}).items()]
     with rec.step("decontaminate", {**cfg.model_dump(), "against": against}, splits) as report:

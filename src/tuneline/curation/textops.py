@@ -15,6 +15,7 @@ import re
 import unicodedata
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from functools import cache
 from itertools import chain
 from typing import TYPE_CHECKING, Any, Literal
@@ -264,7 +265,6 @@ def _row_shingles(
     The rows go in chunks; while one chunk's words are numbered and hashed, the next chunks are
     split into words in other threads (Arrow and numpy release the GIL, so a second core helps).
     """
-    from concurrent.futures import ThreadPoolExecutor
 
     import numpy as np
     import pyarrow as pa

@@ -3,15 +3,19 @@ search, with the decoding settings of the spec (:class:`Decoding`) that the serv
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 from tuneline.data.examples import Example
 from tuneline.data.tokenize import IGNORE_INDEX, encode_example, encode_prompt, end_of_turn
+from tuneline.errors import DataError
 from tuneline.models.loading import inference_attention
+from tuneline.runtime import cache_argument_of
 
 
 class LabelTrie:
@@ -112,8 +116,6 @@ class Decoding:
 
 def read_decoding(adapter_dir: Any) -> Decoding | None:
     """The decoding settings saved with an adapter (``decoding.json``), None when it has none."""
-    import json
-    from pathlib import Path
 
     path = Path(adapter_dir) / DECODING_FILE
     return Decoding.of(json.loads(path.read_text(encoding="utf-8"))) if path.is_file() else None
@@ -304,8 +306,6 @@ def generate_detailed(
 
 
 def _end_of_turn_id(tokenizer: Any) -> int | None:
-    from tuneline.errors import DataError
-
     try:
         tid = tokenizer.convert_tokens_to_ids(end_of_turn(tokenizer))
     except DataError:
@@ -334,7 +334,6 @@ def _prefix_cache(model: Any, prefix_ids: Any, rows: int) -> Any:
 
 def _generate_cache_argument(model: Any) -> str:
     """The keyword for a KV cache: ``cache`` (transformers >= 5.24) or ``past_key_values``."""
-    from tuneline.runtime import cache_argument_of
 
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     return cache_argument_of(type(base).forward)

@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from tuneline.curation.steps import input_of
 from tuneline.data.examples import Example
 from tuneline.eval import stats
 from tuneline.eval.gates import check_gates
@@ -31,6 +32,8 @@ from tuneline.eval.metrics import (
     closest_reference,
     score,
 )
+from tuneline.eval.perturb import perturb_example
+from tuneline.eval.probe import load_probe, probe_correct, probe_examples
 from tuneline.eval.results import (
     FLIP_DELTA,
     Comparison,
@@ -90,8 +93,6 @@ class Evaluation:
         for s in self.sets:
             self.answers[(s.name, name)] = self._generate(model, prompts(s.examples), f"{name} on {s.name}")
         if self.spec.eval.forgetting and name in ("base", "candidate"):
-            from tuneline.eval.probe import load_probe, probe_examples
-
             self.probe[name] = self._generate(model, prompts(probe_examples(load_probe())),
                                               f"{name} forgetting probe", constrained=False,
                                               decoding=Decoding(max_new_tokens=24))  # fixed: greedy, 24 tokens
@@ -121,8 +122,6 @@ class Evaluation:
         )
 
     def _robustness(self, model: Any, prompts: Callable[[list[Example]], list[Example]]) -> None:
-        from tuneline.eval.perturb import perturb_example
-
         cfg = self.spec.eval.robustness
         main = self.sets[0].examples if self.sets else []
         if not cfg.enabled or not main:
@@ -189,7 +188,6 @@ class Evaluation:
                         flips[f"candidate_vs_{other}"] = _flips(spec, s, scored["candidate"], scored[other],
                                                                 self.answers[(s.name, "candidate")],
                                                                 self.answers[(s.name, other)])
-            from tuneline.curation.steps import input_of
 
             set_results.append(SetResult(
                 name=s.name, kind=s.kind, n=n, systems=results, comparisons=comparisons, flips=flips,
@@ -206,7 +204,6 @@ class Evaluation:
     def _forgetting(self, resamples: int) -> Forgetting | None:
         if "base" not in self.probe or "candidate" not in self.probe:
             return None
-        from tuneline.eval.probe import load_probe, probe_correct
 
         questions = load_probe()
         base = np.array([probe_correct(a, q) for a, q in zip(self.probe["base"].texts, questions, strict=True)])
@@ -258,7 +255,6 @@ def _flips(spec: Spec, s: EvalSet, a: Scored, b: Scored, a_gen: Generation, b_ge
 
     Generation tasks, where an answer is rarely right or wrong as a whole: the items whose primary
     score moved by at least :data:`FLIP_DELTA`, improved or worsened, largest change first."""
-    from tuneline.curation.steps import input_of
 
     picks: list[tuple[int, str, float | None]]
     if spec.task.type in GENERATION_TASKS:

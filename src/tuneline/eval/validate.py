@@ -13,7 +13,12 @@ from typing import Any
 
 from tuneline.data.examples import Example
 from tuneline.errors import Problem, TrainingError
+from tuneline.eval.generate import Decoding, LabelTrie, generate_detailed
+from tuneline.eval.items import group_items
+from tuneline.eval.metrics import bleu_tokenize_for, score
+from tuneline.runtime import autocast_for
 from tuneline.spec.models import LOWER_IS_BETTER, Spec
+from tuneline.train.loop import encode_all, evaluate_loss
 
 
 def sample_rows(examples: list[Example], rows: int, seed: int) -> list[Example]:
@@ -33,13 +38,9 @@ def make_scorer(spec: Spec, tokenizer: Any, examples: list[Example], labels: lis
             f"validating on {metric!r} needs a validation split, and this spec has none",
             field="data.eval", hint="add data.eval, or set curation.split.validation above 0"))
     if metric != "eval_loss":  # generated answers are scored per item, all of an input's answers its references
-        from tuneline.eval.items import group_items
-
         examples = group_items(examples, spec.task.type)
     picked = sample_rows(examples, rows, seed)
     if metric == "eval_loss":
-        from tuneline.train.loop import encode_all, evaluate_loss
-
         encoded = encode_all(tokenizer, picked, spec.train.seq_len)[0]
         pad = tokenizer.pad_token_id
 
@@ -47,10 +48,6 @@ def make_scorer(spec: Spec, tokenizer: Any, examples: list[Example], labels: lis
             return evaluate_loss(model, encoded, spec.eval.batch_size, pad, precision, device)
 
         return loss
-
-    from tuneline.eval.generate import Decoding, LabelTrie, generate_detailed
-    from tuneline.eval.metrics import bleu_tokenize_for, score
-    from tuneline.runtime import autocast_for
 
     trie = None
     if spec.task.type == "classification" and spec.eval.constrain_to_labels and labels:

@@ -25,6 +25,7 @@ on two machines could both undo the same promotion).
 
 from __future__ import annotations
 
+import fcntl
 import getpass
 import hashlib
 import json
@@ -148,7 +149,6 @@ def lock_path(uri: str) -> Path:
 @contextmanager
 def _locked(uri: str) -> Iterator[None]:
     """Hold the registry lock of ``uri`` (an exclusive ``flock``; it is released when the process dies)."""
-    import fcntl
 
     path = lock_path(uri)
     path.parent.mkdir(parents=True, exist_ok=True)
