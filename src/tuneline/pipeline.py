@@ -29,7 +29,7 @@ from tuneline.eval.validate import sample_rows
 from tuneline.models import load_model, load_tokenizer, resolve_model_source
 from tuneline.runtime import Compute, autocast_for
 from tuneline.spec import LoadedSpec, load_spec
-from tuneline.train import TrainResult, train
+from tuneline.train import TrainOptions, TrainResult, train
 from tuneline.train.checkpoint import latest_checkpoint
 from tuneline.workspace import Workspace
 
@@ -231,12 +231,12 @@ def run(
             else:
                 # a resumed search run may have stopped before training began: then train from the start
                 train_resume = resume and (found is None or latest_checkpoint(run_dir / "checkpoints") is not None)
-                model, result = train(
-                    train_cfg, model, tokenizer, trained_on.train, run_dir, resume=train_resume,
+                model, result = train(train_cfg, model, tokenizer, trained_on.train, run_dir, TrainOptions(
+                    resume=train_resume,
                     eval_examples=sample_rows(trained_on.eval, EVAL_LOSS_ROWS, train_cfg.seed) or None,
                     fingerprint=fingerprint, device=device, on_step=on_step, show_progress=show_progress,
-                    validation=_early_stopping(loaded, train_cfg, tokenizer, trained_on, precision, device),
-                )
+                    early_stopping=_early_stopping(loaded, train_cfg, tokenizer, trained_on, precision, device),
+                ))
         finally:
             flush()
         mlflow.log_metrics({k: float(v) for k, v in result.to_dict().items()
@@ -384,13 +384,13 @@ def _early_stopping(loaded: LoadedSpec, cfg: Any, tokenizer: Any, data: Prepared
     if es is None:
         return None
     from tuneline.eval.validate import make_scorer, maximize
-    from tuneline.train.loop import Validation, steps_per_epoch
+    from tuneline.train.loop import EarlyStoppingCheck, steps_per_epoch
 
     metric = es.metric or loaded.spec.objective.primary
     score = make_scorer(loaded.spec, tokenizer, data.eval, data.labels, metric, precision=precision, device=device,
                         rows=es.rows, seed=cfg.seed)
     every = max(1, round(es.every * steps_per_epoch(len(data.train), cfg)))
-    return Validation(every=every, score=score, maximize=maximize(metric), patience=es.patience,
+    return EarlyStoppingCheck(every=every, score=score, maximize=maximize(metric), patience=es.patience,
                       min_delta=es.min_delta, keep_best=True)
 
 

@@ -311,7 +311,7 @@ def test_validation_scorer_scores_items(tmp_path: Path, monkeypatch: pytest.Monk
         return Generation([ex.all_references[-1] for ex in examples], 0.0, [True] * len(examples),
                           [3] * len(examples))
 
-    monkeypatch.setattr(sys.modules["tuneline.eval.generate"], "generate_detailed", fake)
+    monkeypatch.setattr(sys.modules["tuneline.eval.validate"], "generate_detailed", fake)
     write_jsonl(tmp_path / "train.jsonl", [{"text": "x", "summary": "y"}])
     spec = load_spec(write_spec(tmp_path, """
         name: t
@@ -367,7 +367,7 @@ def test_the_prompt_baseline_reuses_the_base_models_answers_to_the_same_prompts(
 
     monkeypatch.setattr(options, "_generate", generate)
     monkeypatch.setattr(options, "_timed", lambda fn, rows: (1.0, 2.0))
-    monkeypatch.setattr("tuneline.data.tokenize.encode_prompt", lambda tok, ex: [0, 1, 2])
+    monkeypatch.setattr(options, "encode_prompt", lambda tok, ex: [0, 1, 2])
     known = Generation(PREDICTIONS, 0.0, [True] * 4, [5] * 4)
 
     def prompt_option(answered):
