@@ -324,7 +324,7 @@ def _with_fine_tuned(report: Any, suite: EvalSuite, loaded: LoadedSpec, tokenize
     """Add the evaluated candidate (cost: its training time; the hybrid's: plus indexing) and recommend."""
     import numpy as np
 
-    from tuneline.baseline import add_system, recommend
+    from tuneline.baseline import SystemCosts, add_system, recommend
     from tuneline.data.tokenize import encode_prompt
 
     test = evaluation_items(loaded.spec, data)
@@ -334,9 +334,9 @@ def _with_fine_tuned(report: Any, suite: EvalSuite, loaded: LoadedSpec, tokenize
                              "indexing and training)") if retriever is not None
                   else ("fine_tuned", "the fine-tuned candidate (cost: its training time)"))
     one_off = train_seconds + (float(retriever.index.meta.get("seconds", 0.0)) if retriever is not None else 0.0)
-    add_system(report, name, what, suite.main_set(), loaded.spec, data.labels, one_off,
-               lat.p50_ms if lat else None, lat.p95_ms if lat else None,
-               float(np.mean([len(encode_prompt(tokenizer, ex)) for ex in prompts])) if prompts else None)
+    add_system(report, name, what, suite.main_set(), loaded.spec, data.labels, SystemCosts(
+        one_off, lat.p50_ms if lat else None, lat.p95_ms if lat else None,
+        float(np.mean([len(encode_prompt(tokenizer, ex)) for ex in prompts])) if prompts else None))
     recommend(report, loaded.spec.eval.bootstrap)
 
 
@@ -383,12 +383,12 @@ def _early_stopping(loaded: LoadedSpec, cfg: Any, tokenizer: Any, data: Prepared
     es = cfg.early_stopping
     if es is None:
         return None
-    from tuneline.eval.validate import make_scorer, maximize
+    from tuneline.eval.validate import RowSample, make_scorer, maximize
     from tuneline.train.loop import EarlyStoppingCheck, steps_per_epoch
 
     metric = es.metric or loaded.spec.objective.primary
     score = make_scorer(loaded.spec, tokenizer, data.eval, data.labels, metric, precision=precision, device=device,
-                        rows=es.rows, seed=cfg.seed)
+                        sample=RowSample(es.rows, cfg.seed))
     every = max(1, round(es.every * steps_per_epoch(len(data.train), cfg)))
     return EarlyStoppingCheck(every=every, score=score, maximize=maximize(metric), patience=es.patience,
                       min_delta=es.min_delta, keep_best=True)

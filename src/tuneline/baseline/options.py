@@ -22,9 +22,9 @@ from tuneline.curation.steps import input_of
 from tuneline.data.examples import Example
 from tuneline.data.tokenize import encode_prompt
 from tuneline.eval import stats
-from tuneline.eval.generate import Decoding, LabelTrie, generate_detailed
+from tuneline.eval.generate import Decoding, GenerateOptions, LabelTrie, generate_detailed
 from tuneline.eval.metrics import bleu_tokenize_for, score
-from tuneline.eval.results import Estimate
+from tuneline.eval.results import Estimate, SetResult
 from tuneline.retrieval.index import (
     NearestIndex,
     retrieval_prompts,
@@ -185,10 +185,10 @@ def _trie(ctx: Context, template: Example) -> Any:
 def _generate(ctx: Context, examples: list[Example], what: str, batch_size: int | None = None) -> Any:
     trie = _trie(ctx, examples[0])
     decoding = Decoding(max_new_tokens=trie.max_len) if trie else Decoding.of(ctx.spec.decoding)
-    return generate_detailed(ctx.model, ctx.tokenizer, examples, batch_size=batch_size or ctx.spec.eval.batch_size,
-                             decoding=decoding,
-                             autocast=ctx.autocast, device=ctx.device, description=f"baseline {what}",
-                             show_progress=ctx.show_progress, labels=trie, share_prefix=len(examples) > 1)
+    return generate_detailed(ctx.model, ctx.tokenizer, examples, GenerateOptions(
+        batch_size=batch_size or ctx.spec.eval.batch_size, decoding=decoding, autocast=ctx.autocast,
+        device=ctx.device, description=f"baseline {what}", show_progress=ctx.show_progress, labels=trie,
+        share_prefix=len(examples) > 1))
 
 
 def _latency_rows(ctx: Context) -> list[int]:
@@ -325,18 +325,27 @@ def _embedding(ctx: Context, desc: str, train_vectors: np.ndarray, index_seconds
 
 # --- the fine-tuned model and the recommendation ------------------------------------------------
 
-def add_system(report: BaselineReport, name: str, desc: str, suite_set: Any, spec: Spec, labels: list[str] | None,
-               one_off_seconds: float, p50_ms: float | None, p95_ms: float | None,
-               prompt_tokens: float | None, system: str = "candidate") -> None:
+@dataclass(frozen=True)
+class SystemCosts:
+    """What an evaluated system costs: once (training, indexing), per request, and in prompt tokens."""
+
+    one_off_seconds: float
+    p50_ms: float | None
+    p95_ms: float | None
+    prompt_tokens: float | None  # mean prompt length in tokens (None: no prompt)
+
+
+def add_system(report: BaselineReport, name: str, desc: str, suite_set: SetResult | None, spec: Spec,
+               labels: list[str] | None, costs: SystemCosts, system: str = "candidate") -> None:
     """Add an evaluated system (the fine-tuned candidate) from the evaluation's set results."""
 
     res = suite_set.system(system) if suite_set is not None else None
-    if res is None:
+    if suite_set is None or res is None:
         return
     sc = score(spec.task.type, list(res.predictions), suite_set.all_references(), labels,
                primary=spec.objective.primary, bleu_tokenize=bleu_tokenize_for(spec))
     report.options.append(OptionResult(
-        name, desc, dict(res.metrics), one_off_seconds, p50_ms, p95_ms, prompt_tokens,
+        name, desc, dict(res.metrics), costs.one_off_seconds, costs.p50_ms, costs.p95_ms, costs.prompt_tokens,
         scores=[float(x) for x in sc.primary_scores],
         correct=[bool(x) for x in sc.correct] if sc.correct is not None else None,
         predictions=list(res.predictions), aggregate=sc.metrics.get(spec.objective.primary)))

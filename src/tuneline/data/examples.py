@@ -211,13 +211,22 @@ def _chat_messages(value: Any) -> list[Message] | str:
     return out
 
 
+def sample_rows(examples: list[Example], rows: int, seed: int, *, keep_order: bool = True) -> list[Example]:
+    """At most ``rows`` of ``examples``, a seeded sample: in input order, or (``keep_order=False``)
+    in the order drawn. The one seeded sampler; :func:`sample_examples` adds stratification."""
+    if len(examples) <= rows:
+        return list(examples)
+    picked = random.Random(seed).sample(range(len(examples)), rows)
+    return [examples[i] for i in (sorted(picked) if keep_order else picked)]
+
+
 def sample_examples(examples: list[Example], max_rows: int, stratify: bool, seed: int) -> list[Example]:
     """Deterministic subset of at most ``max_rows``; stratified by label keeps every label present."""
-    rng = random.Random(seed)
     if len(examples) <= max_rows:
         return list(examples)
     if not stratify or examples[0].label is None:
-        return rng.sample(examples, max_rows)
+        return sample_rows(examples, max_rows, seed, keep_order=False)
+    rng = random.Random(seed)
     groups: dict[str, list[Example]] = defaultdict(list)
     for ex in examples:
         groups[ex.label or ""].append(ex)

@@ -23,7 +23,13 @@ from tuneline.curation.steps import input_of
 from tuneline.data.examples import Example
 from tuneline.eval import stats
 from tuneline.eval.gates import check_gates
-from tuneline.eval.generate import Decoding, Generation, LabelTrie, generate_detailed
+from tuneline.eval.generate import (
+    Decoding,
+    GenerateOptions,
+    Generation,
+    LabelTrie,
+    generate_detailed,
+)
 from tuneline.eval.metrics import (
     COMMON_METRICS,
     LOWER_IS_BETTER,
@@ -114,12 +120,12 @@ class Evaluation:
         trie = self.trie if constrained else None
         if decoding is None:  # the spec's settings; a label never needs more tokens than the trie's longest
             decoding = Decoding(max_new_tokens=trie.max_len) if trie else Decoding.of(self.spec.decoding)
-        return generate_detailed(
-            model, self.tokenizer, examples, batch_size=batch_size or self.spec.eval.batch_size,
+        return generate_detailed(model, self.tokenizer, examples, GenerateOptions(
+            batch_size=batch_size or self.spec.eval.batch_size,
             decoding=decoding, autocast=self.autocast, device=self.device,
             description=f"eval {what}", show_progress=self.show_progress, labels=trie,
             share_prefix=len(examples) > 1,
-        )
+        ))
 
     def _robustness(self, model: Any, prompts: Callable[[list[Example]], list[Example]]) -> None:
         cfg = self.spec.eval.robustness

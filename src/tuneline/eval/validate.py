@@ -7,30 +7,32 @@ teacher-forced answer loss (``eval_loss``), which needs no generation.
 
 from __future__ import annotations
 
-import random
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
-from tuneline.data.examples import Example
+from tuneline.data.examples import Example, sample_rows
 from tuneline.errors import Problem, TrainingError
-from tuneline.eval.generate import Decoding, LabelTrie, generate_detailed
+from tuneline.eval.generate import Decoding, GenerateOptions, LabelTrie, generate_detailed
 from tuneline.eval.items import group_items
 from tuneline.eval.metrics import bleu_tokenize_for, score
 from tuneline.runtime import autocast_for
 from tuneline.spec.models import LOWER_IS_BETTER, Spec
 from tuneline.train.loop import encode_all, evaluate_loss
 
+__all__ = ["RowSample", "make_scorer", "maximize", "sample_rows"]  # sample_rows: see tuneline.data.examples
 
-def sample_rows(examples: list[Example], rows: int, seed: int) -> list[Example]:
-    """At most ``rows`` of ``examples``, a seeded sample kept in input order."""
-    if len(examples) <= rows:
-        return list(examples)
-    keep = sorted(random.Random(seed).sample(range(len(examples)), rows))
-    return [examples[i] for i in keep]
+
+@dataclass(frozen=True)
+class RowSample:
+    """How many validation rows (items, for a generated metric) a score reads, and the sample's seed."""
+
+    rows: int = 200
+    seed: int = 0
 
 
 def make_scorer(spec: Spec, tokenizer: Any, examples: list[Example], labels: list[str] | None, metric: str, *,
-                precision: str, device: str, rows: int = 200, seed: int = 0) -> Callable[[Any], float]:
+                precision: str, device: str, sample: RowSample | None = None) -> Callable[[Any], float]:
     """``score(model) -> value`` of ``metric`` on (a sample of) ``examples``; a generated metric
     scores items (rows sharing an input grouped, :func:`tuneline.eval.items.group_items`)."""
     if not examples:
@@ -39,7 +41,8 @@ def make_scorer(spec: Spec, tokenizer: Any, examples: list[Example], labels: lis
             field="data.eval", hint="add data.eval, or set curation.split.validation above 0"))
     if metric != "eval_loss":  # generated answers are scored per item, all of an input's answers its references
         examples = group_items(examples, spec.task.type)
-    picked = sample_rows(examples, rows, seed)
+    sample = sample or RowSample()
+    picked = sample_rows(examples, sample.rows, sample.seed)
     if metric == "eval_loss":
         encoded = encode_all(tokenizer, picked, spec.train.seq_len)[0]
         pad = tokenizer.pad_token_id
@@ -58,10 +61,9 @@ def make_scorer(spec: Spec, tokenizer: Any, examples: list[Example], labels: lis
     decoding = Decoding(max_new_tokens=trie.max_len) if trie else Decoding.of(spec.decoding)
 
     def generated(model: Any) -> float:
-        out = generate_detailed(model, tokenizer, picked, batch_size=spec.eval.batch_size,
-                                decoding=decoding,
-                                autocast=autocast_for(precision, device), device=device, show_progress=False,
-                                labels=trie, share_prefix=len(picked) > 1)
+        out = generate_detailed(model, tokenizer, picked, GenerateOptions(
+            batch_size=spec.eval.batch_size, decoding=decoding, autocast=autocast_for(precision, device),
+            device=device, show_progress=False, labels=trie, share_prefix=len(picked) > 1))
         scored = score(spec.task.type, out.texts, references, labels, primary=spec.objective.primary,
                        answer_tokens=out.tokens, stopped=out.stopped, bleu_tokenize=tokenize)
         values = scored.values()

@@ -77,7 +77,7 @@ def run_trial(ctx: TrialContext, key: str, params: dict[str, Any], report: Repor
     from mlflow.entities import Metric, Param
     from mlflow.tracking import MlflowClient
 
-    from tuneline.eval.validate import make_scorer
+    from tuneline.eval.validate import RowSample, make_scorer
     from tuneline.models import load_model
     from tuneline.tracking import flatten
     from tuneline.train import EarlyStoppingCheck, TrainOptions, train
@@ -107,7 +107,7 @@ def run_trial(ctx: TrialContext, key: str, params: dict[str, Any], report: Repor
             report(index, value, index >= n_validations)
 
         score = make_scorer(ctx.spec, ctx.tokenizer, ctx.validation, ctx.labels, ctx.metric,
-                            precision=ctx.precision, device=ctx.device, rows=len(ctx.validation))
+                            precision=ctx.precision, device=ctx.device, sample=RowSample(len(ctx.validation)))
         check = EarlyStoppingCheck(every=every, score=score, maximize=ctx.maximize, report=on_validation)
         model = load_model(ctx.source, ctx.models_dir, device=ctx.device, dtype=ctx.dtype)
         _, result = train(cfg, model, ctx.tokenizer, ctx.train, out, TrainOptions(
