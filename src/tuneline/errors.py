@@ -7,6 +7,7 @@ Hierarchy::
      +-- DataError           a data file is missing, unreadable, or has bad rows
      +-- ModelError          a model source cannot be resolved or loaded
      +-- TrainingError       training cannot start or continue (e.g. nothing to resume)
+     +-- EvaluationError     a model cannot be scored as asked (no rows to score, a metric not measured)
 """
 
 from __future__ import annotations
@@ -71,3 +72,8 @@ class ModelError(TunelineError):
 
 class TrainingError(TunelineError):
     """Training cannot start or continue."""
+
+
+class EvaluationError(TunelineError):
+    """A model cannot be scored as the spec asks: no rows to score it on, or a metric that these
+    rows do not measure."""

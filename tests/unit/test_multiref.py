@@ -327,6 +327,26 @@ def test_validation_scorer_scores_items(tmp_path: Path, monkeypatch: pytest.Monk
     assert [ex.all_references for ex in seen[0]] == [("one", "uno"), ("two",)]
 
 
+def test_scoring_without_validation_rows_is_an_evaluation_error(tmp_path: Path) -> None:
+    """Early stopping on a spec without a validation split fails as an evaluation problem (not a
+    training one), naming the field to fix."""
+    from tuneline.errors import EvaluationError, TrainingError
+    from tuneline.eval.validate import make_scorer
+
+    write_jsonl(tmp_path / "train.jsonl", [{"text": "x", "summary": "y"}])
+    spec = load_spec(write_spec(tmp_path, """
+        name: t
+        task: {type: summarization}
+        objective: {primary: exact_match}
+        model: smollm2-135m
+        data: {train: {path: train.jsonl}}
+    """)).spec
+    with pytest.raises(EvaluationError, match="needs a validation split") as info:
+        make_scorer(spec, None, [], None, "exact_match", precision="fp32", device="cpu")
+    assert not isinstance(info.value, TrainingError)
+    assert info.value.problems[0].field == "data.eval"
+
+
 def test_the_baseline_recommendation_compares_corpus_bleu_itself_paired_over_items() -> None:
     from tuneline.baseline.options import BaselineReport, OptionResult, recommend
     from tuneline.eval.results import Estimate

@@ -14,7 +14,7 @@ import math
 import random
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 
@@ -32,6 +32,9 @@ from tuneline.retrieval.index import (
     with_label_set,
 )
 from tuneline.spec.models import LOWER_IS_BETTER, Spec
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 log = logging.getLogger(__name__)
 
@@ -121,7 +124,7 @@ class Context:
     ``test`` holds evaluation items (:func:`tuneline.eval.items.group_items`), as the evaluation scores."""
 
     spec: Spec
-    tokenizer: Any
+    tokenizer: PreTrainedTokenizerBase
     model: Any  # the base model (prompt, few-shot, retrieval)
     train: list[Example]
     validation: list[Example]
@@ -178,7 +181,7 @@ def _trie(ctx: Context, template: Example) -> Any:
     spec, tok = ctx.spec, ctx.tokenizer
     if spec.task.type != "classification" or not spec.eval.constrain_to_labels or not ctx.labels:
         return None
-    eos = tok.convert_tokens_to_ids(tok.eos_token) if tok.eos_token else None
+    eos = cast("int | None", tok.convert_tokens_to_ids(tok.eos_token) if tok.eos_token else None)
     return LabelTrie(tok, ctx.labels, template, eos)
 
 

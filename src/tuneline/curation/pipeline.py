@@ -22,7 +22,7 @@ from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tuneline.curation.pii import Redactor, redact_json
 from tuneline.curation.steps import (
@@ -56,6 +56,9 @@ from tuneline.data.tokenize import lengths_over
 from tuneline.errors import DataError, Problem
 from tuneline.spec.loader import LoadedSpec
 from tuneline.spec.models import GENERATION_TASKS, CurationSpec, DedupSpec, Spec, ValidationSpec
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +97,7 @@ def raise_if(problems: list[Problem], what: str) -> None:
     raise DataError(shown, title=f"{what}; nothing was trained")
 
 
-def curate(loaded: LoadedSpec, tokenizer: Any = None) -> Curated:
+def curate(loaded: LoadedSpec, tokenizer: PreTrainedTokenizerBase | None = None) -> Curated:
     """Read and curate the spec's data. Raises :class:`DataError` for a check whose policy is ``fail``.
 
     ``tokenizer`` enables the too-long check (examples longer than ``train.seq_len`` tokens after
@@ -118,7 +121,7 @@ def _gc_paused() -> Iterator[None]:
             gc.enable()
 
 
-def _curate(loaded: LoadedSpec, tokenizer: Any) -> Curated:
+def _curate(loaded: LoadedSpec, tokenizer: PreTrainedTokenizerBase | None) -> Curated:
     spec = loaded.spec
     cur = spec.curation
     rec = Recorder()
@@ -160,7 +163,7 @@ def _curate(loaded: LoadedSpec, tokenizer: Any) -> Curated:
 
 
 def _read_and_check_rows(
-    loaded: LoadedSpec, tokenizer: Any, rec: Recorder,
+    loaded: LoadedSpec, tokenizer: PreTrainedTokenizerBase | None, rec: Recorder,
 ) -> tuple[Splits, list[SourceInfo], list[str] | None, list[Problem]]:
     spec = loaded.spec
     policy = spec.curation.validation
@@ -252,7 +255,7 @@ def _check_labels(spec: Spec, splits: Splits, labels: list[str], checks: _RowChe
         splits[split] = kept
 
 
-def _check_lengths(limit: int, tokenizer: Any, splits: Splits, checks: _RowChecks) -> None:
+def _check_lengths(limit: int, tokenizer: PreTrainedTokenizerBase, splits: Splits, checks: _RowChecks) -> None:
     """Rows longer than ``train.seq_len`` tokens after templating go by the ``too_long`` policy."""
     for split, examples in splits.items():
         over = lengths_over(tokenizer, examples, limit)

@@ -9,13 +9,16 @@ from collections.abc import Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 from tuneline.data.examples import Example
 from tuneline.data.tokenize import IGNORE_INDEX, encode_example, encode_prompt, end_of_turn
 from tuneline.errors import DataError
 from tuneline.models.loading import inference_attention
 from tuneline.runtime import cache_argument_of
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 
 class LabelTrie:
@@ -25,7 +28,7 @@ class LabelTrie:
     prompt), so a constrained answer is token for token what the model was trained to produce.
     """
 
-    def __init__(self, tokenizer: Any, labels: list[str], template: Example, end_id: int | None) -> None:
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, labels: list[str], template: Example, end_id: int | None) -> None:
         eot = end_of_turn(tokenizer)
         self.next: dict[tuple[int, ...], set[int]] = {}
         self.nodes: set[tuple[int, ...]] = set()  # every prefix of every answer, complete ones included
@@ -121,7 +124,7 @@ def read_decoding(adapter_dir: Any) -> Decoding | None:
     return Decoding.of(json.loads(path.read_text(encoding="utf-8"))) if path.is_file() else None
 
 
-def cut_at_stop(tokenizer: Any, tokens: list[int], stops: tuple[str, ...] | list[str]) -> tuple[int, str] | None:
+def cut_at_stop(tokenizer: PreTrainedTokenizerBase, tokens: list[int], stops: tuple[str, ...] | list[str]) -> tuple[int, str] | None:
     """``(n, text)`` for the first ``n`` of ``tokens`` whose decoded text contains a stop string,
     ``text`` being that decoded text cut before the first stop string in it; None if none occurs.
     The server's rows (:class:`tuneline.serve.engine._Row`) stop at the same token with the same text."""
@@ -129,7 +132,7 @@ def cut_at_stop(tokenizer: Any, tokens: list[int], stops: tuple[str, ...] | list
     if not stops or not any(x in tokenizer.decode(tokens, skip_special_tokens=True) for x in stops):
         return None
     for n in range(1, len(tokens) + 1):
-        text = tokenizer.decode(tokens[:n], skip_special_tokens=True)
+        text = cast(str, tokenizer.decode(tokens[:n], skip_special_tokens=True))
         cut = min((text.index(x) for x in stops if x in text), default=None)
         if cut is not None:
             return n, text[:cut]
@@ -213,14 +216,14 @@ class GenerateOptions:
     decoding: Decoding | None = None
 
 
-def generate(model: Any, tokenizer: Any, examples: list[Example], **options: Any) -> tuple[list[str], float]:
+def generate(model: Any, tokenizer: PreTrainedTokenizerBase, examples: list[Example], **options: Any) -> tuple[list[str], float]:
     """Greedy answers in input order, and seconds per example (``options``: the fields of
     :class:`GenerateOptions`; see :func:`generate_detailed`)."""
     out = generate_detailed(model, tokenizer, examples, GenerateOptions(**options))
     return out.texts, out.seconds_per_example
 
 
-def generate_detailed(model: Any, tokenizer: Any, examples: list[Example], options: GenerateOptions) -> Generation:
+def generate_detailed(model: Any, tokenizer: PreTrainedTokenizerBase, examples: list[Example], options: GenerateOptions) -> Generation:
     """Answers for each example's prompt, in input order, with whether each stopped on its own.
 
     ``options.decoding`` (default: greedy, 24 tokens; ``max_new_tokens`` overrides its token limit) sets
@@ -256,7 +259,7 @@ def generate_detailed(model: Any, tokenizer: Any, examples: list[Example], optio
     outputs: list[str] = [""] * len(prompts)
     stopped = [False] * len(prompts)
     lengths = [0] * len(prompts)
-    eos = tokenizer.convert_tokens_to_ids(tokenizer.eos_token) if tokenizer.eos_token else None
+    eos = cast("int | None", tokenizer.convert_tokens_to_ids(tokenizer.eos_token) if tokenizer.eos_token else None)
     ends = {t for t in (eos, _end_of_turn_id(tokenizer)) if t is not None}
     pad = tokenizer.pad_token_id
     n_prefix = common_prefix_len(prompts) if share_prefix else 0
@@ -293,7 +296,7 @@ def generate_detailed(model: Any, tokenizer: Any, examples: list[Example], optio
     return Generation(outputs, (time.perf_counter() - t0) / max(1, len(prompts)), stopped, lengths)
 
 
-def _generate_kwargs(tokenizer: Any, decoding: Decoding, labels: LabelTrie | None, mask: Any,
+def _generate_kwargs(tokenizer: PreTrainedTokenizerBase, decoding: Decoding, labels: LabelTrie | None, mask: Any,
                      width: int, ends: set[int]) -> dict[str, Any]:
     """``model.generate``'s decoding arguments for one batch whose prompts are ``width`` wide:
     constrained to the label trie, or the decoding settings with their stop strings."""
@@ -310,7 +313,7 @@ def _generate_kwargs(tokenizer: Any, decoding: Decoding, labels: LabelTrie | Non
     return extra
 
 
-def _read_answer(tokenizer: Any, answer: list[int], ends: set[int], stop: tuple[str, ...]) -> tuple[bool, int, str]:
+def _read_answer(tokenizer: PreTrainedTokenizerBase, answer: list[int], ends: set[int], stop: tuple[str, ...]) -> tuple[bool, int, str]:
     """(stopped on its own, length in tokens, text) of one generated answer: up to its first end
     token, and cut before the first stop string it contains (then it counts as stopped)."""
     end = next((k for k, t in enumerate(answer) if t in ends), None)
@@ -319,10 +322,10 @@ def _read_answer(tokenizer: Any, answer: list[int], ends: set[int], stop: tuple[
     cut = cut_at_stop(tokenizer, answer[:length], stop) if stop else None
     if cut is not None:
         return True, cut[0], cut[1].strip()
-    return stopped, length, tokenizer.decode(answer[:length], skip_special_tokens=True).strip()
+    return stopped, length, cast(str, tokenizer.decode(answer[:length], skip_special_tokens=True)).strip()
 
 
-def _end_of_turn_id(tokenizer: Any) -> int | None:
+def _end_of_turn_id(tokenizer: PreTrainedTokenizerBase) -> int | None:
     try:
         tid = tokenizer.convert_tokens_to_ids(end_of_turn(tokenizer))
     except DataError:
@@ -369,7 +372,7 @@ def _stop_when_decided(trie: LabelTrie, start: int) -> Any:
     return StoppingCriteriaList([LabelDecided()])
 
 
-def _stop_on_strings(tokenizer: Any, stops: tuple[str, ...], start: int, ends: set[int]) -> Any:
+def _stop_on_strings(tokenizer: PreTrainedTokenizerBase, stops: tuple[str, ...], start: int, ends: set[int]) -> Any:
     """A stopping criterion: a row is done once its decoded answer (from column ``start``, up to an
     end token) contains one of ``stops``."""
     import torch

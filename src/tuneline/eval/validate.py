@@ -9,16 +9,19 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 from tuneline.data.examples import Example, sample_rows
-from tuneline.errors import Problem, TrainingError
+from tuneline.errors import EvaluationError, Problem
 from tuneline.eval.generate import Decoding, GenerateOptions, LabelTrie, generate_detailed
 from tuneline.eval.items import group_items
 from tuneline.eval.metrics import bleu_tokenize_for, score
 from tuneline.runtime import autocast_for
 from tuneline.spec.models import LOWER_IS_BETTER, Spec
 from tuneline.train.loop import encode_all, evaluate_loss
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 __all__ = ["RowSample", "make_scorer", "maximize", "sample_rows"]  # sample_rows: see tuneline.data.examples
 
@@ -31,12 +34,12 @@ class RowSample:
     seed: int = 0
 
 
-def make_scorer(spec: Spec, tokenizer: Any, examples: list[Example], labels: list[str] | None, metric: str, *,
+def make_scorer(spec: Spec, tokenizer: PreTrainedTokenizerBase, examples: list[Example], labels: list[str] | None, metric: str, *,
                 precision: str, device: str, sample: RowSample | None = None) -> Callable[[Any], float]:
     """``score(model) -> value`` of ``metric`` on (a sample of) ``examples``; a generated metric
     scores items (rows sharing an input grouped, :func:`tuneline.eval.items.group_items`)."""
     if not examples:
-        raise TrainingError(Problem(
+        raise EvaluationError(Problem(
             f"validating on {metric!r} needs a validation split, and this spec has none",
             field="data.eval", hint="add data.eval, or set curation.split.validation above 0"))
     if metric != "eval_loss":  # generated answers are scored per item, all of an input's answers its references
@@ -54,7 +57,7 @@ def make_scorer(spec: Spec, tokenizer: Any, examples: list[Example], labels: lis
 
     trie = None
     if spec.task.type == "classification" and spec.eval.constrain_to_labels and labels:
-        eos = tokenizer.convert_tokens_to_ids(tokenizer.eos_token) if tokenizer.eos_token else None
+        eos = cast("int | None", tokenizer.convert_tokens_to_ids(tokenizer.eos_token) if tokenizer.eos_token else None)
         trie = LabelTrie(tokenizer, labels, picked[0], eos)
     references = [ex.all_references for ex in picked]
     tokenize = bleu_tokenize_for(spec)
@@ -68,7 +71,7 @@ def make_scorer(spec: Spec, tokenizer: Any, examples: list[Example], labels: lis
                        answer_tokens=out.tokens, stopped=out.stopped, bleu_tokenize=tokenize)
         values = scored.values()
         if metric not in values:  # structured json_valid/field_accuracy with references that are not JSON
-            raise TrainingError(Problem(
+            raise EvaluationError(Problem(
                 f"validation metric {metric!r} is not measured on these rows (their answers are not JSON)",
                 hint="validate (early stopping, search) on exact_match, rouge_l or eval_loss"))
         return values[metric]

@@ -110,7 +110,7 @@ class TrainResult:
         return asdict(self)
 
 
-def encode_all(tokenizer: Any, examples: list[Example], seq_len: int) -> tuple[list[Encoded], list[str]]:
+def encode_all(tokenizer: PreTrainedTokenizerBase, examples: list[Example], seq_len: int) -> tuple[list[Encoded], list[str]]:
     """Encode examples; return (kept, where-of-dropped) for those longer than ``seq_len``."""
     eot = end_of_turn(tokenizer)
     kept, dropped = [], []
@@ -346,7 +346,7 @@ def train(
     return model, result
 
 
-def save_adapter(model: Any, tokenizer: Any, adapter_dir: Path) -> Path:
+def save_adapter(model: Any, tokenizer: PreTrainedTokenizerBase, adapter_dir: Path) -> Path:
     """Save the adapter (or whole model) and tokenizer at ``adapter_dir``, atomically and durably:
     written whole in a temporary folder, then put in place of the previous one (never deleted first)."""
     tmp = adapter_dir.with_name(f".{adapter_dir.name}.tmp-{os.getpid()}")
