@@ -184,7 +184,7 @@ def make_batch(examples: list[Encoded], pad_id: int, device: str, pack_capacity:
     return {k: v.to(device) if hasattr(v, "to") else v for k, v in batch.items()}
 
 
-def accumulate_gradients(model: Any, micro_batches: list[list[Encoded]], pad_id: int, precision: str,
+def accumulate_gradients(model: torch.nn.Module, micro_batches: list[list[Encoded]], pad_id: int, precision: str,
                          device: str, pack_capacity: int | None = None, share_prefix: bool = False) -> tuple[float, int]:
     """Backward over the micro-batches of one optimizer step; return (loss, real tokens).
 
@@ -205,7 +205,7 @@ def accumulate_gradients(model: Any, micro_batches: list[list[Encoded]], pad_id:
     return step_loss, tokens
 
 
-def evaluate_loss(model: Any, encoded: list[Encoded], batch_size: int, pad_id: int, precision: str, device: str) -> float:
+def evaluate_loss(model: torch.nn.Module, encoded: list[Encoded], batch_size: int, pad_id: int, precision: str, device: str) -> float:
     """Mean answer-token loss over ``encoded`` (teacher forcing)."""
     import torch
 
@@ -358,7 +358,7 @@ def save_adapter(model: Any, tokenizer: PreTrainedTokenizerBase, adapter_dir: Pa
     return adapter_dir
 
 
-def _sort_peft_sets(model: Any, folder: Path) -> None:
+def _sort_peft_sets(model: torch.nn.Module, folder: Path) -> None:
     """peft writes a set in its config (``target_modules`` once ``all-linear`` is resolved to module
     names) in the set's iteration order, which depends on the process's string hash seed: the same
     training saved two different ``adapter_config.json`` files. Write them sorted."""
@@ -409,7 +409,7 @@ def _plateaued(check: EarlyStoppingCheck, history: list[tuple[int, float]]) -> b
     return since >= check.patience
 
 
-def _load_trainable(model: Any, path: Path) -> None:
+def _load_trainable(model: torch.nn.Module, path: Path) -> None:
     import torch
 
     state = torch.load(path, weights_only=True)
