@@ -276,6 +276,7 @@ def test_no_import_cycle_between_packages() -> None:
         members = set(component)
         lines = [
             f"  {_rel(e.path)}:{e.line}: {e.source} -> {e.target}: `{e.statement}`"
+            + ("  <- goes up a layer" if _layer(e.target) > _layer(e.source) else "")
             for e in edges()
             if e.source in members and e.target in members
         ]
