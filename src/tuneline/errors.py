@@ -7,7 +7,7 @@ Hierarchy::
      +-- DataError           a data file is missing, unreadable, or has bad rows
      +-- ModelError          a model source cannot be resolved or loaded
      +-- TrainingError       training cannot start or continue (e.g. nothing to resume)
-     +-- EvaluationError     a model cannot be scored as asked (no rows to score, a metric not measured)
+     +-- EvaluationError     a model cannot be evaluated or scored (no rows, no adapter, a metric not measured)
 """
 
 from __future__ import annotations
@@ -75,5 +75,4 @@ class TrainingError(TunelineError):
 
 
 class EvaluationError(TunelineError):
-    """A model cannot be scored as the spec asks: no rows to score it on, or a metric that these
-    rows do not measure."""
+    """Evaluation cannot start: nothing to evaluate, no adapter where one was named."""
