@@ -306,7 +306,7 @@ def test_validation_scorer_scores_items(tmp_path: Path, monkeypatch: pytest.Monk
 
     seen: list[list[Example]] = []
 
-    def fake(model: object, tokenizer: object, examples: list[Example], **kw: object) -> Generation:
+    def fake(model: object, tokenizer: object, examples: list[Example], options: object) -> Generation:
         seen.append(list(examples))
         return Generation([ex.all_references[-1] for ex in examples], 0.0, [True] * len(examples),
                           [3] * len(examples))
