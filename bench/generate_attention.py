@@ -53,9 +53,9 @@ def main() -> None:
                 gen.inference_attention = _unchanged  # type: ignore[assignment]
             try:
                 t0 = time.perf_counter()
-                out = gen.generate_detailed(model, tok, prompts, batch_size=args.batch_size,
-                                            max_new_tokens=trie.max_len, autocast=autocast_for("bf16", "cpu"),
-                                            show_progress=False, labels=trie)
+                out = gen.generate_detailed(model, tok, prompts, gen.GenerateOptions(
+                    batch_size=args.batch_size, max_new_tokens=trie.max_len, autocast=autocast_for("bf16", "cpu"),
+                    show_progress=False, labels=trie))
                 seconds = time.perf_counter() - t0
             finally:
                 gen.inference_attention = real

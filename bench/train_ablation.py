@@ -38,7 +38,7 @@ def main() -> None:
     ap.add_argument("--cache", type=Path, default=REPO / ".tuneline" / "models")
     args = ap.parse_args()
 
-    from tuneline.data import prepare
+    from tuneline.curation import prepare
     from tuneline.models import load_model, load_tokenizer, resolve_model_source
     from tuneline.runtime import autocast_for
     from tuneline.spec import load_spec

@@ -34,7 +34,7 @@ HELD_OUT = 200  # rows after the training rows, never trained on: both models' l
 
 
 def _examples(n: int):
-    from tuneline.data import prepare
+    from tuneline.curation import prepare
     from tuneline.spec import load_spec
 
     return prepare(load_spec(SPEC)).train[:n]
@@ -94,7 +94,7 @@ def run_tuneline(steps: int, batch: int, cache: Path, packing: bool, out: dict) 
     from tuneline.models import load_model, load_tokenizer, resolve_model_source
     from tuneline.runtime import resolve_precision
     from tuneline.spec.models import TrainSpec
-    from tuneline.train import train
+    from tuneline.train import TrainOptions, train
 
     source = resolve_model_source("smollm2-135m")
     precision = resolve_precision("auto", "cpu")
@@ -110,8 +110,8 @@ def run_tuneline(steps: int, batch: int, cache: Path, packing: bool, out: dict) 
     config = model.config
     non_embedding = sum(p.numel() for n, p in model.named_parameters() if "embed_tokens" not in n)
     losses: list[float] = []
-    trained, result = train(cfg, model, tok, examples, Path(tempfile.mkdtemp()), show_progress=False,
-                            on_step=lambda step, m: losses.append(m["train_loss"]))
+    trained, result = train(cfg, model, tok, examples, Path(tempfile.mkdtemp()), TrainOptions(show_progress=False,
+                            on_step=lambda step, m: losses.append(m["train_loss"])))
     out.update(seconds=result.seconds, tokens=result.train_tokens, computed_tokens=result.computed_tokens, losses=losses,
                peak_rss_gb=_peak_rss_gb(), precision=precision, non_embedding_params=non_embedding,
                held_out_loss=_held_out_loss(trained, tok, steps * batch, precision),

@@ -11,6 +11,7 @@ Python API (the CLI calls exactly these)::
 
 from __future__ import annotations
 
+import importlib
 from typing import TYPE_CHECKING, Any
 
 from tuneline.errors import DataError, ModelError, Problem, SpecError, TrainingError, TunelineError
@@ -47,7 +48,7 @@ if TYPE_CHECKING:
 _LAZY = {
     "run": "tuneline.pipeline",
     "validate": "tuneline.pipeline",
-    "prepare_data": ("tuneline.data", "prepare"),
+    "prepare_data": ("tuneline.curation", "prepare"),
     "train": "tuneline.train",
     "evaluate": "tuneline.pipeline",
     "Workspace": "tuneline.workspace",
@@ -55,8 +56,6 @@ _LAZY = {
 
 
 def __getattr__(name: str) -> Any:
-    import importlib
-
     target = _LAZY.get(name)
     if target is None:
         raise AttributeError(f"module 'tuneline' has no attribute {name!r}")

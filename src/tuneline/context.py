@@ -14,8 +14,7 @@ from typing import TYPE_CHECKING
 
 from rich.console import Console
 
-from tuneline.curation import DatasetVersion, save_version
-from tuneline.data import PreparedData, prepare
+from tuneline.curation import DatasetVersion, PreparedData, prepare, save_version
 from tuneline.models import ModelSource, load_tokenizer, resolve_model_source
 from tuneline.runtime import Compute
 from tuneline.runtime.extras import require_extras_for

@@ -7,6 +7,7 @@ Hierarchy::
      +-- DataError           a data file is missing, unreadable, or has bad rows
      +-- ModelError          a model source cannot be resolved or loaded
      +-- TrainingError       training cannot start or continue (e.g. nothing to resume)
+     +-- EvaluationError     a model cannot be evaluated or scored (no rows, no adapter, a metric not measured)
 """
 
 from __future__ import annotations

@@ -16,9 +16,9 @@ def test_a_failed_adapter_save_leaves_the_previous_adapter_whole(classification_
                                                                  tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from tuneline.data import prepare
+    from tuneline.curation import prepare
     from tuneline.spec import load_spec
-    from tuneline.train import train
+    from tuneline.train import TrainOptions, train
 
     loaded = load_spec(classification_spec)
     cfg = loaded.spec.train.model_copy(update={"method": "lora", "max_steps": 1})
@@ -28,7 +28,7 @@ def test_a_failed_adapter_save_leaves_the_previous_adapter_whole(classification_
     def model() -> Any:
         return AutoModelForCausalLM.from_pretrained(tiny_model_dir)
 
-    _, result = train(cfg, model(), tok, data.train, tmp_path, fingerprint="fp", show_progress=False)
+    _, result = train(cfg, model(), tok, data.train, tmp_path, TrainOptions(fingerprint="fp", show_progress=False))
     adapter = Path(result.adapter_dir)
     before = tree_sha256(adapter)
 
@@ -38,8 +38,8 @@ def test_a_failed_adapter_save_leaves_the_previous_adapter_whole(classification_
 
     monkeypatch.setattr(tok, "save_pretrained", disk_full)
     with pytest.raises(OSError, match="No space left"):
-        train(cfg.model_copy(update={"seed": 1}), model(), tok, data.train, tmp_path, fingerprint="fp",
-              show_progress=False)
+        train(cfg.model_copy(update={"seed": 1}), model(), tok, data.train, tmp_path, TrainOptions(fingerprint="fp",
+              show_progress=False))
     assert tree_sha256(adapter) == before  # the previous adapter, whole
 
 

@@ -13,7 +13,7 @@ from tuneline.eval import generate
 from tuneline.models import load_model, resolve_model_source
 from tuneline.runtime import autocast_for, resolve_precision
 from tuneline.spec.models import TrainSpec
-from tuneline.train import encode_all, evaluate_loss, train
+from tuneline.train import TrainOptions, encode_all, evaluate_loss, train
 
 INSTRUCTION = "Classify the banking customer's message. Answer with the intent label only."
 
@@ -44,7 +44,7 @@ def test_builtin_model_trains_a_few_steps(builtin_dir: Path, model_cache: Path, 
     cfg = TrainSpec(max_steps=4, batch_size=8, lr=2e-3, seq_len=128, warmup_ratio=0.0)
     encoded, _ = encode_all(tokenizer, examples, cfg.seq_len)
     before = evaluate_loss(model, encoded, 8, tokenizer.pad_token_id, precision, "cpu")
-    trained, result = train(cfg, model, tokenizer, examples, tmp_path, show_progress=False)
+    trained, result = train(cfg, model, tokenizer, examples, tmp_path, TrainOptions(show_progress=False))
     after = evaluate_loss(trained, encoded, 8, tokenizer.pad_token_id, precision, "cpu")
     assert result.steps == 4 and result.train_tokens > 0
     print(f"answer loss before {before:.3f} after {after:.3f}")
@@ -63,7 +63,7 @@ def test_builtin_model_learns_intents(builtin_dir: Path, model_cache: Path, toke
     precision = resolve_precision("auto", "cpu")
     model = load_model(resolve_model_source("smollm2-135m"), model_cache, dtype=precision)
     cfg = TrainSpec(max_steps=40, batch_size=8, lr=1e-3, seq_len=128)
-    trained, _ = train(cfg, model, tokenizer, _examples(labels, 40), tmp_path, show_progress=False)
+    trained, _ = train(cfg, model, tokenizer, _examples(labels, 40), tmp_path, TrainOptions(show_progress=False))
     test = _examples(labels, 10, "test")
     preds, _ = generate(trained, tokenizer, test, batch_size=20, max_new_tokens=12,
                         autocast=autocast_for(precision, "cpu"), show_progress=False)

@@ -7,9 +7,9 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from tuneline.data import prepare
+from tuneline.curation import prepare
 from tuneline.spec import load_spec
-from tuneline.train.loop import Validation, train
+from tuneline.train.loop import EarlyStoppingCheck, TrainOptions, train
 
 
 def _trainable(model) -> dict[str, torch.Tensor]:
@@ -34,9 +34,9 @@ def test_early_stopping_stops_on_a_plateau_and_keeps_the_best_weights(classifica
         return next(scores)
 
     reported: list[tuple[int, float]] = []
-    validation = Validation(every=2, score=score, maximize=True, patience=2, min_delta=0.0, keep_best=True,
+    check = EarlyStoppingCheck(every=2, score=score, maximize=True, patience=2, min_delta=0.0, keep_best=True,
                             report=lambda i, v: reported.append((i, v)))
-    trained, result = train(cfg, model, tok, rows, tmp_path / "run", validation=validation, show_progress=False)
+    trained, result = train(cfg, model, tok, rows, tmp_path / "run", TrainOptions(early_stopping=check, show_progress=False))
     assert result.stopped_early
     assert result.steps == 8  # validations at steps 2, 4, 6, 8; stopped after the 4th
     assert result.validations == [(2, 0.40), (4, 0.60), (6, 0.55), (8, 0.58)]
@@ -64,8 +64,8 @@ def test_minimizing_with_min_delta_and_no_patience_runs_to_the_end(classificatio
                                                                    tmp_path: Path):
     cfg, model, tok, rows = _setup(classification_spec, tiny_model_dir)
     values = iter([5.0, 4.95, 4.0, 4.5, 4.2, 4.1])
-    validation = Validation(every=2, score=lambda m: next(values), maximize=False, min_delta=0.1, keep_best=True)
-    _, result = train(cfg, model, tok, rows, tmp_path / "run", validation=validation, show_progress=False)
+    check = EarlyStoppingCheck(every=2, score=lambda m: next(values), maximize=False, min_delta=0.1, keep_best=True)
+    _, result = train(cfg, model, tok, rows, tmp_path / "run", TrainOptions(early_stopping=check, show_progress=False))
     assert not result.stopped_early and result.steps == 12
     assert (result.best_step, result.best_value) == (6, 4.0)  # 4.95 is not 0.1 better than 5.0
 

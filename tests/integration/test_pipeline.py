@@ -10,10 +10,10 @@ import torch
 from helpers import tolerance
 
 import tuneline
-from tuneline.data import prepare
+from tuneline.curation import prepare
 from tuneline.errors import TrainingError
 from tuneline.spec import load_spec
-from tuneline.train import train
+from tuneline.train import TrainOptions, train
 from tuneline.workspace import Workspace
 
 
@@ -86,7 +86,7 @@ def test_lora_adapter_is_saved_in_peft_format(classification_spec: Path, tiny_mo
     cfg = loaded.spec.train.model_copy(update={"method": "lora", "max_steps": 2})
     data = prepare(loaded)
     model, tok = _load(tiny_model_dir)
-    trained, result = train(cfg, model, tok, data.train, tmp_path, show_progress=False)
+    trained, result = train(cfg, model, tok, data.train, tmp_path, TrainOptions(show_progress=False))
     assert result.trainable_params < result.total_params / 5
     reloaded = PeftModel.from_pretrained(_load(tiny_model_dir)[0], result.adapter_dir)
     batch = {"input_ids": torch.tensor([[1, 2, 3, 4]])}
@@ -108,20 +108,20 @@ def test_resumed_run_equals_uninterrupted(classification_spec: Path, tiny_model_
     data = prepare(loaded)
 
     full_model, tok = _load(tiny_model_dir)
-    full, _ = train(cfg, full_model, tok, data.train, tmp_path / "a", fingerprint="fp", show_progress=False)
+    full, _ = train(cfg, full_model, tok, data.train, tmp_path / "a", TrainOptions(fingerprint="fp", show_progress=False))
 
     def crash_at_5(step: int, metrics: dict) -> None:
         if step == 5:
             raise _Crash
 
     with pytest.raises(_Crash):
-        train(cfg, _load(tiny_model_dir)[0], tok, data.train, tmp_path / "b", fingerprint="fp",
-              on_step=crash_at_5, show_progress=False)
+        train(cfg, _load(tiny_model_dir)[0], tok, data.train, tmp_path / "b", TrainOptions(fingerprint="fp",
+              on_step=crash_at_5, show_progress=False))
     with pytest.raises(TrainingError, match="different spec"):
-        train(cfg, _load(tiny_model_dir)[0], tok, data.train, tmp_path / "b", fingerprint="other",
-              resume=True, show_progress=False)
-    resumed, result = train(cfg, _load(tiny_model_dir)[0], tok, data.train, tmp_path / "b", fingerprint="fp",
-                            resume=True, show_progress=False)
+        train(cfg, _load(tiny_model_dir)[0], tok, data.train, tmp_path / "b", TrainOptions(fingerprint="other",
+              resume=True, show_progress=False))
+    resumed, result = train(cfg, _load(tiny_model_dir)[0], tok, data.train, tmp_path / "b", TrainOptions(fingerprint="fp",
+                            resume=True, show_progress=False))
     assert result.resumed_from_step == 4
     a = {n: p for n, p in full.named_parameters() if p.requires_grad}
     b = {n: p for n, p in resumed.named_parameters() if p.requires_grad}

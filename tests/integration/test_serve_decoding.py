@@ -20,7 +20,7 @@ import pytest
 from helpers import tiny_engine, uvicorn_on_loopback
 
 from tuneline.data.examples import Example
-from tuneline.eval.generate import Decoding, generate_detailed
+from tuneline.eval.generate import Decoding, GenerateOptions, generate_detailed
 from tuneline.registry import VersionInfo
 from tuneline.serve import RequestLog, ServerConfig
 from tuneline.serve.app import create_app
@@ -39,8 +39,8 @@ def _evaluated(adapter: Path, tiny_model_dir: Path, decoding: Decoding, example:
 
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32),
                                       str(adapter))
-    return generate_detailed(model, AutoTokenizer.from_pretrained(tiny_model_dir), [example], batch_size=4,
-                             decoding=decoding, autocast=nullcontext(), show_progress=False)
+    return generate_detailed(model, AutoTokenizer.from_pretrained(tiny_model_dir), [example], GenerateOptions(
+        batch_size=4, decoding=decoding, autocast=nullcontext(), show_progress=False))
 
 
 @pytest.fixture(scope="module")

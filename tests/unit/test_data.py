@@ -9,7 +9,8 @@ import pyarrow.parquet as pq
 import pytest
 from helpers import write_jsonl, write_spec
 
-from tuneline.data import prepare, read_records
+from tuneline.curation import prepare
+from tuneline.data import read_records
 from tuneline.data.examples import Example, sample_examples
 from tuneline.errors import DataError
 from tuneline.spec import load_spec

@@ -14,7 +14,7 @@ from helpers import lora_model, spec_error
 
 from tuneline.data.examples import Example
 from tuneline.errors import SpecError
-from tuneline.eval.generate import Decoding, generate_detailed
+from tuneline.eval.generate import Decoding, GenerateOptions, generate_detailed
 from tuneline.spec import parse_spec
 
 SPEC = """\
@@ -79,8 +79,9 @@ BEAMS = Decoding(max_new_tokens=10, num_beams=2, repetition_penalty=1.3, no_repe
 
 
 def _gen(model, tok, examples, decoding, batch_size=8, share_prefix=True):
-    return generate_detailed(model, tok, examples, batch_size=batch_size, decoding=decoding, autocast=nullcontext(),
-                             show_progress=False, share_prefix=share_prefix)
+    return generate_detailed(model, tok, examples, GenerateOptions(
+        batch_size=batch_size, decoding=decoding, autocast=nullcontext(), show_progress=False,
+        share_prefix=share_prefix))
 
 
 @pytest.mark.parametrize("decoding", [PENALIZED, BEAMS], ids=["greedy", "beams"])
@@ -171,9 +172,10 @@ def test_label_trie_decodes_greedily_whatever_the_settings(model_and_tokenizer):
     labels = ["card_arrival", "exchange_rate", "lost_or_stolen_card"]
     trie = LabelTrie(tok, labels, examples[0], tok.eos_token_id)
     kwargs = {"batch_size": 4, "autocast": nullcontext(), "show_progress": False, "labels": trie}
-    greedy = generate_detailed(model, tok, examples, decoding=Decoding(max_new_tokens=trie.max_len), **kwargs)
-    other = generate_detailed(model, tok, examples, decoding=Decoding(max_new_tokens=trie.max_len, num_beams=3,
-                                                                      repetition_penalty=2.0, stop=("_",)), **kwargs)
+    greedy = generate_detailed(model, tok, examples, GenerateOptions(
+        decoding=Decoding(max_new_tokens=trie.max_len), **kwargs))
+    other = generate_detailed(model, tok, examples, GenerateOptions(
+        decoding=Decoding(max_new_tokens=trie.max_len, num_beams=3, repetition_penalty=2.0, stop=("_",)), **kwargs))
     assert other.texts == greedy.texts and set(greedy.texts) <= set(labels)
 
 

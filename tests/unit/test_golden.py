@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from helpers import banking_rows, write_csv, write_spec
 
-from tuneline.data import prepare
+from tuneline.curation import prepare
 from tuneline.eval.golden import GoldenSetChanged, load_golden, register_golden, registered_versions
 from tuneline.spec import load_spec
 

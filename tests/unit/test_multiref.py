@@ -306,12 +306,12 @@ def test_validation_scorer_scores_items(tmp_path: Path, monkeypatch: pytest.Monk
 
     seen: list[list[Example]] = []
 
-    def fake(model: object, tokenizer: object, examples: list[Example], **kw: object) -> Generation:
+    def fake(model: object, tokenizer: object, examples: list[Example], options: object) -> Generation:
         seen.append(list(examples))
         return Generation([ex.all_references[-1] for ex in examples], 0.0, [True] * len(examples),
                           [3] * len(examples))
 
-    monkeypatch.setattr(sys.modules["tuneline.eval.generate"], "generate_detailed", fake)
+    monkeypatch.setattr(sys.modules["tuneline.eval.validate"], "generate_detailed", fake)
     write_jsonl(tmp_path / "train.jsonl", [{"text": "x", "summary": "y"}])
     spec = load_spec(write_spec(tmp_path, """
         name: t
@@ -325,6 +325,26 @@ def test_validation_scorer_scores_items(tmp_path: Path, monkeypatch: pytest.Monk
     # the answer matches item "in a"'s second reference: right against any of them
     assert scorer(object()) == 1.0
     assert [ex.all_references for ex in seen[0]] == [("one", "uno"), ("two",)]
+
+
+def test_scoring_without_validation_rows_is_an_evaluation_error(tmp_path: Path) -> None:
+    """Early stopping on a spec without a validation split fails as an evaluation problem (not a
+    training one), naming the field to fix."""
+    from tuneline.errors import EvaluationError, TrainingError
+    from tuneline.eval.validate import make_scorer
+
+    write_jsonl(tmp_path / "train.jsonl", [{"text": "x", "summary": "y"}])
+    spec = load_spec(write_spec(tmp_path, """
+        name: t
+        task: {type: summarization}
+        objective: {primary: exact_match}
+        model: smollm2-135m
+        data: {train: {path: train.jsonl}}
+    """)).spec
+    with pytest.raises(EvaluationError, match="needs a validation split") as info:
+        make_scorer(spec, None, [], None, "exact_match", precision="fp32", device="cpu")
+    assert not isinstance(info.value, TrainingError)
+    assert info.value.problems[0].field == "data.eval"
 
 
 def test_the_baseline_recommendation_compares_corpus_bleu_itself_paired_over_items() -> None:
@@ -367,7 +387,7 @@ def test_the_prompt_baseline_reuses_the_base_models_answers_to_the_same_prompts(
 
     monkeypatch.setattr(options, "_generate", generate)
     monkeypatch.setattr(options, "_timed", lambda fn, rows: (1.0, 2.0))
-    monkeypatch.setattr("tuneline.data.tokenize.encode_prompt", lambda tok, ex: [0, 1, 2])
+    monkeypatch.setattr(options, "encode_prompt", lambda tok, ex: [0, 1, 2])
     known = Generation(PREDICTIONS, 0.0, [True] * 4, [5] * 4)
 
     def prompt_option(answered):

@@ -4,10 +4,11 @@ from tuneline.baseline.options import (
     BaselineReport,
     Context,
     OptionResult,
+    SystemCosts,
     add_system,
     measure,
     recommend,
 )
 from tuneline.baseline.report import baseline_table
 
-__all__ = ["BaselineReport", "Context", "OptionResult", "add_system", "baseline_table", "measure", "recommend"]
+__all__ = ["BaselineReport", "Context", "OptionResult", "SystemCosts", "add_system", "baseline_table", "measure", "recommend"]

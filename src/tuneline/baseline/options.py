@@ -10,16 +10,21 @@ accuracy, the paired bootstrap otherwise, at p < 0.05).
 from __future__ import annotations
 
 import logging
+import math
 import random
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 
+from tuneline.curation.steps import input_of
 from tuneline.data.examples import Example
+from tuneline.data.tokenize import encode_prompt
 from tuneline.eval import stats
-from tuneline.eval.results import Estimate
+from tuneline.eval.generate import Decoding, GenerateOptions, LabelTrie, generate_detailed
+from tuneline.eval.metrics import bleu_tokenize_for, score
+from tuneline.eval.results import Estimate, SetResult
 from tuneline.retrieval.index import (
     NearestIndex,
     retrieval_prompts,
@@ -27,6 +32,9 @@ from tuneline.retrieval.index import (
     with_label_set,
 )
 from tuneline.spec.models import LOWER_IS_BETTER, Spec
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +124,7 @@ class Context:
     ``test`` holds evaluation items (:func:`tuneline.eval.items.group_items`), as the evaluation scores."""
 
     spec: Spec
-    tokenizer: Any
+    tokenizer: PreTrainedTokenizerBase
     model: Any  # the base model (prompt, few-shot, retrieval)
     train: list[Example]
     validation: list[Example]
@@ -162,8 +170,6 @@ def measure(ctx: Context) -> BaselineReport:
 
 
 def _text(ex: Example) -> str:
-    from tuneline.curation.steps import input_of
-
     return input_of(ex)
 
 
@@ -172,27 +178,22 @@ def _skipped(name: str, desc: str, why: str) -> OptionResult:
 
 
 def _trie(ctx: Context, template: Example) -> Any:
-    from tuneline.eval.generate import LabelTrie
-
     spec, tok = ctx.spec, ctx.tokenizer
     if spec.task.type != "classification" or not spec.eval.constrain_to_labels or not ctx.labels:
         return None
-    eos = tok.convert_tokens_to_ids(tok.eos_token) if tok.eos_token else None
+    eos = cast("int | None", tok.convert_tokens_to_ids(tok.eos_token) if tok.eos_token else None)
     return LabelTrie(tok, ctx.labels, template, eos)
 
 
 def _generate(ctx: Context, examples: list[Example], what: str, batch_size: int | None = None,
               progress: bool = True) -> Any:
     """``progress=False`` for a timed single request: a bar per request is a line per request in a log."""
-    from tuneline.eval.generate import Decoding, generate_detailed
-
     trie = _trie(ctx, examples[0])
     decoding = Decoding(max_new_tokens=trie.max_len) if trie else Decoding.of(ctx.spec.decoding)
-    return generate_detailed(ctx.model, ctx.tokenizer, examples, batch_size=batch_size or ctx.spec.eval.batch_size,
-                             decoding=decoding,
-                             autocast=ctx.autocast, device=ctx.device, description=f"baseline {what}",
-                             show_progress=ctx.show_progress and progress, labels=trie,
-                             share_prefix=len(examples) > 1)
+    return generate_detailed(ctx.model, ctx.tokenizer, examples, GenerateOptions(
+        batch_size=batch_size or ctx.spec.eval.batch_size, decoding=decoding, autocast=ctx.autocast,
+        device=ctx.device, description=f"baseline {what}", show_progress=ctx.show_progress and progress,
+        labels=trie, share_prefix=len(examples) > 1))
 
 
 def _latency_rows(ctx: Context) -> list[int]:
@@ -216,7 +217,6 @@ def _timed(fn: Any, rows: list[int]) -> tuple[float | None, float | None]:
 def _generated_option(ctx: Context, name: str, desc: str, prompts: list[Example], one_off: float,
                       single: Any = None) -> OptionResult:
     """Score generated answers to ``prompts``; time single requests (``single(row)`` or one prompt alone)."""
-    from tuneline.data.tokenize import encode_prompt
 
     gen = _already_answered(ctx, prompts) or _generate(ctx, prompts, name)
     option = _scored(ctx, name, desc, gen.texts, gen.tokens, gen.stopped, one_off)
@@ -239,8 +239,6 @@ def _already_answered(ctx: Context, prompts: list[Example]) -> Any:
 
 def _scored(ctx: Context, name: str, desc: str, texts: list[str], tokens: list[int] | None,
             stopped: list[bool] | None, one_off: float) -> OptionResult:
-    from tuneline.eval.metrics import bleu_tokenize_for, score
-
     sc = score(ctx.spec.task.type, texts, [ex.all_references for ex in ctx.test], ctx.labels,
                primary=ctx.spec.objective.primary, answer_tokens=tokens, stopped=stopped,
                bleu_tokenize=bleu_tokenize_for(ctx.spec))
@@ -256,8 +254,6 @@ def _scored(ctx: Context, name: str, desc: str, texts: list[str], tokens: list[i
 
 
 def _prompt_only(ctx: Context, desc: str) -> OptionResult:
-    from tuneline.data.tokenize import encode_prompt
-
     prompts = list(ctx.test)
     if ctx.spec.task.type == "classification" and ctx.labels:
         listed = [with_label_set(ex, ctx.labels) for ex in prompts]
@@ -334,19 +330,27 @@ def _embedding(ctx: Context, desc: str, train_vectors: np.ndarray, index_seconds
 
 # --- the fine-tuned model and the recommendation ------------------------------------------------
 
-def add_system(report: BaselineReport, name: str, desc: str, suite_set: Any, spec: Spec, labels: list[str] | None,
-               one_off_seconds: float, p50_ms: float | None, p95_ms: float | None,
-               prompt_tokens: float | None, system: str = "candidate") -> None:
+@dataclass(frozen=True)
+class SystemCosts:
+    """What an evaluated system costs: once (training, indexing), per request, and in prompt tokens."""
+
+    one_off_seconds: float
+    p50_ms: float | None
+    p95_ms: float | None
+    prompt_tokens: float | None  # mean prompt length in tokens (None: no prompt)
+
+
+def add_system(report: BaselineReport, name: str, desc: str, suite_set: SetResult | None, spec: Spec,
+               labels: list[str] | None, costs: SystemCosts, system: str = "candidate") -> None:
     """Add an evaluated system (the fine-tuned candidate) from the evaluation's set results."""
-    from tuneline.eval.metrics import bleu_tokenize_for, score
 
     res = suite_set.system(system) if suite_set is not None else None
-    if res is None:
+    if suite_set is None or res is None:
         return
     sc = score(spec.task.type, list(res.predictions), suite_set.all_references(), labels,
                primary=spec.objective.primary, bleu_tokenize=bleu_tokenize_for(spec))
     report.options.append(OptionResult(
-        name, desc, dict(res.metrics), one_off_seconds, p50_ms, p95_ms, prompt_tokens,
+        name, desc, dict(res.metrics), costs.one_off_seconds, costs.p50_ms, costs.p95_ms, costs.prompt_tokens,
         scores=[float(x) for x in sc.primary_scores],
         correct=[bool(x) for x in sc.correct] if sc.correct is not None else None,
         predictions=list(res.predictions), aggregate=sc.metrics.get(spec.objective.primary)))
@@ -401,7 +405,6 @@ def recommend(report: BaselineReport, resamples: int = 1000) -> BaselineReport:
 def _cost_key(o: OptionResult) -> tuple[float, float]:
     """Cheaper first: the one-off cost on a log scale in steps of 2x (so 0.3 s and 0.9 s of indexing
     count alike, 10 minutes of training does not), then the per-request latency."""
-    import math
 
     return (math.floor(math.log2(1 + o.one_off_seconds)), o.p50_ms if o.p50_ms is not None else float("inf"))
 

@@ -1,5 +1,6 @@
 """Data curation and dataset versions.
 
+``prepare(loaded_spec, tokenizer)`` is the data stage (:mod:`tuneline.curation.prepared`).
 ``curate(loaded_spec, tokenizer)`` reads a spec's sources and runs the curation steps
 (:mod:`tuneline.curation.pipeline`); ``save_version`` stores the result as a dataset version
 (:mod:`tuneline.curation.version`): Parquet splits, a manifest, every rejected row with its reason,
@@ -10,6 +11,7 @@ request log.
 from __future__ import annotations
 
 from tuneline.curation.pipeline import Curated, SourceInfo, curate
+from tuneline.curation.prepared import PreparedData, prepare
 from tuneline.curation.steps import Reject, StepReport
 from tuneline.curation.version import (
     DatasetVersion,
@@ -23,6 +25,7 @@ from tuneline.curation.version import (
 __all__ = [
     "Curated",
     "DatasetVersion",
+    "PreparedData",
     "Reject",
     "SourceInfo",
     "StepReport",
@@ -30,6 +33,7 @@ __all__ = [
     "diff_versions",
     "list_versions",
     "load_version",
+    "prepare",
     "save_version",
     "version_id",
 ]

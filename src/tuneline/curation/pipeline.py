@@ -22,8 +22,9 @@ from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from tuneline.curation.pii import Redactor, redact_json
 from tuneline.curation.steps import (
     Recorder,
     Reject,
@@ -39,11 +40,25 @@ from tuneline.curation.steps import (
     stratified_split,
     text_of,
 )
+from tuneline.curation.textops import (
+    NgramIndex,
+    alpha_ratio,
+    dedup_key,
+    near_duplicates,
+    near_duplicates_paired,
+    normalize_text,
+    repetition_ratio,
+)
+from tuneline.data import read_golden_examples
 from tuneline.data.examples import Example, build_examples, check_columns, sample_examples
 from tuneline.data.readers import read_records
+from tuneline.data.tokenize import lengths_over
 from tuneline.errors import DataError, Problem
 from tuneline.spec.loader import LoadedSpec
-from tuneline.spec.models import GENERATION_TASKS, CurationSpec, DedupSpec
+from tuneline.spec.models import GENERATION_TASKS, CurationSpec, DedupSpec, Spec, ValidationSpec
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +97,7 @@ def raise_if(problems: list[Problem], what: str) -> None:
     raise DataError(shown, title=f"{what}; nothing was trained")
 
 
-def curate(loaded: LoadedSpec, tokenizer: Any = None) -> Curated:
+def curate(loaded: LoadedSpec, tokenizer: PreTrainedTokenizerBase | None = None) -> Curated:
     """Read and curate the spec's data. Raises :class:`DataError` for a check whose policy is ``fail``.
 
     ``tokenizer`` enables the too-long check (examples longer than ``train.seq_len`` tokens after
@@ -106,11 +121,11 @@ def _gc_paused() -> Iterator[None]:
             gc.enable()
 
 
-def _curate(loaded: LoadedSpec, tokenizer: Any) -> Curated:
+def _curate(loaded: LoadedSpec, tokenizer: PreTrainedTokenizerBase | None) -> Curated:
     spec = loaded.spec
     cur = spec.curation
     rec = Recorder()
-    splits, sources, labels, problems = _read_and_validate(loaded, tokenizer, rec)
+    splits, sources, labels, problems = _read_and_check_rows(loaded, tokenizer, rec)
     raise_if(problems, "the data has problems")
     out = Curated(splits, labels, sources, rec.steps, rec.rejects)
     task = spec.task.type
@@ -144,11 +159,11 @@ def _curate(loaded: LoadedSpec, tokenizer: Any) -> Curated:
     return out
 
 
-# --- validation ------------------------------------------------------------------------------
+# --- row checks (the "validation" step: a policy per check) ---------------------------------
 
 
-def _read_and_validate(
-    loaded: LoadedSpec, tokenizer: Any, rec: Recorder,
+def _read_and_check_rows(
+    loaded: LoadedSpec, tokenizer: PreTrainedTokenizerBase | None, rec: Recorder,
 ) -> tuple[Splits, list[SourceInfo], list[str] | None, list[Problem]]:
     spec = loaded.spec
     policy = spec.curation.validation
@@ -156,74 +171,106 @@ def _read_and_validate(
     splits: Splits = {"train": [], "validation": [], "test": []}
     sources: list[SourceInfo] = []
     with rec.step("validation", policy.model_dump(), splits) as report:
+        checks = _RowChecks(policy, rec, report, fatal)
         for section, split in SPLIT_NAMES.items():
             src = getattr(spec.data, section)
-            if src is None:
-                continue
-            try:
-                read = read_records(loaded.resolve(src.path), src.resolved_format(), display=src.path)
-            except DataError as exc:  # the file itself: missing or unparseable; always fatal
-                fatal.extend(Problem(p.message, p.where, p.field or f"data.{section}.path", p.hint) for p in exc.problems)
-                continue
-            report.rows_in += len(read.records) + len(read.problems)
-            col_problems = check_columns(spec.task, src, read.columns, f"{src.path}:1", f"data.{section}")
-            if col_problems:  # the file's columns do not fit the spec: always fatal
-                fatal.extend(col_problems)
-                continue
-            for p in read.problems:
-                _apply(policy.unreadable, "unreadable", p, split, {"raw": read.raw.get(p.where or "", "")},
-                       rec, report, fatal)
-            examples, row_problems = build_examples(spec.task, src, read.records)
-            for p in row_problems:
-                row = next((r.fields for r in read.records if r.where == p.where), {})
-                _apply(policy.missing_field, "missing_field", p, split, {"fields": _jsonable(row)}, rec, report, fatal)
-            if not read.records and not read.problems:
-                fatal.append(Problem("dataset is empty: no rows", where=src.path, field=f"data.{section}",
-                                     hint="add rows or point the spec at another file"))
-            splits[split] = examples
-            sources.append(SourceInfo(split, src.path, read.sha256, len(read.records) + len(read.problems), 0))
-
-        labels = None
+            if src is not None:
+                _read_source(loaded, section, split, checks, splits, sources)
+        labels = _label_set(spec, splits)
         if spec.task.type == "classification":
-            labels = list(spec.task.labels) if spec.task.labels else sorted({ex.label or "" for ex in splits["train"]})
-            known = set(labels)
-            origin = "task.labels" if spec.task.labels else "the labels seen in training data"
-            for split, examples in splits.items():
-                if split == "train" and not spec.task.labels:
-                    continue
-                kept = []
-                for ex in examples:
-                    if ex.label in known:
-                        kept.append(ex)
-                        continue
-                    p = Problem(f"label {ex.label!r} is not in {origin}", where=ex.where,
-                                field=f"data.{_section(split)}",
-                                hint="fix the label, add it to task.labels, or add training rows for it")
-                    if _apply_example(policy.unknown_label, "unknown_label", p, split, ex, rec, report, fatal):
-                        kept.append(ex)
-                splits[split] = kept
-
+            _check_labels(spec, splits, labels or [], checks)
         if tokenizer is not None:
-            from tuneline.data.tokenize import lengths_over
-
-            limit = spec.train.seq_len
-            for split, examples in splits.items():
-                over = lengths_over(tokenizer, examples, limit)
-                kept = []
-                for i, ex in enumerate(examples):
-                    if i not in over:
-                        kept.append(ex)
-                        continue
-                    n = over[i]
-                    p = Problem(f"{n} tokens after templating, over train.seq_len={limit}", where=ex.where,
-                                field=f"data.{_section(split)}", hint="raise train.seq_len or shorten the row")
-                    if _apply_example(policy.too_long, "too_long", p, split, ex, rec, report, fatal):
-                        kept.append(ex)
-                splits[split] = kept
+            _check_lengths(spec.train.seq_len, tokenizer, splits, checks)
         else:
             report.details["too_long"] = "skipped: no tokenizer (training drops and counts such rows)"
         rec.finish(report, splits)
     return splits, sources, labels, fatal
+
+
+@dataclass
+class _RowChecks:
+    """Where the row checks put what they find: rejects, the step's report, fatal problems."""
+
+    policy: ValidationSpec
+    rec: Recorder
+    report: StepReport
+    fatal: list[Problem]
+
+
+def _read_source(loaded: LoadedSpec, section: str, split: str, checks: _RowChecks, splits: Splits,
+                 sources: list[SourceInfo]) -> None:
+    """Read one source file into ``splits[split]``: unreadable rows and rows missing a field go
+    by their policy; a missing file, columns that do not fit the spec or no rows are fatal."""
+    spec, report, fatal, policy = loaded.spec, checks.report, checks.fatal, checks.policy
+    src = getattr(spec.data, section)
+    try:
+        read = read_records(loaded.resolve(src.path), src.resolved_format(), display=src.path)
+    except DataError as exc:  # the file itself: missing or unparseable; always fatal
+        fatal.extend(Problem(p.message, p.where, p.field or f"data.{section}.path", p.hint) for p in exc.problems)
+        return
+    report.rows_in += len(read.records) + len(read.problems)
+    col_problems = check_columns(spec.task, src, read.columns, f"{src.path}:1", f"data.{section}")
+    if col_problems:  # the file's columns do not fit the spec: always fatal
+        fatal.extend(col_problems)
+        return
+    for p in read.problems:
+        _apply(policy.unreadable, "unreadable", p, split, {"raw": read.raw.get(p.where or "", "")},
+               checks.rec, report, fatal)
+    examples, row_problems = build_examples(spec.task, src, read.records)
+    for p in row_problems:
+        row = next((r.fields for r in read.records if r.where == p.where), {})
+        _apply(policy.missing_field, "missing_field", p, split, {"fields": _jsonable(row)}, checks.rec, report, fatal)
+    if not read.records and not read.problems:
+        fatal.append(Problem("dataset is empty: no rows", where=src.path, field=f"data.{section}",
+                             hint="add rows or point the spec at another file"))
+    splits[split] = examples
+    sources.append(SourceInfo(split, src.path, read.sha256, len(read.records) + len(read.problems), 0))
+
+
+def _label_set(spec: Spec, splits: Splits) -> list[str] | None:
+    """A classification task's labels: ``task.labels``, else those seen in the training rows."""
+    if spec.task.type != "classification":
+        return None
+    return list(spec.task.labels) if spec.task.labels else sorted({ex.label or "" for ex in splits["train"]})
+
+
+def _check_labels(spec: Spec, splits: Splits, labels: list[str], checks: _RowChecks) -> None:
+    """Rows whose label is not a known one go by the ``unknown_label`` policy."""
+    known = set(labels)
+    origin = "task.labels" if spec.task.labels else "the labels seen in training data"
+    for split, examples in splits.items():
+        if split == "train" and not spec.task.labels:
+            continue
+        kept = []
+        for ex in examples:
+            if ex.label in known:
+                kept.append(ex)
+                continue
+            p = Problem(f"label {ex.label!r} is not in {origin}", where=ex.where,
+                        field=f"data.{_section(split)}",
+                        hint="fix the label, add it to task.labels, or add training rows for it")
+            if _apply_example(checks.policy.unknown_label, "unknown_label", p, split, ex, checks.rec, checks.report,
+                              checks.fatal):
+                kept.append(ex)
+        splits[split] = kept
+
+
+def _check_lengths(limit: int, tokenizer: PreTrainedTokenizerBase, splits: Splits, checks: _RowChecks) -> None:
+    """Rows longer than ``train.seq_len`` tokens after templating go by the ``too_long`` policy."""
+    for split, examples in splits.items():
+        over = lengths_over(tokenizer, examples, limit)
+        kept = []
+        for i, ex in enumerate(examples):
+            if i not in over:
+                kept.append(ex)
+                continue
+            n = over[i]
+            p = Problem(f"{n} tokens after templating, over train.seq_len={limit}", where=ex.where,
+                        field=f"data.{_section(split)}", hint="raise train.seq_len or shorten the row")
+            if _apply_example(checks.policy.too_long, "too_long", p, split, ex, checks.rec, checks.report,
+                              checks.fatal):
+                kept.append(ex)
+        splits[split] = kept
 
 
 def _section(split: str) -> str:
@@ -265,8 +312,6 @@ def _apply_example(policy: str, kind: str, p: Problem, split: str, ex: Example, 
 
 
 def _normalize(cur: CurationSpec, splits: Splits, rec: Recorder) -> Splits:
-    from tuneline.curation.textops import normalize_text
-
     cfg = cur.normalize
     with rec.step("normalize", cfg.model_dump(), splits) as report:
         if not cfg.enabled:
@@ -291,8 +336,6 @@ def _normalize(cur: CurationSpec, splits: Splits, rec: Recorder) -> Splits:
 def _pii(cur: CurationSpec, splits: Splits, rec: Recorder, out: Curated) -> Splits:
     """Redact (or drop) rows with PII. Rejects hold no PII either: a dropped row is kept in its
     redacted form, and rows earlier steps rejected (kept as read) are redacted here too."""
-    from tuneline.curation.pii import Redactor, redact_json
-
     cfg = cur.pii
     with rec.step("pii", cfg.model_dump(), splits) as report:
         if cfg.policy == "off":
@@ -334,8 +377,6 @@ def _pii(cur: CurationSpec, splits: Splits, rec: Recorder, out: Curated) -> Spli
 
 
 def _quality(cur: CurationSpec, splits: Splits, rec: Recorder) -> Splits:
-    from tuneline.curation.textops import alpha_ratio, repetition_ratio
-
     cfg = cur.quality
     with rec.step("quality", cfg.model_dump(), splits) as report:
         result: Splits = {}
@@ -384,8 +425,6 @@ def dedup_rule(task: str, cfg: DedupSpec) -> str:
 
 
 def _dedup(cur: CurationSpec, task: str, splits: Splits, rec: Recorder, out: Curated) -> Splits:
-    from tuneline.curation.textops import dedup_key, near_duplicates, near_duplicates_paired
-
     cfg = cur.dedup
     conflicts = cfg.resolved_conflicts(task)
     paired = task in GENERATION_TASKS  # near-duplicates over input and answer
@@ -394,55 +433,11 @@ def _dedup(cur: CurationSpec, task: str, splits: Splits, rec: Recorder, out: Cur
         result: Splits = {}
         for split, examples in splits.items():
             texts = [input_of(ex) for ex in examples]
-            inputs = [dedup_key(t) for t in texts]
-            # answers repeat (labels above all): each distinct one keyed once
-            answer_keys = {r: dedup_key(r) for r in {ex.reference for ex in examples}}
-            answers = [answer_keys[ex.reference] for ex in examples]
             drop: dict[int, tuple[str, str]] = {}
             if cfg.exact:
-                repeated = {key for key, n in Counter(inputs).items() if n > 1}
-                by_input: dict[str, list[int]] = {}  # the inputs of more than one row, in order
-                for i, key in enumerate(inputs):
-                    if key in repeated:
-                        by_input.setdefault(key, []).append(i)
-                # conflicting duplicates: the same input with different answers (references
-                # instead: kept, as the several good answers of a generation task's input)
-                for rows in by_input.values() if conflicts != "references" else ():
-                    if len({answers[i] for i in rows}) > 1:
-                        group = [{"where": examples[i].where, "answer": examples[i].reference} for i in rows]
-                        out.conflicts.append({"split": split, "input": texts[rows[0]], "rows": group})
-                        head = examples[rows[0]].where
-                        if conflicts == "drop":
-                            for i in rows:
-                                drop[i] = ("conflict", f"conflict: the same input as {head if i != rows[0] else 'other rows'} "
-                                           f"with a different answer ({len(rows)} rows)")
-                        elif conflicts == "keep_first":
-                            for i in rows[1:]:
-                                drop[i] = ("conflict", f"conflict: the same input as {head} with a different answer "
-                                                       f"(conflicts: keep_first kept {head})")
-                        elif conflicts == "warn":
-                            log.warning("conflicting answers for the same input at %s", ", ".join(g["where"] for g in group))
-                # exact duplicates: the same input and the same answer as an earlier row (so only
-                # rows whose input repeats can be one)
-                for rows in by_input.values():
-                    first_with: dict[str, int] = {}  # answer -> its first row
-                    for i in rows:
-                        first = first_with.setdefault(answers[i], i)
-                        if first != i and i not in drop:
-                            drop[i] = ("exact_duplicate", f"exact_duplicate: same as {examples[first].where}")
+                _exact_drops(split, examples, texts, conflicts, out, drop)
             if cfg.near:
-                skip = [i in drop for i in range(len(examples))]
-                if paired:
-                    near = near_duplicates_paired(texts, [ex.reference for ex in examples], cfg.threshold,
-                                                  cfg.num_perm, cfg.shingle, skip=skip)
-                    what = "input and answer similarity"
-                else:
-                    near = near_duplicates(texts, cfg.threshold, cfg.num_perm, cfg.shingle, skip=skip)
-                    what = "similarity"
-                for i, near_of in enumerate(near):
-                    if near_of is not None and i not in drop:
-                        drop[i] = ("near_duplicate", f"near_duplicate: of {examples[near_of].where} "
-                                                     f"({what} >= {cfg.threshold:g})")
+                _near_drops(cfg, paired, examples, texts, drop)
             kept = []
             for i, ex in enumerate(examples):
                 if i in drop:
@@ -455,10 +450,71 @@ def _dedup(cur: CurationSpec, task: str, splits: Splits, rec: Recorder, out: Cur
         return rec.finish(report, result)
 
 
+def _exact_drops(split: str, examples: list[Example], texts: list[str], conflicts: str, out: Curated,
+                 drop: dict[int, tuple[str, str]]) -> None:
+    """Conflicting duplicates (recorded in ``out.conflicts``, dropped per ``conflicts``) and exact
+    duplicates, into ``drop`` (row -> (kind, reason))."""
+    inputs = [dedup_key(t) for t in texts]
+    # answers repeat (labels above all): each distinct one keyed once
+    answer_keys = {r: dedup_key(r) for r in {ex.reference for ex in examples}}
+    answers = [answer_keys[ex.reference] for ex in examples]
+    repeated = {key for key, n in Counter(inputs).items() if n > 1}
+    by_input: dict[str, list[int]] = {}  # the inputs of more than one row, in order
+    for i, key in enumerate(inputs):
+        if key in repeated:
+            by_input.setdefault(key, []).append(i)
+    # conflicting duplicates: the same input with different answers (references
+    # instead: kept, as the several good answers of a generation task's input)
+    for rows in by_input.values() if conflicts != "references" else ():
+        if len({answers[i] for i in rows}) > 1:
+            _conflict(split, examples, texts, rows, conflicts, out, drop)
+    # exact duplicates: the same input and the same answer as an earlier row (so only
+    # rows whose input repeats can be one)
+    for rows in by_input.values():
+        first_with: dict[str, int] = {}  # answer -> its first row
+        for i in rows:
+            first = first_with.setdefault(answers[i], i)
+            if first != i and i not in drop:
+                drop[i] = ("exact_duplicate", f"exact_duplicate: same as {examples[first].where}")
+
+
+def _conflict(split: str, examples: list[Example], texts: list[str], rows: list[int], conflicts: str,
+              out: Curated, drop: dict[int, tuple[str, str]]) -> None:
+    """One group of rows with the same input and different answers, handled per ``conflicts``."""
+    group = [{"where": examples[i].where, "answer": examples[i].reference} for i in rows]
+    out.conflicts.append({"split": split, "input": texts[rows[0]], "rows": group})
+    head = examples[rows[0]].where
+    if conflicts == "drop":
+        for i in rows:
+            drop[i] = ("conflict", f"conflict: the same input as {head if i != rows[0] else 'other rows'} "
+                       f"with a different answer ({len(rows)} rows)")
+    elif conflicts == "keep_first":
+        for i in rows[1:]:
+            drop[i] = ("conflict", f"conflict: the same input as {head} with a different answer "
+                                   f"(conflicts: keep_first kept {head})")
+    elif conflicts == "warn":
+        log.warning("conflicting answers for the same input at %s", ", ".join(g["where"] for g in group))
+
+
+def _near_drops(cfg: DedupSpec, paired: bool, examples: list[Example], texts: list[str],
+                drop: dict[int, tuple[str, str]]) -> None:
+    """Near-duplicates of an earlier row (rows already dropped are skipped), into ``drop``."""
+    skip = [i in drop for i in range(len(examples))]
+    if paired:
+        near = near_duplicates_paired(texts, [ex.reference for ex in examples], cfg.threshold,
+                                      cfg.num_perm, cfg.shingle, skip=skip)
+        what = "input and answer similarity"
+    else:
+        near = near_duplicates(texts, cfg.threshold, cfg.num_perm, cfg.shingle, skip=skip)
+        what = "similarity"
+    for i, near_of in enumerate(near):
+        if near_of is not None and i not in drop:
+            drop[i] = ("near_duplicate", f"near_duplicate: of {examples[near_of].where} "
+                                         f"({what} >= {cfg.threshold:g})")
+
+
 def _golden_rows(loaded: LoadedSpec) -> dict[str, tuple[list[Example], str]]:
     """Each golden set's rows and file hash: training must never see them."""
-    from tuneline.data import read_golden_examples
-
     return {g.name: read_golden_examples(loaded, g) for g in loaded.spec.eval.golden}
 
 
@@ -468,8 +524,6 @@ def _decontaminate(cur: CurationSpec, splits: Splits, held_out: dict[str, list[E
     its n-grams with the evaluation inputs (all held-out sources together). The step's details
     say, per held-out source, how many training rows matched it exactly and by n-gram overlap (a
     row can match several sources)."""
-    from tuneline.curation.textops import NgramIndex
-
     cfg = cur.decontaminate
     against: list[str] = ["validation", "test"] + [f"golden:{k}@{sha[:16]}" for k, sha in (golden or {}).items()]
     with rec.step("decontaminate", {**cfg.model_dump(), "against": against}, splits) as report:

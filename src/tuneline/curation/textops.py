@@ -14,7 +14,9 @@ from __future__ import annotations
 import re
 import unicodedata
 from collections import deque
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from functools import cache
 from itertools import chain
 from typing import TYPE_CHECKING, Any, Literal
@@ -264,7 +266,6 @@ def _row_shingles(
     The rows go in chunks; while one chunk's words are numbered and hashed, the next chunks are
     split into words in other threads (Arrow and numpy release the GIL, so a second core helps).
     """
-    from concurrent.futures import ThreadPoolExecutor
 
     import numpy as np
     import pyarrow as pa
@@ -400,18 +401,7 @@ def near_duplicates(
     (called on original row indices, only for pairs at or above the threshold).
     """
     n = len(texts)
-    if not 0.0 < threshold <= 1.0:
-        raise ValueError(f"threshold must be in (0, 1], not {threshold}")
-    if num_perm < 1:
-        raise ValueError(f"num_perm must be >= 1, not {num_perm}")
-    if shingle < 1:
-        raise ValueError(f"shingle must be >= 1, not {shingle}")
-    if not 0 <= seed < 2**64:
-        raise ValueError(f"seed must be in [0, 2**64), not {seed}")
-    if skip is not None and len(skip) != n:
-        raise ValueError(f"skip has {len(skip)} entries for {n} texts")
-    if groups is not None and len(groups) != n:
-        raise ValueError(f"groups has {len(groups)} entries for {n} texts")
+    _check_near_arguments(n, threshold, num_perm, shingle, seed, skip, groups)
     result: list[int | None] = [None] * n
     # Rows taking part: not skipped, with at least one word.
     active = [
@@ -443,34 +433,102 @@ def near_duplicates(
     # 2. Band keys of the flagged rows only (same signatures, same bands), then one pass in row
     #    order: candidates are the kept rows sharing a band; keep the best exact-Jaccard match.
     sub_hashes, sub_offsets = _gather_rows(hashes, offsets, flagged)
-    sub_matrix = rensa.RMinHash.digest_matrix_from_flat_token_hashes(
-        sub_hashes, sub_offsets.astype(np.uint64), num_perm, seed
-    )
-    signatures = np.fromiter(
-        chain.from_iterable(sub_matrix.to_rows()), np.uint64, flagged.size * num_perm
-    ).reshape(flagged.size, num_perm)
-    keys = np.zeros((flagged.size, num_bands), np.uint64)
     salt = np.zeros(flagged.size, np.uint64)
     if groups is not None:  # a bucket per (group, band key)
         active_groups = np.asarray([groups[i] for i in active], np.int64)[flagged]
         salt = _mix64(active_groups.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15))
+    buckets = _shared_buckets(sub_hashes, sub_offsets, _Banding(num_perm, seed, num_bands, band_rows), salt)
+
+    flagged_rows: list[int] = flagged.tolist()
+
+    def row(pos: int) -> int:
+        return active[flagged_rows[pos]]
+
+    ok = None if accept is None else (lambda pos, cand: accept(row(pos), row(cand)))
+    for pos, best in _match_in_row_order(sub_hashes.tolist(), sub_offsets.tolist(), buckets, threshold, ok):
+        result[row(pos)] = row(best)
+    return result
+
+
+def _check_near_arguments(
+    n: int, threshold: float, num_perm: int, shingle: int, seed: int,
+    skip: Sequence[bool] | None, groups: Sequence[int] | None,
+) -> None:
+    if not 0.0 < threshold <= 1.0:
+        raise ValueError(f"threshold must be in (0, 1], not {threshold}")
+    if num_perm < 1:
+        raise ValueError(f"num_perm must be >= 1, not {num_perm}")
+    if shingle < 1:
+        raise ValueError(f"shingle must be >= 1, not {shingle}")
+    if not 0 <= seed < 2**64:
+        raise ValueError(f"seed must be in [0, 2**64), not {seed}")
+    if skip is not None and len(skip) != n:
+        raise ValueError(f"skip has {len(skip)} entries for {n} texts")
+    if groups is not None and len(groups) != n:
+        raise ValueError(f"groups has {len(groups)} entries for {n} texts")
+
+
+@dataclass(frozen=True)
+class _Banding:
+    """MinHash signature size and seed, and the LSH bands over it."""
+
+    num_perm: int
+    seed: int
+    num_bands: int
+    band_rows: int
+
+
+@dataclass(frozen=True)
+class _Buckets:
+    """The LSH buckets that more than one row falls in, numbered densely: row ``pos``'s are
+    ``row_buckets[row_bounds[pos] : row_bounds[pos + 1]]``."""
+
+    row_buckets: list[int]
+    row_bounds: list[int]
+    count: int
+
+
+def _shared_buckets(
+    sub_hashes: npt.NDArray[np.uint64], sub_offsets: npt.NDArray[np.int64], banding: _Banding,
+    salt: npt.NDArray[np.uint64],
+) -> _Buckets:
+    """Sign the rows again, key each (row, band) by its band of the signature (``salt`` per row
+    puts rows of different groups in different buckets), and keep the keys another row shares."""
+    import numpy as np
+    import rensa
+
+    rows = sub_offsets.size - 1
+    num_perm, num_bands, band_rows = banding.num_perm, banding.num_bands, banding.band_rows
+    sub_matrix = rensa.RMinHash.digest_matrix_from_flat_token_hashes(
+        sub_hashes, sub_offsets.astype(np.uint64), num_perm, banding.seed
+    )
+    signatures = np.fromiter(
+        chain.from_iterable(sub_matrix.to_rows()), np.uint64, rows * num_perm
+    ).reshape(rows, num_perm)
+    del sub_matrix
+    keys = np.zeros((rows, num_bands), np.uint64)
     for b in range(num_bands):
-        key = np.full(flagged.size, b + 1, np.uint64) ^ salt
+        key = np.full(rows, b + 1, np.uint64) ^ salt
         for col in range(b * band_rows, (b + 1) * band_rows):
             key = _mix64(key ^ signatures[:, col])
         keys[:, b] = key
-    del signatures, sub_matrix
+    del signatures
     # Only the (row, band) keys another flagged row shares matter; number those buckets densely.
     _, bucket_of, bucket_sizes = np.unique(keys.ravel(), return_inverse=True, return_counts=True)
     shared = bucket_sizes[bucket_of] > 1
     row_buckets: list[int] = bucket_of[shared].tolist()
     row_bounds: list[int] = np.concatenate(
-        [[0], np.cumsum(shared.reshape(flagged.size, num_bands).sum(axis=1))]
+        [[0], np.cumsum(shared.reshape(rows, num_bands).sum(axis=1))]
     ).tolist()
-    del keys, bucket_of, shared
+    return _Buckets(row_buckets, row_bounds, int(bucket_sizes.size))
 
-    bounds: list[int] = sub_offsets.tolist()
-    all_shingles: list[int] = sub_hashes.tolist()
+
+def _match_in_row_order(
+    all_shingles: list[int], bounds: list[int], buckets: _Buckets, threshold: float,
+    accept: Callable[[int, int], bool] | None,
+) -> Iterator[tuple[int, int]]:
+    """(row, the earlier kept row it is a near duplicate of), in row order; a row without one is
+    kept, and later rows sharing its buckets are compared with it."""
     shingle_sets: dict[int, frozenset[int]] = {}
 
     def shingles_of(pos: int) -> frozenset[int]:
@@ -480,28 +538,18 @@ def near_duplicates(
             shingle_sets[pos] = found
         return found
 
-    flagged_rows: list[int] = flagged.tolist()
-    kept_in: list[list[int] | None] = [None] * bucket_sizes.size  # kept rows of each bucket
-    for pos in range(flagged.size):
+    row_buckets, row_bounds = buckets.row_buckets, buckets.row_bounds
+    kept_in: list[list[int] | None] = [None] * buckets.count  # kept rows of each bucket
+    for pos in range(len(bounds) - 1):
         my_buckets = row_buckets[row_bounds[pos] : row_bounds[pos + 1]]
         candidates: set[int] = set()
         for bucket in my_buckets:
             members = kept_in[bucket]
             if members is not None:
                 candidates.update(members)
-        best, best_sim = -1, -1.0
-        if candidates:
-            mine = shingles_of(pos)
-            for cand in sorted(candidates):
-                theirs = shingles_of(cand)
-                inter = len(mine & theirs)
-                sim = inter / (len(mine) + len(theirs) - inter)
-                if sim >= threshold and sim > best_sim and (
-                    accept is None or accept(active[flagged_rows[pos]], active[flagged_rows[cand]])
-                ):
-                    best, best_sim = cand, sim
+        best = _most_similar(pos, candidates, shingles_of, threshold, accept) if candidates else -1
         if best >= 0:
-            result[active[flagged_rows[pos]]] = active[flagged_rows[best]]
+            yield pos, best
             continue
         for bucket in my_buckets:
             members = kept_in[bucket]
@@ -509,7 +557,23 @@ def near_duplicates(
                 kept_in[bucket] = [pos]
             else:
                 members.append(pos)
-    return result
+
+
+def _most_similar(
+    pos: int, candidates: set[int], shingles_of: Callable[[int], frozenset[int]], threshold: float,
+    accept: Callable[[int, int], bool] | None,
+) -> int:
+    """The candidate with the highest exact Jaccard similarity >= ``threshold`` (the earliest among
+    equals) that ``accept`` allows, else -1."""
+    best, best_sim = -1, -1.0
+    mine = shingles_of(pos)
+    for cand in sorted(candidates):
+        theirs = shingles_of(cand)
+        inter = len(mine & theirs)
+        sim = inter / (len(mine) + len(theirs) - inter)
+        if sim >= threshold and sim > best_sim and (accept is None or accept(pos, cand)):
+            best, best_sim = cand, sim
+    return best
 
 
 def _word_shingles(text: str, k: int) -> frozenset[tuple[str, ...]]:

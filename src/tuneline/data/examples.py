@@ -92,86 +92,102 @@ def build_examples(task: TaskSpec, source: DataSource, records: list[Record]) ->
     (training sees every answer; evaluation groups them back into one item). A CSV cell is always
     one text, even one that looks like a JSON list: in CSV, write one row per answer. An empty
     list, or an element that is not a non-empty string, is a problem of the row."""
-    cols = column_map(task, source)
-    prompt = task.system_prompt()  # the instruction, or translation's default naming the language pair
-    system = [{"role": "system", "content": prompt}] if prompt else []
-    examples: list[Example] = []
-    problems: list[Problem] = []
+    builder = _RowBuilder(task, column_map(task, source))
+    add = {"classification": builder.classification, "summarization": builder.input_answer,
+           "translation": builder.input_answer, "instruction": builder.instruction,
+           "structured": builder.instruction}.get(task.type, builder.chat)
+    for rec in records:
+        add(rec)
+    return builder.examples, builder.problems
 
-    def required(rec: Record, *logicals: str) -> list[str] | None:
+
+class _RowBuilder:
+    """Builds the examples of one source's records, a method per task type, collecting problems."""
+
+    def __init__(self, task: TaskSpec, cols: dict[str, str]) -> None:
+        self.kind = task.type
+        self.cols = cols
+        prompt = task.system_prompt()  # the instruction, or translation's default naming the language pair
+        self.system: list[Message] = [{"role": "system", "content": prompt}] if prompt else []
+        self.examples: list[Example] = []
+        self.problems: list[Problem] = []
+
+    def required(self, rec: Record, *logicals: str) -> list[str] | None:
         """The non-empty values of ``logicals``, or None after recording each empty one."""
+        cols = self.cols
         values = [_text(rec.fields.get(cols[name])) for name in logicals]
         for name, value in zip(logicals, values, strict=True):
             if value is None:
-                problems.append(Problem(f"empty {cols[name]!r}", where=rec.where, field=cols[name],
-                                        hint="fill the cell or remove the row"))
+                self.problems.append(Problem(f"empty {cols[name]!r}", where=rec.where, field=cols[name],
+                                             hint="fill the cell or remove the row"))
         return None if any(v is None for v in values) else [v for v in values if v is not None]
 
-    def answers(rec: Record, logical: str) -> list[str] | None:
+    def answers(self, rec: Record, logical: str) -> list[str] | None:
         """The answer(s) in column ``logical``: one text, or for a generation task a list of texts
         (JSONL/Parquet) -- each becomes its own row; None after recording what is wrong."""
-        col = cols[logical]
+        col = self.cols[logical]
         value = rec.fields.get(col)
-        if not isinstance(value, (list, tuple)) or kind not in GENERATION_TASKS:
-            got = required(rec, logical)
-            return got
+        if not isinstance(value, (list, tuple)) or self.kind not in GENERATION_TASKS:
+            return self.required(rec, logical)
         if not value:
-            problems.append(Problem(f"empty list in {col!r}: no answer", where=rec.where, field=col,
-                                    hint="give at least one answer, or remove the row"))
+            self.problems.append(Problem(f"empty list in {col!r}: no answer", where=rec.where, field=col,
+                                         hint="give at least one answer, or remove the row"))
             return None
         texts = []
         for i, item in enumerate(value):
             text = item if isinstance(item, str) and not item.isspace() and item else None
             if text is None:
                 what = "an empty text" if isinstance(item, str) else f"a {type(item).__name__}, not a string"
-                problems.append(Problem(f"answer {i} of the list in {col!r} is {what}", where=rec.where, field=col,
-                                        hint="a list of answers holds non-empty strings only"))
+                self.problems.append(Problem(f"answer {i} of the list in {col!r} is {what}", where=rec.where,
+                                             field=col, hint="a list of answers holds non-empty strings only"))
                 return None
             texts.append(text)
         return texts
 
-    kind = task.type
-    text_col, label_col = cols.get("text", ""), cols.get("label", "")
-    for rec in records:
+    def _add_turns(self, rec: Record, user: str, outputs: list[str]) -> None:
+        for output in outputs:  # several answers: one row each, same input and where
+            msgs = (*self.system, {"role": "user", "content": user}, {"role": "assistant", "content": output})
+            self.examples.append(Example(rec.where, tuple(msgs), output))
+
+    def classification(self, rec: Record) -> None:
         f = rec.fields
-        if kind == "classification":
-            text, label = _text(f.get(text_col)), _text(f.get(label_col))
-            if text is None or label is None:
-                required(rec, "text", "label")  # records the empty one(s)
-                continue
-            label = label.strip()
-            msgs = (*system, {"role": "user", "content": text}, {"role": "assistant", "content": label})
-            examples.append(Example(rec.where, msgs, label, label))
-        elif kind in _INPUT_ANSWER:  # summarization (text -> summary), translation (source -> target)
-            input_col, answer_col = _INPUT_ANSWER[kind]
-            given = required(rec, input_col)
-            outputs = answers(rec, answer_col)
-            if given is None or outputs is None:
-                continue
-            for output in outputs:  # several answers: one row each, same input and where
-                msgs = (*system, {"role": "user", "content": given[0]}, {"role": "assistant", "content": output})
-                examples.append(Example(rec.where, tuple(msgs), output))
-        elif kind in ("instruction", "structured"):
-            instr = required(rec, "instruction")
-            responses = answers(rec, "response")
-            if instr is None or responses is None:
-                continue
-            inp = _text(f.get(cols["input"]))
-            user = instr[0] if inp is None else f"{instr[0]}\n\n{inp}"
-            for resp in responses:
-                msgs = (*system, {"role": "user", "content": user}, {"role": "assistant", "content": resp})
-                examples.append(Example(rec.where, tuple(msgs), resp))
-        else:  # chat
-            msgs_or_problem = _chat_messages(f.get(cols["messages"]))
-            if isinstance(msgs_or_problem, str):
-                problems.append(Problem(msgs_or_problem, where=rec.where, field=cols["messages"],
-                                        hint='expected a list like [{"role": "user", "content": "..."}, {"role": "assistant", "content": "..."}]'))
-                continue
-            turns = msgs_or_problem
-            if system and turns[0]["role"] != "system":
-                turns = [*system, *turns]
-            examples.append(Example(rec.where, tuple(turns), turns[-1]["content"]))
-    return examples, problems
+        text, label = _text(f.get(self.cols.get("text", ""))), _text(f.get(self.cols.get("label", "")))
+        if text is None or label is None:
+            self.required(rec, "text", "label")  # records the empty one(s)
+            return
+        label = label.strip()
+        msgs = (*self.system, {"role": "user", "content": text}, {"role": "assistant", "content": label})
+        self.examples.append(Example(rec.where, msgs, label, label))
+
+    def input_answer(self, rec: Record) -> None:
+        """summarization (text -> summary), translation (source -> target)"""
+        input_col, answer_col = _INPUT_ANSWER[self.kind]
+        given = self.required(rec, input_col)
+        outputs = self.answers(rec, answer_col)
+        if given is None or outputs is None:
+            return
+        self._add_turns(rec, given[0], outputs)
+
+    def instruction(self, rec: Record) -> None:
+        """instruction and structured: instruction (+ optional input) -> response"""
+        instr = self.required(rec, "instruction")
+        responses = self.answers(rec, "response")
+        if instr is None or responses is None:
+            return
+        inp = _text(rec.fields.get(self.cols["input"]))
+        self._add_turns(rec, instr[0] if inp is None else f"{instr[0]}\n\n{inp}", responses)
+
+    def chat(self, rec: Record) -> None:
+        msgs_or_problem = _chat_messages(rec.fields.get(self.cols["messages"]))
+        if isinstance(msgs_or_problem, str):
+            self.problems.append(Problem(msgs_or_problem, where=rec.where, field=self.cols["messages"],
+                                         hint='expected a list like [{"role": "user", "content": "..."}, '
+                                              '{"role": "assistant", "content": "..."}]'))
+            return
+        turns = msgs_or_problem
+        if self.system and turns[0]["role"] != "system":
+            turns = [*self.system, *turns]
+        self.examples.append(Example(rec.where, tuple(turns), turns[-1]["content"]))
 
 
 def _chat_messages(value: Any) -> list[Message] | str:
@@ -195,13 +211,22 @@ def _chat_messages(value: Any) -> list[Message] | str:
     return out
 
 
+def sample_rows(examples: list[Example], rows: int, seed: int, *, keep_order: bool = True) -> list[Example]:
+    """At most ``rows`` of ``examples``, a seeded sample: in input order, or (``keep_order=False``)
+    in the order drawn. The one seeded sampler; :func:`sample_examples` adds stratification."""
+    if len(examples) <= rows:
+        return list(examples)
+    picked = random.Random(seed).sample(range(len(examples)), rows)
+    return [examples[i] for i in (sorted(picked) if keep_order else picked)]
+
+
 def sample_examples(examples: list[Example], max_rows: int, stratify: bool, seed: int) -> list[Example]:
     """Deterministic subset of at most ``max_rows``; stratified by label keeps every label present."""
-    rng = random.Random(seed)
     if len(examples) <= max_rows:
         return list(examples)
     if not stratify or examples[0].label is None:
-        return rng.sample(examples, max_rows)
+        return sample_rows(examples, max_rows, seed, keep_order=False)
+    rng = random.Random(seed)
     groups: dict[str, list[Example]] = defaultdict(list)
     for ex in examples:
         groups[ex.label or ""].append(ex)

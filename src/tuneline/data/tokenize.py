@@ -13,10 +13,13 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from itertools import chain, islice
 from operator import itemgetter
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 from tuneline.data.examples import Example, Message
 from tuneline.errors import DataError, Problem
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 IGNORE_INDEX = -100
 
@@ -32,17 +35,17 @@ class Encoded:
         return sum(1 for x in self.labels if x != IGNORE_INDEX)
 
 
-def render(tokenizer: Any, messages: list[Message], add_generation_prompt: bool = False) -> str:
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+def render(tokenizer: PreTrainedTokenizerBase, messages: list[Message], add_generation_prompt: bool = False) -> str:
+    return cast(str, tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt))
 
 
-def _special_strings(tokenizer: Any) -> list[str]:
+def _special_strings(tokenizer: PreTrainedTokenizerBase) -> list[str]:
     specials = set(tokenizer.all_special_tokens)
     specials.update(str(t) for t in getattr(tokenizer, "added_tokens_decoder", {}).values() if getattr(t, "special", False))
     return sorted(specials, key=len, reverse=True)
 
 
-def end_of_turn(tokenizer: Any) -> str:
+def end_of_turn(tokenizer: PreTrainedTokenizerBase) -> str:
     """The special token the chat template puts after an assistant answer (e.g. ``<|im_end|>``)."""
     probe = [{"role": "user", "content": "x"}, {"role": "assistant", "content": "ANSWER"}]
     full = render(tokenizer, probe)
@@ -55,7 +58,7 @@ def end_of_turn(tokenizer: Any) -> str:
         field="model", hint="use a chat model whose template ends turns with an end-of-turn token"))
 
 
-def segments(tokenizer: Any, messages: list[Message], eot: str, context: int = 0) -> list[tuple[str, bool]]:
+def segments(tokenizer: PreTrainedTokenizerBase, messages: list[Message], eot: str, context: int = 0) -> list[tuple[str, bool]]:
     """Split the rendered conversation into (text, is_answer) pieces, in order. The first
     ``context`` messages after the system prompt(s) (demonstrations) count as prompt, not answers."""
     full = render(tokenizer, messages)
@@ -81,7 +84,7 @@ def segments(tokenizer: Any, messages: list[Message], eot: str, context: int = 0
     return pieces
 
 
-def encode_example(tokenizer: Any, example: Example, seq_len: int, eot: str | None = None) -> Encoded:
+def encode_example(tokenizer: PreTrainedTokenizerBase, example: Example, seq_len: int, eot: str | None = None) -> Encoded:
     """Token ids and labels for one example. Raises if it has no answer tokens."""
     eot = eot or end_of_turn(tokenizer)
     ids: list[int] = []
@@ -101,13 +104,13 @@ def encode_example(tokenizer: Any, example: Example, seq_len: int, eot: str | No
     return enc
 
 
-def encode_prompt(tokenizer: Any, example: Example) -> list[int]:
+def encode_prompt(tokenizer: PreTrainedTokenizerBase, example: Example) -> list[int]:
     """Token ids of the prompt for generation (ends with the assistant header)."""
     text = render(tokenizer, example.prompt_messages, add_generation_prompt=True)
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
-def lengths_over(tokenizer: Any, examples: list[Example], limit: int, margin: int = 8) -> dict[int, int]:
+def lengths_over(tokenizer: PreTrainedTokenizerBase, examples: list[Example], limit: int, margin: int = 8) -> dict[int, int]:
     """{index: exact token count} of the examples longer than ``limit`` tokens once templated.
 
     Fast for large datasets. The template's own tokens are measured once per role sequence (a
@@ -153,7 +156,7 @@ def lengths_over(tokenizer: Any, examples: list[Example], limit: int, margin: in
 _CHECK_SAMPLE = 500
 
 
-def _token_counts(tokenizer: Any, texts: list[str]) -> list[int]:
+def _token_counts(tokenizer: PreTrainedTokenizerBase, texts: list[str]) -> list[int]:
     """Tokens of each text without special tokens (the Rust batch path when there is one).
 
     Many texts are counted from their words (see :func:`_word_counts`), once that count was found

@@ -27,14 +27,7 @@ def quantity(suite: EvalSuite, name: str) -> float:
             raise Missing(name, "forgetting was not measured (eval.forgetting is off)")
         return suite.forgetting.drop
     if name == "robustness_drop" or parts[0] == "robustness":
-        rob = suite.robustness
-        if rob is None:
-            raise Missing(name, "robustness was not measured (eval.robustness.enabled is off)")
-        if name == "robustness_drop":
-            return rob.worst_drop
-        if parts[1] not in rob.perturbations:
-            raise Missing(name, f"perturbation {parts[1]!r} was not run (eval.robustness.perturbations)")
-        return rob.perturbations[parts[1]].drop
+        return _robustness(suite, name, parts)
     if name in ("p50_latency_ms", "p95_latency_ms", "tokens_per_second"):
         if suite.latency is None:
             raise Missing(name, "latency was not measured (eval.latency.enabled is off)")
@@ -44,6 +37,23 @@ def quantity(suite: EvalSuite, name: str) -> float:
         if not suite.human:
             raise Missing(name, "no human ratings imported yet (`tuneline eval import-human`)")
         return float(suite.human["win_rate"])
+    return _metric(suite, name, parts)
+
+
+def _robustness(suite: EvalSuite, name: str, parts: list[str]) -> float:
+    """``robustness_drop`` (the worst perturbation's) or ``robustness.KIND``."""
+    rob = suite.robustness
+    if rob is None:
+        raise Missing(name, "robustness was not measured (eval.robustness.enabled is off)")
+    if name == "robustness_drop":
+        return rob.worst_drop
+    if parts[1] not in rob.perturbations:
+        raise Missing(name, f"perturbation {parts[1]!r} was not run (eval.robustness.perturbations)")
+    return rob.perturbations[parts[1]].drop
+
+
+def _metric(suite: EvalSuite, name: str, parts: list[str]) -> float:
+    """``[golden.NAME.][SYSTEM.]METRIC``: a metric of one system on the main or a golden set."""
     target = suite.main_set()
     if parts[0] == "golden":
         target = next((s for s in suite.sets if s.kind == "golden" and s.name == parts[1]), None)  # type: ignore[assignment]

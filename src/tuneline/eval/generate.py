@@ -3,16 +3,23 @@ search, with the decoding settings of the spec (:class:`Decoding`) that the serv
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, cast
 
 from tuneline.data.examples import Example
 from tuneline.data.tokenize import IGNORE_INDEX, encode_example, encode_prompt, end_of_turn
+from tuneline.errors import DataError
 from tuneline.models.loading import inference_attention
+from tuneline.runtime import cache_argument_of
 from tuneline.runtime.progress import progress_bar
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 
 class LabelTrie:
@@ -22,7 +29,7 @@ class LabelTrie:
     prompt), so a constrained answer is token for token what the model was trained to produce.
     """
 
-    def __init__(self, tokenizer: Any, labels: list[str], template: Example, end_id: int | None) -> None:
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, labels: list[str], template: Example, end_id: int | None) -> None:
         eot = end_of_turn(tokenizer)
         self.next: dict[tuple[int, ...], set[int]] = {}
         self.nodes: set[tuple[int, ...]] = set()  # every prefix of every answer, complete ones included
@@ -113,14 +120,12 @@ class Decoding:
 
 def read_decoding(adapter_dir: Any) -> Decoding | None:
     """The decoding settings saved with an adapter (``decoding.json``), None when it has none."""
-    import json
-    from pathlib import Path
 
     path = Path(adapter_dir) / DECODING_FILE
     return Decoding.of(json.loads(path.read_text(encoding="utf-8"))) if path.is_file() else None
 
 
-def cut_at_stop(tokenizer: Any, tokens: list[int], stops: tuple[str, ...] | list[str]) -> tuple[int, str] | None:
+def cut_at_stop(tokenizer: PreTrainedTokenizerBase, tokens: list[int], stops: tuple[str, ...] | list[str]) -> tuple[int, str] | None:
     """``(n, text)`` for the first ``n`` of ``tokens`` whose decoded text contains a stop string,
     ``text`` being that decoded text cut before the first stop string in it; None if none occurs.
     The server's rows (:class:`tuneline.serve.engine._Row`) stop at the same token with the same text."""
@@ -128,7 +133,7 @@ def cut_at_stop(tokenizer: Any, tokens: list[int], stops: tuple[str, ...] | list
     if not stops or not any(x in tokenizer.decode(tokens, skip_special_tokens=True) for x in stops):
         return None
     for n in range(1, len(tokens) + 1):
-        text = tokenizer.decode(tokens[:n], skip_special_tokens=True)
+        text = cast(str, tokenizer.decode(tokens[:n], skip_special_tokens=True))
         cut = min((text.index(x) for x in stops if x in text), default=None)
         if cut is not None:
             return n, text[:cut]
@@ -196,30 +201,33 @@ class Generation:
     tokens: list[int]  # answer length in tokens, the end token excluded
 
 
-def generate(model: Any, tokenizer: Any, examples: list[Example], **kwargs: Any) -> tuple[list[str], float]:
-    """Greedy answers in input order, and seconds per example (see :func:`generate_detailed`)."""
-    out = generate_detailed(model, tokenizer, examples, **kwargs)
+@dataclass(frozen=True)
+class GenerateOptions:
+    """How :func:`generate_detailed` runs: rows per batch, the autocast context (see
+    :func:`tuneline.runtime.autocast_for`) and device, the progress bar, and what it decodes."""
+
+    batch_size: int
+    autocast: AbstractContextManager[Any]
+    max_new_tokens: int | None = None
+    device: str = "cpu"
+    description: str = "generate"
+    show_progress: bool = True
+    labels: LabelTrie | None = None
+    share_prefix: bool = True
+    decoding: Decoding | None = None
+
+
+def generate(model: Any, tokenizer: PreTrainedTokenizerBase, examples: list[Example], **options: Any) -> tuple[list[str], float]:
+    """Greedy answers in input order, and seconds per example (``options``: the fields of
+    :class:`GenerateOptions`; see :func:`generate_detailed`)."""
+    out = generate_detailed(model, tokenizer, examples, GenerateOptions(**options))
     return out.texts, out.seconds_per_example
 
 
-def generate_detailed(
-    model: Any,
-    tokenizer: Any,
-    examples: list[Example],
-    *,
-    batch_size: int,
-    max_new_tokens: int | None = None,
-    autocast: Any,
-    device: str = "cpu",
-    description: str = "generate",
-    show_progress: bool = True,
-    labels: LabelTrie | None = None,
-    share_prefix: bool = True,
-    decoding: Decoding | None = None,
-) -> Generation:
+def generate_detailed(model: Any, tokenizer: PreTrainedTokenizerBase, examples: list[Example], options: GenerateOptions) -> Generation:
     """Answers for each example's prompt, in input order, with whether each stopped on its own.
 
-    ``decoding`` (default: greedy, 24 tokens; ``max_new_tokens`` overrides its token limit) sets
+    ``options.decoding`` (default: greedy, 24 tokens; ``max_new_tokens`` overrides its token limit) sets
     beams, penalties and stop strings. An answer is cut before the first stop string it contains
     and counts as stopped; with greedy decoding a row stops generating there (beam search runs
     its beams to the end, then cuts). Beam search turns ``share_prefix`` off.
@@ -237,9 +245,11 @@ def generate_detailed(
     """
     import torch
 
-    decoding = decoding or Decoding()
-    if max_new_tokens is not None:
-        decoding = replace(decoding, max_new_tokens=max_new_tokens)
+    labels, share_prefix, batch_size, device = options.labels, options.share_prefix, options.batch_size, options.device
+    description, show_progress, autocast = options.description, options.show_progress, options.autocast
+    decoding = options.decoding or Decoding()
+    if options.max_new_tokens is not None:
+        decoding = replace(decoding, max_new_tokens=options.max_new_tokens)
     if labels is not None:
         decoding = Decoding(max_new_tokens=decoding.max_new_tokens)  # constrained greedy over the label trie
     if decoding.num_beams > 1:
@@ -249,7 +259,7 @@ def generate_detailed(
     outputs: list[str] = [""] * len(prompts)
     stopped = [False] * len(prompts)
     lengths = [0] * len(prompts)
-    eos = tokenizer.convert_tokens_to_ids(tokenizer.eos_token) if tokenizer.eos_token else None
+    eos = cast("int | None", tokenizer.convert_tokens_to_ids(tokenizer.eos_token) if tokenizer.eos_token else None)
     ends = {t for t in (eos, _end_of_turn_id(tokenizer)) if t is not None}
     pad = tokenizer.pad_token_id
     n_prefix = common_prefix_len(prompts) if share_prefix else 0
@@ -269,18 +279,9 @@ def generate_detailed(
             for r, i in enumerate(idx):  # pad between prefix and prompt: every row continues at one column
                 ids[r, width - len(prompts[i]) + n_prefix:] = torch.tensor(prompts[i][n_prefix:])
                 mask[r, width - len(prompts[i]) + n_prefix:] = 1
-            extra: dict[str, Any] = {}
+            extra = _generate_kwargs(tokenizer, decoding, labels, mask, width, ends)
             if n_prefix:
                 extra[_generate_cache_argument(model)] = _prefix_cache(model, ids[:1, :n_prefix].to(device), len(idx))
-            if labels is not None:
-                def constrain(_row: int, seq: Any, width: int = width) -> list[int]:
-                    return labels.allowed(seq[width:].tolist())
-                extra["prefix_allowed_tokens_fn"] = constrain
-                extra["stopping_criteria"] = _stop_when_decided(labels, width)
-            else:
-                extra.update(decoding_kwargs(decoding, mask))
-                if decoding.stop and decoding.num_beams == 1:
-                    extra["stopping_criteria"] = _stop_on_strings(tokenizer, decoding.stop, width, ends)
             out = model.generate(
                 input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=decoding.max_new_tokens,
                 do_sample=False, eos_token_id=eos, pad_token_id=pad, **extra,
@@ -289,22 +290,41 @@ def generate_detailed(
                 answer = out[r, width:].tolist()
                 if labels is not None:
                     answer = labels.decided(answer)
-                end = next((k for k, t in enumerate(answer) if t in ends), None)
-                stopped[i] = end is not None
-                lengths[i] = len(answer) if end is None else end
-                cut = cut_at_stop(tokenizer, answer[:lengths[i]], decoding.stop) if decoding.stop else None
-                if cut is not None:
-                    stopped[i], lengths[i] = True, cut[0]
-                    outputs[i] = cut[1].strip()
-                else:
-                    outputs[i] = tokenizer.decode(answer[:lengths[i]], skip_special_tokens=True).strip()
+                stopped[i], lengths[i], outputs[i] = _read_answer(tokenizer, answer, ends, decoding.stop)
             bar.update(task, advance=len(idx))
     return Generation(outputs, (time.perf_counter() - t0) / max(1, len(prompts)), stopped, lengths)
 
 
-def _end_of_turn_id(tokenizer: Any) -> int | None:
-    from tuneline.errors import DataError
+def _generate_kwargs(tokenizer: PreTrainedTokenizerBase, decoding: Decoding, labels: LabelTrie | None, mask: Any,
+                     width: int, ends: set[int]) -> dict[str, Any]:
+    """``model.generate``'s decoding arguments for one batch whose prompts are ``width`` wide:
+    constrained to the label trie, or the decoding settings with their stop strings."""
+    extra: dict[str, Any] = {}
+    if labels is not None:
+        def constrain(_row: int, seq: Any, width: int = width) -> list[int]:
+            return labels.allowed(seq[width:].tolist())
+        extra["prefix_allowed_tokens_fn"] = constrain
+        extra["stopping_criteria"] = _stop_when_decided(labels, width)
+    else:
+        extra.update(decoding_kwargs(decoding, mask))
+        if decoding.stop and decoding.num_beams == 1:
+            extra["stopping_criteria"] = _stop_on_strings(tokenizer, decoding.stop, width, ends)
+    return extra
 
+
+def _read_answer(tokenizer: PreTrainedTokenizerBase, answer: list[int], ends: set[int], stop: tuple[str, ...]) -> tuple[bool, int, str]:
+    """(stopped on its own, length in tokens, text) of one generated answer: up to its first end
+    token, and cut before the first stop string it contains (then it counts as stopped)."""
+    end = next((k for k, t in enumerate(answer) if t in ends), None)
+    stopped = end is not None
+    length = len(answer) if end is None else end
+    cut = cut_at_stop(tokenizer, answer[:length], stop) if stop else None
+    if cut is not None:
+        return True, cut[0], cut[1].strip()
+    return stopped, length, cast(str, tokenizer.decode(answer[:length], skip_special_tokens=True)).strip()
+
+
+def _end_of_turn_id(tokenizer: PreTrainedTokenizerBase) -> int | None:
     try:
         tid = tokenizer.convert_tokens_to_ids(end_of_turn(tokenizer))
     except DataError:
@@ -333,7 +353,6 @@ def _prefix_cache(model: Any, prefix_ids: Any, rows: int) -> Any:
 
 def _generate_cache_argument(model: Any) -> str:
     """The keyword for a KV cache: ``cache`` (transformers >= 5.24) or ``past_key_values``."""
-    from tuneline.runtime import cache_argument_of
 
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     return cache_argument_of(type(base).forward)
@@ -352,7 +371,7 @@ def _stop_when_decided(trie: LabelTrie, start: int) -> Any:
     return StoppingCriteriaList([LabelDecided()])
 
 
-def _stop_on_strings(tokenizer: Any, stops: tuple[str, ...], start: int, ends: set[int]) -> Any:
+def _stop_on_strings(tokenizer: PreTrainedTokenizerBase, stops: tuple[str, ...], start: int, ends: set[int]) -> Any:
     """A stopping criterion: a row is done once its decoded answer (from column ``start``, up to an
     end token) contains one of ``stops``."""
     import torch

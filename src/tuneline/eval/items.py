@@ -18,6 +18,8 @@ import statistics
 from collections.abc import Sequence
 from dataclasses import replace
 
+from tuneline.curation.steps import input_of
+from tuneline.curation.textops import dedup_key
 from tuneline.data.examples import Example
 from tuneline.spec.models import GENERATION_TASKS
 
@@ -25,8 +27,6 @@ from tuneline.spec.models import GENERATION_TASKS
 def item_key(ex: Example) -> str:
     """The key under which rows are one item: the input (retrieved or fixed example turns left
     out), casefolded with whitespace collapsed."""
-    from tuneline.curation.steps import input_of
-    from tuneline.curation.textops import dedup_key
 
     if ex.demonstrations:
         system = [m for m in ex.messages if m["role"] == "system"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from tuneline.eval.items import describe_references
 from tuneline.eval.results import FLIP_DELTA, EvalSuite, SetResult
 
 SYSTEM_ORDER = ("base", "production", "candidate")
@@ -97,7 +98,6 @@ def _short(text: str, width: int = 60) -> str:
 
 def items_title(s: SetResult) -> str:
     """``"200 rows"``, or for multi-reference items ``"54 items, references per item 1/8/12 (min/median/max)"``."""
-    from tuneline.eval.items import describe_references
 
     counts = s.reference_counts()
     if not counts or max(counts) <= 1:

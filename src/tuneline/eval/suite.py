@@ -19,16 +19,25 @@ from typing import Any
 
 import numpy as np
 
+from tuneline.curation.steps import input_of
 from tuneline.data.examples import Example
 from tuneline.eval import stats
 from tuneline.eval.gates import check_gates
-from tuneline.eval.generate import Decoding, Generation, LabelTrie, generate_detailed
+from tuneline.eval.generate import (
+    Decoding,
+    GenerateOptions,
+    Generation,
+    LabelTrie,
+    generate_detailed,
+)
 from tuneline.eval.metrics import (
     Scored,
     bleu_tokenize_for,
     closest_reference,
     score,
 )
+from tuneline.eval.perturb import perturb_example
+from tuneline.eval.probe import load_probe, probe_correct, probe_examples
 from tuneline.eval.results import (
     FLIP_DELTA,
     Comparison,
@@ -89,8 +98,6 @@ class Evaluation:
         for s in self.sets:
             self.answers[(s.name, name)] = self._generate(model, prompts(s.examples), f"{name} on {s.name}")
         if self.spec.eval.forgetting and name in ("base", "candidate"):
-            from tuneline.eval.probe import load_probe, probe_examples
-
             self.probe[name] = self._generate(model, prompts(probe_examples(load_probe())),
                                               f"{name} forgetting probe", constrained=False,
                                               decoding=Decoding(max_new_tokens=24))  # fixed: greedy, 24 tokens
@@ -113,16 +120,14 @@ class Evaluation:
         trie = self.trie if constrained else None
         if decoding is None:  # the spec's settings; a label never needs more tokens than the trie's longest
             decoding = Decoding(max_new_tokens=trie.max_len) if trie else Decoding.of(self.spec.decoding)
-        return generate_detailed(
-            model, self.tokenizer, examples, batch_size=batch_size or self.spec.eval.batch_size,
+        return generate_detailed(model, self.tokenizer, examples, GenerateOptions(
+            batch_size=batch_size or self.spec.eval.batch_size,
             decoding=decoding, autocast=self.autocast, device=self.device,
             description=f"eval {what}", show_progress=self.show_progress and progress, labels=trie,
             share_prefix=len(examples) > 1,
-        )
+        ))
 
     def _robustness(self, model: Any, prompts: Callable[[list[Example]], list[Example]]) -> None:
-        from tuneline.eval.perturb import perturb_example
-
         cfg = self.spec.eval.robustness
         main = self.sets[0].examples if self.sets else []
         if not cfg.enabled or not main:
@@ -192,7 +197,6 @@ class Evaluation:
                         flips[f"candidate_vs_{other}"] = _flips(spec, s, scored["candidate"], scored[other],
                                                                 self.answers[(s.name, "candidate")],
                                                                 self.answers[(s.name, other)])
-            from tuneline.curation.steps import input_of
 
             set_results.append(SetResult(
                 name=s.name, kind=s.kind, n=n, systems=results, comparisons=comparisons, flips=flips,
@@ -209,7 +213,6 @@ class Evaluation:
     def _forgetting(self, resamples: int) -> Forgetting | None:
         if "base" not in self.probe or "candidate" not in self.probe:
             return None
-        from tuneline.eval.probe import load_probe, probe_correct
 
         questions = load_probe()
         base = np.array([probe_correct(a, q) for a, q in zip(self.probe["base"].texts, questions, strict=True)])
@@ -261,7 +264,6 @@ def _flips(spec: Spec, s: EvalSet, a: Scored, b: Scored, a_gen: Generation, b_ge
 
     Generation tasks, where an answer is rarely right or wrong as a whole: the items whose primary
     score moved by at least :data:`FLIP_DELTA`, improved or worsened, largest change first."""
-    from tuneline.curation.steps import input_of
 
     picks: list[tuple[int, str, float | None]]
     if spec.task.type in GENERATION_TASKS:

@@ -7,39 +7,46 @@ teacher-forced answer loss (``eval_loss``), which needs no generation.
 
 from __future__ import annotations
 
-import random
 from collections.abc import Callable
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, cast
 
-from tuneline.data.examples import Example
-from tuneline.errors import Problem, TrainingError
+from tuneline.data.examples import Example, sample_rows
+from tuneline.errors import EvaluationError, Problem
+from tuneline.eval.generate import Decoding, GenerateOptions, LabelTrie, generate_detailed
+from tuneline.eval.items import group_items
+from tuneline.eval.metrics import bleu_tokenize_for, score
+from tuneline.runtime import autocast_for
 from tuneline.spec.models import LOWER_IS_BETTER, Spec
+from tuneline.train.loop import encode_all, evaluate_loss
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+__all__ = ["RowSample", "make_scorer", "maximize", "sample_rows"]  # sample_rows: see tuneline.data.examples
 
 
-def sample_rows(examples: list[Example], rows: int, seed: int) -> list[Example]:
-    """At most ``rows`` of ``examples``, a seeded sample kept in input order."""
-    if len(examples) <= rows:
-        return list(examples)
-    keep = sorted(random.Random(seed).sample(range(len(examples)), rows))
-    return [examples[i] for i in keep]
+@dataclass(frozen=True)
+class RowSample:
+    """How many validation rows (items, for a generated metric) a score reads, and the sample's seed."""
+
+    rows: int = 200
+    seed: int = 0
 
 
-def make_scorer(spec: Spec, tokenizer: Any, examples: list[Example], labels: list[str] | None, metric: str, *,
-                precision: str, device: str, rows: int = 200, seed: int = 0) -> Callable[[Any], float]:
+def make_scorer(spec: Spec, tokenizer: PreTrainedTokenizerBase, examples: list[Example], labels: list[str] | None, metric: str, *,
+                precision: str, device: str, sample: RowSample | None = None) -> Callable[[Any], float]:
     """``score(model) -> value`` of ``metric`` on (a sample of) ``examples``; a generated metric
     scores items (rows sharing an input grouped, :func:`tuneline.eval.items.group_items`)."""
     if not examples:
-        raise TrainingError(Problem(
+        raise EvaluationError(Problem(
             f"validating on {metric!r} needs a validation split, and this spec has none",
             field="data.eval", hint="add data.eval, or set curation.split.validation above 0"))
     if metric != "eval_loss":  # generated answers are scored per item, all of an input's answers its references
-        from tuneline.eval.items import group_items
-
         examples = group_items(examples, spec.task.type)
-    picked = sample_rows(examples, rows, seed)
+    sample = sample or RowSample()
+    picked = sample_rows(examples, sample.rows, sample.seed)
     if metric == "eval_loss":
-        from tuneline.train.loop import encode_all, evaluate_loss
-
         encoded = encode_all(tokenizer, picked, spec.train.seq_len)[0]
         pad = tokenizer.pad_token_id
 
@@ -48,28 +55,23 @@ def make_scorer(spec: Spec, tokenizer: Any, examples: list[Example], labels: lis
 
         return loss
 
-    from tuneline.eval.generate import Decoding, LabelTrie, generate_detailed
-    from tuneline.eval.metrics import bleu_tokenize_for, score
-    from tuneline.runtime import autocast_for
-
     trie = None
     if spec.task.type == "classification" and spec.eval.constrain_to_labels and labels:
-        eos = tokenizer.convert_tokens_to_ids(tokenizer.eos_token) if tokenizer.eos_token else None
+        eos = cast("int | None", tokenizer.convert_tokens_to_ids(tokenizer.eos_token) if tokenizer.eos_token else None)
         trie = LabelTrie(tokenizer, labels, picked[0], eos)
     references = [ex.all_references for ex in picked]
     tokenize = bleu_tokenize_for(spec)
     decoding = Decoding(max_new_tokens=trie.max_len) if trie else Decoding.of(spec.decoding)
 
     def generated(model: Any) -> float:
-        out = generate_detailed(model, tokenizer, picked, batch_size=spec.eval.batch_size,
-                                decoding=decoding,
-                                autocast=autocast_for(precision, device), device=device, show_progress=False,
-                                labels=trie, share_prefix=len(picked) > 1)
+        out = generate_detailed(model, tokenizer, picked, GenerateOptions(
+            batch_size=spec.eval.batch_size, decoding=decoding, autocast=autocast_for(precision, device),
+            device=device, show_progress=False, labels=trie, share_prefix=len(picked) > 1))
         scored = score(spec.task.type, out.texts, references, labels, primary=spec.objective.primary,
                        answer_tokens=out.tokens, stopped=out.stopped, bleu_tokenize=tokenize)
         values = scored.values()
         if metric not in values:  # structured json_valid/field_accuracy with references that are not JSON
-            raise TrainingError(Problem(
+            raise EvaluationError(Problem(
                 f"validation metric {metric!r} is not measured on these rows (their answers are not JSON)",
                 hint="validate (early stopping, search) on exact_match, rouge_l or eval_loss"))
         return values[metric]

@@ -16,7 +16,7 @@ from rich.console import Console
 from tuneline import registry, tracking
 from tuneline.baseline import BaselineReport, baseline_table, recommend
 from tuneline.context import RunContext, curation_summary, open_context
-from tuneline.data import PreparedData, prepare
+from tuneline.curation import PreparedData, prepare
 from tuneline.errors import EvaluationError, Problem
 from tuneline.eval import EvalSuite
 from tuneline.eval.results import SetResult

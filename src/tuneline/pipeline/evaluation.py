@@ -8,7 +8,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from tuneline.context import RunContext
-from tuneline.data import Example, PreparedData
+from tuneline.curation import PreparedData
+from tuneline.data import Example
 from tuneline.errors import EvaluationError, Problem
 from tuneline.eval import (
     EvalSet,

@@ -30,11 +30,11 @@ from tuneline import registry, tracking
 from tuneline.artifacts import ADAPTER_SHA_TAG, atomic_write_text, replace_dir, tree_sha256
 from tuneline.baseline import BaselineReport, baseline_table
 from tuneline.context import RunContext, curation_summary
-from tuneline.data import PreparedData
+from tuneline.curation import PreparedData
 from tuneline.errors import Problem, TrainingError
 from tuneline.eval import EvalSet, EvalSuite, Evaluation
 from tuneline.eval.generate import DECODING_FILE
-from tuneline.eval.validate import make_scorer, maximize, sample_rows
+from tuneline.eval.validate import RowSample, make_scorer, maximize, sample_rows
 from tuneline.models import load_model
 from tuneline.pipeline.evaluation import (
     described,
@@ -54,9 +54,9 @@ from tuneline.retrieval import Retriever, adapter_retriever
 from tuneline.runtime import Compute
 from tuneline.spec import LoadedSpec
 from tuneline.spec.models import TrainSpec
-from tuneline.train import TrainResult, train
+from tuneline.train import EarlyStoppingCheck, TrainOptions, TrainResult, train
 from tuneline.train.checkpoint import latest_checkpoint
-from tuneline.train.loop import Validation, steps_per_epoch
+from tuneline.train.loop import steps_per_epoch
 from tuneline.tune import SearchOptions, SearchResult, best_train, search
 from tuneline.tune.report import search_table
 from tuneline.workspace import RunState
@@ -245,18 +245,17 @@ def train_or_reuse(ctx: RunContext, plan: TrainingPlan, tracked: Tracked, untouc
     resume = tracked.resumed and (found is None or latest_checkpoint(ctx.run_dir / "checkpoints") is not None)
     cfg = plan.train
     with tracking.MetricBatcher(tracked.run_id, cfg.log_every) as on_step:
-        model, result = train(
-            cfg, model, ctx.tokenizer, plan.data.train, ctx.run_dir, resume=resume,
-            eval_examples=sample_rows(plan.data.eval, EVAL_LOSS_ROWS, cfg.seed) or None,
+        model, result = train(cfg, model, ctx.tokenizer, plan.data.train, ctx.run_dir, TrainOptions(
+            resume=resume, eval_examples=sample_rows(plan.data.eval, EVAL_LOSS_ROWS, cfg.seed) or None,
             fingerprint=plan.fingerprint, device=plan.compute.device, on_step=on_step,
-            show_progress=ctx.show_progress, validation=_early_stopping(ctx, plan))
+            show_progress=ctx.show_progress, early_stopping=_early_stopping(ctx, plan)))
     mlflow.log_metrics({k: float(v) for k, v in result.to_dict().items()
                         if isinstance(v, (int, float)) and not isinstance(v, bool) and v is not None},
                        step=result.steps)
     return Trained(model, result)
 
 
-def _early_stopping(ctx: RunContext, plan: TrainingPlan) -> Validation | None:
+def _early_stopping(ctx: RunContext, plan: TrainingPlan) -> EarlyStoppingCheck | None:
     """The validation that stops a run on a plateau and keeps its best weights (None when off)."""
     cfg = plan.train
     es = cfg.early_stopping
@@ -264,9 +263,10 @@ def _early_stopping(ctx: RunContext, plan: TrainingPlan) -> Validation | None:
         return None
     metric = es.metric or ctx.spec.objective.primary
     score = make_scorer(ctx.spec, ctx.tokenizer, plan.data.eval, ctx.data.labels, metric,
-                        precision=plan.compute.precision, device=plan.compute.device, rows=es.rows, seed=cfg.seed)
+                        precision=plan.compute.precision, device=plan.compute.device,
+                        sample=RowSample(es.rows, cfg.seed))
     every = max(1, round(es.every * steps_per_epoch(len(plan.data.train), cfg)))
-    return Validation(every=every, score=score, maximize=maximize(metric), patience=es.patience,
+    return EarlyStoppingCheck(every=every, score=score, maximize=maximize(metric), patience=es.patience,
                       min_delta=es.min_delta, keep_best=True)
 
 

@@ -8,9 +8,10 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from tuneline.baseline import BaselineReport, Context, add_system, measure, recommend
+from tuneline.baseline import BaselineReport, Context, SystemCosts, add_system, measure, recommend
 from tuneline.context import RunContext
-from tuneline.data import Example, PreparedData
+from tuneline.curation import PreparedData
+from tuneline.data import Example
 from tuneline.data.tokenize import encode_prompt
 from tuneline.errors import Problem, TrainingError
 from tuneline.eval import EvalSuite
@@ -48,9 +49,9 @@ def with_fine_tuned(ctx: RunContext, report: BaselineReport, suite: EvalSuite, t
                              "indexing and training)") if retriever is not None
                   else ("fine_tuned", "the fine-tuned candidate (cost: its training time)"))
     one_off = train_seconds + (float(retriever.index.meta.get("seconds", 0.0)) if retriever is not None else 0.0)
-    add_system(report, name, what, suite.main_set(), ctx.spec, ctx.data.labels, one_off,
-               lat.p50_ms if lat else None, lat.p95_ms if lat else None,
-               float(np.mean([len(encode_prompt(ctx.tokenizer, ex)) for ex in prompts])) if prompts else None)
+    add_system(report, name, what, suite.main_set(), ctx.spec, ctx.data.labels, SystemCosts(
+        one_off, lat.p50_ms if lat else None, lat.p95_ms if lat else None,
+        float(np.mean([len(encode_prompt(ctx.tokenizer, ex)) for ex in prompts])) if prompts else None))
     recommend(report, ctx.spec.eval.bootstrap)
 
 

@@ -25,6 +25,7 @@ on two machines could both undo the same promotion).
 
 from __future__ import annotations
 
+import fcntl
 import getpass
 import hashlib
 import json
@@ -148,7 +149,6 @@ def lock_path(uri: str) -> Path:
 @contextmanager
 def _locked(uri: str) -> Iterator[None]:
     """Hold the registry lock of ``uri`` (an exclusive ``flock``; it is released when the process dies)."""
-    import fcntl
 
     path = lock_path(uri)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -172,8 +172,8 @@ def register_version(uri: str, name: str, run_id: str, source: str, tags: dict[s
             client.create_registered_model(name, description=f"tuneline use case {name}: LoRA adapters of its runs")
         mv = client.create_model_version(name, source=source, run_id=run_id, tags=tags)
         version = int(mv.version)
-        _move_alias(client, name, "candidate", version, action="register", reason="trained", forced=False,
-                    gates=_info(client, name, mv).gate_state)
+        _move_alias(client, name, "candidate", version, AliasMove(
+            action="register", reason="trained", forced=False, gates=_info(client, name, mv).gate_state))
     return version
 
 
@@ -266,8 +266,9 @@ def promote(uri: str, name: str, version: int, *, force: bool = False, reason: s
                 f"version {version} of {name!r} cannot be promoted: {why}{note}",
                 hint="train a version whose spec's gates pass, or override with --force --reason \"why\" "
                      "(recorded in the history)"))
-        _move_alias(client, name, "production", version, action="promote", reason=reason or "gates passed",
-                    forced=force and state != GATE_PASSED, gates=state, tags=rm.tags)
+        _move_alias(client, name, "production", version, AliasMove(
+            action="promote", reason=reason or "gates passed", forced=force and state != GATE_PASSED, gates=state),
+            tags=rm.tags)
     if "production" not in info.aliases:
         info.aliases = sorted([*info.aliases, "production"])
     return info
@@ -290,26 +291,37 @@ def rollback(uri: str, name: str, reason: str | None = None) -> tuple[int, int]:
             raise RegistryError(Problem(f"{name!r} has no earlier production version to roll back to",
                                         hint=f"history: `tuneline lineage {name} VERSION`; promote a version instead"))
         current, previous = stack[-1], stack[-2]
-        _move_alias(client, name, "production", previous, action="rollback",
-                    reason=reason or f"rolled back from version {current}", forced=False,
-                    gates=_get_version(client, name, previous, rm).gate_state, tags=rm.tags)
+        _move_alias(client, name, "production", previous, AliasMove(
+            action="rollback", reason=reason or f"rolled back from version {current}", forced=False,
+            gates=_get_version(client, name, previous, rm).gate_state), tags=rm.tags)
     return current, previous
 
 
-def _move_alias(client: Any, name: str, alias: str, version: int, *, action: str, reason: str, forced: bool,
-                gates: str, tags: dict[str, str] | None = None) -> None:
+@dataclass(frozen=True)
+class AliasMove:
+    """One event of an alias's history: what moved it (register, promote, rollback), why, whether
+    ``--force`` overrode failed gates, and the version's gate state."""
+
+    action: str
+    reason: str
+    forced: bool
+    gates: str
+
+
+def _move_alias(client: Any, name: str, alias: str, version: int, move: AliasMove,
+                tags: dict[str, str] | None = None) -> None:
     """Record the move as a new history event, then move the alias. The caller holds the lock (and may
     pass the registered model's ``tags`` it read under it)."""
-    if len(reason) > MAX_REASON_CHARS:
-        raise RegistryError(Problem(f"the reason is {len(reason)} characters long", field="--reason",
+    if len(move.reason) > MAX_REASON_CHARS:
+        raise RegistryError(Problem(f"the reason is {len(move.reason)} characters long", field="--reason",
                                     hint=f"keep it under {MAX_REASON_CHARS}; link to a ticket for the details"))
     tags = client.get_registered_model(name).tags if tags is None else tags
     stamps = [k.removeprefix(HISTORY_PREFIX).split(".")[0] for k in tags if k.startswith(HISTORY_PREFIX)]
     # strictly after the newest event, even if this machine's clock is behind the one that wrote it
     ns = max([time.time_ns(), *(int(t) + 1 for t in stamps if t.isdigit())])
     key = f"{HISTORY_PREFIX}{ns:020d}.{secrets.token_hex(4)}"
-    event = {"action": action, "alias": alias, "version": version, "at": _now(), "by": _user(), "reason": reason,
-             "forced": forced, "gates": gates}
+    event = {"action": move.action, "alias": alias, "version": version, "at": _now(), "by": _user(),
+             "reason": move.reason, "forced": move.forced, "gates": move.gates}
     client.set_registered_model_tag(name, key, json.dumps(event))
     try:
         client.set_registered_model_alias(name, alias, str(version))

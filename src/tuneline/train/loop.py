@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.progress import (
     BarColumn,
@@ -35,24 +35,30 @@ from tuneline.train.checkpoint import resume_checkpoint, save_checkpoint, traina
 from tuneline.train.loss import answer_loss_sum
 from tuneline.train.peft_builders import count_parameters, wrap_for_training
 
+if TYPE_CHECKING:
+    import torch
+    from transformers import PreTrainedTokenizerBase
+
 log = logging.getLogger(__name__)
 
 StepCallback = Callable[[int, dict[str, float]], None]
 
 
 @dataclass
-class Validation:
-    """Validate during training, every ``every`` optimizer steps and after the last one.
+class EarlyStoppingCheck:
+    """Score the model on validation rows during training, every ``every`` optimizer steps and
+    after the last one (the spec's ``train.early_stopping``, and a search trial's scores).
 
     ``score(model)`` returns the metric (the model is in eval mode, gradients off). With
-    ``patience``, training stops after that many validations without an improvement of more than
+    ``patience``, training stops after that many checks without an improvement of more than
     ``min_delta``; with ``keep_best`` the run ends with the best weights seen (kept on disk in the
     checkpoint folder, so a resumed run keeps them too). ``report(index, value)`` is called after
-    each validation (1-based index) and may raise to end the run (a pruned search trial).
+    each check (1-based index) and may raise to end the run (a pruned search trial). The values
+    are recorded as ``TrainResult.validations`` and logged as the ``validation`` metric.
     """
 
     every: int
-    score: Callable[[Any], float]
+    score: Callable[[torch.nn.Module], float]
     maximize: bool = True
     patience: int | None = None
     min_delta: float = 0.0
@@ -63,6 +69,27 @@ class Validation:
         if best is None or math.isnan(best):
             return not math.isnan(value)
         return value > best + self.min_delta if self.maximize else value < best - self.min_delta
+
+
+@dataclass(frozen=True)
+class TrainOptions:
+    """How :func:`train` runs, beyond the spec's ``train`` section.
+
+    ``eval_examples``: rows whose loss is measured once at the end (``eval_loss``); ``resume``:
+    continue from the last checkpoint in ``out_dir`` whose ``fingerprint`` matches;
+    ``on_step(step, metrics)`` is called after every optimizer step (for tracking);
+    ``early_stopping`` scores the model during training (early stopping, search trials);
+    ``encoded_train`` is ``encode_all(tokenizer, train_examples, cfg.seq_len)`` when the caller
+    already has it (a search encodes once for all trials)."""
+
+    eval_examples: list[Example] | None = None
+    resume: bool = False
+    fingerprint: str = ""
+    device: str = "cpu"
+    on_step: StepCallback | None = None
+    show_progress: bool = True
+    early_stopping: EarlyStoppingCheck | None = None
+    encoded_train: tuple[list[Encoded], list[str]] | None = None
 
 
 @dataclass
@@ -92,7 +119,7 @@ class TrainResult:
         return asdict(self)
 
 
-def encode_all(tokenizer: Any, examples: list[Example], seq_len: int) -> tuple[list[Encoded], list[str]]:
+def encode_all(tokenizer: PreTrainedTokenizerBase, examples: list[Example], seq_len: int) -> tuple[list[Encoded], list[str]]:
     """Encode examples; return (kept, where-of-dropped) for those longer than ``seq_len``."""
     eot = end_of_turn(tokenizer)
     kept, dropped = [], []
@@ -131,10 +158,15 @@ def _lr_lambda(total: int, warmup: int, kind: str = "cosine") -> Callable[[int],
 
 def _schedule(n_examples: int, cfg: TrainSpec) -> tuple[int, int]:
     """(micro-batches per epoch, total optimizer steps)."""
-    per_epoch = math.ceil(n_examples / cfg.batch_size)
+    return math.ceil(n_examples / cfg.batch_size), optimizer_steps(n_examples, cfg)
+
+
+def optimizer_steps(n_examples: int, cfg: TrainSpec) -> int:
+    """The optimizer steps a training on ``n_examples`` runs: ``train.max_steps``, or
+    ``train.epochs`` passes (at least one step)."""
     if cfg.max_steps:
-        return per_epoch, cfg.max_steps
-    return per_epoch, max(1, math.ceil(cfg.epochs * per_epoch / cfg.grad_accum))
+        return cfg.max_steps
+    return max(1, math.ceil(cfg.epochs * math.ceil(n_examples / cfg.batch_size) / cfg.grad_accum))
 
 
 def steps_per_epoch(n_examples: int, cfg: TrainSpec) -> float:
@@ -161,7 +193,7 @@ def make_batch(examples: list[Encoded], pad_id: int, device: str, pack_capacity:
     return {k: v.to(device) if hasattr(v, "to") else v for k, v in batch.items()}
 
 
-def accumulate_gradients(model: Any, micro_batches: list[list[Encoded]], pad_id: int, precision: str,
+def accumulate_gradients(model: torch.nn.Module, micro_batches: list[list[Encoded]], pad_id: int, precision: str,
                          device: str, pack_capacity: int | None = None, share_prefix: bool = False) -> tuple[float, int]:
     """Backward over the micro-batches of one optimizer step; return (loss, real tokens).
 
@@ -182,7 +214,7 @@ def accumulate_gradients(model: Any, micro_batches: list[list[Encoded]], pad_id:
     return step_loss, tokens
 
 
-def evaluate_loss(model: Any, encoded: list[Encoded], batch_size: int, pad_id: int, precision: str, device: str) -> float:
+def evaluate_loss(model: torch.nn.Module, encoded: list[Encoded], batch_size: int, pad_id: int, precision: str, device: str) -> float:
     """Mean answer-token loss over ``encoded`` (teacher forcing)."""
     import torch
 
@@ -200,41 +232,34 @@ def evaluate_loss(model: Any, encoded: list[Encoded], batch_size: int, pad_id: i
 
 def train(
     cfg: TrainSpec,
-    model: Any,
-    tokenizer: Any,
+    model: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
     train_examples: list[Example],
     out_dir: Path,
-    *,
-    eval_examples: list[Example] | None = None,
-    resume: bool = False,
-    fingerprint: str = "",
-    device: str = "cpu",
-    on_step: StepCallback | None = None,
-    show_progress: bool = True,
-    validation: Validation | None = None,
-    encoded_train: tuple[list[Encoded], list[str]] | None = None,
-) -> tuple[Any, TrainResult]:
+    options: TrainOptions | None = None,
+) -> tuple[torch.nn.Module, TrainResult]:
     """Train ``model`` on ``train_examples`` per ``cfg``; save the adapter under ``out_dir/adapter``.
 
-    ``on_step(step, metrics)`` is called after every optimizer step (for tracking);
-    ``validation`` scores the model during training (early stopping, search trials).
-    ``encoded_train`` is ``encode_all(tokenizer, train_examples, cfg.seq_len)`` when the caller
-    already has it (a search encodes once for all trials). Returns the trained (PEFT-wrapped) model
-    and a :class:`TrainResult`.
+    ``options`` (:class:`TrainOptions`): device, resume, tracking callback, early stopping.
+    Returns the trained (PEFT-wrapped) model and a :class:`TrainResult`.
     """
     import torch
+
+    opts = options or TrainOptions()
+    device, fingerprint, on_step, show_progress = opts.device, opts.fingerprint, opts.on_step, opts.show_progress
+    check = opts.early_stopping
 
     # --- setup -------------------------------------------------------------------------------
     precision = resolve_precision(cfg.precision, device)
     seed_everything(cfg.seed)
-    encoded, dropped = encoded_train or encode_all(tokenizer, train_examples, cfg.seq_len)
+    encoded, dropped = opts.encoded_train or encode_all(tokenizer, train_examples, cfg.seq_len)
     if dropped:
         log.warning("dropped %d training examples longer than seq_len=%d (first: %s); raise train.seq_len to keep them",
                     len(dropped), cfg.seq_len, dropped[0])
     if not encoded:
         raise DataError(Problem(f"every training example is longer than train.seq_len={cfg.seq_len}",
                                 field="train.seq_len", hint="raise train.seq_len"))
-    eval_encoded = encode_all(tokenizer, eval_examples, cfg.seq_len)[0] if eval_examples else []
+    eval_encoded = encode_all(tokenizer, opts.eval_examples, cfg.seq_len)[0] if opts.eval_examples else []
     lengths = [len(e.input_ids) for e in encoded]
     per_epoch, total_steps = _schedule(len(encoded), cfg)
 
@@ -251,7 +276,7 @@ def train(
     ckpt_root = out_dir / "checkpoints"
     start_step, resumed_from, loss_value = 0, None, float("nan")
     history: list[tuple[int, float]] = []
-    if resume:
+    if opts.resume:
         last, meta = resume_checkpoint(ckpt_root, model, optimizer, scheduler, fingerprint)
         start_step = resumed_from = int(meta["step"])
         loss_value = float(meta.get("loss", "nan"))
@@ -292,14 +317,14 @@ def train(
                        "epoch": done * cfg.grad_accum / per_epoch}
             if not progress.live_display and (done % cfg.log_every == 0 or done == total_steps):
                 log.info("step %d/%d loss %.4f  %.0f tok/s", done, total_steps, loss_value, tps)
-            if validation is not None and (done % validation.every == 0 or done == total_steps):
-                value = _validate(model, validation, history, done, ckpt_root)
+            if check is not None and (done % check.every == 0 or done == total_steps):
+                value = _run_check(model, check, history, done, ckpt_root)
                 metrics["validation"] = value
-                stopped_early = _plateaued(validation, history) and done < total_steps
+                stopped_early = _plateaued(check, history) and done < total_steps
             if on_step is not None:
                 on_step(done, metrics)
-            if validation is not None and validation.report is not None and history and history[-1][0] == done:
-                validation.report(len(history), history[-1][1])  # may raise: a pruned trial ends here
+            if check is not None and check.report is not None and history and history[-1][0] == done:
+                check.report(len(history), history[-1][1])  # may raise: a pruned trial ends here
             if stopped_early:
                 log.info("early stopping at step %d: no improvement in the last validations", done)
                 break
@@ -307,8 +332,8 @@ def train(
                 save_checkpoint(ckpt_root, done, model, optimizer, scheduler, fingerprint,
                                 {"total_steps": total_steps, "loss": loss_value, "validations": history})
     seconds = time.perf_counter() - t0
-    best_step, best_value = _best(validation, history)
-    if validation is not None and validation.keep_best and best_step is not None and best_step != done:
+    best_step, best_value = _best(check, history)
+    if check is not None and check.keep_best and best_step is not None and best_step != done:
         _load_trainable(model, ckpt_root / "best.pt")
         log.info("kept the best weights: step %d (validation %.4f)", best_step, best_value)
 
@@ -330,7 +355,7 @@ def train(
     return model, result
 
 
-def save_adapter(model: Any, tokenizer: Any, adapter_dir: Path) -> Path:
+def save_adapter(model: Any, tokenizer: PreTrainedTokenizerBase, adapter_dir: Path) -> Path:
     """Save the adapter (or whole model) and tokenizer at ``adapter_dir``, atomically and durably:
     written whole in a temporary folder, then put in place of the previous one (never deleted first)."""
     tmp = adapter_dir.with_name(f".{adapter_dir.name}.tmp-{os.getpid()}")
@@ -342,7 +367,7 @@ def save_adapter(model: Any, tokenizer: Any, adapter_dir: Path) -> Path:
     return adapter_dir
 
 
-def _sort_peft_sets(model: Any, folder: Path) -> None:
+def _sort_peft_sets(model: torch.nn.Module, folder: Path) -> None:
     """peft writes a set in its config (``target_modules`` once ``all-linear`` is resolved to module
     names) in the set's iteration order, which depends on the process's string hash seed: the same
     training saved two different ``adapter_config.json`` files. Write them sorted."""
@@ -358,42 +383,42 @@ def _sort_peft_sets(model: Any, folder: Path) -> None:
     path.write_text(json.dumps(saved, indent=2, sort_keys=True))  # peft's own layout
 
 
-def _validate(model: Any, validation: Validation, history: list[tuple[int, float]], step: int,
-              ckpt_root: Path) -> float:
+def _run_check(model: torch.nn.Module, check: EarlyStoppingCheck, history: list[tuple[int, float]], step: int,
+               ckpt_root: Path) -> float:
     """Score the model now; record it; keep its weights when it is the best so far."""
     import torch
 
-    best = _best(validation, history)[1]
+    best = _best(check, history)[1]
     model.eval()
     with torch.no_grad():
-        value = float(validation.score(model))
+        value = float(check.score(model))
     model.train()
     history.append((step, value))
-    if validation.keep_best and validation.improved(value, best):
+    if check.keep_best and check.improved(value, best):
         buf = io.BytesIO()
         torch.save(trainable_state(model), buf)
         atomic_write_bytes(ckpt_root / "best.pt", buf.getvalue())
     return value
 
 
-def _best(validation: Validation | None, history: list[tuple[int, float]]) -> tuple[int | None, float | None]:
-    """The first validation that no later one improved on (by more than min_delta)."""
+def _best(check: EarlyStoppingCheck | None, history: list[tuple[int, float]]) -> tuple[int | None, float | None]:
+    """The first check that no later one improved on (by more than min_delta)."""
     best_step, best = None, None
     for step, value in history:
-        if validation is not None and validation.improved(value, best):
+        if check is not None and check.improved(value, best):
             best_step, best = step, value
     return best_step, best
 
 
-def _plateaued(validation: Validation, history: list[tuple[int, float]]) -> bool:
-    if not validation.patience:
+def _plateaued(check: EarlyStoppingCheck, history: list[tuple[int, float]]) -> bool:
+    if not check.patience:
         return False
-    best_step = _best(validation, history)[0]
+    best_step = _best(check, history)[0]
     since = sum(1 for step, _ in history if best_step is None or step > best_step)
-    return since >= validation.patience
+    return since >= check.patience
 
 
-def _load_trainable(model: Any, path: Path) -> None:
+def _load_trainable(model: torch.nn.Module, path: Path) -> None:
     import torch
 
     state = torch.load(path, weights_only=True)

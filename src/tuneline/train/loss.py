@@ -14,13 +14,16 @@ the varlen kernels with flash attention, so examples sharing a row never attend 
 from __future__ import annotations
 
 import functools
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tuneline.data.tokenize import IGNORE_INDEX
 from tuneline.runtime import cache_argument_of
 
+if TYPE_CHECKING:
+    import torch
 
-def _decoder_and_head(model: Any) -> tuple[Any, Any]:
+
+def _decoder_and_head(model: Any) -> tuple[Any, Any]:  # a PeftModel or a PreTrainedModel
     causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
     decoder = getattr(causal_lm, causal_lm.base_model_prefix)
     return decoder, causal_lm.get_output_embeddings()
@@ -36,7 +39,7 @@ def _cache_argument(decoder: Any) -> str:
     return cache_argument_of(type(decoder).forward)
 
 
-def answer_loss_sum(model: Any, batch: dict[str, Any], chunk: int = LOGITS_CHUNK) -> tuple[Any, int]:
+def answer_loss_sum(model: torch.nn.Module, batch: dict[str, Any], chunk: int = LOGITS_CHUNK) -> tuple[torch.Tensor, int]:
     """(sum of token cross-entropies over answer tokens, number of answer tokens)."""
     import torch
     import torch.nn.functional as F
@@ -61,7 +64,7 @@ def answer_loss_sum(model: Any, batch: dict[str, Any], chunk: int = LOGITS_CHUNK
     h, t = hidden[:, :-1][keep], targets[keep]
     n = int(t.shape[0])
 
-    def ce_sum(h_part: Any, t_part: Any) -> Any:
+    def ce_sum(h_part: torch.Tensor, t_part: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(head(h_part).float(), t_part, reduction="sum")
 
     if n <= chunk:
@@ -72,7 +75,7 @@ def answer_loss_sum(model: Any, batch: dict[str, Any], chunk: int = LOGITS_CHUNK
     return torch.stack(parts).sum(), n
 
 
-def standard_loss_sum(model: Any, batch: dict[str, Any]) -> tuple[Any, int]:
+def standard_loss_sum(model: torch.nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, int]:
     """Reference: full logits at every position, then the masked shifted cross-entropy."""
     import torch.nn.functional as F
 

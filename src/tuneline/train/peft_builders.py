@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from tuneline.spec.models import TrainSpec
+from tuneline.train import fast_lora
 
 
 def build_peft_config(train: TrainSpec) -> Any:
@@ -40,8 +41,6 @@ def wrap_for_training(model: Any, train: TrainSpec) -> Any:
         if p.requires_grad and p.dtype != torch.float32:
             p.data = p.data.float()
     if train.fused_lora:
-        from tuneline.train import fast_lora
-
         # grouping hands outputs between modules through Python state, which compiled graphs do not trace
         fast_lora.install(model, group=not train.compile)
     if train.compile:

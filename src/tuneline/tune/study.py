@@ -23,7 +23,8 @@ from typing import TYPE_CHECKING, Any
 
 from tuneline import tracking
 from tuneline.context import RunContext
-from tuneline.data import Example, PreparedData
+from tuneline.curation import PreparedData
+from tuneline.data import Example
 from tuneline.errors import Problem, TrainingError
 from tuneline.eval.validate import sample_rows
 from tuneline.runtime.progress import QuietWhenPiped, progress_bar

@@ -76,10 +76,11 @@ def run_trial(ctx: TrialContext, key: str, params: dict[str, Any], report: Repor
     from mlflow.entities import Metric, Param
     from mlflow.tracking import MlflowClient
 
-    from tuneline.eval.validate import make_scorer
+    from tuneline.eval.validate import RowSample, make_scorer
     from tuneline.models import load_model
     from tuneline.tracking import flatten
-    from tuneline.train.loop import Validation, steps_per_epoch, train
+    from tuneline.train import EarlyStoppingCheck, TrainOptions, train
+    from tuneline.train.loop import optimizer_steps, steps_per_epoch
 
     cfg = apply_params(ctx.spec.train, params)
     compute = Compute.resolve(cfg.precision, cfg.method, ctx.device)  # a trial may pick `method: full`
@@ -98,7 +99,7 @@ def run_trial(ctx: TrialContext, key: str, params: dict[str, Any], report: Repor
         n_examples = len(encoded[0]) if encoded else len(ctx.train)
         per_epoch = steps_per_epoch(n_examples, cfg)
         every = max(1, round(ctx.spec.search.eval_every * per_epoch) if ctx.spec.search else 1)
-        total = cfg.max_steps or max(1, math.ceil(cfg.epochs * math.ceil(n_examples / cfg.batch_size) / cfg.grad_accum))
+        total = optimizer_steps(n_examples, cfg)
         n_validations = math.ceil(total / every)
 
         def on_validation(index: int, value: float) -> None:
@@ -106,11 +107,12 @@ def run_trial(ctx: TrialContext, key: str, params: dict[str, Any], report: Repor
             report(index, value, index >= n_validations)
 
         score = make_scorer(ctx.spec, ctx.tokenizer, ctx.validation, ctx.labels, ctx.metric,
-                            precision=compute.precision, device=compute.device, rows=len(ctx.validation))
-        validation = Validation(every=every, score=score, maximize=ctx.maximize, report=on_validation)
+                            precision=compute.precision, device=compute.device,
+                            sample=RowSample(len(ctx.validation)))
+        check = EarlyStoppingCheck(every=every, score=score, maximize=ctx.maximize, report=on_validation)
         model = load_model(ctx.source, ctx.models_dir, device=compute.device, dtype=compute.base_dtype)
-        _, result = train(cfg, model, ctx.tokenizer, ctx.train, out, device=ctx.device, show_progress=False,
-                          validation=validation, encoded_train=encoded)
+        _, result = train(cfg, model, ctx.tokenizer, ctx.train, out, TrainOptions(
+            device=compute.device, show_progress=False, early_stopping=check, encoded_train=encoded))
     except TrialPruned:
         client.set_tag(run_id, "tuneline.trial_state", "pruned")
         client.set_terminated(run_id, "KILLED")

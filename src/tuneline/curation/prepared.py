@@ -1,0 +1,48 @@
+"""``prepare(loaded_spec)``: the data stage's entry function. It reads the spec's sources, validates
+every row, maps columns, builds task examples and curates them (:func:`tuneline.curation.curate`),
+and returns the train / evaluation / test examples a run uses.
+
+It reports every bad row at once (file, line, field) and raises before anything is trained. (It
+lived in :mod:`tuneline.data` before; it sits here, above the data readers, so that ``data`` does not
+import ``curation``.)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from tuneline.curation.pipeline import Curated, SourceInfo, curate
+from tuneline.data.examples import Example
+from tuneline.spec.loader import LoadedSpec
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+__all__ = ["PreparedData", "prepare"]
+
+
+@dataclass
+class PreparedData:
+    train: list[Example]
+    eval: list[Example]  # the validation split
+    test: list[Example]
+    labels: list[str] | None
+    sources: list[SourceInfo] = field(default_factory=list)
+    curated: Curated | None = None
+
+    def summary(self) -> dict[str, Any]:
+        return {s.split: {"path": s.path, "rows_read": s.rows_read, "rows_used": s.rows_used} for s in self.sources}
+
+
+def prepare(loaded: LoadedSpec, tokenizer: PreTrainedTokenizerBase | None = None) -> PreparedData:
+    """Read, validate, curate and sample the train/eval/test sources of a spec.
+
+    Raises :class:`DataError` listing every row that breaks a check whose policy is ``fail``
+    (file, line, field). ``tokenizer`` enables the too-long check."""
+    curated = curate(loaded, tokenizer)
+    splits = curated.splits
+    used = {"train": len(splits["train"]), "validation": len(splits["validation"]), "test": len(splits["test"])}
+    sources = [dataclasses.replace(s, rows_used=used[s.split]) for s in curated.sources]
+    return PreparedData(splits["train"], splits["validation"], splits["test"], curated.labels, sources, curated)
