@@ -11,6 +11,7 @@ import json
 import logging
 import platform
 import subprocess
+import time
 import warnings
 from importlib import metadata
 from pathlib import Path
@@ -68,8 +69,6 @@ class MetricBatcher:
         self.pending: list[Any] = []
 
     def __call__(self, step: int, metrics: dict[str, float]) -> None:
-        import time
-
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)

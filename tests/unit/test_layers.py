@@ -48,6 +48,7 @@ LAYERS: dict[str, int] = {
     "pipeline": 5,
     "serve": 5,
     "cli": 6,
+    "__main__": 6,  # `python -m tuneline`: calls the CLI
 }
 ROOT = "tuneline"  # tuneline/__init__.py: the facade; imports layer 0 only
 

@@ -27,7 +27,9 @@ def register(app: typer.Typer) -> None:
 
         Prints the path of the file written. Needs the run's evaluation (`tuneline eval SPEC`).
         """
-        from tuneline.report import write_report
+        from tuneline.report import (
+            write_report,  # lazy: the report pulls numpy and every section; --help stays fast
+        )
 
         path = write_report(run, workspace, out, uri=uri)
         typer.echo(str(path))

@@ -10,7 +10,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import mlflow
 from rich.console import Console
 
 from tuneline import registry, tracking
@@ -88,6 +87,8 @@ def evaluate(spec_path: str | Path, *, workspace: WorkspaceRef = None, adapter: 
              console: Console | None = None) -> EvalSuite:
     """Evaluate a trained adapter (default: the spec's last run) beside the base model and the
     production adapter, on the test split and the golden sets; record it in that run's MLflow run."""
+    import mlflow
+
     ctx = open_context(spec_path, workspace, console=console, show_progress=show_progress, trains=False)
     spec, console, compute = ctx.spec, ctx.console, ctx.compute
     candidate = Path(adapter) if adapter else ctx.run_dir / "adapter"

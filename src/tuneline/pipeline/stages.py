@@ -24,8 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import mlflow
-
+import tuneline
 from tuneline import registry, tracking
 from tuneline.artifacts import ADAPTER_SHA_TAG, atomic_write_text, replace_dir, tree_sha256
 from tuneline.baseline import BaselineReport, baseline_table
@@ -146,6 +145,8 @@ def eval_sets_of(ctx: RunContext) -> list[EvalSet]:
 @contextmanager
 def track(ctx: RunContext, resume: bool) -> Iterator[Tracked]:
     """Start the run's MLflow run (logging spec, data, model and code), or resume the interrupted one."""
+    import mlflow
+
     state = ctx.workspace.run_state(ctx.spec.name)
     run_id = None
     if resume:
@@ -205,6 +206,8 @@ def plan_training(ctx: RunContext, tracked: Tracked) -> TrainingPlan:
 
 def _log_search(ctx: RunContext, found: SearchResult) -> None:
     """The trials table on the console; the best values as this run's params."""
+    import mlflow
+
     assert found.best is not None
     ctx.console.print(search_table(found))
     mlflow.log_params({f"search.best.{k}": v for k, v in found.best_params.items()})
@@ -238,6 +241,8 @@ def score_untouched(ctx: RunContext, tracked: Tracked, sets: list[EvalSet], mode
 def train_or_reuse(ctx: RunContext, plan: TrainingPlan, tracked: Tracked, untouched: Untouched) -> Trained:
     """Train the plan's configuration (resuming from the last checkpoint when asked), or take the
     best search trial's adapter when it already trained on every training row with these values."""
+    import mlflow
+
     found, model = plan.search, untouched.take()
     if found is not None and found.reusable_adapter and not tracked.resumed:
         return _reuse_trial(ctx, found, model)
@@ -291,6 +296,8 @@ def _reuse_trial(ctx: RunContext, found: SearchResult, model: nn.Module) -> Trai
 def ship_adapter(ctx: RunContext, plan: TrainingPlan, trained: Trained) -> Shipped:
     """Complete the adapter folder as the server loads it (the spec, the decoding settings the
     candidate is evaluated with, the hybrid's index), log it to MLflow and hash it as logged."""
+    import mlflow
+
     result, spec = trained.result, ctx.spec
     folder = Path(result.adapter_dir)
     atomic_write_text(folder / "tuneline.yaml", ctx.loaded.text)
@@ -355,7 +362,7 @@ def evaluate_candidate(ctx: RunContext, plan: TrainingPlan, untouched: Untouched
 def register(ctx: RunContext, tracked: Tracked, shipped: Shipped, report: EvalSuite | None) -> int:
     """Register the logged adapter as the next version of the spec's model (alias ``candidate``),
     tagged with the spec, data, code and base model it came from and its gate results."""
-    import tuneline
+    import mlflow
 
     loaded = ctx.loaded
     tags = registry.version_tags(

@@ -14,6 +14,7 @@ import logging
 import os
 from typing import Any
 
+from tuneline.errors import Problem, TrainingError
 from tuneline.spec.models import SearchSpec
 from tuneline.tune.sampling import make_sampler
 from tuneline.tune.space import default_params, distributions, max_validations
@@ -45,8 +46,6 @@ def run_ray(ctx: TrialContext, s: SearchSpec, storage: Any, *, resume: bool, con
     try:
         import ray
     except ImportError as e:
-        from tuneline.errors import Problem, TrainingError
-
         raise TrainingError(Problem("search.backend is ray, and Ray is not installed", field="search.backend",
                                     hint="pip install 'tuneline[ray]' (Ray Tune), or set backend: local")) from e
     from ray import tune

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from tuneline.tune.study import SearchResult, TrialRow
+from tuneline.tune.study import MIN_TRIALS_FOR_IMPORTANCE, SearchResult, TrialRow
 
 
 def _v(x: Any) -> str:
@@ -61,8 +61,6 @@ def search_table(found: SearchResult) -> Any:
         lines.append("parameter importances (fANOVA): " + ", ".join(
             f"{k} {v:.2f}" for k, v in sorted(found.importances.items(), key=lambda kv: -kv[1])))
     else:
-        from tuneline.tune.study import MIN_TRIALS_FOR_IMPORTANCE
-
         done = sum(1 for t in found.trials if t.state == "complete")
         lines.append(f"parameter importances: not computed from {done} complete trials "
                      f"(needs {MIN_TRIALS_FOR_IMPORTANCE})")

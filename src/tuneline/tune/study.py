@@ -14,6 +14,8 @@ import hashlib
 import json
 import logging
 import math
+import multiprocessing as mp
+import os
 import pickle
 import shutil
 import time
@@ -375,9 +377,6 @@ def _optimize_local(ctx: TrialContext, s: SearchSpec, url: str, workers: int, co
                 study.optimize(objective(ctx), timeout=timeout, callbacks=[_Budget(s.trials), shown],
                                catch=(Exception,), gc_after_trial=True)
         return
-    import multiprocessing as mp
-    import os
-
     ctx_file = ctx.study_dir / "context.pkl"
     ctx_file.write_bytes(pickle.dumps(ctx))  # prepared once; every worker reads the same tokenized data
     threads = max(1, (os.cpu_count() or 1) // workers)

@@ -21,8 +21,13 @@ from typing import Any
 
 from tuneline.data.examples import Example
 from tuneline.data.tokenize import Encoded
+from tuneline.eval.validate import RowSample, make_scorer
+from tuneline.models import load_model
 from tuneline.runtime import Compute
 from tuneline.spec.models import Spec
+from tuneline.tracking import flatten
+from tuneline.train import EarlyStoppingCheck, TrainOptions, train
+from tuneline.train.loop import optimizer_steps, steps_per_epoch
 from tuneline.tune.space import apply_params
 
 log = logging.getLogger(__name__)
@@ -75,12 +80,6 @@ def run_trial(ctx: TrialContext, key: str, params: dict[str, Any], report: Repor
     stop). Tracked as an MLflow child run of the search run; the adapter is kept in the trial folder."""
     from mlflow.entities import Metric, Param
     from mlflow.tracking import MlflowClient
-
-    from tuneline.eval.validate import RowSample, make_scorer
-    from tuneline.models import load_model
-    from tuneline.tracking import flatten
-    from tuneline.train import EarlyStoppingCheck, TrainOptions, train
-    from tuneline.train.loop import optimizer_steps, steps_per_epoch
 
     cfg = apply_params(ctx.spec.train, params)
     compute = Compute.resolve(cfg.precision, cfg.method, ctx.device)  # a trial may pick `method: full`
