@@ -14,13 +14,22 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from tuneline.errors import DataError, ModelError, Problem, SpecError, TrainingError, TunelineError
+from tuneline.errors import (
+    DataError,
+    EvaluationError,
+    ModelError,
+    Problem,
+    SpecError,
+    TrainingError,
+    TunelineError,
+)
 from tuneline.spec import LoadedSpec, Spec, json_schema, load_spec, parse_spec
 
 __version__ = "0.1.0"
 
 __all__ = [
     "DataError",
+    "EvaluationError",
     "LoadedSpec",
     "ModelError",
     "Problem",

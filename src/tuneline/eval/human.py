@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypedDict
 
-from tuneline.errors import DataError, Problem, TunelineError
+from tuneline.errors import DataError, EvaluationError, Problem
 from tuneline.eval.gates import check_gates
 from tuneline.eval.results import EvalSuite, GateResult
 from tuneline.spec import LoadedSpec
@@ -295,7 +295,7 @@ def last_evaluation(loaded: LoadedSpec, ws: Workspace) -> EvalSuite:
     """The spec's last evaluation report, or an error saying how to make one."""
     path = ws.run_dir(loaded.spec.name) / EVAL_REPORT
     if not path.is_file():
-        raise TunelineError(Problem(f"no evaluation of {loaded.spec.name!r} yet ({path} not found)",
+        raise EvaluationError(Problem(f"no evaluation of {loaded.spec.name!r} yet ({path} not found)",
                                     hint=f"run `tuneline run {loaded.path}` or `tuneline eval {loaded.path}` first"))
     return EvalSuite.from_dict(json.loads(path.read_text()))
 
@@ -307,11 +307,11 @@ def export_last_evaluation(loaded: LoadedSpec, ws: Workspace, *, out: Path, agai
     suite = last_evaluation(loaded, ws)
     s = next((x for x in suite.sets if x.name == eval_set), None)
     if s is None:
-        raise TunelineError(Problem(f"no evaluation set {eval_set!r} in the last evaluation", field="--set",
+        raise EvaluationError(Problem(f"no evaluation set {eval_set!r} in the last evaluation", field="--set",
                                     hint=f"choose one of {[x.name for x in suite.sets]}"))
     cand, other = s.system("candidate"), s.system(against)
     if cand is None or other is None:
-        raise TunelineError(Problem(f"the last evaluation has no {against!r} answers", field="--against",
+        raise EvaluationError(Problem(f"the last evaluation has no {against!r} answers", field="--against",
                                     hint="use --against base, or evaluate with a production model first"))
     rows: list[dict[str, str]] = [
         {"id": w, "input": i, "reference": reference_cell(r), "candidate": a, against: b}
