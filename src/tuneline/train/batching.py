@@ -4,9 +4,23 @@ from __future__ import annotations
 
 import random
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Required, TypedDict
 
 from tuneline.data.tokenize import IGNORE_INDEX, Encoded
+
+if TYPE_CHECKING:
+    import torch
+
+
+class Batch(TypedDict, total=False):
+    """One micro-batch's tensors: padded (``attention_mask``, and ``prefix_len`` when a prefix is
+    shared) or packed (``position_ids`` restarting at 0 for every example, no ``attention_mask``)."""
+
+    input_ids: Required[torch.Tensor]
+    labels: Required[torch.Tensor]
+    attention_mask: torch.Tensor
+    position_ids: torch.Tensor
+    prefix_len: int
 
 # Examples are shuffled, then sorted by length inside windows of this many batches, so batches
 # hold similar lengths (little padding) while the order stays random across windows.
@@ -55,7 +69,7 @@ def shared_prefix_len(examples: Sequence[Encoded]) -> int:
 
 
 def collate(examples: Sequence[Encoded], pad_id: int, multiple: int | None = None,
-            share_prefix: bool = False) -> dict[str, Any]:
+            share_prefix: bool = False) -> Batch:
     """Right-padded ``input_ids``, ``attention_mask`` and ``labels`` tensors.
 
     The width is the longest example rounded up to ``multiple`` (default :data:`PAD_MULTIPLE`).
@@ -75,7 +89,7 @@ def collate(examples: Sequence[Encoded], pad_id: int, multiple: int | None = Non
         input_ids[i, :k] = torch.tensor(e.input_ids)
         labels[i, :k] = torch.tensor(e.labels)
         attention[i, :k] = 1
-    batch: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attention, "labels": labels}
+    batch: Batch = {"input_ids": input_ids, "attention_mask": attention, "labels": labels}
     if share_prefix:
         batch["prefix_len"] = shared_prefix_len(examples)
     return batch
@@ -101,7 +115,7 @@ def pack_rows(lengths: Sequence[int], capacity: int) -> list[list[int]]:
     return rows
 
 
-def collate_packed(examples: Sequence[Encoded], pad_id: int, capacity: int) -> dict[str, Any]:
+def collate_packed(examples: Sequence[Encoded], pad_id: int, capacity: int) -> Batch:
     """Examples packed into rows of at most ``capacity`` tokens: ``input_ids``, ``labels``, ``position_ids``.
 
     Position ids restart at 0 for each example (and for a row's tail padding), and there is no

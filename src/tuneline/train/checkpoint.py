@@ -18,11 +18,17 @@ import os
 import random
 import re
 import shutil
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, NotRequired, TypedDict, cast
 
 from tuneline.artifacts import file_sha256, fsync_dir, replace_dir
 from tuneline.errors import Problem, TrainingError
+
+if TYPE_CHECKING:
+    import torch
+    from torch.optim.lr_scheduler import LRScheduler
+    from torch.optim.optimizer import StateDict
 
 log = logging.getLogger(__name__)
 
@@ -35,11 +41,41 @@ class UnusableCheckpoint(Exception):
     """A checkpoint that cannot be read back (corrupt, truncated, refused by the safe loader)."""
 
 
-def trainable_state(model: Any) -> dict[str, Any]:
+# Every random generator training draws from, as tensors and plain values. "python" is
+# [version, internal state, gauss] and "numpy" [kind, keys, pos, has_gauss, cached]: lists of mixed
+# values (what ``torch.load(weights_only=True)`` reads back), unpacked by :func:`set_rng_state`.
+class RngState(TypedDict):
+    torch: torch.Tensor
+    cuda: list[torch.Tensor] | None
+    python: list[Any]
+    numpy: NotRequired[list[Any] | None]
+
+
+class CheckpointState(TypedDict):
+    """``state.pt``: the trainable weights, the optimizer's and scheduler's own state dicts, the RNGs."""
+
+    model: dict[str, torch.Tensor]
+    optimizer: StateDict
+    scheduler: dict[str, Any]  # torch's LRScheduler.state_dict() type
+    rng: RngState
+
+
+class CheckpointMeta(TypedDict, total=False):
+    """``meta.json``: the step, what it was made from, ``state.pt``'s hash, and the loop's extras."""
+
+    step: int
+    fingerprint: str
+    state_sha256: str
+    total_steps: int
+    loss: float
+    validations: list[list[float]]  # [step, value] pairs
+
+
+def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def rng_state() -> dict[str, Any]:
+def rng_state() -> RngState:
     """Every random generator training draws from, as tensors and plain values (what
     ``torch.load(weights_only=True)`` reads back)."""
     import numpy as np
@@ -56,17 +92,19 @@ def rng_state() -> dict[str, Any]:
     }
 
 
-def set_rng_state(state: dict[str, Any]) -> None:
+def set_rng_state(state: RngState) -> None:
     import numpy as np
     import torch
 
     torch.set_rng_state(state["torch"])
-    if state.get("cuda") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    cuda = state.get("cuda")
+    if cuda is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda)
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
-    if state.get("numpy") is not None:
-        kind, keys, pos, has_gauss, cached = state["numpy"]
+    numpy_state = state.get("numpy")
+    if numpy_state is not None:
+        kind, keys, pos, has_gauss, cached = numpy_state
         np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
 
 
@@ -84,8 +122,8 @@ def checkpoints(ckpt_root: Path) -> list[Path]:
     return sorted(found, key=lambda p: checkpoint_step(p) or 0, reverse=True)
 
 
-def save_checkpoint(ckpt_root: Path, step: int, model: Any, optimizer: Any, scheduler: Any,
-                    fingerprint: str, extra: dict[str, Any]) -> Path:
+def save_checkpoint(ckpt_root: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                    scheduler: LRScheduler, fingerprint: str, extra: Mapping[str, object]) -> Path:
     """Write the checkpoint of ``step`` durably, then drop all but the last :data:`KEEP_LAST`."""
     import torch
 
@@ -122,13 +160,13 @@ def latest_checkpoint(ckpt_root: Path) -> Path | None:
     return found[0] if found else None
 
 
-def read_checkpoint(path: Path, fingerprint: str) -> tuple[dict[str, Any], dict[str, Any]]:
+def read_checkpoint(path: Path, fingerprint: str) -> tuple[CheckpointMeta, CheckpointState]:
     """(meta, state) of a checkpoint; :class:`UnusableCheckpoint` when it cannot be read back whole,
     :class:`TrainingError` when it is whole but belongs to another spec, data or model."""
     import torch
 
     try:
-        meta = json.loads((path / META).read_text())
+        meta: CheckpointMeta = json.loads((path / META).read_text())
     except (OSError, UnicodeDecodeError, ValueError) as exc:
         raise UnusableCheckpoint(f"{META} unreadable: {exc}") from exc
     if not isinstance(meta, dict) or not isinstance(meta.get("step"), int):
@@ -152,10 +190,11 @@ def read_checkpoint(path: Path, fingerprint: str) -> tuple[dict[str, Any], dict[
                         "python": [state["py_rng"][0], list(state["py_rng"][1]), state["py_rng"][2]]}
     if not isinstance(state, dict) or not {"model", "optimizer", "scheduler", "rng"} <= state.keys():
         raise UnusableCheckpoint(f"{STATE} lacks the training state")
-    return meta, state
+    return meta, cast(CheckpointState, state)  # torch.load gives Any: its keys were checked just above
 
 
-def load_checkpoint(path: Path, model: Any, optimizer: Any, scheduler: Any, fingerprint: str) -> dict[str, Any]:
+def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: LRScheduler,
+                    fingerprint: str) -> CheckpointMeta:
     """Restore state in place from the checkpoint at ``path``; return its meta (with ``step``)."""
     try:
         meta, state = read_checkpoint(path, fingerprint)
@@ -166,8 +205,8 @@ def load_checkpoint(path: Path, model: Any, optimizer: Any, scheduler: Any, fing
     return meta
 
 
-def resume_checkpoint(ckpt_root: Path, model: Any, optimizer: Any, scheduler: Any,
-                      fingerprint: str) -> tuple[Path, dict[str, Any]]:
+def resume_checkpoint(ckpt_root: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                      scheduler: LRScheduler, fingerprint: str) -> tuple[Path, CheckpointMeta]:
     """Restore the newest usable checkpoint under ``ckpt_root``; return (its folder, its meta).
 
     A corrupt, truncated or unreadable checkpoint is skipped with a warning naming it, and removed
@@ -194,7 +233,8 @@ def resume_checkpoint(ckpt_root: Path, model: Any, optimizer: Any, scheduler: An
         hint=f"run without --resume to train from the start (this replaces {ckpt_root})"))
 
 
-def _apply(state: dict[str, Any], model: Any, optimizer: Any, scheduler: Any) -> None:
+def _apply(state: CheckpointState, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+           scheduler: LRScheduler) -> None:
     import torch
 
     params = dict(model.named_parameters())

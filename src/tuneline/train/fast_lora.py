@@ -25,20 +25,55 @@ when they are called with the same input; any other call pattern computes them o
 from __future__ import annotations
 
 import types
-from typing import Any
+from typing import TYPE_CHECKING, Protocol, cast
+
+if TYPE_CHECKING:
+    import torch
+    from peft.tuners.lora.layer import Linear as LoraLinear
 
 _MARK = "_tuneline_fast_lora"
 _GROUP = "_tuneline_lora_group"
 
 
-def _function() -> Any:
+class _Ctx(Protocol):
+    """The part of torch's autograd context both functions use (torch itself types ``ctx`` as ``Any``)."""
+
+    needs_input_grad: tuple[bool, ...]
+    x_shape: torch.Size
+    x_dtype: torch.dtype
+
+    @property
+    def saved_tensors(self) -> tuple[torch.Tensor, ...]: ...
+
+    def save_for_backward(self, *tensors: torch.Tensor) -> None: ...
+
+
+class _LinearCtx(_Ctx, Protocol):
+    """What :class:`LoraLinearFunction` keeps on the context for its backward."""
+
+    scale: float
+    a_dtype: torch.dtype
+    b_dtype: torch.dtype
+
+
+class _GroupCtx(_Ctx, Protocol):
+    """What :class:`LoraGroupFunction` keeps on the context for its backward."""
+
+    sizes: tuple[int, ...]
+    scales: tuple[float, ...]
+    ranks: tuple[int, ...]
+    dtypes: tuple[torch.dtype, ...]
+
+
+def _function() -> type[torch.autograd.Function]:
     import torch
 
     class LoraLinearFunction(torch.autograd.Function):
         """y = x W^T + b + scale * (x A^T) B^T, computed in W's dtype; grads for x, A, B."""
 
         @staticmethod
-        def forward(ctx: Any, x: Any, weight: Any, bias: Any, lora_a: Any, lora_b: Any, scale: float) -> Any:
+        def forward(ctx: _LinearCtx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                    lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float) -> torch.Tensor:
             dtype = weight.dtype
             with torch.autocast(device_type=x.device.type, enabled=False):
                 x2 = x.reshape(-1, x.shape[-1]).to(dtype)
@@ -54,7 +89,7 @@ def _function() -> Any:
             return y.view(*x.shape[:-1], y.shape[-1])
 
         @staticmethod
-        def backward(ctx: Any, grad: Any) -> Any:
+        def backward(ctx: _LinearCtx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
             x2, weight, a, b, xa = ctx.saved_tensors
             with torch.autocast(device_type=grad.device.type, enabled=False):
                 g = grad.reshape(-1, grad.shape[-1]).to(weight.dtype)
@@ -71,10 +106,11 @@ def _function() -> Any:
     return LoraLinearFunction
 
 
-_FN: Any = None
+_FN: type[torch.autograd.Function] | None = None
 
 
-def lora_linear(x: Any, weight: Any, bias: Any, lora_a: Any, lora_b: Any, scale: float) -> Any:
+def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_a: torch.Tensor,
+                lora_b: torch.Tensor, scale: float) -> torch.Tensor:
     """``x W^T + b + scale * x A^T B^T`` with the fused backward (the frozen W, b get no gradient)."""
     global _FN
     if _FN is None:
@@ -82,15 +118,15 @@ def lora_linear(x: Any, weight: Any, bias: Any, lora_a: Any, lora_b: Any, scale:
     return _FN.apply(x, weight, bias, lora_a, lora_b, scale)
 
 
-def _group_function() -> Any:
+def _group_function() -> type[torch.autograd.Function]:
     import torch
 
     class LoraGroupFunction(torch.autograd.Function):
         """Outputs y_i = x W_i^T + s_i (x A_i^T) B_i^T of linears sharing x, W the stacked W_i."""
 
         @staticmethod
-        def forward(ctx: Any, x: Any, weight: Any, sizes: tuple[int, ...], scales: tuple[float, ...],
-                    *adapters: Any) -> Any:
+        def forward(ctx: _GroupCtx, x: torch.Tensor, weight: torch.Tensor, sizes: tuple[int, ...],
+                    scales: tuple[float, ...], *adapters: torch.Tensor) -> tuple[torch.Tensor, ...]:
             n = len(sizes)
             lora_as, lora_bs = adapters[:n], adapters[n:]
             dtype = weight.dtype
@@ -108,7 +144,7 @@ def _group_function() -> Any:
             return tuple(o.view(*x.shape[:-1], o.shape[-1]) for o in y.split(sizes, dim=1))
 
         @staticmethod
-        def backward(ctx: Any, *grads: Any) -> Any:
+        def backward(ctx: _GroupCtx, *grads: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
             x2, weight, a, b, xa = ctx.saved_tensors
             n = len(ctx.sizes)
             with torch.autocast(device_type=x2.device.type, enabled=False):
@@ -122,7 +158,8 @@ def _group_function() -> Any:
                 grad_a = (gb.t() @ x2).split(ctx.ranks, dim=0)
                 grad_b_all = g.t() @ xa  # only its diagonal blocks are B's gradients
                 rows = grad_b_all.split(ctx.sizes, dim=0)
-                grad_as, grad_bs = [], []
+                grad_as: list[torch.Tensor | None] = []
+                grad_bs: list[torch.Tensor | None] = []
                 for i, (r0, ga) in enumerate(zip(_offsets(ctx.ranks), grad_a, strict=True)):
                     grad_as.append(ga.to(ctx.dtypes[i]) if ctx.needs_input_grad[4 + i] else None)
                     grad_bs.append(rows[i][:, r0 : r0 + ctx.ranks[i]].to(ctx.dtypes[n + i]).mul_(ctx.scales[i])
@@ -140,10 +177,11 @@ def _offsets(sizes: tuple[int, ...]) -> list[int]:
     return out
 
 
-_GROUP_FN: Any = None
+_GROUP_FN: type[torch.autograd.Function] | None = None
 
 
-def lora_group(x: Any, weight: Any, lora_as: list[Any], lora_bs: list[Any], scales: list[float]) -> tuple[Any, ...]:
+def lora_group(x: torch.Tensor, weight: torch.Tensor, lora_as: list[torch.Tensor], lora_bs: list[torch.Tensor],
+               scales: list[float]) -> tuple[torch.Tensor, ...]:
     """The outputs of LoRA linears that share the input ``x``; ``weight`` stacks their base weights."""
     global _GROUP_FN
     if _GROUP_FN is None:
@@ -159,11 +197,11 @@ GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 class _Group:
     """LoRA linears fed the same input, their base weights rows of one stacked matrix."""
 
-    def __init__(self, members: list[Any]) -> None:
+    def __init__(self, members: list[LoraLinear]) -> None:
         self.members = members
-        self.weight: Any = None
-        self.pending: dict[int, Any] = {}  # member index -> output computed with the group
-        self.pending_x: Any = None
+        self.weight: torch.Tensor
+        self.pending: dict[int, torch.Tensor] = {}  # member index -> output computed with the group
+        self.pending_x: torch.Tensor | None = None
         self.pending_version = -1
         self.stack()
 
@@ -171,14 +209,14 @@ class _Group:
         """Concatenate the members' base weights and make each member's weight a view of its rows."""
         import torch
 
-        weights = [m.get_base_layer().weight for m in self.members]
+        weights = [_base(m).weight for m in self.members]
         with torch.no_grad():
             self.weight = torch.cat([w.data for w in weights])
             at = 0
             for w in weights:
                 w.data = self.weight[at : at + w.shape[0]]
                 at += w.shape[0]
-        self.ptrs = [m.get_base_layer().weight.data_ptr() for m in self.members]
+        self.ptrs = [_base(m).weight.data_ptr() for m in self.members]
 
     def adapter(self) -> str | None:
         """The common adapter name if every member can take the grouped path now, else None."""
@@ -186,7 +224,7 @@ class _Group:
         if len(names) != 1 or None in names:
             return None
         for m, ptr in zip(self.members, self.ptrs, strict=True):
-            base = m.get_base_layer()
+            base = _base(m)
             if base.bias is not None:
                 return None
             if base.weight.data_ptr() != ptr or base.weight.dtype != self.weight.dtype:
@@ -194,7 +232,7 @@ class _Group:
                 break
         return names.pop()
 
-    def forward(self, member: Any, x: Any) -> Any:
+    def forward(self, member: LoraLinear, x: torch.Tensor) -> torch.Tensor | None:
         i = self.members.index(member)
         if self.pending_x is x and _version(x) == self.pending_version and i in self.pending:
             out = self.pending.pop(i)
@@ -205,20 +243,31 @@ class _Group:
         if name is None:
             self.pending, self.pending_x = {}, None
             return None
-        outs = lora_group(x, self.weight, [m.lora_A[name].weight for m in self.members],
-                          [m.lora_B[name].weight for m in self.members],
+        outs = lora_group(x, self.weight, [_linear(m.lora_A[name]).weight for m in self.members],
+                          [_linear(m.lora_B[name]).weight for m in self.members],
                           [float(m.scaling[name]) for m in self.members])
         self.pending = {j: o for j, o in enumerate(outs) if j != i}
         self.pending_x, self.pending_version = x, _version(x)
         return outs[i]
 
 
-def _version(x: Any) -> int:
+def _version(x: torch.Tensor) -> int:
     """The tensor's in-place version counter (inference tensors have none and cannot change)."""
     return -1 if x.is_inference() else int(x._version)
 
 
-def _fast_path_ok(module: Any) -> str | None:
+def _linear(module: torch.nn.Module) -> torch.nn.Linear:
+    """A LoRA ``A`` or ``B`` module, or a base layer :func:`_fast_path_ok` accepted: an ``nn.Linear``
+    (peft builds ``lora_A``/``lora_B`` as ``nn.Linear`` but keeps them in an untyped ``ModuleDict``)."""
+    return cast("torch.nn.Linear", module)
+
+
+def _base(module: LoraLinear) -> torch.nn.Linear:
+    """The base linear of a LoRA linear the fused path computes (:func:`_fast_path_ok` checked its type)."""
+    return _linear(module.get_base_layer())
+
+
+def _fast_path_ok(module: LoraLinear) -> str | None:
     """The single adapter name if ``module`` can use the fused path right now, else None."""
     import torch
 
@@ -229,15 +278,15 @@ def _fast_path_ok(module: Any) -> str | None:
         return None
     if not isinstance(module.lora_dropout[name], torch.nn.Identity):
         return None
-    if getattr(module, "lora_bias", {}).get(name, False) or module.lora_B[name].bias is not None:
+    if getattr(module, "lora_bias", {}).get(name, False) or _linear(module.lora_B[name]).bias is not None:
         return None
     if type(module.get_base_layer()) is not torch.nn.Linear:
         return None
     return str(name)
 
 
-def _fast_forward(self: Any, x: Any, *args: Any, **kwargs: Any) -> Any:
-    group = getattr(self, _GROUP, None)
+def _fast_forward(self: LoraLinear, x: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
+    group: _Group | None = getattr(self, _GROUP, None)
     if group is not None and not (args or kwargs):
         out = group.forward(self, x)
         if out is not None:
@@ -245,12 +294,12 @@ def _fast_forward(self: Any, x: Any, *args: Any, **kwargs: Any) -> Any:
     name = None if (args or kwargs) else _fast_path_ok(self)
     if name is None:
         return type(self).forward(self, x, *args, **kwargs)  # peft's own forward
-    base = self.get_base_layer()
-    return lora_linear(x, base.weight, base.bias, self.lora_A[name].weight, self.lora_B[name].weight,
+    base = _base(self)
+    return lora_linear(x, base.weight, base.bias, _linear(self.lora_A[name]).weight, _linear(self.lora_B[name]).weight,
                        float(self.scaling[name]))
 
 
-def install(model: Any, group: bool = True) -> int:
+def install(model: torch.nn.Module, group: bool = True) -> int:
     """Use the fused forward in every peft LoRA ``Linear`` of ``model``; return how many.
 
     With ``group``, sibling linears that read the same input (:data:`GROUPS`) are computed together."""
@@ -264,8 +313,8 @@ def install(model: Any, group: bool = True) -> int:
             n += 1
     for module in list(model.modules()) if group else ():
         for names in GROUPS:
-            members = [getattr(module, name, None) for name in names]
-            members = [m for m in members if type(m) is LoraLinear and hasattr(m, _MARK)]
+            found = [getattr(module, name, None) for name in names]
+            members = [m for m in found if type(m) is LoraLinear and hasattr(m, _MARK)]
             if len(members) > 1 and not any(hasattr(m, _GROUP) for m in members):
                 shared = _Group(members)
                 for m in members:
@@ -273,7 +322,7 @@ def install(model: Any, group: bool = True) -> int:
     return n
 
 
-def uninstall(model: Any) -> int:
+def uninstall(model: torch.nn.Module) -> int:
     """Restore peft's own forward everywhere :func:`install` replaced it; return how many."""
     n = 0
     for module in model.modules():

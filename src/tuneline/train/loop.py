@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, cast
 
 from rich.progress import (
     BarColumn,
@@ -37,7 +37,10 @@ from tuneline.train.peft_builders import count_parameters, wrap_for_training
 
 if TYPE_CHECKING:
     import torch
-    from transformers import PreTrainedTokenizerBase
+    from peft import PeftModel
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+    from tuneline.train.batching import Batch
 
 log = logging.getLogger(__name__)
 
@@ -115,7 +118,7 @@ class TrainResult:
     best_value: float | None = None
     stopped_early: bool = False
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self) -> dict[str, object]:
         return asdict(self)
 
 
@@ -185,12 +188,12 @@ def _micro_batches(lengths: list[int], cfg: TrainSpec, per_epoch: int, step: int
 
 
 def make_batch(examples: list[Encoded], pad_id: int, device: str, pack_capacity: int | None = None,
-               share_prefix: bool = False) -> dict[str, Any]:
+               share_prefix: bool = False) -> Batch:
     """Tensors for one micro-batch on ``device``: padded (optionally with a shared prefix computed
     once), or packed into rows of ``pack_capacity`` tokens."""
     batch = (collate(examples, pad_id, share_prefix=share_prefix) if pack_capacity is None
              else collate_packed(examples, pad_id, pack_capacity))
-    return {k: v.to(device) if hasattr(v, "to") else v for k, v in batch.items()}
+    return cast("Batch", {k: v.to(device) if hasattr(v, "to") else v for k, v in batch.items()})  # same keys
 
 
 def accumulate_gradients(model: torch.nn.Module, micro_batches: list[list[Encoded]], pad_id: int, precision: str,
@@ -263,9 +266,12 @@ def train(
     lengths = [len(e.input_ids) for e in encoded]
     per_epoch, total_steps = _schedule(len(encoded), cfg)
 
-    model = wrap_for_training(model, cfg).to(device)
-    trainable, total_params = count_parameters(model)
-    params = [p for p in model.parameters() if p.requires_grad]
+    # ``model`` is the transformers model load_model returned (callers hold it as an nn.Module);
+    # transformers types PreTrainedModel.to through functools.wraps, which loses the binding of self
+    base = cast("PreTrainedModel", model)
+    trained: PeftModel | PreTrainedModel = wrap_for_training(base, cfg).to(device)  # type: ignore[arg-type]
+    trainable, total_params = count_parameters(trained)
+    params = [p for p in trained.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     warmup = int(cfg.warmup_ratio * total_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(total_steps, warmup, cfg.lr_scheduler))
@@ -277,7 +283,7 @@ def train(
     start_step, resumed_from, loss_value = 0, None, float("nan")
     history: list[tuple[int, float]] = []
     if opts.resume:
-        last, meta = resume_checkpoint(ckpt_root, model, optimizer, scheduler, fingerprint)
+        last, meta = resume_checkpoint(ckpt_root, trained, optimizer, scheduler, fingerprint)
         start_step = resumed_from = int(meta["step"])
         loss_value = float(meta.get("loss", "nan"))
         history = [(int(a), float(b)) for a, b in meta.get("validations", [])]
@@ -290,7 +296,7 @@ def train(
     log.info("training %s params of %s (%.2f%%), %d examples, %d steps, precision %s on %s",
              f"{trainable:,}", f"{total_params:,}", 100 * trainable / total_params, len(encoded),
              total_steps, precision, device)
-    model.train()
+    trained.train()
     tokens_done, computed, t0 = 0, 0, time.perf_counter()
     done, stopped_early = start_step, False
     progress = _progress(show_progress)
@@ -298,7 +304,7 @@ def train(
         task = progress.add_task("train", total=total_steps, completed=start_step, loss=float("nan"), tps=0.0)
         for step in range(start_step, total_steps):
             micro = [[encoded[i] for i in mb] for mb in _micro_batches(lengths, cfg, per_epoch, step)]
-            step_loss, step_tokens = accumulate_gradients(model, micro, pad_id, precision, device,
+            step_loss, step_tokens = accumulate_gradients(trained, micro, pad_id, precision, device,
                                                           cfg.seq_len if cfg.packing else None, share_prefix)
             tokens_done += step_tokens
             computed += step_tokens - sum((len(mb) - 1) * shared_prefix_len(mb) for mb in micro) * share_prefix
@@ -318,7 +324,7 @@ def train(
             if not progress.live_display and (done % cfg.log_every == 0 or done == total_steps):
                 log.info("step %d/%d loss %.4f  %.0f tok/s", done, total_steps, loss_value, tps)
             if check is not None and (done % check.every == 0 or done == total_steps):
-                value = _run_check(model, check, history, done, ckpt_root)
+                value = _run_check(trained, check, history, done, ckpt_root)
                 metrics["validation"] = value
                 stopped_early = _plateaued(check, history) and done < total_steps
             if on_step is not None:
@@ -329,20 +335,20 @@ def train(
                 log.info("early stopping at step %d: no improvement in the last validations", done)
                 break
             if done % cfg.checkpoint_every == 0 and done < total_steps:
-                save_checkpoint(ckpt_root, done, model, optimizer, scheduler, fingerprint,
+                save_checkpoint(ckpt_root, done, trained, optimizer, scheduler, fingerprint,
                                 {"total_steps": total_steps, "loss": loss_value, "validations": history})
     seconds = time.perf_counter() - t0
     best_step, best_value = _best(check, history)
     if check is not None and check.keep_best and best_step is not None and best_step != done:
-        _load_trainable(model, ckpt_root / "best.pt")
+        _load_trainable(trained, ckpt_root / "best.pt")
         log.info("kept the best weights: step %d (validation %.4f)", best_step, best_value)
 
     # --- save --------------------------------------------------------------------------------
-    eval_loss = evaluate_loss(model, eval_encoded, cfg.batch_size, pad_id, precision, device) if eval_encoded else None
-    adapter_dir = save_adapter(model, tokenizer, out_dir / "adapter")
-    save_checkpoint(ckpt_root, done, model, optimizer, scheduler, fingerprint,
+    eval_loss = evaluate_loss(trained, eval_encoded, cfg.batch_size, pad_id, precision, device) if eval_encoded else None
+    adapter_dir = save_adapter(trained, tokenizer, out_dir / "adapter")
+    save_checkpoint(ckpt_root, done, trained, optimizer, scheduler, fingerprint,
                     {"total_steps": total_steps, "loss": loss_value, "validations": history})
-    model.eval()
+    trained.eval()
     result = TrainResult(
         adapter_dir=str(adapter_dir), steps=done, epochs=done * cfg.grad_accum / per_epoch,
         train_examples=len(encoded), dropped_too_long=len(dropped), train_tokens=tokens_done,
@@ -352,15 +358,15 @@ def train(
         precision=precision, device=device, resumed_from_step=resumed_from,
         validations=history, best_step=best_step, best_value=best_value, stopped_early=stopped_early,
     )
-    return model, result
+    return trained, result
 
 
-def save_adapter(model: Any, tokenizer: PreTrainedTokenizerBase, adapter_dir: Path) -> Path:
+def save_adapter(model: PeftModel | PreTrainedModel, tokenizer: PreTrainedTokenizerBase, adapter_dir: Path) -> Path:
     """Save the adapter (or whole model) and tokenizer at ``adapter_dir``, atomically and durably:
     written whole in a temporary folder, then put in place of the previous one (never deleted first)."""
     tmp = adapter_dir.with_name(f".{adapter_dir.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
+    model.save_pretrained(str(tmp))  # peft annotates the folder as str
     tokenizer.save_pretrained(tmp)
     _sort_peft_sets(model, tmp)
     replace_dir(tmp, adapter_dir)

@@ -14,17 +14,20 @@ the varlen kernels with flash attention, so examples sharing a row never attend 
 from __future__ import annotations
 
 import functools
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from tuneline.data.tokenize import IGNORE_INDEX
 from tuneline.runtime import cache_argument_of
+from tuneline.train.peft_builders import causal_lm_of
 
 if TYPE_CHECKING:
     import torch
 
+    from tuneline.train.batching import Batch
 
-def _decoder_and_head(model: Any) -> tuple[Any, Any]:  # a PeftModel or a PreTrainedModel
-    causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+
+def _decoder_and_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module]:  # a PeftModel or a PreTrainedModel
+    causal_lm = causal_lm_of(model)
     decoder = getattr(causal_lm, causal_lm.base_model_prefix)
     return decoder, causal_lm.get_output_embeddings()
 
@@ -34,12 +37,12 @@ LOGITS_CHUNK = 2048
 
 
 @functools.cache
-def _cache_argument(decoder: Any) -> str:
+def _cache_argument(decoder: torch.nn.Module) -> str:
     """The decoder's keyword for a KV cache: ``cache`` (transformers >= 5.24) or ``past_key_values``."""
     return cache_argument_of(type(decoder).forward)
 
 
-def answer_loss_sum(model: torch.nn.Module, batch: dict[str, Any], chunk: int = LOGITS_CHUNK) -> tuple[torch.Tensor, int]:
+def answer_loss_sum(model: torch.nn.Module, batch: Batch, chunk: int = LOGITS_CHUNK) -> tuple[torch.Tensor, int]:
     """(sum of token cross-entropies over answer tokens, number of answer tokens)."""
     import torch
     import torch.nn.functional as F
@@ -75,7 +78,7 @@ def answer_loss_sum(model: torch.nn.Module, batch: dict[str, Any], chunk: int = 
     return torch.stack(parts).sum(), n
 
 
-def standard_loss_sum(model: torch.nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, int]:
+def standard_loss_sum(model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, int]:
     """Reference: full logits at every position, then the masked shifted cross-entropy."""
     import torch.nn.functional as F
 

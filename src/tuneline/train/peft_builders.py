@@ -2,13 +2,24 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, cast
 
 from tuneline.spec.models import TrainSpec
 from tuneline.train import fast_lora
 
+if TYPE_CHECKING:
+    import torch
+    from peft import LoraConfig, PeftModel
+    from transformers import PreTrainedModel
 
-def build_peft_config(train: TrainSpec) -> Any:
+
+def causal_lm_of(model: torch.nn.Module) -> PreTrainedModel:
+    """The transformers model inside a PeftModel, or ``model`` itself (a PreTrainedModel)."""
+    get_base_model = getattr(model, "get_base_model", None)  # a PeftModel's
+    return cast("PreTrainedModel", model if get_base_model is None else get_base_model())
+
+
+def build_peft_config(train: TrainSpec) -> LoraConfig:
     from peft import LoraConfig, TaskType
 
     lora = train.lora
@@ -21,7 +32,7 @@ def build_peft_config(train: TrainSpec) -> Any:
     )
 
 
-def wrap_for_training(model: Any, train: TrainSpec) -> Any:
+def wrap_for_training(model: PreTrainedModel, train: TrainSpec) -> PeftModel | PreTrainedModel:
     """Return the model to train: a PeftModel for LoRA, the model itself for ``full``."""
     if train.gradient_checkpointing:
         # non-reentrant checkpointing works with frozen inputs (no enable_input_require_grads hack)
@@ -35,26 +46,26 @@ def wrap_for_training(model: Any, train: TrainSpec) -> Any:
     import torch
     from peft import get_peft_model
 
-    model = get_peft_model(model, build_peft_config(train))
+    peft_model = get_peft_model(model, build_peft_config(train))
     # adapter weights (and so their optimizer state) stay fp32 even when the base is bf16
-    for p in model.parameters():
+    for p in peft_model.parameters():
         if p.requires_grad and p.dtype != torch.float32:
             p.data = p.data.float()
     if train.fused_lora:
         # grouping hands outputs between modules through Python state, which compiled graphs do not trace
-        fast_lora.install(model, group=not train.compile)
+        fast_lora.install(peft_model, group=not train.compile)
     if train.compile:
-        compile_layers(model)
-    return model
+        compile_layers(peft_model)
+    return peft_model
 
 
-def compile_layers(model: Any) -> int:
+def compile_layers(model: torch.nn.Module) -> int:
     """``torch.compile`` every decoder layer in place; return how many.
 
     Regional compilation: the layers share one compiled graph (same code, same shapes), so compile
     time is that of one layer rather than of the whole model. Dynamic shapes, since batch widths vary.
     """
-    causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    causal_lm = causal_lm_of(model)
     decoder = getattr(causal_lm, causal_lm.base_model_prefix)
     layers = getattr(decoder, "layers", None)
     if layers is None:
@@ -64,7 +75,7 @@ def compile_layers(model: Any) -> int:
     return len(layers)
 
 
-def count_parameters(model: Any) -> tuple[int, int]:
+def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
     """(trainable, total) parameter counts."""
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
