@@ -105,7 +105,7 @@ class BaselineReport:
     def option(self, name: str) -> OptionResult | None:
         return next((o for o in self.options if o.name == name), None)
 
-    def to_dict(self, with_rows: bool = True) -> dict[str, Any]:
+    def to_dict(self, with_rows: bool = True) -> dict[str, object]:
         d = asdict(self)
         for o in d["options"]:
             o.pop("aggregate", None)

@@ -91,7 +91,7 @@ class SearchResult:
             out[t.state] = out.get(t.state, 0) + 1
         return out
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self) -> dict[str, object]:
         return asdict(self)
 
     @classmethod
