@@ -13,17 +13,67 @@ import platform
 import subprocess
 import time
 import warnings
+from collections.abc import Mapping, Sequence
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Protocol, TypedDict
 
 from tuneline.errors import Problem, SpecError
 from tuneline.spec.loader import LoadedSpec
 from tuneline.workspace import Workspace
 
+if TYPE_CHECKING:
+    from mlflow import ActiveRun
+    from mlflow.entities import Metric
+
 log = logging.getLogger(__name__)
 
 TRACKED_LIBRARIES = ("tuneline", "torch", "transformers", "peft", "mlflow", "pydantic", "scikit-learn")
+
+
+class DataSourceInfo(Protocol):
+    """A data file a run read (:class:`tuneline.curation.SourceInfo`; tracking sits below curation)."""
+
+    @property
+    def split(self) -> str: ...
+    @property
+    def path(self) -> str: ...
+    @property
+    def sha256(self) -> str: ...
+    @property
+    def rows_used(self) -> int: ...
+
+
+class ManifestCounts(TypedDict):
+    """What tracking reads of a dataset version's manifest (:class:`tuneline.curation.version.Manifest`)."""
+
+    counts: dict[str, int]
+    rejected: int
+
+
+class StoredDatasetVersion(Protocol):
+    """A stored dataset version (:class:`tuneline.curation.DatasetVersion`)."""
+
+    @property
+    def id(self) -> str: ...
+    @property
+    def path(self) -> Path: ...
+    @property
+    def manifest(self) -> ManifestCounts: ...
+    @property
+    def card(self) -> Path: ...
+
+
+class RunRow(TypedDict):
+    """A run as :func:`list_runs` lists it."""
+
+    run_id: str
+    experiment: str
+    name: str | None
+    status: str
+    start_time: int
+    metrics: dict[str, float]
+    tags: dict[str, str]
 
 
 def tracking_uri(loaded: LoadedSpec | None, workspace: Workspace) -> str:
@@ -32,7 +82,7 @@ def tracking_uri(loaded: LoadedSpec | None, workspace: Workspace) -> str:
     return workspace.tracking_uri
 
 
-def start_run(loaded: LoadedSpec, workspace: Workspace, run_name: str | None = None) -> Any:
+def start_run(loaded: LoadedSpec, workspace: Workspace, run_name: str | None = None) -> ActiveRun:
     """Point MLflow at the store, create the experiment (artifacts in the workspace), start a run."""
     import mlflow
 
@@ -48,7 +98,7 @@ def start_run(loaded: LoadedSpec, workspace: Workspace, run_name: str | None = N
 
 
 def start_or_resume(loaded: LoadedSpec, workspace: Workspace, run_id: str | None = None,
-                    run_name: str | None = None) -> Any:
+                    run_name: str | None = None) -> ActiveRun:
     """Resume MLflow run ``run_id`` in the spec's store, or start a new run when ``run_id`` is None.
     Use as a context manager, like :func:`mlflow.start_run`."""
     import mlflow
@@ -66,7 +116,7 @@ class MetricBatcher:
 
     def __init__(self, run_id: str, every: int) -> None:
         self.run_id, self.every = run_id, max(1, every)
-        self.pending: list[Any] = []
+        self.pending: list[Metric] = []
 
     def __call__(self, step: int, metrics: dict[str, float]) -> None:
         from mlflow.entities import Metric
@@ -135,8 +185,8 @@ def git_sha(path: Path) -> str | None:
         return None
 
 
-def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
+def flatten(d: Mapping[str, object], prefix: str = "") -> dict[str, object]:
+    out: dict[str, object] = {}
     for k, v in d.items():
         key = f"{prefix}{k}"
         if isinstance(v, dict):
@@ -146,7 +196,7 @@ def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def log_run_inputs(loaded: LoadedSpec, data_sources: list[Any], model_ref: str, model_fingerprint: str) -> None:
+def log_run_inputs(loaded: LoadedSpec, data_sources: Sequence[DataSourceInfo], model_ref: str, model_fingerprint: str) -> None:
     """Spec (artifact, hash, params), data file hashes, model identity, code and library versions."""
     import mlflow
 
@@ -171,7 +221,7 @@ def log_run_inputs(loaded: LoadedSpec, data_sources: list[Any], model_ref: str, 
     mlflow.set_tags(tags)
 
 
-def log_dataset_version(version: Any) -> None:
+def log_dataset_version(version: StoredDatasetVersion) -> None:
     """The curated dataset version as MLflow dataset inputs (train: context training, validation and
     test: evaluation), its id as a tag, and its manifest and data card as artifacts."""
     import mlflow
@@ -194,7 +244,7 @@ def log_dataset_version(version: Any) -> None:
 
 
 def list_runs(workspace: Workspace, uri: str | None = None, max_results: int = 50,
-              include_trials: bool = False, run_id_prefix: str | None = None) -> list[dict[str, Any]]:
+              include_trials: bool = False, run_id_prefix: str | None = None) -> list[RunRow]:
     """Recent runs across experiments of the store, newest first (search trials left out unless asked;
     only runs whose id starts with ``run_id_prefix`` when given)."""
     import mlflow
@@ -206,7 +256,7 @@ def list_runs(workspace: Workspace, uri: str | None = None, max_results: int = 5
     if not exps:
         return []
     names = {e.experiment_id: e.name for e in exps}
-    rows: list[dict[str, Any]] = []
+    rows: list[RunRow] = []
     token = None
     while len(rows) < max_results:
         page = client.search_runs([e.experiment_id for e in exps], order_by=["attributes.start_time DESC"],

@@ -13,6 +13,8 @@ import logging
 import math
 import random
 import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, cast
 
@@ -22,9 +24,17 @@ from tuneline.curation.steps import input_of
 from tuneline.data.examples import Example
 from tuneline.data.tokenize import encode_prompt
 from tuneline.eval import stats
-from tuneline.eval.generate import Decoding, GenerateOptions, LabelTrie, generate_detailed
+from tuneline.eval.generate import (
+    Decoding,
+    GenerateOptions,
+    Generation,
+    LabelTrie,
+    generate_detailed,
+)
 from tuneline.eval.metrics import bleu_tokenize_for, score
 from tuneline.eval.results import Estimate, SetResult
+from tuneline.eval.stats import Aggregate
+from tuneline.retrieval.encoder import Encoder
 from tuneline.retrieval.index import (
     NearestIndex,
     retrieval_prompts,
@@ -34,6 +44,7 @@ from tuneline.retrieval.index import (
 from tuneline.spec.models import LOWER_IS_BETTER, Spec
 
 if TYPE_CHECKING:
+    from torch import nn
     from transformers import PreTrainedTokenizerBase
 
 log = logging.getLogger(__name__)
@@ -78,7 +89,7 @@ class OptionResult:
     skipped: str | None = None  # why it was not measured
     # the primary metric over any subset of items (not saved): the paired test compares the metric
     # itself, a corpus BLEU as much as an accuracy, not a mean of per-item scores
-    aggregate: Any = field(default=None, repr=False, compare=False)
+    aggregate: Aggregate | None = field(default=None, repr=False, compare=False)
 
 
 @dataclass
@@ -94,7 +105,7 @@ class BaselineReport:
     def option(self, name: str) -> OptionResult | None:
         return next((o for o in self.options if o.name == name), None)
 
-    def to_dict(self, with_rows: bool = True) -> dict[str, Any]:
+    def to_dict(self, with_rows: bool = True) -> dict[str, object]:
         d = asdict(self)
         for o in d["options"]:
             o.pop("aggregate", None)
@@ -104,7 +115,7 @@ class BaselineReport:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> BaselineReport:
-        def est(x: Any) -> Estimate | None:
+        def est(x: dict[str, float] | None) -> Estimate | None:
             return Estimate(**x) if x else None
 
         options = []
@@ -125,18 +136,24 @@ class Context:
 
     spec: Spec
     tokenizer: PreTrainedTokenizerBase
-    model: Any  # the base model (prompt, few-shot, retrieval)
+    model: nn.Module  # the base model (prompt, few-shot, retrieval)
     train: list[Example]
     validation: list[Example]
     test: list[Example]
     labels: list[str] | None
-    autocast: Any
+    autocast: AbstractContextManager[object]
     device: str
-    encoder: Any = None  # tuneline.retrieval.encoder.Encoder, loaded when an option needs it
+    encoder: Encoder | None = None  # loaded when an option needs it (retrieval, embedding)
     show_progress: bool = False
     # prompts this base model has already answered with the same settings (the evaluation's base
     # system on the test items) and its answers: an option with exactly these prompts reuses them
-    answered: tuple[list[Example], Any] | None = None
+    answered: tuple[list[Example], Generation] | None = None
+
+    @property
+    def encoder_loaded(self) -> Encoder:
+        """The encoder, for the options that need one (:func:`measure` loads it for them)."""
+        assert self.encoder is not None, "the retrieval and embedding options need an encoder"
+        return self.encoder
 
 
 def measure(ctx: Context) -> BaselineReport:
@@ -153,8 +170,8 @@ def measure(ctx: Context) -> BaselineReport:
             continue
         if name in ("retrieval", "embedding") and train_vectors is None:
             # the one-off cost is what embedding the training rows took, also when it is cached now
-            train_vectors = ctx.encoder.embed([_text(ex) for ex in ctx.train])
-            index_seconds = ctx.encoder.last_seconds
+            train_vectors = ctx.encoder_loaded.embed([_text(ex) for ex in ctx.train])
+            index_seconds = ctx.encoder_loaded.last_seconds
         log.info("baseline %s", name)
         if name == "prompt":
             out.options.append(_prompt_only(ctx, desc))
@@ -177,7 +194,7 @@ def _skipped(name: str, desc: str, why: str) -> OptionResult:
     return OptionResult(name, desc, {}, 0.0, None, None, None, skipped=why)
 
 
-def _trie(ctx: Context, template: Example) -> Any:
+def _trie(ctx: Context, template: Example) -> LabelTrie | None:
     spec, tok = ctx.spec, ctx.tokenizer
     if spec.task.type != "classification" or not spec.eval.constrain_to_labels or not ctx.labels:
         return None
@@ -186,7 +203,7 @@ def _trie(ctx: Context, template: Example) -> Any:
 
 
 def _generate(ctx: Context, examples: list[Example], what: str, batch_size: int | None = None,
-              progress: bool = True) -> Any:
+              progress: bool = True) -> Generation:
     """``progress=False`` for a timed single request: a bar per request is a line per request in a log."""
     trie = _trie(ctx, examples[0])
     decoding = Decoding(max_new_tokens=trie.max_len) if trie else Decoding.of(ctx.spec.decoding)
@@ -201,7 +218,7 @@ def _latency_rows(ctx: Context) -> list[int]:
     return random.Random(ctx.spec.baseline.seed + 1).sample(range(len(ctx.test)), n)
 
 
-def _timed(fn: Any, rows: list[int]) -> tuple[float | None, float | None]:
+def _timed(fn: Callable[[int], object], rows: list[int]) -> tuple[float | None, float | None]:
     """p50/p95 ms of ``fn(row)`` over ``rows`` (one warm-up call first)."""
     if not rows:
         return None, None
@@ -215,7 +232,7 @@ def _timed(fn: Any, rows: list[int]) -> tuple[float | None, float | None]:
 
 
 def _generated_option(ctx: Context, name: str, desc: str, prompts: list[Example], one_off: float,
-                      single: Any = None) -> OptionResult:
+                      single: Callable[[int], object] | None = None) -> OptionResult:
     """Score generated answers to ``prompts``; time single requests (``single(row)`` or one prompt alone)."""
 
     gen = _already_answered(ctx, prompts) or _generate(ctx, prompts, name)
@@ -226,7 +243,7 @@ def _generated_option(ctx: Context, name: str, desc: str, prompts: list[Example]
     return option
 
 
-def _already_answered(ctx: Context, prompts: list[Example]) -> Any:
+def _already_answered(ctx: Context, prompts: list[Example]) -> Generation | None:
     """The evaluation's answers when it gave the base model exactly ``prompts`` (greedy decoding
     with the same settings gives the same answers again), else None."""
     if ctx.answered is None:
@@ -292,11 +309,11 @@ def _few_shot(ctx: Context, desc: str) -> OptionResult:
 def _retrieval(ctx: Context, desc: str, train_vectors: np.ndarray, index_seconds: float) -> OptionResult:
     k = ctx.spec.baseline.k
     index = NearestIndex(train_vectors, ctx.train)
-    test_vectors = ctx.encoder.embed([_text(ex) for ex in ctx.test])
+    test_vectors = ctx.encoder_loaded.embed([_text(ex) for ex in ctx.test])
     prompts = retrieval_prompts(index, ctx.test, test_vectors, k)
 
     def single(r: int) -> None:  # a request: embed the question, search, generate
-        v = ctx.encoder.embed_one(_text(ctx.test[r]))
+        v = ctx.encoder_loaded.embed_one(_text(ctx.test[r]))
         _generate(ctx, retrieval_prompts(index, [ctx.test[r]], v, k), "retrieval", 1, progress=False)
 
     return _generated_option(ctx, "retrieval", desc, prompts, index_seconds, single)
@@ -310,7 +327,7 @@ def _embedding(ctx: Context, desc: str, train_vectors: np.ndarray, index_seconds
     y = [ex.reference for ex in ctx.train]
     c_value = 10.0
     if ctx.validation:
-        val_x = ctx.encoder.embed([_text(ex) for ex in ctx.validation])
+        val_x = ctx.encoder_loaded.embed([_text(ex) for ex in ctx.validation])
         val_y = [ex.reference for ex in ctx.validation]
         scores = {}
         for c in (1.0, 10.0, 100.0):
@@ -319,11 +336,11 @@ def _embedding(ctx: Context, desc: str, train_vectors: np.ndarray, index_seconds
         c_value = max(scores, key=lambda c: (scores[c], -c))
     clf = LogisticRegression(C=c_value, max_iter=2000).fit(train_vectors, y)
     fit_seconds = time.perf_counter() - t0
-    test_x = ctx.encoder.embed([_text(ex) for ex in ctx.test])
+    test_x = ctx.encoder_loaded.embed([_text(ex) for ex in ctx.test])
     predictions = [str(p) for p in clf.predict(test_x)]
     option = _scored(ctx, "embedding", f"{desc} (C={c_value:g}, chosen on the validation split)", predictions,
                      None, None, index_seconds + fit_seconds)
-    option.p50_ms, option.p95_ms = _timed(lambda r: clf.predict(ctx.encoder.embed_one(_text(ctx.test[r]))),
+    option.p50_ms, option.p95_ms = _timed(lambda r: clf.predict(ctx.encoder_loaded.embed_one(_text(ctx.test[r]))),
                                           _latency_rows(ctx))
     return option
 

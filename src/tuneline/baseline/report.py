@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING
 
 from tuneline.baseline.options import BaselineReport
 
+if TYPE_CHECKING:
+    from rich.console import Group, RenderableType
 
-def baseline_table(report: BaselineReport) -> Any:
+
+def baseline_table(report: BaselineReport) -> Group:
     """Rich renderables: every option with quality [interval], difference to the best (p), costs,
     then the recommendation and its reasons."""
     from rich.console import Group
@@ -30,7 +33,7 @@ def baseline_table(report: BaselineReport) -> Any:
         lat = f"{o.p50_ms:.0f} / {o.p95_ms:.0f}" if o.p50_ms is not None and o.p95_ms is not None else "-"
         toks = f"{o.prompt_tokens:.0f}" if o.prompt_tokens is not None else "-"
         table.add_row(o.name + mark, quality, vs, f"{o.one_off_seconds:.0f} s", lat, toks, o.description)
-    lines: list[Any] = [table]
+    lines: list[RenderableType] = [table]
     if report.recommended:
         lines.append(f"recommendation: {report.recommended}")
     lines += [f"  {r}" for r in report.reasons]

@@ -61,10 +61,10 @@ from __future__ import annotations
 import re
 import unicodedata
 from bisect import bisect_right
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Any
+from typing import TypeAlias, overload
 
 from tuneline.spec import PII_TYPES
 
@@ -678,24 +678,35 @@ def _resolve(spans: list[Span]) -> list[Span]:
     return kept
 
 
-def redact_json(obj: Any, redactor: Redactor) -> tuple[Any, int]:
+JsonValue: TypeAlias = "str | int | float | bool | None | list[JsonValue] | dict[str, JsonValue]"
+
+
+def _redact_text(text: str, redactor: Redactor) -> tuple[str, int]:
+    new, found = redactor.redact(text)
+    return new, sum(found.values())
+
+
+@overload
+def redact_json(obj: Mapping[str, object], redactor: Redactor) -> tuple[dict[str, JsonValue], int]: ...
+@overload
+def redact_json(obj: object, redactor: Redactor) -> tuple[JsonValue, int]: ...
+def redact_json(obj: object, redactor: Redactor) -> tuple[JsonValue, int]:
     """``obj`` with every string in it redacted on its own (message contents, text parts, a
     completion prompt), and the number of PII spans replaced. Anything that is not JSON becomes
     its (redacted) string."""
     if isinstance(obj, str):
-        new, found = redactor.redact(obj)
-        return new, sum(found.values())
+        return _redact_text(obj, redactor)
     if obj is None or isinstance(obj, bool | int | float):
         return obj, 0
-    if isinstance(obj, dict):
-        out: dict[str, Any] = {}
+    if isinstance(obj, Mapping):  # any mapping (a dict, a TypedDict) stays one
+        out: dict[str, JsonValue] = {}
         total = 0
         for k, v in obj.items():
-            key, n1 = redact_json(k if isinstance(k, str) else str(k), redactor)
+            key, n1 = _redact_text(k if isinstance(k, str) else str(k), redactor)
             out[key], n2 = redact_json(v, redactor)
             total += n1 + n2
         return out, total
     if isinstance(obj, Iterable) and not isinstance(obj, bytes | bytearray):
         items = [redact_json(v, redactor) for v in obj]
         return [v for v, _ in items], sum(n for _, n in items)
-    return redact_json(str(obj), redactor)
+    return _redact_text(str(obj), redactor)

@@ -19,10 +19,10 @@ from __future__ import annotations
 import gc
 import logging
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, TypedDict
 
 from tuneline.curation.pii import Redactor, redact_json
 from tuneline.curation.steps import (
@@ -75,6 +75,19 @@ class SourceInfo:
     rows_used: int
 
 
+class ConflictRow(TypedDict):
+    where: str
+    answer: str
+
+
+class Conflict(TypedDict):
+    """A group of rows with the same input and different answers."""
+
+    split: str
+    input: str
+    rows: list[ConflictRow]
+
+
 @dataclass
 class Curated:
     splits: Splits  # train, validation, test (possibly empty)
@@ -83,7 +96,7 @@ class Curated:
     steps: list[StepReport]
     rejects: list[Reject]
     pii_counts: dict[str, int] = field(default_factory=dict)
-    conflicts: list[dict[str, Any]] = field(default_factory=list)
+    conflicts: list[Conflict] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     dedup_rule: str = ""  # which duplicate rule applied, in words (see dedup_rule())
 
@@ -277,11 +290,11 @@ def _section(split: str) -> str:
     return {v: k for k, v in SPLIT_NAMES.items()}[split]
 
 
-def _jsonable(fields: dict[str, Any]) -> dict[str, Any]:
+def _jsonable(fields: Mapping[str, object]) -> dict[str, object]:
     return {k: v if isinstance(v, (str, int, float, bool, type(None), list, dict)) else str(v) for k, v in fields.items()}
 
 
-def _apply(policy: str, kind: str, p: Problem, split: str, row: dict[str, Any], rec: Recorder, report: StepReport,
+def _apply(policy: str, kind: str, p: Problem, split: str, row: Mapping[str, object], rec: Recorder, report: StepReport,
            fatal: list[Problem]) -> None:
     """A row that cannot be built: fail, or drop it (``warn`` also logs it)."""
     if policy == "fail":
@@ -481,7 +494,7 @@ def _exact_drops(split: str, examples: list[Example], texts: list[str], conflict
 def _conflict(split: str, examples: list[Example], texts: list[str], rows: list[int], conflicts: str,
               out: Curated, drop: dict[int, tuple[str, str]]) -> None:
     """One group of rows with the same input and different answers, handled per ``conflicts``."""
-    group = [{"where": examples[i].where, "answer": examples[i].reference} for i in rows]
+    group: list[ConflictRow] = [{"where": examples[i].where, "answer": examples[i].reference} for i in rows]
     out.conflicts.append({"split": split, "input": texts[rows[0]], "rows": group})
     head = examples[rows[0]].where
     if conflicts == "drop":

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from tuneline.curation.pipeline import Curated, SourceInfo, curate
 from tuneline.data.examples import Example
@@ -32,7 +32,7 @@ class PreparedData:
     sources: list[SourceInfo] = field(default_factory=list)
     curated: Curated | None = None
 
-    def summary(self) -> dict[str, Any]:
+    def summary(self) -> dict[str, dict[str, str | int]]:
         return {s.split: {"path": s.path, "rows_read": s.rows_read, "rows_used": s.rows_used} for s in self.sources}
 
 

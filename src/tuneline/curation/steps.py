@@ -11,15 +11,46 @@ import random
 import statistics
 import time
 from collections import Counter, defaultdict
-from collections.abc import Callable, Hashable, Iterator, Sequence
+from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypedDict
 
 from tuneline.curation.textops import dedup_key
-from tuneline.data.examples import Example
+from tuneline.data.examples import Example, Message
 
 Splits = dict[str, list[Example]]
+
+
+class ExampleRow(TypedDict):
+    """The JSON form of an example (:func:`example_row`)."""
+
+    messages: list[Message]
+    reference: str
+    label: str | None
+
+
+class RejectRow(TypedDict):
+    """A reject as stored in ``rejects.jsonl`` (:meth:`Reject.to_dict`)."""
+
+    split: str
+    where: str
+    step: str
+    reason: str
+    row: Mapping[str, object]  # the example's JSON form, or the fields of a row that could not become one
+
+
+class StepRow(TypedDict):
+    """A step's report as stored in a manifest (:meth:`StepReport.to_dict`)."""
+
+    name: str
+    params: dict[str, object]
+    rows_in: int
+    rows_out: int
+    dropped: dict[str, int]
+    changed: int
+    seconds: float
+    details: dict[str, Any]  # step-specific (counts, notes): an open JSON object
 
 
 @dataclass(frozen=True)
@@ -30,16 +61,16 @@ class Reject:
     where: str
     step: str
     reason: str
-    row: dict[str, Any]
+    row: Mapping[str, object]
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self) -> RejectRow:
         return {"split": self.split, "where": self.where, "step": self.step, "reason": self.reason, "row": self.row}
 
 
 @dataclass
 class StepReport:
     name: str
-    params: dict[str, Any]
+    params: dict[str, object]
     rows_in: int = 0
     rows_out: int = 0
     dropped: dict[str, int] = field(default_factory=dict)  # reason kind -> rows
@@ -47,7 +78,7 @@ class StepReport:
     seconds: float = 0.0
     details: dict[str, Any] = field(default_factory=dict)
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self) -> StepRow:
         return {"name": self.name, "params": self.params, "rows_in": self.rows_in, "rows_out": self.rows_out,
                 "dropped": self.dropped, "changed": self.changed, "seconds": round(self.seconds, 4),
                 "details": self.details}
@@ -61,7 +92,7 @@ class Recorder:
         self.rejects: list[Reject] = []
 
     @contextmanager
-    def step(self, name: str, params: dict[str, Any], splits: Splits) -> Iterator[StepReport]:
+    def step(self, name: str, params: dict[str, object], splits: Splits) -> Iterator[StepReport]:
         report = StepReport(name, params, rows_in=_count(splits))
         t0 = time.perf_counter()
         yield report
@@ -81,7 +112,7 @@ def _count(splits: Splits) -> int:
     return sum(len(v) for v in splits.values())
 
 
-def example_row(ex: Example) -> dict[str, Any]:
+def example_row(ex: Example) -> ExampleRow:
     """The JSON form of an example, as stored in a dataset version."""
     return {"messages": [dict(m) for m in ex.messages], "reference": ex.reference, "label": ex.label}
 

@@ -18,15 +18,67 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import NotRequired, TypedDict
 
-from tuneline.curation.pipeline import Curated
-from tuneline.curation.steps import answers_per_input, example_row, input_key, text_of
+from tuneline.curation.pipeline import Conflict, Curated
+from tuneline.curation.steps import (
+    RejectRow,
+    StepRow,
+    answers_per_input,
+    example_row,
+    input_key,
+    text_of,
+)
 from tuneline.data.examples import Example
 from tuneline.errors import DataError, Problem
 
 SPLITS = ("train", "validation", "test")
 PREFIX = "ds-"
+
+
+class ManifestSource(TypedDict):
+    split: str
+    path: str
+    sha256: str
+    rows: int
+
+
+class Manifest(TypedDict):
+    """A dataset version's ``manifest.json`` (:func:`manifest_of`; keys marked NotRequired are absent
+    from the manifests of older versions)."""
+
+    id: str
+    spec: str
+    spec_sha256: str
+    created: str
+    sources: list[ManifestSource]
+    steps: list[StepRow]
+    counts: dict[str, int]
+    rejected: int
+    dropped_by_reason: dict[str, int]
+    pii_found: dict[str, int]
+    conflicts: list[Conflict]
+    conflict_groups: int
+    dedup_rule: NotRequired[str]
+    answers_per_input: NotRequired[dict[str, dict[str, float]]]
+    input_overlap: NotRequired[dict[str, int]]
+    labels: list[str] | None
+    label_counts: dict[str, dict[str, int]]
+    lengths: dict[str, dict[str, float]]
+
+
+class SplitDiff(TypedDict):
+    rows_from: int
+    rows_to: int
+    added: list[Example]
+    removed: list[Example]
+
+
+# a curation step's parameters in each version (None: the step is absent from it)
+SettingChange = TypedDict("SettingChange", {"from": dict[str, object] | None, "to": dict[str, object] | None})
+# what changed between two versions (:func:`diff_versions`)
+VersionDiff = TypedDict("VersionDiff", {"from": str, "to": str, "splits": dict[str, SplitDiff],
+                                        "params": dict[str, SettingChange], "sources_changed": list[str]})
 
 
 def row_json(ex: Example) -> str:
@@ -48,12 +100,12 @@ def version_id(splits: dict[str, list[Example]], labels: list[str] | None) -> st
 class DatasetVersion:
     id: str
     path: Path
-    manifest: dict[str, Any]
+    manifest: Manifest
 
     def split(self, name: str) -> list[Example]:
         return read_split(self.path / f"{name}.parquet")
 
-    def rejects(self) -> list[dict[str, Any]]:
+    def rejects(self) -> list[RejectRow]:
         f = self.path / "rejects.jsonl"
         return [json.loads(line) for line in f.read_text().splitlines() if line.strip()] if f.is_file() else []
 
@@ -62,7 +114,7 @@ class DatasetVersion:
         return self.path / "card.md"
 
 
-def manifest_of(curated: Curated, spec_name: str, vid: str, spec_sha256: str) -> dict[str, Any]:
+def manifest_of(curated: Curated, spec_name: str, vid: str, spec_sha256: str) -> Manifest:
     splits = curated.splits
     return {
         "id": vid,
@@ -133,8 +185,8 @@ def load_version(ref: str, root: Path) -> DatasetVersion:
     return DatasetVersion(path.name, path, json.loads((path / "manifest.json").read_text()))
 
 
-def list_versions(root: Path) -> list[dict[str, Any]]:
-    out = []
+def list_versions(root: Path) -> list[Manifest]:
+    out: list[Manifest] = []
     for m in sorted(root.glob(f"{PREFIX}*/manifest.json")) if root.is_dir() else []:
         out.append(json.loads(m.read_text()))
     return sorted(out, key=lambda m: m.get("created", ""))
@@ -164,10 +216,10 @@ def read_split(path: Path) -> list[Example]:
             for w, m, r, lab in zip(cols["where"], cols["messages"], cols["reference"], cols["label"], strict=True)]
 
 
-def diff_versions(a: DatasetVersion, b: DatasetVersion) -> dict[str, Any]:
+def diff_versions(a: DatasetVersion, b: DatasetVersion) -> VersionDiff:
     """Per split: rows only in ``a`` (removed) and only in ``b`` (added), as multisets of rows;
     and the step parameters that changed."""
-    out: dict[str, Any] = {"from": a.id, "to": b.id, "splits": {}, "params": {}}
+    out: VersionDiff = {"from": a.id, "to": b.id, "splits": {}, "params": {}, "sources_changed": []}
     for split in SPLITS:
         rows_a, rows_b = a.split(split), b.split(split)
         count_a: dict[str, list[Example]] = {}
@@ -215,7 +267,7 @@ def _length_stats(examples: list[Example]) -> dict[str, float]:
             "p95_chars": n[min(len(n) - 1, int(0.95 * len(n)))], "max_chars": n[-1]}
 
 
-def data_card(m: dict[str, Any]) -> str:
+def data_card(m: Manifest) -> str:
     """A Markdown data card for a version's manifest."""
     lines = [f"# Data card: {m['spec']} {m['id']}", "", f"Created {m['created']} by `tuneline data prepare`.", ""]
     lines += ["## Sources", "", "| split | file | sha256 | rows read |", "|---|---|---|---|"]

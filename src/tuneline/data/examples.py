@@ -7,7 +7,6 @@ import logging
 import random
 from collections import defaultdict
 from dataclasses import dataclass
-from typing import Any
 
 from tuneline.data.readers import Record
 from tuneline.errors import Problem
@@ -67,7 +66,7 @@ def check_columns(task: TaskSpec, source: DataSource, columns: list[str], where:
     return problems
 
 
-def _text(value: Any) -> str | None:
+def _text(value: object) -> str | None:
     """``value`` as text, or None when it is missing, NaN or blank."""
     if type(value) is str:  # the common case; blank means empty or only whitespace
         return value if value and not value.isspace() else None
@@ -190,7 +189,7 @@ class _RowBuilder:
         self.examples.append(Example(rec.where, tuple(turns), turns[-1]["content"]))
 
 
-def _chat_messages(value: Any) -> list[Message] | str:
+def _chat_messages(value: object) -> list[Message] | str:
     if isinstance(value, str):
         try:
             value = json.loads(value)

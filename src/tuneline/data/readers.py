@@ -25,7 +25,7 @@ class Record:
 
     file: str
     line: int
-    fields: dict[str, Any]
+    fields: dict[str, object]  # the row's values as read (JSON values, CSV strings, Parquet scalars)
 
     @property
     def where(self) -> str:

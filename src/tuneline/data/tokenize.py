@@ -9,16 +9,18 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from itertools import chain, islice
 from operator import itemgetter
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, cast
 
 from tuneline.data.examples import Example, Message
 from tuneline.errors import DataError, Problem
 
 if TYPE_CHECKING:
+    from tokenizers import Tokenizer
+    from tokenizers.pre_tokenizers import PreTokenizer
     from transformers import PreTrainedTokenizerBase
 
 IGNORE_INDEX = -100
@@ -163,9 +165,9 @@ def _token_counts(tokenizer: PreTrainedTokenizerBase, texts: list[str]) -> list[
     equal to a full tokenization on a sample of them; otherwise each text is tokenized."""
     if not texts:
         return []
-    backend = getattr(tokenizer, "backend_tokenizer", None)
+    backend: Tokenizer | None = getattr(tokenizer, "backend_tokenizer", None)  # fast (Rust) tokenizers only
     fast = getattr(backend, "encode_batch_fast", None)
-    if fast is None:
+    if backend is None or fast is None:
         return [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
 
     def tokenized(batch: list[str]) -> list[int]:
@@ -188,7 +190,7 @@ _WORD_LOCAL_PRE_TOKENIZERS = frozenset({"ByteLevel", "Metaspace", "Whitespace", 
                                         "BertPreTokenizer", "Split", "Digits", "Punctuation"})
 
 
-def _cuts_before_spaces(pre_tokenizer: Any) -> bool:
+def _cuts_before_spaces(pre_tokenizer: PreTokenizer) -> bool:
     """Whether ``pre_tokenizer`` is made of the kinds above, one of them cutting at spaces, so
     that a text's pieces are the pieces of its words (see :func:`_words`)."""
     try:
@@ -197,7 +199,7 @@ def _cuts_before_spaces(pre_tokenizer: Any) -> bool:
         return False
     parts = state.get("pretokenizers", []) if state.get("type") == "Sequence" else [state]
 
-    def splits(part: dict[str, Any]) -> bool:
+    def splits(part: Mapping[str, object]) -> bool:
         kind = part.get("type")
         if kind == "ByteLevel":
             return bool(part.get("use_regex", True))
@@ -281,7 +283,7 @@ def _single_spaced_counts(texts: list[str], tokens: _WordTokens) -> list[int]:
     return out
 
 
-def _word_counts(backend: Any, texts: list[str], tokenized: Callable[[list[str]], list[int]]) -> list[int] | None:
+def _word_counts(backend: Tokenizer, texts: list[str], tokenized: Callable[[list[str]], list[int]]) -> list[int] | None:
     """Token counts of ``texts`` summed over their words, or None where that does not apply.
 
     A Rust tokenizer encodes a text by normalizing it, splitting off its added tokens, cutting the

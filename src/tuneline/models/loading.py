@@ -9,19 +9,24 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from tuneline.artifacts import recover_dir, replace_dir
 from tuneline.errors import ModelError, Problem
 from tuneline.models.sources import ModelSource
 
+if TYPE_CHECKING:
+    from torch import nn
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
 log = logging.getLogger(__name__)
 
 
-def _strip_gguf_quantizer(model: Any) -> None:
+def _strip_gguf_quantizer(model: PreTrainedModel) -> None:
     """A GGUF model is already dequantized by transformers; drop the marker that blocks save/train."""
-    model.hf_quantizer = None
-    model.is_quantized = False
+    # attributes transformers' loader sets and reads with getattr; PreTrainedModel does not declare them
+    setattr(model, "hf_quantizer", None)  # noqa: B010
+    setattr(model, "is_quantized", False)  # noqa: B010
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
 
@@ -78,7 +83,7 @@ def model_dir_for(source: ModelSource, cache_root: Path) -> str | Path:
     return source.ref
 
 
-def load_tokenizer(source: ModelSource, cache_root: Path) -> Any:
+def load_tokenizer(source: ModelSource, cache_root: Path) -> PreTrainedTokenizerBase:
     from transformers import AutoTokenizer
 
     where = model_dir_for(source, cache_root)
@@ -95,7 +100,7 @@ def load_tokenizer(source: ModelSource, cache_root: Path) -> Any:
     return tok
 
 
-def load_model(source: ModelSource, cache_root: Path, device: str = "cpu", dtype: str = "fp32") -> Any:
+def load_model(source: ModelSource, cache_root: Path, device: str = "cpu", dtype: str = "fp32") -> PreTrainedModel:
     """The base causal LM on ``device`` with weights in ``dtype`` ('fp32' or 'bf16').
 
     For LoRA the frozen base weights can be bf16 (no per-step casts under autocast); trainable
@@ -111,15 +116,19 @@ def load_model(source: ModelSource, cache_root: Path, device: str = "cpu", dtype
     attn = "eager" if device == "cpu" else "sdpa"
     torch_dtype = torch.bfloat16 if dtype == "bf16" else torch.float32
     try:
-        model: Any = AutoModelForCausalLM.from_pretrained(where, dtype=torch_dtype, attn_implementation=attn)
+        model: PreTrainedModel = AutoModelForCausalLM.from_pretrained(where, dtype=torch_dtype, attn_implementation=attn)
     except OSError as exc:
         raise ModelError(Problem(f"cannot load model {source.ref!r}: {exc}", field="model",
                                  hint="a hub id needs network access; use a local directory or the built-in model offline")) from exc
-    return model.to(device)
+    # a module moves in place (``to`` returns the model itself); through nn.Module's type, because
+    # transformers wraps PreTrainedModel.to with functools.wraps(nn.Module.to), which hides its binding
+    module: nn.Module = model
+    module.to(device)
+    return model
 
 
 @contextmanager
-def inference_attention(model: Any) -> Iterator[None]:
+def inference_attention(model: nn.Module) -> Iterator[None]:
     """Generate with PyTorch's scaled-dot-product attention, whatever the model trains with.
 
     On CPU the model is loaded with the eager attention (faster backward for short training rows),

@@ -35,9 +35,15 @@ from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, NotRequired, TypedDict
 
 from tuneline.errors import Problem, TunelineError
+
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
+    from mlflow.entities.model_registry import ModelVersion, RegisteredModel
+
+    from tuneline.eval.results import EvalSuite
 
 HISTORY_TAG = "tuneline.alias_history"  # legacy: the whole history as one JSON list (read, never written)
 HISTORY_PREFIX = "tuneline.history."  # one registered-model tag per alias move
@@ -54,6 +60,83 @@ MAX_REASON_CHARS = 2000
 
 class RegistryError(TunelineError):
     """A registry operation cannot be done (unknown model or version, gates failed, nothing to roll back)."""
+
+
+class Reevaluation(TypedDict):
+    """A version's re-evaluation under another spec than its own (recorded, never counted for promotion)."""
+
+    spec_sha256: str
+    gate_state: str
+    gates_failed: str
+    at: str
+    metrics: dict[str, float]
+
+
+class AliasEvent(TypedDict):
+    """One alias move of a model's history, as stored (JSON) in a registered-model tag."""
+
+    action: str  # register, promote, rollback
+    alias: str
+    version: int
+    at: str
+    by: str
+    reason: str
+    forced: bool
+    gates: NotRequired[str]  # the version's gate state then (absent in events recorded before gate states)
+
+
+# a period a version held an alias (``until`` None: it still does); "from" is a keyword, hence this form
+AliasPeriod = TypedDict("AliasPeriod", {"alias": str, "from": str, "until": str | None, "how": str, "by": str,
+                                        "reason": str, "forced": bool, "gates": str | None})
+
+
+class LineageSource(TypedDict):
+    split: str
+    path: str
+    sha256: str
+    rows_used: str
+
+
+class LineageDataset(TypedDict):
+    id: str | None
+    counts: object  # the manifest's, shown as they are
+    dropped: object
+    steps: list[str]
+    manifest: str | None
+
+
+class LineageRun(TypedDict):
+    id: str | None
+    params: dict[str, str]
+    code: str | None
+    spec_sha256: str | None
+    base_model: str | None
+    base_model_fingerprint: str | None
+    libraries: dict[str, str]
+
+
+class LineageEval(TypedDict):
+    gate_state: str
+    gates_passed: bool | None
+    gates_failed: str | None
+    spec_sha256: str | None
+    metrics: dict[str, float]
+    report: str | None
+    reevaluations: list[Reevaluation]
+
+
+class Lineage(TypedDict):
+    """The chain behind a version (:func:`lineage`)."""
+
+    model: str
+    version: int
+    aliases: list[str]
+    source: str
+    sources: list[LineageSource]
+    dataset: LineageDataset
+    run: LineageRun
+    eval: LineageEval
+    aliases_held: list[AliasPeriod]
 
 
 @dataclass
@@ -92,9 +175,9 @@ class VersionInfo:
         return {k.removeprefix("metric."): float(v) for k, v in self.tags.items() if k.startswith("metric.")}
 
     @property
-    def reevaluations(self) -> list[dict[str, Any]]:
+    def reevaluations(self) -> list[Reevaluation]:
         """Re-evaluations under other specs than this version's own: recorded, never counted for promotion."""
-        found: dict[str, dict[str, Any]] = {}
+        found: dict[str, Reevaluation] = {}
         for key, value in self.tags.items():
             if not key.startswith(REEVAL_PREFIX):
                 continue
@@ -103,8 +186,12 @@ class VersionInfo:
                                            "at": "", "metrics": {}})
             if what.startswith("metric."):
                 entry["metrics"][what.removeprefix("metric.")] = float(value)
-            elif what in ("gate_state", "gates_failed", "at"):
-                entry[what] = value
+            elif what == "gate_state":
+                entry["gate_state"] = value
+            elif what == "gates_failed":
+                entry["gates_failed"] = value
+            elif what == "at":
+                entry["at"] = value
         return sorted(found.values(), key=lambda e: e["at"])
 
     def describe_gates(self) -> str:
@@ -113,7 +200,7 @@ class VersionInfo:
         return f"{self.gate_state} ({failed})" if failed else self.gate_state
 
 
-def _client(uri: str) -> Any:
+def _client(uri: str) -> MlflowClient:
     import mlflow
     from mlflow import MlflowClient
 
@@ -181,7 +268,7 @@ def get_version(uri: str, name: str, version: int | str) -> VersionInfo:
     return _get_version(_client(uri), name, version)
 
 
-def _get_version(client: Any, name: str, version: int | str, rm: Any = None) -> VersionInfo:
+def _get_version(client: MlflowClient, name: str, version: int | str, rm: RegisteredModel | None = None) -> VersionInfo:
     from mlflow.exceptions import MlflowException
 
     try:
@@ -222,13 +309,13 @@ def list_versions(uri: str, name: str | None = None) -> list[VersionInfo]:
     return sorted(out, key=lambda v: (v.name, -v.version))
 
 
-def history(uri: str, name: str) -> list[dict[str, Any]]:
+def history(uri: str, name: str) -> list[AliasEvent]:
     """Every alias move of ``name``, oldest first: action, alias, version, when, who, reason, forced
     (and, for moves recorded since gate states exist, ``gates``: the version's gate state then)."""
     return _events(_registered(_client(uri), name).tags)
 
 
-def _registered(client: Any, name: str) -> Any:
+def _registered(client: MlflowClient, name: str) -> RegisteredModel:
     from mlflow.exceptions import MlflowException
 
     try:
@@ -238,9 +325,9 @@ def _registered(client: Any, name: str) -> Any:
                                     hint="models are registered by `tuneline run`; list them with `tuneline models`")) from exc
 
 
-def _events(tags: dict[str, str]) -> list[dict[str, Any]]:
+def _events(tags: dict[str, str]) -> list[AliasEvent]:
     """The legacy single-tag history (oldest), then one event per history tag in key (time) order."""
-    events: list[dict[str, Any]] = json.loads(tags.get(HISTORY_TAG, "[]"))
+    events: list[AliasEvent] = json.loads(tags.get(HISTORY_TAG, "[]"))
     events.extend(json.loads(tags[k]) for k in sorted(k for k in tags if k.startswith(HISTORY_PREFIX)))
     return events
 
@@ -308,7 +395,7 @@ class AliasMove:
     gates: str
 
 
-def _move_alias(client: Any, name: str, alias: str, version: int, move: AliasMove,
+def _move_alias(client: MlflowClient, name: str, alias: str, version: int, move: AliasMove,
                 tags: dict[str, str] | None = None) -> None:
     """Record the move as a new history event, then move the alias. The caller holds the lock (and may
     pass the registered model's ``tags`` it read under it)."""
@@ -320,7 +407,7 @@ def _move_alias(client: Any, name: str, alias: str, version: int, move: AliasMov
     # strictly after the newest event, even if this machine's clock is behind the one that wrote it
     ns = max([time.time_ns(), *(int(t) + 1 for t in stamps if t.isdigit())])
     key = f"{HISTORY_PREFIX}{ns:020d}.{secrets.token_hex(4)}"
-    event = {"action": move.action, "alias": alias, "version": version, "at": _now(), "by": _user(),
+    event: AliasEvent = {"action": move.action, "alias": alias, "version": version, "at": _now(), "by": _user(),
              "reason": move.reason, "forced": move.forced, "gates": move.gates}
     client.set_registered_model_tag(name, key, json.dumps(event))
     try:
@@ -331,19 +418,20 @@ def _move_alias(client: Any, name: str, alias: str, version: int, move: AliasMov
         raise
 
 
-def _versions(client: Any, name: str) -> list[Any]:
+def _versions(client: MlflowClient, name: str) -> list[ModelVersion]:
     return list(client.search_model_versions(f"name='{name}'"))
 
 
-def _info(client: Any, name: str, mv: Any, rm: Any = None) -> VersionInfo:
+def _info(client: MlflowClient, name: str, mv: ModelVersion, rm: RegisteredModel | None = None) -> VersionInfo:
     rm = rm or client.get_registered_model(name)
     aliases = [a for a, v in rm.aliases.items() if str(v) == str(mv.version)]
     created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(mv.creation_timestamp / 1000))
-    return VersionInfo(name, int(mv.version), mv.run_id, mv.source, created, sorted(aliases), dict(mv.tags))
+    # MLflow types the source as optional, but creating a version requires one
+    return VersionInfo(name, int(mv.version), mv.run_id, mv.source or "", created, sorted(aliases), dict(mv.tags))
 
 
 def version_tags(*, spec_sha256: str, dataset_version: str | None, code_version: str, base_model: str,
-                 base_fingerprint: str, suite: Any = None) -> dict[str, str]:
+                 base_fingerprint: str, suite: EvalSuite | None = None) -> dict[str, str]:
     """The tags a registered version carries (``suite``: its :class:`~tuneline.eval.EvalSuite`)."""
     tags = {"tuneline.spec_sha256": spec_sha256, "tuneline.code_version": code_version,
             "tuneline.base_model": base_model, "tuneline.base_model_fingerprint": base_fingerprint}
@@ -354,14 +442,14 @@ def version_tags(*, spec_sha256: str, dataset_version: str | None, code_version:
     return tags
 
 
-def gate_state_of(suite: Any) -> str:
+def gate_state_of(suite: EvalSuite) -> str:
     """passed / failed, or not gated when the spec defines no thresholds."""
     if not suite.gates:
         return GATE_NOT_GATED
     return GATE_PASSED if suite.passed else GATE_FAILED
 
 
-def eval_tags(suite: Any, spec_sha256: str) -> dict[str, str]:
+def eval_tags(suite: EvalSuite, spec_sha256: str) -> dict[str, str]:
     """Gate results (with the hash of the spec they were computed under) and the candidate's metrics
     on the main evaluation set, as version tags."""
     state = gate_state_of(suite)
@@ -373,12 +461,12 @@ def eval_tags(suite: Any, spec_sha256: str) -> dict[str, str]:
     return tags
 
 
-def _metrics(suite: Any) -> dict[str, str]:
+def _metrics(suite: EvalSuite) -> dict[str, str]:
     cand = suite.main_set().system("candidate") if suite.sets else None
     return {k: f"{v.value:.6g}" for k, v in cand.metrics.items()} if cand is not None else {}
 
 
-def update_eval_tags(uri: str, run_id: str, suite: Any, spec_sha256: str) -> list[tuple[int, bool]]:
+def update_eval_tags(uri: str, run_id: str, suite: EvalSuite, spec_sha256: str) -> list[tuple[int, bool]]:
     """After a re-evaluation under the spec ``spec_sha256``: each version registered from ``run_id``,
     with whether its gate results were updated (True: the spec it was trained with) or the
     re-evaluation was recorded beside them under that spec's hash (False: another spec; it does not
@@ -403,7 +491,7 @@ def update_eval_tags(uri: str, run_id: str, suite: Any, spec_sha256: str) -> lis
     return done
 
 
-def lineage(uri: str, datasets_dir: Any, name: str, version: int) -> dict[str, Any]:
+def lineage(uri: str, datasets_dir: Path, name: str, version: int) -> Lineage:
     """The chain behind a version: source files -> dataset version -> curation -> training run ->
     evaluation -> the aliases it held and when."""
     info = get_version(uri, name, version)
@@ -411,7 +499,7 @@ def lineage(uri: str, datasets_dir: Any, name: str, version: int) -> dict[str, A
     run = client.get_run(info.run_id) if info.run_id else None
     tags = dict(run.data.tags) if run else {}
     params = dict(run.data.params) if run else {}
-    sources = []
+    sources: list[LineageSource] = []
     for split in ("train", "eval", "test", "validation"):
         if f"tuneline.data.{split}.path" in tags:
             sources.append({"split": split, "path": tags[f"tuneline.data.{split}.path"],
@@ -425,13 +513,13 @@ def lineage(uri: str, datasets_dir: Any, name: str, version: int) -> dict[str, A
     train_keys = ("train.method", "train.lr", "train.epochs", "train.max_steps", "train.batch_size", "train.seed",
                   "train.lora.r", "train.lora.alpha", "model")
     events = history(uri, name)
-    held: list[dict[str, Any]] = []  # periods this version held an alias: from, until (None: still)
-    open_: dict[str, dict[str, Any]] = {}
+    held: list[AliasPeriod] = []  # periods this version held an alias: from, until (None: still)
+    open_: dict[str, AliasPeriod] = {}
     for e in events:
         if e["alias"] in open_ and e["version"] != version:
             open_.pop(e["alias"])["until"] = e["at"]
         elif e["version"] == version and e["alias"] not in open_:
-            period = {"alias": e["alias"], "from": e["at"], "until": None, "how": e["action"], "by": e["by"],
+            period: AliasPeriod = {"alias": e["alias"], "from": e["at"], "until": None, "how": e["action"], "by": e["by"],
                       "reason": e["reason"], "forced": e["forced"], "gates": e.get("gates")}
             held.append(period)
             open_[e["alias"]] = period

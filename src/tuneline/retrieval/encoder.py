@@ -15,11 +15,14 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from tuneline.errors import ModelError, Problem
+
+if TYPE_CHECKING:
+    from sentence_transformers import SentenceTransformer
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +53,7 @@ class Encoder:
 
     name: str
     path: Path
-    model: Any
+    model: SentenceTransformer
     fingerprint: str
     cache_dir: Path | None = None
     last_seconds: float = 0.0  # what the last embed() cost to compute (also when it came from the cache)

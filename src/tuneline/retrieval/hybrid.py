@@ -26,7 +26,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 import numpy as np
 
@@ -38,6 +38,13 @@ from tuneline.retrieval.encoder import BUILTIN_ENCODERS, Encoder, load_encoder
 from tuneline.retrieval.index import NearestIndex, retrieval_prompts, with_demonstrations
 
 log = logging.getLogger(__name__)
+
+
+class Retrieved(TypedDict):
+    """A training row shown to a request: where it came from, and its similarity to the request."""
+
+    where: str
+    similarity: float
 
 FOLDER = "retrieval"  # in a dataset version's folder and in an adapter folder
 META = "retrieval.json"
@@ -211,7 +218,7 @@ class Retriever:
         exclude = [same[input_of(ex)] for ex in examples]
         return retrieval_prompts(self.nearest, examples, self.index.vectors, self.k, exclude)
 
-    def messages(self, messages: Sequence[Message]) -> tuple[list[Message], list[dict[str, Any]]]:
+    def messages(self, messages: Sequence[Message]) -> tuple[list[Message], list[Retrieved]]:
         """A request's messages with the demonstrations inserted after its system prompt, and what
         was retrieved (``where`` and similarity, most similar first) for the response."""
         vector = self.encoder.embed_one(query_of(messages))
@@ -219,7 +226,7 @@ class Retriever:
         demos = [self.index.examples[j] for j in reversed(idx[0])]
         probe = Example("request", tuple(messages) + ({"role": "assistant", "content": ""},), "")
         shown = with_demonstrations(probe, demos)
-        hits = [{"where": self.index.examples[j].where, "similarity": round(float(s), 4)}
+        hits: list[Retrieved] = [{"where": self.index.examples[j].where, "similarity": round(float(s), 4)}
                 for j, s in zip(idx[0], sim[0], strict=True)]
         return list(shown.messages[:-1]), hits
 

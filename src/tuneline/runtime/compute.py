@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import functools
 import inspect
+from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 
 @functools.cache
@@ -38,8 +38,9 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def autocast_for(precision: str, device: str) -> AbstractContextManager[Any]:
-    """The autocast context that computes in ``precision`` on ``device`` (a no-op for fp32)."""
+def autocast_for(precision: str, device: str) -> AbstractContextManager[object]:
+    """The autocast context that computes in ``precision`` on ``device`` (a no-op for fp32; the value
+    ``with`` binds is of no use)."""
     import torch
 
     if precision == "bf16":
@@ -47,7 +48,7 @@ def autocast_for(precision: str, device: str) -> AbstractContextManager[Any]:
     return nullcontext()
 
 
-def cache_argument_of(forward: Any) -> str:
+def cache_argument_of(forward: Callable[..., object]) -> str:
     """The keyword a decoder's ``forward`` takes for a KV cache: ``cache`` (transformers >= 5.24) or
     ``past_key_values``."""
     return "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
@@ -70,5 +71,5 @@ class Compute:
         precision = resolve_precision(requested_precision, device)
         return cls(device, precision, "bf16" if precision == "bf16" and method != "full" else "fp32")
 
-    def autocast(self) -> AbstractContextManager[Any]:
+    def autocast(self) -> AbstractContextManager[object]:
         return autocast_for(self.precision, self.device)

@@ -12,20 +12,26 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any
+from typing import TYPE_CHECKING
 
 from tuneline.errors import Problem, TrainingError
 from tuneline.spec.models import SearchSpec
 from tuneline.tune.sampling import make_sampler
-from tuneline.tune.space import default_params, distributions, max_validations
+from tuneline.tune.space import ParamValue, default_params, distributions, max_validations
 from tuneline.tune.trial import TrialContext, run_trial, trial_dir
+
+if TYPE_CHECKING:
+    from optuna import Study
+    from optuna.storages import BaseStorage
+    from ray.tune import ResultGrid
+    from rich.console import Console
 
 log = logging.getLogger(__name__)
 
 METRIC = "score"
 
 
-def _trainable(config: dict[str, Any], ctx: TrialContext | None = None, threads: int = 1) -> None:
+def _trainable(config: dict[str, ParamValue], ctx: TrialContext | None = None, threads: int = 1) -> None:
     """One Ray Tune trial (runs in a Ray worker process)."""
     import torch
     from ray import tune
@@ -41,7 +47,7 @@ def _trainable(config: dict[str, Any], ctx: TrialContext | None = None, threads:
     run_trial(ctx, key, params, report)
 
 
-def run_ray(ctx: TrialContext, s: SearchSpec, storage: Any, *, resume: bool, console: Any) -> Any:
+def run_ray(ctx: TrialContext, s: SearchSpec, storage: BaseStorage, *, resume: bool, console: Console) -> Study:
     """Run the search through Ray Tune; return the workspace's Optuna study holding its trials."""
     try:
         import ray
@@ -83,7 +89,7 @@ def run_ray(ctx: TrialContext, s: SearchSpec, storage: Any, *, resume: bool, con
     return _mirror(ctx, s, storage, results)
 
 
-def _mirror(ctx: TrialContext, s: SearchSpec, storage: Any, results: Any) -> Any:
+def _mirror(ctx: TrialContext, s: SearchSpec, storage: BaseStorage, results: ResultGrid) -> Study:
     """Write Ray's trials into the Optuna study of this search (replacing an older copy)."""
     import optuna
     from mlflow.tracking import MlflowClient
@@ -97,7 +103,8 @@ def _mirror(ctx: TrialContext, s: SearchSpec, storage: Any, results: Any) -> Any
     runs = client.search_runs([ctx.experiment_id], f"tags.`tuneline.study` = '{ctx.study_name}'", max_results=5000)
     dists = distributions(s)
     defaults = default_params(ctx.spec)
-    entries = sorted(results, key=lambda r: str(r.metrics.get("trial_id", "") if r.metrics else ""))
+    # a ResultGrid is indexed, not iterable to the type checker (iterating it goes through __getitem__)
+    entries = sorted((results[i] for i in range(len(results))), key=lambda r: str(r.metrics.get("trial_id", "") if r.metrics else ""))
     for r in entries:
         tid = (r.metrics or {}).get("trial_id") or os.path.basename(r.path or "")
         attempts = [x for x in runs if x.data.tags.get("tuneline.trial") == tid]
@@ -105,7 +112,8 @@ def _mirror(ctx: TrialContext, s: SearchSpec, storage: Any, results: Any) -> Any
             if stale.info.status == "RUNNING":
                 client.set_tag(stale.info.run_id, "tuneline.trial_state", "interrupted")
                 client.set_terminated(stale.info.run_id, "FAILED")
-        params = {k: r.config[k] for k in dists if k in r.config}
+        config = r.config or {}  # Ray types it optional; a finished trial's result always has its config
+        params = {k: config[k] for k in dists if k in config}
         df = r.metrics_dataframe
         inter = ({int(v): float(x) for v, x in zip(df["validation"], df[METRIC], strict=False)}
                  if df is not None and METRIC in df else {})

@@ -3,12 +3,15 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING
 
 from tuneline.tune.study import MIN_TRIALS_FOR_IMPORTANCE, SearchResult, TrialRow
 
+if TYPE_CHECKING:
+    from rich.console import Group, RenderableType
 
-def _v(x: Any) -> str:
+
+def _v(x: object) -> str:
     if isinstance(x, float):
         return f"{x:.4g}"
     return str(x)
@@ -22,7 +25,7 @@ def _shown_value(t: TrialRow) -> str:
     return "-"
 
 
-def search_table(found: SearchResult) -> Any:
+def search_table(found: SearchResult) -> Group:
     """Rich renderables: trials (params, score, state, validations, duration), best, importances."""
     from rich.console import Group
     from rich.table import Table
@@ -45,7 +48,7 @@ def search_table(found: SearchResult) -> Any:
         table.add_row(f"{t.number}{' *' if t.number == best else ''}", *(_v(t.params.get(n, "")) for n in names),
                       _shown_value(t), t.state + retry + attempts + note, str(len(t.validations)),
                       f"{t.seconds:.0f}" if t.seconds is not None else "-")
-    lines: list[Any] = [table]
+    lines: list[RenderableType] = [table]
     counts = ", ".join(f"{v} {k}" for k, v in sorted(found.counts().items()))
     lines.append(f"{len(found.trials)} trials ({counts}); pruned trials show their last validation in brackets")
     if found.best is not None:

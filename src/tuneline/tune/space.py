@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
 
 from tuneline.spec.models import ParamSpace, SearchSpec, Spec, TrainSpec, set_path
 
+if TYPE_CHECKING:
+    from optuna import Trial
+    from optuna.distributions import BaseDistribution
 
-def distribution(space: ParamSpace) -> Any:
+# a searched parameter's value: what ParamSpace.choices may hold; None only because Optuna's categorical
+# values include it (a spec's choices never do)
+ParamValue = str | bool | int | float | None
+
+
+def distribution(space: ParamSpace) -> BaseDistribution:
     """The Optuna distribution of one searched parameter."""
     from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 
@@ -21,13 +30,13 @@ def distribution(space: ParamSpace) -> Any:
     return FloatDistribution(low, high, step=space.step)
 
 
-def distributions(search: SearchSpec) -> dict[str, Any]:
+def distributions(search: SearchSpec) -> dict[str, BaseDistribution]:
     return {path: distribution(space) for path, space in search.space.items()}
 
 
-def suggest(trial: Any, search: SearchSpec) -> dict[str, Any]:
+def suggest(trial: Trial, search: SearchSpec) -> dict[str, ParamValue]:
     """Ask an Optuna trial for a value of every searched parameter."""
-    out: dict[str, Any] = {}
+    out: dict[str, ParamValue] = {}
     for path, space in search.space.items():
         if space.type == "categorical":
             out[path] = trial.suggest_categorical(path, list(space.choices or []))
@@ -40,9 +49,9 @@ def suggest(trial: Any, search: SearchSpec) -> dict[str, Any]:
     return out
 
 
-def apply_params(train: TrainSpec, params: dict[str, Any]) -> TrainSpec:
+def apply_params(train: TrainSpec, params: Mapping[str, ParamValue]) -> TrainSpec:
     """``train`` with each searched value set at its path (``lr``, ``lora.r``, ...), validated."""
-    data: dict[str, Any] = train.model_dump()
+    data: dict[str, object] = train.model_dump()
     for path, value in params.items():
         data = set_path(data, path, value)
     return TrainSpec.model_validate(data)
@@ -58,13 +67,13 @@ def max_validations(search: SearchSpec, train: TrainSpec) -> int:
     return max(1, int(epochs / search.eval_every + 0.999) + 1)
 
 
-def default_params(spec: Spec) -> dict[str, Any]:
+def default_params(spec: Spec) -> dict[str, ParamValue]:
     """The spec's own train values for the searched parameters, where the space contains them."""
     assert spec.search is not None
     train = spec.train.model_dump()
-    out: dict[str, Any] = {}
+    out: dict[str, ParamValue] = {}
     for path in spec.search.space:
-        value: Any = train
+        value: Any = train  # walks train.model_dump(): nested dicts down to the value
         for part in path.split("."):
             value = value[part]
         if path == "lora.target_modules" and isinstance(value, list):

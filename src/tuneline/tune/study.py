@@ -19,6 +19,7 @@ import os
 import pickle
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -35,11 +36,14 @@ from tuneline.spec.models import SearchSpec, Spec, TrainSpec
 from tuneline.train.loop import encode_all
 from tuneline.tune.ray_backend import run_ray
 from tuneline.tune.sampling import make_pruner, make_sampler
-from tuneline.tune.space import apply_params, default_params, max_validations, suggest
+from tuneline.tune.space import ParamValue, apply_params, default_params, max_validations, suggest
 from tuneline.tune.trial import TrialContext, TrialPruned, run_trial
 from tuneline.workspace import Workspace
 
 if TYPE_CHECKING:
+    from optuna import Study, Trial
+    from optuna.storages import BaseStorage
+    from optuna.trial import FrozenTrial
     from rich.console import Console
 
 log = logging.getLogger(__name__)
@@ -52,7 +56,7 @@ MIN_TRIALS_FOR_IMPORTANCE = 4
 class TrialRow:
     number: int
     state: str  # complete, pruned, failed, running, waiting
-    params: dict[str, Any]
+    params: dict[str, ParamValue]
     value: float | None
     validations: list[tuple[int, float]]
     seconds: float | None
@@ -72,13 +76,13 @@ class SearchResult:
     trials: list[TrialRow]
     best: TrialRow | None
     importances: dict[str, float] = field(default_factory=dict)
-    default_params: dict[str, Any] = field(default_factory=dict)
+    default_params: dict[str, ParamValue] = field(default_factory=dict)
     reusable_adapter: str | None = None
     parent_run_id: str | None = None
     seconds: float = 0.0
 
     @property
-    def best_params(self) -> dict[str, Any]:
+    def best_params(self) -> dict[str, ParamValue]:
         return dict(self.best.params) if self.best else {}
 
     def counts(self) -> dict[str, int]:
@@ -87,7 +91,7 @@ class SearchResult:
             out[t.state] = out.get(t.state, 0) + 1
         return out
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self) -> dict[str, object]:
         return asdict(self)
 
     @classmethod
@@ -192,7 +196,7 @@ def search(ctx: RunContext, *, data: PreparedData | None = None, options: Search
     return result
 
 
-def _continue_or_reuse(ctx: RunContext, s: SearchSpec, study: _Study, storage: Any,
+def _continue_or_reuse(ctx: RunContext, s: SearchSpec, study: _Study, storage: BaseStorage,
                        opts: SearchOptions) -> SearchResult | bool:
     """A finished study's result (reused), or whether an unfinished one exists and may continue;
     raises when one exists and ``resume`` was not asked for. ``restart`` deletes it first."""
@@ -226,7 +230,7 @@ def _continue_or_reuse(ctx: RunContext, s: SearchSpec, study: _Study, storage: A
     return exists
 
 
-def _local_study(ctx: RunContext, study: _Study, storage: Any, exists: bool, trained_on_all: bool,
+def _local_study(ctx: RunContext, study: _Study, storage: BaseStorage, exists: bool, trained_on_all: bool,
                  parent_run_id: str | None) -> str:
     """Create the Optuna study (the spec's own values queued as trial 0) or continue it after closing
     the trials a killed process left running; return the MLflow parent run of its trials."""
@@ -251,7 +255,7 @@ def _local_study(ctx: RunContext, study: _Study, storage: Any, exists: bool, tra
     return parent
 
 
-def _finished(study: Any) -> int:
+def _finished(study: Study) -> int:
     """Trials that count toward the budget: complete, pruned, or failed by themselves (not interrupted)."""
     from optuna.trial import TrialState
 
@@ -260,11 +264,11 @@ def _finished(study: Any) -> int:
                or (t.state == TrialState.FAIL and not t.user_attrs.get("interrupted")))
 
 
-def _backend_of(study: Any) -> str:
+def _backend_of(study: Study) -> str:
     return str(study.user_attrs.get("backend", "local"))
 
 
-def _close_interrupted(study: Any, uri: str, *, retry: bool) -> None:
+def _close_interrupted(study: Study, uri: str, *, retry: bool) -> None:
     """Trials left running by a killed process: mark them failed (interrupted) and, with ``retry``,
     queue the same values again, so a resumed search reruns only what did not finish."""
     from mlflow.tracking import MlflowClient
@@ -317,14 +321,14 @@ def _context(ctx: RunContext, data: PreparedData, study: _Study, parent: str,
         parent_run_id=parent, trained_on_all=len(train_rows) == len(data.train))
 
 
-def objective(ctx: TrialContext) -> Any:
+def objective(ctx: TrialContext) -> Callable[[Trial], float]:
     """The Optuna objective: one trial's training, reporting each validation to the pruner."""
     import optuna
 
     assert ctx.spec.search is not None
     space = ctx.spec.search
 
-    def run(trial: Any) -> float:
+    def run(trial: Trial) -> float:
         params = suggest(trial, space)
 
         def report(index: int, value: float, last: bool) -> None:
@@ -351,12 +355,12 @@ class _Budget:
     def __init__(self, trials: int) -> None:
         self.trials = trials
 
-    def __call__(self, study: Any, _trial: Any) -> None:
+    def __call__(self, study: Study, _trial: FrozenTrial) -> None:
         if _finished(study) >= self.trials:
             study.stop()
 
 
-def _optimize_local(ctx: TrialContext, s: SearchSpec, url: str, workers: int, console: Any, show_progress: bool) -> None:
+def _optimize_local(ctx: TrialContext, s: SearchSpec, url: str, workers: int, console: Console, show_progress: bool) -> None:
     import optuna
 
     train_max = max_validations(s, ctx.spec.train)
@@ -369,7 +373,7 @@ def _optimize_local(ctx: TrialContext, s: SearchSpec, url: str, workers: int, co
         with _progress(show_progress, console) as bar:
             task = bar.add_task("search", total=s.trials, completed=_finished(study))
 
-            def shown(st: Any, tr: Any) -> None:
+            def shown(st: Study, tr: FrozenTrial) -> None:
                 printer(st, tr)
                 bar.update(task, completed=min(s.trials, _finished(st)))
 
@@ -418,10 +422,10 @@ def _worker(ctx_file: str, url: str, s: SearchSpec, index: int, threads: int, ti
 
 
 class _TrialPrinter:
-    def __init__(self, console: Any, metric: str) -> None:
+    def __init__(self, console: Console, metric: str) -> None:
         self.console, self.metric = console, metric
 
-    def __call__(self, study: Any, t: Any) -> None:
+    def __call__(self, study: Study, t: FrozenTrial) -> None:
         row = _row(t)
         params = ", ".join(f"{k}={_fmt_value(v)}" for k, v in row.params.items())
         value = f"{self.metric} {row.value:.4f}" if row.value is not None else (
@@ -434,13 +438,13 @@ def _progress(enabled: bool, console: Console | None) -> QuietWhenPiped:
     return progress_bar(enabled=enabled, console=console)
 
 
-def _fmt_value(v: Any) -> str:
+def _fmt_value(v: object) -> str:
     return f"{v:.3g}" if isinstance(v, float) else str(v)
 
 
 # --- results ------------------------------------------------------------------------------------
 
-def _row(t: Any) -> TrialRow:
+def _row(t: FrozenTrial) -> TrialRow:
     state = {"COMPLETE": "complete", "PRUNED": "pruned", "FAIL": "failed", "RUNNING": "running",
              "WAITING": "waiting"}[t.state.name]
     if state == "failed" and t.user_attrs.get("interrupted"):
@@ -455,7 +459,7 @@ def _row(t: Any) -> TrialRow:
                     mlflow_run_id=t.user_attrs.get("mlflow_run_id"), attempts=int(t.user_attrs.get("attempts", 1)))
 
 
-def summarize(study: Any, s: SearchSpec, metric: str, direction: str, *, backend: str, spec: Spec,
+def summarize(study: Study, s: SearchSpec, metric: str, direction: str, *, backend: str, spec: Spec,
               trained_on_all: bool, seconds: float) -> SearchResult:
     from optuna.trial import TrialState
 

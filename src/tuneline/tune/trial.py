@@ -17,18 +17,21 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from tuneline.data.examples import Example
 from tuneline.data.tokenize import Encoded
 from tuneline.eval.validate import RowSample, make_scorer
-from tuneline.models import load_model
+from tuneline.models import ModelSource, load_model
 from tuneline.runtime import Compute
 from tuneline.spec.models import Spec
 from tuneline.tracking import flatten
 from tuneline.train import EarlyStoppingCheck, TrainOptions, train
 from tuneline.train.loop import optimizer_steps, steps_per_epoch
-from tuneline.tune.space import apply_params
+from tuneline.tune.space import ParamValue, apply_params
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 log = logging.getLogger(__name__)
 
@@ -42,9 +45,9 @@ class TrialPruned(Exception):  # noqa: N818 - the name says what happened, like 
 @dataclass
 class TrialContext:
     spec: Spec
-    source: Any  # tuneline.models.ModelSource
+    source: ModelSource
     models_dir: Path
-    tokenizer: Any
+    tokenizer: PreTrainedTokenizerBase
     train: list[Example]
     encoded: tuple[list[Encoded], list[str]]  # train tokenized at spec.train.seq_len: (kept, dropped)
     validation: list[Example]
@@ -75,7 +78,7 @@ def trial_dir(ctx: TrialContext, key: str) -> Path:
     return ctx.study_dir / f"trial-{key}"
 
 
-def run_trial(ctx: TrialContext, key: str, params: dict[str, Any], report: Report) -> TrialOutcome:
+def run_trial(ctx: TrialContext, key: str, params: dict[str, ParamValue], report: Report) -> TrialOutcome:
     """Train one configuration; ``report`` after each validation (it raises :class:`TrialPruned` to
     stop). Tracked as an MLflow child run of the search run; the adapter is kept in the trial folder."""
     from mlflow.entities import Metric, Param
