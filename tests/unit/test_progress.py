@@ -13,6 +13,7 @@ from rich.console import Console
 from rich.table import Table
 
 from tuneline.data.examples import Example
+from tuneline.eval.generate import GenerateOptions
 from tuneline.runtime import progress
 from tuneline.runtime.progress import WIDE_COLUMNS, make_console, progress_bar
 from tuneline.spec import load_spec
@@ -85,13 +86,12 @@ def _item(i: int) -> Example:
                                          {"role": "assistant", "content": "card_arrival"}), "card_arrival", "card_arrival")
 
 
-def _fake_generate(model: object, tokenizer: object, examples: list[Example], *, show_progress: bool = True,
-                   description: str = "generate", **_: object):
+def _fake_generate(model: object, tokenizer: object, examples: list[Example], options: GenerateOptions):
     """Generation as generate_detailed shows it: one bar per call, over the call's examples."""
     from tuneline.eval.generate import Generation
 
-    with progress_bar(enabled=show_progress) as bar:
-        task = bar.add_task(description, total=len(examples))
+    with progress_bar(enabled=options.show_progress) as bar:
+        task = bar.add_task(options.description, total=len(examples))
         bar.advance(task, len(examples))
     return Generation(["card_arrival"] * len(examples), 0.0, [True] * len(examples), [2] * len(examples))
 
@@ -131,9 +131,9 @@ def test_baseline_timed_requests_draw_no_bar(monkeypatch: pytest.MonkeyPatch,
 
     generate = importlib.import_module("tuneline.eval.generate")  # `tuneline.eval.generate` is also a function
 
-    monkeypatch.setattr(generate, "generate_detailed", _fake_generate)
+    monkeypatch.setattr(options, "generate_detailed", _fake_generate)
     monkeypatch.setattr(progress, "LONG_TASK_SECONDS", 0.0)
-    monkeypatch.setattr("tuneline.data.tokenize.encode_prompt", lambda tok, ex: [0, 1, 2])
+    monkeypatch.setattr(options, "encode_prompt", lambda tok, ex: [0, 1, 2])
     spec = SimpleNamespace(task=SimpleNamespace(type="classification"), objective=SimpleNamespace(primary="accuracy"),
                            eval=SimpleNamespace(bootstrap=100, batch_size=4, constrain_to_labels=False),
                            decoding=None, baseline=SimpleNamespace(latency_requests=5, seed=0))
