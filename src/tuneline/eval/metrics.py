@@ -77,7 +77,7 @@ def as_reference_lists(references: References) -> list[list[str]]:
     return out
 
 
-def bleu_tokenize_for(spec: Any) -> str:
+def bleu_tokenize_for(spec: object) -> str:
     """sacrebleu's BLEU tokenizer for the spec's target language: ``zh`` for Chinese, ``char`` for
     Japanese and Korean (no spaces between words), else the default ``13a``."""
     lang = str(getattr(getattr(spec, "task", None), "target_language", None) or "").strip().lower()

@@ -4,16 +4,16 @@ from __future__ import annotations
 
 from typing import Any
 
+from rich.table import Table
+
 from tuneline.eval.items import describe_references
 from tuneline.eval.results import FLIP_DELTA, EvalSuite, SetResult
 
 SYSTEM_ORDER = ("base", "production", "candidate")
 
 
-def render_tables(suite: EvalSuite) -> list[Any]:
+def render_tables(suite: EvalSuite) -> list[Table]:
     """Rich renderables: per evaluation set the side-by-side metric table; then probes and gates."""
-    from rich.table import Table
-
     out: list[Any] = []
     for s in suite.sets:
         out.append(_set_table(suite, s))
@@ -48,9 +48,7 @@ def render_tables(suite: EvalSuite) -> list[Any]:
     return out
 
 
-def _set_table(suite: EvalSuite, s: SetResult) -> Any:
-    from rich.table import Table
-
+def _set_table(suite: EvalSuite, s: SetResult) -> Table:
     label = f"golden set {s.name} v{s.version}" if s.kind == "golden" else f"{s.name} split"
     table = Table(title=f"{label}: {items_title(s)}, value [95% interval]")
     names = [n for n in SYSTEM_ORDER if s.system(n) is not None]

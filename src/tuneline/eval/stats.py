@@ -8,11 +8,14 @@ every system, and a paired comparison resamples the same rows for both systems.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from numpy.typing import NDArray
 
 RESAMPLES = 1000
 ALPHA = 0.05
@@ -47,7 +50,7 @@ def bootstrap(metric: Aggregate, n: int, *, resamples: int = RESAMPLES, seed: in
     return Interval(float(value), float(low), float(high))
 
 
-def mean_metric(scores: Any) -> Aggregate:
+def mean_metric(scores: Sequence[float] | NDArray[np.generic]) -> Aggregate:
     arr = np.asarray(scores, dtype=float)
     return lambda idx: float(arr[idx].mean()) if len(idx) else 0.0
 
@@ -68,7 +71,8 @@ def paired_bootstrap(metric_a: Aggregate, metric_b: Aggregate, n: int, *, resamp
     return Interval(float(diff), float(low), float(high)), p
 
 
-def mcnemar(a_correct: Any, b_correct: Any) -> tuple[float, int, int]:
+def mcnemar(a_correct: Sequence[bool] | NDArray[np.bool_], b_correct: Sequence[bool] | NDArray[np.bool_],
+            ) -> tuple[float, int, int]:
     """McNemar's test on paired right/wrong outcomes: (p-value, rows only a got right, rows only b got right).
 
     Exact (two-sided binomial on the discordant rows) when there are fewer than 25 of them, else

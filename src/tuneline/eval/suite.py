@@ -14,8 +14,9 @@ import logging
 import random
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, cast
 
 import numpy as np
 
@@ -56,6 +57,10 @@ from tuneline.eval.results import (
 from tuneline.runtime.progress import progress_bar
 from tuneline.spec import COMMON_METRICS, GENERATION_TASKS, LOWER_IS_BETTER, TASK_METRICS, Spec
 
+if TYPE_CHECKING:
+    from torch import nn
+    from transformers import PreTrainedTokenizerBase
+
 log = logging.getLogger(__name__)
 
 
@@ -74,8 +79,8 @@ class EvalSet:
 class Evaluation:
     """Answers of each system on each evaluation set, then one :class:`EvalSuite` from them."""
 
-    def __init__(self, spec: Spec, tokenizer: Any, sets: list[EvalSet], labels: list[str] | None, *,
-                 autocast: Any, device: str = "cpu", show_progress: bool = True) -> None:
+    def __init__(self, spec: Spec, tokenizer: PreTrainedTokenizerBase, sets: list[EvalSet], labels: list[str] | None,
+                 *, autocast: AbstractContextManager[object], device: str = "cpu", show_progress: bool = True) -> None:
         self.spec, self.tokenizer, self.sets, self.labels = spec, tokenizer, sets, labels
         self.autocast, self.device, self.show_progress = autocast, device, show_progress
         self.models: dict[str, str] = {}  # system -> what it is
@@ -88,7 +93,7 @@ class Evaluation:
 
     # --- collecting answers ---------------------------------------------------------------------
 
-    def score_system(self, name: str, model: Any, description: str,
+    def score_system(self, name: str, model: nn.Module, description: str,
                      augment: Callable[[list[Example]], list[Example]] | None = None) -> None:
         """Generate ``name``'s answers on every set (and the probes that apply to it) with ``model``.
         ``augment`` turns the plain prompts into what this system is served (the hybrid: retrieved
@@ -111,10 +116,11 @@ class Evaluation:
         first = next((s.examples[0] for s in self.sets if s.examples), None)
         if spec.task.type != "classification" or not spec.eval.constrain_to_labels or not self.labels or first is None:
             return None
-        eos = tok.convert_tokens_to_ids(tok.eos_token) if tok.eos_token else None
+        # one token string converts to one id (the list form is for a list of tokens)
+        eos = cast("int | None", tok.convert_tokens_to_ids(tok.eos_token) if tok.eos_token else None)
         return LabelTrie(tok, self.labels, first, eos)
 
-    def _generate(self, model: Any, examples: list[Example], what: str, *, constrained: bool = True,
+    def _generate(self, model: nn.Module, examples: list[Example], what: str, *, constrained: bool = True,
                   decoding: Decoding | None = None, batch_size: int | None = None,
                   progress: bool = True) -> Generation:
         trie = self.trie if constrained else None
@@ -127,7 +133,7 @@ class Evaluation:
             share_prefix=len(examples) > 1,
         ))
 
-    def _robustness(self, model: Any, prompts: Callable[[list[Example]], list[Example]]) -> None:
+    def _robustness(self, model: nn.Module, prompts: Callable[[list[Example]], list[Example]]) -> None:
         cfg = self.spec.eval.robustness
         main = self.sets[0].examples if self.sets else []
         if not cfg.enabled or not main:
@@ -139,7 +145,7 @@ class Evaluation:
             examples = [perturb_example(main[i], kind, cfg.seed + i) for i in self.robust_rows]
             self.perturbed[kind] = self._generate(model, prompts(examples), f"robustness {kind}")
 
-    def _latency(self, model: Any, prompts: Callable[[list[Example]], list[Example]]) -> Latency | None:
+    def _latency(self, model: nn.Module, prompts: Callable[[list[Example]], list[Example]]) -> Latency | None:
         main = self.sets[0].examples if self.sets else []
         n = min(self.spec.eval.latency.requests, len(main))
         if n == 0:

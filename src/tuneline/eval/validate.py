@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, cast
 
 from tuneline.data.examples import Example, sample_rows
 from tuneline.errors import EvaluationError, Problem
@@ -21,6 +21,7 @@ from tuneline.spec.models import LOWER_IS_BETTER, Spec
 from tuneline.train.loop import encode_all, evaluate_loss
 
 if TYPE_CHECKING:
+    from torch import nn
     from transformers import PreTrainedTokenizerBase
 
 __all__ = ["RowSample", "make_scorer", "maximize", "sample_rows"]  # sample_rows: see tuneline.data.examples
@@ -35,7 +36,7 @@ class RowSample:
 
 
 def make_scorer(spec: Spec, tokenizer: PreTrainedTokenizerBase, examples: list[Example], labels: list[str] | None, metric: str, *,
-                precision: str, device: str, sample: RowSample | None = None) -> Callable[[Any], float]:
+                precision: str, device: str, sample: RowSample | None = None) -> Callable[[nn.Module], float]:
     """``score(model) -> value`` of ``metric`` on (a sample of) ``examples``; a generated metric
     scores items (rows sharing an input grouped, :func:`tuneline.eval.items.group_items`)."""
     if not examples:
@@ -50,7 +51,7 @@ def make_scorer(spec: Spec, tokenizer: PreTrainedTokenizerBase, examples: list[E
         encoded = encode_all(tokenizer, picked, spec.train.seq_len)[0]
         pad = tokenizer.pad_token_id
 
-        def loss(model: Any) -> float:
+        def loss(model: nn.Module) -> float:
             return evaluate_loss(model, encoded, spec.eval.batch_size, pad, precision, device)
 
         return loss
@@ -63,7 +64,7 @@ def make_scorer(spec: Spec, tokenizer: PreTrainedTokenizerBase, examples: list[E
     tokenize = bleu_tokenize_for(spec)
     decoding = Decoding(max_new_tokens=trie.max_len) if trie else Decoding.of(spec.decoding)
 
-    def generated(model: Any) -> float:
+    def generated(model: nn.Module) -> float:
         out = generate_detailed(model, tokenizer, picked, GenerateOptions(
             batch_size=spec.eval.batch_size, decoding=decoding, autocast=autocast_for(precision, device),
             device=device, show_progress=False, labels=trie, share_prefix=len(picked) > 1))
