@@ -44,6 +44,7 @@ LAYERS: dict[str, int] = {
     "tune": 3,
     "baseline": 3,
     "report": 4,
+    "monitor": 4,
     "registry": 4,
     "pipeline": 5,
     "serve": 5,

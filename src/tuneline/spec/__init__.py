@@ -35,9 +35,12 @@ from tuneline.spec.models import (
     TaskSpec,
     TrainSpec,
 )
+from tuneline.spec.monitor import MonitorSpec, WebhookSink
 from tuneline.spec.tasks import GENERATION_TASKS, TASK_COLUMNS, TaskType
 
 __all__ = [
+    "MonitorSpec",
+    "WebhookSink",
     "COMMON_METRICS",
     "GATE_SYSTEMS",
     "GENERATION_TASKS",

@@ -37,6 +37,7 @@ from tuneline.spec.metrics import (
     PERTURBATION_NAMES,
     Perturbation,
 )
+from tuneline.spec.monitor import MonitorSpec
 from tuneline.spec.tasks import GENERATION_TASKS, TaskType
 
 log = logging.getLogger(__name__)
@@ -598,6 +599,9 @@ class Spec(_Model):
         default=None, description="Hybrid: retrieved training examples in every prompt, in training, evaluation "
                                   "and serving; the index is versioned with the dataset and shipped with the adapter.")
     tracking: TrackingSpec = Field(default_factory=TrackingSpec)
+    monitor: MonitorSpec = Field(
+        default_factory=MonitorSpec, description="Monitoring of the served model: drift, quality and operations "
+                                                 "detectors, alerts, feedback harvesting and retraining.")
 
     @model_validator(mode="before")
     @classmethod
