@@ -112,8 +112,12 @@ class WebhookSink(_Section):
 Sink = Annotated[LogSink | WebhookSink, Field(discriminator="type")]
 
 
+def _log_only() -> list[Sink]:
+    return [LogSink()]
+
+
 class AlertsSpec(_Section):
-    sinks: list[Sink] = Field(default_factory=lambda: [LogSink()],
+    sinks: list[Sink] = Field(default_factory=_log_only,
                               description="Where alerts go: log (stderr), webhook.")
 
 
