@@ -1,0 +1,141 @@
+"""``tuneline monitor``: check a served model's detectors (and alert), and write the monitoring report."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+from rich.table import Table
+
+from tuneline.cli.console import console, escape, print_json, setup_logging
+from tuneline.cli.exits import EXIT_ALERT_FIRED, EXIT_GATES_FAILED
+from tuneline.cli.options import JsonOpt, VerboseOpt, WorkspaceOpt
+from tuneline.workspace import Workspace
+
+if TYPE_CHECKING:
+    from tuneline.monitor.check import CheckOutcome
+    from tuneline.monitor.results import DetectorResult
+
+group = typer.Typer(help="Watch a served model: drift, quality and operations detectors, alerts, the report.",
+                    no_args_is_help=True)
+
+TargetArg = Annotated[str, typer.Argument(
+    help="A registered model's NAME (its production version and the spec shipped with it), or a spec file "
+         "(its name is the model; its monitor section applies).", metavar="NAME|SPEC", show_default=False)]
+LogUrlOpt = Annotated[str | None, typer.Option(
+    "--log-url", help="The request log's SQLAlchemy URL (default: the workspace's SQLite requests.db).")]
+
+STATUS_STYLE = {"ok": "[green]ok[/]", "alert": "[bold red]ALERT[/]", "insufficient": "[dim]not enough data[/]",
+                "info": "[dim]info[/]"}
+
+
+def register(app: typer.Typer) -> None:
+    app.add_typer(group, name="monitor")
+
+
+@group.command("check")
+def monitor_check(
+    target: TargetArg, workspace: WorkspaceOpt = None, log_url: LogUrlOpt = None, as_json: JsonOpt = False,
+    retrain_on_alert: Annotated[bool, typer.Option(
+        "--retrain-on-alert", help="When a drift or quality detector fires, run `tuneline retrain NAME` "
+                                   "(operations alerts alone do not retrain).")] = False,
+    no_alerts: Annotated[bool, typer.Option("--no-alerts", help="Store the result but send no alert.")] = False,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Run every detector on the model's current window, print a table, store the result and send
+    alerts to the spec's sinks (one per detector per window).
+
+    Exits 4 when a detector fired (and 3 when --retrain-on-alert retrained a candidate whose gates
+    failed), 0 otherwise."""
+    setup_logging(verbose)
+    from tuneline.monitor import check  # lazy: the detectors pull numpy, scipy and the encoder
+    from tuneline.monitor.store import RequestLog  # lazy: SQLAlchemy
+
+    ws = Workspace.at(workspace)
+    tgt = check.target_of(target, ws)
+    store = RequestLog(log_url or ws.requests_url)
+    try:
+        outcome = check.run_check(tgt, ws, store, send=not no_alerts)
+    finally:
+        store.close()
+    if as_json:
+        print_json({**outcome.check.to_dict(), "check_id": outcome.check_id, "alerts": outcome.alerts.to_dict()})
+    else:
+        _print_check(outcome)
+    if not outcome.check.fired:
+        return
+    if retrain_on_alert and any(r.group != "operations" for r in outcome.check.fired):
+        _retrain(tgt.name, ws, as_json)
+    raise typer.Exit(EXIT_ALERT_FIRED)
+
+
+def _retrain(name: str, ws: Workspace, as_json: bool) -> None:
+    from tuneline.pipeline.retrain import retrain  # lazy: training stack
+
+    if not as_json:
+        console.print(f"a drift or quality detector fired: retraining {name}")
+    result = retrain(name, ws, console=None if as_json else console)
+    if result.gates_passed is False:
+        raise typer.Exit(EXIT_GATES_FAILED)
+
+
+def _print_check(outcome: CheckOutcome) -> None:
+    check = outcome.check
+    w = check.window
+    console.print(f"[bold]{escape(check.model)}@{check.version}[/]: {w.requests} requests in the window, "
+                  f"reference {check.dataset_version}", soft_wrap=True)
+    table = Table(title="detectors")
+    for col in ("detector", "status", "value", "threshold", "p", "detail"):
+        table.add_column(col)
+    for r in check.results:
+        table.add_row(r.name, STATUS_STYLE.get(r.status, r.status), _num(r.value), _num(r.threshold),
+                      _p(r), escape(r.detail))
+    console.print(table)
+    a = outcome.alerts
+    if a.sent or a.skipped or a.failed:
+        console.print(f"alerts: {len(a.sent)} sent, {len(a.skipped)} already sent for this window, "
+                      f"{len(a.failed)} failed", soft_wrap=True)
+    for f in a.failed:
+        console.print(f"[red]alert delivery failed[/]: {escape(str(f))}", soft_wrap=True)
+
+
+def _num(v: float | None) -> str:
+    return "-" if v is None else f"{v:.4g}"
+
+
+def _p(r: DetectorResult) -> str:
+    return "-" if r.p_value is None else f"{r.p_value:.3g}"
+
+
+@group.command("report")
+def monitor_report(
+    target: TargetArg, workspace: WorkspaceOpt = None, log_url: LogUrlOpt = None,
+    out: Annotated[Path | None, typer.Option(
+        "--out", "-o", help="HTML file to write (default: <workspace>/reports/monitor-<NAME>.html).")] = None,
+    days: Annotated[float, typer.Option(help="Checks of the last this many days.")] = 30.0,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Write one self-contained HTML page: each detector's values over time with its threshold,
+    the alerts sent, and the current inputs farthest from the training data, grouped.
+
+    Prints the path of the file written. Run `tuneline monitor check` first (by cron or a timer)."""
+    setup_logging(verbose)
+    import time
+
+    from tuneline.monitor import check  # lazy: the detectors pull numpy, scipy and the encoder
+    from tuneline.monitor.report import write_monitor_report  # lazy: as above
+    from tuneline.monitor.store import RequestLog  # lazy: SQLAlchemy
+
+    ws = Workspace.at(workspace)
+    tgt = check.target_of(target, ws)
+    store = RequestLog(log_url or ws.requests_url)
+    try:
+        since = time.time() - days * 86400
+        checks = store.checks(tgt.name, since=since)
+        alerts = store.alerts_sent(tgt.name, since=since)
+        drifted = check.drifted_now(tgt, ws, store) if tgt.spec.monitor.input.enabled else None
+    finally:
+        store.close()
+    path = write_monitor_report(out or ws.reports_dir / f"monitor-{tgt.name}.html", tgt.name, checks, alerts, drifted)
+    typer.echo(str(path))
