@@ -118,6 +118,7 @@ def test_webhook_gets_one_post_per_window_with_the_bearer_token(receiver: Receiv
     first = send_alerts(check([fired], start=T0, end=T0 + 2 * HOUR), [sink], ledger)
     second = send_alerts(check([fired], start=T0 + HOUR, end=T0 + 3 * HOUR), [sink], ledger)
     assert first.sent == ["input.embedding"] and second.deduplicated == ["input.embedding"]
+    assert second.lines() == ["alerts already sent for this window: input.embedding"]
     assert len(receiver.posts) == 1
     body, headers = receiver.posts[0]
     assert headers["Authorization"] == "Bearer t0ps3cret"
@@ -156,6 +157,8 @@ def test_a_failing_receiver_is_retried_reported_and_sent_again_next_check(
     assert "secret-path" not in str(delivery.error)  # the URL's path may hold a secret: not shown
     assert any("input.embedding not delivered" in r.getMessage() for r in caplog.records)
     assert ledger.claims == []  # released: not marked as sent
+    assert first.lines()[0] == "alerts NOT delivered (retried at the next check): input.embedding"
+    assert "HTTP 500" in first.lines()[1]
     # the next check, overlapping window: the alert is sent now
     second = send_alerts(check([fired], start=T0 + 60, end=T0 + HOUR + 60), [sink], ledger)
     assert second.sent == ["input.embedding"]

@@ -196,6 +196,7 @@ class WebhookAlertSink:
             with urllib.request.urlopen(request, timeout=self.timeout_s) as response:  # the URL is the spec's
                 response.read()
         except urllib.error.HTTPError as e:
+            e.close()
             return f"answered HTTP {e.code} {e.reason}", e.code in RETRY_STATUSES
         except (urllib.error.URLError, TimeoutError, OSError) as e:
             reason = e.reason if isinstance(e, urllib.error.URLError) else e
@@ -275,6 +276,16 @@ class AlertOutcome:
         out: dict[str, dict[str, list[str]]] = {}
         for d in self.deliveries:
             out.setdefault(d.sink, {"sent": [], "failed": []})["sent" if d.ok else "failed"].append(d.detector)
+        return out
+
+    def lines(self) -> list[str]:
+        """What the CLI prints under the check's table: one line per kind, then each failure."""
+        out = []
+        for label, names in (("sent", self.sent), ("already sent for this window", self.deduplicated),
+                             ("NOT delivered (retried at the next check)", self.failed)):
+            if names:
+                out.append(f"alerts {label}: {', '.join(names)}")
+        out += [f"  {d.detector} -> {d.error}" for d in self.deliveries if not d.ok]
         return out
 
     def to_dict(self) -> dict[str, object]:
