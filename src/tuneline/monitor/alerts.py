@@ -171,7 +171,7 @@ class WebhookAlertSink:
         return f"webhook {redact_url(self.url)}"
 
     def send(self, payload: Mapping[str, object]) -> int:
-        body = json.dumps(payload, sort_keys=True, allow_nan=False).encode("utf-8")
+        body = json.dumps(payload, allow_nan=False).encode("utf-8")
         delay = self.backoff_s
         attempts = 1 + max(0, self.retries)
         for attempt in range(1, attempts + 1):
@@ -300,7 +300,7 @@ def send_alerts(check: CheckResult, sinks: Sequence[AlertSink], ledger: AlertLed
     outcome = AlertOutcome()
     for result in check.fired:
         payload = alert_payload(check, result)
-        text = json.dumps(payload, sort_keys=True, allow_nan=False)
+        text = json.dumps(payload, allow_nan=False)
         if not ledger.claim_alert(check.model, result.name, check.window.start, check.window.end, text):
             outcome.deduplicated.append(result.name)
             continue
