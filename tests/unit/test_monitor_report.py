@@ -80,9 +80,9 @@ def test_page_has_a_chart_per_detector_with_threshold_and_alert(tmp_path: Path) 
 
 def test_latest_check_table_and_alerts_table() -> None:
     checks = _history()
-    row = {"model": "support-bot", "detector": "input.embedding", "window_start": T0 + 3 * HOUR,
-           "window_end": T0 + 4 * HOUR, "sent_at": T0 + 4 * HOUR + 5,
-           "payload": json.dumps(alert_payload(checks[3], checks[3].fired[0]))}  # a store row
+    row = {"id": 1, "model": "support-bot", "detector": "input.embedding", "window_start": T0 + 3 * HOUR,
+           "window_end": T0 + 4 * HOUR, "at": T0 + 4 * HOUR + 5,
+           "payload": json.dumps(alert_payload(checks[3], checks[3].fired[0]))}  # a row of the store's alerts table
     page = render_monitor_report("support-bot", checks, [row], None)
     latest = page.split('id="latest"')[1].split('id="series"')[0]
     assert '<td class="alert">ALERT</td>' in latest and "<td class=num>0.31</td>" in latest \

@@ -105,7 +105,7 @@ def _document(title: str, parts: list[str]) -> str:
 # --- alerts as rows --------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
-class AlertRow:
+class SentAlert:
     model: str | None
     detector: str
     at: float  # the check that sent it
@@ -116,7 +116,7 @@ class AlertRow:
     text: str
 
 
-def _alert_row(raw: Mapping[str, object]) -> AlertRow:
+def _alert_row(raw: Mapping[str, object]) -> SentAlert:
     """An alert from its payload, or from a store row (its columns plus the payload as JSON)."""
     merged: dict[str, object] = {}
     payload = raw.get("payload")
@@ -130,7 +130,7 @@ def _alert_row(raw: Mapping[str, object]) -> AlertRow:
     merged.update({k: v for k, v in raw.items() if k != "payload" and v is not None})
     at = _float(merged.get("checked_at")) or _float(merged.get("sent_at")) or _float(merged.get("at")) or 0.0
     model = merged.get("model")
-    return AlertRow(model=str(model) if model is not None else None, detector=str(merged.get("detector", "?")),
+    return SentAlert(model=str(model) if model is not None else None, detector=str(merged.get("detector", "?")),
                     at=at, value=_float(merged.get("value")), threshold=_float(merged.get("threshold")),
                     window_start=_float(merged.get("window_start")), window_end=_float(merged.get("window_end")),
                     text=str(merged.get("detail") or merged.get("text") or ""))
@@ -144,7 +144,7 @@ def _float(x: object) -> float | None:
 
 # --- sections --------------------------------------------------------------------------------------
 
-def _header(model: str, checks: list[CheckResult], sent: list[AlertRow]) -> str:
+def _header(model: str, checks: list[CheckResult], sent: list[SentAlert]) -> str:
     if not checks:
         return f'<p class="note">No stored check for {esc(model)} yet: run <code>tuneline monitor check</code>.</p>'
     last = checks[-1]
@@ -174,7 +174,7 @@ def _latest(checks: list[CheckResult]) -> str:
                                     cls="compact", num_cols=(2, 3, 4, 5))
 
 
-def _series(checks: list[CheckResult], sent: list[AlertRow]) -> str:
+def _series(checks: list[CheckResult], sent: list[SentAlert]) -> str:
     head = '<h2 id="series">Detectors over time</h2>'
     history: dict[str, list[tuple[float, DetectorResult]]] = {}
     for c in checks:
@@ -196,7 +196,7 @@ def _series(checks: list[CheckResult], sent: list[AlertRow]) -> str:
     return "\n".join(parts)
 
 
-def _alerts(sent: list[AlertRow]) -> str:
+def _alerts(sent: list[SentAlert]) -> str:
     head = '<h2 id="alerts">Alerts sent</h2>'
     if not sent:
         return head + '<p class="note">No alert was sent.</p>'
@@ -261,7 +261,7 @@ def _scale(points: list[tuple[float, DetectorResult]], span: tuple[float, float]
     return _Scale(span[0], span[1], lo, hi + 0.08 * (hi - lo))
 
 
-def series_svg(name: str, points: list[tuple[float, DetectorResult]], alerts: Sequence[AlertRow],
+def series_svg(name: str, points: list[tuple[float, DetectorResult]], alerts: Sequence[SentAlert],
                span: tuple[float, float]) -> str:
     """One detector's values at each check time as an inline SVG: the value line and points (red
     where it fired), its threshold as a dashed step line, a grey tick where the window had too few
@@ -332,7 +332,7 @@ def _values(points: list[tuple[float, DetectorResult]], s: _Scale) -> str:
     return "".join(polylines) + "".join(marks)
 
 
-def _alert_marks(alerts: Sequence[AlertRow], s: _Scale) -> str:
+def _alert_marks(alerts: Sequence[SentAlert], s: _Scale) -> str:
     out = []
     for a in alerts:
         x, y = s.x(a.at), TOP - 2
