@@ -103,7 +103,7 @@ def test_drifted_examples_are_escaped_and_the_page_loads_nothing_external() -> N
     assert "<script" not in page.lower()
     assert "&lt;script&gt;alert(&quot;x&quot;)&lt;/script&gt;" in page
     drifted_part = page.split('id="drifted"')[1]
-    assert drifted_part.index("30 inputs") < drifted_part.index("12 inputs")  # the largest group first
+    assert drifted_part.index("12 inputs") < drifted_part.index("30 inputs")  # the farthest group first
     assert "how do I buy bitcoin?" in drifted_part and "and 3 more examples" in drifted_part
     # self-contained: no URL, no external reference of any kind
     assert not re.search(r"https?:|//[a-z0-9]|@import|url\(", page, re.I)

@@ -213,9 +213,10 @@ def _drifted(drifted: Sequence[DriftedGroup | Mapping[str, object]] | None) -> s
     if not drifted:
         return head + '<p class="note">No current input stands out from the reference.</p>'
     note = ('<p class="note">The current inputs farthest from the reference (the serving version\'s '
-            'training data), grouped; the largest groups first.</p>')
+            'training data), grouped; per group its mean distance to the nearest reference input, the '
+            'farthest groups first.</p>')
     parts = [head, note]
-    groups = sorted((_group(g) for g in drifted), key=lambda g: (-g[0], -(g[1] or 0.0)))
+    groups = sorted((_group(g) for g in drifted), key=lambda g: (-(g[1] or 0.0), -g[0]))
     for i, (size, distance, examples) in enumerate(groups, 1):
         items = "".join(f"<li>{esc(x)}</li>" for x in examples[:MAX_EXAMPLES])
         more = (f'<p class="note">and {len(examples) - MAX_EXAMPLES} more examples</p>'
