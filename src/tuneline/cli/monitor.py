@@ -92,12 +92,8 @@ def _print_check(outcome: CheckOutcome) -> None:
         table.add_row(r.name, STATUS_STYLE.get(r.status, r.status), _num(r.value), _num(r.threshold),
                       _p(r), escape(r.detail))
     console.print(table)
-    a = outcome.alerts
-    if a.sent or a.skipped or a.failed:
-        console.print(f"alerts: {len(a.sent)} sent, {len(a.skipped)} already sent for this window, "
-                      f"{len(a.failed)} failed", soft_wrap=True)
-    for f in a.failed:
-        console.print(f"[red]alert delivery failed[/]: {escape(str(f))}", soft_wrap=True)
+    for line in outcome.alerts.lines():
+        console.print(escape(line), soft_wrap=True)
 
 
 def _num(v: float | None) -> str:
@@ -124,7 +120,7 @@ def monitor_report(
     import time
 
     from tuneline.monitor import check  # lazy: the detectors pull numpy, scipy and the encoder
-    from tuneline.monitor.report import write_monitor_report  # lazy: as above
+    from tuneline.monitor.report import monitor_report_path, write_monitor_report  # lazy: as above
     from tuneline.monitor.store import RequestLog  # lazy: SQLAlchemy
 
     ws = Workspace.at(workspace)
@@ -137,5 +133,5 @@ def monitor_report(
         drifted = check.drifted_now(tgt, ws, store) if tgt.spec.monitor.input.enabled else None
     finally:
         store.close()
-    path = write_monitor_report(out or ws.reports_dir / f"monitor-{tgt.name}.html", tgt.name, checks, alerts, drifted)
+    path = write_monitor_report(out or monitor_report_path(ws, tgt.name), tgt.name, checks, alerts, drifted)
     typer.echo(str(path))

@@ -23,7 +23,7 @@ from tuneline.curation.steps import input_of
 from tuneline.curation.version import DatasetVersion, load_version
 from tuneline.data.examples import sample_rows
 from tuneline.errors import Problem, TunelineError
-from tuneline.monitor.alerts import AlertOutcome, send_alerts
+from tuneline.monitor.alerts import AlertOutcome, build_sinks, send_alerts
 from tuneline.monitor.detectors import (
     Reference,
     input_detectors,
@@ -223,6 +223,7 @@ def _tokens(row: StoredRequest) -> int | None:
 def run_check(target: Target, ws: Workspace, store: RequestLog, *, now: float | None = None,
               encoder: Encoder | None = None, send: bool = True) -> CheckOutcome:
     """Run every detector on ``target``'s current window, store the result, send its alerts."""
+    sinks = build_sinks(target.spec.monitor.alerts) if send else []  # a missing token fails before any work
     current = current_window(target, store, now)
     if encoder is None and target.spec.monitor.input.enabled:
         encoder = open_encoder(target, ws)
@@ -230,7 +231,7 @@ def run_check(target: Target, ws: Workspace, store: RequestLog, *, now: float | 
     check = CheckResult(target.name, target.version.version, target.dataset.id, time.time() if now is None else now,
                         current.window(), detect(target, current, data))
     check_id = store.save_check(check)
-    outcome = send_alerts(check, target.spec.monitor.alerts.sinks, store) if send else AlertOutcome()
+    outcome = send_alerts(check, sinks, store) if send else AlertOutcome()
     return CheckOutcome(check, outcome, check_id)
 
 
