@@ -63,8 +63,13 @@ def open_context(spec_path: str | Path, workspace: str | Path | Workspace | None
                  console: Console | None = None, show_progress: bool = True, trains: bool = True) -> RunContext:
     """Load the spec, resolve its base model and tokenizer, curate its data into a dataset version.
     ``trains``: the command may search, so the extras a ``search`` section needs must be installed."""
+    return context_of(load_spec(spec_path), workspace, console=console, show_progress=show_progress, trains=trains)
+
+
+def context_of(loaded: LoadedSpec, workspace: str | Path | Workspace | None = None, *, console: Console | None = None,
+               show_progress: bool = True, trains: bool = True) -> RunContext:
+    """:func:`open_context` for a spec already loaded (e.g. one derived from another, as retraining does)."""
     ws = workspace_of(workspace)
-    loaded = load_spec(spec_path)
     if trains:
         require_extras_for(loaded.spec)  # a search needs [tune] (and [ray]): say so before any work
     source = resolve_model_source(loaded.spec.model, loaded.base_dir)

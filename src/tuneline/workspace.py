@@ -10,6 +10,7 @@ Every path inside the workspace is named here, and nowhere else::
       studies.db, studies/  hyperparameter searches (Optuna) and their trial folders
       mlflow.db, mlartifacts/  the local MLflow tracking store and its artifacts
       requests.db           the server's request and feedback log
+      feedback/<name>/      harvested feedback rows, retraining inputs, production adapters fetched
       reports/              HTML reports written by `tuneline report`
 """
 
@@ -87,6 +88,11 @@ class Workspace:
     def requests_url(self) -> str:
         """The server's request and feedback log (SQLite) when no other store is configured."""
         return f"sqlite:///{self.root / 'requests.db'}"
+
+    def feedback_dir(self, model_name: str) -> Path:
+        """Harvested feedback of a model (``harvest-*.jsonl``), the files a retraining curates, and
+        the production adapter it is compared with."""
+        return self._dir("feedback", model_name)
 
     @property
     def tracking_uri(self) -> str:

@@ -16,7 +16,19 @@ import typer
 from typer.core import TyperGroup
 
 from tuneline import __version__
-from tuneline.cli import data, evaluation, golden, monitor, registry, report, run, serve, spec, workspace
+from tuneline.cli import (
+    data,
+    evaluation,
+    golden,
+    loop,
+    monitor,
+    registry,
+    report,
+    run,
+    serve,
+    spec,
+    workspace,
+)
 from tuneline.cli.console import err_console, escape
 from tuneline.cli.exits import EXIT_ERROR, EXIT_INTERRUPTED
 from tuneline.errors import TunelineError
@@ -25,7 +37,7 @@ from tuneline.runtime.extras import missing_extra
 if TYPE_CHECKING:
     from typer._click import Context as ClickContext  # the Click typer vendors
 
-COMMAND_MODULES = (run, spec, workspace, data, evaluation, golden, report, registry, serve, monitor)
+COMMAND_MODULES = (run, spec, workspace, data, evaluation, golden, report, registry, serve, monitor, loop)
 
 RESUME_HINTS = {
     "run": "the last checkpoint is kept; continue with `tuneline run SPEC --resume`",

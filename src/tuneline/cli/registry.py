@@ -99,6 +99,9 @@ def lineage(
     p("source files")
     for s in chain["sources"]:
         p(f"  {s['split']}: {s['path']} sha256 {s['sha256'][:16]} ({s['rows_used']} rows used)", soft_wrap=True)
+    if (fb := chain.get("feedback")) is not None:
+        p(f"  feedback: {fb['rows']} training rows from the feedback on requests {', '.join(fb['request_ids'])} "
+          f"(harvests {', '.join(fb['harvests']) or '-'}; {fb['links']})", soft_wrap=True)
     ds = chain["dataset"]
     p(f"-> dataset version {ds['id'] or '(curation off)'}: {ds['counts'] or ''}", soft_wrap=True)
     if ds["id"]:

@@ -60,6 +60,12 @@ def run(spec_path: str | Path, *, workspace: WorkspaceRef = None, resume: bool =
     """Run the whole pipeline for one spec and return what it produced (also tracked in MLflow)."""
     started = time.perf_counter()
     ctx = open_context(spec_path, workspace, console=console, show_progress=show_progress)
+    return run_stages(ctx, resume=resume, started=started)
+
+
+def run_stages(ctx: RunContext, *, resume: bool = False, started: float | None = None) -> RunResult:
+    """The stages of ``tuneline run`` on an opened context (``started``: when the command began)."""
+    started = time.perf_counter() if started is None else started
     stages.announce(ctx)
     sets = stages.eval_sets_of(ctx)
     with stages.track(ctx, resume) as tracked:

@@ -56,6 +56,9 @@ GATE_NOT_GATED = "not gated"  # the spec has no thresholds: nothing vouches for 
 GATE_NOT_EVALUATED = "not evaluated"
 GATE_STATES = (GATE_PASSED, GATE_FAILED, GATE_NOT_GATED, GATE_NOT_EVALUATED)
 MAX_REASON_CHARS = 2000
+# beside a dataset version's manifest: which request ids its harvested training rows came from
+# (written by tuneline.monitor.harvest and tuneline.pipeline.retrain, read by lineage)
+FEEDBACK_LINKS = "requests.json"
 
 
 class RegistryError(TunelineError):
@@ -125,6 +128,15 @@ class LineageEval(TypedDict):
     reevaluations: list[Reevaluation]
 
 
+class LineageFeedback(TypedDict):
+    """The logged requests whose feedback became training rows of the version's dataset."""
+
+    rows: int  # training rows that came from feedback
+    request_ids: list[str]
+    harvests: list[str]  # the harvest dataset versions the rows came through
+    links: str  # the file listing row -> request ids
+
+
 class Lineage(TypedDict):
     """The chain behind a version (:func:`lineage`)."""
 
@@ -137,6 +149,7 @@ class Lineage(TypedDict):
     run: LineageRun
     eval: LineageEval
     aliases_held: list[AliasPeriod]
+    feedback: LineageFeedback | None  # None: no training row came from feedback
 
 
 @dataclass
@@ -543,4 +556,18 @@ def lineage(uri: str, datasets_dir: Path, name: str, version: int) -> Lineage:
                  "metrics": info.metrics, "report": f"runs:/{info.run_id}/eval/report.json" if info.run_id else None,
                  "reevaluations": info.reevaluations},
         "aliases_held": held,
+        "feedback": feedback_lineage(Path(datasets_dir), ds_id),
     }
+
+
+def feedback_lineage(datasets_dir: Path, dataset_version: str | None) -> LineageFeedback | None:
+    """The request ids behind a dataset version's harvested rows (its :data:`FEEDBACK_LINKS`
+    file), or None when none of its rows came from feedback."""
+    if not dataset_version:
+        return None
+    path = datasets_dir / dataset_version / FEEDBACK_LINKS
+    if not path.is_file():
+        return None
+    links = json.loads(path.read_text())
+    return {"rows": len(links.get("rows", [])), "request_ids": list(links.get("request_ids", [])),
+            "harvests": list(links.get("harvests", [])), "links": str(path)}
