@@ -44,6 +44,9 @@ def _record(rid: str, user: str, answer: str, model: str = NAME) -> RequestRecor
 def setup(tmp_path: Path):
     """A classification spec accepting positive answers, and a request log with feedback of every kind."""
     spec = tiny_lora_spec(tmp_path, tmp_path, NAME, extra="monitor: {feedback: {accepted_as_positive: true}}")
+    spec.write_text(spec.read_text().replace(  # declared labels: a correction outside them is refused
+        "task: {type: classification,", "task: {type: classification, labels: [card_arrival, lost_or_stolen_card, "
+        "exchange_rate],"))
     ws = Workspace.at(tmp_path / "ws")
     log = RequestLog(ws.requests_url)
     test_row = banking_rows(["exchange_rate"], 1, "test")[0]
@@ -157,3 +160,15 @@ def test_prompt_and_record_shapes():
     assert task_record("instruction", msgs, "fixed") == {"instruction": "q", "response": "fixed"}
     assert task_record("summarization", msgs, "short") == {"text": "q", "summary": "short"}
     assert task_record("chat", msgs, "fixed")["messages"][-1] == {"role": "assistant", "content": "fixed"}
+
+
+def test_without_declared_labels_a_correction_may_bring_a_new_intent(tmp_path: Path):
+    spec = tiny_lora_spec(tmp_path, tmp_path, NAME)  # labels inferred from the training rows
+    ws = Workspace.at(tmp_path / "ws")
+    log = RequestLog(ws.requests_url)
+    log.log(_record("r-rent", "Can I pay my rent with the card?", "card_arrival"))
+    assert log.flush(10)
+    log.add_feedback("r-rent", -1, "pay_rent", None)
+    got = harvest(load_spec(spec), ws, log)
+    log.close()
+    assert got.rows == 1 and "unknown_label" not in got.skipped and got.request_ids == ["r-rent"]

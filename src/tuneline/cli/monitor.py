@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 from rich.table import Table
 
-from tuneline.cli.console import console, escape, print_json, setup_logging
+from tuneline.cli.console import console, escape, human_output, print_json, setup_logging
 from tuneline.cli.exits import EXIT_ALERT_FIRED, EXIT_GATES_FAILED
 from tuneline.cli.options import JsonOpt, VerboseOpt, WorkspaceOpt
 from tuneline.workspace import Workspace
@@ -16,6 +16,7 @@ from tuneline.workspace import Workspace
 if TYPE_CHECKING:
     from tuneline.monitor.check import CheckOutcome
     from tuneline.monitor.results import DetectorResult
+    from tuneline.pipeline.retrain import RetrainResult
 
 group = typer.Typer(help="Watch a served model: drift, quality and operations detectors, alerts, the report.",
                     no_args_is_help=True)
@@ -59,25 +60,24 @@ def monitor_check(
         outcome = check.run_check(tgt, ws, store, send=not no_alerts)
     finally:
         store.close()
+    retrained = None
+    if outcome.check.fired and retrain_on_alert and any(r.group != "operations" for r in outcome.check.fired):
+        retrained = _retrain(tgt.name, ws, Path(target) if Path(target).is_file() else None, as_json)
     if as_json:
-        print_json({**outcome.check.to_dict(), "check_id": outcome.check_id, "alerts": outcome.alerts.to_dict()})
-    else:
-        _print_check(outcome)
-    if not outcome.check.fired:
-        return
-    if retrain_on_alert and any(r.group != "operations" for r in outcome.check.fired):
-        _retrain(tgt.name, ws, as_json)
-    raise typer.Exit(EXIT_ALERT_FIRED)
+        print_json({**outcome.check.to_dict(), "check_id": outcome.check_id, "alerts": outcome.alerts.to_dict(),
+                    "retrain": retrained.to_dict() if retrained is not None else None})
+    if retrained is not None and retrained.report is not None and not retrained.report.passed:
+        raise typer.Exit(EXIT_GATES_FAILED)
+    if outcome.check.fired:
+        raise typer.Exit(EXIT_ALERT_FIRED)
 
 
-def _retrain(name: str, ws: Workspace, as_json: bool) -> None:
+def _retrain(name: str, ws: Workspace, spec: Path | None, as_json: bool) -> RetrainResult:
     from tuneline.pipeline.retrain import retrain  # lazy: training stack
 
-    if not as_json:
-        console.print(f"a drift or quality detector fired: retraining {name}")
-    result = retrain(name, ws, console=None if as_json else console)
-    if result.gates_passed is False:
-        raise typer.Exit(EXIT_GATES_FAILED)
+    with human_output(as_json) as out:
+        out.print(f"a drift or quality detector fired: retraining {escape(name)}")
+        return retrain(name, ws, spec=spec, console=out)
 
 
 def _print_check(outcome: CheckOutcome) -> None:

@@ -40,8 +40,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from tuneline.artifacts import atomic_write_text
 from tuneline.curation import DatasetVersion, curate, load_version, save_version
 from tuneline.curation.pii import Redactor
-from tuneline.data.examples import Example, Message, build_examples
-from tuneline.data.readers import read_records
+from tuneline.data.examples import Example, Message
 from tuneline.errors import DataError, Problem, TunelineError
 from tuneline.registry import FEEDBACK_LINKS
 from tuneline.spec import LoadedSpec
@@ -376,16 +375,14 @@ def harvested_versions(ws: Workspace, model: str, kind: str = "harvest") -> list
 
 
 def known_labels(loaded: LoadedSpec) -> list[str] | None:
-    """A classification spec's labels: ``task.labels``, else those of its training file."""
+    """A classification spec's declared labels (``task.labels``): a correction outside them is
+    counted as ``unknown_label``. Without declared labels (the label set is inferred from the
+    training rows) a correction may name a new label: the intents users bring are what a retrained
+    model must learn."""
     spec = loaded.spec
-    if spec.task.type != "classification":
+    if spec.task.type != "classification" or not spec.task.labels:
         return None
-    if spec.task.labels:
-        return list(spec.task.labels)
-    src = spec.data.train
-    read = read_records(loaded.resolve(src.path), src.resolved_format(), display=src.path)
-    examples, _ = build_examples(spec.task, src, read.records)
-    return sorted({ex.label for ex in examples if ex.label})
+    return list(spec.task.labels)
 
 
 def harvest(loaded: LoadedSpec, workspace: Workspace, request_log: HasEngine, *, since: float | None = None,

@@ -271,7 +271,9 @@ def _write_merged(ws: Workspace, prod: Production, base: DatasetVersion, rows: l
         records = [r for r in (example_record(task, ex) for ex in base.split(split)) if r is not None]
         files[section] = write_records(folder / f"{split}.jsonl", records) if records else None
     lines = {i + 1: r for i, r in enumerate(rows) if r.request_ids}
-    return Merged(folder, files, base, base.manifest.get("labels"), lines, set(), harvests)
+    # declared labels stay the label set; inferred ones are inferred again, new labels included
+    labels = prod.loaded.spec.task.labels
+    return Merged(folder, files, base, list(labels) if labels else None, lines, set(), harvests)
 
 
 def retrain_spec(prod: Production, merged: Merged, train: TrainSpec) -> LoadedSpec:
@@ -396,22 +398,15 @@ def harvest_model(name: str, workspace: WorkspaceRef = None, *, spec: str | Path
                   request_log: HasEngine | str | None = None, everything: bool = False) -> HarvestResult:
     """``tuneline feedback harvest NAME``: the feedback on NAME's logged answers as a new dataset
     version, curated under the spec given or, without one, the spec of NAME's production version
-    (whose dataset version's labels are then the known labels)."""
+    (corrections must name one of ``task.labels`` where the spec declares them)."""
     ws = workspace_of(workspace)
-    labels = None
-    if spec is not None:
-        loaded = load_spec(spec)
-    else:
-        prod = production_of(name, ws)
-        loaded = prod.loaded
-        if loaded.spec.task.type == "classification" and prod.info.tags.get("tuneline.dataset_version"):
-            labels = base_version(prod, ws).manifest.get("labels")
+    loaded = load_spec(spec) if spec is not None else production_of(name, ws).loaded
     if loaded.spec.name != name:
         raise FeedbackError(Problem(f"the spec is for model {loaded.spec.name!r}, not {name!r}",
                                     where=str(loaded.path), field="name", hint=f"pass the spec of {name!r}"))
     if request_log is None or isinstance(request_log, str):
         request_log = open_log(request_log or ws.requests_url)
-    return harvest(loaded, ws, request_log, everything=everything, labels=labels)
+    return harvest(loaded, ws, request_log, everything=everything)
 
 
 __all__ = ["PROMOTED_REASON", "Production", "RetrainResult", "harvest_model", "merge_feedback", "production_of",
