@@ -22,7 +22,7 @@ from tuneline.serve.config import ServerConfig
 from tuneline.serve.engine import Engine, Job, Result
 from tuneline.serve.errors import ApiError
 from tuneline.serve.keys import KEYS_ENV, Key, hash_key, load_keys
-from tuneline.serve.requestlog import RequestLog, RequestRecord
+from tuneline.monitor.store import RequestLog, RequestRecord
 from tuneline.serve.state import ServerState
 from tuneline.workspace import Workspace
 

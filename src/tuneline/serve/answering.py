@@ -24,7 +24,7 @@ from tuneline.serve.config import ServerConfig
 from tuneline.serve.engine import Engine, Job, Result
 from tuneline.serve.errors import ApiError, error_body
 from tuneline.serve.keys import Key
-from tuneline.serve.requestlog import LoggedPrompt, RequestRecord
+from tuneline.monitor.store import LoggedPrompt, RequestRecord
 from tuneline.serve.resolver import ResolvedModel
 from tuneline.serve.schema import ChatCompletion, CommonRequest, TextCompletion, Usage
 from tuneline.serve.state import ServerState

@@ -9,7 +9,7 @@ from collections.abc import Callable
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from tuneline.serve.engine import Engine
-from tuneline.serve.requestlog import RequestLog
+from tuneline.monitor.store import RequestLog
 
 LOG_STATES = ("queued", "in_spool", "held", "written", "spooled", "db_errors")
 

@@ -14,7 +14,7 @@ from tuneline.serve.config import ServerConfig
 from tuneline.serve.engine import Engine
 from tuneline.serve.errors import ApiError
 from tuneline.serve.metrics import ServerMetrics
-from tuneline.serve.requestlog import RequestLog
+from tuneline.monitor.store import RequestLog
 from tuneline.serve.resolver import ModelResolver
 
 

@@ -1,4 +1,4 @@
-"""The request log: every request and response, PII redacted, with model version, latency and
+"""The monitor store (the request log): every request and response, PII redacted, with model version, latency and
 token counts; and feedback (ratings, corrections) on logged responses. SQLite by default, any
 SQLAlchemy URL for a team; the monitoring stage reads it.
 
