@@ -160,9 +160,9 @@ class RequestRecord:
 
     id: str
     endpoint: str
-    model: str  # as requested: NAME, NAME@candidate, NAME@3
-    model_name: str
-    model_version: int | None  # None: the base model
+    model: str | None  # as requested: NAME, NAME@candidate, NAME@3 (None: refused before it was read)
+    model_name: str | None
+    model_version: int | None  # None: the base model (or not resolved)
     key_name: str | None
     prompt: LoggedPrompt | None
     response: str | None
