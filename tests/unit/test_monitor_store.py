@@ -234,3 +234,14 @@ def test_two_processes_claiming_the_same_alert_at_once_send_it_once(tmp_path: Pa
     finally:
         for rl in stores:
             rl.close()
+
+
+def test_a_check_stored_by_a_newer_tuneline_is_read_without_its_new_fields():
+    from tuneline.monitor.store import check_from_json
+
+    check = _check("intents", 1000.0, fired=True)
+    data = check.to_dict()
+    data["new_top_level"] = 1
+    data["window"]["new_window_field"] = "x"
+    data["results"][0]["new_detector_field"] = [1, 2]
+    assert check_from_json(json.dumps(data)) == check

@@ -61,10 +61,10 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy import text as sql_text
-from sqlalchemy.engine import Engine, Row
+from sqlalchemy.engine import Engine, RowMapping
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.pool import StaticPool
-from sqlalchemy.sql import Select
+from sqlalchemy.sql.expression import Executable
 
 from tuneline.curation.pii import Redactor, redact_json
 from tuneline.monitor.results import CheckResult, DetectorResult, Window
@@ -414,7 +414,7 @@ class RequestLog:
         q = q.order_by(t.c.created.desc(), t.c.id.desc()) if newest_first else q.order_by(t.c.created, t.c.id)
         if limit is not None:
             q = q.limit(max(0, limit))
-        rows = [cast(StoredRequest, dict(r._mapping)) for r in self._read(q, "read requests")]
+        rows = [cast(StoredRequest, dict(r)) for r in self._read(q, "read requests")]
         return rows[::-1] if newest_first else rows
 
     def feedback(self, response_ids: Collection[str] | None = None, *,
@@ -430,7 +430,7 @@ class RequestLog:
         else:
             ids = list(dict.fromkeys(response_ids))
             queries = [base.where(t.c.response_id.in_(ids[i:i + _ID_CHUNK])) for i in range(0, len(ids), _ID_CHUNK)]
-        rows = [cast(FeedbackRow, dict(r._mapping)) for q in queries for r in self._read(q, "read feedback")]
+        rows = [cast(FeedbackRow, dict(r)) for q in queries for r in self._read(q, "read feedback")]
         if len(queries) > 1:
             rows.sort(key=lambda r: (r["created"], r["id"]))
         return rows
@@ -458,19 +458,19 @@ class RequestLog:
         q = select(t.c.result).where(t.c.model == model).order_by(t.c.at, t.c.id)
         if since is not None:
             q = q.where(t.c.at >= since)
-        return [check_from_json(r.result) for r in self._read(q, f"read the checks of {model!r}")]
+        return [check_from_json(r["result"]) for r in self._read(q, f"read the checks of {model!r}")]
 
     def latest_check(self, model: str) -> CheckResult | None:
         """The last check of ``model`` (by its time), or None."""
         t = checks_table
         q = select(t.c.result).where(t.c.model == model).order_by(t.c.at.desc(), t.c.id.desc()).limit(1)
         rows = self._read(q, f"read the checks of {model!r}")
-        return check_from_json(rows[0].result) if rows else None
+        return check_from_json(rows[0]["result"]) if rows else None
 
     def checked_models(self) -> list[str]:
         """Every model with a stored check."""
         q = select(checks_table.c.model).distinct().order_by(checks_table.c.model)
-        return [str(r.model) for r in self._read(q, "read the checked models")]
+        return [str(r["model"]) for r in self._read(q, "read the checked models")]
 
     def claim_alert(self, model: str, detector: str, window_start: float, window_end: float, payload: str) -> bool:
         """Whether an alert of ``detector`` on ``model`` for this window should be sent: True, and
@@ -511,12 +511,12 @@ class RequestLog:
         q = select(a).where(a.c.model == model).order_by(a.c.at, a.c.id)
         if since is not None:
             q = q.where(a.c.at >= since)
-        return [cast(AlertRow, dict(r._mapping)) for r in self._read(q, f"read the alerts of {model!r}")]
+        return [cast(AlertRow, dict(r)) for r in self._read(q, f"read the alerts of {model!r}")]
 
-    def _read(self, query: Select[Any], what: str) -> list[Row[Any]]:
+    def _read(self, query: Executable, what: str) -> list[RowMapping]:
         try:
             with self._read_lock, self.engine.connect() as conn:
-                return list(conn.execute(query))
+                return list(conn.execute(query).mappings())
         except Exception as exc:
             raise RequestLogError(f"request log {self.url}: cannot {what}: {_short(exc)}") from exc
 
@@ -853,15 +853,12 @@ def check_from_json(text: str) -> CheckResult:
     """A :class:`CheckResult` from what :meth:`RequestLog.save_check` stored (fields a newer
     tuneline added are ignored)."""
     data = json.loads(text)
-    window = Window(**_known(Window, data["window"]))
-    results = [DetectorResult(**_known(DetectorResult, r)) for r in data.get("results", [])]
+    known = {cls: {f.name for f in fields(cls)} for cls in (Window, DetectorResult)}
+    window = Window(**{k: v for k, v in data["window"].items() if k in known[Window]})
+    results = [DetectorResult(**{k: v for k, v in r.items() if k in known[DetectorResult]})
+               for r in data.get("results", [])]
     return CheckResult(model=data["model"], version=data.get("version"), dataset_version=data.get("dataset_version"),
                        at=float(data["at"]), window=window, results=results)
-
-
-def _known(cls: type, data: dict[str, Any]) -> dict[str, Any]:
-    names = {f.name for f in fields(cls)}
-    return {k: v for k, v in data.items() if k in names}
 
 
 def _complete(row: StoredRow) -> StoredRow:
