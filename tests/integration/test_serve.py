@@ -125,7 +125,9 @@ def test_feedback_log_and_metrics(served):
     assert "<EMAIL>" in row["prompt"] and "jane.doe" not in row["prompt"]
     assert row["model_version"] == 1 and row["status"] == 200 and row["latency_ms"] > 0
     assert row["completion_tokens"] == resp.usage.completion_tokens
-    from tuneline.serve.requestlog import feedback_table
+    # a classification adapter as the pipeline ships it (tuneline.yaml beside it): its answer as a label
+    assert row["predicted_label"] == ((resp.choices[0].message.content or "").strip() or None)
+    from tuneline.monitor.store import feedback_table
 
     assert [f["correction"] for f in log.rows(feedback_table) if f["response_id"] == resp.id] == ["card_arrival"]
     metrics = httpx.get(served["url"] + "/metrics", headers=auth).text

@@ -73,7 +73,7 @@ def test_chat_completions_and_streams_log_no_card_in_clear(app, client, tiny_mod
     assert json.loads(comp_row["prompt"]) == "Q: card\n<CARD>\nA:"
     assert json.loads(stream_row["prompt"])[0]["content"] == "card\n<CARD>"
     assert stream_row["response"] is not None and stream_row["status"] == 200
-    from tuneline.serve.requestlog import feedback_table
+    from tuneline.monitor.store import feedback_table
 
     fbs = [f for f in app.state.request_log.rows(feedback_table) if f["response_id"] == rid]
     assert [f["correction"] for f in fbs] == ["card_arrival\n<CARD>"]

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 from sqlalchemy import create_engine, text
 
-from tuneline.serve.requestlog import RequestLog, RequestRecord, feedback_table
+from tuneline.monitor.store import RequestLog, RequestRecord, feedback_table
 
 CARD = "4111 1111 1111 1111"
 PII = [  # (text, what must not be stored, placeholder)

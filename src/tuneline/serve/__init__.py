@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, TypedDict, Unpack
 from tuneline import registry
 from tuneline.errors import Problem, TunelineError
 from tuneline.models import load_model, load_tokenizer, resolve_model_source
+from tuneline.monitor.store import RequestLog, RequestRecord
 from tuneline.registry import VersionInfo
 from tuneline.runtime import autocast_for, default_device, resolve_precision
 from tuneline.serve.app import create_app
@@ -22,7 +23,6 @@ from tuneline.serve.config import ServerConfig
 from tuneline.serve.engine import Engine, Job, Result
 from tuneline.serve.errors import ApiError
 from tuneline.serve.keys import KEYS_ENV, Key, hash_key, load_keys
-from tuneline.serve.requestlog import RequestLog, RequestRecord
 from tuneline.serve.state import ServerState
 from tuneline.workspace import Workspace
 

@@ -19,12 +19,12 @@ from dataclasses import dataclass, field
 from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from tuneline.monitor.store import LoggedPrompt, RequestRecord
 from tuneline.serve.auth import authorize
 from tuneline.serve.config import ServerConfig
 from tuneline.serve.engine import Engine, Job, Result
 from tuneline.serve.errors import ApiError, error_body
 from tuneline.serve.keys import Key
-from tuneline.serve.requestlog import LoggedPrompt, RequestRecord
 from tuneline.serve.resolver import ResolvedModel
 from tuneline.serve.schema import ChatCompletion, CommonRequest, TextCompletion, Usage
 from tuneline.serve.state import ServerState
@@ -81,7 +81,10 @@ class Answer:
                 prompt=self.call.logged_prompt, response=result.text if result else None,
                 prompt_tokens=len(self.prompt_ids), completion_tokens=result.completion_tokens if result else None,
                 finish_reason=result.finish_reason if result else None,
-                latency_ms=1000 * (time.perf_counter() - self.t0), status=status))
+                latency_ms=1000 * (time.perf_counter() - self.t0), status=status,
+                # a cut answer (499, 504) predicts nothing
+                predicted_label=self.server.engine.predicted_label(self.model.slot, result.text)
+                if result and status == 200 else None))
         except Exception:  # the answer is not lost because the log failed
             metrics.log_failures.inc()
             log.exception("%s: the request log failed", self.rid)
@@ -112,25 +115,30 @@ async def answer(server: ServerState, request: Request, body: CommonRequest,
     t0 = time.perf_counter()
     arrived = time.monotonic()
     state = request.state
-    state.model_name = body.model.partition("@")[0]
+    # what the middleware logs if the request is refused before it has an Answer
+    state.model_name, state.model, state.prompt = body.model.partition("@")[0], body.model, call.logged_prompt
     key = authorize(server.keys, request, body.model)
     server.admission.admit()
     release = True
     try:
         loop = asyncio.get_running_loop()
         model = await loop.run_in_executor(None, server.models.resolve, body.model)
-        state.model_name = model.name
+        state.model_name, state.model_version = model.name, model.version
         prompt_ids, retrieved = await loop.run_in_executor(None, call.prompt, model.slot)
         timeout = server.config.request_timeout
         job = make_job(server.engine, server.config, body, prompt_ids, model.slot,
                        arrived + timeout if timeout else None)
         ans = Answer(server, call, body.model, key, model, prompt_ids, retrieved, job, t0)
-        state.request_id = ans.rid
-        if body.stream:
-            response = _stream(ans, request, body)
-            release = False  # the stream releases its admission when it ends
-            return response
-        result = await _generated(server.engine, job, request)
+        state.request_id, state.answered = ans.rid, True  # from here the Answer writes the log row
+        try:
+            if body.stream:
+                response = _stream(ans, request, body)
+                release = False  # the stream releases its admission when it ends
+                return response
+            result = await _generated(server.engine, job, request)
+        except Exception:  # the engine failed or is closed: a 500, recorded as one
+            ans.record(None, 500)
+            raise
     finally:
         if release:
             server.admission.release()

@@ -17,11 +17,11 @@ from __future__ import annotations
 
 from fastapi import FastAPI
 
+from tuneline.monitor.store import RequestLog
 from tuneline.serve.config import ServerConfig
 from tuneline.serve.engine import Engine
 from tuneline.serve.errors import ApiError, install_error_handlers
 from tuneline.serve.guard import Guard
-from tuneline.serve.requestlog import RequestLog
 from tuneline.serve.routes import ROUTERS
 from tuneline.serve.state import ServerState
 

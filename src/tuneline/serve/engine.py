@@ -37,6 +37,7 @@ from tuneline.registry import VersionInfo
 from tuneline.retrieval import Retriever, adapter_retriever
 from tuneline.retrieval.encoder import Encoder
 from tuneline.serve.multilora import MultiLora
+from tuneline.serve.tasks import AdapterTask, read_task
 
 if TYPE_CHECKING:
     import torch
@@ -123,6 +124,7 @@ class Engine:
         self.adapters: dict[str, str] = {}  # adapter slot -> source folder
         self.retrievers: dict[str, Retriever] = {}  # adapter slot -> its Retriever (hybrid adapters only)
         self.decodings: dict[str, Decoding] = {}  # adapter slot -> the Decoding it was evaluated with (decoding.json)
+        self.tasks: dict[str, AdapterTask] = {}  # adapter slot -> its spec's task (tuneline.yaml), where it has one
         self._encoders: dict[str, Encoder] = {}  # sentence encoders by fingerprint, shared by the retrievers
         self.multi: MultiLora | None = None  # once an adapter is loaded
         self.batch_sizes: collections.deque[int] = collections.deque(maxlen=10_000)  # rows per generate call
@@ -154,6 +156,7 @@ class Engine:
             if name not in self.adapters:
                 verify_tree(path, sha256, what=f"adapter of {key}")
                 decoding = read_decoding(path)  # absent (adapters from before decoding.json): request settings only
+                task = read_task(path)  # absent (an adapter saved outside the pipeline): no predicted labels
                 # a hybrid adapter ships the index it was trained with: load it before taking requests for it
                 retriever = adapter_retriever(path, device=str(self.base.device.type), encoders=self._encoders)
                 self._submit_control(lambda: self._load(name, path))
@@ -161,7 +164,15 @@ class Engine:
                     self.retrievers[name] = retriever
                 if decoding is not None:
                     self.decodings[name] = decoding
+                if task is not None:
+                    self.tasks[name] = task
         return name
+
+    def predicted_label(self, adapter: str, answer: str | None) -> str | None:
+        """The label ``answer`` predicts when the adapter slot ``adapter`` is a classification
+        adapter (see :meth:`AdapterTask.predicted_label`), else None."""
+        task = self.tasks.get(adapter)
+        return task.predicted_label(answer) if task is not None else None
 
     def loaded(self, key: str, path: str) -> bool:
         return slot_name(key, path) in self.adapters

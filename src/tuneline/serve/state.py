@@ -9,12 +9,12 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
+from tuneline.monitor.store import RequestLog
 from tuneline.serve.auth import KeyTable
 from tuneline.serve.config import ServerConfig
 from tuneline.serve.engine import Engine
 from tuneline.serve.errors import ApiError
 from tuneline.serve.metrics import ServerMetrics
-from tuneline.serve.requestlog import RequestLog
 from tuneline.serve.resolver import ModelResolver
 
 

@@ -82,6 +82,7 @@ async def events(stream: EventStream) -> AsyncIterator[str]:
         except Exception as exc:  # generation failed: the client gets an error event, not a cut stream
             log.error("%s: generation failed: %s", stream.rid, exc)
             stream.state.final_status = 500
+            stream.record(None, 500)
             finished = True
             yield _event(error_body(f"internal error (request {stream.rid})", "server_error"))
             return
@@ -104,7 +105,7 @@ async def events(stream: EventStream) -> AsyncIterator[str]:
 def _abandoned(stream: EventStream) -> None:
     stream.job.cancel()
     stream.state.final_status = 499
-    stream.future.add_done_callback(lambda f: stream.record(f.result(), 499) if f.exception() is None else None)
+    stream.future.add_done_callback(lambda f: stream.record(f.result() if f.exception() is None else None, 499))
 
 
 def _event(data: object) -> str:

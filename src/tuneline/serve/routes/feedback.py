@@ -7,9 +7,9 @@ import logging
 
 from fastapi import APIRouter, Request
 
+from tuneline.monitor.store import RequestLogError
 from tuneline.serve.auth import authorize
 from tuneline.serve.errors import ApiError
-from tuneline.serve.requestlog import RequestLogError
 from tuneline.serve.schema import FeedbackAck, FeedbackRequest
 from tuneline.serve.state import Server
 

@@ -44,7 +44,9 @@ async def healthz(request: Request, server: Server) -> Health:
 
 @router.get("/metrics", response_model=None)
 async def prometheus(server: Server) -> PlainTextResponse:
-    return PlainTextResponse(server.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
+    # off the event loop: the monitor gauges may read the store
+    text = await asyncio.get_running_loop().run_in_executor(None, server.metrics.exposition)
+    return PlainTextResponse(text, media_type=CONTENT_TYPE_LATEST)
 
 
 def _card(model_id: str) -> ModelCard:

@@ -1,6 +1,14 @@
-"""The request log: every request and response, PII redacted, with model version, latency and
-token counts; and feedback (ratings, corrections) on logged responses. SQLite by default, any
-SQLAlchemy URL for a team; the monitoring stage reads it.
+"""The monitor store (the request log): every request and response, PII redacted, with model
+version, latency, token counts, status and, for a classification adapter, the label it
+predicted; requests refused before an answer too (429, 4xx, 5xx: no response); feedback
+(ratings, corrections) on logged responses; and what monitoring makes of them: each check's
+result (``checks``) and the alerts sent (``alerts``, one per detector per window). SQLite by
+default, any SQLAlchemy URL for a team. A database made by an older tuneline gets the columns it
+lacks when it is opened.
+
+The server writes requests through :meth:`RequestLog.log`; the monitor reads them with
+:meth:`RequestLog.requests` and :meth:`RequestLog.feedback`, stores checks with
+:meth:`RequestLog.save_check` and claims alerts with :meth:`RequestLog.claim_alert`.
 
 Logging never slows or fails a request. :meth:`RequestLog.log` only copies its
 :class:`RequestRecord` onto a queue; a writer thread redacts each row (every message's text on its own, before anything is
@@ -30,15 +38,16 @@ import queue
 import threading
 import time
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
-from typing import Any, TypeAlias, cast
+from typing import Any, TypeAlias, TypedDict, cast
 
 from sqlalchemy import (
     Column,
     Float,
+    Index,
     Integer,
     MetaData,
     String,
@@ -46,12 +55,19 @@ from sqlalchemy import (
     Text,
     create_engine,
     insert,
+    inspect,
     make_url,
     select,
+    update,
 )
+from sqlalchemy import text as sql_text
+from sqlalchemy.engine import Engine, RowMapping
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.pool import StaticPool
+from sqlalchemy.sql.expression import Executable
 
 from tuneline.curation.pii import Redactor, redact_json
+from tuneline.monitor.results import CheckResult, DetectorResult, Window
 
 try:
     import fcntl
@@ -78,6 +94,8 @@ requests_table = Table(
     Column("latency_ms", Float, nullable=True),
     Column("status", Integer),
     Column("pii_redacted", Integer, default=0),
+    # a classification adapter's answer as the label it predicts (None: another task, or no answer)
+    Column("predicted_label", String(200), nullable=True),
 )
 feedback_table = Table(
     "feedback", metadata,
@@ -88,11 +106,41 @@ feedback_table = Table(
     Column("correction", Text, nullable=True),
     Column("comment", Text, nullable=True),
 )
+checks_table = Table(  # one row per `tuneline monitor check`: its CheckResult, whole, as JSON
+    "checks", metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("model", String(200), nullable=False, index=True),
+    Column("version", Integer, nullable=True),
+    Column("at", Float, nullable=False),
+    Column("window_start", Float, nullable=False),
+    Column("window_end", Float, nullable=False),
+    Column("window_requests", Integer, nullable=False),
+    Column("fired", Integer, nullable=False),  # detectors that fired
+    Column("result", Text, nullable=False),  # CheckResult.to_dict() as JSON
+)
+alerts_table = Table(  # alerts sent: at most one per (model, detector) and window
+    "alerts", metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("model", String(200), nullable=False),
+    Column("detector", String(200), nullable=False),
+    Column("window_start", Float, nullable=False),
+    Column("window_end", Float, nullable=False),
+    Column("at", Float, nullable=False),
+    Column("payload", Text, nullable=False),
+    Index("alerts_by_detector", "model", "detector", "window_end"),
+)
+alert_locks_table = Table(  # one row per (model, detector): claims of its alerts take turns on it
+    "alert_locks", metadata,
+    Column("model", String(200), primary_key=True),
+    Column("detector", String(200), primary_key=True),
+    Column("claims", Integer, nullable=False),
+)
 
 # String columns with a length: longer values are cut, so no row can make a batch fail on a
 # database that enforces lengths (and then fail every retry).
 _LENGTHS = {c.name: c.type.length for c in requests_table.columns
             if isinstance(c.type, String) and not isinstance(c.type, Text) and c.type.length}
+_REQUEST_COLUMNS = tuple(c.name for c in requests_table.columns)
 _INTS = ("model_version", "prompt_tokens", "completion_tokens", "status")
 _ID_CHUNK = 500  # ids per "already stored?" query (SQLite allows 999 parameters)
 REDACTION_FAILED = "<redaction failed>"
@@ -107,21 +155,68 @@ LoggedPrompt: TypeAlias = str | list[dict[str, str]]
 @dataclass(frozen=True)
 class RequestRecord:
     """One answered (or failed) request, as the server hands it to :meth:`RequestLog.log`; the
-    columns of ``requests`` besides ``created`` (the time it is logged) and ``pii_redacted``."""
+    columns of ``requests`` besides ``created`` (the time it is logged) and ``pii_redacted``.
+    A request refused before it was answered has no prompt (None) when its body was not read."""
 
     id: str
     endpoint: str
-    model: str  # as requested: NAME, NAME@candidate, NAME@3
-    model_name: str
-    model_version: int | None  # None: the base model
+    model: str | None  # as requested: NAME, NAME@candidate, NAME@3 (None: refused before it was read)
+    model_name: str | None
+    model_version: int | None  # None: the base model (or not resolved)
     key_name: str | None
-    prompt: LoggedPrompt
+    prompt: LoggedPrompt | None
     response: str | None
     prompt_tokens: int | None
     completion_tokens: int | None
     finish_reason: str | None
     latency_ms: float | None
     status: int
+    predicted_label: str | None = None
+
+
+class StoredRequest(TypedDict):
+    """A row of ``requests`` as :meth:`RequestLog.requests` returns it (``prompt``: the redacted
+    prompt as stored, JSON text; None for a request refused before its body was read)."""
+
+    id: str
+    created: float
+    endpoint: str | None
+    model: str | None
+    model_name: str | None
+    model_version: int | None
+    key_name: str | None
+    prompt: str | None
+    response: str | None
+    prompt_tokens: int | None
+    completion_tokens: int | None
+    finish_reason: str | None
+    latency_ms: float | None
+    status: int | None
+    pii_redacted: int | None
+    predicted_label: str | None
+
+
+class FeedbackRow(TypedDict):
+    """A row of ``feedback``: a rating and/or correction of the response ``response_id``."""
+
+    id: int
+    response_id: str
+    created: float
+    rating: int | None
+    correction: str | None
+    comment: str | None
+
+
+class AlertRow(TypedDict):
+    """A row of ``alerts``: one alert sent (``payload``: what was sent, as its sender wrote it)."""
+
+    id: int
+    model: str
+    detector: str
+    window_start: float
+    window_end: float
+    at: float
+    payload: str
 
 
 class RequestLogError(RuntimeError):
@@ -299,6 +394,132 @@ class RequestLog:
         with self._read_lock, self.engine.connect() as conn:
             return [dict(r._mapping) for r in conn.execute(select(table))]
 
+    # ------------------------------------------------------------------ reading (the monitor)
+
+    def requests(self, model_name: str | None = None, *, limit: int | None = None, since: float | None = None,
+                 until: float | None = None) -> list[StoredRequest]:
+        """The stored requests (every status) of ``model_name`` (all models: None) created between
+        ``since`` and ``until`` (Unix times, both included), oldest first; with ``limit``, the
+        newest ``limit`` of them. Rows still queued in this process are written first."""
+        self.flush(timeout=30)
+        t = requests_table
+        q = select(t)
+        if model_name is not None:
+            q = q.where(t.c.model_name == model_name)
+        if since is not None:
+            q = q.where(t.c.created >= since)
+        if until is not None:
+            q = q.where(t.c.created <= until)
+        newest_first = limit is not None
+        q = q.order_by(t.c.created.desc(), t.c.id.desc()) if newest_first else q.order_by(t.c.created, t.c.id)
+        if limit is not None:
+            q = q.limit(max(0, limit))
+        rows = [cast(StoredRequest, dict(r)) for r in self._read(q, "read requests")]
+        return rows[::-1] if newest_first else rows
+
+    def feedback(self, response_ids: Collection[str] | None = None, *,
+                 since: float | None = None) -> list[FeedbackRow]:
+        """Feedback (on the responses ``response_ids``, else on any) given at or after ``since``,
+        oldest first."""
+        t = feedback_table
+        base = select(t).order_by(t.c.created, t.c.id)
+        if since is not None:
+            base = base.where(t.c.created >= since)
+        if response_ids is None:
+            queries = [base]
+        else:
+            ids = list(dict.fromkeys(response_ids))
+            queries = [base.where(t.c.response_id.in_(ids[i:i + _ID_CHUNK])) for i in range(0, len(ids), _ID_CHUNK)]
+        rows = [cast(FeedbackRow, dict(r)) for q in queries for r in self._read(q, "read feedback")]
+        if len(queries) > 1:
+            rows.sort(key=lambda r: (r["created"], r["id"]))
+        return rows
+
+    # ------------------------------------------------------------------ monitor checks and alerts
+
+    def save_check(self, check: CheckResult) -> int:
+        """Store a monitor check's result; returns its id."""
+        values = {"model": check.model, "version": check.version, "at": check.at,
+                  "window_start": check.window.start, "window_end": check.window.end,
+                  "window_requests": check.window.requests, "fired": len(check.fired),
+                  "result": json.dumps(check.to_dict(), ensure_ascii=False)}
+        try:
+            with self._db_lock, self.engine.begin() as conn:
+                key = conn.execute(insert(checks_table).values(**values)).inserted_primary_key
+        except Exception as exc:
+            raise RequestLogError(f"request log {self.url}: cannot store the check of {check.model!r}: "
+                                  f"{_short(exc)}") from exc
+        assert key is not None
+        return int(key[0])
+
+    def checks(self, model: str, *, since: float | None = None) -> list[CheckResult]:
+        """The stored checks of ``model`` (at or after ``since``), oldest first."""
+        t = checks_table
+        q = select(t.c.result).where(t.c.model == model).order_by(t.c.at, t.c.id)
+        if since is not None:
+            q = q.where(t.c.at >= since)
+        return [check_from_json(r["result"]) for r in self._read(q, f"read the checks of {model!r}")]
+
+    def latest_check(self, model: str) -> CheckResult | None:
+        """The last check of ``model`` (by its time), or None."""
+        t = checks_table
+        q = select(t.c.result).where(t.c.model == model).order_by(t.c.at.desc(), t.c.id.desc()).limit(1)
+        rows = self._read(q, f"read the checks of {model!r}")
+        return check_from_json(rows[0]["result"]) if rows else None
+
+    def checked_models(self) -> list[str]:
+        """Every model with a stored check."""
+        q = select(checks_table.c.model).distinct().order_by(checks_table.c.model)
+        return [str(r["model"]) for r in self._read(q, "read the checked models")]
+
+    def claim_alert(self, model: str, detector: str, window_start: float, window_end: float, payload: str) -> bool:
+        """Whether an alert of ``detector`` on ``model`` for this window should be sent: True, and
+        the alert stored, unless one was stored already for a window that overlaps it (one alert
+        per detector per window). Claims of one (model, detector) take turns on its row of
+        ``alert_locks``, so of two processes claiming the same alert at once exactly one gets True."""
+        for _ in range(5):
+            try:
+                return self._claim(model, detector, window_start, window_end, payload)
+            except IntegrityError:  # another process made the lock row meanwhile: once more, in turn
+                continue
+            except Exception as exc:
+                raise RequestLogError(f"request log {self.url}: cannot record the alert {detector!r} of "
+                                      f"{model!r}: {_short(exc)}") from exc
+        raise RequestLogError(f"request log {self.url}: cannot record the alert {detector!r} of {model!r}: "
+                              "the lock row could not be made")
+
+    def _claim(self, model: str, detector: str, window_start: float, window_end: float, payload: str) -> bool:
+        locks, a = alert_locks_table, alerts_table
+        with self._db_lock, self.engine.begin() as conn:
+            # the first write takes the lock (SQLite: the database's; others: the row's) until commit
+            taken = conn.execute(update(locks).where(locks.c.model == model, locks.c.detector == detector)
+                                 .values(claims=locks.c.claims + 1)).rowcount
+            if not taken:
+                conn.execute(insert(locks).values(model=model, detector=detector, claims=1))
+            overlap = conn.execute(select(a.c.id).where(
+                a.c.model == model, a.c.detector == detector, a.c.window_end >= window_start,
+                a.c.window_start <= window_end).limit(1)).first()
+            if overlap is not None:
+                return False
+            conn.execute(insert(a).values(model=model, detector=detector, window_start=window_start,
+                                          window_end=window_end, at=time.time(), payload=payload))
+            return True
+
+    def alerts_sent(self, model: str, *, since: float | None = None) -> list[AlertRow]:
+        """The alerts stored for ``model`` (sent at or after ``since``), oldest first."""
+        a = alerts_table
+        q = select(a).where(a.c.model == model).order_by(a.c.at, a.c.id)
+        if since is not None:
+            q = q.where(a.c.at >= since)
+        return [cast(AlertRow, dict(r)) for r in self._read(q, f"read the alerts of {model!r}")]
+
+    def _read(self, query: Executable, what: str) -> list[RowMapping]:
+        try:
+            with self._read_lock, self.engine.connect() as conn:
+                return list(conn.execute(query).mappings())
+        except Exception as exc:
+            raise RequestLogError(f"request log {self.url}: cannot {what}: {_short(exc)}") from exc
+
     # ------------------------------------------------------------------ the writer
 
     def _start(self) -> None:
@@ -388,9 +609,13 @@ class RequestLog:
         """The row to store: prompt and response redacted, every value of its column's type."""
         row: dict[str, Any] = {f.name: getattr(record, f.name) for f in fields(record)}
         row["created"] = created
+        text: str | None
         try:
-            prompt, n1 = redact_json(record.prompt, self.redactor)
-            text = json.dumps(prompt, ensure_ascii=False)
+            if record.prompt is None:  # refused before its body was read
+                text, n1 = None, 0
+            else:
+                prompt, n1 = redact_json(record.prompt, self.redactor)
+                text = json.dumps(prompt, ensure_ascii=False)
         except Exception:
             log.exception("request log: could not redact the prompt of %r; storing a placeholder", record.id)
             text, n1 = json.dumps(REDACTION_FAILED), 0
@@ -399,7 +624,7 @@ class RequestLog:
         except Exception:
             log.exception("request log: could not redact the response of %r; storing a placeholder", record.id)
             response, n2 = REDACTION_FAILED, 0
-        row["prompt"], row["pii_redacted"] = _clean(text), n1 + n2
+        row["prompt"], row["pii_redacted"] = None if text is None else _clean(text), n1 + n2
         row["response"] = None if response is None else _clean(response)
         for name, length in _LENGTHS.items():
             v = row.get(name)
@@ -431,7 +656,7 @@ class RequestLog:
             for r in rows:
                 if str(r["id"]) not in stored:
                     stored.add(str(r["id"]))
-                    fresh.append(r)
+                    fresh.append(_complete(r))
             if fresh:
                 conn.execute(insert(requests_table), fresh)
         self._db_ok = True
@@ -455,7 +680,7 @@ class RequestLog:
 
     def _ensure_tables(self) -> None:
         with self._db_lock:
-            metadata.create_all(self.engine)
+            create_tables(self.engine)
 
     # ------------------------------------------------------------------ spool and recovery
 
@@ -581,10 +806,74 @@ class RequestLog:
 # ---------------------------------------------------------------------- helpers
 
 
-def _snapshot(prompt: LoggedPrompt) -> LoggedPrompt:
+def create_tables(engine: Engine, tries: int = 3) -> None:
+    """The store's tables and columns, made where missing. Another process making them at the
+    same moment ("table ... already exists") is not an error: the next try finds them."""
+    for attempt in range(tries):
+        try:
+            metadata.create_all(engine)
+            add_missing_columns(engine)
+            return
+        except Exception as exc:
+            message = str(exc).lower()
+            if attempt == tries - 1 or ("already exists" not in message and "duplicate" not in message):
+                raise
+            time.sleep(0.05 * (attempt + 1))
+
+
+def add_missing_columns(engine: Engine) -> list[str]:
+    """Add to each table of the store the columns a database made by an older tuneline lacks
+    (``ALTER TABLE ... ADD COLUMN``; every column added later is nullable); returns them as
+    ``table.column``. A column another process adds meanwhile is not an error."""
+    added = []
+    quote = engine.dialect.identifier_preparer.quote
+    for table in metadata.sorted_tables:
+        with engine.connect() as conn:
+            have = {c["name"] for c in inspect(conn).get_columns(table.name)}
+        for column in table.columns:
+            if column.name in have:
+                continue
+            ddl = (f"ALTER TABLE {quote(table.name)} ADD COLUMN {quote(column.name)} "
+                   f"{column.type.compile(dialect=engine.dialect)}")
+            try:
+                with engine.begin() as conn:
+                    conn.execute(sql_text(ddl))
+            except Exception:
+                with engine.connect() as conn:  # added by another process meanwhile?
+                    if column.name not in {c["name"] for c in inspect(conn).get_columns(table.name)}:
+                        raise
+            else:
+                log.warning("request log: added the column %s.%s to %s (made by an older tuneline)",
+                            table.name, column.name, engine.url.render_as_string(hide_password=True))
+            added.append(f"{table.name}.{column.name}")
+    return added
+
+
+def check_from_json(text: str) -> CheckResult:
+    """A :class:`CheckResult` from what :meth:`RequestLog.save_check` stored (fields a newer
+    tuneline added are ignored)."""
+    data = json.loads(text)
+    known = {cls: {f.name for f in fields(cls)} for cls in (Window, DetectorResult)}
+    window = Window(**{k: v for k, v in data["window"].items() if k in known[Window]})
+    results = [DetectorResult(**{k: v for k, v in r.items() if k in known[DetectorResult]})
+               for r in data.get("results", [])]
+    return CheckResult(model=data["model"], version=data.get("version"), dataset_version=data.get("dataset_version"),
+                       at=float(data["at"]), window=window, results=results)
+
+
+def _complete(row: StoredRow) -> StoredRow:
+    """``row`` with exactly the columns of ``requests``: a row spooled by an older (or newer)
+    tuneline may lack a column (stored as None) or carry one this table does not have."""
+    out = {name: row.get(name) for name in _REQUEST_COLUMNS}
+    if out["pii_redacted"] is None:
+        out["pii_redacted"] = 0
+    return out
+
+
+def _snapshot(prompt: LoggedPrompt | None) -> LoggedPrompt | None:
     """A copy of the containers in ``prompt`` (strings are immutable), so a caller changing its
     messages after :meth:`RequestLog.log` returns cannot change what is logged."""
-    return cast(LoggedPrompt, _copy(prompt))
+    return cast("LoggedPrompt | None", _copy(prompt))
 
 
 def _copy(obj: object) -> object:
