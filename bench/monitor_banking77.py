@@ -92,9 +92,8 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=500, help="Requests of each traffic (default 500).")
     args = ap.parse_args()
 
-    from tuneline.monitor.store import RequestLog
-
     from tuneline.monitor.check import open_encoder, target_of
+    from tuneline.monitor.store import RequestLog
     from tuneline.serve import build_app
     from tuneline.workspace import Workspace
 

@@ -16,13 +16,9 @@ from helpers import tiny_lora_spec
 import tuneline
 from tuneline import registry
 from tuneline.monitor.harvest import FeedbackError
+from tuneline.monitor.store import RequestLog, RequestRecord
 from tuneline.pipeline.retrain import PROMOTED_REASON, harvest_model, production_of, recipe, retrain
 from tuneline.workspace import Workspace
-
-try:  # the store moves from the server into monitor
-    from tuneline.monitor.store import RequestLog, RequestRecord  # type: ignore[import-not-found,unused-ignore]
-except ImportError:
-    from tuneline.serve.requestlog import RequestLog, RequestRecord  # type: ignore[no-redef,unused-ignore]
 
 NAME = "loop-intents"
 CORRECTIONS = {  # request id -> (what the user wrote, the model's answer, the correction)

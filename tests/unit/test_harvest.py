@@ -22,14 +22,10 @@ from tuneline.monitor.harvest import (
     prompt_messages,
     task_record,
 )
+from tuneline.monitor.store import RequestLog, RequestRecord
 from tuneline.registry import FEEDBACK_LINKS
 from tuneline.spec import load_spec
 from tuneline.workspace import Workspace
-
-try:  # the store moves from the server into monitor
-    from tuneline.monitor.store import RequestLog, RequestRecord  # type: ignore[import-not-found,unused-ignore]
-except ImportError:
-    from tuneline.serve.requestlog import RequestLog, RequestRecord  # type: ignore[no-redef,unused-ignore]
 
 NAME = "intents"
 

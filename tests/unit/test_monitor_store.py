@@ -202,6 +202,14 @@ def test_one_alert_per_detector_per_window(store):
     assert store.alerts_sent("nobody") == []
 
 
+def test_a_released_alert_is_claimed_again_by_the_next_check(store):
+    assert store.claim_alert("intents", "input.embedding", 0.0, 100.0, "{}")
+    store.release_alert("intents", "input.embedding", 0.0)  # its delivery failed
+    assert store.alerts_sent("intents") == []
+    assert store.claim_alert("intents", "input.embedding", 10.0, 110.0, "{}")  # the next, overlapping window
+    assert not store.claim_alert("intents", "input.embedding", 20.0, 120.0, "{}")
+
+
 def test_two_processes_claiming_the_same_alert_at_once_send_it_once(tmp_path: Path):
     url = f"sqlite:///{tmp_path / 'requests.db'}"
     stores = [RequestLog(url), RequestLog(url)]  # each its own connections and locks, as two processes

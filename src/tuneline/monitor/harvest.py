@@ -21,8 +21,8 @@ counted by reason). Feedback already harvested into a version is not harvested a
 ``everything``); a harvest without new feedback returns the last harvest's version, and the same
 rows always give the same version id (ids are content hashes).
 
-The log is read with plain SQL on the store's ``requests`` and ``feedback`` tables through any
-object with an SQLAlchemy ``engine`` (the server's request log, or :func:`open_log` on a URL).
+The log is read through the store's API (:class:`~tuneline.monitor.store.RequestLog`: feedback,
+then the requests it is about).
 """
 
 from __future__ import annotations
@@ -32,16 +32,15 @@ import time
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal, Protocol, TypedDict
-
-from sqlalchemy import bindparam, create_engine, make_url, text
-from sqlalchemy.exc import SQLAlchemyError
+from typing import TYPE_CHECKING, Literal, TypedDict
 
 from tuneline.artifacts import atomic_write_text
 from tuneline.curation import DatasetVersion, curate, load_version, save_version
 from tuneline.curation.pii import Redactor
-from tuneline.data.examples import Example, Message
+from tuneline.data.examples import Example, Message, build_examples
+from tuneline.data.readers import read_records
 from tuneline.errors import DataError, Problem, TunelineError
+from tuneline.monitor.store import RequestLog, RequestLogError
 from tuneline.registry import FEEDBACK_LINKS
 from tuneline.spec import LoadedSpec
 from tuneline.spec.models import DataSource
@@ -49,7 +48,7 @@ from tuneline.spec.monitor import FeedbackSpec
 from tuneline.workspace import Workspace
 
 if TYPE_CHECKING:
-    from sqlalchemy.engine import Engine
+    pass
 
 HARVEST_FILE = "harvest.json"  # beside the manifest: what the version was harvested from
 PREFERENCES_FILE = "preferences.jsonl"  # beside the manifest: (prompt, chosen, rejected) pairs
@@ -65,26 +64,6 @@ Record = dict[str, object]  # one row of a harvested file, in the task's logical
 
 class FeedbackError(TunelineError):
     """Feedback cannot be harvested (the request log cannot be read, nothing to retrain on)."""
-
-
-class HasEngine(Protocol):
-    """A request log: anything holding the SQLAlchemy engine of the store's tables."""
-
-    @property
-    def engine(self) -> Engine: ...
-
-
-@dataclass(frozen=True)
-class OpenedLog:
-    """A request log opened for reading only (:func:`open_log`)."""
-
-    engine: Engine
-    url: str
-
-
-def open_log(url: str) -> OpenedLog:
-    """The request log at SQLAlchemy ``url``, for reading (no writer thread, no tables created)."""
-    return OpenedLog(create_engine(url), make_url(url).render_as_string(hide_password=True))
 
 
 @dataclass(frozen=True)
@@ -105,28 +84,17 @@ class FeedbackEntry:
     correction: str | None
 
 
-def read_log(log: HasEngine, *, since: float | None = None) -> tuple[list[FeedbackEntry], dict[str, LoggedRequest]]:
+def read_log(log: RequestLog, *, since: float | None = None) -> tuple[list[FeedbackEntry], dict[str, LoggedRequest]]:
     """Every feedback entry (created at or after ``since``), oldest first, and the logged requests
-    it is about, by id. The lead switches this to the store's read API at merge."""
-    where = " WHERE created >= :since" if since is not None else ""
-    query = text(f"SELECT id, response_id, created, rating, correction FROM feedback{where} ORDER BY created, id")
-    by_id = text("SELECT id, created, model_name, prompt, response FROM requests WHERE id IN :ids").bindparams(
-        bindparam("ids", expanding=True))
+    it is about, by id."""
     try:
-        with log.engine.connect() as conn:
-            entries = [FeedbackEntry(int(r.id), str(r.response_id), float(r.created), r.rating, r.correction)
-                       for r in conn.execute(query, {"since": since} if since is not None else {})]
-            ids = sorted({e.response_id for e in entries})
-            found: dict[str, LoggedRequest] = {}
-            for i in range(0, len(ids), _ID_CHUNK):
-                for r in conn.execute(by_id, {"ids": ids[i:i + _ID_CHUNK]}):
-                    found[str(r.id)] = LoggedRequest(str(r.id), float(r.created), r.model_name, r.prompt or "",
-                                                     r.response)
-    except SQLAlchemyError as exc:
-        url = getattr(log, "url", None) or log.engine.url.render_as_string(hide_password=True)
-        raise FeedbackError(Problem(f"cannot read the request log {url}: {str(exc).splitlines()[0][:300]}",
-                                    hint="serve the model (`tuneline serve`) so requests and feedback are logged, "
-                                         "or pass the log's URL with --requests")) from exc
+        entries = [FeedbackEntry(int(r["id"]), str(r["response_id"]), float(r["created"]), r["rating"], r["correction"])
+                   for r in log.feedback(since=since)]
+        found = {rid: LoggedRequest(rid, float(r["created"]), r["model_name"], r["prompt"] or "", r["response"])
+                 for rid, r in log.requests_by_id({e.response_id for e in entries}).items()}
+    except RequestLogError as exc:
+        raise FeedbackError(Problem(str(exc), hint="serve the model (`tuneline serve`) so requests and feedback are "
+                                                   "logged, or pass the log's URL with --requests")) from exc
     return entries, found
 
 
@@ -385,19 +353,42 @@ def known_labels(loaded: LoadedSpec) -> list[str] | None:
     return list(spec.task.labels)
 
 
-def harvest(loaded: LoadedSpec, workspace: Workspace, request_log: HasEngine, *, since: float | None = None,
+def training_labels(loaded: LoadedSpec) -> list[str] | None:
+    """A classification spec's label set: ``task.labels``, else those of its training file."""
+    spec = loaded.spec
+    if spec.task.type != "classification":
+        return None
+    if spec.task.labels:
+        return list(spec.task.labels)
+    src = spec.data.train
+    read = read_records(loaded.resolve(src.path), src.resolved_format(), display=src.path)
+    examples, _ = build_examples(spec.task, src, read.records)
+    return sorted({ex.label for ex in examples if ex.label})
+
+
+def _label_set(base: Sequence[str] | None, rows: Iterable[HarvestRow]) -> list[str] | None:
+    """The harvest's label set: the model's labels and the new ones corrections named."""
+    if base is None:
+        return None
+    return sorted({*base, *(str(r.record["label"]) for r in rows if r.record.get("label"))})
+
+
+def harvest(loaded: LoadedSpec, workspace: Workspace, request_log: RequestLog, *, since: float | None = None,
             everything: bool = False, labels: Sequence[str] | None = None) -> HarvestResult:
     """Turn the feedback on the logged answers of the spec's model into a new dataset version.
 
     ``since``: only feedback created at or after this time (epoch seconds); ``everything``:
-    harvest feedback already harvested into a version again; ``labels``: classification's known
-    labels (default: :func:`known_labels`)."""
+    harvest feedback already harvested into a version again; ``labels``: classification's label set
+    before this harvest (default: :func:`training_labels`); corrections must name one of them only
+    where the spec declares ``task.labels``."""
     spec, name = loaded.spec, loaded.spec.name
-    labels = list(labels) if labels is not None else known_labels(loaded)
+    declared = known_labels(loaded)
+    labels = list(labels) if labels is not None else training_labels(loaded)
     before = harvested_versions(workspace, name)
     done = frozenset() if everything else frozenset(i for h in before for i in h.feedback_ids)
     entries, requests = read_log(request_log, since=since)
-    scope = _Scope(name, spec.task.type, spec.monitor.feedback, frozenset(labels) if labels is not None else None, done)
+    scope = _Scope(name, spec.task.type, spec.monitor.feedback, frozenset(declared) if declared is not None else None,
+                   done)
     got = collect(entries, requests, scope)
     result = HarvestResult(name, before[-1].version.id if before else None, False, 0, [], 0, dict(got.skipped),
                            len(entries), got.already_harvested, got.other_models, None)
@@ -405,7 +396,7 @@ def harvest(loaded: LoadedSpec, workspace: Workspace, request_log: HasEngine, *,
         return result
     file = _write_rows(workspace.feedback_dir(name), list(got.rows.values()))
     result.file = str(file)
-    derived = derived_spec(loaded, {"train": file}, labels)
+    derived = derived_spec(loaded, {"train": file}, declared or _label_set(labels, got.rows.values()))
     try:
         curated = curate(derived)
     except DataError as exc:  # curation dropped every harvested row
@@ -545,6 +536,6 @@ def _now() -> str:
 
 
 __all__ = ["HARVEST_FILE", "PREFERENCES_FILE", "FeedbackEntry", "FeedbackError", "HarvestResult",
-           "HarvestRow", "HarvestedVersion", "LoggedRequest", "OpenedLog", "collect", "derived_spec",
-           "example_record", "harvest", "harvested_versions", "known_labels", "open_log", "prompt_messages",
+           "HarvestRow", "HarvestedVersion", "LoggedRequest", "collect", "derived_spec",
+           "example_record", "harvest", "harvested_versions", "known_labels", "prompt_messages", "training_labels",
            "read_log", "task_record", "write_links", "write_records", "write_sidecar"]

@@ -54,6 +54,7 @@ from sqlalchemy import (
     Table,
     Text,
     create_engine,
+    delete,
     insert,
     inspect,
     make_url,
@@ -417,6 +418,16 @@ class RequestLog:
         rows = [cast(StoredRequest, dict(r)) for r in self._read(q, "read requests")]
         return rows[::-1] if newest_first else rows
 
+    def requests_by_id(self, ids: Collection[str]) -> dict[str, StoredRequest]:
+        """The stored requests with these ids (those not stored are absent), by id."""
+        self.flush(timeout=30)
+        t, unique = requests_table, list(dict.fromkeys(ids))
+        out: dict[str, StoredRequest] = {}
+        for i in range(0, len(unique), _ID_CHUNK):
+            q = select(t).where(t.c.id.in_(unique[i:i + _ID_CHUNK]))
+            out.update((str(r["id"]), cast(StoredRequest, dict(r))) for r in self._read(q, "read requests"))
+        return out
+
     def feedback(self, response_ids: Collection[str] | None = None, *,
                  since: float | None = None) -> list[FeedbackRow]:
         """Feedback (on the responses ``response_ids``, else on any) given at or after ``since``,
@@ -504,6 +515,18 @@ class RequestLog:
             conn.execute(insert(a).values(model=model, detector=detector, window_start=window_start,
                                           window_end=window_end, at=time.time(), payload=payload))
             return True
+
+    def release_alert(self, model: str, detector: str, window_start: float) -> None:
+        """Forget the alert claimed for this window (a sink failed to deliver it), so the next
+        check claims and sends it again."""
+        a = alerts_table
+        try:
+            with self._db_lock, self.engine.begin() as conn:
+                conn.execute(delete(a).where(a.c.model == model, a.c.detector == detector,
+                                             a.c.window_start == window_start))
+        except Exception as exc:
+            raise RequestLogError(f"request log {self.url}: cannot release the alert {detector!r} of "
+                                  f"{model!r}: {_short(exc)}") from exc
 
     def alerts_sent(self, model: str, *, since: float | None = None) -> list[AlertRow]:
         """The alerts stored for ``model`` (sent at or after ``since``), oldest first."""

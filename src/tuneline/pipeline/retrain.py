@@ -44,16 +44,15 @@ from tuneline.monitor.harvest import (
     FeedbackError,
     HarvestResult,
     HarvestRow,
-    HasEngine,
     derived_spec,
     example_record,
     harvest,
     harvested_versions,
-    open_log,
     write_links,
     write_records,
     write_sidecar,
 )
+from tuneline.monitor.store import RequestLog
 from tuneline.pipeline.commands import RunResult, WorkspaceRef, run_stages
 from tuneline.registry import GATE_NOT_EVALUATED, GATE_PASSED, VersionInfo
 from tuneline.spec import LoadedSpec, load_spec
@@ -395,18 +394,30 @@ def _promote_by_policy(prod: Production, result: RunResult, gates: str, console:
 
 
 def harvest_model(name: str, workspace: WorkspaceRef = None, *, spec: str | Path | None = None,
-                  request_log: HasEngine | str | None = None, everything: bool = False) -> HarvestResult:
+                  request_log: RequestLog | str | None = None, everything: bool = False) -> HarvestResult:
     """``tuneline feedback harvest NAME``: the feedback on NAME's logged answers as a new dataset
     version, curated under the spec given or, without one, the spec of NAME's production version
-    (corrections must name one of ``task.labels`` where the spec declares them)."""
+    (whose dataset version's labels are then the label set before the harvest; corrections must
+    name one of ``task.labels`` only where the spec declares them)."""
     ws = workspace_of(workspace)
-    loaded = load_spec(spec) if spec is not None else production_of(name, ws).loaded
+    labels = None
+    if spec is not None:
+        loaded = load_spec(spec)
+    else:
+        prod = production_of(name, ws)
+        loaded = prod.loaded
+        if loaded.spec.task.type == "classification" and prod.info.tags.get("tuneline.dataset_version"):
+            labels = base_version(prod, ws).manifest.get("labels")
     if loaded.spec.name != name:
         raise FeedbackError(Problem(f"the spec is for model {loaded.spec.name!r}, not {name!r}",
                                     where=str(loaded.path), field="name", hint=f"pass the spec of {name!r}"))
-    if request_log is None or isinstance(request_log, str):
-        request_log = open_log(request_log or ws.requests_url)
-    return harvest(loaded, ws, request_log, everything=everything)
+    if request_log is not None and not isinstance(request_log, str):
+        return harvest(loaded, ws, request_log, everything=everything, labels=labels)
+    store = RequestLog(request_log or ws.requests_url)
+    try:
+        return harvest(loaded, ws, store, everything=everything, labels=labels)
+    finally:
+        store.close()
 
 
 __all__ = ["PROMOTED_REASON", "Production", "RetrainResult", "harvest_model", "merge_feedback", "production_of",
