@@ -88,7 +88,7 @@ def reference_of(texts: Sequence[str], answers: Sequence[str], labels: Sequence[
     ``embeddings`` where the task has them)."""
     if embeddings is not None and len(embeddings) != len(texts):
         raise ValueError(f"{len(embeddings)} embeddings for {len(texts)} reference texts")
-    rng = np.random.default_rng(seed)
+    rng = stats.stream(seed, "heldout")
     heldout = np.zeros(len(texts), dtype=bool)
     n_heldout = int(round(HELDOUT_SHARE * len(texts))) if len(texts) >= 4 else 0
     heldout[rng.choice(len(texts), n_heldout, replace=False)] = True
