@@ -122,7 +122,7 @@ def mmd_test(reference: np.ndarray, current: np.ndarray, *, permutations: int = 
 def auc_mann_whitney(scores_pos: np.ndarray, scores_neg: np.ndarray) -> tuple[float, float]:
     """ROC AUC of ``scores_pos`` over ``scores_neg`` and the one-sided Mann-Whitney p-value of
     AUC > 0.5 (normal approximation with the tie correction)."""
-    from scipy.stats import mannwhitneyu
+    from scipy.stats import mannwhitneyu  # type: ignore[import-untyped]
 
     res = mannwhitneyu(scores_pos, scores_neg, alternative="greater", method="asymptotic")
     auc = float(res.statistic) / (len(scores_pos) * len(scores_neg))
