@@ -4,12 +4,15 @@ drift methods (model, mmd, ratio, distance, at their defaults), on the same chec
 
 - false alarms: two disjoint random halves of BANKING77 train (reference: 2000 rows of one half,
   current: a window of the other), --seeds seeds;
+- false alarms, held-out test queries: reference = 2000 train rows, current = a window of
+  BANKING77 test.csv (the queries a served model would see), --seeds seeds;
 - detection, other intents: reference = rows of a random half of the 77 intents, current =
   rows of the other intents (the same domain, new topics), --detect-seeds seeds;
 - detection, unrelated domain: current = ViGGO video-game sentences (valid.csv refs).
 
-Every check at window sizes --windows; the table gives the false-alarm rate, both detection
-rates and the mean seconds per check. Embeddings: the shipped all-MiniLM-L6-v2, cached in the
+Every check at window sizes --windows; the table gives how often each method fired in each
+check (halves and test queries: false alarms; other intents and viggo: detections) and the
+mean seconds per check. Embeddings: the shipped all-MiniLM-L6-v2, cached in the
 workspace (the first run embeds ~10,700 texts, a few minutes on 2 cores).
 
     .venv/bin/python bench/monitor_drift.py [--seeds 20] [--detect-seeds 5] [--windows 50,100,200,500]
@@ -40,18 +43,20 @@ Check = Callable[[np.ndarray, np.ndarray, int], tuple[bool, float]]  # (fired, s
 _MEMO: dict[tuple[str, int, int, int], tuple[stats.TestResult, float]] = {}  # one test, two thresholds
 
 
-def load(workspace: str | None) -> tuple[np.ndarray, list[str], np.ndarray]:
-    """(BANKING77 train embeddings, their intents, ViGGO valid refs' embeddings)."""
+def load(workspace: str | None) -> tuple[np.ndarray, list[str], np.ndarray, np.ndarray]:
+    """(BANKING77 train embeddings, their intents, BANKING77 test embeddings, ViGGO valid refs' embeddings)."""
     from tuneline.retrieval.encoder import load_encoder
     from tuneline.workspace import Workspace
 
     data = REPO / "examples"
     with (data / "banking77" / "data" / "train.csv").open() as f:
         rows = list(csv.DictReader(f))
+    with (data / "banking77" / "data" / "test.csv").open() as f:
+        test = [r["text"] for r in csv.DictReader(f)]
     with (data / "viggo" / "data" / "valid.csv").open() as f:
         viggo = [r["ref"] for r in csv.DictReader(f)]
     enc = load_encoder("all-minilm-l6-v2", cache_root=Workspace.at(workspace).embeddings_dir)
-    return enc.embed([r["text"] for r in rows]), [r["category"] for r in rows], enc.embed(viggo)
+    return enc.embed([r["text"] for r in rows]), [r["category"] for r in rows], enc.embed(test), enc.embed(viggo)
 
 
 def ours(method: str, min_effect: float) -> Check:
@@ -92,14 +97,16 @@ def evidently(name: str) -> Check | None:
     return check
 
 
-def scenarios(emb: np.ndarray, labels: list[str], viggo: np.ndarray, window: int, seeds: int,
-              detect_seeds: int) -> dict[str, list[tuple[np.ndarray, np.ndarray, int]]]:
+def scenarios(emb: np.ndarray, labels: list[str], test: np.ndarray, viggo: np.ndarray, window: int,
+              seeds: int, detect_seeds: int) -> dict[str, list[tuple[np.ndarray, np.ndarray, int]]]:
     """(reference, current, seed) triples of each check."""
     n = len(emb)
     out: dict[str, list[tuple[np.ndarray, np.ndarray, int]]] = defaultdict(list)
     for seed in range(seeds):
         perm = np.random.default_rng(seed).permutation(n)
         out["false alarms"].append((emb[perm[:REFERENCE_ROWS]], emb[perm[n // 2:n // 2 + window]], 10_000 + seed))
+        test_rows = np.random.default_rng(500 + seed).permutation(len(test))[:window]
+        out["test queries"].append((emb[perm[:REFERENCE_ROWS]], test[test_rows], 10_000 + seed))
     intents = sorted(set(labels))
     for seed in range(detect_seeds):
         rng = np.random.default_rng(1000 + seed)
@@ -120,7 +127,7 @@ def main() -> int:
     ap.add_argument("--workspace", default=None, help="tuneline workspace (embedding cache); default ./.tuneline")
     args = ap.parse_args()
 
-    emb, labels, viggo = load(args.workspace)
+    emb, labels, test, viggo = load(args.workspace)
     methods: dict[str, Check | None] = {
         "tuneline mmd (min MMD^2 0.05)": ours("mmd", 0.05),
         "tuneline mmd (min MMD^2 0.01)": ours("mmd", 0.01),
@@ -130,9 +137,10 @@ def main() -> int:
         "evidently ratio (>20% dims)": evidently("ratio"),
         "evidently distance (eucl>0.2)": evidently("distance"),
     }
-    print(f"{'method':40s} {'window':>6s} {'false alarms':>13s} {'other intents':>14s} {'viggo':>8s} {'s/check':>8s}")
+    print(f"{'method':40s} {'window':>6s} {'halves':>7s} {'test queries':>13s} {'other intents':>14s} "
+          f"{'viggo':>6s} {'s/check':>8s}")
     for window in [int(w) for w in args.windows.split(",")]:
-        checks = scenarios(emb, labels, viggo, window, args.seeds, args.detect_seeds)
+        checks = scenarios(emb, labels, test, viggo, window, args.seeds, args.detect_seeds)
         _MEMO.clear()
         for name, check in methods.items():
             if check is None:
@@ -146,8 +154,8 @@ def main() -> int:
                     seconds += took
                     count += 1
                 rates[scenario] = f"{fired}/{len(cases)}"
-            print(f"{name:40s} {window:6d} {rates['false alarms']:>13s} {rates['other intents']:>14s} "
-                  f"{rates['viggo']:>8s} {seconds / count:8.2f}", flush=True)
+            print(f"{name:40s} {window:6d} {rates['false alarms']:>7s} {rates['test queries']:>13s} "
+                  f"{rates['other intents']:>14s} {rates['viggo']:>6s} {seconds / count:8.2f}", flush=True)
     return 0
 
 
