@@ -138,6 +138,14 @@ def test_refusals_and_truncation_fire_on_generation_outputs() -> None:
     assert got["output.answer_length"].fired  # 30% of the answers are 8 words long, the training answers 10
 
 
+def test_refusals_without_training_answers_compare_with_none() -> None:
+    ref = reference_of(["q"] * 100, [], None, None)
+    answers = ["I'm sorry, but I can't do that."] * 30 + ["Sure: here it is."] * 70
+    res = by_name(output_detectors(ref, answers, None, ["stop"] * 100, "chat", MonitorSpec()))["output.refusal_rate"]
+    assert res.fired and "no training answers" in res.detail
+    assert res.value == pytest.approx(0.2189, abs=1e-3)  # Wilson lower bound of 30/100
+
+
 @pytest.mark.parametrize(("text", "refusal"), [
     ("I'm sorry, but I cannot share that.", True),
     ("As an AI language model, I do not have opinions.", True),

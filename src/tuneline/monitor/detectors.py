@@ -283,10 +283,12 @@ def refusal_detector(reference: Reference, answers: Sequence[str], spec: Monitor
     cur = sum(is_refusal(a) for a in answers)
     ref = sum(is_refusal(a) for a in reference.answers)
     n, m = len(answers), len(reference.answers)
-    low, high = stats.newcombe_diff(cur, n, ref, m)
+    # no training answers: the rise over a reference rate of 0, i.e. the current rate's own interval
+    low, high = stats.newcombe_diff(cur, n, ref, m) if m else stats.wilson(cur, n)
     cur_rate, ref_rate = cur / n, (ref / m if m else 0.0)
     fired = low > limit
-    detail = (f"refusals {cur_rate:.1%} ({cur}/{n}) vs {ref_rate:.1%} in training answers (rise 95% interval "
+    versus = f"{ref_rate:.1%} in training answers" if m else "none assumed (no training answers)"
+    detail = (f"refusals {cur_rate:.1%} ({cur}/{n}) vs {versus} (rise 95% interval "
               f"{low:+.1%} to {high:+.1%}, fires when the lower bound is above {limit:.0%})")
     return DetectorResult("output.refusal_rate", "output", "alert" if fired else "ok", low, limit, detail,
                           n_reference=m, n_current=n,
