@@ -343,13 +343,14 @@ def quality_detectors(ratings: Sequence[int | None], corrections: Sequence[str |
 # operations
 
 
-def _threshold_result(name: str, value: float, threshold: float | None, n: int, what: str) -> DetectorResult:
+def _threshold_result(name: str, value: float, threshold: float | None, n: int, what: str,
+                      rows: str = "requests") -> DetectorResult:
     if threshold is None:
-        return DetectorResult(name, "operations", "info", value, None, f"{what} {value:.4g} over {n} requests "
+        return DetectorResult(name, "operations", "info", value, None, f"{what} {value:.4g} over {n} {rows} "
                               "(reported only: no threshold set)", n_current=n)
     fired = value > threshold
     return DetectorResult(name, "operations", "alert" if fired else "ok", value, threshold,
-                          f"{what} {value:.4g} over {n} requests (fires above {threshold:g})", n_current=n)
+                          f"{what} {value:.4g} over {n} {rows} (fires above {threshold:g})", n_current=n)
 
 
 def operations_detectors(statuses: Sequence[int], latencies_ms: Sequence[float | None], tokens: Sequence[int | None],
@@ -371,9 +372,11 @@ def operations_detectors(statuses: Sequence[int], latencies_ms: Sequence[float |
         out += [_insufficient(name, "operations", len(answered), need, "answered requests") for name in names[:3]]
     else:
         p50, p95, p99 = stats.percentiles(answered, (50, 95, 99))
-        out += [_threshold_result(names[0], p50, None, len(answered), "latency p50 (ms)"),
-                _threshold_result(names[1], p95, cfg.latency_p95_ms, len(answered), "latency p95 (ms)"),
-                _threshold_result(names[2], p99, cfg.latency_p99_ms, len(answered), "latency p99 (ms)")]
+        out += [_threshold_result(names[0], p50, None, len(answered), "latency p50 (ms)", "answered requests"),
+                _threshold_result(names[1], p95, cfg.latency_p95_ms, len(answered), "latency p95 (ms)",
+                                  "answered requests"),
+                _threshold_result(names[2], p99, cfg.latency_p99_ms, len(answered), "latency p99 (ms)",
+                                  "answered requests")]
     out.append(_rate_result(names[3], "operations", sum(s >= 500 for s in statuses), n, cfg.error_rate_max,
                             "requests failed (5xx)"))
     out.append(_rate_result(names[4], "operations", sum(s == 429 for s in statuses), n, cfg.shed_rate_max,
