@@ -36,3 +36,8 @@ def test_a_logged_prompt_is_read_as_its_input_without_the_system_prompt() -> Non
     assert request_input(json.dumps(messages)) == "my card is lost"
     assert request_input(json.dumps("a raw completion prompt")) == "a raw completion prompt"
     assert request_input(None) == ""
+
+
+def test_too_few_permutations_for_the_p_value_are_refused(tmp_path) -> None:
+    msg = spec_error(tmp_path, "monitor: {input: {method: mmd, permutations: 500, p_value: 0.001}}")
+    assert "cannot give a p-value below monitor.input.p_value (0.001)" in msg and "1999" in msg

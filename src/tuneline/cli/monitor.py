@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -117,8 +118,6 @@ def monitor_report(
 
     Prints the path of the file written. Run `tuneline monitor check` first (by cron or a timer)."""
     setup_logging(verbose)
-    import time
-
     from tuneline.monitor import check  # lazy: the detectors pull numpy, scipy and the encoder
     from tuneline.monitor.report import monitor_report_path, write_monitor_report  # lazy: as above
     from tuneline.monitor.store import RequestLog  # lazy: SQLAlchemy

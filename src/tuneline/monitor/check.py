@@ -185,7 +185,7 @@ def embedded(target: Target, current: CurrentWindow, encoder: Encoder | None) ->
     if encoder is not None:
         ref_emb = encoder.embed(ref_texts)
         cur_emb = encoder.embed(texts) if texts else None
-    labels = [lab for _, _, lab in ref] if target.spec.task.type == "classification" else None
+    labels = [lab or "" for _, _, lab in ref] if target.spec.task.type == "classification" else None
     reference = reference_of(ref_texts, [a for _, a, _ in ref], labels, ref_emb, target.spec.monitor.window.seed)
     return Embedded(reference, texts, cur_emb)
 
