@@ -110,7 +110,7 @@ def test_log_sink_writes_one_warning_line_per_alert(caplog: pytest.LogCaptureFix
 
 
 def test_webhook_gets_one_post_per_window_with_the_bearer_token(receiver: Receiver) -> None:
-    [sink] = build_sinks(AlertsSpec(sinks=[WebhookSink(url=receiver.url, token_env="HOOK_TOKEN")]),
+    [sink] = build_sinks(AlertsSpec(sinks=[WebhookSink(type="webhook", url=receiver.url, token_env="HOOK_TOKEN")]),
                          env={"HOOK_TOKEN": "t0ps3cret"})
     ledger = MemoryLedger()
     fired = detector("input.embedding")
@@ -213,7 +213,7 @@ def test_no_fired_detector_sends_nothing(receiver: Receiver) -> None:
 
 
 def test_missing_token_variable_names_it() -> None:
-    spec = AlertsSpec(sinks=[LogSink(), WebhookSink(url="https://hooks.example/T000/secret", token_env="TL_HOOK")])
+    spec = AlertsSpec(sinks=[LogSink(type="log"), WebhookSink(type="webhook", url="https://hooks.example/T000/secret", token_env="TL_HOOK")])
     with pytest.raises(TunelineError) as e:
         build_sinks(spec, env={})
     text = str(e.value)

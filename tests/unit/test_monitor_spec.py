@@ -41,3 +41,21 @@ def test_a_logged_prompt_is_read_as_its_input_without_the_system_prompt() -> Non
 def test_too_few_permutations_for_the_p_value_are_refused(tmp_path) -> None:
     msg = spec_error(tmp_path, "monitor: {input: {method: mmd, permutations: 500, p_value: 0.001}}")
     assert "cannot give a p-value below monitor.input.p_value (0.001)" in msg and "1999" in msg
+
+
+def test_a_spec_written_back_without_defaults_keeps_its_alert_sinks() -> None:
+    import yaml
+
+    from tuneline.spec import parse_spec
+
+    body = """
+name: x
+task: {type: classification}
+objective: {primary: accuracy}
+model: smollm2-135m
+data: {train: {path: train.csv}}
+monitor: {alerts: {sinks: [{type: log}, {type: webhook, url: "http://127.0.0.1:9/hook"}]}}
+"""
+    spec = parse_spec(body)
+    again = parse_spec(yaml.safe_dump(spec.model_dump(mode="json", exclude_defaults=True)))  # as retrain writes it
+    assert [s.type for s in again.monitor.alerts.sinks] == ["log", "webhook"]

@@ -102,11 +102,12 @@ class OperationsSpec(_Section):
 
 
 class LogSink(_Section):
-    type: Literal["log"] = "log"
+    # the discriminator has no default: a spec written back without defaults still names the sink
+    type: Literal["log"]
 
 
 class WebhookSink(_Section):
-    type: Literal["webhook"] = "webhook"
+    type: Literal["webhook"]
     url: str = Field(description="Alerts are POSTed here as JSON (one request per alert).")
     token_env: str | None = Field(
         default=None, description="Environment variable holding a bearer token sent with each alert (the "
@@ -118,7 +119,7 @@ Sink = Annotated[LogSink | WebhookSink, Field(discriminator="type")]
 
 
 def _log_only() -> list[Sink]:
-    return [LogSink()]
+    return [LogSink(type="log")]
 
 
 class AlertsSpec(_Section):
