@@ -271,7 +271,7 @@ def test_other_intents_fire_input_embedding_with_the_classifier(embedded: dict) 
     mmd_spec = MonitorSpec.model_validate({"input": {"method": "mmd"}})
     mmd = by_name(input_detectors(ref, [texts[i] for i in ib], emb[ib], mmd_spec))["input.embedding"]
     # significant, but an MMD^2 of ~0.01 is under the default min_effect 0.05: no alarm (see
-    # docs/monitoring-drift-methods.md: why the classifier is the better default)
+    # docs/monitoring.md, "Embedding drift": why the classifier is the better default)
     assert mmd.p_value is not None and mmd.p_value <= 0.001
     assert mmd.status == "ok" and mmd.value is not None and mmd.value < 0.05
     print("other intents:", got["input.embedding"].detail, "|", mmd.detail)
