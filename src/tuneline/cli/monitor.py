@@ -61,6 +61,8 @@ def monitor_check(
         outcome = check.run_check(tgt, ws, store, send=not no_alerts)
     finally:
         store.close()
+    if not as_json:
+        _print_check(outcome)
     retrained = None
     if outcome.check.fired and retrain_on_alert and any(r.group != "operations" for r in outcome.check.fired):
         retrained = _retrain(tgt.name, ws, Path(target) if Path(target).is_file() else None, as_json)
