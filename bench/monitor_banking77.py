@@ -31,7 +31,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
 MODEL = "banking77-intents"
-GRID = (50, 75, 100, 150, 200, 300, 400, 500)
+GRID = (10, 20, 30, 40, 50, 75, 100, 150, 200, 300, 400, 500)
 
 
 def _texts(path: Path, column: str, n: int, seed: int) -> list[str]:
@@ -77,6 +77,25 @@ def _replay(url: str, instruction: str, texts: list[str], workers: int = 8) -> l
     return times
 
 
+def _serve_both(ws, log_url: str, instruction: str, in_domain: list[str], other: list[str]):  # noqa: ANN001, ANN202
+    """Serve both traffics one after the other; their arrival times."""
+    from tuneline.serve import build_app
+
+    app = build_app(ws, keys=None, log_url=log_url, max_batch=16)
+    url, server, thread = _serve(app)
+    t0 = time.time()
+    try:
+        times_in = _replay(url, instruction, in_domain)
+        times_other = _replay(url, instruction, other)
+    finally:
+        server.should_exit = True
+        thread.join(60)
+        app.state.request_log.close()
+        app.state.engine.close()
+    print(f"served {len(in_domain) + len(other)} requests in {time.time() - t0:.0f} s", flush=True)
+    return times_in, times_other
+
+
 def _window_check(target, ws, store, encoder, n: int, until: float):  # noqa: ANN001, ANN202
     from tuneline.monitor.check import run_check
 
@@ -90,11 +109,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workspace", default=str(REPO / ".tuneline"))
     ap.add_argument("--requests", type=int, default=500, help="Requests of each traffic (default 500).")
+    ap.add_argument("--log", type=Path, default=None,
+                    help="SQLite request log of an earlier run of this benchmark: check it again without serving.")
     args = ap.parse_args()
 
     from tuneline.monitor.check import open_encoder, target_of
     from tuneline.monitor.store import RequestLog
-    from tuneline.serve import build_app
     from tuneline.workspace import Workspace
 
     ws = Workspace.at(args.workspace)
@@ -102,20 +122,17 @@ def main() -> None:
     instruction = target.spec.task.instruction or ""
     in_domain = _texts(REPO / "examples/banking77/data/test.csv", "text", args.requests, seed=1)
     other = _texts(REPO / "examples/viggo/data/test.csv", "ref", args.requests, seed=1)
-    tmp = Path(tempfile.mkdtemp(prefix="monitor-bench-"))
-    log_url = f"sqlite:///{tmp / 'requests.db'}"
-    app = build_app(ws, keys=None, log_url=log_url, max_batch=16)
-    url, server, thread = _serve(app)
-    t0 = time.time()
-    try:
-        times_in = _replay(url, instruction, in_domain)
-        times_other = _replay(url, instruction, other)
-    finally:
-        server.should_exit = True
-        thread.join(60)
-        app.state.request_log.close()
-        app.state.engine.close()
-    print(f"served {2 * args.requests} requests in {time.time() - t0:.0f} s", flush=True)
+    if args.log is not None:
+        log_url = f"sqlite:///{args.log}"
+        rows = RequestLog(log_url).requests(MODEL)
+        times_in = [float(r["created"]) for r in rows[: args.requests]]
+        times_other = [float(r["created"]) for r in rows[args.requests: 2 * args.requests]]
+        print(f"checking {log_url} again ({len(rows)} requests)", flush=True)
+    else:
+        tmp = Path(tempfile.mkdtemp(prefix="monitor-bench-"))
+        log_url = f"sqlite:///{tmp / 'requests.db'}"
+        times_in, times_other = _serve_both(ws, log_url, instruction, in_domain, other)
+        print(f"request log: {tmp / 'requests.db'} (check it again with --log)", flush=True)
 
     store = RequestLog(log_url)
     encoder = open_encoder(target, ws)
