@@ -24,6 +24,7 @@ def test_wilson_matches_the_textbook_interval() -> None:
     assert high == pytest.approx(0.3662, abs=5e-5)
     assert stats.wilson(0, 0) == (0.0, 1.0)
     assert stats.wilson(0, 20)[0] == 0.0
+    assert stats.wilson(0, 500)[0] == 0.0 and stats.wilson(500, 500)[1] == 1.0  # not 4e-19 of rounding
 
 
 def test_newcombe_difference_matches_the_published_example() -> None:

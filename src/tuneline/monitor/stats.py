@@ -230,7 +230,10 @@ def wilson(successes: int, n: int, z: float = Z95) -> tuple[float, float]:
     denom = 1 + z * z / n
     centre = (p + z * z / (2 * n)) / denom
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return max(0.0, centre - half), min(1.0, centre + half)
+    # the exact bounds at 0 and n successes are 0 and 1; the formula leaves rounding noise (4e-19)
+    lower = 0.0 if successes <= 0 else max(0.0, centre - half)
+    upper = 1.0 if successes >= n else min(1.0, centre + half)
+    return lower, upper
 
 
 def newcombe_diff(s_cur: int, n_cur: int, s_ref: int, n_ref: int, z: float = Z95) -> tuple[float, float]:
