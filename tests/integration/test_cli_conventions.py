@@ -93,8 +93,11 @@ def test_tune_and_baseline_json() -> None:
 ])
 def test_ctrl_c_prints_the_resume_hint_and_exits_130(command: str, hint: str) -> None:
     """Click turned Ctrl-C into "Aborted!" (exit 1) before main() could print the hint."""
+    # a shell starts background jobs with SIGINT ignored and children inherit that; a terminal's
+    # Ctrl-C reaches a process that has the default disposition, so the child gets it back
     proc = subprocess.Popen([*FAKE, command, "x.yaml"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**ENV, "FAKE_SLEEP": "60"})
+                            env={**ENV, "FAKE_SLEEP": "60"},
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         assert proc.stdout is not None
         deadline = time.monotonic() + 60
