@@ -65,7 +65,7 @@ def monitor_check(
         _print_check(outcome)
     retrained = None
     if outcome.check.fired and retrain_on_alert and any(r.group != "operations" for r in outcome.check.fired):
-        retrained = _retrain(tgt.name, ws, Path(target) if Path(target).is_file() else None, as_json)
+        retrained = _retrain(tgt.name, ws, tgt.spec_path, as_json)
     if as_json:
         print_json({**outcome.check.to_dict(), "check_id": outcome.check_id, "alerts": outcome.alerts.to_dict(),
                     "retrain": retrained.to_dict() if retrained is not None else None})

@@ -11,7 +11,6 @@ current window is the last ``window.requests`` requests to the model (only those
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from dataclasses import dataclass
@@ -33,6 +32,7 @@ from tuneline.monitor.detectors import (
     reference_of,
 )
 from tuneline.monitor.drifted import DriftedGroup, drifted_examples
+from tuneline.monitor.harvest import prompt_messages
 from tuneline.monitor.results import CheckResult, DetectorResult, Window
 from tuneline.monitor.store import FeedbackRow, RequestLog, StoredRequest
 from tuneline.registry import VersionInfo
@@ -62,6 +62,7 @@ class Target:
     version: VersionInfo
     spec: Spec
     dataset: DatasetVersion
+    spec_path: Path | None = None  # the spec file the check was given (None: the one shipped)
 
     @property
     def label(self) -> str:
@@ -79,9 +80,8 @@ class CurrentWindow:
     def answered(self) -> list[StoredRequest]:
         return [r for r in self.rows if r["status"] == ANSWERED]
 
-    def window(self) -> Window:
+    def window(self, now: float) -> Window:
         if not self.rows:
-            now = time.time()
             return Window(now, now, 0)
         return Window(float(self.rows[0]["created"]), float(self.rows[-1]["created"]), len(self.rows),
                       str(self.rows[0]["id"]), str(self.rows[-1]["id"]))
@@ -114,7 +114,7 @@ def target_of(ref: str, ws: Workspace) -> Target:
         raise MonitorError(Problem(f"{name}@{version.version} records no dataset version: its training data "
                                    "cannot serve as the reference",
                                    hint="monitor a version trained by `tuneline run` (it records its dataset version)"))
-    return Target(name, version, spec, load_version(ds_id, ws.datasets_dir))
+    return Target(name, version, spec, load_version(ds_id, ws.datasets_dir), loaded.path if loaded else None)
 
 
 def _shipped_spec(version: VersionInfo) -> Spec:
@@ -135,17 +135,8 @@ def request_input(prompt: str | None) -> str:
     """The input a logged request's prompt (JSON: the messages, or a completion prompt) carried:
     every turn but the system prompt, as :func:`tuneline.curation.steps.input_of` reads a
     training row."""
-    if not prompt:
-        return ""
-    try:
-        obj = json.loads(prompt)
-    except ValueError:
-        return prompt
-    if isinstance(obj, str):
-        return obj
-    if isinstance(obj, list):
-        return "\n".join(str(m.get("content", "")) for m in obj if isinstance(m, dict) and m.get("role") != "system")
-    return ""
+    msgs = prompt_messages(prompt) if prompt else None
+    return "\n".join(m["content"] for m in msgs if m["role"] != "system") if msgs else ""
 
 
 def current_window(target: Target, store: RequestLog, now: float | None = None) -> CurrentWindow:
@@ -228,8 +219,9 @@ def run_check(target: Target, ws: Workspace, store: RequestLog, *, now: float | 
     if encoder is None and target.spec.monitor.input.enabled:
         encoder = open_encoder(target, ws)
     data = embedded(target, current, encoder)
-    check = CheckResult(target.name, target.version.version, target.dataset.id, time.time() if now is None else now,
-                        current.window(), detect(target, current, data))
+    at = time.time() if now is None else now
+    check = CheckResult(target.name, target.version.version, target.dataset.id, at, current.window(at),
+                        detect(target, current, data))
     check_id = store.save_check(check)
     outcome = send_alerts(check, sinks, store) if send else AlertOutcome()
     return CheckOutcome(check, outcome, check_id)
