@@ -12,6 +12,7 @@ Every path inside the workspace is named here, and nowhere else::
       requests.db           the server's request and feedback log
       feedback/<name>/      harvested feedback rows, retraining inputs, production adapters fetched
       reports/              HTML reports written by `tuneline report`
+      audit.db              the hash-chained audit trail (unless $TUNELINE_AUDIT_URL names another store)
 """
 
 from __future__ import annotations
@@ -93,6 +94,11 @@ class Workspace:
         """Harvested feedback of a model (``harvest-*.jsonl``), the files a retraining curates, and
         the production adapter it is compared with."""
         return self._dir("feedback", model_name)
+
+    @property
+    def audit_url(self) -> str:
+        """The audit trail (SQLite) when ``$TUNELINE_AUDIT_URL`` names no other store."""
+        return f"sqlite:///{self.root / 'audit.db'}"
 
     @property
     def tracking_uri(self) -> str:

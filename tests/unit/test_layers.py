@@ -36,6 +36,7 @@ LAYERS: dict[str, int] = {
     "models": 1,
     "runtime": 1,
     "tracking": 1,
+    "audit": 1,
     "curation": 2,
     "retrieval": 2,
     "train": 2,

@@ -17,6 +17,7 @@ from typer.core import TyperGroup
 
 from tuneline import __version__
 from tuneline.cli import (
+    audit,
     data,
     evaluation,
     golden,
@@ -37,7 +38,7 @@ from tuneline.runtime.extras import missing_extra
 if TYPE_CHECKING:
     from typer._click import Context as ClickContext  # the Click typer vendors
 
-COMMAND_MODULES = (run, spec, workspace, data, evaluation, golden, report, registry, serve, monitor, loop)
+COMMAND_MODULES = (run, spec, workspace, data, evaluation, golden, report, registry, serve, monitor, loop, audit)
 
 RESUME_HINTS = {
     "run": "the last checkpoint is kept; continue with `tuneline run SPEC --resume`",
