@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 from rich.console import Console
 
+from tuneline.audit import Pending, audited
 from tuneline.curation import DatasetVersion, PreparedData, prepare, save_version
 from tuneline.models import ModelSource, load_tokenizer, resolve_model_source
 from tuneline.runtime import Compute
@@ -86,10 +87,27 @@ def prepare_version(loaded: LoadedSpec, ws: Workspace, tokenizer: PreTrainedToke
     if tokenizer is None:
         source = resolve_model_source(loaded.spec.model, loaded.base_dir)
         tokenizer = load_tokenizer(source, ws.models_dir)
-    data = prepare(loaded, tokenizer)
-    if data.curated is None or not loaded.spec.curation.enabled:
-        return data, None
-    return data, save_version(data.curated, ws.datasets_dir, loaded.spec.name, loaded.sha256)
+    with audited(ws, "data.prepare", subject=f"spec:{loaded.spec.name}", inputs={"spec": loaded.sha256}) as entry:
+        data = prepare(loaded, tokenizer)
+        if data.curated is None or not loaded.spec.curation.enabled:
+            entry.details["curation"] = "off"
+            return data, None
+        existed = {p.name for p in ws.datasets_dir.iterdir()}
+        version = save_version(data.curated, ws.datasets_dir, loaded.spec.name, loaded.sha256)
+        _describe_version(entry, version, new=version.id not in existed)
+    return data, version
+
+
+def _describe_version(entry: Pending, version: DatasetVersion, *, new: bool) -> None:
+    """The audit entry of a curation: source files by hash, the version id, counts (never rows)."""
+    m = version.manifest
+    splits = [s["split"] for s in m["sources"]]
+    for i, src in enumerate(m["sources"]):
+        key = f"sources.{src['split']}" + (f".{i}" if splits.count(src["split"]) > 1 else "")
+        entry.inputs[key] = src["sha256"]
+    entry.outputs["dataset"] = version.id
+    entry.details.update(new=new, counts=m["counts"], rejected=m["rejected"], dropped=m["dropped_by_reason"],
+                         pii_found=m["pii_found"])
 
 
 def curation_summary(version: DatasetVersion | None) -> str:

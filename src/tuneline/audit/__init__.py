@@ -6,6 +6,10 @@ list); ``tuneline audit verify`` checks the chain, ``audit log`` and ``audit exp
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
 from tuneline.audit.trail import (
     ACTOR_ENV,
     AUDIT_URL_ENV,
@@ -35,8 +39,10 @@ __all__ = [
     "Entry",
     "Pending",
     "Verification",
+    "audited",
     "key_actor",
     "os_actor",
+    "record",
     "trail_of",
 ]
 
@@ -44,3 +50,24 @@ __all__ = [
 def trail_of(workspace: Workspace) -> AuditTrail:
     """The audit trail of a workspace: ``$TUNELINE_AUDIT_URL`` when set, else ``audit.db`` in it."""
     return AuditTrail.at(workspace.audit_url)
+
+
+@contextmanager
+def audited(workspace: Workspace, action: str, *, subject: str = "", inputs: dict[str, str] | None = None,
+            actor: str | None = None) -> Iterator[Pending]:
+    """Record an action of the workspace's trail when the block ends (see :meth:`AuditTrail.action`)."""
+    trail = trail_of(workspace)
+    try:
+        with trail.action(action, subject=subject, inputs=inputs, actor=actor) as pending:
+            yield pending
+    finally:
+        trail.close()
+
+
+def record(workspace: Workspace, action: str, **entry: Any) -> Entry:
+    """Append one entry to the workspace's trail (keywords as :meth:`AuditTrail.append`)."""
+    trail = trail_of(workspace)
+    try:
+        return trail.append(action, **entry)
+    finally:
+        trail.close()

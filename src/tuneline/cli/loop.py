@@ -8,9 +8,11 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
+from tuneline.audit import audited
 from tuneline.cli.console import console, human_output, print_json, setup_logging
 from tuneline.cli.exits import EXIT_GATES_FAILED
 from tuneline.cli.options import JsonOpt, ModelNameArg, NoProgressOpt, VerboseOpt, WorkspaceOpt
+from tuneline.workspace import Workspace
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -51,7 +53,12 @@ def feedback_harvest(
     setup_logging(verbose)
     from tuneline.pipeline.retrain import harvest_model  # lazy: it pulls curation and the registry
 
-    result = harvest_model(name, workspace, spec=spec, request_log=requests, everything=everything)
+    with audited(Workspace.at(workspace), "feedback.harvest", subject=f"model:{name}") as entry:
+        result = harvest_model(name, workspace, spec=spec, request_log=requests, everything=everything)
+        if result.created and result.version:
+            entry.outputs["dataset"] = result.version
+        entry.details.update(rows=result.rows, requests=len(result.request_ids), feedback_read=result.feedback,
+                             skipped=dict(result.skipped))
     if as_json:
         print_json(result.to_dict())
         return
@@ -95,8 +102,15 @@ def retrain(
     setup_logging(verbose)
     from tuneline.pipeline import retrain as retraining  # lazy: it pulls every stage of a run
 
-    with human_output(as_json) as out:
+    with human_output(as_json) as out, audited(Workspace.at(workspace), "retrain", subject=f"model:{name}") as entry:
         result = retraining.retrain(name, workspace, spec=spec, console=out, show_progress=not no_progress)
+        entry.inputs["model"] = f"{name}/{result.production_version}"
+        if result.dataset_version:
+            entry.outputs["dataset"] = result.dataset_version
+        if result.candidate_version is not None:
+            entry.outputs["model"] = f"{name}/{result.candidate_version}"
+        entry.outputs["run"] = result.run.run_id
+        entry.details.update(new_rows=result.new_rows, gates=result.gate_state, promoted=result.promoted)
     if as_json:
         print_json(result.to_dict())
     if result.report is not None and not result.report.passed:

@@ -9,6 +9,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
+from tuneline.audit import trail_of
 from tuneline.cli.console import console, print_json
 from tuneline.cli.options import JsonOpt, ModelNameArg, ModelVersionArg, UriOpt, WorkspaceOpt
 from tuneline.registry import lineage as get_lineage
@@ -68,7 +69,11 @@ def promote(
 ) -> None:
     """Move the `production` alias to VERSION, only if its gates passed under the spec it was trained
     with (or with --force --reason)."""
-    info = do_promote(_uri(workspace, uri), name, version, force=force, reason=reason)
+    trail = trail_of(Workspace.at(workspace))
+    try:
+        info = do_promote(_uri(workspace, uri), name, version, force=force, reason=reason, trail=trail)
+    finally:
+        trail.close()
     forced = f" [yellow](forced: gates {info.describe_gates()})[/]" if force and info.gate_state != "passed" else ""
     console.print(f"[green]promoted[/] {name} version {version} to production{forced}")
 
@@ -79,7 +84,11 @@ def rollback(
     workspace: WorkspaceOpt = None, uri: UriOpt = None,
 ) -> None:
     """Move `production` back to the version that held it before the current one."""
-    current, previous = do_rollback(_uri(workspace, uri), name, reason)
+    trail = trail_of(Workspace.at(workspace))
+    try:
+        current, previous = do_rollback(_uri(workspace, uri), name, reason, trail=trail)
+    finally:
+        trail.close()
     console.print(f"[green]rolled back[/] {name}: production {current} -> {previous}")
 
 

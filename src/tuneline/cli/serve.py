@@ -8,10 +8,12 @@ from typing import Annotated
 
 import typer
 
+from tuneline.audit import record, trail_of
 from tuneline.cli.console import err_console
 from tuneline.cli.options import WorkspaceOpt
 from tuneline.errors import Problem, TunelineError
 from tuneline.runtime.extras import require_extra
+from tuneline.workspace import Workspace
 
 
 def register(app: typer.Typer) -> None:
@@ -57,11 +59,14 @@ def serve(
     import uvicorn
 
     from tuneline.serve import build_app, load_keys  # lazy: fastapi and torch at --help time
+    from tuneline.serve.keys import key_fingerprints  # lazy: as above
 
     loaded = load_keys(keys)
     if loaded is None and not no_auth:
         raise TunelineError(Problem("no API keys configured", field="--keys",
                                     hint="pass --keys FILE, set TUNELINE_API_KEYS=key=model1,model2, or --no-auth"))
+    ws = Workspace.at(workspace)
+    fingerprints = key_fingerprints(loaded)
     handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
     serve_log = logging.getLogger("tuneline.serve")
@@ -71,10 +76,27 @@ def serve(
                     request_timeout=request_timeout or None, max_body_bytes=max_body, metrics_public=metrics_public,
                     allowed_hosts=list(allowed_host or []), threads=threads)
     err_console.print(f"serving on http://{host}:{port}/v1 ({'no auth' if loaded is None else f'{len(loaded)} keys'})")
+    _audit_start(ws, fingerprints, {"host": host, "port": port, "auth": loaded is not None})
     try:
         uvicorn.run(app, host=host, port=port, log_level="warning")
     finally:
+        record(ws, "serve.stop", subject="server", details={"host": host, "port": port})
         app.state.engine.close()
         close = getattr(app.state.request_log, "close", None)
         if close is not None:
             close()  # what the request log still holds is written (or spooled) before exit
+
+
+def _audit_start(ws: Workspace, fingerprints: dict[str, str], details: dict[str, object]) -> None:
+    """Audit the start, and first the key changes since the last start (names only, never keys)."""
+    from tuneline.serve.keys import key_changes  # lazy: the serve package pulls fastapi
+
+    trail = trail_of(ws)
+    try:
+        started = trail.entries(action="serve.start")
+        before = started[-1].details.get("keys", {}) if started else {}
+        if started and (changes := key_changes(before, fingerprints)):
+            trail.append("keys.change", subject="server", details=changes)
+        trail.append("serve.start", subject="server", details={**details, "keys": fingerprints})
+    finally:
+        trail.close()

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from tuneline.audit import record
 from tuneline.context import RunContext
 from tuneline.curation import PreparedData
 from tuneline.data import Example
@@ -23,6 +24,7 @@ from tuneline.eval import (
 from tuneline.eval.generate import Decoding, read_decoding
 from tuneline.eval.items import group_items
 from tuneline.models import ModelSource, load_model, resolve_model_source
+from tuneline.registry import gate_state_of
 from tuneline.retrieval import Retriever, adapter_retriever
 from tuneline.spec import LoadedSpec
 from tuneline.spec.models import Spec
@@ -31,6 +33,7 @@ from tuneline.workspace import EVAL_REPORT, Workspace
 if TYPE_CHECKING:
     from collections.abc import Callable
 
+    from mlflow import ActiveRun
     from torch import nn
 
 
@@ -98,6 +101,18 @@ def described(adapter_dir: str | Path, retriever: Retriever | None) -> str:
     return str(adapter_dir) + (f" + the {retriever.k} nearest training examples" if retriever is not None else "")
 
 
+def _audit_evaluation(ctx: RunContext, suite: EvalSuite, run: ActiveRun | None) -> None:
+    """The audit entry of an evaluation: what was scored (spec, data, run) and the gate results."""
+    inputs = {"spec": ctx.loaded.sha256, **({"dataset": ctx.version_id} if ctx.version_id else {})}
+    if run is not None:
+        inputs["run"] = run.info.run_id
+    failed = [g.expr for g in suite.gates if not g.passed]
+    candidate = suite.main_set().system("candidate") if suite.sets else None
+    metrics = {k: round(v.value, 6) for k, v in candidate.metrics.items()} if candidate is not None else {}
+    record(ctx.workspace, "eval", subject=f"spec:{ctx.spec.name}", inputs=inputs,
+           outputs={"gates": gate_state_of(suite)}, details={"gates_failed": failed, "metrics": metrics})
+
+
 def finish_evaluation(ctx: RunContext, evaluation: Evaluation, base_dtype: str, production: str | Path | None = None,
                       before_record: Callable[[EvalSuite], None] | None = None) -> EvalSuite:
     """Score the production adapter (when there is one), then score, record and print the evaluation."""
@@ -116,6 +131,7 @@ def finish_evaluation(ctx: RunContext, evaluation: Evaluation, base_dtype: str, 
     mlflow.log_dict(suite.to_dict(), "eval/report.json")
     mlflow.log_metrics(flat_metrics(suite))
     mlflow.set_tag("tuneline.objective_passed", str(suite.passed).lower())
+    _audit_evaluation(ctx, suite, mlflow.active_run())
     for table in render_tables(suite):
         console.print(table)
     if suite.passed:

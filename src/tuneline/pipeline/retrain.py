@@ -37,6 +37,7 @@ from rich.console import Console
 
 from tuneline import registry, tracking
 from tuneline.artifacts import ADAPTER_SHA_TAG, tree_sha256
+from tuneline.audit import trail_of
 from tuneline.context import context_of, workspace_of
 from tuneline.curation import DatasetVersion, load_version
 from tuneline.errors import Problem
@@ -370,18 +371,22 @@ def retrain(name: str, workspace: WorkspaceRef = None, *, spec: str | Path | Non
         raise _too_few(name, new_kept, policy, "left after curation (duplicates and evaluation rows are dropped)")
     result = run_stages(ctx, started=started)
     gates = registry.gate_state_of(result.report) if result.report is not None else GATE_NOT_EVALUATED
-    promoted = _promote_by_policy(prod, result, gates, console)
+    promoted = _promote_by_policy(prod, result, gates, console, ctx.workspace)
     links = json.loads((ctx.version.path / registry.FEEDBACK_LINKS).read_text())
     return RetrainResult(name, prod.info.version, result.model_version, ctx.version.id, merged.base.id,
                          merged.new_rows, kept, list(links["request_ids"]), gates, promoted, result)
 
 
-def _promote_by_policy(prod: Production, result: RunResult, gates: str, console: Console) -> bool:
+def _promote_by_policy(prod: Production, result: RunResult, gates: str, console: Console, ws: Workspace) -> bool:
     name, version = prod.info.name, result.model_version
     if version is None:
         return False
     if prod.loaded.spec.monitor.retrain.auto_promote and gates == GATE_PASSED:
-        registry.promote(prod.uri, name, version, reason=PROMOTED_REASON)
+        trail = trail_of(ws)
+        try:
+            registry.promote(prod.uri, name, version, reason=PROMOTED_REASON, trail=trail)
+        finally:
+            trail.close()
         console.print(f"[green]promoted[/] {name} version {version} to production ({PROMOTED_REASON})")
         return True
     why = ("monitor.retrain.auto_promote is off" if gates == GATE_PASSED

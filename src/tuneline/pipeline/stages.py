@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING
 import tuneline
 from tuneline import registry, tracking
 from tuneline.artifacts import ADAPTER_SHA_TAG, atomic_write_text, replace_dir, tree_sha256
+from tuneline.audit import record
 from tuneline.baseline import BaselineReport, baseline_table
 from tuneline.context import RunContext, curation_summary
 from tuneline.curation import PreparedData
@@ -310,6 +311,12 @@ def ship_adapter(ctx: RunContext, plan: TrainingPlan, trained: Trained) -> Shipp
     mlflow.log_artifacts(str(folder), "adapter")
     shipped = Shipped(folder, tree_sha256(folder), served)  # the folder exactly as logged
     _print_training(ctx, plan, result)
+    run = mlflow.active_run()
+    record(ctx.workspace, "train", subject=f"spec:{spec.name}",
+           inputs={"spec": ctx.loaded.sha256, "base_model": ctx.source.fingerprint(),
+                   **({"dataset": ctx.version_id} if ctx.version_id else {})},
+           outputs={"adapter": shipped.sha256, **({"run": run.info.run_id} if run is not None else {})},
+           details={"method": plan.train.method, "steps": result.steps, "seconds": round(result.seconds, 1)})
     return shipped
 
 
@@ -374,6 +381,10 @@ def register(ctx: RunContext, tracked: Tracked, shipped: Shipped, report: EvalSu
                                        tracked.run_id, mlflow.get_artifact_uri("adapter"), tags)
     gates = registry.gate_state_of(report) if report else registry.GATE_NOT_EVALUATED
     name = loaded.spec.name
+    record(ctx.workspace, "register", subject=f"model:{name}/{version}",
+           inputs={"run": tracked.run_id, "adapter": shipped.sha256, "spec": loaded.sha256,
+                   **({"dataset": ctx.version_id} if ctx.version_id else {})},
+           outputs={"model": f"{name}/{version}"}, details={"alias": "candidate", "gates": gates})
     ctx.console.print(f"registered as {name} version {version} (alias candidate); "
                       + (f"promote it with `tuneline promote {name} {version}`" if gates == registry.GATE_PASSED
                          else f"gates {gates}, so `tuneline promote` will refuse it without --force --reason"))

@@ -37,6 +37,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, NotRequired, TypedDict
 
+from tuneline.artifacts import ADAPTER_SHA_TAG
+from tuneline.audit import RESULT_REFUSED, AuditTrail
 from tuneline.errors import Problem, TunelineError
 
 if TYPE_CHECKING:
@@ -345,9 +347,11 @@ def _events(tags: dict[str, str]) -> list[AliasEvent]:
     return events
 
 
-def promote(uri: str, name: str, version: int, *, force: bool = False, reason: str | None = None) -> VersionInfo:
+def promote(uri: str, name: str, version: int, *, force: bool = False, reason: str | None = None,
+            trail: AuditTrail | None = None) -> VersionInfo:
     """Move ``production`` to ``version`` if its gates passed under its own spec; ``force`` (with a
-    reason) overrides failed, not gated and not evaluated alike."""
+    reason) overrides failed, not gated and not evaluated alike. With a ``trail``, the promotion (or
+    its refusal) is an audit entry."""
     if force and not (reason or "").strip():
         raise RegistryError(Problem("--force needs --reason \"...\": the reason is recorded with the promotion",
                                     field="--reason"))
@@ -362,20 +366,30 @@ def promote(uri: str, name: str, version: int, *, force: bool = False, reason: s
                    GATE_NOT_EVALUATED: "its gates were not evaluated"}[state]
             others = [f"{r['spec_sha256'][:12]}: {r['gate_state']}" for r in info.reevaluations]
             note = (f"; re-evaluations under other specs ({', '.join(others)}) do not count" if others else "")
+            if trail is not None:
+                trail.append("promote", subject=f"model:{name}/{version}", inputs=_version_refs(info),
+                             result=RESULT_REFUSED, details={"gates": state, "reason": reason or ""})
             raise RegistryError(Problem(
                 f"version {version} of {name!r} cannot be promoted: {why}{note}",
                 hint="train a version whose spec's gates pass, or override with --force --reason \"why\" "
                      "(recorded in the history)"))
+        before = rm.aliases.get("production")
+        forced = force and state != GATE_PASSED
         _move_alias(client, name, "production", version, AliasMove(
-            action="promote", reason=reason or "gates passed", forced=force and state != GATE_PASSED, gates=state),
-            tags=rm.tags)
+            action="promote", reason=reason or "gates passed", forced=forced, gates=state), tags=rm.tags)
+    if trail is not None:
+        trail.append("promote", subject=f"model:{name}/{version}", inputs=_version_refs(info),
+                     outputs={"production": f"{name}/{version}"},
+                     details={"gates": state, "forced": forced, "reason": reason or "gates passed",
+                              "previous": f"{name}/{before}" if before else None})
     if "production" not in info.aliases:
         info.aliases = sorted([*info.aliases, "production"])
     return info
 
 
-def rollback(uri: str, name: str, reason: str | None = None) -> tuple[int, int]:
-    """Move ``production`` back to the version that held it before the current one; returns (from, to)."""
+def rollback(uri: str, name: str, reason: str | None = None, *, trail: AuditTrail | None = None) -> tuple[int, int]:
+    """Move ``production`` back to the version that held it before the current one; returns (from, to).
+    With a ``trail``, the rollback is an audit entry."""
     with _locked(uri):  # the history read and the move it decides are one step
         client = _client(uri)
         rm = _registered(client, name)
@@ -394,7 +408,21 @@ def rollback(uri: str, name: str, reason: str | None = None) -> tuple[int, int]:
         _move_alias(client, name, "production", previous, AliasMove(
             action="rollback", reason=reason or f"rolled back from version {current}", forced=False,
             gates=_get_version(client, name, previous, rm).gate_state), tags=rm.tags)
+    if trail is not None:
+        trail.append("rollback", subject=f"model:{name}", inputs={"model": f"{name}/{current}"},
+                     outputs={"production": f"{name}/{previous}"},
+                     details={"reason": reason or f"rolled back from version {current}"})
     return current, previous
+
+
+def _version_refs(info: VersionInfo) -> dict[str, str]:
+    """A version's ids for an audit entry: NAME/VERSION, its run and adapter hash."""
+    refs = {"model": f"{info.name}/{info.version}"}
+    if info.run_id:
+        refs["run"] = info.run_id
+    if sha := info.tags.get(ADAPTER_SHA_TAG):
+        refs["adapter"] = sha
+    return refs
 
 
 @dataclass(frozen=True)

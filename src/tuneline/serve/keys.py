@@ -4,6 +4,7 @@ file or ``$TUNELINE_API_KEYS`` they are read from."""
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 from dataclasses import dataclass
@@ -45,6 +46,24 @@ class Key:
     @property
     def reads_metrics(self) -> bool:
         return self.metrics or "*" in self.models
+
+
+def key_fingerprints(keys: list[Key] | None) -> dict[str, str]:
+    """Key name -> a short fingerprint of the key's digest and scope, for the audit trail: it changes
+    when a key or its scope changes, and reveals neither the key nor its digest."""
+    out = {}
+    for k in keys or []:
+        scope = json.dumps({"sha256": k.sha256, "models": sorted(k.models), "metrics": k.metrics}, sort_keys=True)
+        out[k.name] = hashlib.sha256(f"tuneline-key-audit:{scope}".encode()).hexdigest()[:16]
+    return out
+
+
+def key_changes(before: dict[str, str], after: dict[str, str]) -> dict[str, list[str]]:
+    """Key names added, removed and changed (key or scope) between two :func:`key_fingerprints`;
+    empty when nothing changed."""
+    changes = {"added": sorted(set(after) - set(before)), "removed": sorted(set(before) - set(after)),
+               "changed": sorted(n for n in set(before) & set(after) if before[n] != after[n])}
+    return {k: v for k, v in changes.items() if v}
 
 
 def hash_key(token: str) -> str:
