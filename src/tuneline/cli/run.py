@@ -7,12 +7,9 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from tuneline.audit import audited
 from tuneline.cli.console import err_console, human_output, print_json, setup_logging
 from tuneline.cli.exits import EXIT_ERROR, EXIT_GATES_FAILED
 from tuneline.cli.options import JsonOpt, NoProgressOpt, SpecArg, VerboseOpt, WorkspaceOpt
-from tuneline.spec import load_spec
-from tuneline.workspace import Workspace
 
 if TYPE_CHECKING:
     from tuneline.pipeline import RunResult
@@ -41,15 +38,8 @@ def run(
     setup_logging(verbose)
     from tuneline import pipeline  # lazy: it pulls numpy and every stage; --help stays fast
 
-    loaded = load_spec(spec)
-    with human_output(as_json) as out, audited(Workspace.at(workspace), "run", subject=f"spec:{loaded.spec.name}",
-                                               inputs={"spec": loaded.sha256}) as entry:
+    with human_output(as_json) as out:
         result = pipeline.run(spec, workspace=workspace, resume=resume, show_progress=not no_progress, console=out)
-        entry.outputs["run"] = result.run_id
-        if result.model_version is not None:
-            entry.outputs["model"] = f"{loaded.spec.name}/{result.model_version}"
-        entry.details.update(resumed=resume, seconds=round(result.seconds, 1),
-                             gates="passed" if result.passed else "failed" if result.report else "not evaluated")
     if as_json:
         print_json(run_result_dict(result))
     if result.report is not None and not result.report.passed:

@@ -13,6 +13,7 @@ from pathlib import Path
 from rich.console import Console
 
 from tuneline import registry, tracking
+from tuneline.audit import audited
 from tuneline.baseline import BaselineReport, baseline_table, recommend
 from tuneline.context import RunContext, curation_summary, open_context
 from tuneline.curation import PreparedData, prepare
@@ -60,7 +61,14 @@ def run(spec_path: str | Path, *, workspace: WorkspaceRef = None, resume: bool =
     """Run the whole pipeline for one spec and return what it produced (also tracked in MLflow)."""
     started = time.perf_counter()
     ctx = open_context(spec_path, workspace, console=console, show_progress=show_progress)
-    return run_stages(ctx, resume=resume, started=started)
+    with audited(ctx.workspace, "run", subject=f"spec:{ctx.spec.name}", inputs={"spec": ctx.loaded.sha256}) as entry:
+        result = run_stages(ctx, resume=resume, started=started)
+        entry.outputs["run"] = result.run_id
+        if result.model_version is not None:
+            entry.outputs["model"] = f"{ctx.spec.name}/{result.model_version}"
+        entry.details.update(resumed=resume, seconds=round(result.seconds, 1),
+                             gates="passed" if result.passed else "failed" if result.report else "not evaluated")
+    return result
 
 
 def run_stages(ctx: RunContext, *, resume: bool = False, started: float | None = None) -> RunResult:
