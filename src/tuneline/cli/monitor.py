@@ -1,4 +1,5 @@
-"""``tuneline monitor``: check a served model's detectors (and alert), and write the monitoring report."""
+"""``tuneline monitor``: check a served model's detectors (and alert), write the monitoring report, and
+prune the request log to the spec's retention."""
 
 from __future__ import annotations
 
@@ -12,11 +13,14 @@ from rich.table import Table
 from tuneline.cli.console import console, escape, human_output, print_json, setup_logging
 from tuneline.cli.exits import EXIT_ALERT_FIRED, EXIT_GATES_FAILED
 from tuneline.cli.options import JsonOpt, VerboseOpt, WorkspaceOpt
+from tuneline.errors import Problem
 from tuneline.workspace import Workspace
 
 if TYPE_CHECKING:
     from tuneline.monitor.check import CheckOutcome
     from tuneline.monitor.results import DetectorResult
+    from tuneline.monitor.retention import PruneResult, RetentionTarget
+    from tuneline.monitor.store import RequestLog
     from tuneline.pipeline.retrain import RetrainResult
 
 group = typer.Typer(help="Watch a served model: drift, quality and operations detectors, alerts, the report.",
@@ -136,3 +140,87 @@ def monitor_report(
         store.close()
     path = write_monitor_report(out or monitor_report_path(ws, tgt.name), tgt.name, checks, alerts, drifted)
     typer.echo(str(path))
+
+
+@group.command("prune")
+def monitor_prune(
+    target: TargetArg, workspace: WorkspaceOpt = None, log_url: LogUrlOpt = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Count what would be deleted; delete nothing.")] = False,
+    as_json: JsonOpt = False, verbose: VerboseOpt = False,
+) -> None:
+    """Delete the model's request-log rows older than the spec's monitor.retention: requests
+    (those with feedback still kept stay), feedback, and stored checks and alerts.
+
+    Prints the rows deleted per table. Rows go in short batches, so a server logging into the
+    same database keeps going. Every prune (not a dry run) is recorded in the audit trail as
+    monitor.prune with the counts. A spec without monitor.retention prunes nothing (exit 0)."""
+    setup_logging(verbose)
+    from tuneline.monitor import retention  # lazy: monitor.check pulls numpy, scipy and the encoder
+    from tuneline.monitor.store import RequestLog  # lazy: SQLAlchemy
+
+    ws = Workspace.at(workspace)
+    tgt = retention.retention_target(target, ws)
+    if not tgt.retention.enabled:
+        message = f"{tgt.where} sets no monitor.retention: nothing to prune (every row is kept)"
+        if as_json:
+            print_json({"model": tgt.name, "dry_run": dry_run, "retention": None, "message": message})
+        else:
+            console.print(escape(message), soft_wrap=True)
+        return
+    store = RequestLog(log_url or ws.requests_url)
+    try:
+        result = _prune(tgt, ws, store, dry_run)
+    finally:
+        store.close()
+    if as_json:
+        print_json(result.to_dict())
+    else:
+        _print_prune(result)
+
+
+def _prune(tgt: RetentionTarget, ws: Workspace, store: RequestLog, dry_run: bool) -> PruneResult:
+    """Prune (a dry run: count), and record a real prune in the audit trail, with what it had
+    deleted when it failed."""
+    from tuneline.audit import trail_of  # lazy: SQLAlchemy
+    from tuneline.monitor import retention  # lazy: as in monitor_prune
+    from tuneline.monitor.check import MonitorError  # lazy: as above
+    from tuneline.monitor.store import RequestLogError  # lazy: SQLAlchemy
+
+    result = retention.new_result(tgt, time.time(), dry_run)
+    try:
+        if dry_run:
+            return retention.prune(tgt, store, dry_run=True, result=result)
+        trail = trail_of(ws)
+        try:
+            inputs = {"spec": tgt.spec_sha256} if tgt.spec_sha256 else {}
+            with trail.action("monitor.prune", subject=f"model:{tgt.name}", inputs=inputs) as pending:
+                try:
+                    retention.prune(tgt, store, result=result)
+                finally:
+                    pending.details.update(result.audit_details())
+        finally:
+            trail.close()
+    except RequestLogError as exc:
+        done = ", ".join(f"{n} {t}" for t, n in result.counts.items() if n and t in retention.TABLES)
+        raise MonitorError(Problem(f"{exc}" + (f" (deleted before the error: {done})" if done else ""),
+                                   hint="check --log-url (or the workspace's requests.db) and run the prune again: "
+                                        "it goes on where it stopped")) from exc
+    return result
+
+
+def _print_prune(result: PruneResult) -> None:
+    verb = "would delete" if result.dry_run else "deleted"
+    cutoffs = result.cutoffs_utc()
+    table = Table(title=f"{escape(result.model)}: {verb}")
+    for col in ("table", "kept for", "rows older than", verb):
+        table.add_column(col)
+    for name, group in (("requests", "requests"), ("feedback", "feedback"), ("checks", "checks"), ("alerts", "checks")):
+        days = result.retention[f"{group}_days"]
+        table.add_row(name, "for ever" if days is None else f"{days:g} days", cutoffs[group] or "-",
+                      str(result.counts.get(name, 0)))
+    console.print(table)
+    kept = result.counts.get("requests_kept_for_feedback", 0)
+    if kept:
+        console.print(f"{kept} older requests kept: feedback on them is still kept", soft_wrap=True)
+    console.print(f"{verb} {result.deleted} rows" + (" (dry run: nothing deleted)" if result.dry_run else ""),
+                  soft_wrap=True)

@@ -38,7 +38,7 @@ import queue
 import threading
 import time
 import weakref
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Mapping
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
@@ -53,11 +53,15 @@ from sqlalchemy import (
     String,
     Table,
     Text,
+    and_,
     create_engine,
     delete,
+    exists,
+    func,
     insert,
     inspect,
     make_url,
+    or_,
     select,
     update,
 )
@@ -65,7 +69,7 @@ from sqlalchemy import text as sql_text
 from sqlalchemy.engine import Engine, RowMapping
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.pool import StaticPool
-from sqlalchemy.sql.expression import Executable
+from sqlalchemy.sql.expression import ColumnElement, Executable
 
 from tuneline.curation.pii import Redactor, redact_json
 from tuneline.monitor.results import CheckResult, DetectorResult, Window
@@ -145,6 +149,8 @@ _REQUEST_COLUMNS = tuple(c.name for c in requests_table.columns)
 _INTS = ("model_version", "prompt_tokens", "completion_tokens", "status")
 _ID_CHUNK = 500  # ids per "already stored?" query (SQLite allows 999 parameters)
 REDACTION_FAILED = "<redaction failed>"
+PRUNE_BATCH = 500  # rows per transaction of RequestLog.prune
+PRUNE_PAUSE = 0.01  # seconds between two of its batches
 
 
 # A row as stored (and spooled): column name -> value, prompt and response redacted.
@@ -824,6 +830,111 @@ class RequestLog:
         with self._state:
             self._pending.update(ids)
             self._counts["in_spool"] += len(ids)
+
+    # ------------------------------------------------------------------ retention (`tuneline monitor prune`)
+    # One block, kept at the end of the class: the pruning of old rows. ``before`` maps "requests",
+    # "feedback" and "checks" to a cutoff (Unix time; rows created before it go) or None (kept).
+
+    def prune(self, model_name: str, before: Mapping[str, float | None], *, dry_run: bool = False,
+              batch_size: int = PRUNE_BATCH, counts: dict[str, int] | None = None) -> dict[str, int]:
+        """Delete ``model_name``'s rows older than their cutoff in ``before``, and return how many
+        per table (``requests``, ``feedback``, ``checks``, ``alerts``) and how many old requests
+        were kept because feedback on them is still kept (``requests_kept_for_feedback``).
+
+        - feedback on the model's requests created before ``before["feedback"]``;
+        - the model's requests (and those that name no model: refused before their body was read)
+          created before ``before["requests"]``, unless feedback on them is still kept: the feedback
+          needs its prompt (a cutoff of None for feedback keeps every request that has feedback);
+        - its checks made before ``before["checks"]``, except its latest (the server's gauges and
+          the report read it), and its alerts sent before it whose window ended before its oldest
+          remaining request (no later window can overlap them, so none is sent twice).
+
+        Rows go in batches of ``batch_size``, one short transaction each, so the server keeps
+        logging meanwhile. ``counts`` (when given) is updated after every batch: an error midway
+        leaves in it what was deleted. ``dry_run``: count, delete nothing."""
+        counts = {} if counts is None else counts
+        for name in ("feedback", "requests", "requests_kept_for_feedback", "checks", "alerts"):
+            counts[name] = 0
+        batch = max(1, min(batch_size, _ID_CHUNK))
+        try:
+            self._prune_logged(model_name, before, dry_run, batch, counts)
+            self._prune_checks(model_name, before, dry_run, batch, counts)
+        except Exception as exc:
+            raise RequestLogError(f"request log {self.url}: cannot prune the rows of {model_name!r}: "
+                                  f"{_short(exc)}") from exc
+        return counts
+
+    def _prune_logged(self, model_name: str, before: Mapping[str, float | None], dry_run: bool, batch: int,
+                      counts: dict[str, int]) -> None:
+        r, f = requests_table, feedback_table
+        of_model = or_(r.c.model_name == model_name, r.c.model_name.is_(None))
+        feedback_cut = before.get("feedback")
+        if feedback_cut is not None:
+            old_feedback = and_(f.c.response_id.in_(select(r.c.id).where(of_model)), f.c.created < feedback_cut)
+            self._prune_table(f, old_feedback, dry_run, batch, counts, "feedback")
+        doomed = self._doomed_requests(model_name, before)
+        if doomed is None:
+            return
+        self._prune_table(r, doomed, dry_run, batch, counts, "requests")
+        old = and_(of_model, r.c.created < before["requests"])
+        counts["requests_kept_for_feedback"] = self._count(r, and_(old, ~doomed))
+
+    @staticmethod
+    def _doomed_requests(model_name: str, before: Mapping[str, float | None]) -> ColumnElement[bool] | None:
+        """The model's requests (and those naming no model) older than the cutoff that no kept
+        feedback rates (None: requests are kept for ever)."""
+        r, f = requests_table, feedback_table
+        requests_cut, feedback_cut = before.get("requests"), before.get("feedback")
+        if requests_cut is None:
+            return None
+        kept_feedback = f.c.response_id == r.c.id
+        if feedback_cut is not None:
+            kept_feedback = and_(kept_feedback, f.c.created >= feedback_cut)
+        return and_(or_(r.c.model_name == model_name, r.c.model_name.is_(None)), r.c.created < requests_cut,
+                    ~exists(select(f.c.id).where(kept_feedback)))
+
+    def _prune_checks(self, model_name: str, before: Mapping[str, float | None], dry_run: bool, batch: int,
+                      counts: dict[str, int]) -> None:
+        c, a, r = checks_table, alerts_table, requests_table
+        cutoff = before.get("checks")
+        if cutoff is None:
+            return
+        latest = self._read(select(c.c.id).where(c.c.model == model_name)
+                            .order_by(c.c.at.desc(), c.c.id.desc()).limit(1), "read the latest check")
+        old_checks = and_(c.c.model == model_name, c.c.at < cutoff)
+        if latest:
+            old_checks = and_(old_checks, c.c.id != latest[0]["id"])
+        self._prune_table(c, old_checks, dry_run, batch, counts, "checks")
+        # the oldest request that stays (in a dry run too: the doomed ones do not count)
+        staying = r.c.model_name == model_name
+        doomed = self._doomed_requests(model_name, before)
+        if doomed is not None:
+            staying = and_(staying, ~doomed)
+        oldest = self._read(select(func.min(r.c.created).label("oldest")).where(staying), "read the oldest request")
+        floor = cutoff if not oldest or oldest[0]["oldest"] is None else min(cutoff, float(oldest[0]["oldest"]))
+        old_alerts = and_(a.c.model == model_name, a.c.at < cutoff, a.c.window_end < floor)
+        self._prune_table(a, old_alerts, dry_run, batch, counts, "alerts")
+
+    def _prune_table(self, table: Table, condition: ColumnElement[bool], dry_run: bool, batch: int,  # noqa: PLR0913
+                     counts: dict[str, int], name: str) -> None:
+        if dry_run:
+            counts[name] = self._count(table, condition)
+            return
+        key = table.c.id
+        while True:
+            with self._db_lock, self.engine.begin() as conn:
+                ids = list(conn.execute(select(key).where(condition).order_by(key).limit(batch)).scalars())
+                if ids:
+                    conn.execute(delete(table).where(key.in_(ids)))
+            counts[name] += len(ids)
+            if len(ids) < batch:
+                return
+            time.sleep(PRUNE_PAUSE)  # between two batches: the server's writer takes its turn
+
+    def _count(self, table: Table, condition: ColumnElement[bool]) -> int:
+        rows = self._read(select(func.count().label("n")).select_from(table).where(condition),
+                          f"count the rows of {table.name}")
+        return int(rows[0]["n"]) if rows else 0
 
 
 # ---------------------------------------------------------------------- helpers

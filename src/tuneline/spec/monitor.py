@@ -8,6 +8,9 @@ fires only when its test is significant at ``p_value`` *and* its effect size pas
 threshold, so a large window cannot turn a negligible shift into an alert; a rate detector fires
 only when the lower end of its 95% interval is above its threshold; and a window with fewer than
 ``min_requests`` requests reports "not enough data" instead of a verdict.
+
+``retention`` says how long the request log keeps the model's rows; ``tuneline monitor prune``
+enforces it (nothing is pruned while it is unset: the default keeps every row).
 """
 
 from __future__ import annotations
@@ -142,6 +145,38 @@ class RetrainSpec(_Section):
     min_new_rows: int = Field(default=1, gt=0, description="Retrain only with at least this many harvested rows.")
 
 
+DAY_SECONDS = 86_400.0
+
+
+def _days(what: str) -> float | None:
+    return Field(default=None, gt=0, allow_inf_nan=False,
+                 description=f"Days {what} are kept; older ones are deleted by `tuneline monitor prune`. "
+                             "None (the default): kept for ever.")
+
+
+class RetentionSpec(_Section):
+    """How long ``tuneline monitor prune`` keeps the model's rows of the request log. Unset
+    (None): kept for ever, the default: deleting logged traffic is the operator's decision, and
+    the log is the monitor's window, the feedback harvest's prompts and, once gone, cannot come
+    back. A request with feedback that is still kept is kept too (however old): the feedback
+    would lose its prompt, and harvesting a correction needs the prompt."""
+
+    requests_days: float | None = _days("logged requests (prompt, response, latency, status)")
+    feedback_days: float | None = _days("ratings and corrections (the request they rate stays while they do)")
+    checks_days: float | None = _days(
+        "stored `monitor check` results and the alerts sent (the latest check of the model always stays)")
+
+    @property
+    def enabled(self) -> bool:
+        """Whether anything is ever pruned."""
+        return any(v is not None for v in (self.requests_days, self.feedback_days, self.checks_days))
+
+    def applied(self) -> dict[str, float | None]:
+        """The retention as set (days; None: kept for ever)."""
+        return {"requests_days": self.requests_days, "feedback_days": self.feedback_days,
+                "checks_days": self.checks_days}
+
+
 class MonitorSpec(_Section):
     """What ``tuneline monitor check`` watches and what it does when something moves."""
 
@@ -153,6 +188,7 @@ class MonitorSpec(_Section):
     alerts: AlertsSpec = Field(default_factory=AlertsSpec)
     feedback: FeedbackSpec = Field(default_factory=FeedbackSpec)
     retrain: RetrainSpec = Field(default_factory=RetrainSpec)
+    retention: RetentionSpec = Field(default_factory=RetentionSpec)
 
     @model_validator(mode="after")
     def _window_fits(self) -> MonitorSpec:
@@ -164,4 +200,15 @@ class MonitorSpec(_Section):
         if self.window.min_requests > self.window.requests:
             raise ValueError(f"monitor.window.min_requests ({self.window.min_requests}) is more than "
                              f"monitor.window.requests ({self.window.requests}): no window could give a verdict")
+        self._retention_covers_window()
         return self
+
+    def _retention_covers_window(self) -> None:
+        """A window of ``window.hours`` needs its requests and their feedback kept that long."""
+        hours = self.window.hours
+        for name in ("requests_days", "feedback_days"):
+            days = getattr(self.retention, name)
+            if hours is not None and days is not None and days * 24 < hours:
+                raise ValueError(f"monitor.retention.{name} ({days:g} days) keeps less than monitor.window.hours "
+                                 f"({hours:g} hours): the monitor's window would lose rows to pruning; keep them "
+                                 f"at least {hours / 24:g} days or shorten the window")
