@@ -108,7 +108,7 @@ def target_of(ref: str, ws: Workspace) -> Target:
     except registry.RegistryError as exc:
         raise MonitorError(Problem(f"{name!r} has no production version to monitor",
                                    hint=f"promote one first: `tuneline promote {name} VERSION`")) from exc
-    spec = loaded.spec if loaded is not None else _shipped_spec(version)
+    spec = loaded.spec if loaded is not None else shipped_spec(version)
     ds_id = version.tags.get("tuneline.dataset_version")
     if not ds_id:
         raise MonitorError(Problem(f"{name}@{version.version} records no dataset version: its training data "
@@ -117,7 +117,7 @@ def target_of(ref: str, ws: Workspace) -> Target:
     return Target(name, version, spec, load_version(ds_id, ws.datasets_dir), loaded.path if loaded else None)
 
 
-def _shipped_spec(version: VersionInfo) -> Spec:
+def shipped_spec(version: VersionInfo) -> Spec:
     """The spec shipped in the version's adapter folder (``tuneline.yaml``)."""
     import mlflow
 

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 
 from tuneline import registry
 from tuneline.errors import Problem
-from tuneline.monitor.check import MonitorError, _shipped_spec
+from tuneline.monitor.check import MonitorError, shipped_spec
 from tuneline.monitor.store import PRUNE_BATCH
 from tuneline.spec import load_spec
 from tuneline.spec.monitor import DAY_SECONDS, RetentionSpec
@@ -88,7 +88,7 @@ def retention_target(ref: str, ws: Workspace) -> RetentionTarget:
         raise MonitorError(Problem(f"{ref!r} has no production version whose spec says how long to keep its rows",
                                    hint=f"pass the spec file instead: `tuneline monitor prune path/to/tuneline.yaml` "
                                         f"(its name must be {ref!r})")) from exc
-    spec = _shipped_spec(version)
+    spec = shipped_spec(version)
     return RetentionTarget(ref, spec.monitor.retention, f"{ref}@{version.version}:tuneline.yaml")
 
 
