@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import subprocess
@@ -12,6 +13,7 @@ import pytest
 
 import tuneline
 from tuneline import registry
+from tuneline.audit import trail_of
 from tuneline.registry import RegistryError
 from tuneline.workspace import Workspace
 
@@ -30,6 +32,30 @@ def _run(spec: Path, ws: Workspace, thresholds: str) -> int:
     return result.model_version
 
 
+def _check_run_entries(ws: Workspace, info: registry.VersionInfo, train_csv: Path) -> None:
+    """Version 1's run left data.prepare, train, eval, register and run entries naming the ids the
+    registry holds; the trail verifies; no training text is in it."""
+    trail = trail_of(ws)
+    entries = trail.entries()
+    assert [e.action for e in entries] == ["data.prepare", "train", "eval", "register", "run"] * 2
+    prepare, train, evaluation, register, run = entries[:5]
+    dataset = info.tags["tuneline.dataset_version"]
+    assert prepare.outputs["dataset"] == dataset and len(prepare.inputs["sources.train"]) == 64
+    assert train.inputs["dataset"] == dataset and train.outputs["run"] == info.run_id
+    assert train.outputs["adapter"] == info.tags["tuneline.adapter_sha256"]
+    assert evaluation.inputs["run"] == info.run_id and evaluation.outputs["gates"] == info.gate_state
+    assert evaluation.details["metrics"]["accuracy"] == pytest.approx(info.metrics["accuracy"], abs=1e-5)
+    assert register.outputs["model"] == "tiny-intents/1" and register.inputs["run"] == info.run_id
+    assert run.outputs == {"run": info.run_id, "model": "tiny-intents/1"} and run.result == "ok"
+    assert entries[0].actor.startswith("user:") and {e.actor for e in entries} == {entries[0].actor}
+    assert [e.seq for e in trail.entries(refs=[info.run_id])] == [train.seq, evaluation.seq, register.seq, run.seq]
+    assert trail.verify().ok
+    texts = [row["text"] for row in csv.DictReader(train_csv.open())]
+    exported = json.dumps([e.to_dict() for e in entries], ensure_ascii=False)
+    assert texts and not any(t in exported for t in texts)
+    trail.close()
+
+
 def test_versions_promotion_rollback_and_lineage(classification_spec: Path, tmp_path: Path):
     ws = Workspace.at(tmp_path / "ws")
     uri = ws.tracking_uri
@@ -43,10 +69,14 @@ def test_versions_promotion_rollback_and_lineage(classification_spec: Path, tmp_
     assert info.tags["tuneline.dataset_version"].startswith("ds-")
     assert len(info.tags["tuneline.spec_sha256"]) == 64 and info.tags["tuneline.base_model_fingerprint"]
 
-    registry.promote(uri, "tiny-intents", 1)
+    _check_run_entries(ws, info, classification_spec.parent / "train.csv")
+    trail = trail_of(ws)
+    registry.promote(uri, "tiny-intents", 1, trail=trail)
     assert registry.resolve(uri, "tiny-intents").version == 1  # bare name: production
     with pytest.raises(RegistryError, match=r"cannot be promoted: its gates failed \(accuracy >= 0.99\)"):
-        registry.promote(uri, "tiny-intents", 2)
+        registry.promote(uri, "tiny-intents", 2, trail=trail)
+    assert [(e.subject, e.result) for e in trail.entries(action="promote")] == [
+        ("model:tiny-intents/1", "ok"), ("model:tiny-intents/2", "refused")]
     # re-evaluating version 2 under an edited spec whose threshold it meets is recorded as such,
     # and does not unlock its promotion: its gates are those of the spec it was trained with
     _set_thresholds(classification_spec, '["accuracy >= 0.0"]')
@@ -57,9 +87,16 @@ def test_versions_promotion_rollback_and_lineage(classification_spec: Path, tmp_
     assert info2.gate_state == "failed" and [r["gate_state"] for r in info2.reevaluations] == ["passed"]
     with pytest.raises(RegistryError, match="needs --reason"):
         registry.promote(uri, "tiny-intents", 2, force=True)
-    registry.promote(uri, "tiny-intents", 2, force=True, reason="hotfix approved by the team")
+    registry.promote(uri, "tiny-intents", 2, force=True, reason="hotfix approved by the team", trail=trail)
     assert registry.resolve(uri, "tiny-intents").version == 2
-    assert registry.rollback(uri, "tiny-intents") == (2, 1)
+    assert registry.rollback(uri, "tiny-intents", trail=trail) == (2, 1)
+    forced, rolled = trail.entries()[-2:]
+    assert (forced.action, forced.details["forced"], forced.details["reason"]) == (
+        "promote", True, "hotfix approved by the team")
+    assert forced.details["previous"] == "tiny-intents/1" and forced.outputs == {"production": "tiny-intents/2"}
+    assert (rolled.action, rolled.inputs, rolled.outputs) == (
+        "rollback", {"model": "tiny-intents/2"}, {"production": "tiny-intents/1"})
+    trail.close()
     assert registry.resolve(uri, "tiny-intents@production").version == 1
     with pytest.raises(RegistryError, match="no earlier production version"):
         registry.rollback(uri, "tiny-intents")
