@@ -188,7 +188,8 @@ def plan_training(ctx: RunContext, tracked: Tracked) -> TrainingPlan:
     # the hybrid trains (and validates) on prompts with retrieved examples; evaluation and the
     # baselines start from the plain rows and augment per system, as the server does
     retriever = hybrid_retriever(ctx)
-    trained_on = with_retrieval(ctx.data, retriever)
+    # the memorization probe's canaries (eval.canaries) are trained on, never evaluated on as data
+    trained_on = with_retrieval(ctx.data, retriever).with_canary_rows(retriever.augment if retriever else None)
     train_cfg, found = ctx.spec.train, None
     if ctx.spec.search is not None:
         found = search(ctx, data=trained_on, options=SearchOptions(resume=tracked.resumed,
