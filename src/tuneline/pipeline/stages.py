@@ -173,6 +173,8 @@ def run_fingerprint(loaded: LoadedSpec, data: PreparedData, model_fingerprint: s
     spec = loaded.spec.model_dump(mode="json", include={"task", "model", "data", "curation", "train"})
     if loaded.spec.retrieval is not None:  # the hybrid trains on other prompts
         spec["retrieval"] = loaded.spec.retrieval.model_dump(mode="json")
+    if loaded.spec.eval.canaries is not None:  # planted rows are trained on (curation off: no version id covers them)
+        spec["canaries"] = loaded.spec.eval.canaries.model_dump(mode="json")
     if train_cfg is not None:
         spec["train"] = train_cfg.model_dump(mode="json")
     spec["train"].pop("checkpoint_every", None)
