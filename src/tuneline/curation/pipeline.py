@@ -24,6 +24,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, TypedDict
 
+from tuneline.curation.canary import Canary, plant
 from tuneline.curation.pii import Redactor, redact_json
 from tuneline.curation.steps import (
     Recorder,
@@ -99,6 +100,9 @@ class Curated:
     conflicts: list[Conflict] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     dedup_rule: str = ""  # which duplicate rule applied, in words (see dedup_rule())
+    # the memorization probe (eval.canaries): not data, so not in ``splits``; training adds ``canary_rows``
+    canaries: list[Canary] = field(default_factory=list)
+    canary_rows: list[Example] = field(default_factory=list)
 
 
 def raise_if(problems: list[Problem], what: str) -> None:
@@ -169,7 +173,25 @@ def _curate(loaded: LoadedSpec, tokenizer: PreTrainedTokenizerBase | None) -> Cu
             + ")", field="curation",
             hint="check the rejects (`tuneline data rejects` after a run with validation policies set to drop), "
                  "or relax the curation settings; training rows that repeat the test set are removed on purpose"))
+    _plant_canaries(loaded, splits, rec, out)
     return out
+
+
+def _plant_canaries(loaded: LoadedSpec, splits: Splits, rec: Recorder, out: Curated) -> None:
+    """The memorization probe's canaries, after every other step (none dedups, samples or splits
+    them away): training rows of their own, never in ``splits`` (validation and test never see them,
+    and the row counts stay those of the real data); declared ones looked up in the training answers."""
+    cfg = loaded.spec.eval.canaries
+    if cfg is None:
+        return
+    with rec.step("canaries", {**cfg.model_dump(exclude={"strings"}), "strings": len(cfg.strings)}, splits) as report:
+        out.canaries, out.canary_rows = plant(loaded, splits["train"])
+        declared = [c for c in out.canaries if c.kind == "declared"]
+        report.details = {"planted": sum(c.kind == "planted" for c in out.canaries),
+                          "training_rows_added": len(out.canary_rows), "declared": len(declared),
+                          "declared_in_training_answers": sum(c.rows > 0 for c in declared),
+                          "note": "canary rows are added to training only; not counted in the splits' rows"}
+        rec.finish(report, splits)
 
 
 # --- row checks (the "validation" step: a policy per check) ---------------------------------

@@ -13,11 +13,14 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from tuneline.curation.canary import Canary, with_rows
 from tuneline.curation.pipeline import Curated, SourceInfo, curate
 from tuneline.data.examples import Example
 from tuneline.spec.loader import LoadedSpec
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from transformers import PreTrainedTokenizerBase
 
 __all__ = ["PreparedData", "prepare"]
@@ -31,6 +34,15 @@ class PreparedData:
     labels: list[str] | None
     sources: list[SourceInfo] = field(default_factory=list)
     curated: Curated | None = None
+    canaries: list[Canary] = field(default_factory=list)  # eval.canaries: what evaluation probes
+    canary_rows: list[Example] = field(default_factory=list)  # the planted canaries' training rows
+
+    def with_canary_rows(self, augment: Callable[[list[Example]], list[Example]] | None = None) -> PreparedData:
+        """This data as training sees it: the planted canaries' rows added to the training rows
+        (``augment``: as the hybrid shows a prompt); ``self`` when there are none."""
+        if not self.canary_rows:
+            return self
+        return dataclasses.replace(self, train=with_rows(self.train, self.canary_rows, augment))
 
     def summary(self) -> dict[str, dict[str, str | int]]:
         return {s.split: {"path": s.path, "rows_read": s.rows_read, "rows_used": s.rows_used} for s in self.sources}
@@ -45,4 +57,5 @@ def prepare(loaded: LoadedSpec, tokenizer: PreTrainedTokenizerBase | None = None
     splits = curated.splits
     used = {"train": len(splits["train"]), "validation": len(splits["validation"]), "test": len(splits["test"])}
     sources = [dataclasses.replace(s, rows_used=used[s.split]) for s in curated.sources]
-    return PreparedData(splits["train"], splits["validation"], splits["test"], curated.labels, sources, curated)
+    return PreparedData(splits["train"], splits["validation"], splits["test"], curated.labels, sources, curated,
+                        curated.canaries, curated.canary_rows)

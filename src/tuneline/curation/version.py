@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NotRequired, TypedDict
 
+from tuneline.curation.canary import CANARIES_FILE, Canary, canaries_digest
 from tuneline.curation.pipeline import Conflict, Curated
 from tuneline.curation.steps import (
     RejectRow,
@@ -65,6 +66,19 @@ class Manifest(TypedDict):
     labels: list[str] | None
     label_counts: dict[str, dict[str, int]]
     lengths: dict[str, dict[str, float]]
+    canaries: NotRequired[CanarySummary]
+
+
+class CanarySummary(TypedDict):
+    """The memorization probe's canaries of a version (``canaries.json`` lists them): training rows
+    that are not data, so not counted in ``counts``."""
+
+    planted: int
+    training_rows: int  # planted rows added to training
+    declared: int
+    declared_found: int  # declared strings some curated training answer holds
+    sha256: str
+    file: str
 
 
 class SplitDiff(TypedDict):
@@ -85,9 +99,13 @@ def row_json(ex: Example) -> str:
     return json.dumps(example_row(ex), sort_keys=True, ensure_ascii=False, separators=(",", ":"))
 
 
-def version_id(splits: dict[str, list[Example]], labels: list[str] | None) -> str:
+def version_id(splits: dict[str, list[Example]], labels: list[str] | None, canaries: str | None = None) -> str:
+    """``canaries``: the digest of the canaries training adds (:func:`canaries_digest`); a version
+    without any keeps the id it had before canaries existed."""
     h = hashlib.sha256()
     h.update(json.dumps({"labels": labels}, sort_keys=True).encode())
+    if canaries is not None:
+        h.update(f"\n#canaries {canaries}\n".encode())
     for split in SPLITS:
         h.update(f"\n#{split}\n".encode())
         for ex in splits.get(split, []):
@@ -113,10 +131,15 @@ class DatasetVersion:
     def card(self) -> Path:
         return self.path / "card.md"
 
+    def canaries(self) -> list[Canary]:
+        """The memorization probe's canaries trained with this version (none: an empty list)."""
+        f = self.path / CANARIES_FILE
+        return [Canary.from_dict(c) for c in json.loads(f.read_text())["canaries"]] if f.is_file() else []
+
 
 def manifest_of(curated: Curated, spec_name: str, vid: str, spec_sha256: str) -> Manifest:
     splits = curated.splits
-    return {
+    manifest: Manifest = {
         "id": vid,
         "spec": spec_name,
         "spec_sha256": spec_sha256,
@@ -137,6 +160,13 @@ def manifest_of(curated: Curated, spec_name: str, vid: str, spec_sha256: str) ->
         "label_counts": {k: _label_counts(v) for k, v in splits.items() if v and v[0].label is not None},
         "lengths": {k: _length_stats(v) for k, v in splits.items() if v},
     }
+    if curated.canaries:
+        declared = [c for c in curated.canaries if c.kind == "declared"]
+        manifest["canaries"] = {"planted": len(curated.canaries) - len(declared),
+                                "training_rows": len(curated.canary_rows), "declared": len(declared),
+                                "declared_found": sum(c.rows > 0 for c in declared),
+                                "sha256": canaries_digest(curated.canaries) or "", "file": CANARIES_FILE}
+    return manifest
 
 
 def input_overlap(splits: dict[str, list[Example]]) -> dict[str, int]:
@@ -149,7 +179,7 @@ def input_overlap(splits: dict[str, list[Example]]) -> dict[str, int]:
 
 def save_version(curated: Curated, root: Path, spec_name: str, spec_sha256: str) -> DatasetVersion:
     """Store ``curated`` under ``root/<id>/`` (atomically) unless that version exists; return it."""
-    vid = version_id(curated.splits, curated.labels)
+    vid = version_id(curated.splits, curated.labels, canaries_digest(curated.canaries))
     dest = root / vid
     if (dest / "manifest.json").is_file():
         return load_version(vid, root)
@@ -161,6 +191,10 @@ def save_version(curated: Curated, root: Path, spec_name: str, spec_sha256: str)
         with open(tmp / "rejects.jsonl", "w") as f:
             for r in curated.rejects:
                 f.write(json.dumps(r.to_dict(), ensure_ascii=False) + "\n")
+        if curated.canaries:
+            body = {"note": "memorization probe canaries (eval.canaries): trained on, not data", "canaries":
+                    [c.to_dict() for c in curated.canaries]}
+            (tmp / CANARIES_FILE).write_text(json.dumps(body, indent=2, ensure_ascii=False) + "\n")
         manifest = manifest_of(curated, spec_name, vid, spec_sha256)
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
         (tmp / "card.md").write_text(data_card(manifest))
@@ -284,6 +318,12 @@ def data_card(m: Manifest) -> str:
     if m["dropped_by_reason"]:
         lines += ["| reason | rows |", "|---|---|"] + [f"| {k} | {v:,} |" for k, v in m["dropped_by_reason"].items()]
         lines.append("")
+    if c := m.get("canaries"):
+        lines += ["## Canaries (memorization probe)", "",
+                  f"{c['planted']} synthetic canaries planted in training only: {c['training_rows']:,} training rows "
+                  "added, not counted in Rows above (they are not data); "
+                  f"{c['declared']} declared strings, {c['declared_found']} found in training answers. "
+                  f"Listed in `{c['file']}`; evaluation reports how many come back as `canary_leak`.", ""]
     lines += ["## PII", ""]
     lines += ([f"- {k}: {v:,} found" for k, v in m["pii_found"].items()] or ["- none found"])
     lines += ["", "## Duplicates and answers per input", ""]

@@ -3,7 +3,7 @@
 A gate reads quantities by name (see :class:`tuneline.spec.models.Threshold`): ``accuracy`` is the
 candidate on the test split, ``base.accuracy`` the base model there, ``golden.NAME.accuracy`` the
 candidate on a golden set, plus ``forgetting``, ``robustness_drop``, ``robustness.KIND``,
-latency and ``human_win_rate``. A gate that reads the production model passes with a note while
+latency, ``human_win_rate`` and ``canary_leak``. A gate that reads the production model passes with a note while
 there is none (nothing to beat yet); any other quantity that was not measured fails the gate.
 """
 
@@ -33,6 +33,11 @@ def quantity(suite: EvalSuite, name: str) -> float:
             raise Missing(name, "latency was not measured (eval.latency.enabled is off)")
         return float(getattr(suite.latency, name.replace("_latency", "")) if name != "tokens_per_second"
                      else suite.latency.tokens_per_second)
+    if name == "canary_leak":
+        if suite.canaries is None or "candidate" not in suite.canaries.leaked:
+            raise Missing(name, "canaries were not probed (eval.canaries is not set, or no canary is in the "
+                                "training answers)")
+        return float(suite.canaries.leaked["candidate"])
     if name == "human_win_rate":
         if not suite.human:
             raise Missing(name, "no human ratings imported yet (`tuneline eval import-human`)")

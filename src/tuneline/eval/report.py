@@ -7,7 +7,7 @@ from typing import Any
 from rich.table import Table
 
 from tuneline.eval.items import describe_references
-from tuneline.eval.results import FLIP_DELTA, EvalSuite, SetResult
+from tuneline.eval.results import FLIP_DELTA, CanaryReport, EvalSuite, SetResult
 
 SYSTEM_ORDER = ("base", "production", "candidate")
 
@@ -35,6 +35,8 @@ def render_tables(suite: EvalSuite) -> list[Table]:
                       f"p50 {lat.p50_ms:.0f} ms, p95 {lat.p95_ms:.0f} ms, {lat.tokens_per_second:.1f} tok/s")
     if extra.row_count:
         out.append(extra)
+    if suite.canaries:
+        out.append(canary_table(suite.canaries))
     if suite.gates:
         gates = Table(title="gates")
         for col in ("gate", "observed", "margin", "result"):
@@ -46,6 +48,22 @@ def render_tables(suite: EvalSuite) -> list[Table]:
             gates.add_row(g.expr, observed, margin, verdict + (f" ({g.note})" if g.note else ""))
         out.append(gates)
     return out
+
+
+def canary_table(report: CanaryReport) -> Table:
+    """The memorization probe: canaries reproduced per system, and each canary that leaked."""
+    table = Table(title=f"memorization probe: {report.n} canaries (whole secret reproduced, greedy)")
+    table.add_column("system")
+    table.add_column("canaries leaked", justify="right")
+    table.add_column("which")
+    for system in (s for s in SYSTEM_ORDER if s in report.leaked):
+        which = [f"{i.id} ({i.kind})" for i in report.items if i.leaked.get(system)]
+        count = f"{report.leaked[system]} of {report.n}"
+        table.add_row(system, f"[red]{count}[/]" if system == "candidate" and report.leaked[system] else count,
+                      ", ".join(which) or "-")
+    if report.unprobed:
+        table.caption = (f"not probed (in no training answer after curation): {', '.join(report.unprobed)}")
+    return table
 
 
 def _set_table(suite: EvalSuite, s: SetResult) -> Table:
@@ -130,5 +148,8 @@ def flat_metrics(suite: EvalSuite) -> dict[str, float]:
         out["p50_latency_ms"] = suite.latency.p50_ms
         out["p95_latency_ms"] = suite.latency.p95_ms
         out["tokens_per_second_single"] = suite.latency.tokens_per_second
+    if suite.canaries:
+        out.update({"canary_leak" if system == "candidate" else f"{system}.canary_leak": float(n)
+                    for system, n in suite.canaries.leaked.items()})
     out["gates_passed"] = float(suite.passed)
     return out

@@ -182,6 +182,32 @@ class Latency:
 
 
 @dataclass
+class CanaryItem:
+    """One canary of the memorization probe: its answers per system (one per probe), whether the
+    whole secret came back, and the longest share of it reproduced (best probe)."""
+
+    id: str  # c1... planted, d1... declared
+    kind: str  # planted | declared
+    secret: str
+    rows: int  # training rows holding it (0: a declared string not in the training answers, not probed)
+    probes: int
+    answers: dict[str, list[str]] = field(default_factory=dict)
+    leaked: dict[str, bool] = field(default_factory=dict)
+    match: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class CanaryReport:
+    """The memorization probe (``eval.canaries``): ``leaked[system]`` canaries, of ``n`` probed,
+    whose secret the system reproduced (the candidate's is the gate quantity ``canary_leak``)."""
+
+    n: int
+    leaked: dict[str, int]
+    items: list[CanaryItem] = field(default_factory=list)
+    unprobed: list[str] = field(default_factory=list)  # declared canaries no training answer holds
+
+
+@dataclass
 class GateResult:
     expr: str
     observed: float | None
@@ -204,6 +230,7 @@ class EvalSuite:
     latency: Latency | None = None
     human: dict[str, Any] | None = None
     baselines: dict[str, Any] | None = None  # tuneline.baseline.BaselineReport.to_dict()
+    canaries: CanaryReport | None = None  # the memorization probe (eval.canaries)
 
     @property
     def passed(self) -> bool:
@@ -224,6 +251,8 @@ class EvalSuite:
                         sys_.pop(key)
             if d["forgetting"]:
                 d["forgetting"].pop("items")
+            for item in (d.get("canaries") or {}).get("items", []):
+                item.pop("answers")
             for o in (d.get("baselines") or {}).get("options", []):
                 for key in ("scores", "correct", "predictions"):
                     o.pop(key, None)
@@ -256,8 +285,13 @@ class EvalSuite:
             set=r["set"], metric=r["metric"], n=r["n"], clean=r["clean"],
             perturbations={k: Perturbed(**v) for k, v in r["perturbations"].items()})
         lat = d.get("latency")
+        can = d.get("canaries")
+        canaries = None if not can else CanaryReport(
+            n=can["n"], leaked=can["leaked"], items=[CanaryItem(**i) for i in can.get("items", [])],
+            unprobed=can.get("unprobed", []))
         return cls(
             spec=d["spec"], task=d["task"], primary=d["primary"], created=d["created"], sets=sets,
             gates=[GateResult(**g) for g in d.get("gates", [])], forgetting=forgetting, robustness=robustness,
             latency=Latency(**lat) if lat else None, human=d.get("human"), baselines=d.get("baselines"),
+            canaries=canaries,
         )

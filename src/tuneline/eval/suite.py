@@ -20,9 +20,11 @@ from typing import TYPE_CHECKING, cast
 
 import numpy as np
 
+from tuneline.curation.canary import Canary
 from tuneline.curation.steps import input_of
 from tuneline.data.examples import Example
 from tuneline.eval import stats
+from tuneline.eval.canary import canary_prompts, canary_report, probe_tokens
 from tuneline.eval.gates import check_gates
 from tuneline.eval.generate import (
     Decoding,
@@ -90,6 +92,8 @@ class Evaluation:
         self.robust_rows: list[int] = []
         self.latency: Latency | None = None
         self.trie = self._trie()
+        self.canaries: list[Canary] = []  # the memorization probe (eval.canaries): set before scoring
+        self.canary_answers: dict[str, list[str]] = {}  # system -> an answer per probe
 
     # --- collecting answers ---------------------------------------------------------------------
 
@@ -106,6 +110,10 @@ class Evaluation:
             self.probe[name] = self._generate(model, prompts(probe_examples(load_probe())),
                                               f"{name} forgetting probe", constrained=False,
                                               decoding=Decoding(max_new_tokens=24))  # fixed: greedy, 24 tokens
+        if name in ("base", "candidate") and any(c.probes for c in self.canaries):
+            self.canary_answers[name] = self._generate(
+                model, prompts(canary_prompts(self.canaries)), f"{name} canaries", constrained=False,
+                decoding=Decoding(max_new_tokens=probe_tokens(self.canaries, self.tokenizer))).texts  # greedy
         if name == "candidate":
             self._robustness(model, prompts)
             if self.spec.eval.latency.enabled:
@@ -213,6 +221,8 @@ class Evaluation:
                           created=created or time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), sets=set_results,
                           forgetting=self._forgetting(resamples), robustness=self._robustness_result(),
                           latency=self.latency)
+        if self.canary_answers:
+            suite.canaries = canary_report(self.canaries, self.canary_answers)
         suite.gates = check_gates(spec.objective, suite)
         return suite
 

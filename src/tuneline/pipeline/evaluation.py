@@ -79,8 +79,11 @@ def decoding_mismatch(spec: Spec, adapter_dir: str | Path) -> str | None:
 
 
 def new_evaluation(ctx: RunContext, sets: list[EvalSet]) -> Evaluation:
-    return Evaluation(ctx.spec, ctx.tokenizer, sets, ctx.data.labels, autocast=ctx.compute.autocast(),
-                      device=ctx.compute.device, show_progress=ctx.show_progress)
+    """An evaluation of ``sets`` that also probes the canaries the data planted (eval.canaries)."""
+    evaluation = Evaluation(ctx.spec, ctx.tokenizer, sets, ctx.data.labels, autocast=ctx.compute.autocast(),
+                            device=ctx.compute.device, show_progress=ctx.show_progress)
+    evaluation.canaries = list(ctx.data.canaries)
+    return evaluation
 
 
 def load_adapter_model(source: ModelSource, ws: Workspace, adapter_dir: str | Path, device: str, dtype: str) -> nn.Module:

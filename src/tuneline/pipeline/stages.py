@@ -174,6 +174,8 @@ def run_fingerprint(loaded: LoadedSpec, data: PreparedData, model_fingerprint: s
     spec = loaded.spec.model_dump(mode="json", include={"task", "model", "data", "curation", "train"})
     if loaded.spec.retrieval is not None:  # the hybrid trains on other prompts
         spec["retrieval"] = loaded.spec.retrieval.model_dump(mode="json")
+    if loaded.spec.eval.canaries is not None:  # planted rows are trained on (curation off: no version id covers them)
+        spec["canaries"] = loaded.spec.eval.canaries.model_dump(mode="json")
     if train_cfg is not None:
         spec["train"] = train_cfg.model_dump(mode="json")
     spec["train"].pop("checkpoint_every", None)
@@ -189,7 +191,8 @@ def plan_training(ctx: RunContext, tracked: Tracked) -> TrainingPlan:
     # the hybrid trains (and validates) on prompts with retrieved examples; evaluation and the
     # baselines start from the plain rows and augment per system, as the server does
     retriever = hybrid_retriever(ctx)
-    trained_on = with_retrieval(ctx.data, retriever)
+    # the memorization probe's canaries (eval.canaries) are trained on, never evaluated on as data
+    trained_on = with_retrieval(ctx.data, retriever).with_canary_rows(retriever.augment if retriever else None)
     train_cfg, found = ctx.spec.train, None
     if ctx.spec.search is not None:
         found = search(ctx, data=trained_on, options=SearchOptions(resume=tracked.resumed,

@@ -55,6 +55,7 @@ class SpecParts:
     curation: CurationSpec | None = None
     train: TrainSpec | None = None
     search: SearchSpec | None = None
+    canaries_given: bool = False  # eval.canaries is set (valid or not)
 
     @classmethod
     def of(cls, spec: Spec) -> SpecParts:
@@ -67,13 +68,14 @@ class SpecParts:
         return cls(task=spec.task.type, primary=spec.objective.primary,
                    thresholds=tuple(enumerate(spec.objective.parsed_thresholds())),
                    golden_names=tuple(g.name for g in spec.eval.golden), sources=tuple(sources),
-                   curation=spec.curation, train=spec.train, search=spec.search)
+                   curation=spec.curation, train=spec.train, search=spec.search,
+                   canaries_given=spec.eval.canaries is not None)
 
 
 def cross_field_problems(parts: SpecParts) -> list[CrossProblem]:
     """Every cross-field problem ``parts`` show, in the order of the spec's sections."""
     return [*_objective_problems(parts), *_golden_problems(parts), *_source_problems(parts),
-            *_curation_problems(parts), *_search_problems(parts)]
+            *_curation_problems(parts), *_search_problems(parts), *canary_problems(parts)]
 
 
 def _objective_problems(parts: SpecParts) -> Iterator[CrossProblem]:
@@ -146,3 +148,22 @@ def _search_problems(parts: SpecParts) -> Iterator[CrossProblem]:
     if train is not None:
         for path, why in search.space_problems(train):
             yield CrossProblem(("search", "space", path), why)
+
+
+# Tasks whose answers are free text a model can learn to reproduce: canaries are planted as answers
+CANARY_TASKS: tuple[str, ...] = (*GENERATION_TASKS, "structured")
+
+
+def canary_problems(parts: SpecParts) -> Iterator[CrossProblem]:
+    """A ``canary_leak`` gate needs ``eval.canaries``; canaries need a task that generates text."""
+    if not parts.canaries_given:
+        for i, threshold in parts.thresholds:
+            if any(name == "canary_leak" for _, name in threshold.terms):
+                yield CrossProblem(("objective", "thresholds", i),
+                                   f"{str(threshold)!r}: canary_leak is only measured with eval.canaries set "
+                                   "(e.g. eval: {canaries: {count: 4, repeat: 8}}): add it or drop the gate")
+    elif parts.task is not None and parts.task not in CANARY_TASKS:
+        yield CrossProblem(("eval", "canaries"),
+                           f"the memorization probe applies to tasks that generate text ({', '.join(CANARY_TASKS)}); "
+                           f"a {parts.task} model is trained on its label only, so a planted string is never "
+                           "trained on as an answer and cannot come back: remove eval.canaries")

@@ -20,7 +20,7 @@ _GATE_RE = re.compile(rf"^\s*({_TERM}(?:\s*[-+]\s*{_TERM})*)\s*(>=|<=|>|<)\s*({_
 
 # Gate quantities every task has beside its metrics (see tuneline.eval.gates)
 SPECIAL_GATES = ("forgetting", "robustness_drop", "p50_latency_ms", "p95_latency_ms", "tokens_per_second",
-                 "human_win_rate")
+                 "human_win_rate", "canary_leak")
 # Systems whose metrics a gate may read as ``SYSTEM.metric`` (the candidate's own: ``metric``)
 GATE_SYSTEMS = ("base", "candidate", "production")
 
@@ -32,7 +32,7 @@ class Threshold(BaseModel):
     (``accuracy``), of another system (``base.accuracy``, ``production.accuracy``), of the
     candidate on a golden set (``golden.NAME.accuracy``, ``golden.NAME.base.accuracy``), or one of
     ``forgetting``, ``robustness_drop``, ``robustness.KIND``, ``p50_latency_ms``, ``p95_latency_ms``,
-    ``tokens_per_second``, ``human_win_rate``."""
+    ``tokens_per_second``, ``human_win_rate``, ``canary_leak`` (canaries the candidate reproduced)."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 

@@ -19,9 +19,11 @@ TASK_METRICS: dict[str, tuple[str, ...]] = {
 # ended on their own (not at the token limit).
 COMMON_METRICS: tuple[str, ...] = ("answer_tokens", "refusal_rate", "stopped_rate")
 
-# Lower is better for these (the validation loss, rates of errors, answer length); every other
+# Lower is better for these (the validation loss, rates of errors, answer length, canaries the model
+# reproduced: the memorization probe's gate quantity, see tuneline.spec.gates); every other
 # metric: higher is better.
-LOWER_IS_BETTER: frozenset[str] = frozenset({"eval_loss", "invalid_rate", "refusal_rate", "answer_tokens"})
+LOWER_IS_BETTER: frozenset[str] = frozenset({"eval_loss", "invalid_rate", "refusal_rate", "answer_tokens",
+                                             "canary_leak"})
 
 # How the robustness check perturbs inputs (a gate reads each as ``robustness.KIND``)
 Perturbation = Literal["typos", "casing", "whitespace", "paraphrase"]

@@ -29,6 +29,7 @@ from pydantic import (
     model_validator,
 )
 
+from tuneline.spec.canary import CanarySpec
 from tuneline.spec.checks import SpecParts, cross_field_problems
 from tuneline.spec.dotted import set_path
 from tuneline.spec.gates import Threshold
@@ -374,6 +375,9 @@ class EvalSpec(_Model):
     bootstrap: int = Field(default=1000, ge=100, le=100_000, description="Bootstrap resamples for the 95% intervals.")
     batch_size: int = Field(default=32, gt=0)
     compare_base: bool = Field(default=True, description="Also evaluate the untuned base model.")
+    canaries: CanarySpec | None = Field(
+        default=None, description="Memorization probe: canaries planted in the training split (and strings you "
+                                  "planted yourself), probed in the base and tuned model; gate `canary_leak <= 0`.")
     constrain_to_labels: bool = Field(
         default=True,
         description="Classification: decoding may only produce one of the labels (the model picks which), "

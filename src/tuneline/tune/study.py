@@ -172,7 +172,7 @@ def search(ctx: RunContext, *, data: PreparedData | None = None, options: Search
     if isinstance(finished, SearchResult):
         return finished
     exists = finished
-    rows = data or ctx.data
+    rows = data or ctx.data.with_canary_rows()  # trials train on what a run trains on: eval.canaries' rows too
     train_rows = rows.train
     if s.train_rows and s.train_rows < len(train_rows):
         train_rows = sample_rows(train_rows, s.train_rows, s.seed)
