@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 from rich.console import Console
 
 from tuneline.curation import DatasetVersion, PreparedData, prepare, save_version
+from tuneline.curation.erasure import load_filter
 from tuneline.models import ModelSource, load_tokenizer, resolve_model_source
 from tuneline.runtime import Compute
 from tuneline.runtime.extras import require_extras_for
@@ -82,11 +83,12 @@ def context_of(loaded: LoadedSpec, workspace: str | Path | Workspace | None = No
 
 def prepare_version(loaded: LoadedSpec, ws: Workspace, tokenizer: PreTrainedTokenizerBase | None = None,
                     ) -> tuple[PreparedData, DatasetVersion | None]:
-    """Curate the spec's data and store it as a dataset version (unless curation is disabled)."""
+    """Curate the spec's data, without the rows of the workspace's erasure requests, and store it
+    as a dataset version (unless curation is disabled)."""
     if tokenizer is None:
         source = resolve_model_source(loaded.spec.model, loaded.base_dir)
         tokenizer = load_tokenizer(source, ws.models_dir)
-    data = prepare(loaded, tokenizer)
+    data = prepare(loaded, tokenizer, load_filter(ws))
     if data.curated is None or not loaded.spec.curation.enabled:
         return data, None
     return data, save_version(data.curated, ws.datasets_dir, loaded.spec.name, loaded.sha256)

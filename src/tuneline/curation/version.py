@@ -43,6 +43,17 @@ class ManifestSource(TypedDict):
     rows: int
 
 
+class ErasureRecord(TypedDict):
+    """Rows removed from a stored version by an erasure request (``tuneline data forget``): the
+    request's id, when, and counts -- never the content."""
+
+    id: str
+    at: str
+    removed: dict[str, int]  # split -> rows
+    rejects: int
+    conflicts: int  # conflict groups (or rows of them) removed
+
+
 class Manifest(TypedDict):
     """A dataset version's ``manifest.json`` (:func:`manifest_of`; keys marked NotRequired are absent
     from the manifests of older versions)."""
@@ -65,6 +76,7 @@ class Manifest(TypedDict):
     labels: list[str] | None
     label_counts: dict[str, dict[str, int]]
     lengths: dict[str, dict[str, float]]
+    erasures: NotRequired[list[ErasureRecord]]
 
 
 class SplitDiff(TypedDict):
@@ -137,6 +149,16 @@ def manifest_of(curated: Curated, spec_name: str, vid: str, spec_sha256: str) ->
         "label_counts": {k: _label_counts(v) for k, v in splits.items() if v and v[0].label is not None},
         "lengths": {k: _length_stats(v) for k, v in splits.items() if v},
     }
+
+
+def recount(m: Manifest, splits: dict[str, list[Example]]) -> None:
+    """Update the row counts and the statistics of ``m`` that derive from the rows, for ``splits``
+    (after rows were erased from a stored version)."""
+    m["counts"] = {k: len(splits.get(k, [])) for k in SPLITS}
+    m["answers_per_input"] = {k: answers_per_input(v) for k, v in splits.items() if v}
+    m["input_overlap"] = input_overlap(splits)
+    m["label_counts"] = {k: _label_counts(v) for k, v in splits.items() if v and v[0].label is not None}
+    m["lengths"] = {k: _length_stats(v) for k, v in splits.items() if v}
 
 
 def input_overlap(splits: dict[str, list[Example]]) -> dict[str, int]:
@@ -304,6 +326,12 @@ def data_card(m: Manifest) -> str:
               "| split | rows | min | median | p95 | max |", "|---|---|---|---|---|---|"]
     lines += [f"| {k} | {v['rows']:,} | {v['min_chars']} | {v['median_chars']:g} | {v['p95_chars']} | {v['max_chars']} |"
               for k, v in m["lengths"].items()]
+    if m.get("erasures"):
+        lines += ["", "## Erasures", "", "Rows removed from this version after it was made (`tuneline data forget`); "
+                  "its id names the data as first curated.", "", "| erasure | when | rows removed | rejects removed |",
+                  "|---|---|---|---|"]
+        lines += [f"| {e['id']} | {e['at']} | " + (", ".join(f"{k} {v:,}" for k, v in e["removed"].items() if v) or "0")
+                  + f" | {e['rejects']:,} |" for e in m["erasures"]]
     if m.get("label_counts"):
         splits = list(m["label_counts"])
         labels = sorted({lab for counts in m["label_counts"].values() for lab in counts})
