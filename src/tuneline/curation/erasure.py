@@ -14,7 +14,7 @@ spec's system prompt) and ``other`` (texts of unknown role: the fields of a row 
 built, a reject's reason). ``--match`` compares the column's kind and ``other``; ``--contains``
 every text.
 
-The workspace keeps each request as a keyed digest (HMAC-SHA256 under a per-workspace secret key,
+The workspace keeps each request as a keyed digest (keyed BLAKE2b under a per-workspace secret key,
 ``erasure/key``, mode 0600), never as text: ``--match`` as the digest of the value's key,
 ``--contains`` as the digest of the text's key and its length, which every window of that length
 of a row's keys is checked against. Curation drops the rows the filter matches first
@@ -23,7 +23,7 @@ of a row's keys is checked against. Curation drops the rows the filter matches f
 
 from __future__ import annotations
 
-import hmac
+import hashlib
 import json
 import os
 import secrets
@@ -209,9 +209,14 @@ def new_erasure_id() -> str:
     return ERASURE_PREFIX + time.strftime("%Y%m%d", time.gmtime()) + "-" + secrets.token_hex(4)
 
 
+def _mac(key: bytes, data: bytes, mode: Mode) -> bytes:
+    """Keyed BLAKE2b (a MAC under the workspace key), 16 bytes; the mode separates the domains."""
+    return hashlib.blake2b(data, key=key, digest_size=16, person=b"tuneline-" + mode[0].encode()).digest()
+
+
 def _digest(key: bytes, mode: Mode, column: str | None, text: str) -> str:
-    tag = f"m\x00{column}\x00" if mode == "match" else "c\x00"
-    return hmac.digest(key, (tag + text).encode(), "sha256")[:16].hex()
+    data = f"{column}\x00{text}".encode() if mode == "match" else text.encode()
+    return _mac(key, data, mode).hex()
 
 
 def workspace_key(ws: Workspace, *, create: bool) -> bytes | None:
@@ -251,14 +256,14 @@ class ErasureFilter:
     key: bytes
     erasures: list[Erasure]
     _match: dict[tuple[str, str], str] = field(default_factory=dict)  # (column, digest) -> id
-    _contains: dict[int, dict[str, str]] = field(default_factory=dict)  # length -> digest -> id
+    _contains: dict[int, dict[bytes, str]] = field(default_factory=dict)  # length -> digest -> id
 
     def __post_init__(self) -> None:
         for e in self.erasures:
             if e.mode == "match" and e.column is not None:
                 self._match[(e.column, e.digest)] = e.id
             elif e.length:
-                self._contains.setdefault(e.length, {})[e.digest] = e.id
+                self._contains.setdefault(e.length, {})[bytes.fromhex(e.digest)] = e.id
 
     def erased_by(self, view: View) -> str | None:
         """The id of the first stored request ``view`` matches, or None."""
@@ -271,11 +276,14 @@ class ErasureFilter:
         return self._windows(k for ks in keys.values() for k in ks) if self._contains else None
 
     def _windows(self, keys: Iterable[str]) -> str | None:
-        key = self.key
+        key, wanted = self.key, self._contains
         for text in set(keys):
-            for length, digests in self._contains.items():
+            ascii_ = text.isascii()
+            data = text.encode()
+            for length, digests in wanted.items():
                 for i in range(len(text) - length + 1):
-                    d = hmac.digest(key, ("c\x00" + text[i:i + length]).encode(), "sha256")[:16].hex()
+                    window = data[i:i + length] if ascii_ else text[i:i + length].encode()
+                    d = hashlib.blake2b(window, key=key, digest_size=16, person=b"tuneline-c").digest()
                     if d in digests:
                         return digests[d]
         return None
