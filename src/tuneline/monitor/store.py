@@ -563,11 +563,11 @@ class RequestLog:
     def delete_requests(self, ids: Collection[str]) -> int:
         """Delete these requests (their feedback is not touched: see :meth:`delete_feedback`);
         returns how many rows went."""
-        return self._delete(requests_table, requests_table.c.id, list(dict.fromkeys(ids)))
+        return self._delete(requests_table, list(dict.fromkeys(ids)))
 
     def delete_feedback(self, ids: Collection[int]) -> int:
         """Delete these feedback entries; returns how many rows went."""
-        return self._delete(feedback_table, feedback_table.c.id, list(dict.fromkeys(ids)))
+        return self._delete(feedback_table, list(dict.fromkeys(ids)))
 
     def compact(self) -> None:
         """Rewrite a SQLite database file so deleted rows leave no bytes behind (``VACUUM``); other
@@ -587,8 +587,9 @@ class RequestLog:
         except Exception as exc:
             raise RequestLogError(f"request log {self.url}: cannot {what}: {_short(exc)}") from exc
 
-    def _delete(self, table: Table, key: Column[Any], ids: list[Any]) -> int:
-        n = 0
+    def _delete(self, table: Table, ids: list[str] | list[int]) -> int:
+        """Delete the rows of ``table`` with these ids (its ``id`` column), in chunks, in one transaction."""
+        key, n = table.c.id, 0
         try:
             with self._db_lock, self.engine.begin() as conn:
                 for i in range(0, len(ids), _ID_CHUNK):
