@@ -16,6 +16,7 @@ from rich.console import Console
 
 from tuneline.audit import Pending, audited
 from tuneline.curation import DatasetVersion, PreparedData, prepare, save_version
+from tuneline.curation.erasure import load_filter
 from tuneline.models import ModelSource, load_tokenizer, resolve_model_source
 from tuneline.runtime import Compute
 from tuneline.runtime.extras import require_extras_for
@@ -83,12 +84,13 @@ def context_of(loaded: LoadedSpec, workspace: str | Path | Workspace | None = No
 
 def prepare_version(loaded: LoadedSpec, ws: Workspace, tokenizer: PreTrainedTokenizerBase | None = None,
                     ) -> tuple[PreparedData, DatasetVersion | None]:
-    """Curate the spec's data and store it as a dataset version (unless curation is disabled)."""
+    """Curate the spec's data, without the rows of the workspace's erasure requests, and store it
+    as a dataset version (unless curation is disabled)."""
     if tokenizer is None:
         source = resolve_model_source(loaded.spec.model, loaded.base_dir)
         tokenizer = load_tokenizer(source, ws.models_dir)
     with audited(ws, "data.prepare", subject=f"spec:{loaded.spec.name}", inputs={"spec": loaded.sha256}) as entry:
-        data = prepare(loaded, tokenizer)
+        data = prepare(loaded, tokenizer, load_filter(ws))
         if data.curated is None or not loaded.spec.curation.enabled:
             entry.details["curation"] = "off"
             return data, None

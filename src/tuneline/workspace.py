@@ -13,6 +13,7 @@ Every path inside the workspace is named here, and nowhere else::
       feedback/<name>/      harvested feedback rows, retraining inputs, production adapters fetched
       reports/              HTML reports written by `tuneline report`
       audit.db              the hash-chained audit trail (unless $TUNELINE_AUDIT_URL names another store)
+      erasure/              erasure requests as keyed digests (never the erased text) and their secret key
 """
 
 from __future__ import annotations
@@ -96,9 +97,20 @@ class Workspace:
         return self._dir("feedback", model_name)
 
     @property
+    def feedback_root(self) -> Path:
+        """The folder of every model's :meth:`feedback_dir`."""
+        return self._dir("feedback")
+
+    @property
     def audit_url(self) -> str:
         """The audit trail (SQLite) when ``$TUNELINE_AUDIT_URL`` names no other store."""
         return f"sqlite:///{self.root / 'audit.db'}"
+
+    @property
+    def erasure_dir(self) -> Path:
+        """Erasure requests (``tuneline data forget``): keyed digests that curation filters rows
+        by, and the workspace's secret key for them (mode 0600)."""
+        return self._dir("erasure")
 
     @property
     def tracking_uri(self) -> str:

@@ -5,17 +5,27 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.table import Table
 
 from tuneline.cli.console import console, err_console, escape, print_json, setup_logging
-from tuneline.cli.options import DatasetVersionArg, JsonOpt, SpecArg, VerboseOpt, WorkspaceOpt
+from tuneline.cli.options import (
+    DatasetVersionArg,
+    JsonOpt,
+    SpecArg,
+    UriOpt,
+    VerboseOpt,
+    WorkspaceOpt,
+)
 from tuneline.spec import load_spec
 from tuneline.workspace import Workspace
 
-group = typer.Typer(help="Curate data into dataset versions; inspect, compare and export their rejects.",
+if TYPE_CHECKING:
+    from tuneline.pipeline.forget import ForgetResult
+
+group = typer.Typer(help="Curate data into dataset versions; inspect, compare and export their rejects; erase rows.",
                     no_args_is_help=True)
 
 
@@ -131,3 +141,86 @@ def data_list(workspace: WorkspaceOpt = None) -> None:
     for m in versions:
         console.print(f"{m['id']}  {m['created']}  {m['spec']}  "
                       + ", ".join(f"{k} {n:,}" for k, n in m["counts"].items()) + f"  rejected {m['rejected']:,}")
+
+
+@group.command("forget")
+def data_forget(
+    match: Annotated[str | None, typer.Option(
+        "--match", metavar="COLUMN=VALUE",
+        help="Erase rows whose COLUMN equals VALUE (case, spacing and Unicode forms ignored). COLUMN: prompt "
+             "(or text, instruction, source), answer (or response, summary, target, correction), label, messages "
+             "(any turn).")] = None,
+    contains: Annotated[str | None, typer.Option(
+        "--contains", metavar="TEXT", help="Erase rows any text field of which holds TEXT (case, spacing and "
+                                           "Unicode forms ignored).")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Show what would be removed (the matching text on "
+                                                            "this terminal only); change nothing.")] = False,
+    spec: Annotated[list[Path] | None, typer.Option(
+        "--spec", help="Also scan this spec's source files for lines that still match (repeatable).")] = None,
+    requests: Annotated[str | None, typer.Option(
+        help="The request log's URL (default: the workspace's requests.db).")] = None,
+    workspace: WorkspaceOpt = None, uri: UriOpt = None, as_json: JsonOpt = False,
+) -> None:
+    """Erase rows (an erasure request, e.g. GDPR art. 17): from every dataset version, the request
+    and feedback log and the harvested feedback; keep them out of later versions; mark the model
+    versions trained on them (retrain those with `tuneline retrain NAME`)."""
+    from tuneline.curation.erasure import parse_query  # lazy: curation costs ~0.25 s
+    from tuneline.pipeline.forget import forget  # lazy: the pipeline and mlflow; --help stays fast
+
+    query = parse_query(match, contains)
+    result = forget(Workspace.at(workspace), query, dry_run=dry_run, uri=uri, requests_url=requests,
+                    specs=tuple(spec or ()))
+    if as_json:
+        print_json({"erasure": None if dry_run else result.erasure_id, "dry_run": dry_run, **result.counts(),
+                    "dataset_versions": result.affected, "sources": result.sources, "residue": result.residue,
+                    "models": [{"name": m.name, "version": m.version, "erasures": m.erasures}
+                               for m in result.models]})
+        return
+    _print_forget(result)
+
+
+def _print_forget(result: ForgetResult) -> None:
+    p = console.print
+    head = "[yellow]dry run[/]: would remove" if result.dry_run else f"[green]erasure {result.erasure_id}[/]: removed"
+    p(f"{head} {result.query.describe()}", soft_wrap=True)
+    shown: list[str] = []
+    for v in result.versions:
+        rows = ", ".join(f"{k} {n:,}" for k, n in v.removed.items() if n) or "no split rows"
+        other = "".join(f", {name} {n:,}" for name, n in v.other_rows.items())
+        p(f"  dataset {v.id}: {rows}; rejects {v.rejects:,}; conflict groups {v.conflicts:,}{other}"
+          + (f"; MLflow copies {v.artifacts}" if v.artifacts else ""), soft_wrap=True)
+        shown += v.shown
+    if not result.versions:
+        p("  dataset versions: none hold matching rows")
+    if result.log is not None:
+        p(f"  request log: {result.log.requests:,} requests, {result.log.feedback:,} feedback entries", soft_wrap=True)
+        shown += result.log.shown
+    for path, n in result.files.items():
+        p(f"  {escape(path)}: {n:,} lines", soft_wrap=True)
+    if result.dry_run:
+        for text in shown[:50]:
+            p(f"    - {escape(text[:200])}", soft_wrap=True, highlight=False)
+        if len(shown) > 50:
+            p(f"    ... and {len(shown) - 50:,} more")
+    _print_followups(result)
+
+
+def _print_followups(result: ForgetResult) -> None:
+    """The model versions marked, the source lines and workspace files that still match."""
+    p = console.print
+    if result.models:
+        verb = "were trained on" if result.dry_run else "marked: trained on"
+        p(f"model versions {verb} erased rows (run `tuneline retrain NAME` for a clean version):")
+        for m in result.models:
+            p(f"  {m.name} version {m.version} (dataset {m.tags.get('tuneline.dataset_version')}"
+              f"{', aliases ' + ', '.join(m.aliases) if m.aliases else ''})", soft_wrap=True)
+    if result.sources:
+        p("[yellow]source lines that hold matching rows[/] (tuneline does not edit your files: remove them there; "
+          "later dataset versions drop such rows meanwhile):")
+        for where in result.sources[:50]:
+            p(f"  {escape(where)}", soft_wrap=True)
+    if result.residue:
+        p("[yellow]other workspace files still holding matching text[/] (evaluation reports, copies): delete or "
+          "regenerate them:")
+        for path in result.residue:
+            p(f"  {escape(path)}", soft_wrap=True)

@@ -35,17 +35,19 @@ def models(
     workspace: WorkspaceOpt = None, uri: UriOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """List registered model versions with their aliases, metrics and gate status, newest first."""
+    """List registered model versions with their aliases, metrics and gate status, newest first;
+    the erasures whose rows a version still carries (retrain it: `tuneline retrain NAME`)."""
     versions = list_versions(_uri(workspace, uri), name)
     if as_json:
-        rows = [{**asdict(v), "gate_state": v.gate_state, "reevaluations": v.reevaluations} for v in versions]
+        rows = [{**asdict(v), "gate_state": v.gate_state, "reevaluations": v.reevaluations,
+                 "erasures": v.erasures, "carries_erased_data": bool(v.erasures)} for v in versions]
         print_json(rows)
         return
     if not versions:
         console.print("no registered models yet: `tuneline run SPEC` registers each trained adapter")
         return
     table = Table(title="registered models")
-    for col in ("model", "version", "aliases", "created", "dataset", "metrics", "gates"):
+    for col in ("model", "version", "aliases", "created", "dataset", "metrics", "gates", "erased data"):
         table.add_column(col)
     for v in versions:
         gates = {"passed": "[green]passed[/]", "failed": f"[red]failed[/] {v.gates_failed}",
@@ -55,7 +57,8 @@ def models(
         shown = {k: x for k, x in v.metrics.items() if k in ("accuracy", "macro_f1", "rouge_l", "json_valid")}
         table.add_row(v.name, str(v.version), ", ".join(v.aliases) or "-", v.created,
                       v.tags.get("tuneline.dataset_version", "-"),
-                      ", ".join(f"{k} {x:.3f}" for k, x in shown.items()) or "-", gates)
+                      ", ".join(f"{k} {x:.3f}" for k, x in shown.items()) or "-", gates,
+                      "[red]still carries[/] " + ", ".join(v.erasures) if v.erasures else "-")
     console.print(table)
 
 

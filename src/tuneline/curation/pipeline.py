@@ -25,6 +25,7 @@ from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, TypedDict
 
 from tuneline.curation.canary import Canary, plant
+from tuneline.curation.erasure import ErasureFilter, apply_filter
 from tuneline.curation.pii import Redactor, redact_json
 from tuneline.curation.steps import (
     Recorder,
@@ -114,14 +115,17 @@ def raise_if(problems: list[Problem], what: str) -> None:
     raise DataError(shown, title=f"{what}; nothing was trained")
 
 
-def curate(loaded: LoadedSpec, tokenizer: PreTrainedTokenizerBase | None = None) -> Curated:
+def curate(loaded: LoadedSpec, tokenizer: PreTrainedTokenizerBase | None = None,
+           erased: ErasureFilter | None = None) -> Curated:
     """Read and curate the spec's data. Raises :class:`DataError` for a check whose policy is ``fail``.
 
     ``tokenizer`` enables the too-long check (examples longer than ``train.seq_len`` tokens after
     templating); without it that check is skipped and training drops such rows (and counts them).
-    With ``curation.enabled: false`` only validation runs (every check at its policy)."""
+    With ``curation.enabled: false`` only validation runs (every check at its policy). ``erased``:
+    the workspace's erasure filter (:mod:`tuneline.curation.erasure`), applied right after
+    validation whether curation is on or off."""
     with _gc_paused():
-        return _curate(loaded, tokenizer)
+        return _curate(loaded, tokenizer, erased)
 
 
 @contextmanager
@@ -138,12 +142,14 @@ def _gc_paused() -> Iterator[None]:
             gc.enable()
 
 
-def _curate(loaded: LoadedSpec, tokenizer: PreTrainedTokenizerBase | None) -> Curated:
+def _curate(loaded: LoadedSpec, tokenizer: PreTrainedTokenizerBase | None, erased: ErasureFilter | None) -> Curated:
     spec = loaded.spec
     cur = spec.curation
     rec = Recorder()
     splits, sources, labels, problems = _read_and_check_rows(loaded, tokenizer, rec)
     raise_if(problems, "the data has problems")
+    if erased is not None:  # before anything keeps a copy of a row (held-out sets, conflicts, rejects)
+        splits = apply_filter(erased, splits, rec)
     out = Curated(splits, labels, sources, rec.steps, rec.rejects)
     task = spec.task.type
     out.dedup_rule = dedup_rule(task, cur.dedup) if cur.enabled else "curation disabled: no deduplication"

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from tuneline.curation.canary import Canary, with_rows
+from tuneline.curation.erasure import ErasureFilter
 from tuneline.curation.pipeline import Curated, SourceInfo, curate
 from tuneline.data.examples import Example
 from tuneline.spec.loader import LoadedSpec
@@ -48,12 +49,14 @@ class PreparedData:
         return {s.split: {"path": s.path, "rows_read": s.rows_read, "rows_used": s.rows_used} for s in self.sources}
 
 
-def prepare(loaded: LoadedSpec, tokenizer: PreTrainedTokenizerBase | None = None) -> PreparedData:
+def prepare(loaded: LoadedSpec, tokenizer: PreTrainedTokenizerBase | None = None,
+            erased: ErasureFilter | None = None) -> PreparedData:
     """Read, validate, curate and sample the train/eval/test sources of a spec.
 
     Raises :class:`DataError` listing every row that breaks a check whose policy is ``fail``
-    (file, line, field). ``tokenizer`` enables the too-long check."""
-    curated = curate(loaded, tokenizer)
+    (file, line, field). ``tokenizer`` enables the too-long check; ``erased`` drops the rows of the
+    workspace's erasure requests (:func:`tuneline.curation.erasure.load_filter`)."""
+    curated = curate(loaded, tokenizer, erased)
     splits = curated.splits
     used = {"train": len(splits["train"]), "validation": len(splits["validation"]), "test": len(splits["test"])}
     sources = [dataclasses.replace(s, rows_used=used[s.split]) for s in curated.sources]

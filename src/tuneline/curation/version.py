@@ -44,6 +44,17 @@ class ManifestSource(TypedDict):
     rows: int
 
 
+class ErasureRecord(TypedDict):
+    """Rows removed from a stored version by an erasure request (``tuneline data forget``): the
+    request's id, when, and counts -- never the content."""
+
+    id: str
+    at: str
+    removed: dict[str, int]  # split -> rows
+    rejects: int
+    conflicts: int  # conflict groups (or rows of them) removed
+
+
 class Manifest(TypedDict):
     """A dataset version's ``manifest.json`` (:func:`manifest_of`; keys marked NotRequired are absent
     from the manifests of older versions)."""
@@ -67,6 +78,7 @@ class Manifest(TypedDict):
     label_counts: dict[str, dict[str, int]]
     lengths: dict[str, dict[str, float]]
     canaries: NotRequired[CanarySummary]
+    erasures: NotRequired[list[ErasureRecord]]
 
 
 class CanarySummary(TypedDict):
@@ -167,6 +179,16 @@ def manifest_of(curated: Curated, spec_name: str, vid: str, spec_sha256: str) ->
                                 "declared_found": sum(c.rows > 0 for c in declared),
                                 "sha256": canaries_digest(curated.canaries) or "", "file": CANARIES_FILE}
     return manifest
+
+
+def recount(m: Manifest, splits: dict[str, list[Example]]) -> None:
+    """Update the row counts and the statistics of ``m`` that derive from the rows, for ``splits``
+    (after rows were erased from a stored version)."""
+    m["counts"] = {k: len(splits.get(k, [])) for k in SPLITS}
+    m["answers_per_input"] = {k: answers_per_input(v) for k, v in splits.items() if v}
+    m["input_overlap"] = input_overlap(splits)
+    m["label_counts"] = {k: _label_counts(v) for k, v in splits.items() if v and v[0].label is not None}
+    m["lengths"] = {k: _length_stats(v) for k, v in splits.items() if v}
 
 
 def input_overlap(splits: dict[str, list[Example]]) -> dict[str, int]:
@@ -344,6 +366,12 @@ def data_card(m: Manifest) -> str:
               "| split | rows | min | median | p95 | max |", "|---|---|---|---|---|---|"]
     lines += [f"| {k} | {v['rows']:,} | {v['min_chars']} | {v['median_chars']:g} | {v['p95_chars']} | {v['max_chars']} |"
               for k, v in m["lengths"].items()]
+    if m.get("erasures"):
+        lines += ["", "## Erasures", "", "Rows removed from this version after it was made (`tuneline data forget`); "
+                  "its id names the data as first curated.", "", "| erasure | when | rows removed | rejects removed |",
+                  "|---|---|---|---|"]
+        lines += [f"| {e['id']} | {e['at']} | " + (", ".join(f"{k} {v:,}" for k, v in e["removed"].items() if v) or "0")
+                  + f" | {e['rejects']:,} |" for e in m["erasures"]]
     if m.get("label_counts"):
         splits = list(m["label_counts"])
         labels = sorted({lab for counts in m["label_counts"].values() for lab in counts})

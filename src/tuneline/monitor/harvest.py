@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Literal, TypedDict
 
 from tuneline.artifacts import atomic_write_text
 from tuneline.curation import DatasetVersion, curate, load_version, save_version
+from tuneline.curation.erasure import load_filter
 from tuneline.curation.pii import Redactor
 from tuneline.data.examples import Example, Message, build_examples
 from tuneline.data.readers import read_records
@@ -398,7 +399,7 @@ def harvest(loaded: LoadedSpec, workspace: Workspace, request_log: RequestLog, *
     result.file = str(file)
     derived = derived_spec(loaded, {"train": file}, declared or _label_set(labels, got.rows.values()))
     try:
-        curated = curate(derived)
+        curated = curate(derived, erased=load_filter(workspace))
     except DataError as exc:  # curation dropped every harvested row
         if exc.problems[0].field != "curation":
             raise

@@ -549,6 +549,61 @@ class RequestLog:
         except Exception as exc:
             raise RequestLogError(f"request log {self.url}: cannot {what}: {_short(exc)}") from exc
 
+    # ------------------------------------------------------------------ erasure (delete by match)
+
+    def requests_matching(self, hits: Callable[[StoredRequest], bool]) -> list[str]:
+        """The ids of the stored requests ``hits`` is true of (every row is read, in pages, after
+        writing what is queued and moving spooled rows in)."""
+        self.flush(timeout=30)
+        t = requests_table
+        return [str(r["id"]) for r in self._scan(select(t).order_by(t.c.id), "read requests")
+                if hits(cast(StoredRequest, dict(r)))]
+
+    def feedback_matching(self, hits: Callable[[FeedbackRow], bool],
+                          response_ids: Collection[str] = ()) -> list[int]:
+        """The ids of the feedback entries ``hits`` is true of, or on one of ``response_ids``."""
+        t, on = feedback_table, set(response_ids)
+        return [int(r["id"]) for r in self._scan(select(t).order_by(t.c.id), "read feedback")
+                if r["response_id"] in on or hits(cast(FeedbackRow, dict(r)))]
+
+    def delete_requests(self, ids: Collection[str]) -> int:
+        """Delete these requests (their feedback is not touched: see :meth:`delete_feedback`);
+        returns how many rows went."""
+        return self._delete(requests_table, list(dict.fromkeys(ids)))
+
+    def delete_feedback(self, ids: Collection[int]) -> int:
+        """Delete these feedback entries; returns how many rows went."""
+        return self._delete(feedback_table, list(dict.fromkeys(ids)))
+
+    def compact(self) -> None:
+        """Rewrite a SQLite database file so deleted rows leave no bytes behind (``VACUUM``); other
+        databases reclaim their space themselves."""
+        if self.engine.dialect.name != "sqlite":
+            return
+        try:
+            with self._db_lock, self.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+                conn.execute(sql_text("VACUUM"))
+        except Exception as exc:
+            raise RequestLogError(f"request log {self.url}: cannot compact: {_short(exc)}") from exc
+
+    def _scan(self, query: Executable, what: str, page: int = 1000) -> list[RowMapping]:
+        try:
+            with self._read_lock, self.engine.connect() as conn:
+                return list(conn.execution_options(yield_per=page).execute(query).mappings())
+        except Exception as exc:
+            raise RequestLogError(f"request log {self.url}: cannot {what}: {_short(exc)}") from exc
+
+    def _delete(self, table: Table, ids: list[str] | list[int]) -> int:
+        """Delete the rows of ``table`` with these ids (its ``id`` column), in chunks, in one transaction."""
+        key, n = table.c.id, 0
+        try:
+            with self._db_lock, self.engine.begin() as conn:
+                for i in range(0, len(ids), _ID_CHUNK):
+                    n += conn.execute(delete(table).where(key.in_(ids[i:i + _ID_CHUNK]))).rowcount
+        except Exception as exc:
+            raise RequestLogError(f"request log {self.url}: cannot delete from {table.name}: {_short(exc)}") from exc
+        return n
+
     # ------------------------------------------------------------------ the writer
 
     def _start(self) -> None:

@@ -357,17 +357,19 @@ def retrain(name: str, workspace: WorkspaceRef = None, *, spec: str | Path | Non
     prod = production_of(name, ws, spec)
     policy = prod.loaded.spec.monitor.retrain
     merged = merge_feedback(prod, ws)
-    if merged.new_rows < policy.min_new_rows:
+    erased = bool(prod.info.erasures)  # rows were erased from its data: retrain without new feedback too
+    if merged.new_rows < policy.min_new_rows and not erased:
         raise _too_few(name, merged.new_rows, policy, "since the production version's dataset")
     console.print(f"retraining {name} (production version {prod.info.version}, dataset {merged.base.id}) with "
-                  f"{merged.new_rows} new rows from feedback", soft_wrap=True)
+                  f"{merged.new_rows} new rows from feedback"
+                  + (f", without the rows of erasures {', '.join(prod.info.erasures)}" if erased else ""), soft_wrap=True)
     ctx = context_of(retrain_spec(prod, merged, recipe(prod, console)), ws, console=console,
                      show_progress=show_progress)
     if ctx.version is None:
         raise FeedbackError(Problem("curation is off in the spec: harvested rows cannot be linked to their requests",
                                     field="curation.enabled", hint="turn curation on to retrain from feedback"))
     kept, new_kept = link_version(ctx.version, merged, prod)
-    if new_kept < policy.min_new_rows:
+    if new_kept < policy.min_new_rows and not erased:
         raise _too_few(name, new_kept, policy, "left after curation (duplicates and evaluation rows are dropped)")
     result = run_stages(ctx, started=started)
     gates = registry.gate_state_of(result.report) if result.report is not None else GATE_NOT_EVALUATED

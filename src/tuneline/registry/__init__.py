@@ -31,7 +31,7 @@ import hashlib
 import json
 import secrets
 import time
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -61,6 +61,9 @@ MAX_REASON_CHARS = 2000
 # beside a dataset version's manifest: which request ids its harvested training rows came from
 # (written by tuneline.monitor.harvest and tuneline.pipeline.retrain, read by lineage)
 FEEDBACK_LINKS = "requests.json"
+# version tags of erasures (`tuneline data forget`) that removed rows from the version's dataset:
+# PREFIX<erasure id> -> the dataset version and when it was marked (JSON)
+ERASURE_PREFIX = "tuneline.erasure."
 
 
 class RegistryError(TunelineError):
@@ -208,6 +211,12 @@ class VersionInfo:
             elif what == "at":
                 entry["at"] = value
         return sorted(found.values(), key=lambda e: e["at"])
+
+    @property
+    def erasures(self) -> list[str]:
+        """The erasure requests that removed rows this version was trained on (it still carries
+        them until it is retrained), oldest first."""
+        return sorted(k.removeprefix(ERASURE_PREFIX) for k in self.tags if k.startswith(ERASURE_PREFIX))
 
     def describe_gates(self) -> str:
         """The gate state in words, e.g. ``failed (accuracy >= 0.9)``."""
@@ -530,6 +539,26 @@ def update_eval_tags(uri: str, run_id: str, suite: EvalSuite, spec_sha256: str) 
                 client.set_model_version_tag(rm.name, mv.version, k, v)
             done.append((int(mv.version), same))
     return done
+
+
+def trained_on(uri: str, dataset_versions: Collection[str]) -> list[VersionInfo]:
+    """Every registered version (of every model) trained on one of ``dataset_versions``."""
+    wanted = set(dataset_versions)
+    if not wanted:
+        return []
+    return [v for v in list_versions(uri) if v.tags.get("tuneline.dataset_version") in wanted]
+
+
+def mark_erasure(uri: str, dataset_versions: Collection[str], erasure_id: str) -> list[VersionInfo]:
+    """Tag each version trained on one of ``dataset_versions`` with the erasure that removed rows
+    from its data (``tuneline.erasure.<id>``); returns them."""
+    client = _client(uri)
+    marked = trained_on(uri, dataset_versions)
+    for v in marked:
+        value = json.dumps({"dataset_version": v.tags["tuneline.dataset_version"], "at": _now()})
+        client.set_model_version_tag(v.name, str(v.version), ERASURE_PREFIX + erasure_id, value)
+        v.tags[ERASURE_PREFIX + erasure_id] = value
+    return marked
 
 
 def lineage(uri: str, datasets_dir: Path, name: str, version: int) -> Lineage:
