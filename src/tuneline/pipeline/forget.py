@@ -74,6 +74,8 @@ def forget(ws: Workspace, query: Query, *, dry_run: bool = False, uri: str | Non
     the request log (default: the workspace's ``requests.db``, when there); ``specs``: spec files
     whose sources are scanned for lines that still match."""
     result = ForgetResult(new_erasure_id(), dry_run, query)
+    if not dry_run:  # first: should a step below fail, later versions already drop the rows, and a rerun finishes
+        record_erasure(ws, query, result.erasure_id)
     result.versions = erase_versions(ws.datasets_dir, query, result.erasure_id, artifact_root=ws.artifact_root,
                                      dry_run=dry_run)
     if requests_url is not None or (ws.root / "requests.db").is_file():
@@ -89,7 +91,6 @@ def forget(ws: Workspace, query: Query, *, dry_run: bool = False, uri: str | Non
                          else registry.mark_erasure(uri, result.affected, result.erasure_id))
     result.sources = _source_lines(result.versions, specs, query)
     if not dry_run:
-        record_erasure(ws, query, result.erasure_id)
         result.residue = residue(ws.root, query, skip=(ws.erasure_dir,))
         _audit(ws, result)
     return result
