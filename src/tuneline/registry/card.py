@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -108,6 +109,10 @@ class CardFacts:
     @property
     def method(self) -> str:
         return self.params.get("train.method", self.spec.train.method if self.spec else "lora")
+
+
+def now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
 def card_sha256(text: str) -> str:
@@ -339,11 +344,14 @@ def _intended_use(facts: CardFacts) -> str:
 
 
 def _base_model(facts: CardFacts) -> str:
-    ref = facts.base_ref
-    alias = ref if ref and not Path(ref).expanduser().is_absolute() else facts.base_name
+    ref, kind = facts.base_ref, _base_kind(facts)
+    named = {"builtin": f"tuneline's built-in `{ref}`", "hub": "a Hugging Face id",
+             "local": "a model folder", "gguf": "a GGUF file"}[kind]
+    if kind in ("local", "gguf") and Path(ref).expanduser().is_absolute():
+        named += " (named by its last path part; the training machine's path is not shown)"
     fingerprint = facts.info.tags.get("tuneline.base_model_fingerprint", "not recorded")
     return "\n".join(["## Base model", "",
-                      f"- Name: `{facts.base_name}` (the spec's `model`: `{alias}`)",
+                      f"- Name: `{facts.base_name}`, from {named}",
                       f"- License: {declared_license(ref) or NOT_DECLARED}",
                       f"- Weights fingerprint: `{fingerprint}` (sha256: the model file; dir: its config and "
                       "weight files; hub: the id only)"])
@@ -380,12 +388,16 @@ def _recipe(facts: CardFacts) -> str:
     p, m = facts.params, facts.run_metrics
     if not p:
         return "## Training recipe\n\nThe run's parameters were not found."
-    shown = [[k, p[f"train.{k}"]] for k in TRAIN_PARAMS if p.get(f"train.{k}") not in (None, "None")]
+    asked = [[f"train.{k}", p[f"train.{k}"]] for k in TRAIN_PARAMS if p.get(f"train.{k}") not in (None, "None")]
     searched = [[f"search chose {k.removeprefix('search.best.')}", v] for k, v in sorted(p.items())
                 if k.startswith("search.best.")]
-    compute = [[k, p[k]] for k in ("device", "precision") if k in p]
-    trained = [[k, f"{m[k]:.6g}"] for k in RUN_METRICS if k in m]
-    return "## Training recipe\n\n" + _table(["setting", "value"], shown + searched + compute + trained)
+    compute = [[f"computed with: {k}", p[k]] for k in ("device", "precision") if k in p]
+    trained = [[f"trained: {k}", _num(m[k])] for k in RUN_METRICS if k in m]
+    return "## Training recipe\n\n" + _table(["setting", "value"], asked + searched + compute + trained)
+
+
+def _num(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else f"{x:.6g}"
 
 
 def _evaluation(facts: CardFacts) -> str:
@@ -492,6 +504,9 @@ def limitations(facts: CardFacts) -> list[str]:
             out.append(f"`{suite.robustness.metric}` drops under perturbation: {', '.join(worse)}.")
     if suite is not None and suite.forgetting is not None and suite.forgetting.drop > 0:
         out.append(f"Forgets general ability: the probe's score drops by {suite.forgetting.drop:.3f}.")
+    if suite is not None and suite.baselines and suite.baselines.get("recommended") not in (None, "fine_tuned",
+                                                                                         "hybrid"):
+        out.append(f"The baseline comparison recommends `{suite.baselines['recommended']}` over fine-tuning.")
     undeclared = [s.split for s in facts.sources if s.license == NOT_DECLARED]
     if undeclared:
         out.append(f"Data licenses not declared ({', '.join(undeclared)}).")
@@ -511,7 +526,7 @@ def _overlaps(main: SetResult) -> list[str]:
         if b is None or None in (c.low, c.high, b.low, b.high):
             continue
         assert c.low is not None and c.high is not None and b.low is not None and b.high is not None
-        if c.low <= b.high and b.low <= c.high:
+        if c.low <= b.high and b.low <= c.high and not (c.low == c.high == b.low == b.high):
             same.append(k)
     if not same:
         return []
