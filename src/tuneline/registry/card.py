@@ -142,7 +142,7 @@ def gather(uri: str, workspace: Workspace, name: str, version: int, *, suite: Ev
     return CardFacts(
         info=info, spec=spec, params=params,
         run_metrics={k: v for k, v in metrics.items() if k in RUN_METRICS},
-        sources=_sources(tags, spec), manifest=_manifest(workspace, info), suite=suite, audit=audit, audit_note=note,
+        sources=_sources(tags, spec, suite), manifest=_manifest(workspace, info), suite=suite, audit=audit, audit_note=note,
         libraries={k.removeprefix("tuneline.version."): v for k, v in sorted(tags.items())
                    if k.startswith("tuneline.version.")})
 
@@ -170,14 +170,18 @@ def _run_suite(run_id: str) -> EvalSuite | None:
         return None
 
 
-def _sources(tags: dict[str, str], spec: Spec | None) -> list[DataFile]:
+def _sources(tags: dict[str, str], spec: Spec | None, suite: EvalSuite | None) -> list[DataFile]:
+    """The run's data files, then the golden sets (with the hash they were evaluated at)."""
     out = []
     for split in ("train", "eval", "test", "validation"):
         if f"tuneline.data.{split}.sha256" in tags:
             out.append(DataFile(split, tags.get(f"tuneline.data.{split}.path", ""), tags[f"tuneline.data.{split}.sha256"],
                                 tags.get(f"tuneline.data.{split}.rows_used", "")))
+    scored = {s.name: s for s in suite.sets if s.kind == "golden"} if suite else {}
     for golden in spec.eval.golden if spec else []:
-        out.append(DataFile(f"golden {golden.name}", golden.path, "", ""))
+        found = scored.get(golden.name)
+        out.append(DataFile(f"golden {golden.name}", golden.path, found.sha256 or "" if found else "",
+                            str(found.n) if found else ""))
     return out
 
 
