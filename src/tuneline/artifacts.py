@@ -17,6 +17,9 @@ from pathlib import Path
 from tuneline.errors import Problem, TunelineError
 
 ADAPTER_SHA_TAG = "tuneline.adapter_sha256"
+# An adapter's model card (tuneline.registry.card). It is written after the version is registered
+# (the card names the version), so the adapter's hash leaves it out; no loader reads it.
+CARD_FILE = "README.md"
 _CHUNK = 1 << 20
 
 
@@ -96,25 +99,35 @@ def file_sha256(path: str | Path) -> str:
     return h.hexdigest()
 
 
-def tree_sha256(root: str | Path) -> str:
+def tree_sha256(root: str | Path, *, with_card: bool = False) -> str:
     """The SHA-256 of a folder: every file's path (relative, '/'-separated) and content hash, in
-    sorted order. Equal for a folder and its copy (e.g. downloaded from the tracking store)."""
+    sorted order. Equal for a folder and its copy (e.g. downloaded from the tracking store). The
+    model card at the top (:data:`CARD_FILE`) is left out unless ``with_card``."""
     root = Path(root)
     if not root.is_dir():
         raise ArtifactError(Problem(f"no such folder: {root}"))
     lines = []
     for path in sorted(p for p in root.rglob("*") if p.is_file()):
-        lines.append(f"{path.relative_to(root).as_posix()}\0{file_sha256(path)}\n")
+        rel = path.relative_to(root).as_posix()
+        if rel != CARD_FILE or with_card:
+            lines.append(f"{rel}\0{file_sha256(path)}\n")
     return hashlib.sha256("".join(lines).encode("utf-8")).hexdigest()
+
+
+def tree_matches(root: str | Path, expected: str) -> bool:
+    """Whether the folder is the one hashed as ``expected``: without its model card, or (a version
+    registered before cards were left out of the hash) with the README.md it had then."""
+    if tree_sha256(root) == expected:
+        return True
+    return (Path(root) / CARD_FILE).is_file() and tree_sha256(root, with_card=True) == expected
 
 
 def verify_tree(root: str | Path, expected: str | None, what: str = "adapter") -> None:
     """Refuse a folder whose content is not the one recorded (``expected`` None: nothing recorded,
     nothing to check, e.g. a version registered before hashes were recorded)."""
-    if expected is None:
+    if expected is None or tree_matches(root, expected):
         return
     actual = tree_sha256(root)
-    if actual != expected:
-        raise ArtifactError(Problem(
-            f"the {what} at {root} has SHA-256 {actual[:16]}…, but {expected[:16]}… was recorded when it was registered",
-            hint="the files were changed or are incomplete: download the version again, or register a new one"))
+    raise ArtifactError(Problem(
+        f"the {what} at {root} has SHA-256 {actual[:16]}…, but {expected[:16]}… was recorded when it was registered",
+        hint="the files were changed or are incomplete: download the version again, or register a new one"))

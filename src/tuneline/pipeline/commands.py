@@ -83,6 +83,7 @@ def run_stages(ctx: RunContext, *, resume: bool = False, started: float | None =
         shipped = stages.ship_adapter(ctx, plan, trained)
         report = stages.evaluate_candidate(ctx, plan, untouched, trained, shipped)
         version = stages.register(ctx, tracked, shipped, report)
+        stages.write_card(ctx, shipped, report, version)
     seconds = stages.summarize(ctx, tracked, started)
     return RunResult(tracked.run_id, ctx.run_dir, trained.result, report, seconds, version)
 

@@ -36,7 +36,7 @@ from pydantic import ValidationError
 from rich.console import Console
 
 from tuneline import registry, tracking
-from tuneline.artifacts import ADAPTER_SHA_TAG, tree_sha256
+from tuneline.artifacts import ADAPTER_SHA_TAG, tree_matches
 from tuneline.audit import trail_of
 from tuneline.context import context_of, workspace_of
 from tuneline.curation import DatasetVersion, load_version
@@ -109,7 +109,7 @@ def _fetch_adapter(info: VersionInfo, ws: Workspace) -> Path:
     folder = found[0] if found else Path(mlflow.artifacts.download_artifacts(artifact_uri=info.source,
                                                                              dst_path=str(dest)))
     want = info.tags.get(ADAPTER_SHA_TAG)
-    if want and tree_sha256(folder) != want:
+    if want and not tree_matches(folder, want):
         raise FeedbackError(Problem(f"the adapter of {info.name} version {info.version} at {folder} does not match "
                                     "the hash it was registered with", hint=f"delete {dest} and retry"))
     return folder

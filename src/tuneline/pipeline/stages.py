@@ -3,7 +3,7 @@ the typed results of the stages it needs, and returns its own result, so a stage
 what it depends on:
 
     open_context -> eval_sets_of -> track -> plan_training -> load_base -> score_untouched
-      -> train_or_reuse -> ship_adapter -> evaluate_candidate -> register -> summarize
+      -> train_or_reuse -> ship_adapter -> evaluate_candidate -> register -> write_card -> summarize
 
 Order rules that are code, not comments: the base model is loaded after the training plan (its
 dtype depends on the method the plan trains with); the model reaches training only through
@@ -26,7 +26,13 @@ from typing import TYPE_CHECKING
 
 import tuneline
 from tuneline import registry, tracking
-from tuneline.artifacts import ADAPTER_SHA_TAG, atomic_write_text, replace_dir, tree_sha256
+from tuneline.artifacts import (
+    ADAPTER_SHA_TAG,
+    CARD_FILE,
+    atomic_write_text,
+    replace_dir,
+    tree_sha256,
+)
 from tuneline.audit import record
 from tuneline.baseline import BaselineReport, baseline_table
 from tuneline.context import RunContext, curation_summary
@@ -35,7 +41,7 @@ from tuneline.errors import Problem, TrainingError
 from tuneline.eval import EvalSet, EvalSuite, Evaluation
 from tuneline.eval.generate import DECODING_FILE
 from tuneline.eval.validate import RowSample, make_scorer, maximize, sample_rows
-from tuneline.models import load_model
+from tuneline.models import ModelSource, load_model
 from tuneline.pipeline.evaluation import (
     described,
     eval_sets,
@@ -50,6 +56,7 @@ from tuneline.pipeline.systems import (
     with_fine_tuned,
     with_retrieval,
 )
+from tuneline.registry import card
 from tuneline.retrieval import Retriever, adapter_retriever
 from tuneline.runtime import Compute
 from tuneline.spec import LoadedSpec
@@ -304,6 +311,7 @@ def ship_adapter(ctx: RunContext, plan: TrainingPlan, trained: Trained) -> Shipp
 
     result, spec = trained.result, ctx.spec
     folder = Path(result.adapter_dir)
+    name_base_portably(folder, ctx.source)
     atomic_write_text(folder / "tuneline.yaml", ctx.loaded.text)
     # how the candidate was evaluated: the server answers with these settings (tuneline.serve)
     atomic_write_text(folder / DECODING_FILE, json.dumps(evaluated_decoding(spec).to_dict(), indent=2) + "\n")
@@ -321,6 +329,22 @@ def ship_adapter(ctx: RunContext, plan: TrainingPlan, trained: Trained) -> Shipp
            outputs={"adapter": shipped.sha256, **({"run": run.info.run_id} if run is not None else {})},
            details={"method": plan.train.method, "steps": result.steps, "seconds": round(result.seconds, 1)})
     return shipped
+
+
+def name_base_portably(folder: Path, source: ModelSource) -> None:
+    """The adapter names its base as another machine can read it: ``base_model_name_or_path`` is the
+    hub id (or the spec's name for a local model; PEFT wrote this machine's path), and
+    :data:`~tuneline.registry.card.BASE_MODEL_FILE` beside it holds that name with the weights'
+    fingerprint. PEFT's README.md (a template naming the base by that path) goes: the model card
+    takes its place once the version is registered."""
+    config = folder / "adapter_config.json"
+    if config.is_file():
+        saved = json.loads(config.read_text())
+        saved["base_model_name_or_path"] = source.portable_name
+        atomic_write_text(config, json.dumps(saved, indent=2, sort_keys=True))  # peft's own layout
+    base = {"base_model_name_or_path": source.portable_name, "kind": source.kind, "fingerprint": source.fingerprint()}
+    atomic_write_text(folder / card.BASE_MODEL_FILE, json.dumps(base, indent=2) + "\n")
+    (folder / CARD_FILE).unlink(missing_ok=True)
 
 
 def _print_training(ctx: RunContext, plan: TrainingPlan, result: TrainResult) -> None:
@@ -392,6 +416,23 @@ def register(ctx: RunContext, tracked: Tracked, shipped: Shipped, report: EvalSu
                       + (f"promote it with `tuneline promote {name} {version}`" if gates == registry.GATE_PASSED
                          else f"gates {gates}, so `tuneline promote` will refuse it without --force --reason"))
     return version
+
+
+def write_card(ctx: RunContext, shipped: Shipped, report: EvalSuite | None, version: int) -> Path:
+    """The registered version's model card (:mod:`tuneline.registry.card`): README.md in the adapter
+    folder, logged beside the adapter (``adapter/README.md``) and its hash tagged on the version.
+    The adapter's hash leaves the card out, so the version's recorded hash still holds."""
+    import mlflow
+
+    uri, name = tracking.tracking_uri(ctx.loaded, ctx.workspace), ctx.spec.name
+    text = card.render(card.gather(uri, ctx.workspace, name, version, suite=report, spec=ctx.spec))
+    path = shipped.adapter_dir / CARD_FILE
+    atomic_write_text(path, text)
+    mlflow.log_artifact(str(path), "adapter")
+    mlflow.MlflowClient(tracking_uri=uri).set_model_version_tag(name, str(version), card.CARD_SHA_TAG,
+                                                                card.card_sha256(text))
+    ctx.console.print(f"model card: {path} (`tuneline card {name} {version}`)", soft_wrap=True)
+    return path
 
 
 def summarize(ctx: RunContext, tracked: Tracked, started: float) -> float:
