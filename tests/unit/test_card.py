@@ -142,3 +142,16 @@ def test_adapter_names_a_builtin_base_by_its_hub_id(tmp_path: Path):
     base = json.loads((folder / "base_model.json").read_text())
     assert base["fingerprint"] == ModelSource("builtin", "smollm2-135m", gguf).fingerprint()
     assert not (folder / "README.md").exists()  # the card takes its place after registration
+
+
+def test_a_declared_data_license_is_on_the_card(tmp_path: Path):
+    from tuneline.registry.card import _sources
+
+    declared = SPEC.replace("train: {path: data/train.csv,", "train: {path: data/train.csv, license: CC-BY-4.0,")
+    tags = {"tuneline.data.train.sha256": "c" * 64, "tuneline.data.train.path": "data/train.csv",
+            "tuneline.data.test.sha256": "d" * 64, "tuneline.data.test.path": "data/test.csv"}
+    found = {s.split: s.license for s in _sources(tags, parse_spec(declared), None)}
+    assert found == {"train": "CC-BY-4.0", "test": "not declared"}
+    facts = _facts(tmp_path)
+    facts.sources = _sources(tags, parse_spec(declared), None)
+    assert "Data licenses not declared (test)" in render(facts)

@@ -187,6 +187,9 @@ def run_fingerprint(loaded: LoadedSpec, data: PreparedData, model_fingerprint: s
         spec["train"] = train_cfg.model_dump(mode="json")
     spec["train"].pop("checkpoint_every", None)
     spec["train"].pop("log_every", None)
+    for source in spec["data"].values():  # a declared license changes nothing trained
+        if isinstance(source, dict):
+            source.pop("license", None)
     payload = json.dumps({"spec": spec, "data": [s.sha256 for s in data.sources], "model": model_fingerprint,
                           "dataset_version": dataset_version}, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()

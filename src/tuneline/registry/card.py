@@ -5,7 +5,7 @@ The card is YAML metadata in the Hugging Face model-card format (``base_model``,
 on the main evaluation set) and a body that says what the version is for, what it was trained on
 and how, how it scored against the base and production models, which gates it passed, what it
 was compared with, its known limitations and the audit entries behind it. Nothing is written that
-tuneline did not record: a license the spec does not declare reads "not declared".
+tuneline did not record: a license the spec does not declare (``data.*.license``) reads "not declared".
 
 :func:`gather` collects the facts of a version from the registry, its run, the dataset version and
 the audit trail; :func:`render` writes the card and checks its metadata with ``huggingface_hub``'s
@@ -175,13 +175,15 @@ def _sources(tags: dict[str, str], spec: Spec | None, suite: EvalSuite | None) -
     out = []
     for split in ("train", "eval", "test", "validation"):
         if f"tuneline.data.{split}.sha256" in tags:
+            source = getattr(spec.data, split, None) if spec else None
+            declared = getattr(source, "license", None)
             out.append(DataFile(split, tags.get(f"tuneline.data.{split}.path", ""), tags[f"tuneline.data.{split}.sha256"],
-                                tags.get(f"tuneline.data.{split}.rows_used", "")))
+                                tags.get(f"tuneline.data.{split}.rows_used", ""), declared or NOT_DECLARED))
     scored = {s.name: s for s in suite.sets if s.kind == "golden"} if suite else {}
     for golden in spec.eval.golden if spec else []:
         found = scored.get(golden.name)
         out.append(DataFile(f"golden {golden.name}", golden.path, found.sha256 or "" if found else "",
-                            str(found.n) if found else ""))
+                            str(found.n) if found else "", golden.license or NOT_DECLARED))
     return out
 
 

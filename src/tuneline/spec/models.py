@@ -156,6 +156,11 @@ class DataSource(_Model):
         description="Map the task's logical columns to your file's column names, e.g. {label: category}.",
     )
     sample: SampleSpec | None = None
+    license: str | None = Field(
+        default=None, max_length=200,
+        description="The data's license (an SPDX id such as CC-BY-4.0, or a few words); model cards show it. "
+                    "Unset: the card says 'not declared'.",
+    )
 
     @field_validator("format", mode="before")
     @classmethod
