@@ -8,6 +8,10 @@ import json
 import textwrap
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from click.testing import Result
 
 REPO = Path(__file__).resolve().parents[1]
 BANKING = REPO / "examples" / "banking77" / "data"
@@ -231,3 +235,21 @@ def tiny_engine(model_dir: Path, max_batch: int) -> Iterator:
         yield eng
     finally:
         eng.close()
+
+
+def invoke_cli(*args: str) -> Result:
+    """``tuneline ARGS`` in this process (Typer's runner, 250 columns). The root logger's handlers
+    and level are put back afterwards: the command points them at the runner's stream, which is
+    closed once it returns, while other threads (a server's) may go on logging."""
+    import logging
+
+    from typer.testing import CliRunner
+
+    from tuneline.cli import app
+
+    handlers, level = logging.root.handlers[:], logging.root.level
+    try:
+        return CliRunner().invoke(app, list(args), env={"COLUMNS": "250"})
+    finally:
+        logging.root.handlers[:] = handlers
+        logging.root.setLevel(level)

@@ -7,7 +7,6 @@ restart, and the lineage links the request ids the new rows came from."""
 from __future__ import annotations
 
 import json
-import logging
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -16,12 +15,11 @@ from pathlib import Path
 
 import httpx
 import pytest
-from helpers import banking_rows, tiny_lora_spec, uvicorn_on_loopback
-from typer.testing import CliRunner, Result
+from helpers import banking_rows, invoke_cli, tiny_lora_spec, uvicorn_on_loopback
+from typer.testing import Result
 
 import tuneline
 from tuneline import registry
-from tuneline.cli import app as cli_app
 from tuneline.workspace import Workspace
 
 NAME = "loop-intents"
@@ -76,15 +74,7 @@ def _ask(url: str, text: str) -> dict:
 
 
 def _cli(*args: str) -> Result:
-    """``tuneline ARGS`` in this process; the root logger's handlers are put back afterwards (the
-    command points them at the runner's stderr, which is closed once it returns, while the
-    server's threads go on logging)."""
-    handlers, level = logging.root.handlers[:], logging.root.level
-    try:
-        return CliRunner().invoke(cli_app, list(args))
-    finally:
-        logging.root.handlers[:] = handlers
-        logging.root.setLevel(level)
+    return invoke_cli(*args)
 
 
 def _check(spec: Path, ws: Workspace) -> tuple[int, dict]:

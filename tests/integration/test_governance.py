@@ -6,17 +6,14 @@ from __future__ import annotations
 
 import csv
 import json
-import logging
 from pathlib import Path
 
 import pytest
-from helpers import tiny_lora_spec
-from typer.testing import CliRunner
+from helpers import invoke_cli, tiny_lora_spec
 
 import tuneline
 from tuneline import registry
 from tuneline.audit import trail_of
-from tuneline.cli import app
 from tuneline.curation import load_version
 from tuneline.curation.steps import text_of
 from tuneline.workspace import Workspace
@@ -26,11 +23,7 @@ PERSON = "Jane Q. Doe-Example"
 
 
 def _cli(*args: str) -> str:
-    handlers = list(logging.root.handlers)
-    try:
-        result = CliRunner().invoke(app, list(args))
-    finally:
-        logging.root.handlers[:] = handlers
+    result = invoke_cli(*args)
     if result.exception is not None and not isinstance(result.exception, SystemExit):
         raise result.exception
     assert result.exit_code == 0, result.output

@@ -12,11 +12,10 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import banking_rows, tiny_lora_spec
-from typer.testing import CliRunner, Result
+from helpers import banking_rows, invoke_cli, tiny_lora_spec
+from typer.testing import Result
 
 from tuneline import context, registry
-from tuneline.cli import app
 from tuneline.monitor.store import RequestLog, RequestRecord
 from tuneline.spec import load_spec
 from tuneline.workspace import Workspace
@@ -27,12 +26,7 @@ OTHER = ["top_up_failed", "pin_blocked", "declined_transfer"]
 
 
 def _cli(*args: str) -> Result:
-    handlers, level = logging.root.handlers[:], logging.root.level
-    try:
-        return CliRunner().invoke(app, list(args), env={"COLUMNS": "250"})
-    finally:  # the command pointed logging at the runner's stream
-        logging.root.handlers[:] = handlers
-        logging.root.setLevel(level)
+    return invoke_cli(*args)
 
 
 def _log(store: RequestLog, rows: list[dict[str, str]], tag: str) -> None:

@@ -6,12 +6,12 @@ from __future__ import annotations
 import csv
 import io
 import json
-import logging
 import sqlite3
 import threading
 from pathlib import Path
 
 import pytest
+from helpers import invoke_cli
 from typer.testing import CliRunner
 
 from tuneline.audit import AuditError, AuditTrail, os_actor
@@ -150,11 +150,7 @@ def test_filters_by_action_ref_and_time(tmp_path: Path) -> None:
 
 
 def _cli(args: list[str]) -> tuple[int, str]:
-    handlers = list(logging.root.handlers)
-    try:
-        result = CliRunner().invoke(app, args)
-    finally:
-        logging.root.handlers[:] = handlers
+    result = invoke_cli(*args)
     return result.exit_code, result.output
 
 

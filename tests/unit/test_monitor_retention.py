@@ -8,17 +8,15 @@ retention values are refused naming their field."""
 from __future__ import annotations
 
 import json
-import logging
 import time
 from pathlib import Path
 
 import pytest
-from helpers import spec_error
+from helpers import invoke_cli, spec_error
 from sqlalchemy import func, insert, select
-from typer.testing import CliRunner, Result
+from typer.testing import Result
 
 from tuneline.audit import AUDIT_URL_ENV, trail_of
-from tuneline.cli import app
 from tuneline.monitor.results import CheckResult, Window
 from tuneline.monitor.retention import RetentionTarget, cutoffs_of, prune
 from tuneline.monitor.store import (
@@ -38,12 +36,7 @@ SECRET = "my card 4242 was stolen by Ada"  # a prompt's text: never in an audit 
 
 
 def _cli(*args: str) -> Result:
-    handlers, level = logging.root.handlers[:], logging.root.level
-    try:
-        return CliRunner().invoke(app, list(args), env={"COLUMNS": "250"})
-    finally:  # the command pointed logging at the runner's stream
-        logging.root.handlers[:] = handlers
-        logging.root.setLevel(level)
+    return invoke_cli(*args)
 
 
 def _request(rl: RequestLog, rid: str, age_days: float, model: str | None = "m") -> None:
