@@ -52,7 +52,8 @@ def _check_call(args: list[str]) -> None:
 def test_cron_lines_have_five_time_fields_and_call_tuneline_commands() -> None:
     jobs = [line for line in CRON.read_text().splitlines()
             if line.strip() and not line.startswith("#") and "=" not in line.split()[0]]
-    assert len(jobs) == 2
+    assert len(jobs) == 3  # the nightly check, the weekly retrain, the daily prune
+    assert any("monitor prune" in job for job in jobs)
     for job in jobs:
         fields = job.split(None, 5)
         for f in fields[:5]:  # minute hour day-of-month month day-of-week
