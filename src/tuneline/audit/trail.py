@@ -32,24 +32,14 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
-from typing import Any
-
-from sqlalchemy import (
-    Column,
-    Integer,
-    MetaData,
-    String,
-    Table,
-    Text,
-    create_engine,
-    insert,
-    select,
-    update,
-)
-from sqlalchemy.engine import Engine, make_url
-from sqlalchemy.exc import IntegrityError, OperationalError
+from functools import cache
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from tuneline.errors import Problem, TunelineError
+
+if TYPE_CHECKING:
+    from sqlalchemy import Table
+    from sqlalchemy.engine import Engine
 
 AUDIT_URL_ENV = "TUNELINE_AUDIT_URL"
 ACTOR_ENV = "TUNELINE_ACTOR"  # who acts, when the OS user is not the person (a CI job names itself)
@@ -60,27 +50,47 @@ RESULT_REFUSED = "refused"  # the action was asked for and declined (gates faile
 RESULT_INTERRUPTED = "interrupted"
 _APPEND_TRIES = 50
 
-_meta = MetaData()
-_entries = Table(
-    "audit_entries", _meta,
-    Column("seq", Integer, primary_key=True, autoincrement=False),
-    Column("at", String(40), nullable=False),
-    Column("actor", String(200), nullable=False),
-    Column("action", String(100), nullable=False, index=True),
-    Column("subject", String(500), nullable=False),
-    Column("inputs", Text, nullable=False),
-    Column("outputs", Text, nullable=False),
-    Column("result", String(40), nullable=False),
-    Column("details", Text, nullable=False),
-    Column("prev", String(64), nullable=False),
-    Column("hash", String(64), nullable=False),
-)
-_head = Table(  # one row: the last entry's number and hash
-    "audit_head", _meta,
-    Column("id", Integer, primary_key=True, autoincrement=False),
-    Column("seq", Integer, nullable=False),
-    Column("hash", String(64), nullable=False),
-)
+
+
+class _Tables(NamedTuple):
+    entries: Table
+    head: Table  # one row: the last entry's number and hash
+
+
+@cache
+def _tables() -> _Tables:
+    """The audit tables (SQLAlchemy is imported on first use: `tuneline --help` does not pay for it)."""
+    from sqlalchemy import (  # lazy: ~0.1 s, not at --help time
+        Column,
+        Integer,
+        MetaData,
+        String,
+        Table,
+        Text,
+    )
+
+    meta = MetaData()
+    entries = Table(
+        "audit_entries", meta,
+        Column("seq", Integer, primary_key=True, autoincrement=False),
+        Column("at", String(40), nullable=False),
+        Column("actor", String(200), nullable=False),
+        Column("action", String(100), nullable=False, index=True),
+        Column("subject", String(500), nullable=False),
+        Column("inputs", Text, nullable=False),
+        Column("outputs", Text, nullable=False),
+        Column("result", String(40), nullable=False),
+        Column("details", Text, nullable=False),
+        Column("prev", String(64), nullable=False),
+        Column("hash", String(64), nullable=False),
+    )
+    head = Table(
+        "audit_head", meta,
+        Column("id", Integer, primary_key=True, autoincrement=False),
+        Column("seq", Integer, nullable=False),
+        Column("hash", String(64), nullable=False),
+    )
+    return _Tables(entries, head)
 
 
 class AuditError(TunelineError):
@@ -172,6 +182,10 @@ class AuditTrail:
     """The audit trail at the SQLAlchemy ``url`` (see the module docstring)."""
 
     def __init__(self, url: str) -> None:
+        from sqlalchemy import create_engine  # lazy: see _tables
+        from sqlalchemy.engine import make_url  # lazy: see _tables
+        from sqlalchemy.exc import OperationalError  # lazy: see _tables
+
         u = make_url(url)
         self.url = u.render_as_string(hide_password=True)
         kwargs: dict[str, Any] = {"pool_pre_ping": True}
@@ -179,7 +193,7 @@ class AuditTrail:
             kwargs["connect_args"] = {"timeout": 30}
         self.engine: Engine = create_engine(u, **kwargs)
         try:
-            _meta.create_all(self.engine)
+            _tables().entries.metadata.create_all(self.engine)
         except OperationalError as exc:
             raise AuditError(Problem(f"cannot open the audit trail at {self.url}: {exc.orig}",
                                      hint=f"check the URL (${AUDIT_URL_ENV}) and that the database is reachable")) from exc
@@ -202,6 +216,8 @@ class AuditTrail:
                   "inputs": {k: str(v) for k, v in (inputs or {}).items()},
                   "outputs": {k: str(v) for k, v in (outputs or {}).items()},
                   "result": result, "details": json.loads(_canonical(details or {}))}
+        from sqlalchemy.exc import IntegrityError, OperationalError  # lazy: see _tables
+
         for attempt in range(_APPEND_TRIES):
             try:
                 return self._append_once(values)
@@ -212,6 +228,9 @@ class AuditTrail:
         raise AssertionError("unreachable")
 
     def _append_once(self, values: dict[str, Any]) -> Entry:
+        from sqlalchemy import insert, select, update  # lazy: see _tables
+
+        _entries, _head = _tables()
         with self.engine.begin() as conn:
             last = conn.execute(select(_entries.c.seq, _entries.c.hash).order_by(_entries.c.seq.desc()).limit(1)).first()
             seq, prev = (last.seq + 1, last.hash) if last else (1, GENESIS)
@@ -253,6 +272,9 @@ class AuditTrail:
         """Entries in chain order; ``since``: an ISO date or time (entries at or after it);
         ``action``: that action or its sub-actions (``data`` matches ``data.forget``); ``refs``:
         entries that mention any of them (:meth:`Entry.mentions`)."""
+        from sqlalchemy import select  # lazy: see _tables
+
+        _entries = _tables().entries
         q = select(_entries).order_by(_entries.c.seq)
         if since:
             q = q.where(_entries.c.at >= normalize_since(since))
@@ -267,12 +289,18 @@ class AuditTrail:
 
     def head(self) -> tuple[int, str] | None:
         """The recorded head: the last entry's number and hash (None: no entry yet)."""
+        from sqlalchemy import select  # lazy: see _tables
+
+        _head = _tables().head
         with self.engine.connect() as conn:
             row = conn.execute(select(_head.c.seq, _head.c.hash).where(_head.c.id == 1)).first()
         return (row.seq, row.hash) if row else None
 
     def verify(self) -> Verification:
         """Walk the chain from entry 1 and name the first broken link (see the module docstring)."""
+        from sqlalchemy import select  # lazy: see _tables
+
+        _entries = _tables().entries
         with self.engine.connect() as conn:
             rows = list(conn.execute(select(_entries).order_by(_entries.c.seq)).mappings())
         head = self.head()
