@@ -102,7 +102,11 @@ def _result(result: str) -> str:
 
 
 def _short(value: str) -> str:
-    return value[:12] if len(value) == 64 and all(c in "0123456789abcdef" for c in value) else value
+    """A SHA-256 (bare or ``sha256:``-prefixed) as its first 12 digits; anything else as it is."""
+    prefix, _, digest = value.rpartition(":")
+    if len(digest) == 64 and all(c in "0123456789abcdef" for c in digest):
+        return f"{prefix}:{digest[:12]}" if prefix else digest[:12]
+    return value
 
 
 def _io(e: Entry) -> str:
