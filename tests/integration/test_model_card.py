@@ -4,13 +4,12 @@ listing that run's numbers; the adapter it sits in still loads and verifies; `tu
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
-from helpers import tiny_lora_spec
+from helpers import invoke_cli, tiny_lora_spec
 from huggingface_hub import ModelCard
 from huggingface_hub.repocard_data import model_index_to_eval_results
 
@@ -42,9 +41,15 @@ def run(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Run:
     return Run(ws, result, get_version(ws.tracking_uri, NAME, result.model_version), tiny_model_dir)
 
 
-def _cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "tuneline.cli", *args], capture_output=True, text=True, timeout=300,
-                          check=False)
+class _Out(NamedTuple):
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def _cli(*args: str) -> _Out:
+    result = invoke_cli(*args)
+    return _Out(result.exit_code, result.stdout, result.stderr)
 
 
 def _stored(run: Run, dest: Path) -> Path:
