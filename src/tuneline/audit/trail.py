@@ -272,16 +272,16 @@ class AuditTrail:
         """Entries in chain order; ``since``: an ISO date or time (entries at or after it);
         ``action``: that action or its sub-actions (``data`` matches ``data.forget``); ``refs``:
         entries that mention any of them (:meth:`Entry.mentions`)."""
-        from sqlalchemy import select  # lazy: see _tables
+        from sqlalchemy import or_, select  # lazy: see _tables
 
         _entries = _tables().entries
         q = select(_entries).order_by(_entries.c.seq)
         if since:
             q = q.where(_entries.c.at >= normalize_since(since))
+        if action:  # the action or its sub-actions, in the database (the trail only grows)
+            q = q.where(or_(_entries.c.action == action, _entries.c.action.startswith(action + ".", autoescape=True)))
         with self.engine.connect() as conn:
             rows = [_entry(r) for r in conn.execute(q).mappings()]
-        if action:
-            rows = [e for e in rows if e.action == action or e.action.startswith(action + ".")]
         if refs is not None:
             wanted = [r for r in refs if r]
             rows = [e for e in rows if any(e.mentions(r) for r in wanted)]

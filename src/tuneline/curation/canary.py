@@ -24,6 +24,7 @@ import unicodedata
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, TypedDict
 
+from tuneline.curation.textops import dedup_key
 from tuneline.data.examples import Example, Message
 from tuneline.errors import DataError, Problem
 
@@ -62,8 +63,9 @@ CODE_CHARS = "ABCDEFGHJKLMNPQRSTUVWXYZ23456789"  # no 0/O, 1/I: a code reads bac
 
 
 def canary_key(text: str) -> str:
-    """How a secret is looked for: NFKC, case-folded, runs of whitespace as one space."""
-    return " ".join(unicodedata.normalize("NFKC", text).casefold().split())
+    """How a secret is looked for: NFKC, then the exact-duplicate key (case-folded, runs of
+    whitespace as one space)."""
+    return dedup_key(unicodedata.normalize("NFKC", text))
 
 
 class ProbeRow(TypedDict):
