@@ -17,7 +17,7 @@ from tuneline.errors import DataError
 from tuneline.models.loading import inference_attention
 from tuneline.runtime import cache_argument_of
 from tuneline.runtime.progress import progress_bar
-from tuneline.train.peft_builders import causal_lm_of
+from tuneline.train.peft_builders import causal_lm_of, is_prompt_learning
 
 if TYPE_CHECKING:
     import os
@@ -258,8 +258,8 @@ def generate_detailed(model: Any, tokenizer: PreTrainedTokenizerBase, examples: 
         decoding = replace(decoding, max_new_tokens=options.max_new_tokens)
     if labels is not None:
         decoding = Decoding(max_new_tokens=decoding.max_new_tokens)  # constrained greedy over the label trie
-    if decoding.num_beams > 1:
-        share_prefix = False  # the prefix KV cache is one row, not expanded per beam
+    if decoding.num_beams > 1 or is_prompt_learning(model):
+        share_prefix = False  # the prefix KV cache is one row, not expanded per beam; virtual tokens go first
     prompts = [encode_prompt(tokenizer, ex) for ex in examples]
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     outputs: list[str] = [""] * len(prompts)
@@ -270,6 +270,10 @@ def generate_detailed(model: Any, tokenizer: PreTrainedTokenizerBase, examples: 
     pad = tokenizer.pad_token_id
     n_prefix = common_prefix_len(prompts) if share_prefix else 0
     prefix = prompts[0][:n_prefix] if n_prefix else []
+    virtual = VirtualTokens.of(model)
+    if virtual is not None:  # placeholder columns where the virtual tokens go, laid out as a shared prefix
+        n_prefix, prefix = virtual.count, [pad] * virtual.count
+        prompts = [prefix + p for p in prompts]
     model.eval()
     t0 = time.perf_counter()
     bar = progress_bar(enabled=show_progress)
@@ -286,9 +290,11 @@ def generate_detailed(model: Any, tokenizer: PreTrainedTokenizerBase, examples: 
                 ids[r, width - len(prompts[i]) + n_prefix:] = torch.tensor(prompts[i][n_prefix:])
                 mask[r, width - len(prompts[i]) + n_prefix:] = 1
             extra = _generate_kwargs(tokenizer, decoding, labels, mask, width, ends)
-            if n_prefix:
+            if virtual is not None:
+                extra.update(virtual.inputs(ids.to(device)))
+            elif n_prefix:
                 extra[_generate_cache_argument(model)] = _prefix_cache(model, ids[:1, :n_prefix].to(device), len(idx))
-            out = model.generate(
+            out = (model if virtual is None else virtual.base).generate(
                 input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=decoding.max_new_tokens,
                 do_sample=False, eos_token_id=eos, pad_token_id=pad, **extra,
             )
@@ -299,6 +305,43 @@ def generate_detailed(model: Any, tokenizer: PreTrainedTokenizerBase, examples: 
                 stopped[i], lengths[i], outputs[i] = _read_answer(tokenizer, answer, ends, decoding.stop)
             bar.update(task, advance=len(idx))
     return Generation(outputs, (time.perf_counter() - t0) / max(1, len(prompts)), stopped, lengths)
+
+
+@dataclass(frozen=True)
+class VirtualTokens:
+    """Generation for prefix and prompt tuning, through the base model.
+
+    peft's own ``generate`` for these methods passes its virtual tokens' keys and values as
+    ``past_key_values``, which transformers 5.24 ignores when it has a ``cache`` of its own (the
+    prefix is silently dropped), and its prompt-tuning cache positions drift after the first token:
+    both measured to answer unlike the model's forward. Here the virtual tokens occupy ``count``
+    placeholder columns before each prompt (attention on, as in training): prefix tuning hands the
+    base model their keys and values as a ready cache, prompt tuning hands it their embeddings
+    followed by the prompt's. Positions are those the forward pass trains with."""
+
+    model: Any  # the peft model
+    base: Any  # its transformers model
+    count: int
+    prefix: bool  # prefix tuning (a cache); else prompt tuning (input embeddings)
+
+    @classmethod
+    def of(cls, model: Any) -> VirtualTokens | None:
+        if not is_prompt_learning(model):
+            return None
+        config = model.active_peft_config
+        return cls(model, model.get_base_model(), int(config.num_virtual_tokens),
+                   config.peft_type == "PREFIX_TUNING")  # peft's PeftType is a str enum
+
+    def inputs(self, ids: torch.Tensor) -> dict[str, Any]:
+        """``generate``'s extra arguments for a batch whose first ``count`` columns are placeholders."""
+        import torch
+
+        rows = ids.shape[0]
+        if self.prefix:
+            return {_generate_cache_argument(self.base): self.model.get_prompt(batch_size=rows)}
+        tokens = self.base.get_input_embeddings()(ids[:, self.count:])
+        prompts = self.model.get_prompt(batch_size=rows).to(tokens.dtype)
+        return {"inputs_embeds": torch.cat([prompts, tokens], dim=1)}
 
 
 def _generate_kwargs(tokenizer: PreTrainedTokenizerBase, decoding: Decoding, labels: LabelTrie | None, mask: torch.Tensor,

@@ -28,6 +28,7 @@ from tuneline.registry import gate_state_of
 from tuneline.retrieval import Retriever, adapter_retriever
 from tuneline.spec import LoadedSpec
 from tuneline.spec.models import Spec
+from tuneline.train.peft_builders import is_prompt_learning
 from tuneline.workspace import EVAL_REPORT, Workspace
 
 if TYPE_CHECKING:
@@ -87,7 +88,8 @@ def new_evaluation(ctx: RunContext, sets: list[EvalSet]) -> Evaluation:
 
 
 def load_adapter_model(source: ModelSource, ws: Workspace, adapter_dir: str | Path, device: str, dtype: str) -> nn.Module:
-    """The base model with a saved adapter merged into its weights (as it would be served)."""
+    """The base model with a saved adapter merged into its weights (as it would be served); a prefix
+    or prompt tuning adapter stays a peft model."""
     from peft import PeftModel
 
     folder = Path(adapter_dir)
@@ -97,7 +99,9 @@ def load_adapter_model(source: ModelSource, ws: Workspace, adapter_dir: str | Pa
         raise EvaluationError(Problem(f"no adapter in {folder} (adapter_config.json not found)",
                                       hint="point at the `adapter` folder of a run, e.g. .tuneline/runs/NAME/adapter"))
     base = load_model(source, ws.models_dir, device=device, dtype=dtype)
-    return PeftModel.from_pretrained(base, str(folder)).merge_and_unload()
+    model = PeftModel.from_pretrained(base, str(folder))
+    # virtual tokens (prefix and prompt tuning) are not weights to merge: that model answers as a peft model
+    return model if is_prompt_learning(model) else model.merge_and_unload()
 
 
 def described(adapter_dir: str | Path, retriever: Retriever | None) -> str:

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from tuneline.spec.gates import Threshold, gate_name_problem
+from tuneline.spec.methods import PROMPT_LEARNING
 from tuneline.spec.metrics import TASK_METRICS, validation_metric_problem
 from tuneline.spec.tasks import GENERATION_TASKS, TASK_COLUMNS
 
@@ -75,7 +76,25 @@ class SpecParts:
 def cross_field_problems(parts: SpecParts) -> list[CrossProblem]:
     """Every cross-field problem ``parts`` show, in the order of the spec's sections."""
     return [*_objective_problems(parts), *_golden_problems(parts), *_source_problems(parts),
-            *_curation_problems(parts), *_search_problems(parts), *canary_problems(parts)]
+            *_curation_problems(parts), *_train_problems(parts), *_search_problems(parts),
+            *canary_problems(parts)]
+
+
+def _train_problems(parts: SpecParts) -> Iterator[CrossProblem]:
+    """Settings the chosen training method cannot honour."""
+    train = parts.train
+    if train is None:
+        return
+    if train.method in PROMPT_LEARNING and train.packing:
+        yield CrossProblem(("train", "packing"),
+                           f"packing is not available with method {train.method!r}: its virtual tokens go before "
+                           "each example, and a packed row holds several; set packing: false")
+    if train.method == "ia3":
+        extra = sorted(set(train.ia3.feedforward_modules) - set(train.ia3.target_modules))
+        if extra:
+            yield CrossProblem(("train", "ia3", "feedforward_modules"),
+                               f"{', '.join(extra)} not in train.ia3.target_modules: every feed-forward module "
+                               "must also be a target")
 
 
 def _objective_problems(parts: SpecParts) -> Iterator[CrossProblem]:

@@ -33,6 +33,7 @@ from tuneline.spec.canary import CanarySpec
 from tuneline.spec.checks import SpecParts, cross_field_problems
 from tuneline.spec.dotted import set_path
 from tuneline.spec.gates import Threshold
+from tuneline.spec.methods import TrainMethod
 from tuneline.spec.metrics import (
     LOWER_IS_BETTER,
     PERTURBATION_NAMES,
@@ -294,6 +295,29 @@ class LoraSpec(_Model):
     target_modules: list[str] | Literal["all-linear"] = "all-linear"
 
 
+class IA3Spec(_Model):
+    """IA3: learned vectors rescaling the keys, values and feed-forward activations (peft's IA3)."""
+
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["k_proj", "v_proj", "down_proj"],
+        description="Modules whose outputs (or, for feed-forward ones, inputs) are rescaled.")
+    feedforward_modules: list[str] = Field(
+        default_factory=lambda: ["down_proj"],
+        description="Those of target_modules that are feed-forward layers (their input is rescaled).")
+
+
+class PromptSpec(_Model):
+    """Prefix and prompt tuning: learned virtual tokens before every input."""
+
+    virtual_tokens: int = Field(default=20, gt=0, le=512, description="Virtual tokens learned.")
+    init_text: str | None = Field(
+        default=None,
+        description="Prompt tuning: start the virtual tokens from this text's embeddings (repeated to length); "
+                    "default: embeddings of tokens sampled from the vocabulary.")
+    projection: bool = Field(default=False, description="Prefix tuning: reparametrize through an MLP (more "
+                                                        "parameters, often steadier training).")
+
+
 class EarlyStoppingSpec(_Model):
     """Stop a run when the validation metric stops improving; keep the best weights."""
 
@@ -306,8 +330,13 @@ class EarlyStoppingSpec(_Model):
 
 
 class TrainSpec(_Model):
-    method: Literal["lora", "full"] = "lora"
+    method: TrainMethod = Field(
+        default="lora",
+        description="lora; dora (weight-decomposed LoRA); rslora (rank-stabilized scaling alpha/sqrt(r)); ia3; "
+                    "prefix (prefix tuning); prompt (prompt tuning); full (every weight).")
     lora: LoraSpec = Field(default_factory=LoraSpec)
+    ia3: IA3Spec = Field(default_factory=IA3Spec)
+    prompt: PromptSpec = Field(default_factory=PromptSpec)
     lr: float = Field(default=5e-4, gt=0)
     epochs: float = Field(default=2, gt=0)
     max_steps: int | None = Field(default=None, gt=0, description="Overrides epochs when set.")

@@ -33,7 +33,7 @@ from tuneline.spec.models import TrainSpec
 from tuneline.train.batching import collate, collate_packed, epoch_batches, shared_prefix_len
 from tuneline.train.checkpoint import resume_checkpoint, save_checkpoint, trainable_state
 from tuneline.train.loss import answer_loss_sum
-from tuneline.train.peft_builders import count_parameters, wrap_for_training
+from tuneline.train.peft_builders import count_parameters, is_prompt_learning, wrap_for_training
 
 if TYPE_CHECKING:
     import torch
@@ -276,8 +276,8 @@ def train(
     warmup = int(cfg.warmup_ratio * total_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(total_steps, warmup, cfg.lr_scheduler))
     pad_id = tokenizer.pad_token_id
-    # caches do not mix with activation checkpointing (transformers turns them off)
-    share_prefix = cfg.share_prefix and not cfg.gradient_checkpointing
+    # caches do not mix with activation checkpointing (transformers turns them off), nor with virtual tokens
+    share_prefix = cfg.share_prefix and not cfg.gradient_checkpointing and not is_prompt_learning(trained)
 
     ckpt_root = out_dir / "checkpoints"
     start_step, resumed_from, loss_value = 0, None, float("nan")

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 from tuneline.data.tokenize import IGNORE_INDEX
 from tuneline.runtime import cache_argument_of
-from tuneline.train.peft_builders import causal_lm_of
+from tuneline.train.peft_builders import causal_lm_of, is_prompt_learning
 
 if TYPE_CHECKING:
     import torch
@@ -48,6 +48,8 @@ def answer_loss_sum(model: torch.nn.Module, batch: Batch, chunk: int = LOGITS_CH
     import torch.nn.functional as F
     from torch.utils.checkpoint import checkpoint
 
+    if is_prompt_learning(model):
+        return _virtual_token_loss_sum(model, batch)
     decoder, head = _decoder_and_head(model)
     ids, prefix = batch["input_ids"], int(batch.get("prefix_len", 0))
     if prefix:
@@ -76,6 +78,23 @@ def answer_loss_sum(model: torch.nn.Module, batch: Batch, chunk: int = LOGITS_CH
     parts = [checkpoint(ce_sum, h[i : i + chunk], t[i : i + chunk], use_reentrant=False) if recompute
              else ce_sum(h[i : i + chunk], t[i : i + chunk]) for i in range(0, n, chunk)]
     return torch.stack(parts).sum(), n
+
+
+def _virtual_token_loss_sum(model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, int]:
+    """The same loss for prefix and prompt tuning, through the peft model's forward (which adds the
+    virtual tokens). Logits are kept only from the first answer position of the batch on."""
+    import torch.nn.functional as F
+
+    ids, labels = batch["input_ids"], batch["labels"]
+    answer_cols = (labels[:, 1:] != IGNORE_INDEX).any(dim=0).nonzero()
+    first = int(answer_cols[0]) if answer_cols.numel() else ids.shape[1] - 1
+    keep_n = ids.shape[1] - first  # positions first .. end-1 predict tokens first+1 .. end
+    logits = model(input_ids=ids, attention_mask=batch.get("attention_mask"), logits_to_keep=keep_n).logits
+    logits = logits[:, -keep_n:][:, :-1] if keep_n > 1 else logits[:, :0]
+    targets = labels[:, first + 1 :]
+    keep = targets != IGNORE_INDEX
+    n = int(keep.sum())
+    return F.cross_entropy(logits[keep].float(), targets[keep], reduction="sum"), n
 
 
 def standard_loss_sum(model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, int]:

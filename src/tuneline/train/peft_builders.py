@@ -1,15 +1,18 @@
-"""Wrap a base model for the spec's training method (LoRA through peft, or full fine-tuning)."""
+"""Wrap a base model for the spec's training method: peft's LoRA, DoRA, rsLoRA, IA3, prefix or prompt
+tuning, or full fine-tuning."""
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, cast
 
+from tuneline.errors import Problem, TrainingError
+from tuneline.spec.methods import LORA_SHAPED
 from tuneline.spec.models import TrainSpec
 from tuneline.train import fast_lora
 
 if TYPE_CHECKING:
     import torch
-    from peft import LoraConfig, PeftModel
+    from peft import PeftConfig, PeftModel
     from transformers import PreTrainedModel
 
 
@@ -19,21 +22,56 @@ def causal_lm_of(model: torch.nn.Module) -> PreTrainedModel:
     return cast("PreTrainedModel", model if get_base_model is None else get_base_model())
 
 
-def build_peft_config(train: TrainSpec) -> LoraConfig:
-    from peft import LoraConfig, TaskType
-
-    lora = train.lora
-    return LoraConfig(
-        task_type=TaskType.CAUSAL_LM,
-        r=lora.r,
-        lora_alpha=lora.alpha,
-        lora_dropout=lora.dropout,
-        target_modules=lora.target_modules,
+def build_peft_config(train: TrainSpec, model: PreTrainedModel | None = None) -> PeftConfig:
+    """peft's configuration for ``train.method`` (any method but ``full``). ``model``: the base, whose
+    tokenizer folder prompt tuning reads when ``train.prompt.init_text`` is set."""
+    from peft import (
+        IA3Config,
+        LoraConfig,
+        PrefixTuningConfig,
+        PromptTuningConfig,
+        PromptTuningInit,
+        TaskType,
     )
+
+    method = train.method
+    if method in LORA_SHAPED:
+        lora = train.lora
+        return LoraConfig(
+            task_type=TaskType.CAUSAL_LM, r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+            target_modules=lora.target_modules, use_dora=method == "dora", use_rslora=method == "rslora",
+        )
+    if method == "ia3":
+        return IA3Config(task_type=TaskType.CAUSAL_LM, target_modules=list(train.ia3.target_modules),
+                         feedforward_modules=list(train.ia3.feedforward_modules))
+    prompt = train.prompt
+    if method == "prefix":
+        return PrefixTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=prompt.virtual_tokens,
+                                  prefix_projection=prompt.projection)
+    if method == "prompt":
+        if prompt.init_text:
+            where = getattr(getattr(model, "config", None), "name_or_path", None)
+            if not where:
+                raise TrainingError(Problem("prompt tuning from init_text needs the base model's tokenizer folder",
+                                            field="train.prompt.init_text", hint="drop init_text to start from "
+                                            "embeddings of sampled vocabulary tokens"))
+            return PromptTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=prompt.virtual_tokens,
+                                      prompt_tuning_init=PromptTuningInit.TEXT,
+                                      prompt_tuning_init_text=prompt.init_text, tokenizer_name_or_path=str(where))
+        return PromptTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=prompt.virtual_tokens,
+                                  prompt_tuning_init=PromptTuningInit.SAMPLE_VOCAB)
+    raise TrainingError(Problem(f"method {method!r} has no adapter configuration", field="train.method"))
+
+
+def is_prompt_learning(model: torch.nn.Module) -> bool:
+    """Whether ``model`` is a peft model with virtual tokens (prefix or prompt tuning): its forward adds
+    them, so the decoder cannot be called on its own and a KV cache of shared prompt tokens does not apply."""
+    config = getattr(model, "active_peft_config", None)
+    return bool(getattr(config, "is_prompt_learning", False))
 
 
 def wrap_for_training(model: PreTrainedModel, train: TrainSpec) -> PeftModel | PreTrainedModel:
-    """Return the model to train: a PeftModel for LoRA, the model itself for ``full``."""
+    """Return the model to train: a PeftModel for an adapter method, the model itself for ``full``."""
     if train.gradient_checkpointing:
         # non-reentrant checkpointing works with frozen inputs (no enable_input_require_grads hack)
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -46,12 +84,12 @@ def wrap_for_training(model: PreTrainedModel, train: TrainSpec) -> PeftModel | P
     import torch
     from peft import get_peft_model
 
-    peft_model = get_peft_model(model, build_peft_config(train))
+    peft_model = get_peft_model(model, build_peft_config(train, model))
     # adapter weights (and so their optimizer state) stay fp32 even when the base is bf16
     for p in peft_model.parameters():
         if p.requires_grad and p.dtype != torch.float32:
             p.data = p.data.float()
-    if train.fused_lora:
+    if train.fused_lora and train.method in LORA_SHAPED:  # DoRA's layers keep peft's forward (fast_lora skips them)
         # grouping hands outputs between modules through Python state, which compiled graphs do not trace
         fast_lora.install(peft_model, group=not train.compile)
     if train.compile:

@@ -1,0 +1,12 @@
+"""The training methods a spec may name, and the families that decide how each is trained and served."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+TrainMethod = Literal["lora", "dora", "rslora", "ia3", "prefix", "prompt", "full"]
+TRAIN_METHODS: tuple[str, ...] = ("lora", "dora", "rslora", "ia3", "prefix", "prompt", "full")
+# low-rank adapters: trained with the fused LoRA path where it applies, served batched, exported as LoRA
+LORA_SHAPED: tuple[str, ...] = ("lora", "dora", "rslora")
+# virtual tokens before every input: no shared-prefix cache and no packing, served per model
+PROMPT_LEARNING: tuple[str, ...] = ("prefix", "prompt")
