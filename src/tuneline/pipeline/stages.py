@@ -344,6 +344,8 @@ def name_base_portably(folder: Path, source: ModelSource) -> None:
     if config.is_file():
         saved = json.loads(config.read_text())
         saved["base_model_name_or_path"] = source.portable_name
+        if saved.get("tokenizer_name_or_path"):  # prompt tuning from init_text read the base's tokenizer there
+            saved["tokenizer_name_or_path"] = source.portable_name
         atomic_write_text(config, json.dumps(saved, indent=2, sort_keys=True))  # peft's own layout
     base = {"base_model_name_or_path": source.portable_name, "kind": source.kind, "fingerprint": source.fingerprint()}
     atomic_write_text(folder / card.BASE_MODEL_FILE, json.dumps(base, indent=2) + "\n")
