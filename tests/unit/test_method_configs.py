@@ -10,6 +10,7 @@ from helpers import spec_error
 
 from tuneline.models.sources import ModelSource
 from tuneline.pipeline.stages import name_base_portably
+from tuneline.spec import load_spec
 from tuneline.spec.methods import TRAIN_METHODS
 from tuneline.spec.models import TrainSpec
 from tuneline.train.peft_builders import build_peft_config
@@ -52,7 +53,9 @@ def test_prompt_tuning_from_text_reads_the_base_models_tokenizer_folder(tmp_path
 def test_packing_is_refused_for_virtual_token_methods(tmp_path: Path):
     message = spec_error(tmp_path, "train: {method: prefix, packing: true}")
     assert "train.packing" in message and "set packing: false" in message
-    assert TrainSpec(method="lora", packing=True).packing  # packing itself stays allowed
+    body = (tmp_path / "tuneline.yaml").read_text().replace("method: prefix", "method: lora")
+    (tmp_path / "tuneline.yaml").write_text(body)
+    assert load_spec(tmp_path / "tuneline.yaml").spec.train.packing  # LoRA packs as before
 
 
 def test_ia3_feedforward_modules_must_be_targets(tmp_path: Path):
