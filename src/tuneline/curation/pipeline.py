@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, TypedDict
 from tuneline.curation.canary import Canary, plant
 from tuneline.curation.erasure import ErasureFilter, apply_filter
 from tuneline.curation.pii import Redactor, redact_json
+from tuneline.curation.preferences import Preferences, read_preferences
 from tuneline.curation.steps import (
     Recorder,
     Reject,
@@ -104,6 +105,7 @@ class Curated:
     # the memorization probe (eval.canaries): not data, so not in ``splits``; training adds ``canary_rows``
     canaries: list[Canary] = field(default_factory=list)
     canary_rows: list[Example] = field(default_factory=list)
+    preferences: Preferences = field(default_factory=Preferences)  # data.preferences (train.method: dpo)
 
 
 def raise_if(problems: list[Problem], what: str) -> None:
@@ -180,6 +182,9 @@ def _curate(loaded: LoadedSpec, tokenizer: PreTrainedTokenizerBase | None, erase
             hint="check the rejects (`tuneline data rejects` after a run with validation policies set to drop), "
                  "or relax the curation settings; training rows that repeat the test set are removed on purpose"))
     _plant_canaries(loaded, splits, rec, out)
+    held = [*splits["validation"], *splits["test"], *(r for rows, _ in _golden_rows(loaded).values() for r in rows)]
+    out.preferences, problems = read_preferences(loaded, held)
+    raise_if(problems, "the preference pairs have problems")
     return out
 
 

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 from tuneline.curation.canary import Canary, with_rows
 from tuneline.curation.erasure import ErasureFilter
 from tuneline.curation.pipeline import Curated, SourceInfo, curate
+from tuneline.curation.preferences import PreferencePair
 from tuneline.data.examples import Example
 from tuneline.spec.loader import LoadedSpec
 
@@ -37,6 +38,7 @@ class PreparedData:
     curated: Curated | None = None
     canaries: list[Canary] = field(default_factory=list)  # eval.canaries: what evaluation probes
     canary_rows: list[Example] = field(default_factory=list)  # the planted canaries' training rows
+    preferences: list[PreferencePair] = field(default_factory=list)  # data.preferences, curated (dpo)
 
     def with_canary_rows(self, augment: Callable[[list[Example]], list[Example]] | None = None) -> PreparedData:
         """This data as training sees it: the planted canaries' rows added to the training rows
@@ -61,4 +63,4 @@ def prepare(loaded: LoadedSpec, tokenizer: PreTrainedTokenizerBase | None = None
     used = {"train": len(splits["train"]), "validation": len(splits["validation"]), "test": len(splits["test"])}
     sources = [dataclasses.replace(s, rows_used=used[s.split]) for s in curated.sources]
     return PreparedData(splits["train"], splits["validation"], splits["test"], curated.labels, sources, curated,
-                        curated.canaries, curated.canary_rows)
+                        curated.canaries, curated.canary_rows, curated.preferences.pairs)

@@ -22,6 +22,7 @@ from typing import NotRequired, TypedDict
 
 from tuneline.curation.canary import CANARIES_FILE, Canary, canaries_digest
 from tuneline.curation.pipeline import Conflict, Curated
+from tuneline.curation.preferences import PREFERENCES_FILE, PreferencePair, load_pairs, write_pairs
 from tuneline.curation.steps import (
     RejectRow,
     StepRow,
@@ -78,6 +79,7 @@ class Manifest(TypedDict):
     label_counts: dict[str, dict[str, int]]
     lengths: dict[str, dict[str, float]]
     canaries: NotRequired[CanarySummary]
+    preferences: NotRequired[dict[str, object]]  # data.preferences: Preferences.summary() and the file
     erasures: NotRequired[list[ErasureRecord]]
 
 
@@ -111,13 +113,17 @@ def row_json(ex: Example) -> str:
     return json.dumps(example_row(ex), sort_keys=True, ensure_ascii=False, separators=(",", ":"))
 
 
-def version_id(splits: dict[str, list[Example]], labels: list[str] | None, canaries: str | None = None) -> str:
-    """``canaries``: the digest of the canaries training adds (:func:`canaries_digest`); a version
-    without any keeps the id it had before canaries existed."""
+def version_id(splits: dict[str, list[Example]], labels: list[str] | None, canaries: str | None = None,
+               preferences: str | None = None) -> str:
+    """``canaries``: the digest of the canaries training adds (:func:`canaries_digest`);
+    ``preferences``: the digest of the preference pairs (:meth:`Preferences.digest`); a version
+    without either keeps the id it had before they existed."""
     h = hashlib.sha256()
     h.update(json.dumps({"labels": labels}, sort_keys=True).encode())
     if canaries is not None:
         h.update(f"\n#canaries {canaries}\n".encode())
+    if preferences is not None:
+        h.update(f"\n#preferences {preferences}\n".encode())
     for split in SPLITS:
         h.update(f"\n#{split}\n".encode())
         for ex in splits.get(split, []):
@@ -142,6 +148,10 @@ class DatasetVersion:
     @property
     def card(self) -> Path:
         return self.path / "card.md"
+
+    def preferences(self) -> list[PreferencePair]:
+        """The preference pairs stored with this version (train.method: dpo); none: an empty list."""
+        return load_pairs(self.path / PREFERENCES_FILE)
 
     def canaries(self) -> list[Canary]:
         """The memorization probe's canaries trained with this version (none: an empty list)."""
@@ -178,6 +188,8 @@ def manifest_of(curated: Curated, spec_name: str, vid: str, spec_sha256: str) ->
                                 "training_rows": len(curated.canary_rows), "declared": len(declared),
                                 "declared_found": sum(c.rows > 0 for c in declared),
                                 "sha256": canaries_digest(curated.canaries) or "", "file": CANARIES_FILE}
+    if curated.preferences.path:
+        manifest["preferences"] = {**curated.preferences.summary(), "file": PREFERENCES_FILE}
     return manifest
 
 
@@ -201,7 +213,7 @@ def input_overlap(splits: dict[str, list[Example]]) -> dict[str, int]:
 
 def save_version(curated: Curated, root: Path, spec_name: str, spec_sha256: str) -> DatasetVersion:
     """Store ``curated`` under ``root/<id>/`` (atomically) unless that version exists; return it."""
-    vid = version_id(curated.splits, curated.labels, canaries_digest(curated.canaries))
+    vid = version_id(curated.splits, curated.labels, canaries_digest(curated.canaries), curated.preferences.digest())
     dest = root / vid
     if (dest / "manifest.json").is_file():
         return load_version(vid, root)
@@ -217,6 +229,8 @@ def save_version(curated: Curated, root: Path, spec_name: str, spec_sha256: str)
             body = {"note": "memorization probe canaries (eval.canaries): trained on, not data", "canaries":
                     [c.to_dict() for c in curated.canaries]}
             (tmp / CANARIES_FILE).write_text(json.dumps(body, indent=2, ensure_ascii=False) + "\n")
+        if curated.preferences.pairs:
+            write_pairs(tmp / PREFERENCES_FILE, curated.preferences.pairs)
         manifest = manifest_of(curated, spec_name, vid, spec_sha256)
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
         (tmp / "card.md").write_text(data_card(manifest))

@@ -22,7 +22,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import tuneline
 from tuneline import registry, tracking
@@ -63,12 +63,14 @@ from tuneline.spec import LoadedSpec
 from tuneline.spec.models import TrainSpec
 from tuneline.train import EarlyStoppingCheck, TrainOptions, TrainResult, train
 from tuneline.train.checkpoint import latest_checkpoint
-from tuneline.train.loop import steps_per_epoch
+from tuneline.train.dpo import train_dpo
+from tuneline.train.loop import save_adapter, steps_per_epoch
 from tuneline.tune import SearchOptions, SearchResult, best_train, search
 from tuneline.tune.report import search_table
 from tuneline.workspace import RunState
 
 if TYPE_CHECKING:
+    from peft import PeftModel
     from torch import nn
 
 EVAL_LOSS_ROWS = 500  # validation rows for the end-of-training loss (a seeded sample: it is one number)
@@ -268,10 +270,30 @@ def train_or_reuse(ctx: RunContext, plan: TrainingPlan, tracked: Tracked, untouc
             resume=resume, eval_examples=sample_rows(plan.data.eval, EVAL_LOSS_ROWS, cfg.seed) or None,
             fingerprint=plan.fingerprint, device=plan.compute.device, on_step=on_step,
             show_progress=ctx.show_progress, early_stopping=_early_stopping(ctx, plan)))
+    if cfg.method == "dpo":
+        _preference_phase(ctx, plan, model, resume)
     mlflow.log_metrics({k: float(v) for k, v in result.to_dict().items()
                         if isinstance(v, (int, float)) and not isinstance(v, bool) and v is not None},
                        step=result.steps)
     return Trained(model, result)
+
+
+def _preference_phase(ctx: RunContext, plan: TrainingPlan, model: nn.Module, resume: bool) -> None:
+    """DPO on the version's preference pairs, continuing the adapter just trained on the rows; the
+    adapter folder is saved again and the phase's measures are logged (``dpo_*`` metrics)."""
+    import mlflow
+
+    peft_model = cast("PeftModel", model)
+    result = train_dpo(plan.train, peft_model, ctx.tokenizer, plan.data.preferences, ctx.run_dir, resume=resume,
+                       device=plan.compute.device, show_progress=ctx.show_progress)
+    save_adapter(peft_model, ctx.tokenizer, ctx.run_dir / "adapter")
+    atomic_write_text(ctx.run_dir / "dpo_result.json", json.dumps(result.to_dict(), indent=2) + "\n")
+    mlflow.log_metrics({"dpo_pairs": result.pairs, "dpo_steps": result.steps, "dpo_seconds": result.seconds,
+                        "dpo_loss": result.final_loss, "dpo_reward_margin": result.reward_margin,
+                        "dpo_reward_accuracy": result.reward_accuracy})
+    ctx.console.print(f"preference tuning (DPO): {result.pairs} pairs, {result.steps} steps in {result.seconds:.0f}s, "
+                      f"loss {result.final_loss:.4f}, reward margin {result.reward_margin:+.3f}, "
+                      f"chosen preferred on {result.reward_accuracy:.0%} of the last batch")
 
 
 def _early_stopping(ctx: RunContext, plan: TrainingPlan) -> EarlyStoppingCheck | None:

@@ -2,7 +2,8 @@
 the error a command gives when the extra it needs is not installed.
 
 ``tuneline serve`` needs ``[serve]``; a spec with a ``search`` section needs ``[tune]``, and
-``search.backend: ray`` also ``[ray]``. Everything else runs on the core install.
+``search.backend: ray`` also ``[ray]``; ``train.method: dpo`` needs ``[dpo]``. Everything else runs on the
+core install.
 """
 
 from __future__ import annotations
@@ -20,10 +21,12 @@ EXTRAS: dict[str, tuple[str, ...]] = {
     "serve": ("fastapi", "uvicorn", "prometheus_client"),
     "tune": ("optuna",),
     "ray": ("ray", "optuna"),
+    "dpo": ("trl", "datasets"),
 }
 # The extra to name when a module is missing (optuna: [tune], which [ray] includes)
 EXTRA_OF_MODULE: dict[str, str] = {"fastapi": "serve", "starlette": "serve", "uvicorn": "serve",
-                                   "prometheus_client": "serve", "optuna": "tune", "ray": "ray"}
+                                   "prometheus_client": "serve", "optuna": "tune", "ray": "ray",
+                                   "trl": "dpo", "datasets": "dpo"}
 
 
 def _installed(module: str) -> bool:
@@ -49,11 +52,13 @@ def require_extra(extra: str, needed_by: str) -> None:
 
 def require_extras_for(spec: Spec) -> None:
     """Check the extras ``spec`` needs are installed, before any work: ``[tune]`` for a search,
-    ``[ray]`` for a search on Ray."""
+    ``[ray]`` for a search on Ray, ``[dpo]`` for preference tuning."""
     if spec.search is not None:
         require_extra("tune", "a spec with a `search` section")
         if spec.search.backend == "ray":
             require_extra("ray", "`search.backend: ray`")
+    if spec.train.method == "dpo":
+        require_extra("dpo", "`train.method: dpo`")
 
 
 def missing_extra(exc: ImportError) -> TunelineError | None:

@@ -57,6 +57,7 @@ class SpecParts:
     train: TrainSpec | None = None
     search: SearchSpec | None = None
     canaries_given: bool = False  # eval.canaries is set (valid or not)
+    preferences_given: bool = False  # data.preferences is set
 
     @classmethod
     def of(cls, spec: Spec) -> SpecParts:
@@ -70,7 +71,7 @@ class SpecParts:
                    thresholds=tuple(enumerate(spec.objective.parsed_thresholds())),
                    golden_names=tuple(g.name for g in spec.eval.golden), sources=tuple(sources),
                    curation=spec.curation, train=spec.train, search=spec.search,
-                   canaries_given=spec.eval.canaries is not None)
+                   canaries_given=spec.eval.canaries is not None, preferences_given=data.preferences is not None)
 
 
 def cross_field_problems(parts: SpecParts) -> list[CrossProblem]:
@@ -89,6 +90,12 @@ def _train_problems(parts: SpecParts) -> Iterator[CrossProblem]:
         yield CrossProblem(("train", "packing"),
                            f"packing is not available with method {train.method!r}: its virtual tokens go before "
                            "each example, and a packed row holds several; set packing: false")
+    if train.method == "dpo" and not parts.preferences_given:
+        yield CrossProblem(("train", "method"), "dpo trains on preference pairs: add data.preferences "
+                           "(a file with the task's input columns plus chosen and rejected)")
+    if train.method != "dpo" and parts.preferences_given:
+        yield CrossProblem(("data", "preferences"), "preference pairs are read only by train.method: dpo: "
+                           "set it, or remove data.preferences")
     if train.method == "ia3":
         extra = sorted(set(train.ia3.feedforward_modules) - set(train.ia3.target_modules))
         if extra:

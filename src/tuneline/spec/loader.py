@@ -271,7 +271,8 @@ def parts_from_data(data: dict[str, object]) -> SpecParts:
         curation=_valid(CurationSpec, data.get("curation") or {}),
         train=_valid(TrainSpec, data.get("train") or {}),
         search=_valid(SearchSpec, search) if search is not None else None,
-        canaries_given=_mapping(data, "eval").get("canaries") is not None)
+        canaries_given=_mapping(data, "eval").get("canaries") is not None,
+        preferences_given=_mapping(data, "data").get("preferences") is not None)
 
 
 def _located(problems: list[CrossProblem], lines: dict[Loc, int], where: str) -> list[Problem]:

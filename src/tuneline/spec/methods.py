@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from typing import Literal
 
-TrainMethod = Literal["lora", "dora", "rslora", "ia3", "prefix", "prompt", "full"]
-TRAIN_METHODS: tuple[str, ...] = ("lora", "dora", "rslora", "ia3", "prefix", "prompt", "full")
+TrainMethod = Literal["lora", "dora", "rslora", "ia3", "prefix", "prompt", "full", "dpo"]
+TRAIN_METHODS: tuple[str, ...] = ("lora", "dora", "rslora", "ia3", "prefix", "prompt", "full", "dpo")
 # low-rank adapters: trained with the fused LoRA path where it applies, served batched, exported as LoRA
-LORA_SHAPED: tuple[str, ...] = ("lora", "dora", "rslora")
+# (dpo: a LoRA adapter trained on the rows, then by preference optimization on the pairs)
+LORA_SHAPED: tuple[str, ...] = ("lora", "dora", "rslora", "dpo")
 # virtual tokens before every input: no shared-prefix cache and no packing, served per model
 PROMPT_LEARNING: tuple[str, ...] = ("prefix", "prompt")

@@ -183,6 +183,9 @@ class DataSpec(_Model):
     test: DataSource | None = Field(
         default=None, description="Held-out set for generation metrics (falls back to eval)."
     )
+    preferences: DataSource | None = Field(
+        default=None, description="Preference pairs for train.method: dpo: the task's input columns plus "
+                                  "chosen and rejected answers.")
 
 
 Policy = Literal["fail", "drop", "warn"]
@@ -318,6 +321,18 @@ class PromptSpec(_Model):
                                                         "parameters, often steadier training).")
 
 
+class DPOSpec(_Model):
+    """Preference tuning (train.method: dpo) with TRL's DPO trainer, on the pairs of data.preferences,
+    continuing the LoRA adapter trained on the rows (which is also the reference model)."""
+
+    beta: float = Field(default=0.1, gt=0, description="How far the policy may move from the reference.")
+    loss_type: Literal["sigmoid", "ipo", "hinge"] = Field(default="sigmoid", description="TRL's loss_type.")
+    lr: float = Field(default=5e-5, gt=0, description="Learning rate of the preference phase.")
+    epochs: float = Field(default=1, gt=0)
+    max_steps: int | None = Field(default=None, gt=0, description="Overrides epochs when set.")
+    batch_size: int = Field(default=8, gt=0)
+
+
 class EarlyStoppingSpec(_Model):
     """Stop a run when the validation metric stops improving; keep the best weights."""
 
@@ -333,10 +348,12 @@ class TrainSpec(_Model):
     method: TrainMethod = Field(
         default="lora",
         description="lora; dora (weight-decomposed LoRA); rslora (rank-stabilized scaling alpha/sqrt(r)); ia3; "
-                    "prefix (prefix tuning); prompt (prompt tuning); full (every weight).")
+                    "prefix (prefix tuning); prompt (prompt tuning); full (every weight); dpo (LoRA on the rows, "
+                    "then preference optimization on data.preferences).")
     lora: LoraSpec = Field(default_factory=LoraSpec)
     ia3: IA3Spec = Field(default_factory=IA3Spec)
     prompt: PromptSpec = Field(default_factory=PromptSpec)
+    dpo: DPOSpec = Field(default_factory=DPOSpec)
     lr: float = Field(default=5e-4, gt=0)
     epochs: float = Field(default=2, gt=0)
     max_steps: int | None = Field(default=None, gt=0, description="Overrides epochs when set.")
