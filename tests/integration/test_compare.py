@@ -35,25 +35,8 @@ def licensed_model(tmp_path: Path, tiny_model_dir: Path) -> Path:
     return folder
 
 
-def test_compare_two_methods_then_resume_and_report(tmp_path: Path, licensed_model: Path):
-    from tuneline.report import write_report
-
-    spec = tiny_lora_spec(tmp_path, licensed_model, "tiny-compare", max_steps=2)
-    ws = tmp_path / "ws"
-    common = ("--models", str(licensed_model), "-w", str(ws), "--no-progress", "--set", "eval.latency.requests=3")
-
-    first = _cli("compare", str(spec), "--methods", "lora", *common).output
-    assert "which model and method? 1 combinations on the same 6 test items" in first
-    assert "recommendation: lora @ tiny" in first
-    (lora_dir,) = [p for p in (ws / "compare" / "tiny-compare").iterdir() if p.name.startswith("tiny-lora-")]
-    finished_at = (lora_dir / "result.json").stat().st_mtime_ns
-
-    second = _cli("compare", str(spec), "--methods", "lora,ia3", *common, "--json")
-    assert "lora @ tiny: measured before" in second.stderr
-    report = json.loads(second.stdout)
-    assert [(c["label"] if "label" in c else f"{c['method']} @ {c['model']}", c["reused"])
-            for c in report["combinations"]] == [("lora @ tiny", True), ("ia3 @ tiny", False)]
-    assert (lora_dir / "result.json").stat().st_mtime_ns == finished_at  # not trained again
+def _check_columns(report: dict) -> None:
+    """Every combination measured, every column filled."""
     assert report["n"] == 6 and report["metric"] == "accuracy" and report["dataset_version"]
     for c in report["combinations"]:
         assert c["state"] == "complete", c
@@ -63,19 +46,65 @@ def test_compare_two_methods_then_resume_and_report(tmp_path: Path, licensed_mod
         assert acc["low"] <= acc["value"] <= acc["high"]
         assert c["license"] == "apache-2.0" and c["memory_kind"] == "rss" and c["peak_memory_mb"] > 0
         assert 0 < c["trainable_params"] < c["total_params"] and c["adapter_bytes"] > 0
-    ia3 = report["combinations"][1]
-    assert ia3["lr"] == pytest.approx(0.3) and ia3["lr_source"] == "default for ia3"  # 10x lora's 3e-2, capped
-    assert report["combinations"][0]["adapter_bytes"] > ia3["adapter_bytes"]  # LoRA r=16 vs IA3's vectors
 
+
+def test_compare_two_methods_then_run_again(tmp_path: Path, licensed_model: Path):
+    from tuneline.report.sections.compare import compare as compare_section
+
+    spec = tiny_lora_spec(tmp_path, licensed_model, "tiny-compare", per_label=4, max_steps=1)
+    ws = tmp_path / "ws"
+    args = ("compare", str(spec), "--models", str(licensed_model), "--methods", "lora,ia3", "-w", str(ws),
+            "--no-progress", "--set", "eval.latency.requests=2")
+
+    report = json.loads(_cli(*args, "--json").stdout)
+    assert [(c["method"], c["model"], c["reused"]) for c in report["combinations"]] == [
+        ("lora", "tiny", False), ("ia3", "tiny", False)]
+    _check_columns(report)
+    lora, ia3 = report["combinations"]
+    assert (lora["lr"], lora["lr_source"]) == (3.0e-2, "spec")
+    assert ia3["lr"] == pytest.approx(0.3) and ia3["lr_source"] == "default for ia3"  # 10x lora's 3e-2, capped
+    assert lora["adapter_bytes"] > ia3["adapter_bytes"]  # LoRA r=16 matrices against IA3's vectors
     saved = CompareReport.from_dict(json.loads((ws / "compare" / "tiny-compare" / "compare.json").read_text()))
-    assert saved.recommended == report["recommended"] == recommend(saved).recommended
+    assert saved.recommended == report["recommended"] == recommend(saved).recommended  # the rule, re-applied
     picked = saved.get(saved.recommended)
     assert picked is not None and (picked.label == saved.best or (picked.p_vs_best or 0) >= 0.05)
-    assert saved.reasons and saved.reasons[-1].startswith("Cost order:")
+    assert saved.reasons[-1].startswith("Cost order:")
+    results = sorted((ws / "compare" / "tiny-compare").glob("*/result.json"))
+    assert len(results) == 2
+    finished_at = [r.stat().st_mtime_ns for r in results]
+
+    again = _cli(*args).output  # the same comparison: nothing is trained again
+    assert "lora @ tiny: measured before" in again and "ia3 @ tiny: measured before" in again
+    assert [r.stat().st_mtime_ns for r in results] == finished_at
+    assert "which model and method? 2 combinations on the same 6 test items" in again
+    assert f"recommendation: {saved.recommended}" in again and "(reused)" in again
+
+    page = compare_section(saved.to_dict())
+    assert 'id="compare"' in page and "lora @ tiny" in page and f"Recommendation: {saved.recommended}" in page
+
+
+@pytest.mark.slow
+def test_a_method_added_later_trains_alone_and_the_report_shows_the_comparison(tmp_path: Path, licensed_model: Path):
+    from tuneline.report import write_report
+
+    spec = tiny_lora_spec(tmp_path, licensed_model, "tiny-compare", per_label=4, max_steps=1)
+    ws = tmp_path / "ws"
+    common = ("--models", str(licensed_model), "-w", str(ws), "--no-progress", "--set", "eval.latency.requests=2")
+    first = _cli("compare", str(spec), "--methods", "lora", *common).output
+    assert "recommendation: lora @ tiny" in first
+    (lora_dir,) = (ws / "compare" / "tiny-compare").glob("tiny-lora-*")
+    finished_at = (lora_dir / "result.json").stat().st_mtime_ns
+
+    second = _cli("compare", str(spec), "--methods", "lora,prompt", *common, "--json")
+    assert "lora @ tiny: measured before" in second.stderr
+    report = json.loads(second.stdout)
+    assert [(c["method"], c["reused"]) for c in report["combinations"]] == [("lora", True), ("prompt", False)]
+    assert (lora_dir / "result.json").stat().st_mtime_ns == finished_at  # not trained again
+    _check_columns(report)
 
     page = write_report(report["mlflow_run_id"], ws).read_text()
     assert 'id="compare"' in page and "Which model and method?" in page
-    assert "lora @ tiny" in page and "ia3 @ tiny" in page and f"Recommendation: {saved.recommended}" in page
+    assert "prompt @ tiny" in page and f"Recommendation: {report['recommended']}" in page
 
 
 def test_bad_input_stops_before_anything_is_trained(tmp_path: Path, tiny_model_dir: Path):

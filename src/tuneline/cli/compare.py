@@ -48,7 +48,7 @@ def compare(
     setup_logging(verbose)
     if ray and workers > 1:
         raise typer.BadParameter("--ray and --workers exclude each other (Ray places the tasks itself)")
-    from tuneline import compare as comparing  # lazy: it pulls numpy and the training stack; --help stays fast
+    import tuneline.compare as comparing  # lazy: it pulls numpy and training; --help stays fast
     from tuneline.compare.plan import split_list  # lazy: with the package above
 
     options = comparing.CompareOptions(split_list(models), split_list(methods), list(sets or []), workers, ray, rows)

@@ -4,7 +4,7 @@ worse than the best is recommended."""
 
 from tuneline.compare.plan import LR_FACTOR, default_lr, plan
 from tuneline.compare.results import COST_RULE, Combination, CompareReport, Measured, recommend
-from tuneline.compare.runner import COMPARE_FILE, CompareOptions, compare, combination_key
+from tuneline.compare.runner import COMPARE_FILE, CompareOptions, combination_key, compare
 from tuneline.compare.table import compare_table
 
 __all__ = ["COMPARE_FILE", "COST_RULE", "LR_FACTOR", "Combination", "CompareOptions", "CompareReport", "Measured",

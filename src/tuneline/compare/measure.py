@@ -164,11 +164,12 @@ def _measure(shared: Shared, job: Job, out: Measured) -> Measured:
     with PeakMemory(compute.device) as peak:
         model = load_model(job.planned.source, shared.models_dir, device=compute.device, dtype=compute.base_dtype)
         resume = latest_checkpoint(job.folder / "checkpoints") is not None  # an interrupted comparison
-        model, result = train(spec.train, model, tokenizer, shared.train, job.folder, TrainOptions(
+        trained, result = train(spec.train, model, tokenizer, shared.train, job.folder, TrainOptions(
             resume=resume, fingerprint=job.key, device=compute.device, show_progress=shared.show_progress,
             early_stopping=_early_stopping(shared, spec, tokenizer, compute)))
-    suite = _evaluate(shared, spec, tokenizer, _as_served(model), compute)
     del model
+    suite = _evaluate(shared, spec, tokenizer, _as_served(trained), compute)
+    del trained
     shutil.rmtree(job.folder / "checkpoints", ignore_errors=True)  # the adapter is what is kept
     _fill(out, result, suite, weight_bytes(Path(result.adapter_dir)), peak)
     atomic_write_text(job.folder / EVAL_FILE, json.dumps(suite.to_dict(), indent=2))
