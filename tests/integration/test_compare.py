@@ -126,3 +126,18 @@ def test_bad_input_stops_before_anything_is_trained(tmp_path: Path, tiny_model_d
     assert isinstance(packed, SpecError) and "the spec with prefix @ " in str(packed)
     assert "packing is not available with method 'prefix'" in str(packed)
     assert not (ws / "compare").exists() and not (ws / "datasets").exists()  # nothing curated, nothing trained
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", [("--workers", "2"), ("--ray",)], ids=["processes", "ray"])
+def test_combinations_run_in_worker_processes_or_on_ray(tmp_path: Path, licensed_model: Path, backend: tuple[str, ...]):
+    if backend == ("--ray",):
+        pytest.importorskip("ray")
+    spec = tiny_lora_spec(tmp_path, licensed_model, "tiny-compare", per_label=4, max_steps=1)
+    ws = tmp_path / "ws"
+    report = json.loads(_cli("compare", str(spec), "--models", str(licensed_model), "--methods", "lora,ia3",
+                             "-w", str(ws), "--no-progress", "--set", "eval.latency.requests=2", *backend,
+                             "--json").stdout)
+    assert [c["method"] for c in report["combinations"]] == ["lora", "ia3"]  # the order asked, whatever finished first
+    assert report["backend"] == ("ray" if backend == ("--ray",) else "processes")
+    _check_columns(report)

@@ -18,6 +18,7 @@ import re
 import resource
 import shutil
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -27,7 +28,7 @@ import yaml
 
 from tuneline.artifacts import atomic_write_text
 from tuneline.compare.plan import Planned
-from tuneline.compare.results import Measured
+from tuneline.compare.results import GENERATIVE, Measured
 from tuneline.data.examples import Example
 from tuneline.eval import EvalSet, EvalSuite, Evaluation
 from tuneline.eval.validate import RowSample, make_scorer, maximize
@@ -148,15 +149,20 @@ def measure(shared: Shared, job: Job) -> Measured:
     combo, spec = job.planned.combination, job.planned.spec
     base = Measured(combo.model, combo.method, combo.head, job.key, "failed", spec.train.lr, job.planned.lr_source,
                     license=job.license, folder=str(job.folder))
+    how = MEASURES.get(combo.head)
+    if how is None:
+        base.error = f"no measurement for the {combo.head} head in this version"
+        return base
     try:
-        return _measure(shared, job, base)
+        return how(shared, job, base)
     except Exception as e:  # one combination failing does not stop the others
         log.exception("compare %s failed", combo.label)
         base.error = f"{type(e).__name__}: {e}"[:2000]
         return base
 
 
-def _measure(shared: Shared, job: Job, out: Measured) -> Measured:
+def _measure_generative(shared: Shared, job: Job, out: Measured) -> Measured:
+    """A causal LM with the combination's adapter, answering by generation."""
     spec = job.planned.spec
     compute = Compute.resolve(spec.train.precision, spec.train.method, shared.device)
     tokenizer = load_tokenizer(job.planned.source, shared.models_dir)
@@ -177,6 +183,11 @@ def _measure(shared: Shared, job: Job, out: Measured) -> Measured:
     atomic_write_text(job.folder / "tuneline.yaml", yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False))
     atomic_write_text(job.folder / RESULT_FILE, json.dumps(out.to_dict(), indent=2))  # last: marks it finished
     return out
+
+
+# how each head is trained and measured: (shared, job, the result to fill) -> the result filled in;
+# a head that answers without generation (task.head: classifier) adds its own entry
+MEASURES: dict[str, Callable[[Shared, Job, Measured], Measured]] = {GENERATIVE: _measure_generative}
 
 
 def _fill(out: Measured, result: TrainResult, suite: EvalSuite, adapter: int, peak: PeakMemory) -> None:

@@ -78,8 +78,9 @@ def compare(spec_path: str | Path, options: CompareOptions, *, workspace: str | 
     if options.ray:
         _require_ray()
     ws = workspace_of(workspace)
-    tokenizers = {p.source: load_tokenizer(p.source, ws.models_dir) for p in planned}  # each model loads
-    data, version = prepare_version(loaded, ws, tokenizers[planned[0].source])
+    sources = list(dict.fromkeys(p.source for p in planned))
+    tokenizers = [load_tokenizer(source, ws.models_dir) for source in sources]  # each model's loads, before any work
+    data, version = prepare_version(loaded, ws, tokenizers[0])
     test = _test_items(spec, data, options.rows)
     device = default_device()
     shared = Shared(data.with_canary_rows().train, data.eval, test, data.labels, ws.models_dir, device,
@@ -90,7 +91,7 @@ def compare(spec_path: str | Path, options: CompareOptions, *, workspace: str | 
     out.print(f"[bold]compare {spec.name}[/]: {len(jobs)} combinations ({', '.join(methods)} x "
               f"{', '.join(models)}) on {len(test)} test items; dataset {data_id[:24]}", highlight=False)
     finished, pending = _reused(jobs, out)
-    backend = "ray" if options.ray else "local"
+    backend = "ray" if options.ray else "processes" if options.workers > 1 else "in-process"
     if pending:
         finished += _run(shared, pending, options, spec, out)
     order = {j.key: i for i, j in enumerate(jobs)}
@@ -289,9 +290,15 @@ def _track(loaded: LoadedSpec, ws: Workspace, version: DatasetVersion | None, re
         if version is not None:
             tracking.log_dataset_version(version)
         metric = report.metric
-        mlflow.log_metrics({f"compare.{m.method}.{m.head}.{i}.{metric}": m.metrics[metric].value
-                            for i, m in enumerate(report.combinations) if metric in m.metrics})
+        mlflow.log_metrics({_metric_key(m, metric): m.metrics[metric].value
+                            for m in report.combinations if metric in m.metrics})
         mlflow.log_dict(report.to_dict(), f"compare/{COMPARE_FILE}")
         best = report.get(report.recommended)
         if best is not None and (saved := jobs[best.key].folder / EVAL_FILE).is_file():
             mlflow.log_dict(json.loads(saved.read_text()), "eval/report.json")
+
+
+def _metric_key(m: Measured, metric: str) -> str:
+    """``compare.<model>.<method>[+head].<metric>`` in the characters MLflow takes in a key."""
+    name = f"compare.{m.model}.{m.method}" + (f"+{m.head}" if m.head != GENERATIVE else "") + f".{metric}"
+    return "".join(ch if ch.isalnum() or ch in "_-./ " else "_" for ch in name)

@@ -13,9 +13,9 @@ COLUMNS = ("option", "[95% interval]", "vs best (p)", "train s", "tok/s", "peak 
            "trainable / total", "licence", "lr")
 
 
-def row(report: CompareReport, m: Measured) -> list[str]:
+def row(report: CompareReport, m: Measured, recommended: str = " <- recommended") -> list[str]:
     """One combination's cells, as the console and the report page show them (plain text)."""
-    mark = (" (best)" if m.label == report.best else "") + (" <- recommended" if m.label == report.recommended else "")
+    mark = (" (best)" if m.label == report.best else "") + (recommended if m.label == report.recommended else "")
     name = m.label + mark + (" (reused)" if m.reused else "")
     lr = f"{m.lr:.3g} ({m.lr_source})"
     if m.state != "complete":

@@ -26,7 +26,8 @@ def compare(raw: Mapping[str, object] | None) -> str:
            f"{report.n} {esc(report.set)} items, with 95% intervals; the difference to the best with its p-value "
            "(McNemar for accuracy, else the paired bootstrap). Latency: single requests (batch 1) as served; "
            "peak memory: training; adapter: its weight files on disk.</p>")
-    out += html_table(headers(report), [[esc(cell) for cell in row(report, m)] for m in report.combinations],
+    out += html_table(headers(report), [[esc(cell) for cell in row(report, m, " (recommended)")]
+                                        for m in report.combinations],
                       cls="compact", num_cols=tuple(range(1, 9)))
     if report.recommended:
         out += (f"<p><strong>Recommendation: {esc(report.recommended)}</strong></p><ul>"
