@@ -8,6 +8,7 @@ Every path inside the workspace is named here, and nowhere else::
       runs/<spec>/          the latest run of a spec: run.json, checkpoints/, adapter/, reports
       embeddings/           cached sentence encoders and retrieval indexes
       studies.db, studies/  hyperparameter searches (Optuna) and their trial folders
+      compare/<spec>/       `tuneline compare`: compare.json and a folder per combination (adapter, results)
       mlflow.db, mlartifacts/  the local MLflow tracking store and its artifacts
       requests.db           the server's request and feedback log
       feedback/<name>/      harvested feedback rows, retraining inputs, production adapters fetched
@@ -80,6 +81,10 @@ class Workspace:
     def studies_dir(self) -> Path:
         """Trial folders of hyperparameter searches, one folder per study."""
         return self._dir("studies")
+
+    def compare_dir(self, spec_name: str) -> Path:
+        """`tuneline compare` of a spec: its latest compare.json and one folder per combination."""
+        return self._dir("compare", spec_name)
 
     @property
     def studies_url(self) -> str:

@@ -44,6 +44,7 @@ LAYERS: dict[str, int] = {
     "context": 2,
     "tune": 3,
     "baseline": 3,
+    "compare": 3,
     "report": 4,
     "monitor": 4,
     "registry": 4,

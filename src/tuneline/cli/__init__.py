@@ -18,6 +18,7 @@ from typer.core import TyperGroup
 from tuneline import __version__
 from tuneline.cli import (
     audit,
+    compare,
     data,
     evaluation,
     golden,
@@ -38,11 +39,13 @@ from tuneline.runtime.extras import missing_extra
 if TYPE_CHECKING:
     from typer._click import Context as ClickContext  # the Click typer vendors
 
-COMMAND_MODULES = (run, spec, workspace, data, evaluation, golden, report, registry, serve, monitor, loop, audit)
+COMMAND_MODULES = (run, compare, spec, workspace, data, evaluation, golden, report, registry, serve, monitor, loop,
+                   audit)
 
 RESUME_HINTS = {
     "run": "the last checkpoint is kept; continue with `tuneline run SPEC --resume`",
     "tune": "finished trials are kept; continue with `tuneline tune SPEC --resume`",
+    "compare": "finished combinations are kept; run the same `tuneline compare` again to continue",
 }
 
 

@@ -33,6 +33,7 @@ EVAL_REPORT = "eval/report.json"
 SPEC = "spec/tuneline.yaml"
 MANIFEST = "dataset/manifest.json"
 SEARCH = "search/summary.json"
+COMPARE = "compare/compare.json"  # `tuneline compare`'s run
 RUN_TAGS = (("tuneline.model", "model"), ("tuneline.dataset_version", "dataset version"),
             ("mlflow.source.git.commit", "git commit"))
 
@@ -45,6 +46,7 @@ class RunArtifacts:
     spec_text: str | None = None
     dataset: dict[str, object] | None = None
     search: SearchResult | None = None
+    comparison: dict[str, object] | None = None
 
 
 def write_report(run_ref: str, workspace: str | Path | None = None, out: Path | None = None, *,
@@ -64,7 +66,8 @@ def write_report(run_ref: str, workspace: str | Path | None = None, out: Path | 
     logged = load_artifacts(client, run_id)
     page = render_html(logged.suite, title=f"tuneline report: {logged.suite.spec} ({run_id[:12]})",
                        spec_text=logged.spec_text, dataset=logged.dataset, loss_curves=loss_curves(client, run_id),
-                       run_info=run_info(client, run), search=logged.search)
+                       run_info=run_info(client, run), search=logged.search,
+                       comparison=logged.comparison)
     path = Path(out) if out is not None else ws.reports_dir / f"{run_id}.html"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(page, encoding="utf-8")
@@ -116,6 +119,8 @@ def load_artifacts(client: MlflowClient, run_id: str) -> RunArtifacts:
             logged.dataset = json.loads(_download_text(client, run_id, MANIFEST, tmp_dir))
         if SEARCH in _artifact_paths(client, run_id, SEARCH):
             logged.search = SearchResult.from_dict(json.loads(_download_text(client, run_id, SEARCH, tmp_dir)))
+        if COMPARE in _artifact_paths(client, run_id, COMPARE):
+            logged.comparison = json.loads(_download_text(client, run_id, COMPARE, tmp_dir))
     return logged
 
 
