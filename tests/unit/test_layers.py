@@ -62,7 +62,7 @@ HEAVY = frozenset(
         "accelerate", "datasets", "fastapi", "huggingface_hub", "matplotlib", "mlflow", "numpy",
         "optuna", "pandas", "peft", "prometheus_client", "pyarrow", "ray", "rensa", "rich",
         "rouge_score", "sacrebleu", "safetensors", "scipy", "sentence_transformers", "sklearn",
-        "torch", "transformers", "uvicorn",
+        "torch", "transformers", "trl", "uvicorn",
     }
 )  # fmt: skip
 LAZY_MARK = "# lazy:"
@@ -74,7 +74,7 @@ LAZY_MARK = "# lazy:"
 # (fastapi is not listed: serve.app is the HTTP server and imports it at its top.)
 NOT_AT_IMPORT = (
     "torch", "transformers", "peft", "mlflow", "optuna", "ray", "pyarrow", "pandas", "sklearn",
-    "scipy", "matplotlib", "sentence_transformers",
+    "scipy", "matplotlib", "sentence_transformers", "trl", "datasets",
 )  # fmt: skip
 
 

@@ -18,6 +18,7 @@ from tuneline.train.peft_builders import build_peft_config
 
 @pytest.mark.parametrize(("method", "peft_type", "flags"), [
     ("lora", "LORA", {"use_dora": False, "use_rslora": False}),
+    ("dpo", "LORA", {"use_dora": False, "use_rslora": False}),  # the LoRA adapter DPO continues
     ("dora", "LORA", {"use_dora": True, "use_rslora": False}),
     ("rslora", "LORA", {"use_dora": False, "use_rslora": True}),
     ("ia3", "IA3", {"target_modules": {"k_proj", "v_proj", "down_proj"}, "feedforward_modules": {"down_proj"}}),
@@ -33,7 +34,7 @@ def test_each_adapter_method_builds_its_peft_configuration(method: str, peft_typ
 
 
 def test_every_method_but_full_has_a_configuration():
-    assert set(TRAIN_METHODS) == {"lora", "dora", "rslora", "ia3", "prefix", "prompt", "full"}
+    assert set(TRAIN_METHODS) == {"lora", "dora", "rslora", "ia3", "prefix", "prompt", "full", "dpo"}
     for method in TRAIN_METHODS:
         if method != "full":
             assert build_peft_config(TrainSpec(method=method)) is not None

@@ -80,6 +80,9 @@ def parse_methods(names: list[str]) -> list[tuple[str, str]]:
     known = [*TRAIN_METHODS, *HEADS]
     out = []
     for name in names:
+        if name == "dpo":  # its preference phase runs in `tuneline run` (pipeline stages), not here
+            raise _refuse("dpo is not compared: compare the methods of its first phase (lora), then run the dpo "
+                          "spec", "--methods", "drop dpo from --methods")
         if name in HEADS:
             out.append(HEADS[name])
         elif name in TRAIN_METHODS:
