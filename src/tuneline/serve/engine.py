@@ -25,7 +25,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol, cast
+from typing import TYPE_CHECKING, Protocol, cast
 
 from tuneline.artifacts import verify_tree
 from tuneline.eval.generate import (
@@ -392,12 +392,12 @@ class Engine:
         return ids.to(device), mask.to(device)
 
     def _generate_kwargs(self, first: Job, mask: torch.Tensor, pad: int, done: _JobsEnded | _RowsDone,
-                         max_new_tokens: int) -> dict[str, Any]:
-        """``generate``'s arguments (of many types) for a batch whose jobs share ``first``'s
+                         max_new_tokens: int) -> dict[str, object]:
+        """``generate``'s arguments for a batch whose jobs share ``first``'s
         sampling and decoding settings."""
         from transformers import StoppingCriteriaList
 
-        kwargs: dict[str, Any] = {"max_new_tokens": max_new_tokens, "pad_token_id": pad,
+        kwargs: dict[str, object] = {"max_new_tokens": max_new_tokens, "pad_token_id": pad,
                                   "eos_token_id": sorted(self.end_ids) or None,
                                   "stopping_criteria": StoppingCriteriaList([done])}
         kwargs.update(decoding_kwargs(Decoding(num_beams=first.num_beams, repetition_penalty=first.repetition_penalty,
@@ -438,8 +438,8 @@ class Engine:
         return Result(text, len(job.prompt_ids), len(tokens), finish)
 
     def _call(self, model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor,
-              kwargs: dict[str, Any]) -> torch.Tensor:
-        """``model.generate`` with ``kwargs`` (its arguments, of many types), under inference mode:
+              kwargs: dict[str, object]) -> torch.Tensor:
+        """``model.generate`` with ``kwargs`` (its arguments), under inference mode:
         the prompt and answer tokens [rows, width + new tokens]."""
         try:
             with self._torch.inference_mode(), inference_attention(model), self.autocast or nullcontext():
