@@ -155,3 +155,23 @@ def test_a_declared_data_license_is_on_the_card(tmp_path: Path):
     facts = _facts(tmp_path)
     facts.sources = _sources(tags, parse_spec(declared), None)
     assert "Data licenses not declared (test)" in render(facts)
+
+
+@pytest.mark.parametrize(("method", "named", "tags", "library"), [
+    ("dora", "A DoRA adapter", {"lora", "dora"}, "peft"),
+    ("rslora", "An rsLoRA adapter", {"lora", "rslora"}, "peft"),
+    ("ia3", "An IA3 adapter", {"ia3"}, "peft"),
+    ("prefix", "A prefix-tuning adapter", {"prefix-tuning"}, "peft"),
+    ("prompt", "A prompt-tuning adapter", {"prompt-tuning"}, "peft"),
+    ("full", "A fully fine-tuned model", {"full-fine-tuning"}, "transformers"),
+])
+def test_the_card_names_the_training_method(tmp_path: Path, method: str, named: str, tags: set[str], library: str):
+    facts = _facts(tmp_path)
+    facts.params["train.method"] = method
+    text = render(facts)
+    data = ModelCard(text).data.to_dict()
+    assert named in text and "LoRA adapter trained" not in text.replace("rsLoRA", "").replace("DoRA", "")
+    assert tags <= set(data["tags"]) and (method in ("dora", "rslora")) == ("lora" in data["tags"])
+    assert data["library_name"] == library
+    kind = "finetune" if method == "full" else "adapter"
+    assert f"base_model:{kind}:HuggingFaceTB/SmolLM2-135M-Instruct" in data["tags"]

@@ -289,9 +289,10 @@ def generate_detailed(model: Any, tokenizer: PreTrainedTokenizerBase, examples: 
             for r, i in enumerate(idx):  # pad between prefix and prompt: every row continues at one column
                 ids[r, width - len(prompts[i]) + n_prefix:] = torch.tensor(prompts[i][n_prefix:])
                 mask[r, width - len(prompts[i]) + n_prefix:] = 1
-            extra = _generate_kwargs(tokenizer, decoding, labels, mask, width, ends)
+            seen = mask if virtual is None else torch.cat([torch.zeros_like(mask[:, :n_prefix]), mask[:, n_prefix:]], 1)
+            extra = _generate_kwargs(tokenizer, decoding, labels, seen, width, ends)  # placeholders are not "seen"
             if virtual is not None:
-                extra.update(virtual.inputs(ids.to(device)))
+                extra.update(virtual.inputs(ids.to(device), decoding.num_beams))
             elif n_prefix:
                 extra[_generate_cache_argument(model)] = _prefix_cache(model, ids[:1, :n_prefix].to(device), len(idx))
             out = (model if virtual is None else virtual.base).generate(
@@ -332,13 +333,14 @@ class VirtualTokens:
         return cls(model, model.get_base_model(), int(config.num_virtual_tokens),
                    config.peft_type == "PREFIX_TUNING")  # peft's PeftType is a str enum
 
-    def inputs(self, ids: torch.Tensor) -> dict[str, Any]:
-        """``generate``'s extra arguments for a batch whose first ``count`` columns are placeholders."""
+    def inputs(self, ids: torch.Tensor, beams: int = 1) -> dict[str, Any]:
+        """``generate``'s extra arguments for a batch whose first ``count`` columns are placeholders
+        (``beams``: beam search expands each row into its beams, but not a cache handed in)."""
         import torch
 
         rows = ids.shape[0]
         if self.prefix:
-            return {_generate_cache_argument(self.base): self.model.get_prompt(batch_size=rows)}
+            return {_generate_cache_argument(self.base): self.model.get_prompt(batch_size=rows * beams)}
         tokens = self.base.get_input_embeddings()(ids[:, self.count:])
         prompts = self.model.get_prompt(batch_size=rows).to(tokens.dtype)
         return {"inputs_embeds": torch.cat([prompts, tokens], dim=1)}

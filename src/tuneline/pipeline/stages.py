@@ -65,6 +65,7 @@ from tuneline.train import EarlyStoppingCheck, TrainOptions, TrainResult, train
 from tuneline.train.checkpoint import latest_checkpoint
 from tuneline.train.dpo import train_dpo
 from tuneline.train.loop import save_adapter, steps_per_epoch
+from tuneline.train.peft_builders import is_prompt_learning
 from tuneline.tune import SearchOptions, SearchResult, best_train, search
 from tuneline.tune.report import search_table
 from tuneline.workspace import RunState
@@ -401,9 +402,10 @@ def evaluate_candidate(ctx: RunContext, plan: TrainingPlan, untouched: Untouched
     if not untouched.scored_base and ctx.spec.eval.compare_base and isinstance(model, PeftModel):
         with model.disable_adapter():  # resumed LoRA run: the base is the model minus the adapter
             evaluation.score_system("base", model, ctx.spec.model)
-    if isinstance(model, PeftModel):
+    if isinstance(model, PeftModel) and not is_prompt_learning(model):
         # the adapter is saved; generate with it merged into the base weights, as it would be
-        # served, instead of computing the adapter products for every generated token
+        # served, instead of computing the adapter products for every generated token (virtual
+        # tokens are no weights to merge: prefix and prompt tuning answer as the peft model)
         model.merge_adapter()
     served = shipped.served
     evaluation.score_system("candidate", model, described(shipped.adapter_dir, served),

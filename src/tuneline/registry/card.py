@@ -58,6 +58,13 @@ HF_TASKS = {"classification": "text-classification", "summarization": "summariza
 TRAIN_PARAMS = ("method", "lora.r", "lora.alpha", "lora.dropout", "lora.target_modules", "lr", "lr_scheduler",
                 "warmup_ratio", "epochs", "max_steps", "batch_size", "grad_accum", "seq_len", "weight_decay",
                 "seed", "precision", "packing")
+# what each training method's result is called in the card's first line, and its Hugging Face tags
+METHOD_NAMES = {"lora": "A LoRA adapter", "dora": "A DoRA adapter (weight-decomposed LoRA)",
+                "rslora": "An rsLoRA adapter (rank-stabilized LoRA)", "ia3": "An IA3 adapter",
+                "prefix": "A prefix-tuning adapter", "prompt": "A prompt-tuning adapter",
+                "full": "A fully fine-tuned model"}
+METHOD_TAGS = {"lora": ("lora",), "dora": ("lora", "dora"), "rslora": ("lora", "rslora"), "ia3": ("ia3",),
+               "prefix": ("prefix-tuning",), "prompt": ("prompt-tuning",), "full": ("full-fine-tuning",)}
 RUN_METRICS = ("steps", "epochs", "train_examples", "dropped_too_long", "train_tokens", "seconds",
                "tokens_per_second", "final_loss", "eval_loss", "trainable_params", "total_params")
 
@@ -230,12 +237,13 @@ def metadata(facts: CardFacts) -> ModelCardData:
     hub_base = _is_hub_id(facts)
     task = facts.spec.task.type if facts.spec else facts.params.get("task.type", "")
     lic = declared_license(facts.base_ref)
-    tags = ["tuneline", task, "lora" if facts.method == "lora" else "full-fine-tuning"]
+    adapter = facts.method != "full"
+    tags = ["tuneline", task, *METHOD_TAGS.get(facts.method, (facts.method,))]
     if hub_base:
-        tags.append(f"base_model:{'adapter' if facts.method == 'lora' else 'finetune'}:{base}")
+        tags.append(f"base_model:{'adapter' if adapter else 'finetune'}:{base}")
     return ModelCardData(
         base_model=base if hub_base else None,
-        library_name="peft" if facts.method == "lora" else "transformers",
+        library_name="peft" if adapter else "transformers",
         license=lic or "other", license_name=None if lic else "not-declared",
         datasets=[facts.dataset_id] if facts.dataset_id else None,
         tags=[t for t in tags if t], pipeline_tag="text-generation",
@@ -311,7 +319,7 @@ def body(facts: CardFacts) -> str:
     """The Markdown body, one section per kind of fact."""
     info = facts.info
     head = [f"# {info.name} version {info.version}", "",
-            f"A {'LoRA adapter' if facts.method == 'lora' else 'fully fine-tuned model'} trained and registered by "
+            f"{METHOD_NAMES.get(facts.method, f'A {facts.method} model')} trained and registered by "
             f"tuneline (registered {info.created}). Everything below is generated from what tuneline recorded "
             "for this version; nothing is filled in by hand."]
     if facts.generated_note:

@@ -81,10 +81,13 @@ def build_app(workspace: Workspace | str | Path | None = None, *, keys: dict[str
     if device == "cpu":
         torch.set_num_threads(compute_threads(threads))
     precision = resolve_precision("auto", device)
-    model = load_model(source, ws.models_dir, device=device, dtype="bf16" if precision == "bf16" else "fp32")
+    dtype = "bf16" if precision == "bf16" else "fp32"
+    model = load_model(source, ws.models_dir, device=device, dtype=dtype)
     tokenizer = load_tokenizer(source, ws.models_dir)
     engine = Engine(model, tokenizer, max_batch=max_batch, resolve_ttl=resolve_ttl,
-                    autocast=autocast_for(precision, device))
+                    autocast=autocast_for(precision, device),
+                    # another copy of the base for each version served by a model of its own (DoRA, IA3, ...)
+                    load_base=lambda: load_model(source, ws.models_dir, device=device, dtype=dtype))
     log = RequestLog(log_url or ws.requests_url)
     app = create_app(engine, log, ServerConfig(registry_uri=ws.tracking_uri, keys=keys, base_name=str(base), **options))
     app.state.engine = engine

@@ -2,8 +2,11 @@
 
 Requests for different adapters that arrive together are answered in one ``generate`` call: each
 row runs through its own adapter (or the base model for ``__base__``) with the stacked, batched
-LoRA products of :mod:`tuneline.serve.multilora`, so eight adapters cost about what one does. One worker thread owns
-the model; callers get a :class:`concurrent.futures.Future` (or, streaming, a queue of text
+LoRA products of :mod:`tuneline.serve.multilora`, so eight adapters cost about what one does.
+Versions those products cannot compute exactly (DoRA, IA3, prefix and prompt tuning, full
+fine-tunes) get a model of their own (:mod:`tuneline.serve.permodel`), and a batch never mixes
+models (:meth:`Job.batch_key`). One worker thread owns
+the models; callers get a :class:`concurrent.futures.Future` (or, streaming, a queue of text
 pieces). Model references resolve through the registry on every request (cached for
 ``resolve_ttl`` seconds), so a promotion or rollback is picked up without a restart, while a
 request already admitted keeps the version it resolved.
@@ -22,7 +25,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol, cast
+from typing import TYPE_CHECKING, Protocol, cast
 
 from tuneline.artifacts import verify_tree
 from tuneline.eval.generate import (
@@ -36,7 +39,8 @@ from tuneline.models.loading import inference_attention
 from tuneline.registry import VersionInfo
 from tuneline.retrieval import Retriever, adapter_retriever
 from tuneline.retrieval.encoder import Encoder
-from tuneline.serve.multilora import MultiLora
+from tuneline.serve.multilora import MultiLora, computes_exactly
+from tuneline.serve.permodel import PerModel, load_per_model, reload_base, served_kind
 from tuneline.serve.tasks import AdapterTask, read_task
 
 if TYPE_CHECKING:
@@ -55,7 +59,7 @@ class PieceSink(Protocol):
     def put(self, item: str | None) -> None: ...
 
 
-BatchKey = tuple[float, float, int, float, int, int | None]
+BatchKey = tuple[str, float, float, int, float, int, int | None]
 
 
 @dataclass
@@ -78,12 +82,16 @@ class Job:
     num_beams: int = 1
     repetition_penalty: float = 1.0
     no_repeat_ngram_size: int = 0
+    # the model that answers it (set by Engine.submit): "" for the shared base with its batched LoRA
+    # adapters, else the slot of a version served by a model of its own
+    model_slot: str = ""
 
     def batch_key(self) -> BatchKey:
-        """Jobs are generated together only when these are equal (beam jobs: their token limit too,
-        since a beam search cut shorter is not the search with the shorter limit)."""
-        return (self.temperature, self.top_p, self.num_beams, self.repetition_penalty, self.no_repeat_ngram_size,
-                self.max_new_tokens if self.num_beams > 1 else None)
+        """Jobs are generated together only when these are equal: the same model, the same
+        sampling and decoding settings (beam jobs: their token limit too, since a beam search cut
+        shorter is not the search with the shorter limit)."""
+        return (self.model_slot, self.temperature, self.top_p, self.num_beams, self.repetition_penalty,
+                self.no_repeat_ngram_size, self.max_new_tokens if self.num_beams > 1 else None)
 
     def cancel(self) -> None:
         """Stop generating for this job (the client went away): it ends with finish_reason "cancelled"."""
@@ -108,9 +116,14 @@ def slot_name(key: str, path: str) -> str:
 
 
 class Engine:
+    """Serves ``model`` and the adapters loaded onto it (:meth:`adapter_for`). ``load_base``: a
+    fresh copy of the base for each version served by a model of its own (DoRA, IA3, prefix and
+    prompt tuning); default: loaded again from the folder ``model`` came from."""
+
     def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, *, max_batch: int = 8,
                  window_s: float = 0.005, resolve_ttl: float = 1.0,
-                 autocast: AbstractContextManager[object] | None = None) -> None:
+                 autocast: AbstractContextManager[object] | None = None,
+                 load_base: Callable[[], PreTrainedModel] | None = None) -> None:
         import torch
 
         self.base = model.eval()
@@ -121,7 +134,9 @@ class Engine:
         self.max_batch, self.window_s, self.resolve_ttl = max_batch, window_s, resolve_ttl
         self.autocast = autocast
         self.context_length = int(getattr(model.config, "max_position_embeddings", 2048))
-        self.adapters: dict[str, str] = {}  # adapter slot -> source folder
+        self.adapters: dict[str, str] = {}  # adapter slot -> source folder (every path)
+        self.per_model: dict[str, PerModel] = {}  # adapter slot -> its own model (versions off the batched path)
+        self.load_base = load_base or reload_base(model)
         self.retrievers: dict[str, Retriever] = {}  # adapter slot -> its Retriever (hybrid adapters only)
         self.decodings: dict[str, Decoding] = {}  # adapter slot -> the Decoding it was evaluated with (decoding.json)
         self.tasks: dict[str, AdapterTask] = {}  # adapter slot -> its spec's task (tuneline.yaml), where it has one
@@ -178,20 +193,39 @@ class Engine:
         return slot_name(key, path) in self.adapters
 
     def _load(self, name: str, path: str) -> None:
+        kind = served_kind(path)
+        if kind == "lora" and self._load_shared(name, path):
+            log.info("loaded adapter %s from %s (batched)", name, path)
+            return
+        own = load_per_model("merged" if kind == "lora" else kind, path, self.load_base, self.base)
+        _flag_trainable(own.model)
+        self.per_model[name] = own
+        self.adapters[name] = path
+        log.info("loaded %s from %s (%s, a model of its own)", name, path, own.kind)
+
+    def _load_shared(self, name: str, path: str) -> bool:
+        """Load a LoRA adapter onto the shared base for the batched path; False (and nothing
+        loaded) when it has layers MultiLora does not compute."""
         from peft import PeftModel
 
-        if not self.adapters:
+        if self.multi is None:
             model = PeftModel.from_pretrained(self.base, path, adapter_name=name).eval()
         else:
             model = cast("PeftModel", self.model)  # since the first adapter
             model.load_adapter(path, adapter_name=name)
             model.eval()
+        if not computes_exactly(model, name):
+            if self.multi is None:  # the first one: the shared model stays the plain base
+                model.unload()
+            else:
+                model.delete_adapter(name)
+            return False
         self.model = model
         self.adapters[name] = path
         self.multi = MultiLora(model)  # again after each load: a new adapter may add layers
-        self.multi.rebuild(list(self.adapters))
+        self.multi.rebuild([n for n in self.adapters if n not in self.per_model])
         _flag_trainable(self.model)
-        log.info("loaded adapter %s from %s", name, path)
+        return True
 
     def cached_resolve(self, ref: str, resolve: Callable[[str], VersionInfo]) -> VersionInfo:
         """``resolve(ref)``, cached for ``resolve_ttl`` seconds."""
@@ -208,6 +242,7 @@ class Engine:
     def submit(self, job: Job) -> Future[Result]:
         if self._stop.is_set():
             raise RuntimeError("the engine is closed")
+        job.model_slot = job.adapter if job.adapter in self.per_model else ""
         self._queue.put(job)
         return job.future
 
@@ -317,47 +352,74 @@ class Engine:
         self.batch_sizes.append(len(batch))
         for observe in self.on_batch:
             observe(len(batch))
-        torch = self._torch
         tok = self.tokenizer
-        width = max(len(j.prompt_ids) for j in batch)
         pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-        ids = torch.full((len(batch), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for r, j in enumerate(batch):  # left padding: every row continues at the last column
-            ids[r, width - len(j.prompt_ids):] = torch.tensor(j.prompt_ids)
-            mask[r, width - len(j.prompt_ids):] = 1
-        rows = [_Row(j, tok, self.end_ids) for j in batch]
-        from transformers import StoppingCriteriaList
-
         first = batch[0]
         beams = first.num_beams
+        own = self.per_model.get(first.model_slot)  # None: the shared base and its batched adapters
+        ids, mask = self._left_padded(batch, pad)
+        seen = mask  # the tokens the repetition penalties look at: not the virtual tokens' placeholders
+        extra: dict[str, object] = {}
+        if own is not None:  # virtual tokens: placeholder columns before every row, as in evaluation
+            ids, mask, extra = own.inputs(ids, mask, pad, beams)
+            seen = self._torch.cat([self._torch.zeros_like(mask[:, : mask.shape[1] - seen.shape[1]]), seen], 1)
+        width = ids.shape[1]
+        rows = [_Row(j, tok, self.end_ids) for j in batch]
         # a beam search is not followed token by token: stop strings are cut after it, the answer sent whole
         done: _JobsEnded | _RowsDone = _JobsEnded(batch) if beams > 1 else _RowsDone(rows)
-        kwargs: dict[str, Any] = {"max_new_tokens": max(j.max_new_tokens for j in batch), "pad_token_id": pad,
-                                  "eos_token_id": sorted(self.end_ids) or None,
-                                  "stopping_criteria": StoppingCriteriaList([done])}
-        kwargs.update(decoding_kwargs(Decoding(num_beams=beams, repetition_penalty=first.repetition_penalty,
-                                               no_repeat_ngram_size=first.no_repeat_ngram_size), mask))
-        if batch[0].temperature >= 1e-3:  # below that, sampling is greedy decoding (and overflows)
-            kwargs.update(do_sample=True, temperature=batch[0].temperature, top_k=0)
-            if batch[0].top_p < 1.0:
-                kwargs["top_p"] = batch[0].top_p
-        else:
-            kwargs.update(do_sample=False)
-        if self.multi is not None:  # each row through its own adapter (or none), in one batch
-            index = torch.tensor([self.multi.slot(j.adapter) for j in batch], device=ids.device)
-            # generate expands each row into its beams (repeat_interleave): so does the adapter index
-            self.multi.index = index.repeat_interleave(beams) if beams > 1 else index
-        elif any(j.adapter != BASE for j in batch):
-            raise RuntimeError("adapter requested before any adapter was loaded")
+        kwargs = self._generate_kwargs(first, seen, pad, done, max(j.max_new_tokens for j in batch))
+        kwargs.update(extra)
+        if own is None:
+            self._route(batch, beams)
         self.generating = len(batch)
         try:
-            out = self._call(ids, mask, kwargs)
+            out = self._call(own.model if own is not None else self.model, ids, mask, kwargs)
         finally:
             self.generating = 0
         if beams > 1:
             return [self._beam_result(j, out[r, width:].tolist()) for r, j in enumerate(batch)]
         return [row.result() for row in rows]
+
+    def _left_padded(self, batch: list[Job], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The batch's prompts left-padded to one width (every row continues at the last column),
+        and their attention mask, on the model's device."""
+        torch = self._torch
+        width = max(len(j.prompt_ids) for j in batch)
+        ids = torch.full((len(batch), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for r, j in enumerate(batch):
+            ids[r, width - len(j.prompt_ids):] = torch.tensor(j.prompt_ids)
+            mask[r, width - len(j.prompt_ids):] = 1
+        device = self.base.device
+        return ids.to(device), mask.to(device)
+
+    def _generate_kwargs(self, first: Job, mask: torch.Tensor, pad: int, done: _JobsEnded | _RowsDone,
+                         max_new_tokens: int) -> dict[str, object]:
+        """``generate``'s arguments for a batch whose jobs share ``first``'s
+        sampling and decoding settings."""
+        from transformers import StoppingCriteriaList
+
+        kwargs: dict[str, object] = {"max_new_tokens": max_new_tokens, "pad_token_id": pad,
+                                  "eos_token_id": sorted(self.end_ids) or None,
+                                  "stopping_criteria": StoppingCriteriaList([done])}
+        kwargs.update(decoding_kwargs(Decoding(num_beams=first.num_beams, repetition_penalty=first.repetition_penalty,
+                                               no_repeat_ngram_size=first.no_repeat_ngram_size), mask))
+        if first.temperature >= 1e-3:  # below that, sampling is greedy decoding (and overflows)
+            kwargs.update(do_sample=True, temperature=first.temperature, top_k=0)
+            if first.top_p < 1.0:
+                kwargs["top_p"] = first.top_p
+        else:
+            kwargs.update(do_sample=False)
+        return kwargs
+
+    def _route(self, batch: list[Job], beams: int) -> None:
+        """Each row of a batch on the shared model through its own adapter (or none)."""
+        if self.multi is not None:
+            index = self._torch.tensor([self.multi.slot(j.adapter) for j in batch], device=self.base.device)
+            # generate expands each row into its beams (repeat_interleave): so does the adapter index
+            self.multi.index = index.repeat_interleave(beams) if beams > 1 else index
+        elif any(j.adapter != BASE for j in batch):
+            raise RuntimeError("adapter requested before any adapter was loaded")
 
     def _beam_result(self, job: Job, tokens: list[int]) -> Result:
         """A beam job's answer: up to its end token or limit, cut before the first stop string."""
@@ -377,13 +439,14 @@ class Engine:
             _emit(job, text)  # streamed whole, once the search has chosen
         return Result(text, len(job.prompt_ids), len(tokens), finish)
 
-    def _call(self, ids: torch.Tensor, mask: torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor:
-        """``generate`` with ``kwargs`` (its arguments, of many types), under inference mode: the
-        prompt and answer tokens [rows, width + new tokens]."""
+    def _call(self, model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor,
+              kwargs: dict[str, object]) -> torch.Tensor:
+        """``model.generate`` with ``kwargs`` (its arguments), under inference mode:
+        the prompt and answer tokens [rows, width + new tokens]."""
         try:
-            with self._torch.inference_mode(), inference_attention(self.model), self.autocast or nullcontext():
+            with self._torch.inference_mode(), inference_attention(model), self.autocast or nullcontext():
                 # a PeftModel's generate is its base model's (mypy sees only nn.Module's __getattr__)
-                out = cast("GenerationMixin", self.model).generate(input_ids=ids, attention_mask=mask, **kwargs)
+                out = cast("GenerationMixin", model).generate(input_ids=ids, attention_mask=mask, **kwargs)
                 return cast("torch.Tensor", out)  # not return_dict_in_generate: a tensor
         finally:
             if self.multi is not None:

@@ -78,3 +78,20 @@ class MultiLora:
             return result + torch.bmm(h, b[idx].transpose(1, 2)).to(result.dtype)
 
         return forward
+
+
+def computes_exactly(peft_model: PeftModel, name: str) -> bool:
+    """Whether MultiLora computes the loaded adapter ``name`` exactly: every layer it adapts is a
+    LoRA linear without a DoRA magnitude (peft's LoRA embeddings and convolutions, and DoRA, are
+    left to peft's own forward, which would apply the active adapter to every row)."""
+    from peft.tuners.lora import Linear as LoraLinear
+    from peft.tuners.lora import LoraLayer
+
+    for module in peft_model.modules():
+        if not isinstance(module, LoraLayer):
+            continue
+        layer: Any = module  # peft's attributes are nn.Module.__getattr__ to mypy
+        holds = name in layer.lora_A or name in getattr(layer, "lora_embedding_A", {})
+        if holds and (not isinstance(module, LoraLinear) or layer.use_dora.get(name, False)):
+            return False
+    return True
