@@ -22,7 +22,7 @@ from tuneline.export.gguf_files import GgufDtype, write_lora_gguf, write_model_g
 from tuneline.export.merged import SaveDtype, export_merged, merged_model
 from tuneline.export.mlflow_model import Registered, export_mlflow
 from tuneline.export.peft_folder import export_peft
-from tuneline.export.source import ExportError, Fetched, fetch
+from tuneline.export.source import ExportError, Fetched, fetch, quiet_downloads
 from tuneline.export.vllm import VLLM_DEFAULT_MAX_RANK, Finding, check_vllm
 from tuneline.export.vllm import render as render_vllm
 from tuneline.workspace import Workspace
@@ -80,7 +80,7 @@ def export(workspace: Workspace | str | Path | None, ref: str, fmt: str, out: Pa
     if fmt not in FORMATS:
         raise ExportError(Problem(f"unknown export format {fmt!r}", field="--format", hint=f"one of {', '.join(FORMATS)}"))
     ws = workspace if isinstance(workspace, Workspace) else Workspace.at(workspace)
-    with tempfile.TemporaryDirectory(prefix="tuneline-export-") as tmp:
+    with quiet_downloads(), tempfile.TemporaryDirectory(prefix="tuneline-export-") as tmp:
         fetched = fetch(ws, ref, Path(tmp) / "download")
         if fmt == "mlflow":
             registered, notes = export_mlflow(fetched, ws, _fresh(out) if out else None, base=options.base,
@@ -102,7 +102,7 @@ def check(workspace: Workspace | str | Path | None, ref: str, max_lora_rank: int
           ) -> tuple[str, list[Finding]]:
     """vLLM's verdict on a registered version's adapter (nothing written): (NAME@VERSION, findings)."""
     ws = workspace if isinstance(workspace, Workspace) else Workspace.at(workspace)
-    with tempfile.TemporaryDirectory(prefix="tuneline-check-") as tmp:
+    with quiet_downloads(), tempfile.TemporaryDirectory(prefix="tuneline-check-") as tmp:
         fetched = fetch(ws, ref, Path(tmp))
         return fetched.ref, check_vllm(fetched.folder, max_lora_rank)
 

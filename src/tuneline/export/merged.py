@@ -42,7 +42,7 @@ def export_merged(fetched: Fetched, ws: Workspace, out: Path, *, base: str | Non
     """Write the merged model into ``out``; return notes for the user."""
     model, tokenizer = merged_model(fetched, ws, "merged", base)
     save_merged(model, tokenizer, out, fetched, dtype)
-    return [f"load it with AutoModelForCausalLM.from_pretrained({str(out)!r}) (no peft needed); weights in {dtype}"]
+    return [f"weights in {dtype}; AutoModelForCausalLM.from_pretrained(folder) loads it, no peft needed"]
 
 
 def save_merged(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, out: Path, fetched: Fetched,

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 from tuneline.artifacts import ADAPTER_SHA_TAG
 from tuneline.export.merged import merged_model, save_merged
 from tuneline.export.source import Fetched
+from tuneline.tracking import experiment_folder
 
 if TYPE_CHECKING:
     from tuneline.workspace import Workspace
@@ -38,7 +39,10 @@ class Registered:
 
     @property
     def uri(self) -> str:
-        return f"models:/{self.name}@{self.aliases[0]}" if self.aliases else f"models:/{self.name}/{self.version}"
+        """``models:/NAME@production`` when it holds production, else its first alias, else its number."""
+        if not self.aliases:
+            return f"models:/{self.name}/{self.version}"
+        return f"models:/{self.name}@{'production' if 'production' in self.aliases else self.aliases[0]}"
 
 
 def export_mlflow(fetched: Fetched, ws: Workspace, out: Path | None, *, base: str | None = None,
@@ -52,9 +56,7 @@ def export_mlflow(fetched: Fetched, ws: Workspace, out: Path | None, *, base: st
         merged = Path(tmp) / "model"
         save_merged(model, tokenizer, merged, fetched, "fp32")
         del model
-        mlflow.set_tracking_uri(ws.tracking_uri)
-        mlflow.set_experiment(EXPERIMENT)
-        with mlflow.start_run(run_name=f"export {fetched.ref}"):
+        with mlflow.start_run(experiment_id=_experiment(ws), run_name=f"export {fetched.ref}"):
             mlflow.set_tags(_tags(fetched))
             logged = mlflow.pyfunc.log_model(name="model", python_model=str(CODE), artifacts={"model": str(merged)},
                                              pip_requirements=requirements(), registered_model_name=name)
@@ -66,6 +68,17 @@ def export_mlflow(fetched: Fetched, ws: Workspace, out: Path | None, *, base: st
              f"serve it: MLFLOW_TRACKING_URI={ws.tracking_uri} mlflow models serve -m {registered.uri} "
              "--env-manager local"]
     return registered, notes
+
+
+def _experiment(ws: Workspace) -> str:
+    """The export runs' experiment, its artifacts in the workspace (as every tuneline run's)."""
+    import mlflow
+
+    mlflow.set_tracking_uri(ws.tracking_uri)
+    exp = mlflow.get_experiment_by_name(EXPERIMENT)
+    if exp is not None:
+        return str(exp.experiment_id)
+    return str(mlflow.create_experiment(EXPERIMENT, artifact_location=experiment_folder(ws, EXPERIMENT).as_uri()))
 
 
 def requirements() -> list[str]:
