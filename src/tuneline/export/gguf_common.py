@@ -11,13 +11,14 @@ undoes exactly this reordering.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from tuneline.errors import Problem
 from tuneline.export.source import ExportError
-from tuneline.models.sources import BUILTIN_MODELS, ModelSource, resolve_model_source
+from tuneline.models.sources import ModelSource
 
 if TYPE_CHECKING:
     import numpy as np
@@ -27,6 +28,12 @@ if TYPE_CHECKING:
 ARCH = "llama"
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM",)
 TOKEN_NORMAL, TOKEN_CONTROL = 1, 3  # llama.cpp's token types
+# llama.cpp's pre-tokenizer name (tokenizer.ggml.pre) by vocabulary (:func:`vocabulary_sha256`), as the
+# GGUF files tuneline ships write it (reading a GGUF's 49k-token metadata takes seconds, so not at export;
+# tests/integration/test_export.py checks the entry against the built-in model's file)
+KNOWN_PRE_TOKENIZERS = {
+    "d1f2ce856b324081b621d9e2e8dbd22879f462329f3fd4aa39fa758dddb2ce55": "smollm",  # SmolLM2 (built-in smollm2-135m)
+}
 
 
 @dataclass(frozen=True)
@@ -137,28 +144,18 @@ def write_tokenizer(writer: GGUFWriter, tokenizer: PreTrainedTokenizerBase, note
         writer.add_chat_template(template)
 
 
-def _pre_tokenizer(tokens: list[str], notes: list[str]) -> str:
-    for path in _known_ggufs():
-        from gguf import GGUFReader
+def vocabulary_sha256(tokens: list[str]) -> str:
+    """The identity of a vocabulary: its tokens in id order."""
+    return hashlib.sha256("\n".join(tokens).encode("utf-8")).hexdigest()
 
-        fields = GGUFReader(path).fields
-        if "tokenizer.ggml.pre" in fields and fields["tokenizer.ggml.tokens"].contents() == tokens:
-            return str(fields["tokenizer.ggml.pre"].contents())
+
+def _pre_tokenizer(tokens: list[str], notes: list[str]) -> str:
+    known = KNOWN_PRE_TOKENIZERS.get(vocabulary_sha256(tokens))
+    if known is not None:
+        return known
     notes.append("the vocabulary is not one tuneline knows a llama.cpp pre-tokenizer name for: wrote "
                  "tokenizer.ggml.pre = 'default'; llama.cpp may split text differently than transformers")
     return "default"
-
-
-def _known_ggufs() -> list[Path]:
-    out = []
-    for alias in BUILTIN_MODELS:
-        try:
-            source = resolve_model_source(alias)
-        except Exception:  # noqa: BLE001  # the built-in's package is not installed: nothing to compare with
-            continue
-        if source.path is not None:
-            out.append(source.path)
-    return out
 
 
 def base_gguf(source: ModelSource) -> Path | None:
