@@ -13,17 +13,23 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, cast
+
+if TYPE_CHECKING:
+    from mlflow.pyfunc import PythonModelContext
+    from mlflow.pyfunc.model import ChatModel
+    from mlflow.types.llm import ChatCompletionResponse, ChatMessage, ChatParams
+    from transformers import BatchEncoding
 
 
-def build() -> Any:
+def build() -> ChatModel:
     """The chat model (a ``mlflow.pyfunc.ChatModel``), built lazily: MLflow is imported only when
     MLflow itself loads this file."""
     from mlflow.pyfunc.model import ChatModel
     from mlflow.types.llm import ChatChoice, ChatCompletionResponse, ChatMessage, TokenUsageStats
 
     class TunedChatModel(ChatModel):
-        def load_context(self, context: Any) -> None:
+        def load_context(self, context: PythonModelContext) -> None:
             import torch
             from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -34,12 +40,13 @@ def build() -> Any:
             record = json.loads(record_path.read_text()) if record_path.is_file() else {}
             self.served = f"{record.get('model', 'model')}@{record.get('version', '?')}"
 
-        def predict(self, context: Any, messages: list[Any], params: Any) -> Any:  # type: ignore[override]  # ChatModel narrows PythonModel.predict
+        def predict(self, context: PythonModelContext | None, messages: list[ChatMessage],  # type: ignore[override]
+                    params: ChatParams) -> ChatCompletionResponse:  # ChatModel narrows PythonModel.predict
             import torch
 
-            chat = [{"role": m.role, "content": m.content or ""} for m in messages]
-            inputs: Any = self.tokenizer.apply_chat_template(chat, add_generation_prompt=True, return_tensors="pt",
-                                                        return_dict=True)
+            chat = [{"role": m.role, "content": str(m.content or "")} for m in messages]
+            inputs = cast("BatchEncoding", self.tokenizer.apply_chat_template(
+                chat, add_generation_prompt=True, return_tensors="pt", return_dict=True))
             config = self.model.generation_config
             limit = int(params.max_tokens or config.max_new_tokens or 64)
             with torch.no_grad():

@@ -12,6 +12,7 @@ undoes exactly this reordering.
 from __future__ import annotations
 
 import hashlib
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -87,7 +88,7 @@ class LlamaShape:
 
 def gguf_name(hf_name: str, blocks: int) -> str:
     """llama.cpp's name of a Hugging Face llama tensor (``...q_proj.weight`` -> ``blk.N.attn_q.weight``)."""
-    import gguf
+    import gguf  # lazy: gguf loads numpy and llama.cpp's tables, only for a GGUF export
 
     mapped = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, blocks).get_name(hf_name, try_suffixes=(".weight", ".bias"))
     if mapped is None:
@@ -119,8 +120,6 @@ def write_tokenizer(writer: GGUFWriter, tokenizer: PreTrainedTokenizerBase, note
     (added special tokens are control tokens), merges, special ids and the chat template.
     ``tokenizer.ggml.pre`` (llama.cpp's pre-tokenizer name) is taken from a GGUF tuneline knows
     with the same vocabulary (the built-in model's), else ``default`` with a note."""
-    import json
-
     backend = json.loads(tokenizer.backend_tokenizer.to_str())
     model = backend.get("model", {})
     if model.get("type") != "BPE":

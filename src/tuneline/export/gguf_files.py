@@ -44,7 +44,7 @@ ADAPTER_KEY = "tuneline.adapter_sha256"  # the verified adapter's tree hash
 def write_model_gguf(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, path: Path, fetched: Fetched, *,
                      dtype: GgufDtype = "f16") -> list[str]:
     """The whole model (merged) as a llama GGUF file; 1-D tensors (norms) stay f32 as llama.cpp keeps them."""
-    import gguf
+    import gguf  # lazy: gguf loads numpy and llama.cpp's tables, only for a GGUF export
     import numpy as np
 
     shape = LlamaShape.of(model.config)
@@ -71,7 +71,7 @@ def write_lora_gguf(fetched: Fetched, ws: Workspace, path: Path, *, base: str | 
                     dtype: GgufDtype = "f32") -> list[str]:
     """The LoRA adapter as a llama.cpp LoRA GGUF; each adapted tensor checked against the base
     GGUF's own tensor of that name and shape when the base is a GGUF (the built-in model)."""
-    import gguf
+    import gguf  # lazy: gguf loads numpy and llama.cpp's tables, only for a GGUF export
     from transformers import AutoConfig
 
     rank, alpha = _lora_scaling(fetched)
@@ -145,7 +145,7 @@ def _lora_pairs(fetched: Fetched) -> dict[str, tuple[np.ndarray, np.ndarray]]:
 
 def _tensor_shapes(path: Path) -> dict[str, tuple[int, int]]:
     """A GGUF's 2-D tensors: name -> (ne0, ne1) = (inputs, outputs)."""
-    from gguf import GGUFReader
+    from gguf import GGUFReader  # lazy: as gguf above
 
     return {t.name: (int(t.shape[0]), int(t.shape[1])) for t in GGUFReader(path).tensors if len(t.shape) == 2}
 
