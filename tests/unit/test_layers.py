@@ -49,6 +49,7 @@ LAYERS: dict[str, int] = {
     "monitor": 4,
     "registry": 4,
     "pipeline": 5,
+    "export": 5,
     "serve": 5,
     "cli": 6,
     "__main__": 6,  # `python -m tuneline`: calls the CLI

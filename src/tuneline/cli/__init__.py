@@ -21,6 +21,7 @@ from tuneline.cli import (
     compare,
     data,
     evaluation,
+    export,
     golden,
     loop,
     monitor,
@@ -39,8 +40,8 @@ from tuneline.runtime.extras import missing_extra
 if TYPE_CHECKING:
     from typer._click import Context as ClickContext  # the Click typer vendors
 
-COMMAND_MODULES = (run, compare, spec, workspace, data, evaluation, golden, report, registry, serve, monitor, loop,
-                   audit)
+COMMAND_MODULES = (run, compare, spec, workspace, data, evaluation, golden, report, registry, serve, export, monitor,
+                   loop, audit)
 
 RESUME_HINTS = {
     "run": "the last checkpoint is kept; continue with `tuneline run SPEC --resume`",

@@ -157,6 +157,9 @@ class Lineage(TypedDict):
     feedback: LineageFeedback | None  # None: no training row came from feedback
 
 
+EXPORT_SOURCE_TAG = "tuneline.export.source"  # on a version `tuneline export --format mlflow` registered
+
+
 @dataclass
 class VersionInfo:
     name: str
@@ -166,6 +169,12 @@ class VersionInfo:
     created: str
     aliases: list[str] = field(default_factory=list)
     tags: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def exported_from(self) -> str | None:
+        """``NAME/VERSION`` when this version is a `tuneline export --format mlflow` of that version (an
+        MLflow model for MLflow's own serving, not an adapter `tuneline serve` loads); else None."""
+        return self.tags.get(EXPORT_SOURCE_TAG)
 
     @property
     def gate_state(self) -> str:

@@ -39,6 +39,10 @@ class ModelResolver:
         if ref == self.config.base_name:
             return ResolvedModel(ref.partition("@")[0], None, BASE)
         info = self._version(ref)
+        if info.exported_from is not None:
+            raise ApiError(404, f"model {ref!r} is an MLflow export of {info.exported_from}, which MLflow serves "
+                                f"(`mlflow models serve`); ask for {info.exported_from.replace('/', '@')} here",
+                           "invalid_request_error", "model", "model_not_found")
         key = f"{info.name}@{info.version}"
         path = self._adapter_path(info)
         try:
@@ -52,10 +56,10 @@ class ModelResolver:
                            "adapter_verification_failed") from exc
 
     def list_versions(self) -> list[VersionInfo]:
-        """Every registered version (for ``/v1/models``). Blocking."""
-        if self.config.list_versions is not None:
-            return self.config.list_versions()
-        return registry.list_versions(self.config.registry_uri)
+        """Every registered version this server can answer with (for ``/v1/models``). Blocking."""
+        found = (self.config.list_versions() if self.config.list_versions is not None
+                 else registry.list_versions(self.config.registry_uri))
+        return [v for v in found if v.exported_from is None]  # MLflow exports are MLflow's to serve
 
     def _version(self, ref: str) -> VersionInfo:
         try:

@@ -1,0 +1,147 @@
+"""What an export starts from: a registered version's adapter folder, downloaded and verified, its
+method read from its own files, and the base model it was trained on (checked by fingerprint)."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from tuneline import registry
+from tuneline.artifacts import ADAPTER_SHA_TAG, verify_tree
+from tuneline.errors import ModelError, Problem, TunelineError
+from tuneline.models import load_model, load_tokenizer, resolve_model_source
+from tuneline.models.loading import model_dir_for
+from tuneline.registry.card import BASE_MODEL_FILE
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+    from tuneline.models.sources import ModelSource
+    from tuneline.registry import VersionInfo
+    from tuneline.workspace import Workspace
+
+ADAPTER_CONFIG = "adapter_config.json"
+MERGEABLE = ("lora", "dora", "rslora", "ia3", "full")  # prefix/prompt tuning add virtual tokens: nothing to merge
+
+
+class ExportError(TunelineError):
+    """A version cannot be exported in the format asked for (or its files are not the registered ones)."""
+
+
+@dataclass(frozen=True)
+class Fetched:
+    """A registered version's adapter folder, verified against the hash recorded at registration."""
+
+    info: VersionInfo
+    folder: Path
+    method: str  # lora, dora, rslora, ia3, prefix, prompt or full, read from the folder's own files
+
+    @property
+    def ref(self) -> str:
+        return f"{self.info.name}@{self.info.version}"
+
+    @property
+    def adapter_config(self) -> dict[str, object]:
+        path = self.folder / ADAPTER_CONFIG
+        return json.loads(path.read_text()) if path.is_file() else {}
+
+    @property
+    def base_record(self) -> dict[str, str]:
+        """base_model.json: the base's portable name, its kind and the weights' fingerprint."""
+        path = self.folder / BASE_MODEL_FILE
+        return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def fetch(ws: Workspace, ref: str, dest: Path) -> Fetched:
+    """Resolve ``ref`` (NAME, NAME@ALIAS, NAME@VERSION) in the workspace's registry, download its
+    ``adapter`` artifact into ``dest`` and verify it with the tree hash recorded at registration."""
+    import mlflow
+
+    info = registry.resolve(ws.tracking_uri, ref)
+    mlflow.set_tracking_uri(ws.tracking_uri)
+    folder = Path(mlflow.artifacts.download_artifacts(artifact_uri=info.source, dst_path=str(dest)))
+    verify_tree(folder, info.tags.get(ADAPTER_SHA_TAG), what=f"adapter of {info.name}@{info.version}")
+    return Fetched(info, folder, method_of(folder))
+
+
+@contextmanager
+def quiet_downloads() -> Iterator[None]:
+    """No MLflow progress bar per downloaded file (noise on the console); an explicit setting is honoured."""
+    key = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
+    saved = os.environ.get(key)
+    os.environ.setdefault(key, "false")
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop(key, None)
+
+
+def method_of(folder: Path) -> str:
+    """The training method of an adapter folder, from peft's config (or a whole model: ``full``)."""
+    config = folder / ADAPTER_CONFIG
+    if not config.is_file():
+        if (folder / "config.json").is_file():
+            return "full"
+        raise ExportError(Problem(f"{folder} holds neither {ADAPTER_CONFIG} nor a model's config.json",
+                                  hint="register the version again with `tuneline run`"))
+    saved = json.loads(config.read_text())
+    kind = str(saved.get("peft_type", "")).upper()
+    if kind == "LORA":
+        return "dora" if saved.get("use_dora") else "rslora" if saved.get("use_rslora") else "lora"
+    known = {"IA3": "ia3", "PREFIX_TUNING": "prefix", "PROMPT_TUNING": "prompt"}
+    if kind not in known:
+        raise ExportError(Problem(f"{config}: peft_type {kind!r} is not a method tuneline exports",
+                                  field="peft_type", hint="tuneline trains lora, dora, rslora, ia3, prefix, prompt, full"))
+    return known[kind]
+
+
+def require_mergeable(fetched: Fetched, fmt: str) -> None:
+    """Prefix and prompt tuning add learned virtual tokens to every input; no weights to merge them into."""
+    if fetched.method not in MERGEABLE:
+        raise ExportError(Problem(
+            f"{fetched.ref} was trained with {fetched.method} tuning: its virtual tokens cannot be merged into the "
+            f"base weights, so --format {fmt} does not apply",
+            hint="export it with --format peft (PeftModel.from_pretrained(base, folder) loads it)"))
+
+
+def base_source(fetched: Fetched, base: str | None = None) -> ModelSource:
+    """The base the version was trained on (``--base`` or the registered spec's ``model``), refused
+    when its fingerprint is not the one recorded in the adapter's base_model.json."""
+    ref = base or fetched.info.tags.get("tuneline.base_model")
+    if not ref:
+        raise ExportError(Problem(f"{fetched.ref} does not record its base model", field="--base",
+                                  hint="pass --base with the model it was trained on"))
+    source = resolve_model_source(ref, Path.cwd())
+    recorded = fetched.base_record.get("fingerprint") or fetched.info.tags.get("tuneline.base_model_fingerprint")
+    if recorded and source.fingerprint() != recorded:
+        raise ModelError(Problem(
+            f"the base model {ref!r} here has fingerprint {source.fingerprint()[:24]}…, but {fetched.ref} was trained "
+            f"on {recorded[:24]}…", field="--base",
+            hint=f"pass --base with the weights named in {BASE_MODEL_FILE} "
+                 f"({fetched.base_record.get('base_model_name_or_path', '?')})"))
+    return source
+
+
+def base_model_dir(source: ModelSource, ws: Workspace) -> str | Path:
+    """What ``from_pretrained`` reads for the base (a GGUF base is converted once into the workspace's cache)."""
+    return model_dir_for(source, ws.models_dir)
+
+
+def load_base(source: ModelSource, ws: Workspace) -> PreTrainedModel:
+    """The base in fp32 on the CPU: merging and export arithmetic happen in full precision."""
+    return load_model(source, ws.models_dir, device="cpu", dtype="fp32")
+
+
+def tokenizer_of(fetched: Fetched, source: ModelSource, ws: Workspace) -> PreTrainedTokenizerBase:
+    """The tokenizer shipped in the adapter folder (with its chat template), else the base's."""
+    from transformers import AutoTokenizer
+
+    if (fetched.folder / "tokenizer_config.json").is_file():
+        return AutoTokenizer.from_pretrained(fetched.folder)
+    return load_tokenizer(source, ws.models_dir)
