@@ -29,7 +29,7 @@ demo: setup
 
 test: install
 	bash scripts/install-browser.sh
-	$(BIN)/pytest
+	$(BIN)/pytest --durations=25
 
 test-slow: install
 	$(BIN)/pytest -m slow
