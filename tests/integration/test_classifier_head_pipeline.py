@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 from helpers import write_csv, write_spec
 
 import tuneline
@@ -18,15 +19,15 @@ from tuneline.serve.classifier import (
 from tuneline.workspace import Workspace
 
 LABELS = ["alpha", "beta", "gamma"]
-FILLERS = ["please help with", "a question about", "tell me more on", "I need", "what about", "something on"]
 
 
 def _rows(n_per_label: int, offset: int = 0) -> list[dict[str, str]]:
-    """A separable task: the label word is in the message."""
-    return [{"text": f"{FILLERS[(i + offset) % len(FILLERS)]} {label} today number {i + offset}", "category": label}
+    """A separable task even for a tiny random model: the label word, six times, is the message."""
+    return [{"text": f"{(label + ' ') * 6}number {i + offset}", "category": label}
             for i in range(n_per_label) for label in LABELS]
 
 
+@pytest.mark.slow  # ~30 s on this loaded 2-core CPU: the whole run (train, base and candidate scoring, register, eval)
 def test_classifier_head_runs_evaluates_registers_and_serves(tmp_path: Path, tiny_model_dir: Path, tokenizer):
     from transformers import AutoModelForCausalLM
 
@@ -89,6 +90,6 @@ def test_classifier_head_runs_evaluates_registers_and_serves(tmp_path: Path, tin
     # served: the chat request's prompt (the template with the generation prompt) -> one label
     served = load_classifier_version(AutoModelForCausalLM.from_pretrained(tiny_model_dir), adapter)
     messages = [{"role": "system", "content": "Classify the message."},
-                {"role": "user", "content": "something on gamma today number 999"}]
+                {"role": "user", "content": "gamma gamma gamma gamma gamma gamma number 999"}]
     ids = tokenizer(render(tokenizer, messages, add_generation_prompt=True), add_special_tokens=False)["input_ids"]
     assert classify_prompt(served, tokenizer, ids) == "gamma"

@@ -67,12 +67,11 @@ def test_classifier_head_with_a_method_it_cannot_train_is_a_spec_error():
 
 
 def _rows(n_per_label: int, offset: int = 0) -> list[Example]:
-    """A separable task: the label word is in the message."""
-    fillers = ["please help with", "a question about", "tell me more on", "I need", "what about", "something on"]
+    """A separable task even for a tiny random model: the label word, six times, is the message."""
     out = []
     for i in range(n_per_label):
         for label in LABELS:
-            text = f"{fillers[(i + offset) % len(fillers)]} {label} today {i + offset}"
+            text = f"{(label + ' ') * 6}number {i + offset}"
             out.append(Example(f"r{i + offset}-{label}", (
                 {"role": "system", "content": "Classify the message."}, {"role": "user", "content": text},
                 {"role": "assistant", "content": label}), label, label))
@@ -157,3 +156,13 @@ def test_resumed_classifier_equals_uninterrupted(trained, tiny_model_dir: Path, 
     assert a.keys() == b.keys() and any("score" in n for n in a)
     for n in a:
         torch.testing.assert_close(a[n], b[n], rtol=0, atol=0, msg=f"{n} differs after resume")
+
+
+def test_served_batch_gives_each_prompt_its_own_label(trained, tokenizer):
+    from tuneline.serve.classifier import classify_prompts
+
+    model, _, _ = trained
+    rows = _rows(2, offset=400)  # alpha, beta, gamma, alpha, beta, gamma; lengths differ: padding in the batch
+    labels = classify_prompts(model, tokenizer, [encode_prompt(tokenizer, ex) for ex in rows])
+    assert labels == [classify_prompt(model, tokenizer, encode_prompt(tokenizer, ex)) for ex in rows]
+    assert labels == [ex.reference for ex in rows]

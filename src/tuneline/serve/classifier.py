@@ -37,14 +37,22 @@ def load_classifier_version(base: PreTrainedModel, adapter_dir: str | Path) -> P
 
 def classify_prompt(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompt_ids: list[int], *,
                     autocast: AbstractContextManager[object] | None = None) -> str:
-    """The label the classifier gives the prompt ``prompt_ids`` (one forward pass). The model's config
-    names its padding id; a model saved without one uses the tokenizer's (nothing is padded at batch 1)."""
+    """The label the classifier gives the prompt ``prompt_ids`` (one forward pass)."""
+    return classify_prompts(model, tokenizer, [prompt_ids], autocast=autocast)[0]
+
+
+def classify_prompts(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: list[list[int]], *,
+                     autocast: AbstractContextManager[object] | None = None) -> list[str]:
+    """The label of each prompt (token ids), a batch in one forward pass (right-padded; the head pools
+    each row's last non-padding token). The model's config names its padding id; a model saved without
+    one uses the tokenizer's."""
     import torch
 
-    if not prompt_ids:
+    if not prompts or any(not p for p in prompts):
         raise ValueError("empty prompt: a classifier needs at least one token")
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
+    labels = head_labels(model)
     with torch.inference_mode(), inference_attention(model), autocast or nullcontext():
-        index = classify_ids(model, [prompt_ids], str(next(model.parameters()).device))[0]
-    return head_labels(model)[index]
+        indices = classify_ids(model, prompts, str(next(model.parameters()).device))
+    return [labels[i] for i in indices]
