@@ -15,6 +15,7 @@ uninterrupted one. The adapter folder holds peft's adapter (LoRA and the score h
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import shutil
@@ -68,8 +69,6 @@ def classifier_from_causal_lm(model: PreTrainedModel, labels: list[str], pad_tok
     """transformers' sequence-classification model for ``model``'s architecture, sharing ``model``'s
     decoder (nothing is copied) with a new score head of one output per label (seeded normal init, the
     config's ``initializer_range``). ``id2label``/``label2id`` and ``pad_token_id`` are set in its config."""
-    import copy
-
     import torch
     from transformers import AutoModelForSequenceClassification
 
