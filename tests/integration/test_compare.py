@@ -141,3 +141,16 @@ def test_combinations_run_in_worker_processes_or_on_ray(tmp_path: Path, licensed
     assert [c["method"] for c in report["combinations"]] == ["lora", "ia3"]  # the order asked, whatever finished first
     assert report["backend"] == ("ray" if backend == ("--ray",) else "processes")
     _check_columns(report)
+
+
+@pytest.mark.slow  # a LoRA and a classifier-head training on the tiny model
+def test_the_classifier_head_is_compared_beside_a_generative_method(tmp_path: Path, licensed_model: Path):
+    spec = tiny_lora_spec(tmp_path, licensed_model, "tiny-heads", per_label=4, max_steps=2)
+    report = json.loads(_cli("compare", str(spec), "--models", str(licensed_model), "--methods", "lora,classifier",
+                             "-w", str(tmp_path / "ws"), "--no-progress", "--set", "eval.latency.requests=2",
+                             "--json").stdout)
+    _check_columns(report)
+    lora, head = report["combinations"]
+    assert (lora["head"], head["head"], head["method"]) == ("generative", "classifier", "lora")
+    saved = json.loads((tmp_path / "ws" / "compare" / "tiny-heads" / "compare.json").read_text())
+    assert set(saved["combinations"][1]["predictions"]) <= {"card_arrival", "lost_or_stolen_card", "exchange_rate"}

@@ -20,6 +20,7 @@ import shutil
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING
@@ -38,6 +39,7 @@ from tuneline.runtime import Compute
 from tuneline.spec.models import Spec
 from tuneline.train import EarlyStoppingCheck, TrainOptions, TrainResult, train
 from tuneline.train.checkpoint import latest_checkpoint
+from tuneline.train.classifier import train_classifier
 from tuneline.train.loop import steps_per_epoch
 from tuneline.train.peft_builders import is_prompt_learning
 
@@ -163,6 +165,18 @@ def measure(shared: Shared, job: Job) -> Measured:
 
 def _measure_generative(shared: Shared, job: Job, out: Measured) -> Measured:
     """A causal LM with the combination's adapter, answering by generation."""
+    return _measure_trained(shared, job, out, train)
+
+
+def _measure_classifier(shared: Shared, job: Job, out: Measured) -> Measured:
+    """``task.head: classifier``: a sequence-classification head trained with LoRA, answering in one
+    forward pass (the label set: the dataset's, in the head's index order)."""
+    return _measure_trained(shared, job, out, partial(train_classifier, labels=shared.labels or []))
+
+
+def _measure_trained(shared: Shared, job: Job, out: Measured, trainer: Trainer) -> Measured:
+    """Train the combination with ``trainer`` (:func:`tuneline.train.train`'s signature), score it
+    as served and record its costs."""
     spec = job.planned.spec
     compute = Compute.resolve(spec.train.precision, spec.train.method, shared.device)
     tokenizer = load_tokenizer(job.planned.source, shared.models_dir)
@@ -170,7 +184,7 @@ def _measure_generative(shared: Shared, job: Job, out: Measured) -> Measured:
     with PeakMemory(compute.device) as peak:
         model = load_model(job.planned.source, shared.models_dir, device=compute.device, dtype=compute.base_dtype)
         resume = latest_checkpoint(job.folder / "checkpoints") is not None  # an interrupted comparison
-        trained, result = train(spec.train, model, tokenizer, shared.train, job.folder, TrainOptions(
+        trained, result = trainer(spec.train, model, tokenizer, shared.train, job.folder, TrainOptions(
             resume=resume, fingerprint=job.key, device=compute.device, show_progress=shared.show_progress,
             early_stopping=_early_stopping(shared, spec, tokenizer, compute)))
     del model
@@ -187,7 +201,10 @@ def _measure_generative(shared: Shared, job: Job, out: Measured) -> Measured:
 
 # how each head is trained and measured: (shared, job, the result to fill) -> the result filled in;
 # a head that answers without generation (task.head: classifier) adds its own entry
-MEASURES: dict[str, Callable[[Shared, Job, Measured], Measured]] = {GENERATIVE: _measure_generative}
+MEASURES: dict[str, Callable[[Shared, Job, Measured], Measured]] = {GENERATIVE: _measure_generative,
+                                                                     "classifier": _measure_classifier}
+# how a combination trains: model, tokenizer, rows, folder, options -> (trained model, result)
+Trainer = Callable[..., tuple["nn.Module", TrainResult]]
 
 
 def _fill(out: Measured, result: TrainResult, suite: EvalSuite, adapter: int, peak: PeakMemory) -> None:

@@ -25,6 +25,7 @@ from tuneline.curation.steps import input_of
 from tuneline.data.examples import Example
 from tuneline.eval import stats
 from tuneline.eval.canary import canary_prompts, canary_report, probe_tokens
+from tuneline.eval.classify import classify_detailed, is_classifier
 from tuneline.eval.gates import check_gates
 from tuneline.eval.generate import (
     Decoding,
@@ -106,7 +107,8 @@ class Evaluation:
         prompts = augment or (lambda examples: examples)
         for s in self.sets:
             self.answers[(s.name, name)] = self._generate(model, prompts(s.examples), f"{name} on {s.name}")
-        if self.spec.eval.forgetting and name in ("base", "candidate"):
+        # a classifier head answers labels only: the general-ability probe does not apply to it
+        if self.spec.eval.forgetting and name in ("base", "candidate") and not is_classifier(model):
             self.probe[name] = self._generate(model, prompts(probe_examples(load_probe())),
                                               f"{name} forgetting probe", constrained=False,
                                               decoding=Decoding(max_new_tokens=24))  # fixed: greedy, 24 tokens
@@ -132,6 +134,10 @@ class Evaluation:
                   decoding: Decoding | None = None, batch_size: int | None = None,
                   progress: bool = True) -> Generation:
         trie = self.trie if constrained else None
+        if is_classifier(model):  # task.head: classifier: one forward pass per batch, nothing generated
+            return classify_detailed(model, self.tokenizer, examples, GenerateOptions(
+                batch_size=batch_size or self.spec.eval.batch_size, autocast=self.autocast, device=self.device,
+                description=f"eval {what}", show_progress=self.show_progress and progress))
         if decoding is None:  # the spec's settings; a label never needs more tokens than the trie's longest
             decoding = Decoding(max_new_tokens=trie.max_len) if trie else Decoding.of(self.spec.decoding)
         return generate_detailed(model, self.tokenizer, examples, GenerateOptions(

@@ -28,6 +28,7 @@ from tuneline.registry import gate_state_of
 from tuneline.retrieval import Retriever, adapter_retriever
 from tuneline.spec import LoadedSpec
 from tuneline.spec.models import Spec
+from tuneline.train.classifier import is_classifier_folder, load_classifier
 from tuneline.train.peft_builders import is_prompt_learning
 from tuneline.workspace import EVAL_REPORT, Workspace
 
@@ -99,6 +100,8 @@ def load_adapter_model(source: ModelSource, ws: Workspace, adapter_dir: str | Pa
         raise EvaluationError(Problem(f"no adapter in {folder} (adapter_config.json not found)",
                                       hint="point at the `adapter` folder of a run, e.g. .tuneline/runs/NAME/adapter"))
     base = load_model(source, ws.models_dir, device=device, dtype=dtype)
+    if is_classifier_folder(folder):  # task.head: classifier: its score head on the base's decoder, LoRA merged
+        return load_classifier(base, folder)
     model = PeftModel.from_pretrained(base, str(folder))
     # virtual tokens (prefix and prompt tuning) are not weights to merge: that model answers as a peft model
     return model if is_prompt_learning(model) else model.merge_and_unload()

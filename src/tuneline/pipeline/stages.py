@@ -21,6 +21,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, cast
 
@@ -39,6 +40,7 @@ from tuneline.context import RunContext, curation_summary
 from tuneline.curation import PreparedData
 from tuneline.errors import Problem, TrainingError
 from tuneline.eval import EvalSet, EvalSuite, Evaluation
+from tuneline.eval.classify import is_classifier
 from tuneline.eval.generate import DECODING_FILE
 from tuneline.eval.validate import RowSample, make_scorer, maximize, sample_rows
 from tuneline.models import ModelSource, load_model
@@ -63,6 +65,7 @@ from tuneline.spec import LoadedSpec
 from tuneline.spec.models import TrainSpec
 from tuneline.train import EarlyStoppingCheck, TrainOptions, TrainResult, train
 from tuneline.train.checkpoint import latest_checkpoint
+from tuneline.train.classifier import train_classifier
 from tuneline.train.dpo import train_dpo
 from tuneline.train.loop import save_adapter, steps_per_epoch
 from tuneline.train.peft_builders import is_prompt_learning
@@ -266,8 +269,10 @@ def train_or_reuse(ctx: RunContext, plan: TrainingPlan, tracked: Tracked, untouc
     # a resumed search run may have stopped before training began: then train from the start
     resume = tracked.resumed and (found is None or latest_checkpoint(ctx.run_dir / "checkpoints") is not None)
     cfg = plan.train
+    # task.head: classifier trains a sequence-classification head with LoRA (tuneline.train.classifier)
+    trainer = partial(train_classifier, labels=ctx.data.labels or []) if ctx.spec.task.head == "classifier" else train
     with tracking.MetricBatcher(tracked.run_id, cfg.log_every) as on_step:
-        model, result = train(cfg, model, ctx.tokenizer, plan.data.train, ctx.run_dir, TrainOptions(
+        model, result = trainer(cfg, model, ctx.tokenizer, plan.data.train, ctx.run_dir, TrainOptions(
             resume=resume, eval_examples=sample_rows(plan.data.eval, EVAL_LOSS_ROWS, cfg.seed) or None,
             fingerprint=plan.fingerprint, device=plan.compute.device, on_step=on_step,
             show_progress=ctx.show_progress, early_stopping=_early_stopping(ctx, plan)))
@@ -399,7 +404,9 @@ def evaluate_candidate(ctx: RunContext, plan: TrainingPlan, untouched: Untouched
     if evaluation is None:
         return None
     model = trained.take()
-    if not untouched.scored_base and ctx.spec.eval.compare_base and isinstance(model, PeftModel):
+    # (not a classifier head: without its adapter the head is untrained; its base is the generative one)
+    if (not untouched.scored_base and ctx.spec.eval.compare_base and isinstance(model, PeftModel)
+            and not is_classifier(model)):
         with model.disable_adapter():  # resumed LoRA run: the base is the model minus the adapter
             evaluation.score_system("base", model, ctx.spec.model)
     if isinstance(model, PeftModel) and not is_prompt_learning(model):

@@ -39,6 +39,7 @@ from tuneline.models.loading import inference_attention
 from tuneline.registry import VersionInfo
 from tuneline.retrieval import Retriever, adapter_retriever
 from tuneline.retrieval.encoder import Encoder
+from tuneline.serve.classifier import classify_prompts
 from tuneline.serve.multilora import MultiLora, computes_exactly
 from tuneline.serve.permodel import PerModel, load_per_model, reload_base, served_kind
 from tuneline.serve.tasks import AdapterTask, read_task
@@ -348,6 +349,14 @@ class Engine:
                 j.future.set_result(cast(Result, r))
             _emit(j, None)
 
+    def _classify(self, own: PerModel, batch: list[Job]) -> list[Result]:
+        """A classifier-head version: each job's answer is its label, the batch in one forward pass;
+        nothing is generated (no completion tokens, ``finish_reason: stop``)."""
+        labels = classify_prompts(own.model, self.tokenizer, [j.prompt_ids for j in batch], autocast=self.autocast)
+        for job, label in zip(batch, labels, strict=True):
+            _emit(job, label)
+        return [Result(label, len(j.prompt_ids), 0, "stop") for j, label in zip(batch, labels, strict=True)]
+
     def _generate(self, batch: list[Job]) -> list[Result]:
         self.batch_sizes.append(len(batch))
         for observe in self.on_batch:
@@ -357,6 +366,8 @@ class Engine:
         first = batch[0]
         beams = first.num_beams
         own = self.per_model.get(first.model_slot)  # None: the shared base and its batched adapters
+        if own is not None and own.kind == "classifier":
+            return self._classify(own, batch)
         ids, mask = self._left_padded(batch, pad)
         seen = mask  # the tokens the repetition penalties look at: not the virtual tokens' placeholders
         extra: dict[str, object] = {}

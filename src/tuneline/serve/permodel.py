@@ -13,6 +13,9 @@ Which path a version's folder takes (:func:`served_kind`):
   as evaluation does; never through peft's own ``generate``, which drops the prefix.
 - ``full``: a fully fine-tuned model (``config.json`` + weights, no ``adapter_config.json``), loaded
   from its folder.
+- ``classifier``: ``task.head: classifier``: a fresh copy of the base as a sequence classifier with
+  its LoRA merged and its score head; a request is answered with a label after one forward pass
+  (:mod:`tuneline.serve.classifier`), nothing generated.
 
 Every per-model version holds a whole model in memory (``docs/methods-serving.md`` has the
 measured cost) and is batched only with requests for the same version.
@@ -28,6 +31,8 @@ from typing import TYPE_CHECKING, Literal, cast
 
 from tuneline.errors import Problem, TunelineError
 from tuneline.eval.generate import VirtualTokens
+from tuneline.serve.classifier import is_classifier_version
+from tuneline.train.classifier import load_classifier
 
 if TYPE_CHECKING:
     import os
@@ -35,8 +40,8 @@ if TYPE_CHECKING:
     import torch
     from transformers import PreTrainedModel
 
-ServedKind = Literal["lora", "merged", "virtual", "full"]
-PER_MODEL_KINDS: tuple[ServedKind, ...] = ("merged", "virtual", "full")
+ServedKind = Literal["lora", "merged", "virtual", "full", "classifier"]
+PER_MODEL_KINDS: tuple[ServedKind, ...] = ("merged", "virtual", "full", "classifier")
 # peft types whose adapters are virtual tokens before the input (peft's PromptLearningConfig subclasses)
 PROMPT_LEARNING_TYPES = frozenset({"PREFIX_TUNING", "PROMPT_TUNING", "P_TUNING", "MULTITASK_PROMPT_TUNING"})
 
@@ -45,6 +50,8 @@ def served_kind(folder: str | os.PathLike[str]) -> ServedKind:
     """How the version saved in ``folder`` is served (see the module's docstring); a
     :class:`TunelineError` naming the folder when it holds neither an adapter nor a model."""
     path = Path(folder)
+    if is_classifier_version(path):  # task.head: classifier: answered by one forward pass, no generation
+        return "classifier"
     config_file = path / "adapter_config.json"
     if not config_file.is_file():
         if (path / "config.json").is_file():
@@ -101,6 +108,8 @@ def load_per_model(kind: ServedKind, folder: str, load_base: Callable[[], PreTra
     """The model of the version saved in ``folder`` (``kind`` from :func:`served_kind`, not
     ``lora``): ``load_base`` gives a fresh copy of the base for an adapter; a full fine-tune is
     loaded from its folder with the dtype, device and attention of ``like`` (the served base)."""
+    if kind == "classifier":
+        return PerModel(kind, cast("PreTrainedModel", load_classifier(load_base(), folder)))  # a fresh copy
     if kind == "full":
         from transformers import AutoModelForCausalLM
 

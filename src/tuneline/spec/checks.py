@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from tuneline.spec.gates import Threshold, gate_name_problem
-from tuneline.spec.methods import PROMPT_LEARNING
+from tuneline.spec.methods import LORA_SHAPED, PROMPT_LEARNING
 from tuneline.spec.metrics import TASK_METRICS, validation_metric_problem
 from tuneline.spec.tasks import GENERATION_TASKS, TASK_COLUMNS
 
@@ -58,6 +58,8 @@ class SpecParts:
     search: SearchSpec | None = None
     canaries_given: bool = False  # eval.canaries is set (valid or not)
     preferences_given: bool = False  # data.preferences is set
+    head: str | None = None  # task.head (None: not given or not valid)
+    retrieval_given: bool = False  # the retrieval section is set (valid or not)
 
     @classmethod
     def of(cls, spec: Spec) -> SpecParts:
@@ -71,14 +73,15 @@ class SpecParts:
                    thresholds=tuple(enumerate(spec.objective.parsed_thresholds())),
                    golden_names=tuple(g.name for g in spec.eval.golden), sources=tuple(sources),
                    curation=spec.curation, train=spec.train, search=spec.search,
-                   canaries_given=spec.eval.canaries is not None, preferences_given=data.preferences is not None)
+                   canaries_given=spec.eval.canaries is not None, preferences_given=data.preferences is not None,
+                   head=spec.task.head, retrieval_given=spec.retrieval is not None)
 
 
 def cross_field_problems(parts: SpecParts) -> list[CrossProblem]:
     """Every cross-field problem ``parts`` show, in the order of the spec's sections."""
     return [*_objective_problems(parts), *_golden_problems(parts), *_source_problems(parts),
             *_curation_problems(parts), *_train_problems(parts), *_search_problems(parts),
-            *canary_problems(parts)]
+            *canary_problems(parts), *classifier_head_problems(parts)]
 
 
 def _train_problems(parts: SpecParts) -> Iterator[CrossProblem]:
@@ -193,3 +196,27 @@ def canary_problems(parts: SpecParts) -> Iterator[CrossProblem]:
                            f"the memorization probe applies to tasks that generate text ({', '.join(CANARY_TASKS)}); "
                            f"a {parts.task} model is trained on its label only, so a planted string is never "
                            "trained on as an answer and cannot come back: remove eval.canaries")
+
+
+def classifier_head_problems(parts: SpecParts) -> Iterator[CrossProblem]:
+    """``task.head: classifier`` trains a LoRA-shaped adapter and a score head with its own trainer: the
+    settings that trainer does not honour are errors, not silently ignored."""
+    if parts.head != "classifier":
+        return
+    train = parts.train
+    if train is not None and train.method not in LORA_SHAPED:
+        yield CrossProblem(("train", "method"),
+                           f"head 'classifier' trains a LoRA-shaped adapter with the score head; method "
+                           f"{train.method!r} is not one: use {', '.join(LORA_SHAPED)} (or head: generate)")
+    if train is not None and train.packing:
+        yield CrossProblem(("train", "packing"), "packing does not apply to head 'classifier' (one prompt per "
+                                                 "row, pooled at its last token): set packing: false")
+    if train is not None and train.early_stopping is not None:
+        yield CrossProblem(("train", "early_stopping"), "early stopping is not available with head 'classifier' "
+                                                        "yet: remove it (or use head: generate)")
+    if parts.search is not None:
+        yield CrossProblem(("search",), "the hyperparameter search trains generative adapters: it is not "
+                                        "available with head 'classifier' yet; remove the search section")
+    if parts.retrieval_given:
+        yield CrossProblem(("retrieval",), "the hybrid (retrieved examples in the prompt) is not available with "
+                                           "head 'classifier' yet; remove the retrieval section")

@@ -263,6 +263,7 @@ def parts_from_data(data: dict[str, object]) -> SpecParts:
     golden = _list(_mapping(data, "eval"), "golden")
     names = tuple(_golden_name(g) for g in golden)
     search = data.get("search")
+    head = _mapping(data, "task").get("head")
     return SpecParts(
         task=task if isinstance(task, str) and task in TASK_METRICS else None,
         primary=primary if isinstance(primary, str) else None,
@@ -272,7 +273,8 @@ def parts_from_data(data: dict[str, object]) -> SpecParts:
         train=_valid(TrainSpec, data.get("train") or {}),
         search=_valid(SearchSpec, search) if search is not None else None,
         canaries_given=_mapping(data, "eval").get("canaries") is not None,
-        preferences_given=_mapping(data, "data").get("preferences") is not None)
+        preferences_given=_mapping(data, "data").get("preferences") is not None,
+        head=head if isinstance(head, str) else None, retrieval_given=data.get("retrieval") is not None)
 
 
 def _located(problems: list[CrossProblem], lines: dict[Loc, int], where: str) -> list[Problem]:

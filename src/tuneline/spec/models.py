@@ -55,6 +55,10 @@ CROSS_CHECKS_LATER = "tuneline.cross_checks_later"
 # The system prompt of a translation task without task.instruction
 TRANSLATION_PROMPT = "Translate the text from {source} to {target}. Answer with the translation only."
 
+# How a classification model answers: generated label text, or a sequence-classification head
+TaskHead = Literal["generate", "classifier"]
+
+
 class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
@@ -76,14 +80,22 @@ class TaskSpec(_Model):
     target_language: str | None = Field(
         default=None, min_length=1, max_length=64,
         description="Translation only (required there): the language of the `target` column, e.g. en.")
+    head: TaskHead = Field(
+        default="generate",
+        description="Classification only: generate (the model writes the label, decoded over the label set) or "
+                    "classifier (a sequence-classification head on the same base, trained with LoRA, answering "
+                    "with one forward pass and no generation; docs/classifier-head.md).")
 
     @model_serializer(mode="wrap")
     def _omit_unset_languages(self, handler: SerializerFunctionWrapHandler) -> dict[str, object]:
-        # absent outside translation: fingerprints and study names of other tasks stay as they were
+        # absent outside translation (and head when it is the default): fingerprints and study names
+        # of the specs written before these fields stay as they were
         out: dict[str, object] = handler(self)
         for key in ("source_language", "target_language"):
             if out.get(key, "") is None:
                 del out[key]
+        if out.get("head") == "generate":
+            del out["head"]
         return out
 
     def system_prompt(self) -> str | None:
@@ -105,6 +117,13 @@ class TaskSpec(_Model):
                                  "e.g. source_language: de, target_language: en)")
         elif given:
             raise ValueError(f"{' and '.join(given)} apply only to task type 'translation'")
+        return self
+
+    @model_validator(mode="after")
+    def _classifier_head_only_for_classification(self) -> TaskSpec:
+        if self.head == "classifier" and self.type != "classification":
+            raise ValueError(f"head 'classifier' applies only to task type 'classification' (this task is "
+                             f"{self.type!r}, whose answers are generated text): remove `head` or set it to generate")
         return self
 
     @model_validator(mode="after")
