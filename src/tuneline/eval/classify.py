@@ -12,6 +12,7 @@ from tuneline.data.tokenize import encode_prompt
 from tuneline.eval.generate import GenerateOptions, Generation
 from tuneline.models.loading import inference_attention
 from tuneline.runtime.progress import progress_bar
+from tuneline.train.classifier import padded
 
 if TYPE_CHECKING:
     import torch
@@ -51,16 +52,8 @@ def pad_id_of(model: torch.nn.Module) -> int:
 def classify_ids(model: torch.nn.Module, prompts: list[list[int]], device: str = "cpu") -> list[int]:
     """The index of the highest logit for each prompt (token ids), in one forward pass, right-padded
     with the classifier's ``pad_token_id`` (the head pools each row's last non-padding token)."""
-    import torch
-
-    pad = pad_id_of(model)
-    width = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(prompts), width), dtype=torch.long)
-    for r, p in enumerate(prompts):
-        ids[r, : len(p)] = torch.tensor(p, dtype=torch.long)
-        mask[r, : len(p)] = 1
-    logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
+    ids, mask = padded(prompts, pad_id_of(model), device)
+    logits = model(input_ids=ids, attention_mask=mask).logits
     return [int(i) for i in logits.argmax(dim=-1).tolist()]
 
 
