@@ -89,7 +89,9 @@ def test_tune_and_baseline_json() -> None:
 
 @pytest.mark.parametrize(("command", "hint"), [
     ("run", "the last checkpoint is kept; continue with `tuneline run SPEC --resume`"),
-    ("tune", "finished trials are kept; continue with `tuneline tune SPEC --resume`"),
+    # the same handler as run's, with another hint: slow only to keep the default suite in CI's time
+    pytest.param("tune", "finished trials are kept; continue with `tuneline tune SPEC --resume`",
+                 marks=pytest.mark.slow),
 ])
 def test_ctrl_c_prints_the_resume_hint_and_exits_130(command: str, hint: str) -> None:
     """Click turned Ctrl-C into "Aborted!" (exit 1) before main() could print the hint."""

@@ -180,6 +180,8 @@ def ray_cluster():
         subprocess.run([str(ray_bin), "stop", "--force"], env=env, capture_output=True, timeout=120)
 
 
+@pytest.mark.slow  # a Ray cluster started and a worker killed: ~75 s (`make test-slow`); the parallel-worker
+# search above stays in the default run
 def test_search_on_a_ray_cluster_survives_a_killed_trial_worker(tmp_path: Path, tiny_model_dir: Path, ray_cluster: str):
     spec = search_spec(tmp_path, tiny_model_dir, trials=4, extra=f"""
           backend: ray
