@@ -79,3 +79,21 @@ def test_the_saved_adapter_names_no_path_of_this_machine(tmp_path: Path):
     saved = json.loads((folder / "adapter_config.json").read_text())
     assert saved["base_model_name_or_path"] == saved["tokenizer_name_or_path"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
 
+
+
+def test_a_checkpoint_depends_only_on_the_settings_of_its_own_method(tmp_path: Path):
+    """Editing train.ia3 does not invalidate a LoRA run's checkpoints; it does an IA3 run's."""
+    from tuneline.curation import PreparedData
+    from tuneline.pipeline.stages import run_fingerprint
+
+    def fingerprint(train: str) -> str:
+        (tmp_path / "tuneline.yaml").write_text(
+            "name: x\ntask: {type: classification}\nobjective: {primary: accuracy}\nmodel: smollm2-135m\n"
+            f"data: {{train: {{path: train.csv}}}}\n{train}\n")
+        return run_fingerprint(load_spec(tmp_path / "tuneline.yaml"), PreparedData([], [], [], None), "model")
+
+    lora = fingerprint("train: {method: lora}")
+    assert fingerprint("train: {method: lora, ia3: {target_modules: [q_proj], feedforward_modules: []}}") == lora
+    ia3 = fingerprint("train: {method: ia3}")
+    assert ia3 != lora
+    assert fingerprint("train: {method: ia3, ia3: {target_modules: [q_proj], feedforward_modules: []}}") != ia3

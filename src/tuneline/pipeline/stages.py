@@ -62,6 +62,7 @@ from tuneline.registry import card
 from tuneline.retrieval import Retriever, adapter_retriever
 from tuneline.runtime import Compute
 from tuneline.spec import LoadedSpec
+from tuneline.spec.methods import PROMPT_LEARNING
 from tuneline.spec.models import TrainSpec
 from tuneline.train import EarlyStoppingCheck, TrainOptions, TrainResult, train
 from tuneline.train.checkpoint import latest_checkpoint
@@ -193,12 +194,31 @@ def run_fingerprint(loaded: LoadedSpec, data: PreparedData, model_fingerprint: s
         spec["train"] = train_cfg.model_dump(mode="json")
     spec["train"].pop("checkpoint_every", None)
     spec["train"].pop("log_every", None)
+    _drop_unused_method_sections(spec["train"])
+    if spec["data"].get("preferences") is None:
+        spec["data"].pop("preferences", None)
     for source in spec["data"].values():  # a declared license changes nothing trained
         if isinstance(source, dict):
             source.pop("license", None)
-    payload = json.dumps({"spec": spec, "data": [s.sha256 for s in data.sources], "model": model_fingerprint,
+    sources = [s.sha256 for s in data.sources]
+    if data.curated is not None and data.curated.preferences.sha256:  # dpo's pairs (curation off: no version id)
+        sources.append(data.curated.preferences.sha256)
+    payload = json.dumps({"spec": spec, "data": sources, "model": model_fingerprint,
                           "dataset_version": dataset_version}, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()
+
+
+def _drop_unused_method_sections(train: dict[str, object]) -> None:
+    """The settings of methods other than ``train.method`` change nothing trained: a LoRA run's
+    checkpoint stays valid when ``train.ia3`` is edited (and runs from before these sections
+    existed keep their fingerprint)."""
+    method = train.get("method")
+    if method != "ia3":
+        train.pop("ia3", None)
+    if method not in PROMPT_LEARNING:
+        train.pop("prompt", None)
+    if method != "dpo":
+        train.pop("dpo", None)
 
 
 def plan_training(ctx: RunContext, tracked: Tracked) -> TrainingPlan:
