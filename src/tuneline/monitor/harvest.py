@@ -38,6 +38,9 @@ from tuneline.artifacts import atomic_write_text
 from tuneline.curation import DatasetVersion, curate, load_version, save_version
 from tuneline.curation.erasure import load_filter
 from tuneline.curation.pii import Redactor
+from tuneline.curation.preferences import (
+    PREFERENCES_FILE,  # beside the manifest: (prompt, chosen, rejected)
+)
 from tuneline.data.examples import Example, Message, build_examples
 from tuneline.data.readers import read_records
 from tuneline.errors import DataError, Problem, TunelineError
@@ -52,7 +55,6 @@ if TYPE_CHECKING:
     pass
 
 HARVEST_FILE = "harvest.json"  # beside the manifest: what the version was harvested from
-PREFERENCES_FILE = "preferences.jsonl"  # beside the manifest: (prompt, chosen, rejected) pairs
 _ID_CHUNK = 500  # ids per IN (...) query (SQLite allows 999 parameters)
 
 # the logical columns of each task type's rows: (input, answer); chat rows are one `messages` list

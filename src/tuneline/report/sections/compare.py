@@ -9,11 +9,10 @@ from tuneline.compare.results import CompareReport
 from tuneline.compare.table import headers, row
 from tuneline.report.page import embed, esc, html_table
 from tuneline.report.plots import bar_plot
+from tuneline.report.sections.baselines import OTHER_COLOR, RECOMMENDED_COLOR
 
 ANCHOR = "compare"
 NAV = "Compare"
-RECOMMENDED_COLOR = "#2da44e"
-OTHER_COLOR = "#1f77b4"
 
 
 def compare(raw: Mapping[str, object] | None) -> str:
