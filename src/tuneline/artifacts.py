@@ -20,6 +20,10 @@ ADAPTER_SHA_TAG = "tuneline.adapter_sha256"
 # An adapter's model card (tuneline.registry.card). It is written after the version is registered
 # (the card names the version), so the adapter's hash leaves it out; no loader reads it.
 CARD_FILE = "README.md"
+# What MLflow writes into a model folder it loads from ``models:/NAME@ALIAS``: the name and number
+# it was loaded as. With a local artifact store it lands in the registered folder itself (every
+# generative version is an MLflow model: tuneline.export.version_model), so the hash leaves it out.
+MLFLOW_META_FILE = "registered_model_meta"
 _CHUNK = 1 << 20
 
 
@@ -102,14 +106,15 @@ def file_sha256(path: str | Path) -> str:
 def tree_sha256(root: str | Path, *, with_card: bool = False) -> str:
     """The SHA-256 of a folder: every file's path (relative, '/'-separated) and content hash, in
     sorted order. Equal for a folder and its copy (e.g. downloaded from the tracking store). The
-    model card at the top (:data:`CARD_FILE`) is left out unless ``with_card``."""
+    model card at the top (:data:`CARD_FILE`) is left out unless ``with_card``, and MLflow's
+    :data:`MLFLOW_META_FILE` always."""
     root = Path(root)
     if not root.is_dir():
         raise ArtifactError(Problem(f"no such folder: {root}"))
     lines = []
     for path in sorted(p for p in root.rglob("*") if p.is_file()):
         rel = path.relative_to(root).as_posix()
-        if rel != CARD_FILE or with_card:
+        if (rel != CARD_FILE or with_card) and rel != MLFLOW_META_FILE:
             lines.append(f"{rel}\0{file_sha256(path)}\n")
     return hashlib.sha256("".join(lines).encode("utf-8")).hexdigest()
 

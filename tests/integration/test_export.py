@@ -1,8 +1,9 @@
 """`tuneline export` on a real registered run (tiny model): the portable PEFT adapter loads with
 peft alone, the merged model answers like the adapter on 50 test rows without peft, the GGUF
 files read back with llama.cpp's names, metadata and shapes (and the merged one loads back in
-transformers with the same logits), and the MLflow model answers from models:/NAME-mlflow@production
-in a fresh process."""
+transformers with the same logits), the registered version itself answers from
+models:/NAME@production in a fresh process (and under `mlflow models serve`) as the merged model
+does, and the self-contained MLflow export answers from models:/NAME-mlflow@production."""
 
 from __future__ import annotations
 
@@ -266,6 +267,25 @@ def _merged_answer(registered: Registered, tmp_path: Path) -> str:
     return tok.decode(gen[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
 
 
+def test_the_production_version_answers_from_models_uri_in_a_fresh_process(registered: Registered, tmp_path: Path):
+    """No export needed: every generative version is registered as an MLflow pyfunc model."""
+    from tuneline.artifacts import verify_tree
+    from tuneline.export.version_model import MLMODEL
+
+    assert (registered.adapter / MLMODEL).is_file()
+    uri = f"models:/{NAME}@production"
+    done = subprocess.run([sys.executable, "-c", PROBE, registered.ws.tracking_uri, uri], capture_output=True,
+                          text=True, timeout=300, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    answer = json.loads(done.stdout.strip().splitlines()[-1])
+    assert answer["object"] == "chat.completion" and answer["model"] == f"{NAME}@1"
+    assert answer["choices"][0]["message"]["content"] == _merged_answer(registered, tmp_path)
+    assert answer["usage"]["completion_tokens"] <= 6
+    stored = Path(registered.version.source.removeprefix("file://"))
+    if stored.is_dir():  # MLflow's download left the registered files as they were
+        verify_tree(stored, registered.version.tags[ADAPTER_SHA_TAG])
+
+
 @pytest.mark.slow
 def test_mlflow_model_answers_from_the_registry_in_a_fresh_process(registered: Registered, tmp_path: Path):
     result = export(registered.ws, NAME, "mlflow")
@@ -285,14 +305,13 @@ def test_mlflow_model_answers_from_the_registry_in_a_fresh_process(registered: R
 
 @pytest.mark.slow
 def test_mlflow_models_serve_answers_offline_with_the_local_env(registered: Registered, tmp_path: Path):
-    out = tmp_path / "mlflow-model"
-    export(registered.ws, NAME, "mlflow", out)  # a second registered version, and a local copy
+    """The registered version itself, served by MLflow's scoring server from the registry."""
     port = _free_port()
     mlflow_cli = Path(sys.executable).with_name("mlflow")
     # as from the activated environment: mlflow runs `uvicorn` from PATH
     env = {**os.environ, "MLFLOW_TRACKING_URI": registered.ws.tracking_uri,
            "PATH": f"{mlflow_cli.parent}{os.pathsep}{os.environ.get('PATH', '')}"}
-    server = subprocess.Popen([str(mlflow_cli), "models", "serve", "-m", f"models:/{NAME}-mlflow@production",
+    server = subprocess.Popen([str(mlflow_cli), "models", "serve", "-m", f"models:/{NAME}@production",
                                "--env-manager", "local", "-p", str(port), "--host", "127.0.0.1"],
                               env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=tmp_path)
     try:

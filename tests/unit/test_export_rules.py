@@ -129,3 +129,55 @@ def test_the_server_neither_lists_nor_loads_an_mlflow_export():
     with pytest.raises(ApiError) as info:
         resolver.resolve("intents-mlflow")
     assert info.value.status == 404 and "ask for intents@3" in str(info.value.message)
+
+
+def test_a_classifier_head_is_refused_by_the_formats_that_generate(tmp_path: Path):
+    head = _adapter(tmp_path / "head", task_type="SEQ_CLS", modules_to_save=["score"])
+    for fmt in ("merged", "gguf", "mlflow"):
+        with pytest.raises(ExportError, match=rf"m@3 is a classifier head.*--format {fmt} writes a model that "
+                                              r"generates text.*--format peft"):
+            require_mergeable(_fetched(head), fmt)
+    require_mergeable(_fetched(_adapter(tmp_path / "gen", task_type="CAUSAL_LM")), "merged")  # a generative LoRA is not
+
+
+def test_generative_versions_are_mlflow_pyfunc_models_and_the_others_are_not(tmp_path: Path):
+    from mlflow.models import Model
+
+    from tuneline.export.version_model import ENV_FILE, MLMODEL, REQUIREMENTS_FILE, write_mlmodel
+
+    lora = _adapter(tmp_path / "lora", task_type="CAUSAL_LM")
+    assert write_mlmodel(lora)
+    conf = Model.load(str(lora)).flavors["python_function"]
+    assert conf["loader_module"] == "tuneline.export.version_model" and conf["env"] == {"virtualenv": ENV_FILE}
+    pins = (lora / REQUIREMENTS_FILE).read_text().splitlines()
+    assert any(p.startswith("tuneline==") for p in pins) and any(p.startswith("peft==") for p in pins)
+    first = {f: (lora / f).read_bytes() for f in (MLMODEL, ENV_FILE, REQUIREMENTS_FILE)}
+    assert write_mlmodel(lora)  # deterministic: the same training gives the same registered hash
+    assert {f: (lora / f).read_bytes() for f in first} == first
+    prompt = tmp_path / "prompt"
+    prompt.mkdir()
+    (prompt / "adapter_config.json").write_text(json.dumps({"peft_type": "PROMPT_TUNING"}))
+    head = _adapter(tmp_path / "head", task_type="SEQ_CLS")
+    for folder in (prompt, head):
+        assert not write_mlmodel(folder)
+        assert not (folder / MLMODEL).exists()
+
+
+@pytest.mark.parametrize(("request_", "message"), [
+    ("hello", "expected a chat request"),
+    ({"messages": []}, "'messages' must be a non-empty list"),
+    ({"messages": [{"role": "robot", "content": "hi"}]}, r"messages\[0\] must be \{'role': one of system, user"),
+    ({"messages": [{"role": "user", "content": 3}]}, r"messages\[0\] must be"),
+    ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 0}, "'max_tokens' must be a positive integer"),
+    ({"messages": [{"role": "user", "content": "hi"}], "stop": [1]}, "'stop' must be a string or a list"),
+    ([{"messages": [{"role": "user", "content": "hi"}]}, {"prompt": "x"}], "request 1: 'messages' must be"),
+])
+def test_a_malformed_chat_request_is_refused_with_what_to_send(request_: object, message: str):
+    from mlflow.exceptions import MlflowException
+
+    from tuneline.export.version_model import VersionChatModel
+
+    model = VersionChatModel(None, None, "m@1")  # type: ignore[arg-type]  # refused before any model is used
+    with pytest.raises(MlflowException, match=message) as caught:
+        model.predict(request_)
+    assert caught.value.error_code == "INVALID_PARAMETER_VALUE"  # the scoring server answers 400

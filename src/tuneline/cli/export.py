@@ -50,7 +50,8 @@ def export(
 ) -> None:
     """Export a registered version: a portable PEFT adapter (printed with vLLM's verdict), the adapter
     merged into its base (safetensors, no peft needed), GGUF for llama.cpp (merged, or a LoRA adapter
-    over the base's GGUF), or an MLflow chat model registered as NAME-mlflow. The adapter is
+    over the base's GGUF), or a self-contained MLflow chat model registered as NAME-mlflow (every
+    generative version is also models:/NAME@ALIAS itself, loaded through tuneline). The adapter is
     downloaded from the registry and verified against the hash recorded when it was registered."""
     import tuneline.export as exporting  # lazy: the exporters load a model, not wanted at --help time
 

@@ -2,8 +2,9 @@
 
 ``peft`` the adapter folder as PEFT loads it (:mod:`.peft_folder`); ``merged`` the adapter merged into
 its base as safetensors (:mod:`.merged`); ``gguf`` the merged model or a LoRA adapter as llama.cpp
-GGUF (:mod:`.gguf_files`); ``mlflow`` an MLflow chat model registered as ``NAME-mlflow``
-(:mod:`.mlflow_model`). Every export starts from the version's ``adapter`` artifact downloaded
+GGUF (:mod:`.gguf_files`); ``mlflow`` a self-contained MLflow chat model registered as
+``NAME-mlflow`` (:mod:`.mlflow_model`; every generative version is an MLflow model of ``NAME``
+itself, :mod:`.version_model`). Every export starts from the version's ``adapter`` artifact downloaded
 and verified against the tree hash recorded at registration (:mod:`.source`), and writes an
 ``export.json`` saying what it was made from. :mod:`.vllm` says what vLLM's LoRA loader refuses.
 """

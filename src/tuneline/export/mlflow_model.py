@@ -4,9 +4,11 @@ logged in the workspace's tracking store and registered as a version of its own 
 tracking URI, ``mlflow.pyfunc.load_model("models:/NAME-mlflow@production")`` answers chat requests,
 and ``mlflow models serve -m models:/NAME-mlflow@production --env-manager local`` serves them.
 
-Why not a version of NAME itself: NAME's versions are adapters that tuneline's registry promotes,
-rolls back and serves; a whole MLflow model among them would be a different kind of thing
-under the same aliases.
+NAME's own versions are MLflow models already (:mod:`.version_model`: ``models:/NAME@production``),
+loaded through tuneline, which merges the adapter into its base at load time. This export is the
+self-contained copy, for where tuneline is not installed: the merged weights are in the model, and
+loading needs MLflow, torch and transformers only. A separate registered model, because NAME's
+versions are the adapters that tuneline's registry promotes, rolls back and serves.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from typing import TYPE_CHECKING
 
 from tuneline.artifacts import ADAPTER_SHA_TAG
 from tuneline.export.merged import merged_model, save_merged
-from tuneline.export.source import Fetched
+from tuneline.export.source import MLMODEL, Fetched
 from tuneline.registry import EXPORT_SOURCE_TAG
 from tuneline.tracking import experiment_folder
 
@@ -68,6 +70,9 @@ def export_mlflow(fetched: Fetched, ws: Workspace, out: Path | None, *, base: st
     notes = [f"load it: mlflow.set_tracking_uri({ws.tracking_uri!r}); mlflow.pyfunc.load_model({registered.uri!r})",
              f"serve it: MLFLOW_TRACKING_URI={ws.tracking_uri} mlflow models serve -m {registered.uri} "
              "--env-manager local"]
+    if (fetched.folder / MLMODEL).is_file():
+        itself = Registered(fetched.info.name, fetched.info.version, list(fetched.info.aliases))
+        notes.append(f"the version itself is an MLflow model too (loading it needs tuneline): {itself.uri}")
     return registered, notes
 
 

@@ -12,6 +12,7 @@ from tuneline import __version__
 from tuneline.artifacts import (
     ADAPTER_SHA_TAG,
     CARD_FILE,
+    MLFLOW_META_FILE,
     ArtifactError,
     file_sha256,
     fsync_tree,
@@ -19,14 +20,15 @@ from tuneline.artifacts import (
 )
 from tuneline.errors import Problem
 from tuneline.eval.generate import DECODING_FILE
-from tuneline.export.source import ExportError, Fetched
+from tuneline.export.source import ENV_FILE, MLMODEL, REQUIREMENTS_FILE, ExportError, Fetched
 
 SPEC_FILE = "tuneline.yaml"
 RETRIEVAL_DIR = "retrieval"
 EXPORT_RECORD = "export.json"  # in every export: what it was made from and how
 # tuneline's own files: the spec (its data paths are this machine's), the served decoding settings,
-# a hybrid's retrieval index; nothing a PEFT loader reads
-INTERNAL = frozenset({SPEC_FILE, DECODING_FILE, RETRIEVAL_DIR})
+# a hybrid's retrieval index, the files that make the version an MLflow model loaded through
+# tuneline (and what MLflow wrote when it loaded one); nothing a PEFT loader reads
+INTERNAL = frozenset({SPEC_FILE, DECODING_FILE, RETRIEVAL_DIR, MLMODEL, ENV_FILE, REQUIREMENTS_FILE, MLFLOW_META_FILE})
 
 
 def export_peft(fetched: Fetched, out: Path) -> list[str]:

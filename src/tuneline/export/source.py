@@ -26,6 +26,10 @@ if TYPE_CHECKING:
     from tuneline.workspace import Workspace
 
 ADAPTER_CONFIG = "adapter_config.json"
+# what makes a registered version an MLflow model (written by .version_model at registration)
+MLMODEL = "MLmodel"
+ENV_FILE = "python_env.yaml"
+REQUIREMENTS_FILE = "requirements.txt"
 MERGEABLE = ("lora", "dora", "rslora", "ia3", "full")  # prefix/prompt tuning add virtual tokens: nothing to merge
 
 
@@ -101,8 +105,23 @@ def method_of(folder: Path) -> str:
     return known[kind]
 
 
+def is_classifier(folder: Path) -> bool:
+    """A ``task.head: classifier`` version: a sequence-classification adapter (peft's SEQ_CLS) that
+    answers with a label from one forward pass, not with generated text."""
+    config = folder / ADAPTER_CONFIG
+    return config.is_file() and json.loads(config.read_text()).get("task_type") == "SEQ_CLS"
+
+
 def require_mergeable(fetched: Fetched, fmt: str) -> None:
-    """Prefix and prompt tuning add learned virtual tokens to every input; no weights to merge them into."""
+    """Prefix and prompt tuning add learned virtual tokens to every input; no weights to merge them into.
+    A classifier head's merge is a classifier, not a model that generates: the formats that hand
+    text generation to another tool do not apply to it."""
+    if is_classifier(fetched.folder):
+        raise ExportError(Problem(
+            f"{fetched.ref} is a classifier head (task.head: classifier): it answers with a label from one forward "
+            f"pass, and --format {fmt} writes a model that generates text",
+            hint="export it with --format peft (AutoPeftModelForSequenceClassification loads it), or serve it with "
+                 "`tuneline serve`"))
     if fetched.method not in MERGEABLE:
         raise ExportError(Problem(
             f"{fetched.ref} was trained with {fetched.method} tuning: its virtual tokens cannot be merged into the "
@@ -117,14 +136,20 @@ def base_source(fetched: Fetched, base: str | None = None) -> ModelSource:
     if not ref:
         raise ExportError(Problem(f"{fetched.ref} does not record its base model", field="--base",
                                   hint="pass --base with the model it was trained on"))
-    source = resolve_model_source(ref, Path.cwd())
     recorded = fetched.base_record.get("fingerprint") or fetched.info.tags.get("tuneline.base_model_fingerprint")
+    return checked_base(ref, recorded, fetched.ref, fetched.base_record, "--base")
+
+
+def checked_base(ref: str, recorded: str | None, what: str, record: dict[str, str], field: str) -> ModelSource:
+    """The model ``ref`` names (relative to the working folder), refused unless its fingerprint is
+    ``recorded`` (None: nothing recorded, nothing to check). ``field`` names what overrides ``ref``."""
+    source = resolve_model_source(ref, Path.cwd())
     if recorded and source.fingerprint() != recorded:
         raise ModelError(Problem(
-            f"the base model {ref!r} here has fingerprint {source.fingerprint()[:24]}…, but {fetched.ref} was trained "
-            f"on {recorded[:24]}…", field="--base",
-            hint=f"pass --base with the weights named in {BASE_MODEL_FILE} "
-                 f"({fetched.base_record.get('base_model_name_or_path', '?')})"))
+            f"the base model {ref!r} here has fingerprint {source.fingerprint()[:24]}…, but {what} was trained "
+            f"on {recorded[:24]}…", field=field,
+            hint=f"give {field} the weights named in {BASE_MODEL_FILE} "
+                 f"({record.get('base_model_name_or_path', '?')})"))
     return source
 
 
@@ -138,10 +163,10 @@ def load_base(source: ModelSource, ws: Workspace) -> PreTrainedModel:
     return load_model(source, ws.models_dir, device="cpu", dtype="fp32")
 
 
-def tokenizer_of(fetched: Fetched, source: ModelSource, ws: Workspace) -> PreTrainedTokenizerBase:
+def tokenizer_of(folder: Path, source: ModelSource, ws: Workspace) -> PreTrainedTokenizerBase:
     """The tokenizer shipped in the adapter folder (with its chat template), else the base's."""
     from transformers import AutoTokenizer
 
-    if (fetched.folder / "tokenizer_config.json").is_file():
-        return AutoTokenizer.from_pretrained(fetched.folder)
+    if (folder / "tokenizer_config.json").is_file():
+        return AutoTokenizer.from_pretrained(folder)
     return load_tokenizer(source, ws.models_dir)

@@ -43,6 +43,7 @@ from tuneline.eval import EvalSet, EvalSuite, Evaluation
 from tuneline.eval.classify import is_classifier
 from tuneline.eval.generate import DECODING_FILE
 from tuneline.eval.validate import RowSample, make_scorer, maximize, sample_rows
+from tuneline.export.version_model import write_mlmodel
 from tuneline.models import ModelSource, load_model
 from tuneline.pipeline.evaluation import (
     described,
@@ -357,7 +358,8 @@ def _reuse_trial(ctx: RunContext, found: SearchResult, model: nn.Module) -> Trai
 
 def ship_adapter(ctx: RunContext, plan: TrainingPlan, trained: Trained) -> Shipped:
     """Complete the adapter folder as the server loads it (the spec, the decoding settings the
-    candidate is evaluated with, the hybrid's index), log it to MLflow and hash it as logged."""
+    candidate is evaluated with, the hybrid's index) and as MLflow loads it (MLmodel), log it to
+    MLflow and hash it as logged."""
     import mlflow
 
     result, spec = trained.result, ctx.spec
@@ -370,6 +372,7 @@ def ship_adapter(ctx: RunContext, plan: TrainingPlan, trained: Trained) -> Shipp
     if plan.retriever is not None and spec.retrieval is not None:
         plan.retriever.index.copy_to(folder, spec.retrieval.k)
         served = adapter_retriever(folder, encoders={plan.retriever.encoder.fingerprint: plan.retriever.encoder})
+    write_mlmodel(folder)  # MLflow loads the version too: models:/NAME@production (tuneline.export.version_model)
     mlflow.log_artifacts(str(folder), "adapter")
     shipped = Shipped(folder, tree_sha256(folder), served)  # the folder exactly as logged
     _print_training(ctx, plan, result)
