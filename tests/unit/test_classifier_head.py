@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -138,8 +139,8 @@ class _Crash(Exception):
 def test_resumed_classifier_equals_uninterrupted(trained, tiny_model_dir: Path, tokenizer, tmp_path: Path):
     cfg = CFG.model_copy(update={"max_steps": 6, "checkpoint_every": 2})
     rows = _rows(8)
-    full, _ = train_classifier(cfg, _base(tiny_model_dir), tokenizer, rows, tmp_path / "a",
-                               TrainOptions(fingerprint="fp", show_progress=False), labels=LABELS)
+    full, whole = train_classifier(cfg, _base(tiny_model_dir), tokenizer, rows, tmp_path / "a",
+                                   TrainOptions(fingerprint="fp", show_progress=False), labels=LABELS)
 
     def crash_at_5(step: int, metrics: dict) -> None:
         if step == 5:
@@ -151,6 +152,10 @@ def test_resumed_classifier_equals_uninterrupted(trained, tiny_model_dir: Path, 
     resumed, result = train_classifier(cfg, _base(tiny_model_dir), tokenizer, rows, tmp_path / "b",
                                        TrainOptions(fingerprint="fp", resume=True, show_progress=False), labels=LABELS)
     assert result.resumed_from_step == 4
+    # the whole run's tokens and time, the crashed process's 4 steps included (not only the last 2)
+    assert result.train_tokens == whole.train_tokens and result.computed_tokens == whole.computed_tokens
+    before = json.loads((tmp_path / "b" / "checkpoints" / "step-0000004" / "meta.json").read_text())
+    assert 0 < before["spent_seconds"] < result.seconds and 0 < before["spent_tokens"] < result.train_tokens
     a = {n: p for n, p in full.named_parameters() if p.requires_grad}
     b = {n: p for n, p in resumed.named_parameters() if p.requires_grad}
     assert a.keys() == b.keys() and any("score" in n for n in a)

@@ -99,6 +99,7 @@ class Trained:
     out: Path  # the run folder: adapter/ and checkpoints/
     loss: float
     answers: list[str]
+    tokens: int  # the run's train_tokens
 
 
 @pytest.fixture(scope="module")
@@ -112,7 +113,7 @@ def trained(base_dir: Path, tokenizer_of, train_rows, tmp_path_factory: pytest.T
             model, result = train(_cfg(method), _base(base_dir), tokenizer_of, train_rows, out,
                                   TrainOptions(fingerprint="fp", show_progress=False))
             assert result.steps == 3 and result.final_loss == result.final_loss  # not NaN
-            done[method] = Trained(model.eval(), out, result.final_loss, _answers(model, tokenizer_of))
+            done[method] = Trained(model.eval(), out, result.final_loss, _answers(model, tokenizer_of), result.train_tokens)
         return done[method]
 
     return get
@@ -133,6 +134,7 @@ def test_a_resumed_run_ends_as_an_uninterrupted_one(method: str, trained, base_d
                           TrainOptions(fingerprint="fp", resume=True, show_progress=False))
     assert (result.resumed_from_step, result.steps) == (2, 3)
     assert result.final_loss == whole.loss
+    assert result.train_tokens == whole.tokens  # the whole run's, the 2 steps before the crash included
     a = {n: p for n, p in whole.model.named_parameters() if p.requires_grad}
     b = {n: p for n, p in model.named_parameters() if p.requires_grad}
     assert a.keys() == b.keys() and a

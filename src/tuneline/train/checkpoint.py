@@ -19,6 +19,7 @@ import random
 import re
 import shutil
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NotRequired, TypedDict, cast
 
@@ -69,6 +70,32 @@ class CheckpointMeta(TypedDict, total=False):
     total_steps: int
     loss: float
     validations: list[list[float]]  # [step, value] pairs
+    spent_seconds: float  # training time, tokens and computed tokens up to this step, over every process
+    spent_tokens: int
+    spent_computed: int
+
+
+@dataclass(frozen=True)
+class Spent:
+    """What training cost before this process (read from the checkpoint it resumed from), so a
+    resumed run reports the whole run's time and tokens, not only its last segment's. A checkpoint
+    written before these were recorded counts as nothing spent."""
+
+    seconds: float = 0.0
+    tokens: int = 0
+    computed: int = 0
+
+    @classmethod
+    def of(cls, meta: CheckpointMeta) -> Spent:
+        return cls(float(meta.get("spent_seconds", 0.0)), int(meta.get("spent_tokens", 0)),
+                   int(meta.get("spent_computed", 0)))
+
+    def plus(self, seconds: float, tokens: int, computed: int) -> Spent:
+        return Spent(self.seconds + seconds, self.tokens + tokens, self.computed + computed)
+
+    def meta(self) -> dict[str, float | int]:
+        """The checkpoint extras that carry it."""
+        return {"spent_seconds": self.seconds, "spent_tokens": self.tokens, "spent_computed": self.computed}
 
 
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -32,7 +32,7 @@ from tuneline.runtime import autocast_for, resolve_precision
 from tuneline.spec.methods import LORA_SHAPED
 from tuneline.spec.models import TrainSpec
 from tuneline.train import fast_lora
-from tuneline.train.checkpoint import resume_checkpoint, save_checkpoint
+from tuneline.train.checkpoint import Spent, resume_checkpoint, save_checkpoint
 from tuneline.train.loop import (
     TrainOptions,
     TrainResult,
@@ -223,10 +223,11 @@ def train_classifier(
         optimizer, _lr_lambda(total_steps, int(cfg.warmup_ratio * total_steps), cfg.lr_scheduler))
 
     ckpt_root = out_dir / "checkpoints"
-    start_step, resumed_from, loss_value = 0, None, float("nan")
+    start_step, resumed_from, loss_value, before = 0, None, float("nan"), Spent()
     if opts.resume:
         last, meta = resume_checkpoint(ckpt_root, trained, optimizer, scheduler, opts.fingerprint)
         start_step = resumed_from = int(meta["step"])
+        before = Spent.of(meta)
         loss_value = float(meta.get("loss", "nan"))
         log.info("resumed from %s (step %d of %d)", last.name, start_step, total_steps)
     else:
@@ -267,21 +268,22 @@ def train_classifier(
                                     "grad_norm": float(grad_norm), "tokens_per_second": tps,
                                     "epoch": done * cfg.grad_accum / per_epoch})
             if done % cfg.checkpoint_every == 0 and done < total_steps:
+                spent = before.plus(time.perf_counter() - t0, tokens_done, tokens_done)
                 save_checkpoint(ckpt_root, done, trained, optimizer, scheduler, opts.fingerprint,
-                                {"total_steps": total_steps, "loss": loss_value})
-    seconds = time.perf_counter() - t0
+                                {"total_steps": total_steps, "loss": loss_value, **spent.meta()})
+    spent = before.plus(time.perf_counter() - t0, tokens_done, tokens_done)  # the whole run's, over every resume
 
     eval_loss = (evaluate_classifier_loss(trained, eval_rows, cfg.batch_size, pad_id, precision, device)
                  if eval_rows else None)
     adapter_dir = save_classifier(trained, tokenizer, labels, out_dir / "adapter")
     save_checkpoint(ckpt_root, done, trained, optimizer, scheduler, opts.fingerprint,
-                    {"total_steps": total_steps, "loss": loss_value})
+                    {"total_steps": total_steps, "loss": loss_value, **spent.meta()})
     trained.eval()
     return trained, TrainResult(
         adapter_dir=str(adapter_dir), steps=done, epochs=done * cfg.grad_accum / per_epoch,
-        train_examples=len(rows), dropped_too_long=len(dropped), train_tokens=tokens_done,
-        computed_tokens=tokens_done, seconds=seconds,
-        tokens_per_second=tokens_done / seconds if seconds > 0 else 0.0, final_loss=loss_value,
+        train_examples=len(rows), dropped_too_long=len(dropped), train_tokens=spent.tokens,
+        computed_tokens=spent.computed, seconds=spent.seconds,
+        tokens_per_second=spent.tokens / spent.seconds if spent.seconds > 0 else 0.0, final_loss=loss_value,
         eval_loss=eval_loss, trainable_params=trainable, total_params=total_params, precision=precision,
         device=device, resumed_from_step=resumed_from)
 

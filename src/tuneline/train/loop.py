@@ -31,7 +31,7 @@ from tuneline.runtime import autocast_for, resolve_precision
 from tuneline.runtime.progress import QuietWhenPiped, progress_bar
 from tuneline.spec.models import TrainSpec
 from tuneline.train.batching import collate, collate_packed, epoch_batches, shared_prefix_len
-from tuneline.train.checkpoint import resume_checkpoint, save_checkpoint, trainable_state
+from tuneline.train.checkpoint import Spent, resume_checkpoint, save_checkpoint, trainable_state
 from tuneline.train.loss import answer_loss_sum
 from tuneline.train.peft_builders import count_parameters, is_prompt_learning, wrap_for_training
 
@@ -102,9 +102,9 @@ class TrainResult:
     epochs: float
     train_examples: int
     dropped_too_long: int
-    train_tokens: int
+    train_tokens: int  # over the whole run: a resumed run adds what its checkpoint had spent
     computed_tokens: int  # train_tokens minus the shared prefixes computed once per batch
-    seconds: float
+    seconds: float  # training time over the whole run (every resumed segment), not the wall time since the resume
     tokens_per_second: float
     final_loss: float
     eval_loss: float | None
@@ -280,11 +280,12 @@ def train(
     share_prefix = cfg.share_prefix and not cfg.gradient_checkpointing and not is_prompt_learning(trained)
 
     ckpt_root = out_dir / "checkpoints"
-    start_step, resumed_from, loss_value = 0, None, float("nan")
+    start_step, resumed_from, loss_value, before = 0, None, float("nan"), Spent()
     history: list[tuple[int, float]] = []
     if opts.resume:
         last, meta = resume_checkpoint(ckpt_root, trained, optimizer, scheduler, fingerprint)
         start_step = resumed_from = int(meta["step"])
+        before = Spent.of(meta)
         loss_value = float(meta.get("loss", "nan"))
         history = [(int(a), float(b)) for a, b in meta.get("validations", [])]
         log.info("resumed from %s (step %d of %d)", last.name, start_step, total_steps)
@@ -335,9 +336,10 @@ def train(
                 log.info("early stopping at step %d: no improvement in the last validations", done)
                 break
             if done % cfg.checkpoint_every == 0 and done < total_steps:
+                spent = before.plus(time.perf_counter() - t0, tokens_done, computed)
                 save_checkpoint(ckpt_root, done, trained, optimizer, scheduler, fingerprint,
-                                {"total_steps": total_steps, "loss": loss_value, "validations": history})
-    seconds = time.perf_counter() - t0
+                                {"total_steps": total_steps, "loss": loss_value, "validations": history, **spent.meta()})
+    spent = before.plus(time.perf_counter() - t0, tokens_done, computed)  # the whole run's, over every resume
     best_step, best_value = _best(check, history)
     if check is not None and check.keep_best and best_step is not None and best_step != done:
         _load_trainable(trained, ckpt_root / "best.pt")
@@ -347,13 +349,13 @@ def train(
     eval_loss = evaluate_loss(trained, eval_encoded, cfg.batch_size, pad_id, precision, device) if eval_encoded else None
     adapter_dir = save_adapter(trained, tokenizer, out_dir / "adapter")
     save_checkpoint(ckpt_root, done, trained, optimizer, scheduler, fingerprint,
-                    {"total_steps": total_steps, "loss": loss_value, "validations": history})
+                    {"total_steps": total_steps, "loss": loss_value, "validations": history, **spent.meta()})
     trained.eval()
     result = TrainResult(
         adapter_dir=str(adapter_dir), steps=done, epochs=done * cfg.grad_accum / per_epoch,
-        train_examples=len(encoded), dropped_too_long=len(dropped), train_tokens=tokens_done,
-        computed_tokens=computed,
-        seconds=seconds, tokens_per_second=tokens_done / seconds if seconds > 0 else 0.0,
+        train_examples=len(encoded), dropped_too_long=len(dropped), train_tokens=spent.tokens,
+        computed_tokens=spent.computed, seconds=spent.seconds,
+        tokens_per_second=spent.tokens / spent.seconds if spent.seconds > 0 else 0.0,
         final_loss=loss_value, eval_loss=eval_loss, trainable_params=trainable, total_params=total_params,
         precision=precision, device=device, resumed_from_step=resumed_from,
         validations=history, best_step=best_step, best_value=best_value, stopped_early=stopped_early,
