@@ -90,7 +90,7 @@ def start_run(loaded: LoadedSpec, workspace: Workspace, run_name: str | None = N
     name = loaded.spec.tracking.experiment or loaded.spec.name
     exp = mlflow.get_experiment_by_name(name)
     if exp is None:
-        location = None if loaded.spec.tracking.uri else experiment_folder(workspace, name, loaded).as_uri()
+        location = artifact_location(workspace, tracking_uri(loaded, workspace), name, loaded)
         exp_id = mlflow.create_experiment(name, artifact_location=location)
     else:
         exp_id = exp.experiment_id
@@ -146,6 +146,13 @@ def run_metric(loaded: LoadedSpec, workspace: Workspace, run_id: str, key: str, 
 
     client = mlflow.MlflowClient(tracking_uri(loaded, workspace))
     return float(client.get_run(run_id).data.metrics.get(key, default))
+
+
+def artifact_location(workspace: Workspace, uri: str, name: str, loaded: LoadedSpec | None = None) -> str | None:
+    """Where a new experiment keeps its artifacts: a folder of the workspace when ``uri`` is the
+    workspace's own store; else None, the tracking server's default (a team's server proxies its
+    artifact store, so another machine downloads what this one logged)."""
+    return experiment_folder(workspace, name, loaded).as_uri() if uri == workspace.local_tracking_uri else None
 
 
 def experiment_folder(workspace: Workspace, name: str, loaded: LoadedSpec | None = None) -> Path:

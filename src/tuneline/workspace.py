@@ -9,9 +9,11 @@ Every path inside the workspace is named here, and nowhere else::
       embeddings/           cached sentence encoders and retrieval indexes
       studies.db, studies/  hyperparameter searches (Optuna) and their trial folders
       compare/<spec>/       `tuneline compare`: compare.json and a folder per combination (adapter, results)
-      mlflow.db, mlartifacts/  the local MLflow tracking store and its artifacts
+      mlflow.db, mlartifacts/  the local MLflow tracking store and its artifacts (unless
+                            $TUNELINE_TRACKING_URI names a team's tracking server)
       requests.db           the server's request and feedback log
       feedback/<name>/      harvested feedback rows, retraining inputs, production adapters fetched
+      adapters/<sha256>/    registered adapters `tuneline serve` downloaded, by their recorded tree hash
       reports/              HTML reports written by `tuneline report`
       audit.db              the hash-chained audit trail (unless $TUNELINE_AUDIT_URL names another store)
       erasure/              erasure requests as keyed digests (never the erased text) and their secret key
@@ -29,6 +31,9 @@ from tuneline.artifacts import atomic_write_text
 
 DEFAULT_DIRNAME = ".tuneline"
 RUN_STATE = "run.json"
+# A team's MLflow tracking server (or any MLflow tracking URI): every command's runs, registry,
+# promotions and lineage go there instead of the workspace's own mlflow.db (docs/team.md)
+TRACKING_URI_ENV = "TUNELINE_TRACKING_URI"
 EVAL_REPORT = "eval_report.json"
 BASELINE_REPORT = "baseline_report.json"
 
@@ -66,6 +71,12 @@ class Workspace:
     def run_state(self, spec_name: str) -> RunState:
         """What a spec's latest run recorded for resuming it (its MLflow run id, fingerprint)."""
         return RunState(self.run_dir(spec_name) / RUN_STATE)
+
+    @property
+    def adapters_dir(self) -> Path:
+        """Registered adapters downloaded for serving, one folder per recorded tree hash (reused
+        across restarts; from a team's tracking server, each is fetched once per machine)."""
+        return self._dir("adapters")
 
     @property
     def embeddings_dir(self) -> Path:
@@ -119,6 +130,12 @@ class Workspace:
 
     @property
     def tracking_uri(self) -> str:
+        """``$TUNELINE_TRACKING_URI`` when set (a team's tracking server), else the workspace's own store."""
+        return os.environ.get(TRACKING_URI_ENV) or self.local_tracking_uri
+
+    @property
+    def local_tracking_uri(self) -> str:
+        """The workspace's own MLflow store (SQLite), its artifacts in :attr:`artifact_root`."""
         return f"sqlite:///{self.root / 'mlflow.db'}"
 
     @property

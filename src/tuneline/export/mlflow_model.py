@@ -23,7 +23,7 @@ from tuneline.artifacts import ADAPTER_SHA_TAG
 from tuneline.export.merged import merged_model, save_merged
 from tuneline.export.source import MLMODEL, Fetched
 from tuneline.registry import EXPORT_SOURCE_TAG
-from tuneline.tracking import experiment_folder
+from tuneline.tracking import artifact_location
 
 if TYPE_CHECKING:
     from tuneline.workspace import Workspace
@@ -84,7 +84,7 @@ def _experiment(ws: Workspace) -> str:
     exp = mlflow.get_experiment_by_name(EXPERIMENT)
     if exp is not None:
         return str(exp.experiment_id)
-    return str(mlflow.create_experiment(EXPERIMENT, artifact_location=experiment_folder(ws, EXPERIMENT).as_uri()))
+    return str(mlflow.create_experiment(EXPERIMENT, artifact_location=artifact_location(ws, ws.tracking_uri, EXPERIMENT)))
 
 
 def requirements() -> list[str]:

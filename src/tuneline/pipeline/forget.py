@@ -85,7 +85,7 @@ def forget(ws: Workspace, query: Query, *, dry_run: bool = False, uri: str | Non
         finally:
             log.close(timeout=30)
     result.files = erase_feedback_files(ws.feedback_root, query, dry_run=dry_run)
-    if uri is not None or (ws.root / "mlflow.db").is_file():
+    if uri is not None or ws.tracking_uri != ws.local_tracking_uri or (ws.root / "mlflow.db").is_file():
         uri = uri or ws.tracking_uri
         result.models = (registry.trained_on(uri, result.affected) if dry_run
                          else registry.mark_erasure(uri, result.affected, result.erasure_id))

@@ -30,6 +30,8 @@ import getpass
 import hashlib
 import json
 import secrets
+import shutil
+import tempfile
 import time
 from collections.abc import Collection, Iterator
 from contextlib import contextmanager, suppress
@@ -37,7 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, NotRequired, TypedDict
 
-from tuneline.artifacts import ADAPTER_SHA_TAG
+from tuneline.artifacts import ADAPTER_SHA_TAG, replace_dir
 from tuneline.audit import RESULT_REFUSED, AuditTrail
 from tuneline.errors import Problem, TunelineError
 
@@ -312,6 +314,40 @@ def _get_version(client: MlflowClient, name: str, version: int | str, rm: Regist
             f"model {name!r} has no version {version}",
             hint=f"versions: {sorted(known, key=int) or 'none'}; list them with `tuneline models {name}`")) from exc
     return _info(client, name, mv, rm)
+
+
+def download_adapter(uri: str, info: VersionInfo, cache: Path | None = None) -> Path:
+    """The version's adapter folder on this machine, downloaded from the tracking store ``uri``
+    names (a team's tracking server serves its artifact store: the URI is all a machine needs).
+
+    With ``cache``: kept there in a folder named by the tree hash recorded at registration and
+    reused from there, across processes, until :func:`evict_download` removes it (a folder is put
+    in place only once complete). Verifying the files is the caller's (they may be checked while
+    loaded); without a recorded hash nothing is cached."""
+    import mlflow
+
+    sha = info.tags.get(ADAPTER_SHA_TAG)
+    if cache is None or not sha:
+        return Path(mlflow.artifacts.download_artifacts(artifact_uri=info.source, tracking_uri=uri))
+    target = cache / sha
+    if target.is_dir():
+        return target
+    cache.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".download-", dir=cache))
+    try:
+        got = mlflow.artifacts.download_artifacts(artifact_uri=info.source, dst_path=str(tmp), tracking_uri=uri)
+        replace_dir(got, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def evict_download(cache: Path, info: VersionInfo) -> None:
+    """Forget a cached download of the version (its files failed verification): the next
+    :func:`download_adapter` fetches it again."""
+    sha = info.tags.get(ADAPTER_SHA_TAG)
+    if sha:
+        shutil.rmtree(cache / sha, ignore_errors=True)
 
 
 def resolve(uri: str, ref: str) -> VersionInfo:

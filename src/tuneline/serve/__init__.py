@@ -89,7 +89,9 @@ def build_app(workspace: Workspace | str | Path | None = None, *, keys: dict[str
                     # another copy of the base for each version served by a model of its own (DoRA, IA3, ...)
                     load_base=lambda: load_model(source, ws.models_dir, device=device, dtype=dtype))
     log = RequestLog(log_url or ws.requests_url)
-    app = create_app(engine, log, ServerConfig(registry_uri=ws.tracking_uri, keys=keys, base_name=str(base), **options))
+    config = ServerConfig(registry_uri=ws.tracking_uri, keys=keys, base_name=str(base), adapter_cache=ws.adapters_dir,
+                          **options)
+    app = create_app(engine, log, config)
     app.state.engine = engine
     app.state.request_log = log
     return app

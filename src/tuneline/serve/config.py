@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from tuneline.registry import VersionInfo
@@ -20,6 +21,7 @@ class ServerConfig:
     resolve: Callable[[str], VersionInfo] | None = None  # ref -> VersionInfo (default: the registry)
     base_name: str = "base"
     adapters_path: Callable[[VersionInfo], str] | None = None  # VersionInfo -> local adapter folder (default: download)
+    adapter_cache: Path | None = None  # downloads kept by tree hash across restarts (build_app: the workspace's)
     list_versions: Callable[[], list[VersionInfo]] | None = None  # every VersionInfo, for /v1/models (default: registry)
     max_queue: int = 64  # requests admitted beyond a batch being generated; more get 429
     request_timeout: float | None = 120.0  # seconds from arrival to the last token; None: no deadline

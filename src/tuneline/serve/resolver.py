@@ -50,6 +50,8 @@ class ModelResolver:
                                  self.engine.adapter_for(key, path, info.tags.get(ADAPTER_SHA_TAG)))
         except ArtifactError as exc:
             self._downloaded.pop((info.name, info.version), None)
+            if self.config.adapter_cache is not None and self.config.adapters_path is None:
+                registry.evict_download(self.config.adapter_cache, info)  # fetched again on the next request
             log.error("refused to load %s: %s", key, exc.problems[0].message)
             raise ApiError(500, f"model {ref!r} cannot be served: its adapter failed verification "
                                 f"({exc.problems[0].message})", "server_error", "model",
@@ -78,12 +80,7 @@ class ModelResolver:
         """The adapter's local folder, fetched once per version, not on every request."""
         path = self._downloaded.get((info.name, info.version))
         if path is None:
-            path = self.config.adapters_path(info) if self.config.adapters_path else _download(info.source)
+            path = (self.config.adapters_path(info) if self.config.adapters_path
+                    else str(registry.download_adapter(self.config.registry_uri, info, self.config.adapter_cache)))
             self._downloaded[(info.name, info.version)] = path
         return path
-
-
-def _download(source: str) -> str:
-    import mlflow
-
-    return str(mlflow.artifacts.download_artifacts(artifact_uri=source))
