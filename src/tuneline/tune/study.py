@@ -6,6 +6,12 @@ rather than inside it: Optuna and MLflow each keep their schema revision in a ta
 ``alembic_version``, so one file cannot hold both (each refuses the other's revision). The study
 is found by its name, a hash of what the trials' results depend on (search and train sections,
 task, dataset version, base model), so the same spec on the same data continues the same study.
+
+A team's database (``$TUNELINE_DATABASE_URL``, e.g. PostgreSQL) holds the studies of every machine:
+``tuneline tune SPEC`` started on a second machine while a search runs joins it, and both take
+trials from the one study until its budget is spent. There a running trial sends a heartbeat
+(:data:`HEARTBEAT_S`); one silent for :data:`GRACE_S` (its worker was killed) is failed as
+interrupted and queued again by whichever worker notices, never a trial another worker is running.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ import multiprocessing as mp
 import os
 import pickle
 import shutil
+import socket
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -42,7 +49,7 @@ from tuneline.workspace import Workspace
 
 if TYPE_CHECKING:
     from optuna import Study, Trial
-    from optuna.storages import BaseStorage
+    from optuna.storages import BaseStorage, RDBStorage
     from optuna.trial import FrozenTrial
     from rich.console import Console
 
@@ -166,7 +173,7 @@ def search(ctx: RunContext, *, data: PreparedData | None = None, options: Search
     study = _Study(name, ctx.workspace.studies_dir / name, ctx.workspace.studies_url, metric,
                    s.resolved_direction(metric))
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    storage = optuna.storages.RDBStorage(study.url, engine_kwargs={"connect_args": {"timeout": 120}})
+    storage = open_storage(study.url)
     t0 = time.perf_counter()
     finished = _continue_or_reuse(ctx, s, study, storage, opts)
     if isinstance(finished, SearchResult):
@@ -213,11 +220,17 @@ def _continue_or_reuse(ctx: RunContext, s: SearchSpec, study: _Study, storage: B
         found = optuna.load_study(study_name=study.name, storage=storage)
         done = _finished(found)
         if done >= s.trials:
-            _close_interrupted(found, tracking.tracking_uri(ctx.loaded, ctx.workspace), retry=False)
+            if not is_shared(study.url):  # a shared study's running trials may be another machine's
+                _close_interrupted(found, tracking.tracking_uri(ctx.loaded, ctx.workspace), retry=False)
             ctx.console.print(f"search {study.name}: {done} of {s.trials} trials already finished; reusing it "
                               "(`tuneline tune --restart` runs a new one)")
             return summarize(found, s, study.metric, study.direction, backend=_backend_of(found), spec=ctx.spec,
                              trained_on_all=bool(found.user_attrs.get("trained_on_all")), seconds=0.0)
+        if is_shared(study.url):  # other machines may be running it: join, never close their trials
+            optuna.storages.fail_stale_trials(found)
+            ctx.console.print(f"search {study.name}: joining it ({done} of {s.trials} trials finished, "
+                              f"{_live_trials(found)} running on other workers)")
+            return True
         if not opts.resume:
             raise TrainingError(Problem(
                 f"a search for this spec stopped after {done} of {s.trials} trials (study {study.name})",
@@ -237,22 +250,66 @@ def _local_study(ctx: RunContext, study: _Study, storage: BaseStorage, exists: b
     import optuna
 
     spec = ctx.spec
+    created = False
     if not exists:
-        found = optuna.create_study(study_name=study.name, storage=storage,
-                                    direction="maximize" if study.direction == "maximize" else "minimize")
+        try:
+            found = optuna.create_study(study_name=study.name, storage=storage,
+                                        direction="maximize" if study.direction == "maximize" else "minimize")
+            created = True
+        except optuna.exceptions.DuplicatedStudyError:  # another machine created it a moment ago: join it
+            found = optuna.load_study(study_name=study.name, storage=storage)
+            ctx.console.print(f"search {study.name}: joining it (another worker has just started it)")
+    else:
+        found = optuna.load_study(study_name=study.name, storage=storage)
+    if created:
         found.set_user_attr("trained_on_all", trained_on_all)
         found.set_user_attr("backend", "local")
         found.set_user_attr("spec", spec.name)
         if (defaults := default_params(spec)):
             found.enqueue_trial(defaults, user_attrs={"default": True})  # the hand-set values, as trial 0
+    elif is_shared(study.url):
+        optuna.storages.fail_stale_trials(found)  # other machines' live trials go on
     else:
-        found = optuna.load_study(study_name=study.name, storage=storage)
         ctx.console.print(f"search {study.name}: resuming after {_finished(found)} finished trials")
         _close_interrupted(found, tracking.tracking_uri(ctx.loaded, ctx.workspace), retry=True)
     parent: str = (parent_run_id or found.user_attrs.get("mlflow_parent_run_id")
                    or _new_parent_run(ctx.loaded, ctx.workspace, study.name))
     found.set_user_attr("mlflow_parent_run_id", parent)
     return parent
+
+
+HEARTBEAT_S = 15  # a shared study's running trials report this often...
+GRACE_S = 60  # ...and one silent this long is taken for a killed worker's
+
+
+def is_shared(url: str) -> bool:
+    """A study storage other machines may use at once (a database server, not a SQLite file)."""
+    return not url.startswith("sqlite")
+
+
+def open_storage(url: str) -> RDBStorage:
+    """The Optuna storage at ``url``: a SQLite file waits for its lock; a shared database gets
+    heartbeats, so a killed worker's trials are found and retried without touching live ones."""
+    import optuna
+
+    if not is_shared(url):
+        return optuna.storages.RDBStorage(url, engine_kwargs={"connect_args": {"timeout": 120}})
+    return optuna.storages.RDBStorage(url, engine_kwargs={"pool_pre_ping": True}, heartbeat_interval=HEARTBEAT_S,
+                                      grace_period=GRACE_S, heartbeat_stale_trial_callback=_retry_stale)
+
+
+def _retry_stale(study: Study, trial: FrozenTrial) -> None:
+    """A trial whose worker stopped beating (Optuna already failed it): count it as interrupted, not
+    as a trial that failed by itself, and queue its values again."""
+    study._storage.set_trial_user_attr(trial._trial_id, "interrupted", True)
+    study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number})
+    log.info("trial %d stopped reporting (its worker was killed?); queued again", trial.number)
+
+
+def _live_trials(study: Study) -> int:
+    from optuna.trial import TrialState
+
+    return len(study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
 
 
 def _finished(study: Study) -> int:
@@ -337,6 +394,8 @@ def objective(ctx: TrialContext) -> Callable[[Trial], float]:
                 raise TrialPruned()
 
         trial.set_user_attr("started", time.time())
+        # which machine and workspace trained it: in a team's shared study, trials come from several
+        trial.set_user_attr("worker", f"{socket.gethostname()} {ctx.study_dir.parent.parent} pid {os.getpid()}")
         try:
             out = run_trial(ctx, f"{trial.number:04d}", params, report)
         except TrialPruned:
@@ -366,7 +425,7 @@ def _optimize_local(ctx: TrialContext, s: SearchSpec, url: str, workers: int, co
     train_max = max_validations(s, ctx.spec.train)
     timeout = s.timeout_minutes * 60 if s.timeout_minutes else None
     if workers <= 1:
-        study = optuna.load_study(study_name=ctx.study_name, storage=url, sampler=make_sampler(s),
+        study = optuna.load_study(study_name=ctx.study_name, storage=open_storage(url), sampler=make_sampler(s),
                                   pruner=make_pruner(s, train_max))
         remaining = s.trials - _finished(study)
         printer = _TrialPrinter(console, ctx.metric)
@@ -388,7 +447,7 @@ def _optimize_local(ctx: TrialContext, s: SearchSpec, url: str, workers: int, co
                                              name=f"tuneline-trial-worker-{i}") for i in range(workers)]
     for p in procs:
         p.start()
-    study = optuna.load_study(study_name=ctx.study_name, storage=url)
+    study = optuna.load_study(study_name=ctx.study_name, storage=open_storage(url))
     printer = _TrialPrinter(console, ctx.metric)
     seen: set[int] = {t.number for t in study.get_trials(deepcopy=False) if t.state.is_finished()}
     with _progress(show_progress, console) as bar:
@@ -414,7 +473,7 @@ def _worker(ctx_file: str, url: str, s: SearchSpec, index: int, threads: int, ti
     torch.set_num_threads(threads)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     ctx: TrialContext = pickle.loads(Path(ctx_file).read_bytes())
-    study = optuna.load_study(study_name=ctx.study_name, storage=url, sampler=make_sampler(s, offset=index),
+    study = optuna.load_study(study_name=ctx.study_name, storage=open_storage(url), sampler=make_sampler(s, offset=index),
                               pruner=make_pruner(s, max_validations(s, ctx.spec.train)))
     if _finished(study) < s.trials:
         study.optimize(objective(ctx), timeout=timeout, callbacks=[_Budget(s.trials)], catch=(Exception,),
