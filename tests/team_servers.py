@@ -150,7 +150,7 @@ def team_servers(root: Path) -> Iterator[TeamServers]:
     """PostgreSQL, the S3 store and an MLflow tracking server on them, all on loopback."""
     access_key, secret_key = secrets.token_hex(10), secrets.token_hex(20)
     with ExitStack() as stack:
-        url = stack.enter_context(postgres(root / "postgres", ("mlflow", "tuneline")))
+        url = stack.enter_context(postgres(root / "postgres", ("mlflow", "tuneline", "shared")))
         endpoint = stack.enter_context(seaweed_s3(root / "seaweedfs", access_key, secret_key))
         tracking = stack.enter_context(mlflow_server(root / "mlflow", url.format(db="mlflow"), endpoint,
                                                      access_key, secret_key))

