@@ -24,7 +24,7 @@ if TYPE_CHECKING:
 group = typer.Typer(help="The audit trail: every action that changed state, hash-chained.", no_args_is_help=True)
 
 UrlOpt = Annotated[str | None, typer.Option(
-    "--url", help="The audit store's SQLAlchemy URL (default: $TUNELINE_AUDIT_URL, else the workspace's audit.db).")]
+    "--url", help="The audit store's SQLAlchemy URL (default: $TUNELINE_AUDIT_URL, else $TUNELINE_DATABASE_URL, else the workspace's audit.db).")]
 SinceOpt = Annotated[str | None, typer.Option(help="Only entries at or after this UTC date or time (YYYY-MM-DD[THH:MM]).")]
 ActionOpt = Annotated[str | None, typer.Option(help="Only this action and its sub-actions (e.g. `promote`, `data`).")]
 EXPORT_FIELDS = ("seq", "at", "actor", "action", "subject", "inputs", "outputs", "result", "details", "prev", "hash")

@@ -158,7 +158,7 @@ def data_forget(
     spec: Annotated[list[Path] | None, typer.Option(
         "--spec", help="Also scan this spec's source files for lines that still match (repeatable).")] = None,
     requests: Annotated[str | None, typer.Option(
-        help="The request log's URL (default: the workspace's requests.db).")] = None,
+        help="The request log's URL (default: $TUNELINE_DATABASE_URL, else the workspace's requests.db).")] = None,
     workspace: WorkspaceOpt = None, uri: UriOpt = None, as_json: JsonOpt = False,
 ) -> None:
     """Erase rows (an erasure request, e.g. GDPR art. 17): from every dataset version, the request

@@ -24,7 +24,7 @@ feedback_group = typer.Typer(help="Turn feedback on logged answers into training
 SpecOpt = Annotated[Path | None, typer.Option(
     "--spec", help="The model's spec (default: the tuneline.yaml shipped with its production version).")]
 RequestsOpt = Annotated[str | None, typer.Option(
-    "--requests", help="SQLAlchemy URL of the request log (default: the workspace's requests.db).")]
+    "--requests", help="SQLAlchemy URL of the request log (default: $TUNELINE_DATABASE_URL, else the workspace's requests.db).")]
 
 
 def register(app: typer.Typer) -> None:

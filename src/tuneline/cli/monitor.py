@@ -30,7 +30,7 @@ TargetArg = Annotated[str, typer.Argument(
     help="A registered model's NAME (its production version and the spec shipped with it), or a spec file "
          "(its name is the model; its monitor section applies).", metavar="NAME|SPEC", show_default=False)]
 LogUrlOpt = Annotated[str | None, typer.Option(
-    "--log-url", help="The request log's SQLAlchemy URL (default: the workspace's SQLite requests.db).")]
+    "--log-url", help="The request log's SQLAlchemy URL (default: $TUNELINE_DATABASE_URL, else the workspace's SQLite requests.db).")]
 
 STATUS_STYLE = {"ok": "[green]ok[/]", "alert": "[bold red]ALERT[/]", "insufficient": "[dim]not enough data[/]",
                 "info": "[dim]info[/]"}

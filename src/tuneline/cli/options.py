@@ -16,7 +16,7 @@ WorkspaceOpt = Annotated[
     Path | None,
     typer.Option("--workspace", "-w", help="Workspace folder (default: $TUNELINE_HOME or ./.tuneline)."),
 ]
-UriOpt = Annotated[str | None, typer.Option(help="MLflow tracking URI (default: the workspace's SQLite store).")]
+UriOpt = Annotated[str | None, typer.Option(help="MLflow tracking URI (default: $TUNELINE_TRACKING_URI, else the workspace's SQLite store).")]
 
 DatasetVersionArg = Annotated[
     str, typer.Argument(help="Dataset version id (or a unique prefix of it); see `tuneline data list`.",
