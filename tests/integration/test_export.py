@@ -252,6 +252,14 @@ print(json.dumps(model.predict({"messages": [{"role": "user", "content": "my car
 """
 
 
+def _ask_in_a_fresh_process(registered: Registered, uri: str, tmp_path: Path) -> dict:
+    """MLflow loads ``uri`` in a new Python process (nothing of this one's state) and answers PROBE's request."""
+    done = subprocess.run([sys.executable, "-c", PROBE, registered.ws.tracking_uri, uri], capture_output=True,
+                          text=True, timeout=300, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 def _merged_answer(registered: Registered, tmp_path: Path) -> str:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -274,10 +282,7 @@ def test_the_production_version_answers_from_models_uri_in_a_fresh_process(regis
 
     assert (registered.adapter / MLMODEL).is_file()
     uri = f"models:/{NAME}@production"
-    done = subprocess.run([sys.executable, "-c", PROBE, registered.ws.tracking_uri, uri], capture_output=True,
-                          text=True, timeout=300, cwd=tmp_path)
-    assert done.returncode == 0, done.stderr[-3000:]
-    answer = json.loads(done.stdout.strip().splitlines()[-1])
+    answer = _ask_in_a_fresh_process(registered, uri, tmp_path)
     assert answer["object"] == "chat.completion" and answer["model"] == f"{NAME}@1"
     assert answer["choices"][0]["message"]["content"] == _merged_answer(registered, tmp_path)
     assert answer["usage"]["completion_tokens"] <= 6
@@ -292,10 +297,7 @@ def test_mlflow_model_answers_from_the_registry_in_a_fresh_process(registered: R
     assert result.registered is not None and result.registered.name == f"{NAME}-mlflow"
     assert "production" in result.registered.aliases  # the exported version's aliases
     uri = f"models:/{NAME}-mlflow@production"
-    done = subprocess.run([sys.executable, "-c", PROBE, registered.ws.tracking_uri, uri], capture_output=True,
-                          text=True, timeout=300, cwd=tmp_path)
-    assert done.returncode == 0, done.stderr[-3000:]
-    answer = json.loads(done.stdout.strip().splitlines()[-1])
+    answer = _ask_in_a_fresh_process(registered, uri, tmp_path)
     assert answer["object"] == "chat.completion" and answer["model"] == f"{NAME}@1"
     assert answer["choices"][0]["message"]["content"] == _merged_answer(registered, tmp_path)
     version = registry.get_version(registered.ws.tracking_uri, f"{NAME}-mlflow", result.registered.version)
@@ -385,3 +387,4 @@ def test_lora_gguf_fits_the_built_in_models_own_gguf(model_cache: Path, builtin_
             stored = gguf.quants.dequantize(t.data, t.tensor_type)
             ours = interleave_rotary(hf.get_tensor(f"model.layers.4.self_attn.{module}.weight"), heads)
             np.testing.assert_allclose(ours, stored.reshape(ours.shape), rtol=0, atol=1e-6)
+

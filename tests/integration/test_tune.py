@@ -11,27 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import tiny_lora_spec
-
-
-def search_spec(tmp_path: Path, model_dir: Path, *, trials: int = 6, extra: str = "") -> Path:
-    return tiny_lora_spec(
-        tmp_path, model_dir, "tiny-search", per_label=12,
-        train="{method: lora, lr: 1.0e-2, lora: {r: 8}, epochs: 3, batch_size: 8, seq_len: 96, precision: fp32, seed: 0}",
-        extra=f"""
-        curation: {{split: {{validation: 0.25}}}}
-        baseline: {{enabled: false}}
-        search:
-          trials: {trials}
-          metric: eval_loss
-          space:
-            lr: {{type: loguniform, low: 1.0e-5, high: 5.0e-2}}
-            lora.r: {{type: categorical, choices: [4, 8]}}
-          pruner: {{type: successive_halving, min_resource: 1, reduction_factor: 2}}
-          eval_every: 0.5
-          seed: 0
-        {extra}
-        """)
+from helpers import search_spec
 
 
 def _study(ws: Path):

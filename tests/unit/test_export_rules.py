@@ -181,3 +181,30 @@ def test_a_malformed_chat_request_is_refused_with_what_to_send(request_: object,
     with pytest.raises(MlflowException, match=message) as caught:
         model.predict(request_)
     assert caught.value.error_code == "INVALID_PARAMETER_VALUE"  # the scoring server answers 400
+
+
+def test_check_vllm_exits_3_for_an_adapter_vllm_refuses_and_0_for_one_it_loads(tmp_path: Path):
+    """`tuneline export NAME --check vllm` on registered versions: CI can gate a deployment on its exit code."""
+    import mlflow
+
+    from tuneline import registry
+    from tuneline.artifacts import ADAPTER_SHA_TAG, tree_sha256
+    from tuneline.tracking import experiment_folder
+    from tuneline.workspace import Workspace
+
+    ws = Workspace.at(tmp_path / "ws")
+    mlflow.set_tracking_uri(ws.tracking_uri)
+    exp = mlflow.create_experiment("vllm", artifact_location=experiment_folder(ws, "vllm").as_uri())
+    for name, folder in (("plain", _adapter(tmp_path / "plain", r=8)), ("dora", _adapter(tmp_path / "d", use_dora=True))):
+        with mlflow.start_run(experiment_id=exp) as run:
+            mlflow.log_artifacts(str(folder), "adapter")
+            source = mlflow.get_artifact_uri("adapter")
+        registry.register_version(ws.tracking_uri, name, run.info.run_id, source, {ADAPTER_SHA_TAG: tree_sha256(folder)})
+    loads = invoke_cli("export", "plain@1", "--check", "vllm", "-w", str(ws.root), "--json")
+    assert loads.exit_code == 0, loads.output
+    assert json.loads(loads.stdout)["loads"] is True
+    refused = invoke_cli("export", "dora@1", "--check", "vllm", "-w", str(ws.root), "--json")
+    assert refused.exit_code == 3, refused.output
+    verdict = json.loads(refused.stdout)
+    assert verdict["loads"] is False and any(f["refused"] and "DoRA" in f["what"] for f in verdict["findings"]), verdict
+    assert "vLLM would refuse dora@1" in refused.stderr

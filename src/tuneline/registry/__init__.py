@@ -37,7 +37,7 @@ from collections.abc import Collection, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, NotRequired, TypedDict
+from typing import TYPE_CHECKING, Any, NotRequired, TypedDict
 
 from tuneline.artifacts import ADAPTER_SHA_TAG, replace_dir
 from tuneline.audit import RESULT_REFUSED, AuditTrail
@@ -621,10 +621,9 @@ def lineage(uri: str, datasets_dir: Path, name: str, version: int) -> Lineage:
                             "sha256": tags.get(f"tuneline.data.{split}.sha256", ""),
                             "rows_used": tags.get(f"tuneline.data.{split}.rows_used", "")})
     ds_id = info.tags.get("tuneline.dataset_version") or tags.get("tuneline.dataset_version")
-    manifest = None
+    manifest, manifest_at = None, None
     if ds_id:
-        path = Path(datasets_dir) / ds_id / "manifest.json"
-        manifest = json.loads(path.read_text()) if path.is_file() else None
+        manifest, manifest_at = _manifest(uri, Path(datasets_dir) / ds_id / "manifest.json", info.run_id)
     train_keys = ("train.method", "train.lr", "train.epochs", "train.max_steps", "train.batch_size", "train.seed",
                   "train.lora.r", "train.lora.alpha", "model")
     events = history(uri, name)
@@ -644,7 +643,7 @@ def lineage(uri: str, datasets_dir: Path, name: str, version: int) -> Lineage:
         "dataset": {"id": ds_id, "counts": (manifest or {}).get("counts"),
                     "dropped": (manifest or {}).get("dropped_by_reason"),
                     "steps": [s["name"] for s in (manifest or {}).get("steps", [])],
-                    "manifest": str(Path(datasets_dir) / ds_id / "manifest.json") if ds_id else None},
+                    "manifest": manifest_at},
         "run": {"id": info.run_id, "params": {k: params[k] for k in train_keys if k in params},
                 "code": tags.get("mlflow.source.git.commit") or info.tags.get("tuneline.code_version"),
                 "spec_sha256": info.tags.get("tuneline.spec_sha256"),
@@ -660,6 +659,25 @@ def lineage(uri: str, datasets_dir: Path, name: str, version: int) -> Lineage:
         "aliases_held": held,
         "feedback": feedback_lineage(Path(datasets_dir), ds_id),
     }
+
+
+def _manifest(uri: str, local: Path, run_id: str | None) -> tuple[dict[str, Any] | None, str | None]:
+    """A dataset version's manifest and where it was read: this machine's dataset folder, else the
+    copy the training run logged (``dataset/manifest.json``: another machine trained the version)."""
+    if local.is_file():
+        return json.loads(local.read_text()), str(local)
+    if not run_id:
+        return None, None
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    logged = f"runs:/{run_id}/dataset/manifest.json"
+    with tempfile.TemporaryDirectory(prefix="tuneline-lineage-") as tmp:
+        try:
+            path = mlflow.artifacts.download_artifacts(artifact_uri=logged, dst_path=tmp, tracking_uri=uri)
+        except (MlflowException, OSError):  # a run that logged none (older, or its artifacts removed)
+            return None, None
+        return json.loads(Path(path).read_text()), logged
 
 
 def feedback_lineage(datasets_dir: Path, dataset_version: str | None) -> LineageFeedback | None:
