@@ -158,7 +158,9 @@ def test_generative_versions_are_mlflow_pyfunc_models_and_the_others_are_not(tmp
     prompt.mkdir()
     (prompt / "adapter_config.json").write_text(json.dumps({"peft_type": "PROMPT_TUNING"}))
     head = _adapter(tmp_path / "head", task_type="SEQ_CLS")
-    for folder in (prompt, head):
+    hybrid = _adapter(tmp_path / "hybrid", task_type="CAUSAL_LM")
+    (hybrid / "retrieval").mkdir()  # answers with retrieved examples: the pyfunc would answer without them
+    for folder in (prompt, head, hybrid):
         assert not write_mlmodel(folder)
         assert not (folder / MLMODEL).exists()
 

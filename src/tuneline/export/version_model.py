@@ -18,8 +18,9 @@ model is a GGUF file). ``tuneline export --format mlflow`` writes the self-conta
 merged weights in the model, loadable with MLflow, torch and transformers alone.
 
 Which versions: those whose method merges into the base and generates (lora, dora, rslora, ia3, a
-DPO-tuned LoRA, full). Prefix and prompt tuning and classifier heads get no ``MLmodel``:
-``tuneline serve`` serves them.
+DPO-tuned LoRA, full). Prefix and prompt tuning, classifier heads and hybrids (which answer with
+examples retrieved from the index shipped beside the adapter) get no ``MLmodel``: ``tuneline
+serve`` serves them.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from tuneline.artifacts import MLFLOW_META_FILE
 from tuneline.errors import Problem
 from tuneline.export.chat_model import complete
 from tuneline.export.merged import decoding_defaults, merge_folder
+from tuneline.export.peft_folder import RETRIEVAL_DIR
 from tuneline.export.source import (
     ENV_FILE,
     MERGEABLE,
@@ -64,7 +66,7 @@ def write_mlmodel(folder: Path) -> bool:
     """Make the adapter folder an MLflow pyfunc model, when its method merges and generates; return
     whether it did. The files are deterministic (no creation time, no random id): the same training
     gives the same folder hash."""
-    if is_classifier(folder):
+    if is_classifier(folder) or (folder / RETRIEVAL_DIR).is_dir():  # a hybrid answers with retrieved examples
         return False
     try:
         method = method_of(folder)
