@@ -116,3 +116,9 @@ def test_two_search_workers_on_two_machines_share_one_study(team: TeamServers, t
     ran = {m: {n for n, w in workers.items() if f" {tmp_path / m} " in w} for m in ("a", "b")}
     assert ran["a"] and ran["b"], workers  # both machines trained trials of the one study
     assert ran["a"] | ran["b"] == set(workers), workers
+    from mlflow import MlflowClient
+
+    client = MlflowClient(team.tracking_uri)  # every trial is a child of the one search run, whoever ran it
+    parents = {client.get_run(t.user_attrs["mlflow_run_id"]).data.tags.get("mlflow.parentRunId")
+               for t in study.get_trials() if "mlflow_run_id" in t.user_attrs}
+    assert parents == {study.user_attrs["mlflow_parent_run_id"]}, parents

@@ -273,9 +273,22 @@ def _local_study(ctx: RunContext, study: _Study, storage: BaseStorage, exists: b
         ctx.console.print(f"search {study.name}: resuming after {_finished(found)} finished trials")
         _close_interrupted(found, tracking.tracking_uri(ctx.loaded, ctx.workspace), retry=True)
     parent: str = (parent_run_id or found.user_attrs.get("mlflow_parent_run_id")
+                   or (None if created or not is_shared(study.url) else _parent_of(found))
                    or _new_parent_run(ctx.loaded, ctx.workspace, study.name))
     found.set_user_attr("mlflow_parent_run_id", parent)
     return parent
+
+
+def _parent_of(study: Study, wait_s: float = 60.0) -> str | None:
+    """The search run of a shared study another worker has just created: it names it a moment after
+    creating the study, and every worker's trials belong under that one run."""
+    deadline = time.monotonic() + wait_s
+    while time.monotonic() < deadline:
+        parent = study.user_attrs.get("mlflow_parent_run_id")  # read from the storage on every call
+        if parent:
+            return str(parent)
+        time.sleep(1.0)
+    return None  # its creator is gone: this worker starts the search run
 
 
 HEARTBEAT_S = 15  # a shared study's running trials report this often...
