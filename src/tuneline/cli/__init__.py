@@ -20,6 +20,7 @@ from tuneline.cli import (
     audit,
     compare,
     data,
+    doctor,
     evaluation,
     export,
     golden,
@@ -41,7 +42,7 @@ if TYPE_CHECKING:
     from typer._click import Context as ClickContext  # the Click typer vendors
 
 COMMAND_MODULES = (run, compare, spec, workspace, data, evaluation, golden, report, registry, serve, export, monitor,
-                   loop, audit)
+                   loop, audit, doctor)
 
 RESUME_HINTS = {
     "run": "the last checkpoint is kept; continue with `tuneline run SPEC --resume`",

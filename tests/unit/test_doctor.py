@@ -1,0 +1,67 @@
+"""`tuneline doctor`: the parameter counts and weight bytes of its memory estimate equal those of
+the model the trainer builds (the estimate builds it on the meta device, without weights), for each
+kind of method; the CLI prints the machine and the spec's precision and why."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from helpers import invoke_cli
+
+from tuneline.runtime.compute import Compute
+from tuneline.spec.models import TrainSpec
+from tuneline.train.doctor import estimate
+
+
+@pytest.mark.parametrize("method", ["lora", "dora", "ia3", "prompt", "full"])
+def test_the_estimate_counts_the_parameters_the_trainer_trains(method: str, tiny_model_dir: Path):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from tuneline.train.peft_builders import wrap_for_training
+
+    train = TrainSpec(method=method, batch_size=4, seq_len=64, prompt={"virtual_tokens": 4})
+    compute = Compute("cpu", "fp32", "fp32")
+    found = estimate(tiny_model_dir, train, compute)
+    model = wrap_for_training(AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32), train)
+    params = list(model.parameters())
+    assert found.total_params == sum(p.numel() for p in params)
+    assert found.trainable_params == sum(p.numel() for p in params if p.requires_grad) > 0
+    assert found.weights_bytes == sum(p.numel() * p.element_size() for p in params)
+    assert found.optimizer_bytes == 2 * found.gradients_bytes == 8 * found.trainable_params  # AdamW's two fp32 moments
+
+
+def test_a_bf16_base_halves_the_frozen_weights_only(tiny_model_dir: Path):
+    train = TrainSpec(method="lora", batch_size=4, seq_len=64)
+    fp32 = estimate(tiny_model_dir, train, Compute("cpu", "fp32", "fp32"))
+    bf16 = estimate(tiny_model_dir, train, Compute("cpu", "bf16", "bf16"))
+    frozen = fp32.total_params - fp32.trainable_params
+    assert bf16.weights_bytes == frozen * 2 + fp32.trainable_params * 4  # adapter weights stay fp32
+    assert bf16.activations_bytes * 2 == fp32.activations_bytes
+    checkpointed = estimate(tiny_model_dir, train.model_copy(update={"gradient_checkpointing": True}),
+                            Compute("cpu", "fp32", "fp32"))
+    assert checkpointed.activations_bytes < fp32.activations_bytes
+
+
+def test_doctor_prints_the_machine_and_what_the_spec_will_use(classification_spec: Path, tmp_path: Path):
+    done = invoke_cli("doctor", str(classification_spec), "-w", str(tmp_path / "ws"), "--json")
+    assert done.exit_code == 0, done.output
+    found = json.loads(done.stdout)
+    assert (found["device"], found["precision"], found["precision_why"]) == ("cpu", "fp32", "train.precision: fp32")
+    auto = invoke_cli("doctor", str(_with_auto_precision(classification_spec)), "-w", str(tmp_path / "ws"), "--json")
+    expected = Compute.resolve("auto", "lora", "cpu")  # bf16 on a CPU with AMX or AVX512-BF16, else fp32
+    assert json.loads(auto.stdout)["precision"] == expected.precision
+    assert json.loads(auto.stdout)["precision_why"].startswith("auto: the CPU")
+    assert found["memory"]["trainable_params"] > 0 and found["memory"]["total_bytes"] > found["memory"]["weights_bytes"]
+    machine = invoke_cli("doctor", "-w", str(tmp_path / "ws"))  # no spec: the machine only
+    assert machine.exit_code == 0 and "machine:" in machine.output and "cores" in machine.output
+
+
+def _with_auto_precision(spec: Path) -> Path:
+    text = spec.read_text()
+    assert "precision: fp32" in text
+    out = spec.with_name("auto.yaml")
+    out.write_text(text.replace("precision: fp32", "precision: auto"))
+    return out
