@@ -12,9 +12,6 @@ interrupted one from its last checkpoint.
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
-import gc
 import json
 import logging
 import re
@@ -83,9 +80,7 @@ class Job:
 class PeakMemory:
     """Peak memory inside the block, in MB: on a GPU the most memory torch allocated; on a CPU the
     peak resident memory of this process above what it held at the start (the kernel's high-water
-    mark, reset at the start after freed memory is handed back; where it cannot be reset, the
-    process's lifetime peak). Each combination in a process of its own (``--workers``) measures it
-    best."""
+    mark, reset at the start; where it cannot be reset, the process's lifetime peak)."""
 
     def __init__(self, device: str) -> None:
         self.device = device
@@ -98,10 +93,8 @@ class PeakMemory:
             import torch
 
             torch.cuda.reset_peak_memory_stats(self.device)
-        else:
-            _release_freed_memory()  # what an earlier combination freed is not counted as held
-            if _reset_high_water_mark():
-                self._start_kb = _status_kb("VmRSS") or 0
+        elif _reset_high_water_mark():
+            self._start_kb = _status_kb("VmRSS") or 0
         return self
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
@@ -124,16 +117,6 @@ def _status_kb(field: str) -> int | None:
         return None
     found = re.search(rf"^{field}:\s+(\d+) kB", text, re.MULTILINE)
     return int(found.group(1)) if found else None
-
-
-def _release_freed_memory() -> None:
-    """Collect garbage and hand the heap's free pages back to the kernel (glibc's ``malloc_trim``):
-    without it, memory an earlier combination in this process freed stays resident, the next one
-    reuses it without raising the resident size, and its peak reads far too low (measured: a LoRA
-    trained after a classifier head read 1,194 MB, against 3,780 MB when it ran first)."""
-    gc.collect()
-    with contextlib.suppress(OSError, AttributeError):  # not glibc: the peak may read low after another combination
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def _reset_high_water_mark() -> bool:
