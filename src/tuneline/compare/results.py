@@ -123,7 +123,7 @@ class CompareReport:
     recommended: str | None = None
     reasons: list[str] = field(default_factory=list)
     cost_rule: str = COST_RULE
-    backend: str = "in-process"  # in-process | processes | ray
+    backend: str = "in-process"  # processes | ray (in-process: a report written before each combination got a process)
     workers: int = 1
     seconds: float = 0.0
     created: str = ""
