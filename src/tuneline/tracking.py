@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import platform
 import subprocess
 import time
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol, TypedDict
@@ -286,3 +288,16 @@ def list_runs(workspace: Workspace, uri: str | None = None, max_results: int = 5
         if not token:
             break
     return rows[:max_results]
+
+
+@contextmanager
+def quiet_downloads() -> Iterator[None]:
+    """No MLflow progress bar per downloaded file (noise on the console); an explicit setting is honoured."""
+    key = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
+    saved = os.environ.get(key)
+    os.environ.setdefault(key, "false")
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop(key, None)

@@ -56,7 +56,7 @@ def test_a_run_on_one_machine_is_promoted_and_served_from_another(team: TeamServ
     assert '"production"' in listed.output
     lineage = invoke_cli("lineage", NAME, "1", "-w", str(machine_b.root), "--json")
     assert lineage.exit_code == 0, lineage.output
-    chain = json.loads(lineage.output)  # the dataset version machine A curated, read from the training run
+    chain = json.loads(lineage.stdout)  # the dataset version machine A curated, read from the training run
     assert chain["dataset"]["manifest"].endswith("/dataset/manifest.json") and chain["dataset"]["counts"]["train"] > 0
     assert [a["alias"] for a in chain["aliases_held"]] == ["candidate", "production"]
     info = registry.resolve(machine_b.tracking_uri, NAME)

@@ -23,9 +23,10 @@ from tuneline.export.gguf_files import GgufDtype, write_lora_gguf, write_model_g
 from tuneline.export.merged import SaveDtype, export_merged, merged_model
 from tuneline.export.mlflow_model import Registered, export_mlflow
 from tuneline.export.peft_folder import export_peft
-from tuneline.export.source import ExportError, Fetched, fetch, quiet_downloads
+from tuneline.export.source import ExportError, Fetched, fetch
 from tuneline.export.vllm import VLLM_DEFAULT_MAX_RANK, Finding, check_vllm
 from tuneline.export.vllm import render as render_vllm
+from tuneline.tracking import quiet_downloads
 from tuneline.workspace import Workspace
 
 ExportFormat = Literal["peft", "merged", "gguf", "mlflow"]

@@ -4,9 +4,6 @@ method read from its own files, and the base model it was trained on (checked by
 from __future__ import annotations
 
 import json
-import os
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -71,19 +68,6 @@ def fetch(ws: Workspace, ref: str, dest: Path) -> Fetched:
     folder = Path(mlflow.artifacts.download_artifacts(artifact_uri=info.source, dst_path=str(dest)))
     verify_tree(folder, info.tags.get(ADAPTER_SHA_TAG), what=f"adapter of {info.name}@{info.version}")
     return Fetched(info, folder, method_of(folder))
-
-
-@contextmanager
-def quiet_downloads() -> Iterator[None]:
-    """No MLflow progress bar per downloaded file (noise on the console); an explicit setting is honoured."""
-    key = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
-    saved = os.environ.get(key)
-    os.environ.setdefault(key, "false")
-    try:
-        yield
-    finally:
-        if saved is None:
-            os.environ.pop(key, None)
 
 
 def method_of(folder: Path) -> str:

@@ -42,6 +42,7 @@ from typing import TYPE_CHECKING, Any, NotRequired, TypedDict
 from tuneline.artifacts import ADAPTER_SHA_TAG, replace_dir
 from tuneline.audit import RESULT_REFUSED, AuditTrail
 from tuneline.errors import Problem, TunelineError
+from tuneline.tracking import quiet_downloads
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -328,14 +329,16 @@ def download_adapter(uri: str, info: VersionInfo, cache: Path | None = None) -> 
 
     sha = info.tags.get(ADAPTER_SHA_TAG)
     if cache is None or not sha:
-        return Path(mlflow.artifacts.download_artifacts(artifact_uri=info.source, tracking_uri=uri))
+        with quiet_downloads():
+            return Path(mlflow.artifacts.download_artifacts(artifact_uri=info.source, tracking_uri=uri))
     target = cache / sha
     if target.is_dir():
         return target
     cache.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".download-", dir=cache))
     try:
-        got = mlflow.artifacts.download_artifacts(artifact_uri=info.source, dst_path=str(tmp), tracking_uri=uri)
+        with quiet_downloads():
+            got = mlflow.artifacts.download_artifacts(artifact_uri=info.source, dst_path=str(tmp), tracking_uri=uri)
         replace_dir(got, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -672,7 +675,7 @@ def _manifest(uri: str, local: Path, run_id: str | None) -> tuple[dict[str, Any]
     from mlflow.exceptions import MlflowException
 
     logged = f"runs:/{run_id}/dataset/manifest.json"
-    with tempfile.TemporaryDirectory(prefix="tuneline-lineage-") as tmp:
+    with quiet_downloads(), tempfile.TemporaryDirectory(prefix="tuneline-lineage-") as tmp:
         try:
             path = mlflow.artifacts.download_artifacts(artifact_uri=logged, dst_path=tmp, tracking_uri=uri)
         except (MlflowException, OSError):  # a run that logged none (older, or its artifacts removed)
