@@ -174,9 +174,9 @@ def _run(shared: Shared, jobs: list[Job], options: CompareOptions, spec: Spec, c
     if options.ray:
         return _run_ray(shared, jobs, spec.search.ray if spec.search else RaySpec(), shown)
     if options.workers <= 1:  # one at a time, each in a fresh process: its peak memory is its own
-        for job in jobs:
-            console.print(f"{job.planned.combination.label}: training (lr {job.planned.spec.train.lr:.3g}, "
-                          f"{job.planned.lr_source})", highlight=False)
+        for i, job in enumerate(jobs, 1):
+            console.print(f"{job.planned.combination.label}: {i} of {len(jobs)} to train, one after another "
+                          f"(lr {job.planned.spec.train.lr:.3g}, {job.planned.lr_source})", highlight=False)
         return _run_processes(shared, jobs, 1, shown)
     return _run_processes(replace(shared, show_progress=False), jobs, options.workers, shown)
 
