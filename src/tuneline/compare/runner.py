@@ -194,7 +194,8 @@ def _run_processes(shared: Shared, jobs: list[Job], workers: int, shown: Callabl
     results = []
     try:
         with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn"), max_tasks_per_child=1,
-                                 initializer=_init_worker, initargs=(threads,)) as pool:
+                                 initializer=_init_worker,
+                                 initargs=(threads, logging.getLogger().getEffectiveLevel())) as pool:
             futures = {pool.submit(_measure_from_file, str(ctx_file), job): job for job in jobs}
             for future in as_completed(futures):
                 job = futures[future]
@@ -209,10 +210,13 @@ def _run_processes(shared: Shared, jobs: list[Job], workers: int, shown: Callabl
     return results
 
 
-def _init_worker(threads: int) -> None:
+def _init_worker(threads: int, log_level: int) -> None:
+    """A worker process: its share of the CPU threads, and the command's log level (a spawned
+    process starts with none, and the training's step lines would be lost)."""
     import torch
 
     torch.set_num_threads(threads)
+    logging.basicConfig(level=log_level, format="%(levelname)-8s %(message)s")
 
 
 def _measure_from_file(ctx_file: str, job: Job) -> Measured:
