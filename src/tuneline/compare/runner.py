@@ -177,7 +177,10 @@ def _run(shared: Shared, jobs: list[Job], options: CompareOptions, spec: Spec, c
         for i, job in enumerate(jobs, 1):
             console.print(f"{job.planned.combination.label}: {i} of {len(jobs)} to train, one after another "
                           f"(lr {job.planned.spec.train.lr:.3g}, {job.planned.lr_source})", highlight=False)
-        return _run_processes(shared, jobs, 1, shown)
+        # a pool per combination: in one shared pool, a worker process that dies fails every
+        # combination still waiting (seen: IA3 and prompt tuning "terminated abruptly" when the worker
+        # started after DoRA's failed in its initializer, the code having changed under the run)
+        return [m for job in jobs for m in _run_processes(shared, [job], 1, shown)]
     return _run_processes(replace(shared, show_progress=False), jobs, options.workers, shown)
 
 
