@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import tempfile
 from dataclasses import dataclass
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from tuneline.artifacts import ADAPTER_SHA_TAG
 from tuneline.export.merged import merged_model, save_merged
 from tuneline.export.source import MLMODEL, Fetched
+from tuneline.export.version_model import installed_pins
 from tuneline.registry import EXPORT_SOURCE_TAG
 from tuneline.tracking import artifact_location
 
@@ -89,13 +89,7 @@ def _experiment(ws: Workspace) -> str:
 
 def requirements() -> list[str]:
     """The installed versions the model runs with (a local version label such as +cpu dropped)."""
-    pins = []
-    for package in REQUIREMENTS:
-        try:
-            pins.append(f"{package}=={version(package).split('+')[0]}")
-        except PackageNotFoundError:
-            continue
-    return pins
+    return installed_pins(REQUIREMENTS)
 
 
 def _tags(fetched: Fetched) -> dict[str, str]:

@@ -90,8 +90,13 @@ def write_mlmodel(folder: Path) -> bool:
 
 
 def requirements() -> list[str]:
-    """What the loader runs with, at the installed versions (a local label such as +cpu dropped)."""
-    return [f"{package}=={found}" for package in REQUIREMENTS if (found := _installed(package))]
+    """What the loader runs with, at the installed versions."""
+    return installed_pins(REQUIREMENTS)
+
+
+def installed_pins(packages: tuple[str, ...]) -> list[str]:
+    """``package==version`` for each installed package (a local label such as +cpu dropped)."""
+    return [f"{package}=={found}" for package in packages if (found := _installed(package))]
 
 
 def _installed(package: str) -> str | None:
