@@ -3,6 +3,7 @@ Python API (:mod:`tuneline.pipeline`) and prints; ``--json`` prints the result a
 
 from __future__ import annotations
 
+import logging
 from typing import TYPE_CHECKING, Annotated
 
 import typer
@@ -13,6 +14,7 @@ from tuneline.cli.options import JsonOpt, NoProgressOpt, SpecArg, VerboseOpt, Wo
 
 if TYPE_CHECKING:
     from tuneline.pipeline import RunResult
+    from tuneline.train.distributed import World
 
 
 def register(app: typer.Typer) -> None:
@@ -28,22 +30,53 @@ def run(
     no_progress: NoProgressOpt = False,
     as_json: JsonOpt = False,
     verbose: VerboseOpt = False,
+    nproc: Annotated[int, typer.Option("--nproc", min=1, help=(
+        "Train data-parallel on N processes of this machine (torch.distributed: gloo on CPU, NCCL with "
+        "one GPU each). Rank 0 runs the pipeline; the others train their share of every step. Under "
+        "torchrun or accelerate launch, leave it out."))] = 1,
 ) -> None:
     """Run the pipeline: validate data, (search,) evaluate the base model, train, evaluate, track.
 
     With a `search` section the hyperparameter search runs first (or a finished one is reused)
     and the best configuration is trained. Exits 0 when the objective's gates pass, 3 when one
-    fails, 1 on an error, 130 when interrupted (resume with --resume).
+    fails, 1 on an error, 130 when interrupted (resume with --resume, on any number of processes).
     """
     setup_logging(verbose)
+    from tuneline.train import distributed  # lazy: torch.distributed only for a distributed run
+
+    if nproc > 1 and distributed.launched_world_size() == 1:
+        argv = ["run", str(spec), *(["--resume"] if resume else []), *(["-w", str(workspace)] if workspace else []),
+                *(["--no-progress"] if no_progress else []), *(["--json"] if as_json else []),
+                *(["-v"] if verbose else [])]
+        raise typer.Exit(distributed.launch_local(nproc, argv, verbose))
+    world = distributed.join_world()
+    if world is not None and not world.is_main:
+        _train_alongside(world, verbose)
+        return
     from tuneline import pipeline  # lazy: it pulls numpy and every stage; --help stays fast
 
     with human_output(as_json) as out:
         result = pipeline.run(spec, workspace=workspace, resume=resume, show_progress=not no_progress, console=out)
+    if world is not None:  # only after a whole run: on an error the launcher stops the other ranks
+        from tuneline.train.ranks import release  # lazy: with the distributed run only
+
+        release(world)
+        distributed.leave_world()
     if as_json:
         print_json(run_result_dict(result))
     if result.report is not None and not result.report.passed:
         raise typer.Exit(EXIT_GATES_FAILED)
+
+
+def _train_alongside(world: World, verbose: bool) -> None:
+    """A rank other than 0: train the jobs rank 0 sends, quietly (rank 0 reports the run)."""
+    from tuneline.train import distributed  # lazy: torch.distributed only for a distributed run
+    from tuneline.train.ranks import serve_jobs  # lazy: with the distributed run only
+
+    if not verbose:
+        logging.getLogger("tuneline").setLevel(logging.WARNING)
+    serve_jobs(world)
+    distributed.leave_world()
 
 
 def run_result_dict(result: RunResult) -> dict[str, object]:

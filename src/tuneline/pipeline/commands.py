@@ -74,6 +74,7 @@ def run(spec_path: str | Path, *, workspace: WorkspaceRef = None, resume: bool =
 def run_stages(ctx: RunContext, *, resume: bool = False, started: float | None = None) -> RunResult:
     """The stages of ``tuneline run`` on an opened context (``started``: when the command began)."""
     started = time.perf_counter() if started is None else started
+    stages.check_distributable(ctx)
     stages.announce(ctx)
     sets = stages.eval_sets_of(ctx)
     with stages.track(ctx, resume) as tracked:

@@ -38,7 +38,7 @@ from tuneline.audit import record
 from tuneline.baseline import BaselineReport, baseline_table
 from tuneline.context import RunContext, curation_summary
 from tuneline.curation import PreparedData
-from tuneline.errors import Problem, TrainingError
+from tuneline.errors import Problem, SpecError, TrainingError
 from tuneline.eval import EvalSet, EvalSuite, Evaluation
 from tuneline.eval.classify import is_classifier
 from tuneline.eval.generate import DECODING_FILE
@@ -68,9 +68,11 @@ from tuneline.spec.models import TrainSpec
 from tuneline.train import EarlyStoppingCheck, TrainOptions, TrainResult, train
 from tuneline.train.checkpoint import latest_checkpoint
 from tuneline.train.classifier import train_classifier
+from tuneline.train.distributed import current_world
 from tuneline.train.dpo import train_dpo
 from tuneline.train.loop import save_adapter, steps_per_epoch
 from tuneline.train.peft_builders import is_prompt_learning
+from tuneline.train.ranks import TrainJob, send_job
 from tuneline.tune import SearchOptions, SearchResult, best_train, search
 from tuneline.tune.report import search_table
 from tuneline.workspace import RunState
@@ -222,6 +224,20 @@ def _drop_unused_method_sections(train: dict[str, object]) -> None:
         train.pop("dpo", None)
 
 
+def check_distributable(ctx: RunContext) -> None:
+    """In a distributed run (``--nproc``, torchrun), refuse before any work what trains in one
+    process only: the classifier head's trainer and DPO's preference phase."""
+    world = current_world()
+    if world is None:
+        return
+    why = ("task.head: classifier" if ctx.spec.task.head == "classifier"
+           else "train.method: dpo" if ctx.spec.train.method == "dpo" else None)
+    if why is not None:
+        raise SpecError(Problem(f"{why} trains in one process; it cannot run on {world.size} processes",
+                                field="task.head" if why.startswith("task") else "train.method",
+                                hint="run it without --nproc (or outside torchrun)"))
+
+
 def plan_training(ctx: RunContext, tracked: Tracked) -> TrainingPlan:
     """The hybrid's retriever, the search (when the spec has one) and the configuration it picks,
     the compute that configuration needs, and the fingerprint; recorded in the run state."""
@@ -292,11 +308,15 @@ def train_or_reuse(ctx: RunContext, plan: TrainingPlan, tracked: Tracked, untouc
     cfg = plan.train
     # task.head: classifier trains a sequence-classification head with LoRA (tuneline.train.classifier)
     trainer = partial(train_classifier, labels=ctx.data.labels or []) if ctx.spec.task.head == "classifier" else train
+    world = current_world()
+    if world is not None:  # the other ranks train their share of every step alongside this one
+        send_job(world, TrainJob(cfg, ctx.source, ctx.workspace.models_dir, plan.compute.base_dtype, ctx.tokenizer,
+                                 plan.data.train, ctx.run_dir, resume, plan.fingerprint))
     with tracking.MetricBatcher(tracked.run_id, cfg.log_every) as on_step:
         model, result = trainer(cfg, model, ctx.tokenizer, plan.data.train, ctx.run_dir, TrainOptions(
             resume=resume, eval_examples=sample_rows(plan.data.eval, EVAL_LOSS_ROWS, cfg.seed) or None,
             fingerprint=plan.fingerprint, device=plan.compute.device, on_step=on_step,
-            show_progress=ctx.show_progress, early_stopping=_early_stopping(ctx, plan)))
+            show_progress=ctx.show_progress, early_stopping=_early_stopping(ctx, plan), world=world))
     if cfg.method == "dpo":
         _preference_phase(ctx, plan, model, resume)
     mlflow.log_metrics({k: float(v) for k, v in result.to_dict().items()

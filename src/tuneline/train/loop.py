@@ -32,15 +32,18 @@ from tuneline.runtime.progress import QuietWhenPiped, progress_bar
 from tuneline.spec.models import TrainSpec
 from tuneline.train.batching import collate, collate_packed, epoch_batches, shared_prefix_len
 from tuneline.train.checkpoint import Spent, resume_checkpoint, save_checkpoint, trainable_state
+from tuneline.train.distributed import World
 from tuneline.train.loss import answer_loss_sum
 from tuneline.train.peft_builders import count_parameters, is_prompt_learning, wrap_for_training
 
 if TYPE_CHECKING:
     import torch
     from peft import PeftModel
+    from torch.optim.lr_scheduler import LRScheduler
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
     from tuneline.train.batching import Batch
+    from tuneline.train.checkpoint import CheckpointMeta
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +86,9 @@ class TrainOptions:
     ``on_step(step, metrics)`` is called after every optimizer step (for tracking);
     ``early_stopping`` scores the model during training (early stopping, search trials);
     ``encoded_train`` is ``encode_all(tokenizer, train_examples, cfg.seq_len)`` when the caller
-    already has it (a search encodes once for all trials)."""
+    already has it (a search encodes once for all trials). ``world``: train data-parallel with the
+    other ranks of a distributed run (:mod:`tuneline.train.distributed`); only its rank 0 writes
+    checkpoints and the adapter, validates and reports progress."""
 
     eval_examples: list[Example] | None = None
     resume: bool = False
@@ -93,6 +98,7 @@ class TrainOptions:
     show_progress: bool = True
     early_stopping: EarlyStoppingCheck | None = None
     encoded_train: tuple[list[Encoded], list[str]] | None = None
+    world: World | None = None
 
 
 @dataclass
@@ -197,17 +203,22 @@ def make_batch(examples: list[Encoded], pad_id: int, device: str, pack_capacity:
 
 
 def accumulate_gradients(model: torch.nn.Module, micro_batches: list[list[Encoded]], pad_id: int, precision: str,
-                         device: str, pack_capacity: int | None = None, share_prefix: bool = False) -> tuple[float, int]:
+                         device: str, pack_capacity: int | None = None, share_prefix: bool = False,
+                         n_answer: int | None = None) -> tuple[float, int]:
     """Backward over the micro-batches of one optimizer step; return (loss, real tokens).
 
     With ``pack_capacity`` each micro-batch is packed into rows of that many tokens (no padding
     between examples, no attention across them); the loss is the same as unpacked. The loss is normalised by the answer tokens of the whole step, not averaged per micro-batch,
     so batch 16 and batch 4 x accumulation 4 give the same gradients (the accumulation-scaling
-    bug, where short micro-batches weigh as much as long ones, cannot happen).
+    bug, where short micro-batches weigh as much as long ones, cannot happen). ``n_answer`` is that
+    count when ``micro_batches`` are one rank's share of the step (default: their own count); an
+    empty micro-batch is skipped.
     """
-    n_answer = sum(e.n_answer_tokens for mb in micro_batches for e in mb)
+    n_answer = n_answer or sum(e.n_answer_tokens for mb in micro_batches for e in mb)
     step_loss, tokens = 0.0, 0
     for mb in micro_batches:
+        if not mb:
+            continue
         batch = make_batch(mb, pad_id, device, pack_capacity, share_prefix)
         with autocast_for(precision, device):
             loss_sum, _ = answer_loss_sum(model, batch)
@@ -215,6 +226,35 @@ def accumulate_gradients(model: torch.nn.Module, micro_batches: list[list[Encode
         step_loss += float(loss_sum.detach()) / n_answer
         tokens += sum(len(e.input_ids) for e in mb)
     return step_loss, tokens
+
+
+@dataclass(frozen=True)
+class _Stepper:
+    """What one optimizer step's forward and backward need, on this rank."""
+
+    model: torch.nn.Module
+    params: list[torch.nn.Parameter]
+    pad_id: int
+    precision: str
+    device: str
+    pack_capacity: int | None
+    share_prefix: bool
+    world: World | None
+
+    def gradients(self, micro: list[list[Encoded]]) -> tuple[float, int, int]:
+        """Backward over one step's micro-batches (this rank's share of them, the gradients summed
+        over the ranks); return the step's (loss, tokens, computed tokens) over every rank."""
+        world = self.world
+        n_answer = sum(e.n_answer_tokens for mb in micro for e in mb)
+        mine = micro if world is None else [world.share(mb) for mb in micro]
+        loss, tokens = accumulate_gradients(self.model, mine, self.pad_id, self.precision, self.device,
+                                            self.pack_capacity, self.share_prefix, n_answer)
+        computed = tokens - sum((len(mb) - 1) * shared_prefix_len(mb) for mb in mine if mb) * self.share_prefix
+        if world is None:
+            return loss, tokens, computed
+        world.sync_gradients(self.params)
+        total_loss, total_tokens, total_computed = world.sum([loss, tokens, computed])
+        return total_loss, int(total_tokens), int(total_computed)
 
 
 def evaluate_loss(model: torch.nn.Module, encoded: list[Encoded], batch_size: int, pad_id: int, precision: str, device: str) -> float:
@@ -250,7 +290,9 @@ def train(
 
     opts = options or TrainOptions()
     device, fingerprint, on_step, show_progress = opts.device, opts.fingerprint, opts.on_step, opts.show_progress
-    check = opts.early_stopping
+    world = opts.world
+    main = world is None or world.is_main
+    check = opts.early_stopping if main else None  # rank 0 validates; the others stop when it says so
 
     # --- setup -------------------------------------------------------------------------------
     precision = resolve_precision(cfg.precision, device)
@@ -280,23 +322,15 @@ def train(
     share_prefix = cfg.share_prefix and not cfg.gradient_checkpointing and not is_prompt_learning(trained)
 
     ckpt_root = out_dir / "checkpoints"
-    start_step, resumed_from, loss_value, before = 0, None, float("nan"), Spent()
-    history: list[tuple[int, float]] = []
-    if opts.resume:
-        last, meta = resume_checkpoint(ckpt_root, trained, optimizer, scheduler, fingerprint)
-        start_step = resumed_from = int(meta["step"])
-        before = Spent.of(meta)
-        loss_value = float(meta.get("loss", "nan"))
-        history = [(int(a), float(b)) for a, b in meta.get("validations", [])]
-        log.info("resumed from %s (step %d of %d)", last.name, start_step, total_steps)
-    else:
-        shutil.rmtree(ckpt_root, ignore_errors=True)
-    ckpt_root.mkdir(parents=True, exist_ok=True)
+    start = _start(ckpt_root, trained, optimizer, scheduler, opts)
+    start_step, resumed_from, loss_value, before, history = start.step, start.resumed_from, start.loss, start.spent, start.history
+    stepper = _Stepper(trained, params, pad_id, precision, device, cfg.seq_len if cfg.packing else None,
+                       share_prefix, world)
 
     # --- train -------------------------------------------------------------------------------
-    log.info("training %s params of %s (%.2f%%), %d examples, %d steps, precision %s on %s",
+    log.info("training %s params of %s (%.2f%%), %d examples, %d steps, precision %s on %s%s",
              f"{trainable:,}", f"{total_params:,}", 100 * trainable / total_params, len(encoded),
-             total_steps, precision, device)
+             total_steps, precision, device, f", {world.size} processes" if world is not None else "")
     trained.train()
     tokens_done, computed, t0 = 0, 0, time.perf_counter()
     done, stopped_early = start_step, False
@@ -305,10 +339,9 @@ def train(
         task = progress.add_task("train", total=total_steps, completed=start_step, loss=float("nan"), tps=0.0)
         for step in range(start_step, total_steps):
             micro = [[encoded[i] for i in mb] for mb in _micro_batches(lengths, cfg, per_epoch, step)]
-            step_loss, step_tokens = accumulate_gradients(trained, micro, pad_id, precision, device,
-                                                          cfg.seq_len if cfg.packing else None, share_prefix)
+            step_loss, step_tokens, step_computed = stepper.gradients(micro)
             tokens_done += step_tokens
-            computed += step_tokens - sum((len(mb) - 1) * shared_prefix_len(mb) for mb in micro) * share_prefix
+            computed += step_computed
             grad_norm = (torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
                          if cfg.max_grad_norm else torch.tensor(0.0))
             optimizer.step()
@@ -328,6 +361,7 @@ def train(
                 value = _run_check(trained, check, history, done, ckpt_root)
                 metrics["validation"] = value
                 stopped_early = _plateaued(check, history) and done < total_steps
+            stopped_early = world.agree(stopped_early) if world is not None else stopped_early
             if on_step is not None:
                 on_step(done, metrics)
             if check is not None and check.report is not None and history and history[-1][0] == done:
@@ -335,7 +369,7 @@ def train(
             if stopped_early:
                 log.info("early stopping at step %d: no improvement in the last validations", done)
                 break
-            if done % cfg.checkpoint_every == 0 and done < total_steps:
+            if main and done % cfg.checkpoint_every == 0 and done < total_steps:
                 spent = before.plus(time.perf_counter() - t0, tokens_done, computed)
                 save_checkpoint(ckpt_root, done, trained, optimizer, scheduler, fingerprint,
                                 {"total_steps": total_steps, "loss": loss_value, "validations": history, **spent.meta()})
@@ -347,9 +381,11 @@ def train(
 
     # --- save --------------------------------------------------------------------------------
     eval_loss = evaluate_loss(trained, eval_encoded, cfg.batch_size, pad_id, precision, device) if eval_encoded else None
-    adapter_dir = save_adapter(trained, tokenizer, out_dir / "adapter")
-    save_checkpoint(ckpt_root, done, trained, optimizer, scheduler, fingerprint,
-                    {"total_steps": total_steps, "loss": loss_value, "validations": history, **spent.meta()})
+    adapter_dir = out_dir / "adapter"
+    if main:  # the other ranks hold the same weights
+        save_adapter(trained, tokenizer, adapter_dir)
+        save_checkpoint(ckpt_root, done, trained, optimizer, scheduler, fingerprint,
+                        {"total_steps": total_steps, "loss": loss_value, "validations": history, **spent.meta()})
     trained.eval()
     result = TrainResult(
         adapter_dir=str(adapter_dir), steps=done, epochs=done * cfg.grad_accum / per_epoch,
@@ -361,6 +397,48 @@ def train(
         validations=history, best_step=best_step, best_value=best_value, stopped_early=stopped_early,
     )
     return trained, result
+
+
+@dataclass(frozen=True)
+class _StartingPoint:
+    step: int = 0
+    resumed_from: int | None = None
+    loss: float = float("nan")
+    spent: Spent = field(default_factory=Spent)
+    history: list[tuple[int, float]] = field(default_factory=list)
+
+
+def _start(ckpt_root: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: LRScheduler,
+           opts: TrainOptions) -> _StartingPoint:
+    """Where training starts: the last checkpoint's state restored (``opts.resume``), or a fresh
+    checkpoint folder; in a distributed run every replica then takes rank 0's trainable weights."""
+    world = opts.world
+    start = _StartingPoint()
+    if opts.resume:
+        last, meta = _resume(ckpt_root, model, optimizer, scheduler, opts.fingerprint, world)
+        start = _StartingPoint(int(meta["step"]), int(meta["step"]), float(meta.get("loss", "nan")), Spent.of(meta),
+                               [(int(a), float(b)) for a, b in meta.get("validations", [])])
+        log.info("resumed from %s (step %d of %d)", last.name, start.step, int(meta.get("total_steps", 0)) or start.step)
+    elif world is None or world.is_main:
+        shutil.rmtree(ckpt_root, ignore_errors=True)
+    if world is not None:
+        world.broadcast_parameters([p for p in model.parameters() if p.requires_grad])
+    ckpt_root.mkdir(parents=True, exist_ok=True)
+    return start
+
+
+def _resume(ckpt_root: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: LRScheduler,
+            fingerprint: str, world: World | None) -> tuple[Path, CheckpointMeta]:
+    """Restore the newest usable checkpoint; in a distributed run rank 0 first (it removes the
+    unusable ones it skips), then the others from the same folder."""
+    if world is None:
+        return resume_checkpoint(ckpt_root, model, optimizer, scheduler, fingerprint)
+    if not world.is_main:
+        world.barrier()
+    found = resume_checkpoint(ckpt_root, model, optimizer, scheduler, fingerprint)
+    if world.is_main:
+        world.barrier()
+    return found
 
 
 def save_adapter(model: PeftModel | PreTrainedModel, tokenizer: PreTrainedTokenizerBase, adapter_dir: Path) -> Path:
