@@ -36,6 +36,7 @@ from functools import cache
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from tuneline.errors import Problem, TunelineError
+from tuneline.runtime.sql import create_racing
 
 if TYPE_CHECKING:
     from sqlalchemy import Table
@@ -193,7 +194,7 @@ class AuditTrail:
             kwargs["connect_args"] = {"timeout": 30}
         self.engine: Engine = create_engine(u, **kwargs)
         try:
-            _tables().entries.metadata.create_all(self.engine)
+            create_racing(lambda: _tables().entries.metadata.create_all(self.engine))  # two machines' first commands
         except OperationalError as exc:
             raise AuditError(Problem(f"cannot open the audit trail at {self.url}: {exc.orig}",
                                      hint=f"check the URL (${AUDIT_URL_ENV}) and that the database is reachable")) from exc

@@ -73,6 +73,7 @@ from sqlalchemy.sql.expression import ColumnElement, Executable
 
 from tuneline.curation.pii import Redactor, redact_json
 from tuneline.monitor.results import CheckResult, DetectorResult, Window
+from tuneline.runtime.sql import create_racing
 
 try:
     import fcntl
@@ -998,16 +999,11 @@ class RequestLog:
 def create_tables(engine: Engine, tries: int = 3) -> None:
     """The store's tables and columns, made where missing. Another process making them at the
     same moment ("table ... already exists") is not an error: the next try finds them."""
-    for attempt in range(tries):
-        try:
-            metadata.create_all(engine)
-            add_missing_columns(engine)
-            return
-        except Exception as exc:
-            message = str(exc).lower()
-            if attempt == tries - 1 or ("already exists" not in message and "duplicate" not in message):
-                raise
-            time.sleep(0.05 * (attempt + 1))
+    def create() -> None:
+        metadata.create_all(engine)
+        add_missing_columns(engine)
+
+    create_racing(create, tries)
 
 
 def add_missing_columns(engine: Engine) -> list[str]:
