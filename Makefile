@@ -27,9 +27,13 @@ $(STAMP): pyproject.toml constraints.txt
 demo: setup
 	$(BIN)/tuneline run examples/banking77/tuneline.yaml
 
+# two pytest-xdist workers (TEST_WORKERS=1 for one), a test file to each at a time: a file's
+# servers (PostgreSQL, MLflow, SeaweedFS, Ray) are started once per file; each worker computes on
+# its share of the cores (tests/conftest.py)
+TEST_WORKERS ?= 2
 test: install
 	bash scripts/install-browser.sh
-	$(BIN)/pytest --durations=25
+	$(BIN)/pytest -n $(TEST_WORKERS) --dist loadfile --durations=25
 
 test-slow: install
 	$(BIN)/pytest -m slow

@@ -2,10 +2,22 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 from helpers import banking_rows, write_csv, write_spec
+
+# Commands print through Rich, which wraps at the console's width (80 columns when stdout is not a
+# terminal): the tests read whole lines, so they do not depend on the terminal (or on the length of
+# pytest-xdist's temporary paths) but see one width everywhere, in this process and in the
+# commands they start. A test that checks wrapping sets its own.
+os.environ["COLUMNS"] = "250"
+# pytest-xdist workers (`make test` runs two) share the cores: each computes with its share of them,
+# it and the commands it starts (set before torch is imported, which reads it once)
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    os.environ.setdefault("OMP_NUM_THREADS",
+                          str(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))))
 
 
 @pytest.fixture(scope="session")
