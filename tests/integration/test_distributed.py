@@ -38,9 +38,9 @@ TRAIN = (f"{{method: lora, lr: 2.0e-2, max_steps: {STEPS}, batch_size: 4, grad_a
          "precision: fp32, seed: 0, checkpoint_every: 1, max_grad_norm: 1.0, lora: {dropout: 0.0}}")
 
 
-def _spec(folder: Path, model_dir: Path) -> Path:
+def _spec(folder: Path, model_dir: Path, train: str = TRAIN) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
-    spec = tiny_lora_spec(folder, model_dir, "ddp", per_label=6, train=TRAIN, extra="baseline: {enabled: false}\n")
+    spec = tiny_lora_spec(folder, model_dir, "ddp", per_label=6, train=train, extra="baseline: {enabled: false}\n")
     spec.write_text(spec.read_text().replace("eval: {", "eval: {compare_base: false, "))
     return spec
 
@@ -52,6 +52,18 @@ def _cli(args: list[str], log: Path) -> subprocess.Popen:
     with log.open("w") as out:
         return subprocess.Popen([sys.executable, "-m", "tuneline", *args], stdout=out, stderr=subprocess.STDOUT,
                                 env=env, start_new_session=True)
+
+
+def _kill_after_checkpoint(proc: subprocess.Popen, ckpts: Path, step: int, log: Path) -> None:
+    """Kill the run (launcher and ranks) as soon as checkpoint ``step`` is in place, mid-training."""
+    deadline = time.monotonic() + 240
+    while not (ckpts / f"step-{step:07d}").is_dir():
+        assert proc.poll() is None, log.read_text()[-4000:]
+        assert time.monotonic() < deadline, f"no checkpoint {step} within 240 s"
+        time.sleep(0.01)
+    _kill_tree(proc)
+    newest = max(int(p.name.split("-")[1]) for p in ckpts.glob("step-*"))
+    assert newest < STEPS, "the run had finished training before the kill"
 
 
 def _kill_tree(proc: subprocess.Popen) -> None:
@@ -129,16 +141,8 @@ def test_two_processes_train_the_adapter_one_process_trains(reference, tmp_path:
 def test_a_two_process_run_killed_mid_training_resumes_on_one_process(reference, tmp_path: Path,
                                                                       tiny_model_dir: Path) -> None:
     ws, spec = tmp_path / "ws", _spec(tmp_path / "spec", tiny_model_dir)
-    ckpts = ws / "runs" / "ddp" / "checkpoints"
     proc = _cli(["run", str(spec), "--nproc", "2", "-w", str(ws), "--no-progress"], tmp_path / "log")
-    deadline = time.monotonic() + 240
-    while not (ckpts / "step-0000003").is_dir():
-        assert proc.poll() is None, (tmp_path / "log").read_text()[-4000:]
-        assert time.monotonic() < deadline, "no checkpoint 3 within 240 s"
-        time.sleep(0.01)
-    _kill_tree(proc)
-    newest = max(int(p.name.split("-")[1]) for p in ckpts.glob("step-*"))
-    assert newest < STEPS, "the run had finished training before the kill"
+    _kill_after_checkpoint(proc, ws / "runs" / "ddp" / "checkpoints", 3, tmp_path / "log")
 
     result = tuneline.run(spec, workspace=ws, resume=True, show_progress=False)
     assert result.train.resumed_from_step is not None and 3 <= result.train.resumed_from_step < STEPS

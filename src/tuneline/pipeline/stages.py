@@ -197,6 +197,7 @@ def run_fingerprint(loaded: LoadedSpec, data: PreparedData, model_fingerprint: s
         spec["train"] = train_cfg.model_dump(mode="json")
     spec["train"].pop("checkpoint_every", None)
     spec["train"].pop("log_every", None)
+    spec["train"].pop("distributed", None)  # ddp or fsdp train the same: a checkpoint resumes under either
     _drop_unused_method_sections(spec["train"])
     if spec["data"].get("preferences") is None:
         spec["data"].pop("preferences", None)

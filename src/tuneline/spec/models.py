@@ -363,6 +363,18 @@ class EarlyStoppingSpec(_Model):
     rows: int = Field(default=200, gt=0, description="Validation rows scored each time (seeded sample).")
 
 
+class DistributedSpec(_Model):
+    """How a run on several processes (``tuneline run --nproc N``, torchrun) splits the work; a run
+    in one process ignores it. Either way the training is the same (the strategy is left out of the
+    run's fingerprint: a checkpoint resumes under the other)."""
+
+    strategy: Literal["ddp", "fsdp"] = Field(
+        default="ddp",
+        description="ddp: every process holds the whole model and the gradients are summed across them; "
+                    "fsdp: parameters, gradients and optimizer state sharded across the processes (FSDP2), for "
+                    "full fine-tuning of a model that does not fit one device (method: full only).")
+
+
 class TrainSpec(_Model):
     method: TrainMethod = Field(
         default="lora",
@@ -411,6 +423,18 @@ class TrainSpec(_Model):
         default=None, description="Validate during training; stop on a plateau and keep the best weights.")
     checkpoint_every: int = Field(default=200, gt=0, description="Save a resumable checkpoint every N steps.")
     log_every: int = Field(default=10, gt=0, description="Log a progress line every N steps when output is not a terminal.")
+    distributed: DistributedSpec = Field(
+        default_factory=DistributedSpec, description="On several processes (--nproc, torchrun): ddp or fsdp.")
+
+    @model_validator(mode="after")
+    def _sharding_is_for_full_fine_tuning(self) -> TrainSpec:
+        if self.distributed.strategy == "fsdp" and self.method != "full":
+            raise ValueError(f"train.distributed.strategy fsdp shards full fine-tuning; method {self.method!r} trains "
+                             "an adapter, which fits every process: use strategy ddp (the default)")
+        if self.distributed.strategy == "fsdp" and self.early_stopping is not None:
+            raise ValueError("train.early_stopping validates on rank 0 alone, which cannot run a sharded model: "
+                             "with strategy fsdp leave early_stopping out")
+        return self
 
 
 class GoldenSetSpec(DataSource):

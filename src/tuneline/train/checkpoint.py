@@ -18,7 +18,7 @@ import os
 import random
 import re
 import shutil
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NotRequired, TypedDict, cast
@@ -50,6 +50,10 @@ class RngState(TypedDict):
     cuda: list[torch.Tensor] | None
     python: list[Any]
     numpy: NotRequired[list[Any] | None]
+
+
+# load(model, optimizer, weights, optimizer_state): put a checkpoint's state in place (a sharded model's way)
+LoadState = Callable[["torch.nn.Module", "torch.optim.Optimizer", dict[str, Any], dict[str, Any]], None]
 
 
 class CheckpointState(TypedDict):
@@ -150,8 +154,11 @@ def checkpoints(ckpt_root: Path) -> list[Path]:
 
 
 def save_checkpoint(ckpt_root: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                    scheduler: LRScheduler, fingerprint: str, extra: Mapping[str, object]) -> Path:
-    """Write the checkpoint of ``step`` durably, then drop all but the last :data:`KEEP_LAST`."""
+                    scheduler: LRScheduler, fingerprint: str, extra: Mapping[str, object],
+                    state: tuple[dict[str, Any], dict[str, Any]] | None = None) -> Path:
+    """Write the checkpoint of ``step`` durably, then drop all but the last :data:`KEEP_LAST`.
+    ``state``: the (weights, optimizer state) to write instead of the model's and the optimizer's
+    own (a sharded model's, gathered whole)."""
     import torch
 
     target = ckpt_root / f"step-{step:07d}"
@@ -159,7 +166,8 @@ def save_checkpoint(ckpt_root: Path, step: int, model: torch.nn.Module, optimize
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     buf = io.BytesIO()
-    torch.save({"model": trainable_state(model), "optimizer": optimizer.state_dict(),
+    weights, optim = state if state is not None else (trainable_state(model), optimizer.state_dict())
+    torch.save({"model": weights, "optimizer": optim,
                 "scheduler": scheduler.state_dict(), "rng": rng_state()}, buf)
     data = buf.getvalue()
     (tmp / STATE).write_bytes(data)
@@ -233,11 +241,13 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.O
 
 
 def resume_checkpoint(ckpt_root: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                      scheduler: LRScheduler, fingerprint: str) -> tuple[Path, CheckpointMeta]:
+                      scheduler: LRScheduler, fingerprint: str, load: LoadState | None = None) -> tuple[Path, CheckpointMeta]:
     """Restore the newest usable checkpoint under ``ckpt_root``; return (its folder, its meta).
 
     A corrupt, truncated or unreadable checkpoint is skipped with a warning naming it, and removed
-    once an older one was restored (the resumed run writes it again)."""
+    once an older one was restored (the resumed run writes it again). ``load(model, optimizer,
+    weights, optimizer_state)`` puts the weights and optimizer state in place instead of copying
+    them into the parameters (a sharded model)."""
     found = checkpoints(ckpt_root)
     if not found:
         raise TrainingError(Problem(f"nothing to resume: no checkpoint in {ckpt_root}",
@@ -250,7 +260,7 @@ def resume_checkpoint(ckpt_root: Path, model: torch.nn.Module, optimizer: torch.
             bad.append((path, str(exc)))
             log.warning("checkpoint %s is unusable (%s); trying the one before it", path, exc)
             continue
-        _apply(state, model, optimizer, scheduler)
+        _apply(state, model, optimizer, scheduler, load)
         for skipped, _ in bad:
             _discard(skipped)
         return path, meta
@@ -261,13 +271,16 @@ def resume_checkpoint(ckpt_root: Path, model: torch.nn.Module, optimizer: torch.
 
 
 def _apply(state: CheckpointState, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-           scheduler: LRScheduler) -> None:
+           scheduler: LRScheduler, load: LoadState | None = None) -> None:
     import torch
 
-    params = dict(model.named_parameters())
-    with torch.no_grad():
-        for name, value in state["model"].items():
-            params[name].copy_(value)
-    optimizer.load_state_dict(state["optimizer"])
+    if load is not None:
+        load(model, optimizer, dict(state["model"]), dict(state["optimizer"]))
+    else:
+        params = dict(model.named_parameters())
+        with torch.no_grad():
+            for name, value in state["model"].items():
+                params[name].copy_(value)
+        optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     set_rng_state(state["rng"])

@@ -20,12 +20,13 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 if TYPE_CHECKING:
     import torch
@@ -188,6 +189,7 @@ def launch_local(nproc: int, argv: list[str], verbose: bool = False) -> int:
 
     Each rank computes with ``cores / nproc`` threads unless ``OMP_NUM_THREADS`` says otherwise."""
     import torch
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
@@ -200,7 +202,103 @@ def launch_local(nproc: int, argv: list[str], verbose: bool = False) -> int:
                           rdzv_backend="c10d", rdzv_endpoint="127.0.0.1:0", max_restarts=0, monitor_interval=0.2)
     try:
         elastic_launch(config, sys.executable)("-m", "tuneline", *argv)
+    except SignalException as exc:  # Ctrl-C or a TERM: the agent has stopped every rank
+        if exc.sigval == signal.SIGINT:
+            raise KeyboardInterrupt from exc  # the command's own message: the checkpoints are kept
+        return 128 + int(exc.sigval)
     except ChildFailedError as exc:
         failure = exc.failures.get(0) or next(iter(exc.failures.values()))
         return failure.exitcode if failure.exitcode > 0 else 128 - failure.exitcode  # a signal: 128 + its number
     return 0
+
+
+# ------------------------------------------------------------------ sharded (FSDP2) full fine-tuning
+
+
+def shard(model: torch.nn.Module) -> None:
+    """Shard ``model`` across the ranks with FSDP2: each decoder layer is one unit (gathered for its
+    forward and backward, freed after), the rest (embeddings, final norm, head) the root's. The
+    gradients are summed across the ranks, not averaged: each rank's loss is already divided by
+    the answer tokens of the whole step."""
+    from torch.distributed.fsdp import FSDPModule, fully_shard
+
+    for layer in [m for m in model.modules() if type(m).__name__.endswith("DecoderLayer")]:
+        fully_shard(layer)
+    fully_shard(model)
+    for m in model.modules():
+        if isinstance(m, FSDPModule):
+            m.set_gradient_divide_factor(1.0)
+            m.set_force_sum_reduction_for_comms(True)  # a plain sum: gloo has no pre-multiplied one
+
+
+def is_sharded(model: torch.nn.Module) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) for p in model.parameters())
+
+
+def _trainable_names(model: torch.nn.Module) -> list[str]:
+    return [n for n, p in model.named_parameters() if p.requires_grad]
+
+
+def gather_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The trainable weights and the optimizer state of a sharded model, whole, on rank 0's CPU
+    (every rank must call it: it gathers the shards), in the layout a one-process checkpoint has:
+    weights by parameter name, optimizer state by parameter index. So a checkpoint of a sharded run
+    resumes on any number of processes, sharded or not. Other ranks get empty dicts."""
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_optimizer_state_dict,
+    )
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    names = _trainable_names(model)
+    weights = get_model_state_dict(model, options=options)
+    optim: dict[str, Any] = dict(get_optimizer_state_dict(model, optimizer, options=options))
+    if not weights:
+        return {}, {}
+    index = {n: i for i, n in enumerate(names)}
+    return ({n: weights[n] for n in names},
+            {"state": {index[k]: v for k, v in optim["state"].items()},
+             "param_groups": [{**g, "params": [index[n] for n in g["params"]]} for g in optim["param_groups"]]})
+
+
+def load_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, weights: dict[str, Any],
+               optim: dict[str, Any]) -> None:
+    """Load a whole (one-process layout) checkpoint state into a sharded model and its optimizer:
+    every rank reads the whole state and keeps its shard."""
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    options = StateDictOptions(full_state_dict=True, strict=False)
+    names = _trainable_names(model)
+    # copies of the dicts (not of the tensors): torch puts the shards it makes in the dicts it is given
+    set_model_state_dict(model, dict(weights), options=options)
+    by_name: Any = {"state": {names[int(i)]: dict(v) for i, v in optim["state"].items()},
+               "param_groups": [{**g, "params": [names[int(i)] for i in g["params"]]} for g in optim["param_groups"]]}
+    set_optimizer_state_dict(model, optimizer, by_name, options=options)
+
+
+def unsharded_copy(model: torch.nn.Module, weights: dict[str, Any]) -> torch.nn.Module:
+    """Rank 0: a plain (unsharded) copy of a sharded transformers model, from its gathered
+    ``weights``, to save and evaluate in one process."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    config: Any = model.config  # a transformers model
+    dtype = next(iter(weights.values())).dtype
+    copy = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    missing, unexpected = copy.load_state_dict(weights, strict=False)
+    tied = {k for k in missing if k.endswith("lm_head.weight")} if getattr(config, "tie_word_embeddings", False) else set()
+    if unexpected or set(missing) - tied:
+        raise RuntimeError(f"the gathered weights do not fit the model: missing {sorted(set(missing) - tied)[:5]}, "
+                           f"unexpected {sorted(unexpected)[:5]}")
+    copy.tie_weights()
+    device = next(p.device for p in model.parameters())
+    with torch.no_grad():
+        copy.to(device.type if device.type == "cpu" else device)
+    return copy

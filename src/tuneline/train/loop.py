@@ -32,7 +32,14 @@ from tuneline.runtime.progress import QuietWhenPiped, progress_bar
 from tuneline.spec.models import TrainSpec
 from tuneline.train.batching import collate, collate_packed, epoch_batches, shared_prefix_len
 from tuneline.train.checkpoint import Spent, resume_checkpoint, save_checkpoint, trainable_state
-from tuneline.train.distributed import World
+from tuneline.train.distributed import (
+    World,
+    gather_state,
+    is_sharded,
+    load_state,
+    shard,
+    unsharded_copy,
+)
 from tuneline.train.loss import answer_loss_sum
 from tuneline.train.peft_builders import count_parameters, is_prompt_learning, wrap_for_training
 
@@ -240,6 +247,7 @@ class _Stepper:
     pack_capacity: int | None
     share_prefix: bool
     world: World | None
+    sharded: bool = False
 
     def gradients(self, micro: list[list[Encoded]]) -> tuple[float, int, int]:
         """Backward over one step's micro-batches (this rank's share of them, the gradients summed
@@ -252,9 +260,23 @@ class _Stepper:
         computed = tokens - sum((len(mb) - 1) * shared_prefix_len(mb) for mb in mine if mb) * self.share_prefix
         if world is None:
             return loss, tokens, computed
-        world.sync_gradients(self.params)
+        if self.sharded:  # FSDP summed the gradients in the backward passes; each pass needs every rank
+            for mb, share in zip(micro, mine, strict=True):
+                if not share:
+                    self._idle_pass(mb[:1])
+        else:
+            world.sync_gradients(self.params)
         total_loss, total_tokens, total_computed = world.sum([loss, tokens, computed])
         return total_loss, int(total_tokens), int(total_computed)
+
+    def _idle_pass(self, examples: list[Encoded]) -> None:
+        """A forward and backward that adds nothing to the gradients (the loss times zero): what a
+        rank with no row in a micro-batch runs, so that the sharded model's gathers and reductions
+        happen on every rank."""
+        batch = make_batch(examples, self.pad_id, self.device)
+        with autocast_for(self.precision, self.device):
+            loss_sum, _ = answer_loss_sum(self.model, batch)
+        (loss_sum * 0.0).backward()
 
 
 def evaluate_loss(model: torch.nn.Module, encoded: list[Encoded], batch_size: int, pad_id: int, precision: str, device: str) -> float:
@@ -311,21 +333,23 @@ def train(
     # ``model`` is the transformers model load_model returned (callers hold it as an nn.Module);
     # transformers types PreTrainedModel.to through functools.wraps, which loses the binding of self
     base = cast("PreTrainedModel", model)
-    trained: PeftModel | PreTrainedModel = wrap_for_training(base, cfg).to(device)  # type: ignore[arg-type]
+    trained, sharded = _wrap(base, cfg, device, world)
     trainable, total_params = count_parameters(trained)
     params = [p for p in trained.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     warmup = int(cfg.warmup_ratio * total_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(total_steps, warmup, cfg.lr_scheduler))
     pad_id = tokenizer.pad_token_id
-    # caches do not mix with activation checkpointing (transformers turns them off), nor with virtual tokens
-    share_prefix = cfg.share_prefix and not cfg.gradient_checkpointing and not is_prompt_learning(trained)
+    # caches do not mix with activation checkpointing (transformers turns them off), nor with virtual
+    # tokens; nor with a sharded model: the prefix pass calls the inner decoder, past the root's gathers
+    share_prefix = (cfg.share_prefix and not cfg.gradient_checkpointing and not is_prompt_learning(trained)
+                    and not sharded)
 
     ckpt_root = out_dir / "checkpoints"
     start = _start(ckpt_root, trained, optimizer, scheduler, opts)
     start_step, resumed_from, loss_value, before, history = start.step, start.resumed_from, start.loss, start.spent, start.history
     stepper = _Stepper(trained, params, pad_id, precision, device, cfg.seq_len if cfg.packing else None,
-                       share_prefix, world)
+                       share_prefix, world, sharded)
 
     # --- train -------------------------------------------------------------------------------
     log.info("training %s params of %s (%.2f%%), %d examples, %d steps, precision %s on %s%s",
@@ -342,8 +366,8 @@ def train(
             step_loss, step_tokens, step_computed = stepper.gradients(micro)
             tokens_done += step_tokens
             computed += step_computed
-            grad_norm = (torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-                         if cfg.max_grad_norm else torch.tensor(0.0))
+            grad_norm = _whole(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+                               if cfg.max_grad_norm else torch.tensor(0.0))
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
@@ -369,10 +393,10 @@ def train(
             if stopped_early:
                 log.info("early stopping at step %d: no improvement in the last validations", done)
                 break
-            if main and done % cfg.checkpoint_every == 0 and done < total_steps:
+            if done % cfg.checkpoint_every == 0 and done < total_steps:
                 spent = before.plus(time.perf_counter() - t0, tokens_done, computed)
-                save_checkpoint(ckpt_root, done, trained, optimizer, scheduler, fingerprint,
-                                {"total_steps": total_steps, "loss": loss_value, "validations": history, **spent.meta()})
+                _checkpoint(ckpt_root, done, trained, optimizer, scheduler, opts,
+                            {"total_steps": total_steps, "loss": loss_value, "validations": history, **spent.meta()})
     spent = before.plus(time.perf_counter() - t0, tokens_done, computed)  # the whole run's, over every resume
     best_step, best_value = _best(check, history)
     if check is not None and check.keep_best and best_step is not None and best_step != done:
@@ -380,12 +404,14 @@ def train(
         log.info("kept the best weights: step %d (validation %.4f)", best_step, best_value)
 
     # --- save --------------------------------------------------------------------------------
+    trained, gathered = _whole_model(trained, optimizer, world, sharded)
     eval_loss = evaluate_loss(trained, eval_encoded, cfg.batch_size, pad_id, precision, device) if eval_encoded else None
     adapter_dir = out_dir / "adapter"
     if main:  # the other ranks hold the same weights
         save_adapter(trained, tokenizer, adapter_dir)
         save_checkpoint(ckpt_root, done, trained, optimizer, scheduler, fingerprint,
-                        {"total_steps": total_steps, "loss": loss_value, "validations": history, **spent.meta()})
+                        {"total_steps": total_steps, "loss": loss_value, "validations": history, **spent.meta()},
+                        gathered)
     trained.eval()
     result = TrainResult(
         adapter_dir=str(adapter_dir), steps=done, epochs=done * cfg.grad_accum / per_epoch,
@@ -413,32 +439,76 @@ def _start(ckpt_root: Path, model: torch.nn.Module, optimizer: torch.optim.Optim
     """Where training starts: the last checkpoint's state restored (``opts.resume``), or a fresh
     checkpoint folder; in a distributed run every replica then takes rank 0's trainable weights."""
     world = opts.world
+    sharded = world is not None and is_sharded(model)
     start = _StartingPoint()
     if opts.resume:
-        last, meta = _resume(ckpt_root, model, optimizer, scheduler, opts.fingerprint, world)
+        last, meta = _resume(ckpt_root, model, optimizer, scheduler, opts.fingerprint, world, sharded)
         start = _StartingPoint(int(meta["step"]), int(meta["step"]), float(meta.get("loss", "nan")), Spent.of(meta),
                                [(int(a), float(b)) for a, b in meta.get("validations", [])])
         log.info("resumed from %s (step %d of %d)", last.name, start.step, int(meta.get("total_steps", 0)) or start.step)
     elif world is None or world.is_main:
         shutil.rmtree(ckpt_root, ignore_errors=True)
-    if world is not None:
+    if world is not None and not sharded:  # sharded: full fine-tuning, every rank loaded the same weights
         world.broadcast_parameters([p for p in model.parameters() if p.requires_grad])
     ckpt_root.mkdir(parents=True, exist_ok=True)
     return start
 
 
+def _wrap(base: PreTrainedModel, cfg: TrainSpec, device: str,
+          world: World | None) -> tuple[PeftModel | PreTrainedModel, bool]:
+    """The model to train on ``device`` (the PEFT wrapper, or the model itself for full
+    fine-tuning), sharded across the ranks when ``train.distributed.strategy`` is fsdp (before the
+    optimizer is made: it steps the shards); and whether it is sharded."""
+    trained: PeftModel | PreTrainedModel = wrap_for_training(base, cfg).to(device)  # type: ignore[arg-type]
+    if world is None or cfg.distributed.strategy != "fsdp":
+        return trained, False
+    shard(trained)
+    return trained, True
+
+
+def _whole_model(model: PeftModel | PreTrainedModel, optimizer: torch.optim.Optimizer, world: World | None,
+                 sharded: bool) -> tuple[PeftModel | PreTrainedModel, tuple[dict, dict] | None]:
+    """After sharded training: the state gathered whole (every rank takes part) and, on rank 0, a
+    plain copy of the model to save and evaluate in one process. Unsharded: the model as it is."""
+    if not sharded:
+        return model, None
+    gathered = gather_state(model, optimizer)
+    if world is not None and world.is_main:
+        return cast("PreTrainedModel", unsharded_copy(model, gathered[0])), gathered
+    return model, gathered
+
+
 def _resume(ckpt_root: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: LRScheduler,
-            fingerprint: str, world: World | None) -> tuple[Path, CheckpointMeta]:
+            fingerprint: str, world: World | None, sharded: bool) -> tuple[Path, CheckpointMeta]:
     """Restore the newest usable checkpoint; in a distributed run rank 0 first (it removes the
-    unusable ones it skips), then the others from the same folder."""
+    unusable ones it skips), then the others from the same folder. A sharded model loads the whole
+    state on every rank, together (each keeps its shard)."""
     if world is None:
         return resume_checkpoint(ckpt_root, model, optimizer, scheduler, fingerprint)
+    if sharded:
+        return resume_checkpoint(ckpt_root, model, optimizer, scheduler, fingerprint, load_state)
     if not world.is_main:
         world.barrier()
     found = resume_checkpoint(ckpt_root, model, optimizer, scheduler, fingerprint)
     if world.is_main:
         world.barrier()
     return found
+
+
+def _checkpoint(ckpt_root: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                scheduler: LRScheduler, opts: TrainOptions, extra: dict[str, object]) -> None:
+    """Rank 0 writes the checkpoint of ``step``; a sharded model's state is first gathered whole
+    (every rank takes part), so the checkpoint resumes on any number of processes."""
+    world = opts.world
+    gathered = gather_state(model, optimizer) if world is not None and is_sharded(model) else None
+    if world is None or world.is_main:
+        save_checkpoint(ckpt_root, step, model, optimizer, scheduler, opts.fingerprint, extra, gathered)
+
+
+def _whole(value: torch.Tensor) -> torch.Tensor:
+    """A sharded model's gradient norm is a distributed tensor: its value, whole."""
+    full = getattr(value, "full_tensor", None)
+    return full() if callable(full) else value
 
 
 def save_adapter(model: PeftModel | PreTrainedModel, tokenizer: PreTrainedTokenizerBase, adapter_dir: Path) -> Path:

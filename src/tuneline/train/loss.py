@@ -48,8 +48,8 @@ def answer_loss_sum(model: torch.nn.Module, batch: Batch, chunk: int = LOGITS_CH
     import torch.nn.functional as F
     from torch.utils.checkpoint import checkpoint
 
-    if is_prompt_learning(model):
-        return _virtual_token_loss_sum(model, batch)
+    if is_prompt_learning(model) or _is_sharded_root(model):
+        return _forward_loss_sum(model, batch)
     decoder, head = _decoder_and_head(model)
     ids, prefix = batch["input_ids"], int(batch.get("prefix_len", 0))
     if prefix:
@@ -80,16 +80,26 @@ def answer_loss_sum(model: torch.nn.Module, batch: Batch, chunk: int = LOGITS_CH
     return torch.stack(parts).sum(), n
 
 
-def _virtual_token_loss_sum(model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, int]:
-    """The same loss for prefix and prompt tuning, through the peft model's forward (which adds the
-    virtual tokens). Logits are kept only from the first answer position of the batch on."""
+def _is_sharded_root(model: torch.nn.Module) -> bool:
+    """A model sharded with FSDP2: its forward gathers the root's weights (embeddings, final norm,
+    head) and arranges their gradients' reduction, so the loss must go through it, not around it."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
+def _forward_loss_sum(model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, int]:
+    """The same loss through the model's own forward: for prefix and prompt tuning (the peft
+    model's forward adds the virtual tokens) and for a sharded model. Logits are kept only from the
+    first answer position of the batch on."""
     import torch.nn.functional as F
 
     ids, labels = batch["input_ids"], batch["labels"]
     answer_cols = (labels[:, 1:] != IGNORE_INDEX).any(dim=0).nonzero()
     first = int(answer_cols[0]) if answer_cols.numel() else ids.shape[1] - 1
     keep_n = ids.shape[1] - first  # positions first .. end-1 predict tokens first+1 .. end
-    logits = model(input_ids=ids, attention_mask=batch.get("attention_mask"), logits_to_keep=keep_n).logits
+    extra = {"position_ids": batch["position_ids"]} if batch.get("position_ids") is not None else {}
+    logits = model(input_ids=ids, attention_mask=batch.get("attention_mask"), logits_to_keep=keep_n, **extra).logits
     logits = logits[:, -keep_n:][:, :-1] if keep_n > 1 else logits[:, :0]
     targets = labels[:, first + 1 :]
     keep = targets != IGNORE_INDEX

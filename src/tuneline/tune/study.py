@@ -115,7 +115,8 @@ def study_name(loaded: LoadedSpec, dataset_version: str | None, model_fingerprin
     search = spec.search.model_dump(mode="json")
     for irrelevant in ("workers", "timeout_minutes", "trials", "backend", "ray"):
         search.pop(irrelevant)
-    payload = json.dumps({"search": search, "train": spec.train.model_dump(mode="json"),
+    # how a run on several processes splits the work changes no trial (and older studies keep their names)
+    payload = json.dumps({"search": search, "train": spec.train.model_dump(mode="json", exclude={"distributed"}),
                           "task": spec.task.model_dump(mode="json"), "objective": spec.objective.primary,
                           # max_new_tokens moved to decoding; kept under "eval" so earlier studies keep their names
                           "eval": {**spec.eval.model_dump(mode="json", include={"batch_size", "constrain_to_labels"}),
