@@ -46,7 +46,8 @@ def test_sharded_full_fine_tuning_killed_and_resumed_saves_the_whole_model(tmp_p
     moved = max(float((ref[k] - initial[k]).abs().max()) for k in ref if k in initial)
     worst = max(float((got[k] - ref[k]).abs().max()) for k in ref)
     assert moved > 1e-4, "training did not move the weights: the comparison would say nothing"
-    assert worst <= 1e-2 * moved, f"the models differ by {worst:.3g}; training moved weights by up to {moved:.3g}"
+    # measured: 4.0e-7 apart where training moved weights by up to 6.6e-3 (0.006%)
+    assert worst <= 1e-3 * moved, f"the models differ by {worst:.3g}; training moved weights by up to {moved:.3g}"
 
 
 def test_a_sharded_checkpoint_has_the_one_process_layout(tmp_path: Path, tiny_model_dir: Path) -> None:

@@ -83,6 +83,10 @@ def answer_loss_sum(model: torch.nn.Module, batch: Batch, chunk: int = LOGITS_CH
 def _is_sharded_root(model: torch.nn.Module) -> bool:
     """A model sharded with FSDP2: its forward gathers the root's weights (embeddings, final norm,
     head) and arranges their gradients' reduction, so the loss must go through it, not around it."""
+    import torch
+
+    if not torch.distributed.is_available():  # builds without torch.distributed cannot shard
+        return False
     from torch.distributed.fsdp import FSDPModule
 
     return isinstance(model, FSDPModule)
