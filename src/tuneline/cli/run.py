@@ -4,12 +4,13 @@ Python API (:mod:`tuneline.pipeline`) and prints; ``--json`` prints the result a
 from __future__ import annotations
 
 import logging
+import os
 from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from tuneline.cli.console import err_console, human_output, print_json, setup_logging
-from tuneline.cli.exits import EXIT_ERROR, EXIT_GATES_FAILED
+from tuneline.cli.exits import EXIT_ERROR, EXIT_GATES_FAILED, EXIT_INTERRUPTED
 from tuneline.cli.options import JsonOpt, NoProgressOpt, SpecArg, VerboseOpt, WorkspaceOpt
 
 if TYPE_CHECKING:
@@ -55,8 +56,14 @@ def run(
         return
     from tuneline import pipeline  # lazy: it pulls numpy and every stage; --help stays fast
 
-    with human_output(as_json) as out:
-        result = pipeline.run(spec, workspace=workspace, resume=resume, show_progress=not no_progress, console=out)
+    try:
+        with human_output(as_json) as out:
+            result = pipeline.run(spec, workspace=workspace, resume=resume, show_progress=not no_progress,
+                                  console=out)
+    except KeyboardInterrupt:
+        if world is not None and os.environ.get(distributed.LAUNCHED_BY_NPROC):
+            raise typer.Exit(EXIT_INTERRUPTED) from None  # `--nproc` itself says what to do, once
+        raise
     if world is not None:  # only after a whole run: on an error the launcher stops the other ranks
         from tuneline.train.ranks import release  # lazy: with the distributed run only
 
@@ -75,7 +82,10 @@ def _train_alongside(world: World, verbose: bool) -> None:
 
     if not verbose:
         logging.getLogger("tuneline").setLevel(logging.WARNING)
-    serve_jobs(world)
+    try:
+        serve_jobs(world)
+    except KeyboardInterrupt:  # the launcher passes Ctrl-C on to every rank; rank 0 says what to do
+        raise typer.Exit(EXIT_INTERRUPTED) from None
     distributed.leave_world()
 
 

@@ -39,6 +39,8 @@ T = TypeVar("T")
 # memory of a full fine-tuning's gradients
 BUCKET = 1 << 24
 OBJECTS_TIMEOUT = timedelta(days=2)
+# set for the ranks `tuneline run --nproc` starts (the launcher, not rank 0, reports an interruption)
+LAUNCHED_BY_NPROC = "TUNELINE_LAUNCHED_BY_NPROC"
 
 
 def launched_world_size() -> int:
@@ -196,6 +198,7 @@ def launch_local(nproc: int, argv: list[str], verbose: bool = False) -> int:
     if not verbose:  # the agent logs every rank's exit at ERROR, including a gate's exit 3
         logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    os.environ[LAUNCHED_BY_NPROC] = "1"
     if torch.cuda.is_available() and nproc > torch.cuda.device_count():
         raise ValueError(f"--nproc {nproc} needs {nproc} GPUs; this machine has {torch.cuda.device_count()}")
     config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=f"tuneline-{uuid.uuid4().hex[:12]}",
