@@ -28,6 +28,8 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from tuneline.errors import Problem, TrainingError
+
 if TYPE_CHECKING:
     import torch
 
@@ -200,7 +202,8 @@ def launch_local(nproc: int, argv: list[str], verbose: bool = False) -> int:
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
     os.environ[LAUNCHED_BY_NPROC] = "1"
     if torch.cuda.is_available() and nproc > torch.cuda.device_count():
-        raise ValueError(f"--nproc {nproc} needs {nproc} GPUs; this machine has {torch.cuda.device_count()}")
+        raise TrainingError(Problem(f"--nproc {nproc} needs {nproc} GPUs (one per process); this machine has "
+                                    f"{torch.cuda.device_count()}", hint=f"use --nproc {torch.cuda.device_count()}"))
     config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=f"tuneline-{uuid.uuid4().hex[:12]}",
                           rdzv_backend="c10d", rdzv_endpoint="127.0.0.1:0", max_restarts=0, monitor_interval=0.2)
     try:
