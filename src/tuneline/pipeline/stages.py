@@ -231,12 +231,11 @@ def check_distributable(ctx: RunContext) -> None:
     world = current_world()
     if world is None:
         return
-    why = ("task.head: classifier" if ctx.spec.task.head == "classifier"
-           else "train.method: dpo" if ctx.spec.train.method == "dpo" else None)
-    if why is not None:
-        raise SpecError(Problem(f"{why} trains in one process; it cannot run on {world.size} processes",
-                                field="task.head" if why.startswith("task") else "train.method",
-                                hint="run it without --nproc (or outside torchrun)"))
+    for field, value, alone in (("task.head", ctx.spec.task.head, "classifier"),
+                                ("train.method", ctx.spec.train.method, "dpo")):
+        if value == alone:
+            raise SpecError(Problem(f"{field}: {value} trains in one process; it cannot run on {world.size} processes",
+                                    field=field, hint="run it without --nproc (or outside torchrun)"))
 
 
 def plan_training(ctx: RunContext, tracked: Tracked) -> TrainingPlan:

@@ -275,7 +275,7 @@ def _apply(state: CheckpointState, model: torch.nn.Module, optimizer: torch.opti
     import torch
 
     if load is not None:
-        load(model, optimizer, dict(state["model"]), dict(state["optimizer"]))
+        load(model, optimizer, state["model"], state["optimizer"])
     else:
         params = dict(model.named_parameters())
         with torch.no_grad():
