@@ -93,6 +93,11 @@ class Workspace:
         return self._dir("reports")
 
     @property
+    def ray_dir(self) -> Path:
+        """Ray Train's storage for ``train.backend: ray`` (unless ``train.ray.storage`` names another)."""
+        return self._dir("ray")
+
+    @property
     def studies_dir(self) -> Path:
         """Trial folders of hyperparameter searches, one folder per study."""
         return self._dir("studies")

@@ -45,9 +45,10 @@ def _spec(folder: Path, model_dir: Path, train: str = TRAIN) -> Path:
     return spec
 
 
-def _cli(args: list[str], log: Path) -> subprocess.Popen:
+def _cli(args: list[str], log: Path, env_extra: dict[str, str] | None = None) -> subprocess.Popen:
     src = str(Path(tuneline.__file__).resolve().parents[1])
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")]), "COLUMNS": "200"}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")]), "COLUMNS": "200",
+           **(env_extra or {})}
     env.pop("OMP_NUM_THREADS", None)  # the launcher gives each rank its share of the cores
     with log.open("w") as out:
         return subprocess.Popen([sys.executable, "-m", "tuneline", *args], stdout=out, stderr=subprocess.STDOUT,
@@ -163,6 +164,10 @@ def test_what_trains_in_one_process_is_refused_before_any_work(classification_sp
         "type: classification\n", "type: classification\n  head: classifier\n").replace("method: full", "method: lora"))
     ws = tmp_path / "ws"
     with pytest.raises(SpecError, match=r"task.head: classifier trains in one process; it cannot run on 2 processes"):
+        tuneline.run(classification_spec, workspace=ws, show_progress=False)
+    classification_spec.write_text(classification_spec.read_text().replace("  head: classifier\n", "").replace(
+        "method: lora\n", "method: lora\n  backend: ray\n"))
+    with pytest.raises(SpecError, match=r"train.backend: ray starts its own 2 workers on the Ray cluster"):
         tuneline.run(classification_spec, workspace=ws, show_progress=False)
     assert not (ws / "runs").exists() or not any((ws / "runs").iterdir())  # nothing trained, nothing tracked
 

@@ -134,7 +134,7 @@ def combination_key(p: Planned, data_id: str, items_sha256: str, device: str) ->
     and scoring settings, the base model's weights, the data, the test items and the device (a
     latency measured on a CPU says nothing about a GPU)."""
     spec = p.spec
-    train = spec.train.model_dump(mode="json", exclude={"checkpoint_every", "log_every", "distributed"})
+    train = spec.train.model_dump(mode="json", exclude={"checkpoint_every", "log_every", "distributed", "backend", "ray"})
     payload = {"task": spec.task.model_dump(mode="json"), "train": train, "head": p.combination.head,
                "decoding": spec.decoding.model_dump(mode="json"), "objective": spec.objective.primary,
                "eval": spec.eval.model_dump(mode="json", include={"batch_size", "constrain_to_labels", "latency"}),

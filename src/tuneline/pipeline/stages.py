@@ -44,7 +44,7 @@ from tuneline.eval.classify import is_classifier
 from tuneline.eval.generate import DECODING_FILE
 from tuneline.eval.validate import RowSample, make_scorer, maximize, sample_rows
 from tuneline.export.version_model import write_mlmodel
-from tuneline.models import ModelSource, load_model
+from tuneline.models import ModelSource, load_model, resolve_model_source
 from tuneline.pipeline.evaluation import (
     described,
     eval_sets,
@@ -64,7 +64,7 @@ from tuneline.retrieval import Retriever, adapter_retriever
 from tuneline.runtime import Compute
 from tuneline.spec import LoadedSpec
 from tuneline.spec.methods import PROMPT_LEARNING
-from tuneline.spec.models import TrainSpec
+from tuneline.spec.models import EarlyStoppingSpec, TrainSpec
 from tuneline.train import EarlyStoppingCheck, TrainOptions, TrainResult, train
 from tuneline.train.checkpoint import latest_checkpoint
 from tuneline.train.classifier import train_classifier
@@ -73,6 +73,7 @@ from tuneline.train.dpo import train_dpo
 from tuneline.train.loop import save_adapter, steps_per_epoch
 from tuneline.train.peft_builders import is_prompt_learning
 from tuneline.train.ranks import TrainJob, send_job
+from tuneline.train.ray_train import RayJob, ray_run_name, train_on_ray
 from tuneline.tune import SearchOptions, SearchResult, best_train, search
 from tuneline.tune.report import search_table
 from tuneline.workspace import RunState
@@ -80,6 +81,10 @@ from tuneline.workspace import RunState
 if TYPE_CHECKING:
     from peft import PeftModel
     from torch import nn
+    from transformers import PreTrainedTokenizerBase
+
+    from tuneline.data.examples import Example
+    from tuneline.spec.models import Spec
 
 EVAL_LOSS_ROWS = 500  # validation rows for the end-of-training loss (a seeded sample: it is one number)
 
@@ -197,7 +202,8 @@ def run_fingerprint(loaded: LoadedSpec, data: PreparedData, model_fingerprint: s
         spec["train"] = train_cfg.model_dump(mode="json")
     spec["train"].pop("checkpoint_every", None)
     spec["train"].pop("log_every", None)
-    spec["train"].pop("distributed", None)  # ddp or fsdp train the same: a checkpoint resumes under either
+    for where in ("distributed", "backend", "ray"):  # where and how it is spread trains the same: a
+        spec["train"].pop(where, None)              # checkpoint resumes under any of them
     _drop_unused_method_sections(spec["train"])
     if spec["data"].get("preferences") is None:
         spec["data"].pop("preferences", None)
@@ -227,7 +233,8 @@ def _drop_unused_method_sections(train: dict[str, object]) -> None:
 
 def check_distributable(ctx: RunContext) -> None:
     """In a distributed run (``--nproc``, torchrun), refuse before any work what trains in one
-    process only: the classifier head's trainer and DPO's preference phase."""
+    process only (the classifier head's trainer and DPO's preference phase) and a training that
+    starts its own workers (``train.backend: ray``)."""
     world = current_world()
     if world is None:
         return
@@ -236,6 +243,10 @@ def check_distributable(ctx: RunContext) -> None:
         if value == alone:
             raise SpecError(Problem(f"{field}: {value} trains in one process; it cannot run on {world.size} processes",
                                     field=field, hint="run it without --nproc (or outside torchrun)"))
+    if ctx.spec.train.backend == "ray":
+        raise SpecError(Problem(f"train.backend: ray starts its own {ctx.spec.train.ray.workers} workers on the Ray "
+                                f"cluster; it does not run on {world.size} launched processes", field="train.backend",
+                                hint="run it without --nproc (or outside torchrun), or set backend: local"))
 
 
 def plan_training(ctx: RunContext, tracked: Tracked) -> TrainingPlan:
@@ -298,7 +309,6 @@ def score_untouched(ctx: RunContext, tracked: Tracked, sets: list[EvalSet], mode
 def train_or_reuse(ctx: RunContext, plan: TrainingPlan, tracked: Tracked, untouched: Untouched) -> Trained:
     """Train the plan's configuration (resuming from the last checkpoint when asked), or take the
     best search trial's adapter when it already trained on every training row with these values."""
-    import mlflow
 
     found, model = plan.search, untouched.take()
     if found is not None and found.reusable_adapter and not tracked.resumed:
@@ -306,6 +316,8 @@ def train_or_reuse(ctx: RunContext, plan: TrainingPlan, tracked: Tracked, untouc
     # a resumed search run may have stopped before training began: then train from the start
     resume = tracked.resumed and (found is None or latest_checkpoint(ctx.run_dir / "checkpoints") is not None)
     cfg = plan.train
+    if cfg.backend == "ray":
+        return _train_on_ray(ctx, plan, tracked, model, resume)
     # task.head: classifier trains a sequence-classification head with LoRA (tuneline.train.classifier)
     trainer = partial(train_classifier, labels=ctx.data.labels or []) if ctx.spec.task.head == "classifier" else train
     world = current_world()
@@ -314,15 +326,56 @@ def train_or_reuse(ctx: RunContext, plan: TrainingPlan, tracked: Tracked, untouc
                                  plan.data.train, ctx.run_dir, resume, plan.fingerprint))
     with tracking.MetricBatcher(tracked.run_id, cfg.log_every) as on_step:
         model, result = trainer(cfg, model, ctx.tokenizer, plan.data.train, ctx.run_dir, TrainOptions(
-            resume=resume, eval_examples=sample_rows(plan.data.eval, EVAL_LOSS_ROWS, cfg.seed) or None,
-            fingerprint=plan.fingerprint, device=plan.compute.device, on_step=on_step,
-            show_progress=ctx.show_progress, early_stopping=_early_stopping(ctx, plan), world=world))
+            resume=resume, eval_examples=_eval_loss_rows(plan), fingerprint=plan.fingerprint,
+            device=plan.compute.device, on_step=on_step, show_progress=ctx.show_progress,
+            early_stopping=_early_stopping(ctx, plan), world=world))
     if cfg.method == "dpo":
         _preference_phase(ctx, plan, model, resume)
+    _log_result(result)
+    return Trained(model, result)
+
+
+def _eval_loss_rows(plan: TrainingPlan) -> list[Example] | None:
+    return sample_rows(plan.data.eval, EVAL_LOSS_ROWS, plan.train.seed) or None
+
+
+def _log_result(result: TrainResult) -> None:
+    import mlflow
+
     mlflow.log_metrics({k: float(v) for k, v in result.to_dict().items()
                         if isinstance(v, (int, float)) and not isinstance(v, bool) and v is not None},
                        step=result.steps)
-    return Trained(model, result)
+
+
+def _ray_storage(ctx: RunContext, given: str | None) -> str:
+    """Ray Train's storage: a URI (s3://...) as given, a path relative to the spec's folder (as the
+    spec's data paths are), or the workspace's ray folder."""
+    if given is None:
+        return str(ctx.workspace.ray_dir.resolve())
+    return given if "://" in given else str(ctx.loaded.resolve(given).resolve())
+
+
+def _train_on_ray(ctx: RunContext, plan: TrainingPlan, tracked: Tracked, model: nn.Module, resume: bool) -> Trained:
+    """``train.backend: ray``: the training as a Ray Train job; its adapter (or whole model), copied
+    into the run folder, is then put on this process's base model for the evaluation."""
+    cfg = plan.train
+    job = TrainJob(cfg, ctx.source, ctx.workspace.models_dir, plan.compute.base_dtype, ctx.tokenizer,
+                   plan.data.train, ctx.run_dir, resume, plan.fingerprint)
+    validation = _Validation.of(ctx, plan) if cfg.early_stopping is not None else None
+    ray_job = RayJob(job, _eval_loss_rows(plan), validation,
+                     (tracking.tracking_uri(ctx.loaded, ctx.workspace), tracked.run_id),
+                     threads=max(1, int(cfg.ray.cpus_per_worker)))
+    result = train_on_ray(cfg.ray, ray_job, _ray_storage(ctx, cfg.ray.storage), ray_run_name(ctx.run_dir, tracked.run_id),
+                          ctx.show_progress)
+    _log_result(result)
+    folder = Path(result.adapter_dir)
+    if (folder / "adapter_config.json").is_file():
+        from peft import PeftModel
+
+        return Trained(PeftModel.from_pretrained(model, str(folder)), result)
+    del model  # full fine-tuning: the trained model is whole in the folder
+    return Trained(load_model(resolve_model_source(str(folder), folder), ctx.workspace.models_dir,
+                              device=plan.compute.device, dtype=plan.compute.base_dtype), result)
 
 
 def _preference_phase(ctx: RunContext, plan: TrainingPlan, model: nn.Module, resume: bool) -> None:
@@ -345,17 +398,37 @@ def _preference_phase(ctx: RunContext, plan: TrainingPlan, model: nn.Module, res
 
 def _early_stopping(ctx: RunContext, plan: TrainingPlan) -> EarlyStoppingCheck | None:
     """The validation that stops a run on a plateau and keeps its best weights (None when off)."""
-    cfg = plan.train
-    es = cfg.early_stopping
-    if es is None:
+    if plan.train.early_stopping is None:
         return None
-    metric = es.metric or ctx.spec.objective.primary
-    score = make_scorer(ctx.spec, ctx.tokenizer, plan.data.eval, ctx.data.labels, metric,
-                        precision=plan.compute.precision, device=plan.compute.device,
-                        sample=RowSample(es.rows, cfg.seed))
-    every = max(1, round(es.every * steps_per_epoch(len(plan.data.train), cfg)))
-    return EarlyStoppingCheck(every=every, score=score, maximize=maximize(metric), patience=es.patience,
-                      min_delta=es.min_delta, keep_best=True)
+    return _Validation.of(ctx, plan)(plan.compute.device, plan.compute.precision)
+
+
+@dataclass(frozen=True)
+class _Validation:
+    """How to make the early-stopping check, wherever the training runs (sent to a Ray worker,
+    which makes it for its own device)."""
+
+    spec: Spec
+    tokenizer: PreTrainedTokenizerBase
+    examples: list[Example]
+    labels: list[str] | None
+    es: EarlyStoppingSpec
+    seed: int
+    every: int
+
+    @classmethod
+    def of(cls, ctx: RunContext, plan: TrainingPlan) -> _Validation:
+        cfg = plan.train
+        assert cfg.early_stopping is not None
+        every = max(1, round(cfg.early_stopping.every * steps_per_epoch(len(plan.data.train), cfg)))
+        return cls(ctx.spec, ctx.tokenizer, plan.data.eval, ctx.data.labels, cfg.early_stopping, cfg.seed, every)
+
+    def __call__(self, device: str, precision: str) -> EarlyStoppingCheck:
+        metric = self.es.metric or self.spec.objective.primary
+        score = make_scorer(self.spec, self.tokenizer, self.examples, self.labels, metric, precision=precision,
+                            device=device, sample=RowSample(self.es.rows, self.seed))
+        return EarlyStoppingCheck(every=self.every, score=score, maximize=maximize(metric), patience=self.es.patience,
+                                  min_delta=self.es.min_delta, keep_best=True)
 
 
 def _reuse_trial(ctx: RunContext, found: SearchResult, model: nn.Module) -> Trained:

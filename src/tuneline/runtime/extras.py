@@ -2,8 +2,8 @@
 the error a command gives when the extra it needs is not installed.
 
 ``tuneline serve`` needs ``[serve]``; a spec with a ``search`` section needs ``[tune]``, and
-``search.backend: ray`` also ``[ray]``; ``train.method: dpo`` needs ``[dpo]``. Everything else runs on the
-core install.
+``search.backend: ray`` also ``[ray]``, as does ``train.backend: ray``; ``train.method: dpo`` needs
+``[dpo]``. Everything else runs on the core install.
 """
 
 from __future__ import annotations
@@ -59,6 +59,8 @@ def require_extras_for(spec: Spec) -> None:
             require_extra("ray", "`search.backend: ray`")
     if spec.train.method == "dpo":
         require_extra("dpo", "`train.method: dpo`")
+    if spec.train.backend == "ray":
+        require_extra("ray", "`train.backend: ray`")
 
 
 def missing_extra(exc: ImportError) -> TunelineError | None:

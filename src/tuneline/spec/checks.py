@@ -99,6 +99,9 @@ def _train_problems(parts: SpecParts) -> Iterator[CrossProblem]:
     if train.method != "dpo" and parts.preferences_given:
         yield CrossProblem(("data", "preferences"), "preference pairs are read only by train.method: dpo: "
                            "set it, or remove data.preferences")
+    if train.backend == "ray" and train.method == "dpo":
+        yield CrossProblem(("train", "backend"), "dpo's preference phase trains in one process: use backend: local "
+                                                 "with method dpo")
     if train.method == "ia3":
         extra = sorted(set(train.ia3.feedforward_modules) - set(train.ia3.target_modules))
         if extra:
@@ -177,6 +180,12 @@ def _search_problems(parts: SpecParts) -> Iterator[CrossProblem]:
     if train is not None:
         for path, why in search.space_problems(train):
             yield CrossProblem(("search", "space", path), why)
+    if (train is not None and train.backend == "ray" and search.backend == "ray" and train.ray.address
+            and search.ray.address and train.ray.address != search.ray.address):
+        yield CrossProblem(("train", "ray", "address"),
+                           f"{train.ray.address!r} is not the search's cluster ({search.ray.address!r}): the search and "
+                           "the training of one run share one Ray cluster; leave train.ray.address out to use the "
+                           "search's")
 
 
 # Tasks whose answers are free text a model can learn to reproduce: canaries are planted as answers
@@ -211,6 +220,9 @@ def classifier_head_problems(parts: SpecParts) -> Iterator[CrossProblem]:
     if train is not None and train.packing:
         yield CrossProblem(("train", "packing"), "packing does not apply to head 'classifier' (one prompt per "
                                                  "row, pooled at its last token): set packing: false")
+    if train is not None and train.backend == "ray":
+        yield CrossProblem(("train", "backend"), "head 'classifier' trains in one process: use backend: local "
+                                                 "(or head: generate)")
     if train is not None and train.early_stopping is not None:
         yield CrossProblem(("train", "early_stopping"), "early stopping is not available with head 'classifier' "
                                                         "yet: remove it (or use head: generate)")

@@ -375,6 +375,24 @@ class DistributedSpec(_Model):
                     "full fine-tuning of a model that does not fit one device (method: full only).")
 
 
+class RayTrainSpec(_Model):
+    """Where and how ``train.backend: ray`` trains: a Ray Train job of ``workers`` processes."""
+
+    address: str | None = Field(
+        default=None, description="Ray cluster to join (host:port, ray://host:10001 or auto); none: the cluster "
+                                  "the search joined (search.ray.address), else a Ray instance started on loopback "
+                                  "for this run.")
+    workers: int = Field(default=2, gt=0, description="Training processes (one data-parallel rank each).")
+    cpus_per_worker: float = Field(default=1, gt=0, description="CPUs Ray reserves for each worker; it computes "
+                                                                "with that many threads.")
+    gpus_per_worker: float = Field(default=0, ge=0, description="GPUs per worker (1: each worker trains on one GPU).")
+    max_failures: int = Field(default=2, ge=-1, description="Restarts of the worker group after a worker is lost, "
+                                                            "each from the last checkpoint (-1: no limit).")
+    storage: str | None = Field(
+        default=None, description="Where Ray keeps the checkpoints (a path every node sees, or s3://bucket/prefix); "
+                                  "default: the workspace's ray-train folder.")
+
+
 class TrainSpec(_Model):
     method: TrainMethod = Field(
         default="lora",
@@ -424,7 +442,11 @@ class TrainSpec(_Model):
     checkpoint_every: int = Field(default=200, gt=0, description="Save a resumable checkpoint every N steps.")
     log_every: int = Field(default=10, gt=0, description="Log a progress line every N steps when output is not a terminal.")
     distributed: DistributedSpec = Field(
-        default_factory=DistributedSpec, description="On several processes (--nproc, torchrun): ddp or fsdp.")
+        default_factory=DistributedSpec, description="On several processes (--nproc, torchrun, Ray): ddp or fsdp.")
+    backend: Literal["local", "ray"] = Field(
+        default="local", description="local: train in this process (or the --nproc/torchrun ranks); ray: a Ray Train "
+                                     "job of train.ray.workers processes on a Ray cluster.")
+    ray: RayTrainSpec = Field(default_factory=RayTrainSpec)
 
     @model_validator(mode="after")
     def _sharding_is_for_full_fine_tuning(self) -> TrainSpec:

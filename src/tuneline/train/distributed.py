@@ -152,7 +152,6 @@ def join_world() -> World | None:
     """Join the process group the launcher described in the environment (``RANK``, ``WORLD_SIZE``,
     ``MASTER_ADDR``...): gloo on CPU, NCCL on CUDA (one device per local rank). None when this
     process was not launched as one of several."""
-    global _WORLD, _OBJECTS
     if _WORLD is not None or launched_world_size() <= 1:
         return _WORLD
     import torch
@@ -166,22 +165,33 @@ def join_world() -> World | None:
         device, backend = "cpu", "gloo"
     if not dist.is_initialized():
         dist.init_process_group(backend=backend)
+    return adopt_world(local_rank, device)
+
+
+def adopt_world(local_rank: int, device: str) -> World:
+    """This process's world in a process group that is already initialised (by :func:`join_world`,
+    or by Ray Train on its workers)."""
+    global _WORLD, _OBJECTS
+    import torch.distributed as dist
+
     # the other ranks wait here while rank 0 prepares data, searches, validates and evaluates:
     # that may take hours, far past the 30 minutes a collective waits by default
     _OBJECTS = dist.new_group(backend="gloo", timeout=OBJECTS_TIMEOUT)
     _WORLD = World(dist.get_rank(), dist.get_world_size(), local_rank, device)
-    log.debug("joined the process group: rank %d of %d on %s (%s)", _WORLD.rank, _WORLD.size, device, backend)
+    log.debug("joined the process group: rank %d of %d on %s (%s)", _WORLD.rank, _WORLD.size, device,
+              dist.get_backend())
     return _WORLD
 
 
-def leave_world() -> None:
-    """Leave the process group (after rank 0 has released the others)."""
+def leave_world(destroy: bool = True) -> None:
+    """Leave the process group (after rank 0 has released the others); ``destroy=False`` leaves it
+    to whoever made it (Ray Train)."""
     global _WORLD, _OBJECTS
     if _WORLD is None:
         return
     import torch.distributed as dist
 
-    if dist.is_initialized():
+    if destroy and dist.is_initialized():
         dist.destroy_process_group()
     _WORLD, _OBJECTS = None, None
 

@@ -95,7 +95,9 @@ class TrainOptions:
     ``encoded_train`` is ``encode_all(tokenizer, train_examples, cfg.seq_len)`` when the caller
     already has it (a search encodes once for all trials). ``world``: train data-parallel with the
     other ranks of a distributed run (:mod:`tuneline.train.distributed`); only its rank 0 writes
-    checkpoints and the adapter, validates and reports progress."""
+    checkpoints and the adapter, validates and reports progress. ``on_checkpoint(step, folder)`` is
+    called on every rank after each checkpoint during training, with the checkpoint's folder on the
+    rank that wrote it and None on the others (Ray Train reports it to its storage)."""
 
     eval_examples: list[Example] | None = None
     resume: bool = False
@@ -106,6 +108,7 @@ class TrainOptions:
     early_stopping: EarlyStoppingCheck | None = None
     encoded_train: tuple[list[Encoded], list[str]] | None = None
     world: World | None = None
+    on_checkpoint: Callable[[int, Path | None], None] | None = None
 
 
 @dataclass
@@ -501,8 +504,11 @@ def _checkpoint(ckpt_root: Path, step: int, model: torch.nn.Module, optimizer: t
     (every rank takes part), so the checkpoint resumes on any number of processes."""
     world = opts.world
     gathered = gather_state(model, optimizer) if world is not None and is_sharded(model) else None
+    folder = None
     if world is None or world.is_main:
-        save_checkpoint(ckpt_root, step, model, optimizer, scheduler, opts.fingerprint, extra, gathered)
+        folder = save_checkpoint(ckpt_root, step, model, optimizer, scheduler, opts.fingerprint, extra, gathered)
+    if opts.on_checkpoint is not None:
+        opts.on_checkpoint(step, folder)
 
 
 def _whole(value: torch.Tensor) -> torch.Tensor:

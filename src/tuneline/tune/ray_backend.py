@@ -15,6 +15,7 @@ import os
 from typing import TYPE_CHECKING
 
 from tuneline.errors import Problem, TrainingError
+from tuneline.runtime.raycluster import connect
 from tuneline.spec.models import SearchSpec
 from tuneline.tune.sampling import make_sampler
 from tuneline.tune.space import ParamValue, default_params, distributions, max_validations
@@ -50,19 +51,15 @@ def _trainable(config: dict[str, ParamValue], ctx: TrialContext | None = None, t
 def run_ray(ctx: TrialContext, s: SearchSpec, storage: BaseStorage, *, resume: bool, console: Console) -> Study:
     """Run the search through Ray Tune; return the workspace's Optuna study holding its trials."""
     try:
-        import ray
+        from ray import tune
     except ImportError as e:
         raise TrainingError(Problem("search.backend is ray, and Ray is not installed", field="search.backend",
                                     hint="pip install 'tuneline[ray]' (Ray Tune), or set backend: local")) from e
-    from ray import tune
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search.optuna import OptunaSearch
 
     mode = "max" if ctx.maximize else "min"
-    if not ray.is_initialized():
-        ray.init(address=s.ray.address, include_dashboard=False, ignore_reinit_error=True,
-                 logging_level=logging.WARNING, log_to_driver=False,
-                 num_cpus=None if s.ray.address else os.cpu_count())
+    connect(s.ray.address, "search.ray.address")  # the run's training (train.backend: ray) joins it too
     threads = max(1, int(s.ray.cpus_per_trial))
     trainable = tune.with_resources(tune.with_parameters(_trainable, ctx=ctx, threads=threads),
                                     {"cpu": s.ray.cpus_per_trial, "gpu": s.ray.gpus_per_trial})

@@ -116,7 +116,7 @@ def study_name(loaded: LoadedSpec, dataset_version: str | None, model_fingerprin
     for irrelevant in ("workers", "timeout_minutes", "trials", "backend", "ray"):
         search.pop(irrelevant)
     # how a run on several processes splits the work changes no trial (and older studies keep their names)
-    payload = json.dumps({"search": search, "train": spec.train.model_dump(mode="json", exclude={"distributed"}),
+    payload = json.dumps({"search": search, "train": spec.train.model_dump(mode="json", exclude={"distributed", "backend", "ray"}),
                           "task": spec.task.model_dump(mode="json"), "objective": spec.objective.primary,
                           # max_new_tokens moved to decoding; kept under "eval" so earlier studies keep their names
                           "eval": {**spec.eval.model_dump(mode="json", include={"batch_size", "constrain_to_labels"}),
