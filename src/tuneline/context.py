@@ -8,6 +8,9 @@ and the baselines take it instead of loose bundles of arguments.
 
 from __future__ import annotations
 
+import re
+import shutil
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -17,12 +20,18 @@ from rich.console import Console
 from tuneline.audit import Pending, audited
 from tuneline.curation import DatasetVersion, PreparedData, prepare, save_version
 from tuneline.curation.erasure import load_filter
+from tuneline.curation.prepared import prepared_from
+from tuneline.curation.version import adopt_version, load_version
+from tuneline.errors import DataError, Problem
 from tuneline.models import ModelSource, load_tokenizer, resolve_model_source
 from tuneline.runtime import Compute
 from tuneline.runtime.extras import require_extras_for
 from tuneline.spec import LoadedSpec, load_spec
 from tuneline.spec.models import Spec
+from tuneline.tracking import DATASET_ARTIFACTS, fetch_dataset, tracking_uri
 from tuneline.workspace import Workspace
+
+FULL_ID = re.compile(r"ds-[0-9a-f]{16}")  # a dataset version's whole id (what another machine can look up)
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -62,21 +71,28 @@ def workspace_of(workspace: str | Path | Workspace | None) -> Workspace:
 
 
 def open_context(spec_path: str | Path, workspace: str | Path | Workspace | None = None, *,
-                 console: Console | None = None, show_progress: bool = True, trains: bool = True) -> RunContext:
-    """Load the spec, resolve its base model and tokenizer, curate its data into a dataset version.
+                 console: Console | None = None, show_progress: bool = True, trains: bool = True,
+                 dataset: str | None = None) -> RunContext:
+    """Load the spec, resolve its base model and tokenizer, curate its data into a dataset version
+    (or, with ``dataset``, take that stored version: :func:`stored_version`).
     ``trains``: the command may search, so the extras a ``search`` section needs must be installed."""
-    return context_of(load_spec(spec_path), workspace, console=console, show_progress=show_progress, trains=trains)
+    return context_of(load_spec(spec_path), workspace, console=console, show_progress=show_progress, trains=trains,
+                      dataset=dataset)
 
 
 def context_of(loaded: LoadedSpec, workspace: str | Path | Workspace | None = None, *, console: Console | None = None,
-               show_progress: bool = True, trains: bool = True) -> RunContext:
+               show_progress: bool = True, trains: bool = True, dataset: str | None = None) -> RunContext:
     """:func:`open_context` for a spec already loaded (e.g. one derived from another, as retraining does)."""
     ws = workspace_of(workspace)
     if trains:
         require_extras_for(loaded.spec)  # a search needs [tune] (and [ray]): say so before any work
     source = resolve_model_source(loaded.spec.model, loaded.base_dir)
     tokenizer = load_tokenizer(source, ws.models_dir)
-    data, version = prepare_version(loaded, ws, tokenizer)
+    if dataset is None:
+        data, version = prepare_version(loaded, ws, tokenizer)
+    else:
+        version = stored_version(dataset, ws, tracking_uri(loaded, ws))
+        data = prepared_from(version, loaded)
     return RunContext(ws, loaded, source, tokenizer, data, version,
                       Compute.resolve(loaded.spec.train.precision, loaded.spec.train.method),
                       console or Console(), show_progress)
@@ -98,6 +114,34 @@ def prepare_version(loaded: LoadedSpec, ws: Workspace, tokenizer: PreTrainedToke
         version = save_version(data.curated, ws.datasets_dir, loaded.spec.name, loaded.sha256)
         _describe_version(entry, version, new=version.id not in existed)
     return data, version
+
+
+def stored_version(ref: str, ws: Workspace, uri: str) -> DatasetVersion:
+    """Dataset version ``ref`` (an id, or a unique prefix of one here) from this workspace, or else
+    fetched whole from the newest run of the tracking store ``uri`` that logged it, checked against
+    its id, and kept in this workspace (another machine's version: ``tuneline data pull``)."""
+    try:
+        return load_version(ref, ws.datasets_dir)
+    except DataError as e:
+        if not FULL_ID.fullmatch(ref):
+            raise DataError([*e.problems, Problem("to fetch a version a run logged to the tracking store, give "
+                                                  "its whole id (ds- and 16 hex digits)")]) from e
+    with audited(ws, "data.pull", subject=f"dataset:{ref}") as entry:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{ref}-fetch-", dir=ws.datasets_dir))
+        try:
+            empty = uri == ws.local_tracking_uri and not (ws.root / "mlflow.db").is_file()  # nothing to look in
+            run_id = None if empty else fetch_dataset(uri, ref, tmp)
+            if run_id is None:
+                raise DataError(Problem(f"no dataset version {ref} in {ws.datasets_dir}, and no run of the tracking "
+                                        "store logged it", hint="list this workspace's versions with `tuneline data "
+                                        "list`; set TUNELINE_TRACKING_URI to the store of the run that made it"))
+            version = adopt_version(tmp / DATASET_ARTIFACTS, ws.datasets_dir, ref)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        entry.inputs["run"] = run_id
+        entry.outputs["dataset"] = version.id
+        entry.details["counts"] = version.manifest["counts"]
+    return version
 
 
 def _describe_version(entry: Pending, version: DatasetVersion, *, new: bool) -> None:

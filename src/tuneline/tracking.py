@@ -230,9 +230,14 @@ def log_run_inputs(loaded: LoadedSpec, data_sources: Sequence[DataSourceInfo], m
     mlflow.set_tags(tags)
 
 
+DATASET_ARTIFACTS = "dataset"  # where a run keeps its dataset version (:func:`log_dataset_version`)
+DATASET_TAG = "tuneline.dataset_version"
+
+
 def log_dataset_version(version: StoredDatasetVersion) -> None:
     """The curated dataset version as MLflow dataset inputs (train: context training, validation and
-    test: evaluation), its id as a tag, and its manifest and data card as artifacts."""
+    test: evaluation), its id as a tag, and the whole version as artifacts (``dataset/``: the splits,
+    rejects, manifest, data card), so another machine can train on it (:func:`fetch_dataset`)."""
     import mlflow
     import pandas as pd  # type: ignore[import-untyped]
 
@@ -246,10 +251,44 @@ def log_dataset_version(version: StoredDatasetVersion) -> None:
             dataset = mlflow.data.from_pandas(  # type: ignore[attr-defined]
                 df, source=str(path), name=f"{version.id}/{split}")
         mlflow.log_input(dataset, context=context)
-    mlflow.set_tags({"tuneline.dataset_version": version.id,
-                     "tuneline.dataset_rejected": str(version.manifest["rejected"])})
-    mlflow.log_artifact(str(version.path / "manifest.json"), "dataset")
-    mlflow.log_artifact(str(version.card), "dataset")
+    mlflow.set_tags({DATASET_TAG: version.id, "tuneline.dataset_rejected": str(version.manifest["rejected"])})
+    mlflow.log_artifacts(str(version.path), DATASET_ARTIFACTS)
+
+
+def runs_with_dataset(uri: str, version_id: str | None = None) -> list[tuple[str, str]]:
+    """(run id, dataset version id) of every run of the store ``uri`` that logged a dataset version
+    (``version_id``: only that one), newest first."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(uri)
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    where = f"tags.`{DATASET_TAG}` = '{version_id}'" if version_id else f"tags.`{DATASET_TAG}` != ''"
+    out, token = [], None
+    while experiments:
+        page = client.search_runs(experiments, where, max_results=1000, order_by=["attributes.start_time DESC"],
+                                  page_token=token)
+        out += [(r.info.run_id, r.data.tags[DATASET_TAG]) for r in page]
+        token = page.token
+        if not token:
+            break
+    return out
+
+
+def fetch_dataset(uri: str, version_id: str, dest: Path) -> str | None:
+    """Download dataset version ``version_id`` from the newest run of the store ``uri`` that logged it
+    whole (older runs logged only its manifest and card) into ``dest``; the run's id,
+    or None when no run holds it."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    client = MlflowClient(uri)
+    for run_id, _ in runs_with_dataset(uri, version_id):
+        names = {Path(f.path).name for f in client.list_artifacts(run_id, DATASET_ARTIFACTS)}
+        if {"manifest.json", "train.parquet"} <= names:
+            mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=DATASET_ARTIFACTS, dst_path=str(dest),
+                                                tracking_uri=uri)
+            return run_id
+    return None
 
 
 def list_runs(workspace: Workspace, uri: str | None = None, max_results: int = 50,

@@ -87,6 +87,32 @@ def test_a_run_on_one_machine_is_promoted_and_served_from_another(team: TeamServ
     assert tree_sha256(cached) == info.tags[ADAPTER_SHA_TAG]  # downloaded once, kept by its hash
     assert tree_sha256(cached) == tree_sha256(result.run_dir / "adapter")  # what machine A trained
 
+    # the dataset version A curated, fetched by B from the S3 store (`tuneline run --dataset` trains on it)
+    vid = info.tags["tuneline.dataset_version"]
+    pulled = invoke_cli("data", "pull", vid, "-w", str(machine_b.root), "--json")
+    assert pulled.exit_code == 0 and json.loads(pulled.stdout)["fetched"], pulled.output
+    mine = machine_a.datasets_dir / vid
+    assert (machine_b.datasets_dir / vid / "train.parquet").read_bytes() == (mine / "train.parquet").read_bytes()
+    # an erasure run on a third machine rewrites the copy A's run logged in the S3 store
+    text = next(m["content"] for m in json.loads(_rows(mine / "train.parquet")[0]["messages"]) if m["role"] == "user")
+    forgot = invoke_cli("data", "forget", "--contains", text, "-w", str(tmp_path / "c"), "--json")
+    assert forgot.exit_code == 0, forgot.output
+    counts = json.loads(forgot.stdout)
+    assert counts["versions_fetched"] == 1 and counts["datasets"][vid]["mlflow_artifacts"] == 1, counts
+    import mlflow
+
+    logged = mlflow.artifacts.download_artifacts(run_id=result.run_id, artifact_path="dataset/train.parquet",
+                                                 dst_path=str(tmp_path / "logged"), tracking_uri=team.tracking_uri)
+    left = _rows(Path(logged))
+    assert len(left) == len(_rows(mine / "train.parquet")) - counts["datasets"][vid]["rows"]["train"]
+    assert not any(text in r["messages"] for r in left)
+
+
+def _rows(parquet: Path) -> list[dict]:
+    import pandas as pd
+
+    return pd.read_parquet(parquet).to_dict("records")
+
 
 def test_two_search_workers_on_two_machines_share_one_study(team: TeamServers, tiny_model_dir: Path, tmp_path: Path):
     """`tuneline tune SPEC` on machines A and B at once: one creates the study in PostgreSQL, the

@@ -47,6 +47,23 @@ def data_prepare(spec: SpecArg, workspace: WorkspaceOpt = None, verbose: Verbose
         console.print(f"stored in {version.path}; details: `tuneline data show {version.id}`", soft_wrap=True)
 
 
+@group.command("pull")
+def data_pull(version: DatasetVersionArg, workspace: WorkspaceOpt = None, uri: UriOpt = None,
+              as_json: JsonOpt = False) -> None:
+    """Fetch a dataset version a run logged to the tracking store (another machine's, in team mode)
+    into this workspace, checked against its id; `tuneline run SPEC --dataset ID` trains on it."""
+    from tuneline import context  # lazy: it pulls curation and mlflow; --help stays fast
+
+    ws = Workspace.at(workspace)
+    had = (ws.datasets_dir / version).is_dir()
+    v = context.stored_version(version, ws, uri or ws.tracking_uri)
+    if as_json:
+        print_json({"id": v.id, "path": str(v.path), "fetched": not had, "counts": v.manifest["counts"]})
+        return
+    console.print(("already here: " if had else "fetched: ") + context.curation_summary(v), soft_wrap=True)
+    console.print(f"stored in {v.path}; train on it with `tuneline run SPEC --dataset {v.id}`", soft_wrap=True)
+
+
 @group.command("show")
 def data_show(version: DatasetVersionArg, workspace: WorkspaceOpt = None, as_json: JsonOpt = False) -> None:
     """Print a dataset version's manifest: sources, steps with their counts, drops, PII, splits."""
@@ -183,6 +200,9 @@ def _print_forget(result: ForgetResult) -> None:
     p = console.print
     head = "[yellow]dry run[/]: would remove" if result.dry_run else f"[green]erasure {result.erasure_id}[/]: removed"
     p(f"{head} {result.query.describe()}", soft_wrap=True)
+    if result.fetched:
+        p(f"  fetched from the tracking store, to erase there too: {len(result.fetched)} dataset versions "
+          "other machines logged", soft_wrap=True)
     shown: list[str] = []
     for v in result.versions:
         rows = ", ".join(f"{k} {n:,}" for k, n in v.removed.items() if n) or "no split rows"

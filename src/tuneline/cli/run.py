@@ -35,6 +35,10 @@ def run(
         "Train data-parallel on N processes of this machine (torch.distributed: gloo on CPU, NCCL with "
         "one GPU each). Rank 0 runs the pipeline; the others train their share of every step. Under "
         "torchrun or accelerate launch, leave it out."))] = 1,
+    dataset: Annotated[str | None, typer.Option("--dataset", metavar="ID", help=(
+        "Train on this stored dataset version instead of curating the spec's files: one of this workspace "
+        "(`tuneline data list`), or, given whole, one a run of the tracking store logged (fetched once and "
+        "checked against its id). Reproduces a run here or on another machine."))] = None,
 ) -> None:
     """Run the pipeline: validate data, (search,) evaluate the base model, train, evaluate, track.
 
@@ -48,7 +52,7 @@ def run(
     if nproc > 1 and distributed.launched_world_size() == 1:
         argv = ["run", str(spec), *(["--resume"] if resume else []), *(["-w", str(workspace)] if workspace else []),
                 *(["--no-progress"] if no_progress else []), *(["--json"] if as_json else []),
-                *(["-v"] if verbose else [])]
+                *(["-v"] if verbose else []), *(["--dataset", dataset] if dataset else [])]
         raise typer.Exit(distributed.launch_local(nproc, argv, verbose))
     world = distributed.join_world()
     if world is not None and not world.is_main:
@@ -59,7 +63,7 @@ def run(
     try:
         with human_output(as_json) as out:
             result = pipeline.run(spec, workspace=workspace, resume=resume, show_progress=not no_progress,
-                                  console=out)
+                                  console=out, dataset=dataset)
     except KeyboardInterrupt:
         if world is not None and os.environ.get(distributed.LAUNCHED_BY_NPROC):
             raise typer.Exit(EXIT_INTERRUPTED) from None  # `--nproc` itself says what to do, once

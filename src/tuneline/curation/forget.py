@@ -20,7 +20,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tuneline.artifacts import atomic_write_text
+from tuneline.artifacts import atomic_write_bytes, atomic_write_text
 from tuneline.curation.erasure import Query, View, empty_view, example_view, record_view, row_view
 from tuneline.curation.pipeline import Conflict
 from tuneline.curation.steps import RejectRow
@@ -113,15 +113,20 @@ def erase_version(version: DatasetVersion, query: Query, erasure_id: str, *, art
     if dry_run or not result.touched:
         return result
     _rewrite(plan, result, erasure_id)
-    manifest_text = (version.path / "manifest.json").read_text()
-    card_text = version.card.read_text()
     for path in artifacts or []:
         if _manifest_id(path) == version.id:
-            atomic_write_text(path, manifest_text)
-            if (path.parent / "card.md").is_file():
-                atomic_write_text(path.parent / "card.md", card_text)
+            _replace_copy(version.path, path.parent)
             result.artifacts += 1
     return result
+
+
+def _replace_copy(version_dir: Path, copy: Path) -> None:
+    """Overwrite the files of a copy of a version (a run's ``dataset/`` artifacts) with the version's
+    own, as they are after the erasure (a copy may hold only some: older runs logged the manifest
+    and the card alone)."""
+    for f in version_dir.iterdir():
+        if f.is_file() and (copy / f.name).is_file():
+            atomic_write_bytes(copy / f.name, f.read_bytes())
 
 
 def _plan(version: DatasetVersion, query: Query) -> _Plan:

@@ -74,14 +74,19 @@ class Preferences:
 
     def digest(self) -> str | None:
         """What the pairs add to a dataset version's id (None: no pairs)."""
-        if not self.pairs:
-            return None
-        body = "\n".join(json.dumps(p.to_dict(), sort_keys=True, ensure_ascii=False) for p in self.pairs)
-        return hashlib.sha256(body.encode()).hexdigest()
+        return pairs_digest(self.pairs)
 
     def summary(self) -> dict[str, object]:
         return {"path": self.path, "sha256": self.sha256, "rows_read": self.rows_read, "pairs": len(self.pairs),
                 "dropped": dict(self.dropped), "pii_found": self.pii_found}
+
+
+def pairs_digest(pairs: list[PreferencePair]) -> str | None:
+    """SHA-256 of preference pairs (None without any): part of a dataset version's id."""
+    if not pairs:
+        return None
+    body = "\n".join(json.dumps(p.to_dict(), sort_keys=True, ensure_ascii=False) for p in pairs)
+    return hashlib.sha256(body.encode()).hexdigest()
 
 
 def read_preferences(loaded: LoadedSpec, held_out: list[Example]) -> tuple[Preferences, list[Problem]]:

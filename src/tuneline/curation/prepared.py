@@ -13,11 +13,13 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from tuneline.curation.canary import Canary, with_rows
+from tuneline.curation.canary import Canary, planted_rows, with_rows
 from tuneline.curation.erasure import ErasureFilter
 from tuneline.curation.pipeline import Curated, SourceInfo, curate
 from tuneline.curation.preferences import PreferencePair
+from tuneline.curation.version import DatasetVersion
 from tuneline.data.examples import Example
+from tuneline.errors import DataError, Problem
 from tuneline.spec.loader import LoadedSpec
 
 if TYPE_CHECKING:
@@ -25,7 +27,7 @@ if TYPE_CHECKING:
 
     from transformers import PreTrainedTokenizerBase
 
-__all__ = ["PreparedData", "prepare"]
+__all__ = ["PreparedData", "prepare", "prepared_from"]
 
 
 @dataclass
@@ -49,6 +51,25 @@ class PreparedData:
 
     def summary(self) -> dict[str, dict[str, str | int]]:
         return {s.split: {"path": s.path, "rows_read": s.rows_read, "rows_used": s.rows_used} for s in self.sources}
+
+
+def prepared_from(version: DatasetVersion, loaded: LoadedSpec) -> PreparedData:
+    """The data of a stored dataset version, as :func:`prepare` returned it when the version was
+    made (``tuneline run SPEC --dataset ID``: train on it again, here or on another machine)."""
+    m = version.manifest
+    if m["spec"] != loaded.spec.name:
+        raise DataError(Problem(f"dataset version {version.id} was prepared for spec {m['spec']!r}, not "
+                                f"{loaded.spec.name!r}", hint="use a version of this spec (`tuneline data list`)"))
+    canaries, cfg = version.canaries(), loaded.spec.eval.canaries
+    if bool(canaries) != (cfg is not None):
+        raise DataError(Problem(f"dataset version {version.id} was made {'with' if canaries else 'without'} "
+                                "eval.canaries, and this spec is not", field="eval.canaries",
+                                hint="use the spec the version was prepared with"))
+    rows = planted_rows([c for c in canaries if c.kind == "planted"], cfg.repeat) if cfg is not None else []
+    used = m["counts"]
+    sources = [SourceInfo(s["split"], s["path"], s["sha256"], s["rows"], used.get(s["split"], 0)) for s in m["sources"]]
+    return PreparedData(version.split("train"), version.split("validation"), version.split("test"), m.get("labels"),
+                        sources, None, canaries, rows, version.preferences())
 
 
 def prepare(loaded: LoadedSpec, tokenizer: PreTrainedTokenizerBase | None = None,

@@ -22,7 +22,13 @@ from typing import NotRequired, TypedDict
 
 from tuneline.curation.canary import CANARIES_FILE, Canary, canaries_digest
 from tuneline.curation.pipeline import Conflict, Curated
-from tuneline.curation.preferences import PREFERENCES_FILE, PreferencePair, load_pairs, write_pairs
+from tuneline.curation.preferences import (
+    PREFERENCES_FILE,
+    PreferencePair,
+    load_pairs,
+    pairs_digest,
+    write_pairs,
+)
 from tuneline.curation.steps import (
     RejectRow,
     StepRow,
@@ -239,6 +245,37 @@ def save_version(curated: Curated, root: Path, spec_name: str, spec_sha256: str)
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return DatasetVersion(vid, dest, manifest)
+
+
+def adopt_version(folder: Path, root: Path, expected: str) -> DatasetVersion:
+    """A dataset version fetched into ``folder`` (a run's ``dataset/`` artifacts), checked against
+    its id and moved into ``root``: its rows must hash to ``expected``, or, for a version rows were
+    erased from (its id stays), match the counts its manifest records."""
+    where = f"the dataset version fetched into {folder}"
+    try:
+        manifest = json.loads((folder / "manifest.json").read_text())
+        splits = {s: read_split(folder / f"{s}.parquet") for s in SPLITS}
+    except (OSError, ValueError) as e:
+        raise DataError(Problem(f"{where} cannot be read: {e}", hint="fetch it again")) from e
+    if manifest.get("id") != expected:
+        raise DataError(Problem(f"{where} is {manifest.get('id')!r}, not {expected!r}"))
+    if manifest.get("erasures"):
+        intact = all(len(splits[s]) == manifest["counts"].get(s, 0) for s in SPLITS)
+    else:
+        canaries = [Canary.from_dict(c) for c in json.loads((folder / CANARIES_FILE).read_text())["canaries"]] \
+            if (folder / CANARIES_FILE).is_file() else []
+        found = version_id(splits, manifest.get("labels"), canaries_digest(canaries),
+                           pairs_digest(load_pairs(folder / PREFERENCES_FILE)))
+        intact = found == expected
+    if not intact:
+        raise DataError(Problem(f"{where} does not hold the rows of {expected} (altered or incomplete)",
+                                hint="fetch it again; if it fails again, the stored copy is damaged"))
+    dest = root / expected
+    if not (dest / "manifest.json").is_file():
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(dest, ignore_errors=True)
+        os.replace(folder, dest)
+    return load_version(expected, root)
 
 
 def load_version(ref: str, root: Path) -> DatasetVersion:

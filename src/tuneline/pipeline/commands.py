@@ -57,10 +57,12 @@ class RunResult:
 
 
 def run(spec_path: str | Path, *, workspace: WorkspaceRef = None, resume: bool = False, show_progress: bool = True,
-        console: Console | None = None) -> RunResult:
-    """Run the whole pipeline for one spec and return what it produced (also tracked in MLflow)."""
+        console: Console | None = None, dataset: str | None = None) -> RunResult:
+    """Run the whole pipeline for one spec and return what it produced (also tracked in MLflow).
+    ``dataset``: train on that stored dataset version (here, or fetched from the tracking store)
+    instead of curating the spec's files."""
     started = time.perf_counter()
-    ctx = open_context(spec_path, workspace, console=console, show_progress=show_progress)
+    ctx = open_context(spec_path, workspace, console=console, show_progress=show_progress, dataset=dataset)
     with audited(ctx.workspace, "run", subject=f"spec:{ctx.spec.name}", inputs={"spec": ctx.loaded.sha256}) as entry:
         result = run_stages(ctx, resume=resume, started=started)
         entry.outputs["run"] = result.run_id

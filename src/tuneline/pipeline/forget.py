@@ -1,7 +1,9 @@
 """``tuneline data forget``: carry out an erasure request across the workspace.
 
 1. every stored dataset version loses the matching rows (:mod:`tuneline.curation.forget`; ids
-   stay, manifests record the erasure, the MLflow artifact copies of manifest and card follow);
+   stay, manifests record the erasure, the copies runs logged as MLflow artifacts follow). With a
+   shared tracking store (a team's server), the versions other machines logged there are fetched
+   first, erased here, and uploaded over every run's copy;
 2. the request log loses the matching requests and feedback, and the feedback folders the
    matching harvested rows and retraining inputs (:mod:`tuneline.monitor.erasure`);
 3. the request is stored as a keyed digest (:mod:`tuneline.curation.erasure`), so ``data
@@ -15,11 +17,13 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tuneline import registry
+from tuneline import registry, tracking
 from tuneline.audit import trail_of
+from tuneline.context import FULL_ID, stored_version
 from tuneline.curation.erasure import Query, example_view, new_erasure_id, record_erasure
 from tuneline.curation.forget import VersionErasure, erase_versions, residue
 from tuneline.data.examples import build_examples
@@ -31,6 +35,7 @@ from tuneline.spec import load_spec
 from tuneline.workspace import Workspace
 
 ACTION = "data.forget"
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -46,6 +51,7 @@ class ForgetResult:
     models: list[registry.VersionInfo] = field(default_factory=list)
     sources: list[str] = field(default_factory=list)  # source lines (file:line) that still hold matching rows
     residue: list[str] = field(default_factory=list)  # other workspace files still holding matching text
+    fetched: list[str] = field(default_factory=list)  # versions fetched from the tracking store to be erased
 
     @property
     def affected(self) -> list[str]:
@@ -64,6 +70,7 @@ class ForgetResult:
             "models_marked": len(self.models),
             "source_lines_still_matching": len(self.sources),
             "workspace_files_still_matching": len(self.residue),
+            "versions_fetched": len(self.fetched),
         }
 
 
@@ -74,10 +81,19 @@ def forget(ws: Workspace, query: Query, *, dry_run: bool = False, uri: str | Non
     the request log (default: the workspace's ``requests.db``, when there); ``specs``: spec files
     whose sources are scanned for lines that still match."""
     result = ForgetResult(new_erasure_id(), dry_run, query)
+    if uri is not None or ws.tracking_uri != ws.local_tracking_uri or (ws.root / "mlflow.db").is_file():
+        uri = uri or ws.tracking_uri
+    shared = uri is not None and uri != ws.local_tracking_uri  # a team's server (or another workspace's store)
     if not dry_run:  # first: should a step below fail, later versions already drop the rows, and a rerun finishes
         record_erasure(ws, query, result.erasure_id)
+    if shared:  # the versions other machines logged there: fetched, to be erased here and replaced there
+        assert uri is not None
+        result.fetched = _fetch_logged_versions(ws, uri)
     result.versions = erase_versions(ws.datasets_dir, query, result.erasure_id, artifact_root=ws.artifact_root,
                                      dry_run=dry_run)
+    if shared and not dry_run:
+        assert uri is not None
+        _replace_logged_copies(ws, uri, result.versions)
     if requests_url is not None or ws.has_request_log:
         log = RequestLog(requests_url or ws.requests_url)
         try:
@@ -85,8 +101,7 @@ def forget(ws: Workspace, query: Query, *, dry_run: bool = False, uri: str | Non
         finally:
             log.close(timeout=30)
     result.files = erase_feedback_files(ws.feedback_root, query, dry_run=dry_run)
-    if uri is not None or ws.tracking_uri != ws.local_tracking_uri or (ws.root / "mlflow.db").is_file():
-        uri = uri or ws.tracking_uri
+    if uri is not None:
         result.models = (registry.trained_on(uri, result.affected) if dry_run
                          else registry.mark_erasure(uri, result.affected, result.erasure_id))
     result.sources = _source_lines(result.versions, specs, query)
@@ -94,6 +109,37 @@ def forget(ws: Workspace, query: Query, *, dry_run: bool = False, uri: str | Non
         result.residue = residue(ws.root, query, skip=(ws.erasure_dir,))
         _audit(ws, result)
     return result
+
+
+def _fetch_logged_versions(ws: Workspace, uri: str) -> list[str]:
+    """Fetch into this workspace every dataset version a run of the store ``uri`` logged that is
+    not here yet (made on another machine); their ids."""
+    here = {p.name for p in ws.datasets_dir.iterdir()}
+    fetched = []
+    for vid in dict.fromkeys(v for _, v in tracking.runs_with_dataset(uri)):
+        if vid not in here and FULL_ID.fullmatch(vid):
+            try:
+                stored_version(vid, ws, uri)
+            except DataError as e:  # an older run logged only the manifest and card: no rows there to erase
+                log.info("dataset version %s: %s", vid, e)
+                continue
+            fetched.append(vid)
+    return fetched
+
+
+def _replace_logged_copies(ws: Workspace, uri: str, versions: list[VersionErasure]) -> None:
+    """Upload each erased version over the ``dataset/`` artifacts of every run of ``uri`` that
+    logged it (the artifact store overwrites each file); counted in ``artifacts``."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(uri)
+    for v in versions:
+        if not v.touched:
+            continue
+        folder = ws.datasets_dir / v.id
+        for run_id, _ in tracking.runs_with_dataset(uri, v.id):
+            client.log_artifacts(run_id, str(folder), tracking.DATASET_ARTIFACTS)
+            v.artifacts += 1
 
 
 def _source_lines(versions: list[VersionErasure], specs: tuple[Path, ...], query: Query) -> list[str]:
