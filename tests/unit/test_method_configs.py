@@ -34,7 +34,7 @@ def test_each_adapter_method_builds_its_peft_configuration(method: str, peft_typ
 
 
 def test_every_method_but_full_has_a_configuration():
-    assert set(TRAIN_METHODS) == {"lora", "dora", "rslora", "ia3", "prefix", "prompt", "full", "dpo"}
+    assert set(TRAIN_METHODS) == {"lora", "dora", "rslora", "qlora", "ia3", "prefix", "prompt", "full", "dpo"}
     for method in TRAIN_METHODS:
         if method != "full":
             assert build_peft_config(TrainSpec(method=method)) is not None

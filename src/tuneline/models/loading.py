@@ -101,7 +101,9 @@ def load_tokenizer(source: ModelSource, cache_root: Path) -> PreTrainedTokenizer
 
 
 def load_model(source: ModelSource, cache_root: Path, device: str = "cpu", dtype: str = "fp32") -> PreTrainedModel:
-    """The base causal LM on ``device`` with weights in ``dtype`` ('fp32' or 'bf16').
+    """The base causal LM on ``device`` with weights in ``dtype`` ('fp32', 'bf16', or 'nf4-bf16' /
+    'nf4-fp32': the linear layers' weights quantized to 4-bit NormalFloat with bitsandbytes, double
+    quantization, computed in bf16 / fp32; the rest in that dtype: QLoRA's base).
 
     For LoRA the frozen base weights can be bf16 (no per-step casts under autocast); trainable
     adapter weights are kept fp32 by the trainer. On CPU the eager attention is used: for short
@@ -114,16 +116,26 @@ def load_model(source: ModelSource, cache_root: Path, device: str = "cpu", dtype
     hf_logging.disable_progress_bar()
     where = model_dir_for(source, cache_root)
     attn = "eager" if device == "cpu" else "sdpa"
-    torch_dtype = torch.bfloat16 if dtype == "bf16" else torch.float32
+    quantized = dtype.startswith("nf4")
+    torch_dtype = torch.bfloat16 if dtype.removeprefix("nf4-") == "bf16" else torch.float32
+    options: dict[str, object] = {}
+    if quantized:
+        from transformers import BitsAndBytesConfig
+
+        options = {"quantization_config": BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch_dtype), "device_map": {"": device}}  # quantized where it is loaded
     try:
-        model: PreTrainedModel = AutoModelForCausalLM.from_pretrained(where, dtype=torch_dtype, attn_implementation=attn)
+        model: PreTrainedModel = AutoModelForCausalLM.from_pretrained(where, dtype=torch_dtype, attn_implementation=attn,
+                                                                      **options)
     except OSError as exc:
         raise ModelError(Problem(f"cannot load model {source.ref!r}: {exc}", field="model",
                                  hint="a hub id needs network access; use a local directory or the built-in model offline")) from exc
     # a module moves in place (``to`` returns the model itself); through nn.Module's type, because
     # transformers wraps PreTrainedModel.to with functools.wraps(nn.Module.to), which hides its binding
     module: nn.Module = model
-    module.to(device)
+    if not quantized:  # a quantized model is placed by device_map (bitsandbytes refuses .to)
+        module.to(device)
     return model
 
 

@@ -122,16 +122,16 @@ def evaluate(spec_path: str | Path, *, workspace: WorkspaceRef = None, adapter: 
     evaluation = new_evaluation(ctx, sets)
     if spec.eval.compare_base:
         evaluation.score_system("base", load_model(ctx.source, ctx.workspace.models_dir, device=compute.device,
-                                                   dtype=compute.base_dtype), spec.model)
+                                                   dtype=compute.served_dtype), spec.model)
     served = adapter_retriever(candidate, ctx.workspace.embeddings_dir, compute.device)
     evaluation.score_system("candidate", load_adapter_model(ctx.source, ctx.workspace, candidate, compute.device,
-                                                            compute.base_dtype),
+                                                            compute.served_dtype),
                             described(candidate, served), served.augment if served else None)
     run_id = None if adapter else ctx.workspace.run_state(spec.name).mlflow_run_id
     with tracking.start_or_resume(ctx.loaded, ctx.workspace, run_id, run_name="eval") as mlrun:
         if not run_id:
             mlflow.set_tag("tuneline.adapter", str(candidate))
-        suite = finish_evaluation(ctx, evaluation, compute.base_dtype, production)
+        suite = finish_evaluation(ctx, evaluation, compute.served_dtype, production)
         if run_id:
             _update_gate_tags(ctx, run_id, suite)
         console.print(f"recorded in run {mlrun.info.run_id}; HTML page: `tuneline report {mlrun.info.run_id[:12]}`")
@@ -173,7 +173,7 @@ def baseline(spec_path: str | Path, *, workspace: WorkspaceRef = None, show_prog
     if not test:
         raise EvaluationError(Problem("nothing to measure the baselines on: no test or validation split",
                                       field="data.test", hint="add data.test"))
-    model = load_model(ctx.source, ctx.workspace.models_dir, device=compute.device, dtype=compute.base_dtype)
+    model = load_model(ctx.source, ctx.workspace.models_dir, device=compute.device, dtype=compute.served_dtype)
     report = measure_baselines(ctx, model)
     saved = ctx.run_dir / EVAL_REPORT
     if saved.is_file():

@@ -51,6 +51,7 @@ from tuneline.pipeline.evaluation import (
     evaluated_decoding,
     evaluation_items,
     finish_evaluation,
+    load_adapter_model,
     new_evaluation,
 )
 from tuneline.pipeline.systems import (
@@ -285,8 +286,10 @@ def _log_search(ctx: RunContext, found: SearchResult) -> None:
 
 def load_base(ctx: RunContext, plan: TrainingPlan) -> nn.Module:
     """The base model, in the dtype the planned method trains it in (bf16 frozen weights for an
-    adapter computed in bf16; fp32 master weights for full fine-tuning)."""
-    return load_model(ctx.source, ctx.workspace.models_dir, device=plan.compute.device, dtype=plan.compute.base_dtype)
+    adapter computed in bf16; fp32 master weights for full fine-tuning), unquantized: QLoRA's base
+    is scored as it is served, and loaded quantized for its training (:func:`train_or_reuse`)."""
+    return load_model(ctx.source, ctx.workspace.models_dir, device=plan.compute.device,
+                      dtype=plan.compute.served_dtype)
 
 
 def score_untouched(ctx: RunContext, tracked: Tracked, sets: list[EvalSet], model: nn.Module) -> Untouched:
@@ -318,6 +321,14 @@ def train_or_reuse(ctx: RunContext, plan: TrainingPlan, tracked: Tracked, untouc
     cfg = plan.train
     if cfg.backend == "ray":
         return _train_on_ray(ctx, plan, tracked, model, resume)
+    import mlflow
+
+    mlflow.set_tag("tuneline.base_dtype", plan.compute.base_dtype)  # the base weights as trained on
+    quantized = plan.compute.base_dtype != plan.compute.served_dtype
+    if quantized:  # qlora: the scored base goes; training loads it quantized
+        del model
+        model = load_model(ctx.source, ctx.workspace.models_dir, device=plan.compute.device,
+                           dtype=plan.compute.base_dtype)
     # task.head: classifier trains a sequence-classification head with LoRA (tuneline.train.classifier)
     trainer = partial(train_classifier, labels=ctx.data.labels or []) if ctx.spec.task.head == "classifier" else train
     world = current_world()
@@ -332,6 +343,10 @@ def train_or_reuse(ctx: RunContext, plan: TrainingPlan, tracked: Tracked, untouc
     if cfg.method == "dpo":
         _preference_phase(ctx, plan, model, resume)
     _log_result(result)
+    if quantized:  # evaluated as it is served: the adapter merged into the unquantized base
+        del model
+        model = load_adapter_model(ctx.source, ctx.workspace, result.adapter_dir, plan.compute.device,
+                                   plan.compute.served_dtype)
     return Trained(model, result)
 
 
@@ -542,7 +557,7 @@ def evaluate_candidate(ctx: RunContext, plan: TrainingPlan, untouched: Untouched
             suite.baselines = baselines.to_dict()
             ctx.console.print(baseline_table(baselines))
 
-    return finish_evaluation(ctx, evaluation, plan.compute.base_dtype, before_record=add_baselines)
+    return finish_evaluation(ctx, evaluation, plan.compute.served_dtype, before_record=add_baselines)
 
 
 def register(ctx: RunContext, tracked: Tracked, shipped: Shipped, report: EvalSuite | None) -> int:

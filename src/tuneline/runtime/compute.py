@@ -10,6 +10,8 @@ from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
+from tuneline.spec.methods import QUANTIZED
+
 
 @functools.cache
 def cpu_has_fast_bf16() -> bool:
@@ -57,7 +59,8 @@ def cache_argument_of(forward: Callable[..., object]) -> str:
 @dataclass(frozen=True)
 class Compute:
     """Where a run computes: the device, the compute precision, and the dtype of the base weights
-    (bf16 for adapter methods when computing in bf16; full fine-tuning keeps fp32 master weights)."""
+    training loads (bf16 for adapter methods when computing in bf16; full fine-tuning keeps fp32
+    master weights; qlora: ``nf4-<precision>``, 4-bit NormalFloat weights computed in the precision)."""
 
     device: str
     precision: str
@@ -69,7 +72,14 @@ class Compute:
         CUDA when available, else CPU)."""
         device = device or default_device()
         precision = resolve_precision(requested_precision, device)
+        if method in QUANTIZED:
+            return cls(device, precision, f"nf4-{precision}")
         return cls(device, precision, "bf16" if precision == "bf16" and method != "full" else "fp32")
+
+    @property
+    def served_dtype(self) -> str:
+        """The dtype of the base as it is evaluated and served: the training's, but unquantized."""
+        return self.precision if self.base_dtype.startswith("nf4") else self.base_dtype
 
     def autocast(self) -> AbstractContextManager[object]:
         return autocast_for(self.precision, self.device)

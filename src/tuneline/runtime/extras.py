@@ -3,7 +3,8 @@ the error a command gives when the extra it needs is not installed.
 
 ``tuneline serve`` needs ``[serve]``; a spec with a ``search`` section needs ``[tune]``, and
 ``search.backend: ray`` also ``[ray]``, as does ``train.backend: ray``; ``train.method: dpo`` needs
-``[dpo]``. Everything else runs on the core install.
+``[dpo]``, ``train.method: qlora`` ``[qlora]`` (bitsandbytes). Everything else runs on the core
+install.
 """
 
 from __future__ import annotations
@@ -22,11 +23,12 @@ EXTRAS: dict[str, tuple[str, ...]] = {
     "tune": ("optuna",),
     "ray": ("ray", "optuna"),
     "dpo": ("trl", "datasets"),
+    "qlora": ("bitsandbytes",),
 }
 # The extra to name when a module is missing (optuna: [tune], which [ray] includes)
 EXTRA_OF_MODULE: dict[str, str] = {"fastapi": "serve", "starlette": "serve", "uvicorn": "serve",
                                    "prometheus_client": "serve", "optuna": "tune", "ray": "ray",
-                                   "trl": "dpo", "datasets": "dpo"}
+                                   "trl": "dpo", "datasets": "dpo", "bitsandbytes": "qlora"}
 
 
 def _installed(module: str) -> bool:
@@ -61,6 +63,8 @@ def require_extras_for(spec: Spec) -> None:
         require_extra("dpo", "`train.method: dpo`")
     if spec.train.backend == "ray":
         require_extra("ray", "`train.backend: ray`")
+    if spec.train.method == "qlora":
+        require_extra("qlora", "`train.method: qlora`")
 
 
 def missing_extra(exc: ImportError) -> TunelineError | None:

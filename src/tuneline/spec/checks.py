@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from tuneline.spec.gates import Threshold, gate_name_problem
-from tuneline.spec.methods import LORA_SHAPED, PROMPT_LEARNING
+from tuneline.spec.methods import LORA_SHAPED, PROMPT_LEARNING, QUANTIZED
 from tuneline.spec.metrics import TASK_METRICS, validation_metric_problem
 from tuneline.spec.tasks import GENERATION_TASKS, TASK_COLUMNS
 
@@ -213,10 +213,11 @@ def classifier_head_problems(parts: SpecParts) -> Iterator[CrossProblem]:
     if parts.head != "classifier":
         return
     train = parts.train
-    if train is not None and train.method not in LORA_SHAPED:
+    shaped = [m for m in LORA_SHAPED if m not in QUANTIZED]
+    if train is not None and train.method not in shaped:
         yield CrossProblem(("train", "method"),
-                           f"head 'classifier' trains a LoRA-shaped adapter with the score head; method "
-                           f"{train.method!r} is not one: use {', '.join(LORA_SHAPED)} (or head: generate)")
+                           f"head 'classifier' trains a LoRA-shaped adapter with the score head on an unquantized "
+                           f"base; method {train.method!r} is not one: use {', '.join(shaped)} (or head: generate)")
     if train is not None and train.packing:
         yield CrossProblem(("train", "packing"), "packing does not apply to head 'classifier' (one prompt per "
                                                  "row, pooled at its last token): set packing: false")

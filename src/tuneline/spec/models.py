@@ -396,7 +396,8 @@ class RayTrainSpec(_Model):
 class TrainSpec(_Model):
     method: TrainMethod = Field(
         default="lora",
-        description="lora; dora (weight-decomposed LoRA); rslora (rank-stabilized scaling alpha/sqrt(r)); ia3; "
+        description="lora; dora (weight-decomposed LoRA); rslora (rank-stabilized scaling alpha/sqrt(r)); qlora "
+                    "(LoRA on the base quantized to 4-bit NF4, bitsandbytes; evaluated and served unquantized); ia3; "
                     "prefix (prefix tuning); prompt (prompt tuning); full (every weight); dpo (LoRA on the rows, "
                     "then preference optimization on data.preferences).")
     lora: LoraSpec = Field(default_factory=LoraSpec)

@@ -36,7 +36,11 @@ if TYPE_CHECKING:
     from tuneline.spec import LoadedSpec
     from tuneline.spec.models import TrainSpec
 
-BYTES = {"fp32": 4, "bf16": 2}
+# bytes per frozen weight; NF4: 4 bits, plus a block's fp32 scale per 64 weights (double quantization
+# shrinks the scales further): an estimate that counts every frozen weight as quantized, though the
+# embeddings and norms stay unquantized
+NF4_BYTES = 0.5 + 4 / 64
+BYTES: dict[str, float] = {"fp32": 4, "bf16": 2, "nf4-bf16": NF4_BYTES, "nf4-fp32": NF4_BYTES}
 MIB = 1 << 20
 
 
@@ -157,7 +161,7 @@ def estimate(model_dir: str | Path, train: TrainSpec, compute: Compute, classifi
     config = AutoConfig.from_pretrained(model_dir)
     model = _meta_model(config, train, classifier_labels)
     frozen_bytes, trainable, total = BYTES[compute.base_dtype], 0, 0
-    weights = 0
+    weights = 0.0
     for p in model.parameters():
         total += p.numel()
         if p.requires_grad:
@@ -170,8 +174,8 @@ def estimate(model_dir: str | Path, train: TrainSpec, compute: Compute, classifi
     act_bytes = BYTES[compute.precision]
     vocab = classifier_labels or int(config.vocab_size)
     logit_positions = rows if classifier_labels else rows * tokens
-    return MemoryEstimate(total, trainable, weights, trainable * 4, trainable * 8,
-                          _activations(config, rows, tokens, train.gradient_checkpointing) * act_bytes,
+    return MemoryEstimate(total, trainable, round(weights), trainable * 4, trainable * 8,
+                          round(_activations(config, rows, tokens, train.gradient_checkpointing) * act_bytes),
                           2 * logit_positions * vocab * 4)
 
 

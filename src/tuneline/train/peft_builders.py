@@ -1,5 +1,5 @@
-"""Wrap a base model for the spec's training method: peft's LoRA, DoRA, rsLoRA, IA3, prefix or prompt
-tuning, or full fine-tuning."""
+"""Wrap a base model for the spec's training method: peft's LoRA, DoRA, rsLoRA, QLoRA (LoRA on a 4-bit
+base), IA3, prefix or prompt tuning, or full fine-tuning."""
 
 from __future__ import annotations
 
@@ -84,6 +84,12 @@ def wrap_for_training(model: PreTrainedModel, train: TrainSpec) -> PeftModel | P
     import torch
     from peft import get_peft_model
 
+    if getattr(model, "is_loaded_in_4bit", False):
+        # qlora: peft's preparation of a quantized base (norms and embeddings in fp32, input gradients on)
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=train.gradient_checkpointing,
+                                                gradient_checkpointing_kwargs={"use_reentrant": False})
     peft_model = get_peft_model(model, build_peft_config(train, model))
     # adapter weights (and so their optimizer state) stay fp32 even when the base is bf16
     for p in peft_model.parameters():
