@@ -87,6 +87,11 @@ def test_a_run_on_one_machine_is_promoted_and_served_from_another(team: TeamServ
     assert tree_sha256(cached) == info.tags[ADAPTER_SHA_TAG]  # downloaded once, kept by its hash
     assert tree_sha256(cached) == tree_sha256(result.run_dir / "adapter")  # what machine A trained
 
+    # the run's page, rendered on B from what A's run logged on the server
+    page = invoke_cli("report", result.run_id[:12], "-w", str(machine_b.root))
+    assert page.exit_code == 0, page.output
+    assert (machine_b.reports_dir / f"{result.run_id}.html").is_file()
+
     # the dataset version A curated, fetched by B from the S3 store (`tuneline run --dataset` trains on it)
     vid = info.tags["tuneline.dataset_version"]
     pulled = invoke_cli("data", "pull", vid, "-w", str(machine_b.root), "--json")
