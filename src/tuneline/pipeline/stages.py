@@ -312,6 +312,7 @@ def score_untouched(ctx: RunContext, tracked: Tracked, sets: list[EvalSet], mode
 def train_or_reuse(ctx: RunContext, plan: TrainingPlan, tracked: Tracked, untouched: Untouched) -> Trained:
     """Train the plan's configuration (resuming from the last checkpoint when asked), or take the
     best search trial's adapter when it already trained on every training row with these values."""
+    import mlflow
 
     found, model = plan.search, untouched.take()
     if found is not None and found.reusable_adapter and not tracked.resumed:
@@ -319,11 +320,9 @@ def train_or_reuse(ctx: RunContext, plan: TrainingPlan, tracked: Tracked, untouc
     # a resumed search run may have stopped before training began: then train from the start
     resume = tracked.resumed and (found is None or latest_checkpoint(ctx.run_dir / "checkpoints") is not None)
     cfg = plan.train
+    mlflow.set_tag("tuneline.base_dtype", plan.compute.base_dtype)  # the base weights as trained on
     if cfg.backend == "ray":
         return _train_on_ray(ctx, plan, tracked, model, resume)
-    import mlflow
-
-    mlflow.set_tag("tuneline.base_dtype", plan.compute.base_dtype)  # the base weights as trained on
     quantized = plan.compute.base_dtype != plan.compute.served_dtype
     if quantized:  # qlora: the scored base goes; training loads it quantized
         del model
