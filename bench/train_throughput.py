@@ -17,8 +17,9 @@ examples for the same number of optimizer steps (batch 16 by default):
       and the Trainer's linear schedule without warm-up so the loss curves are comparable.
 
 Each runs in its own process so peak RSS is its own. Prints real (non-padding) tokens/s, peak RSS,
-the loss curves, the held-out loss of each, tuneline's utilisation of this machine's bf16 matmul
-peak (measured in the same run), and last the speed-up ratios against (a) and (b).
+the loss curves, the held-out loss of each, tuneline's utilisation of this machine's matmul peak
+in the precision tuneline computes in (bf16 where native, else fp32; measured in the same run),
+and last the speed-up ratios against (a) and (b).
 
     python bench/train_throughput.py [--steps 20] [--batch 16] [--packing]
 """
@@ -168,14 +169,24 @@ def run_tuneline(steps: int, batch: int, cache: Path, packing: bool, out: dict) 
 PEAK_SHAPES = [(2048, 2048, 2048), (4096, 576, 576), (4096, 576, 1536), (4096, 1536, 576)]
 
 
-def bf16_matmul_flops() -> dict[tuple[int, int, int], float]:
-    """bf16 matmul FLOP/s for each of PEAK_SHAPES, best of 5 timings each (the machine is noisy)."""
+def peak_precision() -> str:
+    """The precision tuneline computes in here (``auto``): bf16 where the CPU multiplies it natively,
+    else fp32 (where bf16 products are emulated, many times slower: not a peak to measure against)."""
+    from tuneline.runtime import resolve_precision
+
+    return resolve_precision("auto", "cpu")
+
+
+def matmul_flops() -> dict[tuple[int, int, int], float]:
+    """Matmul FLOP/s in :func:`peak_precision` for each of PEAK_SHAPES, best of 5 timings each (the
+    machine is noisy)."""
     import torch
 
+    dtype = torch.bfloat16 if peak_precision() == "bf16" else torch.float32
     out = {}
     for m, k, n in PEAK_SHAPES:
-        a = torch.randn(m, k, dtype=torch.bfloat16)
-        b = torch.randn(k, n, dtype=torch.bfloat16)
+        a = torch.randn(m, k, dtype=dtype)
+        b = torch.randn(k, n, dtype=dtype)
         a @ b
         reps = max(3, int(2e10 / (2 * m * k * n)))
         best = float("inf")
@@ -228,11 +239,11 @@ def main() -> None:
     args.cache.mkdir(parents=True, exist_ok=True)
     _model_dir(args.cache)  # convert once, outside the timings
 
-    peaks_before = bf16_matmul_flops()
+    peaks_before = matmul_flops()
     std = _in_child(run_standard, args.steps, args.batch, args.cache)
     sft = _in_child(run_sft, args.steps, args.batch, args.cache)
     ours = _in_child(run_tuneline, args.steps, args.batch, args.cache, args.packing)
-    peaks_after = bf16_matmul_flops()
+    peaks_after = matmul_flops()
     peaks = {shape: max(peaks_before[shape], peaks_after[shape]) for shape in PEAK_SHAPES}
     square, best_shape = peaks[PEAK_SHAPES[0]], max(PEAK_SHAPES, key=lambda sh: peaks[sh])
     std_tps, sft_tps, our_tps = (r["tokens"] / r["seconds"] for r in (std, sft, ours))
@@ -252,7 +263,7 @@ def main() -> None:
     # every example, whatever the implementation skipped (here: the prefix computed once per batch)
     model_flops = work(ours["tokens"]) / ours["seconds"]
     print(f"examples: {args.steps * args.batch} BANKING77 rows, {args.steps} steps of {args.batch}")
-    print("bf16 matmul FLOP/s measured now (best of before and after the runs): "
+    print(f"{peak_precision()} matmul FLOP/s measured now (best of before and after the runs): "
           + ", ".join(f"{m}x{k}x{n} {peaks[(m, k, n)] / 1e9:.0f} G" for m, k, n in PEAK_SHAPES))
     print(f"standard (Trainer + peft, fp32, padding): {std_tps:7.1f} real tokens/s  peak RSS {std['peak_rss_gb']:.2f} GB  "
           f"{_curve(std['losses'])}")
@@ -266,7 +277,7 @@ def main() -> None:
           f"standard {std['held_out_loss']:.3f}, SFTTrainer {sft['held_out_loss']:.3f}, "
           f"tuneline {ours['held_out_loss']:.3f}")
     print(f"tuneline utilisation: {achieved / 1e9:.0f} GFLOP/s = {100 * achieved / square:.1f}% of the square "
-          f"2048^3 bf16 product, {100 * achieved / peaks[best_shape]:.1f}% of the best shape "
+          f"2048^3 {peak_precision()} product, {100 * achieved / peaks[best_shape]:.1f}% of the best shape "
           f"({flops / done / 1e6:.0f} MFLOP per computed token, {done:,} computed of {ours['tokens']:,} "
           f"example tokens: 4 x {ours['non_embedding_params'] / 1e6:.1f}M "
           f"frozen + 6 x {ours['adapter_params'] / 1e6:.2f}M adapter params, head at answer tokens, attention)")
