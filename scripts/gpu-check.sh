@@ -11,14 +11,24 @@
 # 3. the same at 4,096 tokens per row (attention's share grows), OUT_DIR/mfu-1b-4k.json.
 #
 # It needs python3 with torch (CUDA), transformers, peft, tokenizers, pydantic, PyYAML and rich
-# (PYTHON=... to pick another interpreter); tuneline is read from src/, not installed. On a machine
-# where pip cannot reach an index, carry the missing wheels and set PYTHONPATH to where they are.
+# (PYTHON=... to pick another interpreter); tuneline is read from src/, not installed (importing
+# its training loop loads only pydantic, PyYAML and rich beside those). Wheels in ./.whl are
+# installed first into /tmp/site: on a machine without an index (this project's lent H200s lack
+# pydantic), fetch them beforehand with
+#   pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#     --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl \
+#     pydantic pydantic-core annotated-types typing-inspection
+# (pydantic-core must be the version pydantic pins).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT_DIR=${1:-gpu-check}
 PY=${PYTHON:-python3}
 mkdir -p "$OUT_DIR"
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+if compgen -G ".whl/*.whl" > /dev/null; then
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+    export PYTHONPATH="$PYTHONPATH:/tmp/site"
+fi
 
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
 "$PY" - <<'PY'
