@@ -86,6 +86,16 @@ def replace_dir(tmp: str | Path, target: str | Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+def copy_dir(src: str | Path, target: str | Path) -> None:
+    """Copy the folder ``src`` to ``target``, durably: copied whole beside it first, then put in
+    place by :func:`replace_dir` (a previous ``target`` stays whole until the copy is)."""
+    src, target = Path(src), Path(target)
+    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(src, tmp)
+    replace_dir(tmp, target)
+
+
 def recover_dir(target: str | Path) -> None:
     """After a crash inside :func:`replace_dir`: bring ``target.old`` back when ``target`` is gone."""
     target = Path(target)

@@ -253,20 +253,18 @@ def adopt_version(folder: Path, root: Path, expected: str) -> DatasetVersion:
     erased from (its id stays), match the counts its manifest records."""
     where = f"the dataset version fetched into {folder}"
     try:
-        manifest = json.loads((folder / "manifest.json").read_text())
-        splits = {s: read_split(folder / f"{s}.parquet") for s in SPLITS}
+        fetched = DatasetVersion(expected, folder, json.loads((folder / "manifest.json").read_text()))
+        splits = {s: fetched.split(s) for s in SPLITS}
+        manifest = fetched.manifest
+        if manifest.get("id") != expected:
+            raise DataError(Problem(f"{where} is {manifest.get('id')!r}, not {expected!r}"))
+        if manifest.get("erasures"):
+            intact = all(len(splits[s]) == manifest["counts"].get(s, 0) for s in SPLITS)
+        else:
+            intact = version_id(splits, manifest.get("labels"), canaries_digest(fetched.canaries()),
+                                pairs_digest(fetched.preferences())) == expected
     except (OSError, ValueError) as e:
         raise DataError(Problem(f"{where} cannot be read: {e}", hint="fetch it again")) from e
-    if manifest.get("id") != expected:
-        raise DataError(Problem(f"{where} is {manifest.get('id')!r}, not {expected!r}"))
-    if manifest.get("erasures"):
-        intact = all(len(splits[s]) == manifest["counts"].get(s, 0) for s in SPLITS)
-    else:
-        canaries = [Canary.from_dict(c) for c in json.loads((folder / CANARIES_FILE).read_text())["canaries"]] \
-            if (folder / CANARIES_FILE).is_file() else []
-        found = version_id(splits, manifest.get("labels"), canaries_digest(canaries),
-                           pairs_digest(load_pairs(folder / PREFERENCES_FILE)))
-        intact = found == expected
     if not intact:
         raise DataError(Problem(f"{where} does not hold the rows of {expected} (altered or incomplete)",
                                 hint="fetch it again; if it fails again, the stored copy is damaged"))

@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -31,7 +29,7 @@ from tuneline.artifacts import (
     ADAPTER_SHA_TAG,
     CARD_FILE,
     atomic_write_text,
-    replace_dir,
+    copy_dir,
     tree_sha256,
 )
 from tuneline.audit import record
@@ -452,15 +450,10 @@ def _reuse_trial(ctx: RunContext, found: SearchResult, model: nn.Module) -> Trai
     assert found.reusable_adapter is not None and found.best is not None
     src = Path(found.reusable_adapter)
     dest = ctx.run_dir / "adapter"
-    tmp = ctx.run_dir / f".adapter.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(src, tmp)
-    replace_dir(tmp, dest)  # the previous adapter stays whole until the copy is
-    saved = json.loads((src.parent / "train_result.json").read_text())
-    saved["adapter_dir"] = str(dest)
-    saved["validations"] = [tuple(v) for v in saved.get("validations", [])]
+    copy_dir(src, dest)  # the previous adapter stays whole until the copy is
+    result = TrainResult.from_saved(json.loads((src.parent / "train_result.json").read_text()), dest)
     ctx.console.print(f"reusing trial {found.best.number}'s adapter: it trained on every training row with the best values")
-    return Trained(PeftModel.from_pretrained(model, str(dest)), TrainResult(**saved))
+    return Trained(PeftModel.from_pretrained(model, str(dest)), result)
 
 
 def ship_adapter(ctx: RunContext, plan: TrainingPlan, trained: Trained) -> Shipped:

@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Any, cast
 
 from rich.progress import (
     BarColumn,
@@ -136,6 +136,12 @@ class TrainResult:
 
     def to_dict(self) -> dict[str, object]:
         return asdict(self)
+
+    @classmethod
+    def from_saved(cls, saved: dict[str, Any], adapter_dir: Path) -> TrainResult:
+        """A result read back from its :meth:`to_dict` JSON, its adapter now at ``adapter_dir``."""
+        return cls(**{**saved, "adapter_dir": str(adapter_dir),
+                      "validations": [tuple(v) for v in saved.get("validations", [])]})
 
 
 def encode_all(tokenizer: PreTrainedTokenizerBase, examples: list[Example], seq_len: int) -> tuple[list[Encoded], list[str]]:

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from tuneline.artifacts import atomic_write_text, replace_dir
+from tuneline.artifacts import atomic_write_text, copy_dir
 from tuneline.data.examples import Example
 from tuneline.errors import Problem, TrainingError
 from tuneline.models import load_model
@@ -125,25 +125,15 @@ def _collect(result: Result, out_dir: Path) -> TrainResult:
         raise TrainingError(f"the Ray training ended without its final checkpoint (metrics: {result.metrics})")
     with checkpoint.as_directory() as got:
         folder = Path(got)
-        tmp = out_dir / f".{ADAPTER}.tmp-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.copytree(folder / ADAPTER, tmp)
-        replace_dir(tmp, out_dir / ADAPTER)
+        copy_dir(folder / ADAPTER, out_dir / ADAPTER)
         ckpt_root = out_dir / CHECKPOINTS
         ckpt_root.mkdir(parents=True, exist_ok=True)
         for item in (folder / CHECKPOINTS).iterdir():
-            target = ckpt_root / item.name
             if item.is_dir():
-                tmp = ckpt_root / f".{item.name}.tmp-{os.getpid()}"
-                shutil.rmtree(tmp, ignore_errors=True)
-                shutil.copytree(item, tmp)
-                replace_dir(tmp, target)
+                copy_dir(item, ckpt_root / item.name)
             else:
-                shutil.copy2(item, target)
-        saved = json.loads((folder / RESULT).read_text())
-    saved["adapter_dir"] = str(out_dir / ADAPTER)
-    saved["validations"] = [tuple(v) for v in saved.get("validations", [])]
-    return TrainResult(**saved)
+                shutil.copy2(item, ckpt_root / item.name)
+        return TrainResult.from_saved(json.loads((folder / RESULT).read_text()), out_dir / ADAPTER)
 
 
 class _Progress:
