@@ -63,6 +63,16 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def _doctor_estimate(model, cfg, device: str, precision: str) -> int:
+    """What `tuneline doctor` estimates one training step of ``cfg`` needs on this model (bytes)."""
+    from tuneline.runtime import Compute
+    from tuneline.train.doctor import estimate
+
+    folder = Path(tempfile.mkdtemp())
+    model.config.save_pretrained(folder)
+    return estimate(folder, cfg, Compute.resolve(precision, cfg.method, device)).total_bytes
+
+
 def _tokenizer(vocab: int):
     """A word-level tokenizer over ``vocab`` ids: train() needs a pad id and saves the tokenizer."""
     from tokenizers import Tokenizer, models
@@ -91,6 +101,9 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--answer", type=int, default=16)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--profile", type=int, default=0, metavar="N",
+                    help="after the timed steps, profile N more and print the top operators")
+    ap.add_argument("--compile", action="store_true", help="train.compile: torch.compile each decoder layer")
     ap.add_argument("--json", type=Path, help="also write the numbers here")
     args = ap.parse_args()
 
@@ -98,25 +111,38 @@ def main() -> None:
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     config = LlamaConfig(**SHAPES[args.shape], max_position_embeddings=max(2048, args.seq))
     torch.manual_seed(0)
-    model = LlamaForCausalLM(config).to(dtype=dtype, device=device)
+    with torch.device(device):  # initialised where it runs: a 1B model is slow to initialise on a CPU
+        model = LlamaForCausalLM(config).to(dtype=dtype)
     frozen = sum(p.numel() for n, p in model.named_parameters() if "embed_tokens" not in n and "lm_head" not in n)
     rng = random.Random(0)
-    total = args.warmup + args.steps
+    total = args.warmup + args.steps + args.profile
     rows = [Encoded([rng.randrange(2, config.vocab_size) for _ in range(args.seq)],
                     [IGNORE_INDEX] * (args.seq - args.answer) + [rng.randrange(2, config.vocab_size)
                                                                   for _ in range(args.answer)], f"row{i}")
             for i in range(total * args.batch)]
     cfg = TrainSpec(max_steps=total, batch_size=args.batch, seq_len=args.seq, precision=precision, lr=1e-4,
-                    share_prefix=False, checkpoint_every=10**6)
+                    share_prefix=False, checkpoint_every=10**6, compile=args.compile)
     stamps: list[float] = []
+    profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]
+                                      + ([torch.profiler.ProfilerActivity.CUDA] if device.startswith("cuda") else []))
 
     def on_step(step: int, metrics: dict[str, float]) -> None:
         _sync(device)
         stamps.append(time.perf_counter())
+        if args.profile and step == args.warmup + args.steps:  # the timed steps are done: profile the rest
+            profiler.start()
 
     peak = matmul_peak(device, dtype)
+    guess = _doctor_estimate(model, cfg, device, precision)
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
     train(cfg, model, _tokenizer(config.vocab_size), [], Path(tempfile.mkdtemp()),
           TrainOptions(device=device, show_progress=False, on_step=on_step, encoded_train=(rows, [])))
+    if args.profile:
+        profiler.stop()
+        stamps = stamps[:total - args.profile]
+        by = "self_cuda_time_total" if device.startswith("cuda") else "self_cpu_time_total"
+        print(profiler.key_averages().table(sort_by=by, row_limit=25, max_name_column_width=60))
     seconds = stamps[-1] - stamps[args.warmup - 1] if args.warmup else stamps[-1] - stamps[0]
     timed_steps = args.steps if args.warmup else args.steps - 1
     tokens = timed_steps * args.batch * args.seq
@@ -127,14 +153,19 @@ def main() -> None:
     out = {"device": torch.cuda.get_device_name() if device.startswith("cuda") else "cpu", "shape": args.shape,
            "precision": precision, "tokens_per_second": tps, "model_flops_per_token": per_token,
            "achieved_tflops": achieved / 1e12, "peak_tflops": peak / 1e12, "mfu": achieved / peak,
-           "batch": args.batch, "seq": args.seq, "answer": args.answer, "steps_timed": timed_steps}
-    print(f"{out['device']}, {args.shape} Llama shape ({frozen / 1e6:.0f}M frozen non-embedding weights), "
+           "batch": args.batch, "seq": args.seq, "answer": args.answer, "steps_timed": timed_steps,
+           "compile": args.compile, "doctor_estimate_bytes": guess,
+           "peak_allocated_bytes": torch.cuda.max_memory_allocated() if device.startswith("cuda") else None}
+    print(f"{out['device']}, {args.shape} Llama shape{' (compiled layers)' if args.compile else ''} ({frozen / 1e6:.0f}M frozen non-embedding weights), "
           f"{precision}, batch {args.batch} x {args.seq} tokens ({args.answer} answer)")
     print(f"  {tps:,.0f} tokens/s over {timed_steps} steps after {args.warmup} warm-up")
     print(f"  model FLOPs per token = 4·N + 6·L·d·S/2 + 4·d·V·a = 4·{frozen:,} + 6·{layers}·{d}·{args.seq}/2 + "
           f"4·{d}·{vocab}·{args.answer}/{args.seq} = {per_token / 1e9:.2f} GFLOP")
     print(f"  achieved {achieved / 1e12:.2f} TFLOP/s; {precision} matmul peak measured {peak / 1e12:.2f} TFLOP/s; "
           f"MFU {100 * out['mfu']:.1f}%")
+    if out["peak_allocated_bytes"]:
+        print(f"  memory: `tuneline doctor` estimates {guess / 2**30:.1f} GiB for one step; "
+              f"peak allocated {out['peak_allocated_bytes'] / 2**30:.1f} GiB")
     if args.json:
         args.json.write_text(json.dumps(out, indent=2) + "\n")
 

@@ -45,6 +45,20 @@ def test_a_bf16_base_halves_the_frozen_weights_only(tiny_model_dir: Path):
     assert checkpointed.activations_bytes < fp32.activations_bytes
 
 
+def test_on_a_gpu_sdpa_keeps_no_attention_probabilities(tiny_model_dir: Path):
+    """Measured on an H200 (scripts/gpu-check.sh): counting rows x heads x tokens^2 probabilities per
+    layer, as the CPU's eager attention keeps, put the 1B estimate at 2-3x the measured peak."""
+    from transformers import AutoConfig
+
+    train = TrainSpec(method="lora", batch_size=4, seq_len=64)
+    cpu = estimate(tiny_model_dir, train, Compute("cpu", "bf16", "bf16"))
+    gpu = estimate(tiny_model_dir, train, Compute("cuda", "bf16", "bf16"))
+    config = AutoConfig.from_pretrained(tiny_model_dir)
+    heads, layers = config.num_attention_heads, config.num_hidden_layers
+    assert cpu.activations_bytes - gpu.activations_bytes == layers * 4 * heads * 64 * 63 * 2  # bf16 bytes
+    assert gpu.weights_bytes == cpu.weights_bytes
+
+
 def test_doctor_prints_the_machine_and_what_the_spec_will_use(classification_spec: Path, tmp_path: Path):
     done = invoke_cli("doctor", str(classification_spec), "-w", str(tmp_path / "ws"), "--json")
     assert done.exit_code == 0, done.output

@@ -9,7 +9,8 @@ loaded or allocated), so the parameter counts are exact: total, trainable, the w
 the dtypes the trainer keeps them in (a bf16 base with fp32 adapter weights, or fp32 master weights
 for a full fine-tune), their gradients and AdamW's two fp32 moments. Activations and logits are an
 estimate from the shapes (micro-batch of ``batch_size`` rows of ``seq_len`` tokens; every layer's
-saved inputs of its projections, attention probabilities and MLP; one layer's only, plus each
+saved inputs of its projections, attention probabilities (kept by the CPU's eager attention;
+SDPA's fused kernels on a GPU keep none) and MLP; one layer's only, plus each
 layer's input, under gradient checkpointing; fp32 logits and their gradient over the vocabulary),
 an upper bound for padded batches whose rows are shorter than ``seq_len``.
 """
@@ -175,7 +176,8 @@ def estimate(model_dir: str | Path, train: TrainSpec, compute: Compute, classifi
     vocab = classifier_labels or int(config.vocab_size)
     logit_positions = rows if classifier_labels else rows * tokens
     return MemoryEstimate(total, trainable, round(weights), trainable * 4, trainable * 8,
-                          round(_activations(config, rows, tokens, train.gradient_checkpointing) * act_bytes),
+                          round(_activations(config, rows, tokens, train.gradient_checkpointing,
+                                             probabilities=compute.device == "cpu") * act_bytes),
                           2 * logit_positions * vocab * 4)
 
 
@@ -194,16 +196,18 @@ def _meta_model(config: PretrainedConfig, train: TrainSpec, classifier_labels: i
         return wrap_for_training(base, no_fuse)  # the same trainable parameters: fusing changes kernels only
 
 
-def _activations(config: PretrainedConfig, rows: int, tokens: int, checkpointing: bool) -> int:
+def _activations(config: PretrainedConfig, rows: int, tokens: int, checkpointing: bool, probabilities: bool) -> int:
     """Elements a decoder keeps for the backward pass of one micro-batch: per layer the inputs of its
-    norms and projections (q, k, v, o; gate, up, down), the attention probabilities, the MLP's
-    intermediate products; under checkpointing each layer's input plus one layer recomputed."""
+    norms and projections (q, k, v, o; gate, up, down), the attention probabilities with
+    ``probabilities`` (the eager attention the CPU trains with; on a GPU, SDPA's fused kernels keep
+    only a row statistic), the MLP's intermediate products; under checkpointing each layer's input
+    plus one layer recomputed."""
     hidden = int(config.hidden_size)
     heads = int(config.num_attention_heads)
     kv = int(getattr(config, "num_key_value_heads", None) or heads) * (hidden // heads)
     inter = int(getattr(config, "intermediate_size", 4 * hidden))
     layers = int(config.num_hidden_layers)
-    per_layer = rows * tokens * (6 * hidden + 2 * kv + 4 * inter) + rows * heads * tokens * tokens
+    per_layer = rows * tokens * (6 * hidden + 2 * kv + 4 * inter) + rows * heads * tokens * (tokens if probabilities else 1)
     if checkpointing:
         return layers * rows * tokens * hidden + per_layer
     return layers * per_layer
