@@ -1,0 +1,86 @@
+"""Where the time of a constrained classification evaluation goes, on the demo's test rows.
+
+Runs the built-in SmolLM2-135M (the precision `auto` picks here) over BANKING77 test rows as the
+demo's evaluation does (``generate_detailed`` with the label trie, batches of 128, the shared
+prompt prefix computed once per batch), then, on the same rows and batches, only the forward pass
+over each row's own prompt tokens (after the shared prefix, right-padded as decoding pads them):
+the part of the work every scorer of these prompts must do, whatever it does after the last
+prompt token. It prints both times, their ratio, and the prompt tokens computed with padding and
+without it.
+
+    .venv/bin/python bench/classify_eval.py --rows 256
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, default=256)
+    parser.add_argument("--batch-size", type=int, default=128)
+    args = parser.parse_args()
+
+    import torch
+
+    from tuneline.context import open_context
+    from tuneline.eval.generate import (
+        GenerateOptions,
+        LabelTrie,
+        common_prefix_len,
+        encode_prompt,
+        generate_detailed,
+    )
+    from tuneline.models import load_model
+    from tuneline.models.loading import inference_attention
+    from tuneline.runtime import autocast_for, resolve_precision
+    from tuneline.train.peft_builders import causal_lm_of
+
+    ctx = open_context(ROOT / "examples/banking77/tuneline.yaml")
+    tok, data = ctx.tokenizer, ctx.data
+    precision = resolve_precision("auto", "cpu")
+    model = load_model(ctx.source, ctx.workspace.models_dir, device="cpu", dtype=precision)
+    rows = data.test[: args.rows]
+    trie = LabelTrie(tok, data.labels or [], rows[0], tok.convert_tokens_to_ids(tok.eos_token))
+    options = GenerateOptions(batch_size=args.batch_size, max_new_tokens=trie.max_len,
+                              autocast=autocast_for(precision, "cpu"), show_progress=False, labels=trie)
+    t0 = time.perf_counter()
+    generate_detailed(model, tok, rows, options)
+    decode = time.perf_counter() - t0
+
+    prompts = [encode_prompt(tok, ex) for ex in rows]
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    n_prefix = common_prefix_len(prompts)
+    decoder = getattr(causal_lm_of(model), causal_lm_of(model).base_model_prefix)
+    padded = real = 0
+    t0 = time.perf_counter()
+    with torch.inference_mode(), inference_attention(model), autocast_for(precision, "cpu"):
+        for b in range(0, len(order), args.batch_size):
+            own = [prompts[i][n_prefix:] for i in order[b : b + args.batch_size]]
+            width = max(len(o) for o in own)
+            padded, real = padded + width * len(own), real + sum(len(o) for o in own)
+            ids = torch.full((len(own), width), tok.pad_token_id, dtype=torch.long)
+            mask = torch.zeros((len(own), n_prefix + width), dtype=torch.long)
+            mask[:, :n_prefix] = 1
+            for r, o in enumerate(own):
+                ids[r, : len(o)], mask[r, n_prefix : n_prefix + len(o)] = torch.tensor(o), 1
+            prefix = decoder(input_ids=torch.tensor([prompts[0][:n_prefix]]), use_cache=True)
+            cache = prefix.cache if getattr(prefix, "cache", None) is not None else prefix.past_key_values
+            cache.batch_repeat_interleave(len(own))
+            kwargs = {"cache" if hasattr(prefix, "cache") else "past_key_values": cache}
+            decoder(input_ids=ids, attention_mask=mask, **kwargs)
+    forward = time.perf_counter() - t0
+    print(f"{len(rows)} rows, {precision}, batches of {args.batch_size}; shared prefix {n_prefix} tokens")
+    print(f"  constrained decoding (today's evaluation): {decode:6.1f} s")
+    print(f"  forward over the rows' own prompt tokens:  {forward:6.1f} s = {forward / decode:.0%} of it")
+    print(f"  own prompt tokens: {real:,} ({real / len(rows):.1f} a row); computed with padding: {padded:,} "
+          f"({padded / real:.2f}x)")
+
+
+if __name__ == "__main__":
+    main()
