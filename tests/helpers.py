@@ -193,6 +193,46 @@ def loss_tolerance(loss: float, n_tokens: int, vocab_size: int, logits_dtype=Non
     return {"rtol": 0.0, "atol": (n_tokens**0.5 * per_token + summed) / divisor}
 
 
+def assert_packed_examples_stay_apart(model, examples, pad_id: int, capacity: int, device: str = "cpu") -> None:
+    """Per example: keep only its labels in the packed batch; its loss must equal running it alone,
+    within :func:`loss_tolerance` for the model's dtype (bf16 adds its rounding of the logits).
+
+    Another example sharing its row (before it) would change it if attention leaked: the same packed
+    row with one causal mask over the whole row (positions running on) must fall outside the tolerance,
+    checked for at least two examples."""
+    import torch
+
+    from tuneline.data.tokenize import IGNORE_INDEX, Encoded
+    from tuneline.train.batching import collate, collate_packed
+    from tuneline.train.loss import answer_loss_sum
+
+    def on(batch: dict) -> dict:
+        return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+    dtype, vocab = next(model.parameters()).dtype, model.config.vocab_size
+    leaks_checked = 0
+    with torch.no_grad():
+        for i, e in enumerate(examples):
+            only = [e if j == i else Encoded(o.input_ids, [IGNORE_INDEX] * len(o.input_ids), o.where)
+                    for j, o in enumerate(examples)]
+            batch = on(collate_packed(only, pad_id, capacity))
+            assert batch["input_ids"].shape[0] < len(examples)  # it really shares a row with others
+            packed, n = answer_loss_sum(model, batch)
+            alone_batch = on(collate([e], pad_id))
+            alone, n_alone = answer_loss_sum(model, alone_batch)
+            assert n == n_alone == e.n_answer_tokens
+            max_logit = float(model(input_ids=alone_batch["input_ids"]).logits.abs().max())
+            tol = loss_tolerance(alone, n, vocab, dtype, max_logit)
+            torch.testing.assert_close(packed, alone, **tol, msg=lambda m, w=e.where: f"{w}: {m}")
+            row, at = (int(v) for v in (batch["labels"] != IGNORE_INDEX).nonzero()[0])
+            if at > int(batch["position_ids"][row, at]):  # an example precedes it in its row
+                rows, width = batch["input_ids"].shape
+                leaky = {**batch, "position_ids": torch.arange(width, device=device).expand(rows, -1)}
+                assert not torch.allclose(answer_loss_sum(model, leaky)[0], alone, **tol), e.where
+                leaks_checked += 1
+    assert leaks_checked >= 2
+
+
 @contextlib.contextmanager
 def uvicorn_on_loopback(app) -> Iterator[str]:
     """Serve ``app`` under uvicorn on a free 127.0.0.1 port, in a thread; yields its base URL and

@@ -14,13 +14,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import float64_model_tolerance, lora_model, loss_tolerance
+from helpers import (
+    assert_packed_examples_stay_apart,
+    float64_model_tolerance,
+    lora_model,
+    loss_tolerance,
+)
 
 from tuneline.data.tokenize import IGNORE_INDEX, Encoded
 from tuneline.spec.models import TrainSpec
 from tuneline.train import TrainOptions, fast_lora, train
-from tuneline.train.batching import collate, collate_packed
-from tuneline.train.loss import answer_loss_sum
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 CUDA = "cuda"
@@ -55,10 +58,6 @@ def _examples(seed: int) -> list[Encoded]:
     return out
 
 
-def _on_cuda(batch: dict) -> dict:
-    return {k: v.to(CUDA) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-
-
 def _grads(model, ids: torch.Tensor):
     model.zero_grad()
     loss = model(input_ids=ids, labels=ids).loss
@@ -88,27 +87,7 @@ def test_packed_examples_do_not_see_each_other_under_cuda_sdpa(gpu_model_dir: Pa
     the GPU: each example's loss equals its loss alone, and the same row under one causal mask (the
     leak this guards against) falls outside the tolerance."""
     model = lora_model(gpu_model_dir, attn="sdpa", dtype=dtype).to(CUDA)
-    ex = _examples(1)
-    leaks_checked = 0
-    with torch.no_grad():
-        for i, e in enumerate(ex):
-            only = [e if j == i else Encoded(o.input_ids, [IGNORE_INDEX] * len(o.input_ids), o.where)
-                    for j, o in enumerate(ex)]
-            batch = _on_cuda(collate_packed(only, 0, 40))
-            packed, n = answer_loss_sum(model, batch)
-            alone_batch = _on_cuda(collate([e], 0))
-            alone, n_alone = answer_loss_sum(model, alone_batch)
-            assert n == n_alone == e.n_answer_tokens
-            max_logit = float(model(input_ids=alone_batch["input_ids"]).logits.abs().max())
-            tol = loss_tolerance(alone, n, VOCAB, dtype, max_logit)
-            torch.testing.assert_close(packed, alone, **tol, msg=lambda m, w=e.where: f"{w}: {m}")
-            row, at = (int(v) for v in (batch["labels"] != IGNORE_INDEX).nonzero()[0])
-            if at > int(batch["position_ids"][row, at]):  # an example precedes it in its row
-                width = batch["input_ids"].shape[1]
-                leaky = {**batch, "position_ids": torch.arange(width, device=CUDA).expand(len(batch["input_ids"]), -1)}
-                assert not torch.allclose(answer_loss_sum(model, leaky)[0], alone, **tol), e.where
-                leaks_checked += 1
-    assert leaks_checked >= 2
+    assert_packed_examples_stay_apart(model, _examples(1), 0, 40, CUDA)
 
 
 def _copy_rows(n: int, seed: int) -> list[Encoded]:

@@ -11,7 +11,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import float64_model_tolerance, lora_model, loss_tolerance
+from helpers import (
+    assert_packed_examples_stay_apart,
+    float64_model_tolerance,
+    lora_model,
+    loss_tolerance,
+)
 
 from tuneline.data.tokenize import IGNORE_INDEX, Encoded
 from tuneline.train.batching import collate, collate_packed, pack_rows
@@ -97,29 +102,7 @@ def test_each_examples_loss_in_a_packed_row_equals_its_loss_alone(tiny_model_dir
     Another example sharing its row (before it) would change it if attention leaked: the same
     packed row with one causal mask over the whole row must fall outside the tolerance. In bf16
     (where masks are easiest to get wrong) the tolerance adds bf16's rounding of the logits."""
-    model = _model(tiny_model_dir, "eager", dtype)
-    ex = _examples(1)
-    leaks_checked = 0
-    with torch.no_grad():
-        for i, e in enumerate(ex):
-            only = [e if j == i else Encoded(o.input_ids, [IGNORE_INDEX] * len(o.input_ids), o.where)
-                    for j, o in enumerate(ex)]
-            batch = collate_packed(only, 2, 40)
-            assert batch["input_ids"].shape[0] < len(ex)  # it really shares a row with others
-            packed, n = answer_loss_sum(model, batch)
-            alone_batch = collate([e], 2)
-            alone, n_alone = answer_loss_sum(model, alone_batch)
-            assert n == n_alone == e.n_answer_tokens
-            max_logit = float(model(input_ids=alone_batch["input_ids"]).logits.abs().max())
-            tol = loss_tolerance(alone, n, model.config.vocab_size, dtype, max_logit)
-            torch.testing.assert_close(packed, alone, **tol, msg=lambda m, w=e.where: f"{w}: {m}")
-            # the bug this guards against: positions run on through the row, one causal mask over it
-            row, at = (int(v) for v in (batch["labels"] != IGNORE_INDEX).nonzero()[0])
-            if at > int(batch["position_ids"][row, at]):  # an example precedes it in its row
-                leaky = {**batch, "position_ids": torch.arange(batch["input_ids"].shape[1]).expand(len(batch["input_ids"]), -1)}
-                assert not torch.allclose(answer_loss_sum(model, leaky)[0], alone, **tol), e.where
-                leaks_checked += 1
-    assert leaks_checked >= 2
+    assert_packed_examples_stay_apart(_model(tiny_model_dir, "eager", dtype), _examples(1), 2, 40)
 
 
 def test_chunked_answer_logits_equal_the_standard_loss_and_gradients(tiny_model_dir):
