@@ -106,3 +106,37 @@ def test_shared_prefix_and_early_stop_change_no_answer(tiny_model_dir, tokenizer
             answers, _ = generate(model, tokenizer, examples, batch_size=3, max_new_tokens=new, autocast=off,
                                   show_progress=False, labels=trie_or_none, share_prefix=share)
             assert answers == reference, (share, trie_or_none is not None)
+
+
+def test_label_scoring_gives_decodings_answers_row_for_row(tiny_model_dir, tokenizer):
+    """``score_labels`` (one pass over the prompts, then one token a level for the rows still
+    undecided) against ``generate``'s constrained decoding, in float64 so only summation order
+    differs: the same answer, stop flag and length on every row; with and without the shared prefix,
+    with passes cut by length, and with a token limit that cuts labels short."""
+    from transformers import AutoModelForCausalLM
+
+    from tuneline.eval.generate import GenerateOptions, generate_detailed
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float64)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.3 if p.dim() > 1 else 1.0)
+    labels = ["card_arrival", "card_linking", "card_payment_fee_charged", "card_payment_wrong_exchange_rate",
+              "lost_or_stolen_card", "exchange_rate", "exchange_charge", "top_up_failed", "top_up_reverted"]
+    words = ["where", "is", "my", "card", "lost", "it", "rate", "top", "up", "failed", "again", "please", "link",
+             "the", "fee", "charged", "twice"]
+    examples = [_prompt(" ".join(words[(3 * i) % len(words):][: 1 + (7 * i) % 13] or ["x"])) for i in range(40)]
+    end = tokenizer.convert_tokens_to_ids(tokenizer.eos_token)
+    trie = LabelTrie(tokenizer, labels, examples[0], end)
+    off = torch.autocast("cpu", enabled=False)
+    for share, batch, new in ((True, 16, trie.max_len), (False, 7, trie.max_len), (True, 40, 2)):
+        got, want = (generate_detailed(model, tokenizer, examples, GenerateOptions(
+            batch_size=batch, autocast=off, max_new_tokens=new, show_progress=False, labels=trie,
+            share_prefix=share, label_scoring=scoring)) for scoring in (True, False))
+        assert got.texts == want.texts and got.stopped == want.stopped and got.tokens == want.tokens, (share, batch, new)
+        if new == trie.max_len:
+            assert len(set(want.texts)) >= 3 and set(want.texts) <= set(labels)
+            assert {t for t in want.texts if t.startswith("card_")} and all(want.stopped)
+        else:  # two tokens leave some rows' labels undecided: those answers are cut, as decoding cuts them
+            assert not all(want.stopped)

@@ -221,6 +221,7 @@ class GenerateOptions:
     labels: LabelTrie | None = None
     share_prefix: bool = True
     decoding: Decoding | None = None
+    label_scoring: bool = True  # with labels: label_scoring.score_labels computes the same answers faster
 
 
 def generate(model: Any, tokenizer: PreTrainedTokenizerBase, examples: list[Example], **options: Any) -> tuple[list[str], float]:
@@ -242,7 +243,9 @@ def generate_detailed(model: Any, tokenizer: PreTrainedTokenizerBase, examples: 
     one of its labels; the model still picks which), greedily (``decoding``'s other settings do
     not apply), and a row stops as soon as its label is decided: the rest of a label whose prefix
     no other label shares is the only tokens the constrained greedy search could produce, so they
-    are filled in without running the model.
+    are filled in without running the model. Those answers come from
+    :func:`tuneline.eval.label_scoring.score_labels` (no ``generate`` loop) unless
+    ``options.label_scoring`` is off or the model has virtual tokens (prefix and prompt tuning).
 
     With ``share_prefix``, the tokens every prompt starts with (system prompt and instruction)
     are run once per batch and their KV cache repeated for every row; each row's padding goes
@@ -258,6 +261,10 @@ def generate_detailed(model: Any, tokenizer: PreTrainedTokenizerBase, examples: 
         decoding = replace(decoding, max_new_tokens=options.max_new_tokens)
     if labels is not None:
         decoding = Decoding(max_new_tokens=decoding.max_new_tokens)  # constrained greedy over the label trie
+        if options.label_scoring and not is_prompt_learning(model):
+            from tuneline.eval.label_scoring import score_labels  # lazy: it imports this module
+
+            return score_labels(model, tokenizer, examples, options, decoding.max_new_tokens)
     if decoding.num_beams > 1 or is_prompt_learning(model):
         share_prefix = False  # the prefix KV cache is one row, not expanded per beam; virtual tokens go first
     prompts = [encode_prompt(tokenizer, ex) for ex in examples]
@@ -266,7 +273,7 @@ def generate_detailed(model: Any, tokenizer: PreTrainedTokenizerBase, examples: 
     stopped = [False] * len(prompts)
     lengths = [0] * len(prompts)
     eos = cast("int | None", tokenizer.convert_tokens_to_ids(tokenizer.eos_token) if tokenizer.eos_token else None)
-    ends = {t for t in (eos, _end_of_turn_id(tokenizer)) if t is not None}
+    ends = end_token_ids(tokenizer)
     pad = tokenizer.pad_token_id
     n_prefix = common_prefix_len(prompts) if share_prefix else 0
     prefix = prompts[0][:n_prefix] if n_prefix else []
@@ -294,7 +301,7 @@ def generate_detailed(model: Any, tokenizer: PreTrainedTokenizerBase, examples: 
             if virtual is not None:
                 extra.update(virtual.inputs(ids.to(device), decoding.num_beams))
             elif n_prefix:
-                extra[_generate_cache_argument(model)] = _prefix_cache(model, ids[:1, :n_prefix].to(device), len(idx))
+                extra[generate_cache_argument(model)] = prefix_cache(model, ids[:1, :n_prefix].to(device), len(idx))
             out = (model if virtual is None else virtual.base).generate(
                 input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=decoding.max_new_tokens,
                 do_sample=False, eos_token_id=eos, pad_token_id=pad, **extra,
@@ -303,7 +310,7 @@ def generate_detailed(model: Any, tokenizer: PreTrainedTokenizerBase, examples: 
                 answer = out[r, width:].tolist()
                 if labels is not None:
                     answer = labels.decided(answer)
-                stopped[i], lengths[i], outputs[i] = _read_answer(tokenizer, answer, ends, decoding.stop)
+                stopped[i], lengths[i], outputs[i] = read_answer(tokenizer, answer, ends, decoding.stop)
             bar.update(task, advance=len(idx))
     return Generation(outputs, (time.perf_counter() - t0) / max(1, len(prompts)), stopped, lengths)
 
@@ -340,7 +347,7 @@ class VirtualTokens:
 
         rows = ids.shape[0]
         if self.prefix:
-            return {_generate_cache_argument(self.base): self.model.get_prompt(batch_size=rows * beams)}
+            return {generate_cache_argument(self.base): self.model.get_prompt(batch_size=rows * beams)}
         tokens = self.base.get_input_embeddings()(ids[:, self.count:])
         prompts = self.model.get_prompt(batch_size=rows).to(tokens.dtype)
         return {"inputs_embeds": torch.cat([prompts, tokens], dim=1)}
@@ -363,7 +370,7 @@ def _generate_kwargs(tokenizer: PreTrainedTokenizerBase, decoding: Decoding, lab
     return extra
 
 
-def _read_answer(tokenizer: PreTrainedTokenizerBase, answer: list[int], ends: set[int], stop: tuple[str, ...]) -> tuple[bool, int, str]:
+def read_answer(tokenizer: PreTrainedTokenizerBase, answer: list[int], ends: set[int], stop: tuple[str, ...]) -> tuple[bool, int, str]:
     """(stopped on its own, length in tokens, text) of one generated answer: up to its first end
     token, and cut before the first stop string it contains (then it counts as stopped)."""
     end = next((k for k, t in enumerate(answer) if t in ends), None)
@@ -373,6 +380,12 @@ def _read_answer(tokenizer: PreTrainedTokenizerBase, answer: list[int], ends: se
     if cut is not None:
         return True, cut[0], cut[1].strip()
     return stopped, length, cast(str, tokenizer.decode(answer[:length], skip_special_tokens=True)).strip()
+
+
+def end_token_ids(tokenizer: PreTrainedTokenizerBase) -> set[int]:
+    """The ids that end an answer: end-of-sequence and end-of-turn."""
+    eos = cast("int | None", tokenizer.convert_tokens_to_ids(tokenizer.eos_token) if tokenizer.eos_token else None)
+    return {t for t in (eos, _end_of_turn_id(tokenizer)) if t is not None}
 
 
 def _end_of_turn_id(tokenizer: PreTrainedTokenizerBase) -> int | None:
@@ -394,7 +407,7 @@ def common_prefix_len(prompts: list[list[int]]) -> int:
     return n
 
 
-def _prefix_cache(model: torch.nn.Module, prefix_ids: torch.Tensor, rows: int) -> object:
+def prefix_cache(model: torch.nn.Module, prefix_ids: torch.Tensor, rows: int) -> object:
     """The KV cache of ``prefix_ids`` (one row), repeated for ``rows`` rows."""
     out = model(input_ids=prefix_ids, use_cache=True, logits_to_keep=1)
     cache = out.cache if getattr(out, "cache", None) is not None else out.past_key_values
@@ -402,7 +415,7 @@ def _prefix_cache(model: torch.nn.Module, prefix_ids: torch.Tensor, rows: int) -
     return cache
 
 
-def _generate_cache_argument(model: torch.nn.Module) -> str:
+def generate_cache_argument(model: torch.nn.Module) -> str:
     """The keyword for a KV cache: ``cache`` (transformers >= 5.24) or ``past_key_values``."""
 
     return cache_argument_of(type(causal_lm_of(model)).forward)
