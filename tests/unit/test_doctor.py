@@ -79,3 +79,25 @@ def _with_auto_precision(spec: Path) -> Path:
     out = spec.with_name("auto.yaml")
     out.write_text(text.replace("precision: fp32", "precision: auto"))
     return out
+
+
+@pytest.mark.parametrize(("seq_len", "attention"), [(96, "eager"), (256, "sdpa")])
+def test_long_rows_train_with_sdpa_on_the_cpu_and_doctor_says_so(tiny_model_dir: Path, tmp_path: Path, seq_len: int,
+                                                                 attention: str):
+    """bench/train_memory.py measured SDPA faster and smaller than the eager attention for rows of
+    170 and 350 tokens on this CPU (within 3% at 50): from 256 tokens a row training switches."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tuneline.data.examples import Example
+    from tuneline.train import TrainOptions, train
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation="eager")
+    cfg = TrainSpec(method="lora", batch_size=2, seq_len=seq_len, max_steps=1, precision="fp32")
+    rows = [Example(f"t:{i}", ({"role": "user", "content": f"hi {i}"}, {"role": "assistant", "content": "ok"}), "ok")
+            for i in range(2)]
+    trained, _ = train(cfg, model, AutoTokenizer.from_pretrained(tiny_model_dir), rows, tmp_path,
+                       TrainOptions(show_progress=False))
+    assert trained.get_base_model().config._attn_implementation == attention
+    found = estimate(tiny_model_dir, cfg, Compute("cpu", "fp32", "fp32"))
+    gpu = estimate(tiny_model_dir, cfg, Compute("cuda", "fp32", "fp32"))
+    assert (found.activations_bytes == gpu.activations_bytes) == (attention == "sdpa")

@@ -9,8 +9,8 @@ loaded or allocated), so the parameter counts are exact: total, trainable, the w
 the dtypes the trainer keeps them in (a bf16 base with fp32 adapter weights, or fp32 master weights
 for a full fine-tune), their gradients and AdamW's two fp32 moments. Activations and logits are an
 estimate from the shapes (micro-batch of ``batch_size`` rows of ``seq_len`` tokens; every layer's
-saved inputs of its projections, attention probabilities (kept by the CPU's eager attention;
-SDPA's fused kernels on a GPU keep none) and MLP; one layer's only, plus each
+saved inputs of its projections, attention probabilities (kept by the eager attention the CPU
+trains short rows with; SDPA's fused kernels keep none) and MLP; one layer's only, plus each
 layer's input, under gradient checkpointing; fp32 logits and their gradient over the vocabulary),
 an upper bound for padded batches whose rows are shorter than ``seq_len``.
 """
@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from tuneline.models import resolve_model_source
-from tuneline.models.loading import model_dir_for
+from tuneline.models.loading import model_dir_for, training_attention
 from tuneline.runtime.compute import Compute, cpu_has_fast_bf16
 from tuneline.spec.methods import PROMPT_LEARNING
 from tuneline.train.classifier import classifier_from_causal_lm, wrap_classifier
@@ -124,8 +124,9 @@ def diagnose(loaded: LoadedSpec | None, models_dir: Path) -> Diagnosis:
     found.device, found.precision, found.base_dtype, found.method = (compute.device, compute.precision,
                                                                      compute.base_dtype, train.method)
     found.precision_why = _why(train.precision, compute, found.machine)
+    attention = training_attention(compute.device, train.seq_len)
     found.attention = ("eager (measured faster than PyTorch's CPU flash attention for short rows)"
-                       if compute.device == "cpu" else "sdpa (PyTorch scaled dot-product attention)")
+                       if attention == "eager" else "sdpa (PyTorch scaled dot-product attention)")
     source = resolve_model_source(loaded.spec.model, loaded.base_dir)
     found.memory = estimate(model_dir_for(source, models_dir), train, compute,
                             classifier_labels=_label_count(loaded) if loaded.spec.task.head == "classifier" else 0)
@@ -175,10 +176,10 @@ def estimate(model_dir: str | Path, train: TrainSpec, compute: Compute, classifi
     act_bytes = BYTES[compute.precision]
     vocab = classifier_labels or int(config.vocab_size)
     logit_positions = rows if classifier_labels else rows * tokens
+    eager = training_attention(compute.device, train.seq_len) == "eager"
+    activations = _activations(config, rows, tokens, train.gradient_checkpointing, probabilities=eager)
     return MemoryEstimate(total, trainable, round(weights), trainable * 4, trainable * 8,
-                          round(_activations(config, rows, tokens, train.gradient_checkpointing,
-                                             probabilities=compute.device == "cpu") * act_bytes),
-                          2 * logit_positions * vocab * 4)
+                          round(activations * act_bytes), 2 * logit_positions * vocab * 4)
 
 
 def _meta_model(config: PretrainedConfig, train: TrainSpec, classifier_labels: int) -> nn.Module:

@@ -27,6 +27,7 @@ from tuneline.artifacts import atomic_write_bytes, replace_dir
 from tuneline.data.examples import Example
 from tuneline.data.tokenize import Encoded, encode_example, end_of_turn
 from tuneline.errors import DataError, Problem
+from tuneline.models.loading import training_attention
 from tuneline.runtime import autocast_for, resolve_precision
 from tuneline.runtime.progress import QuietWhenPiped, progress_bar
 from tuneline.spec.models import TrainSpec
@@ -467,7 +468,11 @@ def _wrap(base: PreTrainedModel, cfg: TrainSpec, device: str,
           world: World | None) -> tuple[PeftModel | PreTrainedModel, bool]:
     """The model to train on ``device`` (the PEFT wrapper, or the model itself for full
     fine-tuning), sharded across the ranks when ``train.distributed.strategy`` is fsdp (before the
-    optimizer is made: it steps the shards); and whether it is sharded."""
+    optimizer is made: it steps the shards); and whether it is sharded. A model loaded with the eager
+    attention switches to SDPA for long rows (:func:`~tuneline.models.loading.training_attention`)."""
+    attention = training_attention(device, cfg.seq_len)
+    if getattr(base.config, "_attn_implementation", attention) == "eager" and attention != "eager":
+        base.set_attn_implementation(attention)
     trained: PeftModel | PreTrainedModel = wrap_for_training(base, cfg).to(device)  # type: ignore[arg-type]
     if world is None or cfg.distributed.strategy != "fsdp":
         return trained, False
