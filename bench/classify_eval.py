@@ -5,7 +5,7 @@ demo's evaluation does (``generate_detailed`` with the label trie, batches of 12
 prompt prefix computed once per batch): with ``generate``'s constrained decoding, and with
 ``label_scoring.score_labels`` (the default), compares their answers row by row and prints the
 speed-up. Then, on the same rows and batches, it times only the forward pass over each row's own
-prompt tokens (after the shared prefix, right-padded as decoding pads them): the part of the work
+prompt tokens (after the shared prefix, padded as decoding pads them): the part of the work
 every scorer of these prompts must do, whatever it does after the last prompt token.
 
     .venv/bin/python bench/classify_eval.py --rows 256
@@ -34,7 +34,10 @@ def main() -> None:
         LabelTrie,
         common_prefix_len,
         encode_prompt,
+        generate_cache_argument,
         generate_detailed,
+        pad_after_prefix,
+        prefix_cache,
     )
     from tuneline.models import load_model
     from tuneline.models.loading import inference_attention
@@ -65,19 +68,11 @@ def main() -> None:
     t0 = time.perf_counter()
     with torch.inference_mode(), inference_attention(model), autocast_for(precision, "cpu"):
         for b in range(0, len(order), args.batch_size):
-            own = [prompts[i][n_prefix:] for i in order[b : b + args.batch_size]]
-            width = max(len(o) for o in own)
-            padded, real = padded + width * len(own), real + sum(len(o) for o in own)
-            ids = torch.full((len(own), width), tok.pad_token_id, dtype=torch.long)
-            mask = torch.zeros((len(own), n_prefix + width), dtype=torch.long)
-            mask[:, :n_prefix] = 1
-            for r, o in enumerate(own):
-                ids[r, : len(o)], mask[r, n_prefix : n_prefix + len(o)] = torch.tensor(o), 1
-            prefix = decoder(input_ids=torch.tensor([prompts[0][:n_prefix]]), use_cache=True)
-            cache = prefix.cache if getattr(prefix, "cache", None) is not None else prefix.past_key_values
-            cache.batch_repeat_interleave(len(own))
-            kwargs = {"cache" if hasattr(prefix, "cache") else "past_key_values": cache}
-            decoder(input_ids=ids, attention_mask=mask, **kwargs)
+            batch = [prompts[i] for i in order[b : b + args.batch_size]]
+            ids, mask = pad_after_prefix(batch, batch[0][:n_prefix], tok.pad_token_id)  # decoding's layout
+            padded, real = padded + ids[:, n_prefix:].numel(), real + int(mask[:, n_prefix:].sum())
+            cache = prefix_cache(model, ids[:1, :n_prefix], len(batch))
+            decoder(input_ids=ids[:, n_prefix:], attention_mask=mask, **{generate_cache_argument(model): cache})
     forward = time.perf_counter() - t0
     print(f"{len(rows)} rows, {precision}, batches of {args.batch_size}; shared prefix {n_prefix} tokens")
     print(f"  constrained decoding (generate):           {decode:6.1f} s")

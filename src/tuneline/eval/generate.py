@@ -288,14 +288,8 @@ def generate_detailed(model: Any, tokenizer: PreTrainedTokenizerBase, examples: 
         task = bar.add_task(description, total=len(prompts))
         for b in range(0, len(order), batch_size):
             idx = order[b : b + batch_size]
-            width = n_prefix + max(len(prompts[i]) - n_prefix for i in idx)
-            ids = torch.full((len(idx), width), pad, dtype=torch.long)
-            mask = torch.zeros((len(idx), width), dtype=torch.long)
-            ids[:, :n_prefix] = torch.tensor(prefix, dtype=torch.long)
-            mask[:, :n_prefix] = 1
-            for r, i in enumerate(idx):  # pad between prefix and prompt: every row continues at one column
-                ids[r, width - len(prompts[i]) + n_prefix:] = torch.tensor(prompts[i][n_prefix:])
-                mask[r, width - len(prompts[i]) + n_prefix:] = 1
+            ids, mask = pad_after_prefix([prompts[i] for i in idx], prefix, pad)
+            width = ids.shape[1]
             seen = mask if virtual is None else torch.cat([torch.zeros_like(mask[:, :n_prefix]), mask[:, n_prefix:]], 1)
             extra = _generate_kwargs(tokenizer, decoding, labels, seen, width, ends)  # placeholders are not "seen"
             if virtual is not None:
@@ -394,6 +388,22 @@ def _end_of_turn_id(tokenizer: PreTrainedTokenizerBase) -> int | None:
     except DataError:
         return None
     return tid if isinstance(tid, int) and tid != tokenizer.unk_token_id else None
+
+
+def pad_after_prefix(rows: list[list[int]], prefix: list[int], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``input_ids`` and ``attention_mask`` of ``rows`` (each starting with ``prefix``) laid out with
+    each row's padding between the prefix and its own tokens: every row continues at one column."""
+    import torch
+
+    n = len(prefix)
+    width = n + max(len(r) - n for r in rows)
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    ids[:, :n], mask[:, :n] = torch.tensor(prefix, dtype=torch.long), 1
+    for k, row in enumerate(rows):
+        ids[k, width - len(row) + n:] = torch.tensor(row[n:], dtype=torch.long)
+        mask[k, width - len(row) + n:] = 1
+    return ids, mask
 
 
 def common_prefix_len(prompts: list[list[int]]) -> int:

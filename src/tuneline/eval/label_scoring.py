@@ -26,6 +26,7 @@ from tuneline.eval.generate import (
     common_prefix_len,
     end_token_ids,
     generate_cache_argument,
+    pad_after_prefix,
     prefix_cache,
     read_answer,
 )
@@ -100,13 +101,7 @@ def _walk(model: Any, pad: int, rows: list[list[int]], n_prefix: int, cache: Any
     KV cache of the ``n_prefix`` tokens every row starts with, one copy a row (None without a prefix)."""
     import torch
 
-    width = n_prefix + max(len(r) - n_prefix for r in rows)
-    ids = torch.full((len(rows), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    ids[:, :n_prefix], mask[:, :n_prefix] = torch.tensor(rows[0][:n_prefix], dtype=torch.long), 1
-    for r, row in enumerate(rows):  # decoding's layout: padding between the shared prefix and the row's own tokens
-        ids[r, width - len(row) + n_prefix:] = torch.tensor(row[n_prefix:], dtype=torch.long)
-        mask[r, width - len(row) + n_prefix:] = 1
+    ids, mask = pad_after_prefix(rows, rows[0][:n_prefix], pad)  # decoding's layout
     ids, mask = ids.to(device), mask.to(device)
     positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
     cache_arg = generate_cache_argument(model)
