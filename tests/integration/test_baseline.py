@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from io import StringIO
 from pathlib import Path
 
 import numpy as np
@@ -159,6 +160,21 @@ def test_run_measures_every_option_beside_the_fine_tuned_model(tmp_path: Path, t
     for name in ("prompt", "few_shot", "retrieval", "embedding", "fine_tuned"):
         assert f"<td>{name}" in page
     assert 'alt="accuracy by option"' in page
+
+    # baseline.max_rows: the options and the fine-tuned model on the same seeded sample of the items
+    spec.write_text(spec.read_text().replace("shots: 3,", "max_rows: 5, shots: 3,"))
+    out = StringIO()
+    sampled = baseline(spec, workspace=tmp_path / "ws", show_progress=False, console=Console(file=out, width=250))
+    assert (sampled.n, sampled.of) == (5, 9) and sampled.rows == sorted(set(sampled.rows)) and len(sampled.rows) == 5
+    assert "a seeded sample of 5 of the 9 items" in out.getvalue()
+    candidate = result.report.main_set().system("candidate").predictions
+    tuned = sampled.option("fine_tuned")
+    assert tuned.predictions == [candidate[i] for i in sampled.rows]
+    assert tuned.metrics["accuracy"].value == pytest.approx(np.mean(tuned.correct))
+    assert sampled.option("embedding").predictions == [report.option("embedding").predictions[i] for i in sampled.rows]
+    assert all(len(o.scores) == 5 for o in sampled.options)
+    full = baseline(spec, workspace=tmp_path / "ws", show_progress=False, console=Console(width=250), all_rows=True)
+    assert (full.n, full.rows, full.of) == (9, None, None)
 
 
 def test_constrained_answers_are_the_last_turn_not_the_demonstrations(tokenizer):

@@ -65,6 +65,11 @@ def test_run_trains_evaluates_and_tracks(classification_spec: Path, tmp_path: Pa
     assert "tuneline.version.torch" in run.data.tags
     assert run.data.metrics["candidate.accuracy"] == pytest.approx(tuned.metrics["accuracy"].value)
     assert run.info.artifact_uri.startswith(ws.artifact_root.as_uri())
+    # where the run's time went, stage by stage; the stages are the run's time without the MLflow
+    # run's opening and closing
+    stage_seconds = {k.split(".", 1)[1]: v for k, v in run.data.metrics.items() if k.startswith("stage_seconds.")}
+    assert set(stage_seconds) == {"prepare", "plan", "base_and_baselines", "train", "evaluate", "register"}
+    assert stage_seconds["train"] > 0 and sum(stage_seconds.values()) <= result.seconds
     history = MlflowClient().get_metric_history(result.run_id, "train_loss")
     assert len(history) == 150  # every step, although written in batches
     assert history[-1].value < history[0].value

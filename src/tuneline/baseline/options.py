@@ -15,13 +15,13 @@ import random
 import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 
 from tuneline.curation.steps import input_of
-from tuneline.data.examples import Example
+from tuneline.data.examples import Example, sample_rows
 from tuneline.data.tokenize import encode_prompt
 from tuneline.eval import stats
 from tuneline.eval.generate import (
@@ -31,7 +31,7 @@ from tuneline.eval.generate import (
     LabelTrie,
     generate_detailed,
 )
-from tuneline.eval.metrics import bleu_tokenize_for, score
+from tuneline.eval.metrics import Scored, bleu_tokenize_for, score
 from tuneline.eval.results import Estimate, SetResult
 from tuneline.eval.stats import Aggregate
 from tuneline.retrieval.encoder import Encoder
@@ -101,9 +101,19 @@ class BaselineReport:
     best: str | None = None
     recommended: str | None = None
     reasons: list[str] = field(default_factory=list)
+    # the items measured, as indices into the split's items, when they are a sample (baseline.max_rows)
+    rows: list[int] | None = None
+    of: int | None = None  # how many items the split has, when ``rows`` is a sample of them
 
     def option(self, name: str) -> OptionResult | None:
         return next((o for o in self.options if o.name == name), None)
+
+    @property
+    def items(self) -> str:
+        """The items measured, in words: ``1000 items``, or the sample and what it was drawn from."""
+        if self.rows is None:
+            return f"{self.n} items"
+        return f"a seeded sample of {self.n} of the {self.of} items (baseline.max_rows)"
 
     def to_dict(self, with_rows: bool = True) -> dict[str, object]:
         d = asdict(self)
@@ -160,7 +170,15 @@ def measure(ctx: Context) -> BaselineReport:
     """Every option in ``spec.baseline.options`` that applies to the task, on ``ctx.test``."""
     cfg = ctx.spec.baseline
     primary = ctx.spec.objective.primary
-    out = BaselineReport(set="test", n=len(ctx.test), metric=primary, options=[])
+    total = len(ctx.test)
+    rows = sample_rows(list(range(total)), cfg.max_rows, cfg.seed) if cfg.max_rows else None
+    if rows is not None and len(rows) < total:
+        log.info("baselines on a sample of %d of the %d test items (baseline.max_rows)", len(rows), total)
+        ctx = replace(ctx, test=[ctx.test[i] for i in rows], answered=_answered_rows(ctx.answered, rows))
+    else:
+        rows = None
+    out = BaselineReport(set="test", n=len(ctx.test), metric=primary, options=[], rows=rows,
+                         of=total if rows is not None else None)
     train_vectors: np.ndarray | None = None
     index_seconds = 0.0
     for name in cfg.options:
@@ -173,6 +191,7 @@ def measure(ctx: Context) -> BaselineReport:
             train_vectors = ctx.encoder_loaded.embed([_text(ex) for ex in ctx.train])
             index_seconds = ctx.encoder_loaded.last_seconds
         log.info("baseline %s", name)
+        t0 = time.perf_counter()
         if name == "prompt":
             out.options.append(_prompt_only(ctx, desc))
         elif name == "few_shot":
@@ -183,7 +202,18 @@ def measure(ctx: Context) -> BaselineReport:
         else:
             assert train_vectors is not None
             out.options.append(_embedding(ctx, desc, train_vectors, index_seconds))
+        log.info("baseline %s took %.1fs", name, time.perf_counter() - t0)
     return out
+
+
+def _answered_rows(answered: tuple[list[Example], Generation] | None,
+                   rows: list[int]) -> tuple[list[Example], Generation] | None:
+    """The evaluation's answers (:attr:`Context.answered`) on the sampled items only."""
+    if answered is None:
+        return None
+    seen, gen = answered
+    return [seen[i] for i in rows], Generation([gen.texts[i] for i in rows], gen.seconds_per_example,
+                                               [gen.stopped[i] for i in rows], [gen.tokens[i] for i in rows])
 
 
 def _text(ex: Example) -> str:
@@ -259,15 +289,20 @@ def _scored(ctx: Context, name: str, desc: str, texts: list[str], tokens: list[i
     sc = score(ctx.spec.task.type, texts, [ex.all_references for ex in ctx.test], ctx.labels,
                primary=ctx.spec.objective.primary, answer_tokens=tokens, stopped=stopped,
                bleu_tokenize=bleu_tokenize_for(ctx.spec))
-    n = len(texts)
-    idx = stats.resample_indices(n, ctx.spec.eval.bootstrap) if n else None
+    metrics = _intervals(sc, len(texts), ctx.spec.eval.bootstrap)
+    return OptionResult(name, desc, metrics, one_off, None, None, None, scores=[float(x) for x in sc.primary_scores],
+                        correct=[bool(x) for x in sc.correct] if sc.correct is not None else None, predictions=texts,
+                        aggregate=sc.metrics.get(ctx.spec.objective.primary))
+
+
+def _intervals(sc: Scored, n: int, resamples: int) -> dict[str, Estimate]:
+    """Each metric of ``sc`` over its ``n`` items, with its bootstrap interval."""
+    idx = stats.resample_indices(n, resamples) if n else None
     metrics = {}
     for m, agg in sc.metrics.items():
         iv = stats.bootstrap(agg, n, indices=idx)
         metrics[m] = Estimate(iv.value, iv.low, iv.high)
-    return OptionResult(name, desc, metrics, one_off, None, None, None, scores=[float(x) for x in sc.primary_scores],
-                        correct=[bool(x) for x in sc.correct] if sc.correct is not None else None, predictions=texts,
-                        aggregate=sc.metrics.get(ctx.spec.objective.primary))
+    return metrics
 
 
 def _prompt_only(ctx: Context, desc: str) -> OptionResult:
@@ -364,13 +399,17 @@ def add_system(report: BaselineReport, name: str, desc: str, suite_set: SetResul
     res = suite_set.system(system) if suite_set is not None else None
     if suite_set is None or res is None:
         return
-    sc = score(spec.task.type, list(res.predictions), suite_set.all_references(), labels,
+    predictions, references = list(res.predictions), suite_set.all_references()
+    if report.rows is not None:  # the options were measured on a sample: the same items here
+        predictions, references = [predictions[i] for i in report.rows], [references[i] for i in report.rows]
+    sc = score(spec.task.type, predictions, references, labels,
                primary=spec.objective.primary, bleu_tokenize=bleu_tokenize_for(spec))
+    metrics = dict(res.metrics) if report.rows is None else _intervals(sc, len(predictions), spec.eval.bootstrap)
     report.options.append(OptionResult(
-        name, desc, dict(res.metrics), costs.one_off_seconds, costs.p50_ms, costs.p95_ms, costs.prompt_tokens,
+        name, desc, metrics, costs.one_off_seconds, costs.p50_ms, costs.p95_ms, costs.prompt_tokens,
         scores=[float(x) for x in sc.primary_scores],
         correct=[bool(x) for x in sc.correct] if sc.correct is not None else None,
-        predictions=list(res.predictions), aggregate=sc.metrics.get(spec.objective.primary)))
+        predictions=predictions, aggregate=sc.metrics.get(spec.objective.primary)))
 
 
 def recommend(report: BaselineReport, resamples: int = 1000) -> BaselineReport:

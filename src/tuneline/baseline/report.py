@@ -17,7 +17,7 @@ def baseline_table(report: BaselineReport) -> Group:
     from rich.table import Table
 
     m = report.metric
-    table = Table(title=f"should we fine-tune? options on the {report.set} split ({report.n} items)")
+    table = Table(title=f"should we fine-tune? options on the {report.set} split ({report.items})")
     for col, right in (("option", False), (f"{m} [95% interval]", True), ("vs best (p)", True),
                        ("one-off cost", True), ("p50 / p95 ms", True), ("prompt tokens", True), ("what", False)):
         table.add_column(col, justify="right" if right else "left")

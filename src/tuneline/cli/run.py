@@ -145,20 +145,24 @@ def tune(
 def baseline(
     spec: SpecArg,
     workspace: WorkspaceOpt = None,
+    all_rows: Annotated[bool, typer.Option("--all-rows", help=(
+        "Measure every test item, also when the spec's baseline.max_rows samples them."))] = False,
     no_progress: NoProgressOpt = False,
     as_json: JsonOpt = False,
     verbose: VerboseOpt = False,
 ) -> None:
     """Should we fine-tune at all? Measure prompt-only, few-shot, retrieval and an embedding classifier.
 
-    Each option answers the test rows, scored with the evaluation's metrics and 95% intervals, with
-    its one-off cost, latency and prompt length, beside the spec's last fine-tuned run when it was
-    evaluated on the same rows; then the cheapest option not significantly worse than the best.
+    Each option answers the test rows (a seeded sample of them with baseline.max_rows, unless
+    --all-rows), scored with the evaluation's metrics and 95% intervals, with its one-off cost,
+    latency and prompt length, beside the spec's last fine-tuned run when it was evaluated on the
+    same rows; then the cheapest option not significantly worse than the best.
     """
     setup_logging(verbose)
     from tuneline import pipeline  # lazy: it pulls numpy and every stage; --help stays fast
 
     with human_output(as_json) as out:
-        report = pipeline.baseline(spec, workspace=workspace, show_progress=not no_progress, console=out)
+        report = pipeline.baseline(spec, workspace=workspace, show_progress=not no_progress, console=out,
+                                   all_rows=all_rows)
     if as_json:
         print_json(report.to_dict(with_rows=False))

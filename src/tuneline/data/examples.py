@@ -7,6 +7,7 @@ import logging
 import random
 from collections import defaultdict
 from dataclasses import dataclass
+from typing import TypeVar
 
 from tuneline.data.readers import Record
 from tuneline.errors import Problem
@@ -14,6 +15,8 @@ from tuneline.spec import GENERATION_TASKS, TASK_COLUMNS, DataSource, TaskSpec
 
 Message = dict[str, str]
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -210,7 +213,7 @@ def _chat_messages(value: object) -> list[Message] | str:
     return out
 
 
-def sample_rows(examples: list[Example], rows: int, seed: int, *, keep_order: bool = True) -> list[Example]:
+def sample_rows(examples: list[T], rows: int, seed: int, *, keep_order: bool = True) -> list[T]:
     """At most ``rows`` of ``examples``, a seeded sample: in input order, or (``keep_order=False``)
     in the order drawn. The one seeded sampler; :func:`sample_examples` adds stratification."""
     if len(examples) <= rows:

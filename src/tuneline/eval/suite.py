@@ -133,6 +133,14 @@ class Evaluation:
     def _generate(self, model: nn.Module, examples: list[Example], what: str, *, constrained: bool = True,
                   decoding: Decoding | None = None, batch_size: int | None = None,
                   progress: bool = True) -> Generation:
+        t0 = time.perf_counter()
+        out = self._answers(model, examples, what, constrained, decoding, batch_size, progress)
+        if progress:  # where an evaluation's time goes, one line per set and system
+            log.info("eval %s: %d rows in %.1fs", what, len(examples), time.perf_counter() - t0)
+        return out
+
+    def _answers(self, model: nn.Module, examples: list[Example], what: str, constrained: bool,
+                 decoding: Decoding | None, batch_size: int | None, progress: bool) -> Generation:
         trie = self.trie if constrained else None
         if is_classifier(model):  # task.head: classifier: one forward pass per batch, nothing generated
             return classify_detailed(model, self.tokenizer, examples, GenerateOptions(

@@ -76,18 +76,25 @@ def run(spec_path: str | Path, *, workspace: WorkspaceRef = None, resume: bool =
 def run_stages(ctx: RunContext, *, resume: bool = False, started: float | None = None) -> RunResult:
     """The stages of ``tuneline run`` on an opened context (``started``: when the command began)."""
     started = time.perf_counter() if started is None else started
+    clock = stages.StageClock({"prepare": time.perf_counter() - started})  # spec, data, curation
     stages.check_distributable(ctx)
     stages.announce(ctx)
     sets = stages.eval_sets_of(ctx)
     with stages.track(ctx, resume) as tracked:
-        plan = stages.plan_training(ctx, tracked)
-        untouched = stages.score_untouched(ctx, tracked, sets, stages.load_base(ctx, plan))
-        trained = stages.train_or_reuse(ctx, plan, tracked, untouched)
-        shipped = stages.ship_adapter(ctx, plan, trained)
-        report = stages.evaluate_candidate(ctx, plan, untouched, trained, shipped)
-        version = stages.register(ctx, tracked, shipped, report)
-        stages.write_card(ctx, shipped, report, version)
-    seconds = stages.summarize(ctx, tracked, started)
+        with clock("plan"):  # a hyperparameter search, when the spec asks for one, runs here
+            plan = stages.plan_training(ctx, tracked)
+        with clock("base_and_baselines"):
+            untouched = stages.score_untouched(ctx, tracked, sets, stages.load_base(ctx, plan))
+        with clock("train"):
+            trained = stages.train_or_reuse(ctx, plan, tracked, untouched)
+            shipped = stages.ship_adapter(ctx, plan, trained)
+        with clock("evaluate"):
+            report = stages.evaluate_candidate(ctx, plan, untouched, trained, shipped)
+        with clock("register"):
+            version = stages.register(ctx, tracked, shipped, report)
+            stages.write_card(ctx, shipped, report, version)
+        clock.log()
+    seconds = stages.summarize(ctx, tracked, started, clock)
     return RunResult(tracked.run_id, ctx.run_dir, trained.result, report, seconds, version)
 
 
@@ -163,9 +170,10 @@ def tune(spec_path: str | Path, *, workspace: WorkspaceRef = None, resume: bool 
 
 
 def baseline(spec_path: str | Path, *, workspace: WorkspaceRef = None, show_progress: bool = True,
-             console: Console | None = None) -> BaselineReport:
+             console: Console | None = None, all_rows: bool = False) -> BaselineReport:
     """Measure the cheaper options on the test rows; beside the spec's last evaluated run when it was
-    scored on the same rows; recommend one. Returns a :class:`tuneline.baseline.BaselineReport`."""
+    scored on the same rows; recommend one. Returns a :class:`tuneline.baseline.BaselineReport`.
+    ``all_rows``: every test item, also when the spec's ``baseline.max_rows`` samples them."""
     ctx = open_context(spec_path, workspace, console=console, show_progress=show_progress,
                        trains=False)
     spec, compute = ctx.spec, ctx.compute
@@ -174,7 +182,7 @@ def baseline(spec_path: str | Path, *, workspace: WorkspaceRef = None, show_prog
         raise EvaluationError(Problem("nothing to measure the baselines on: no test or validation split",
                                       field="data.test", hint="add data.test"))
     model = load_model(ctx.source, ctx.workspace.models_dir, device=compute.device, dtype=compute.served_dtype)
-    report = measure_baselines(ctx, model)
+    report = measure_baselines(ctx, model, all_rows=all_rows)
     saved = ctx.run_dir / EVAL_REPORT
     if saved.is_file():
         suite = EvalSuite.from_dict(json.loads(saved.read_text()))

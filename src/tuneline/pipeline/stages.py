@@ -15,10 +15,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from dataclasses import field as dataclass_field
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, cast
@@ -85,7 +87,36 @@ if TYPE_CHECKING:
     from tuneline.data.examples import Example
     from tuneline.spec.models import Spec
 
+log = logging.getLogger(__name__)
+
 EVAL_LOSS_ROWS = 500  # validation rows for the end-of-training loss (a seeded sample: it is one number)
+
+
+@dataclass
+class StageClock:
+    """Wall seconds per stage of one run: logged as each stage ends, tracked and printed at the end
+    (where a run's time goes, so a slow one can be told apart from a slow stage)."""
+
+    seconds: dict[str, float] = dataclass_field(default_factory=dict)
+
+    @contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            took = time.perf_counter() - t0
+            self.seconds[name] = self.seconds.get(name, 0.0) + took
+            log.info("stage %s took %.1fs", name, took)
+
+    def log(self) -> None:
+        """Record the seconds in the active MLflow run, one ``stage_seconds.NAME`` metric each."""
+        import mlflow
+
+        mlflow.log_metrics({f"stage_seconds.{name}": round(v, 2) for name, v in self.seconds.items()})
+
+    def line(self) -> str:
+        return ", ".join(f"{name} {v:.0f}s" for name, v in self.seconds.items())
 
 
 @dataclass(frozen=True)
@@ -594,9 +625,11 @@ def write_card(ctx: RunContext, shipped: Shipped, report: EvalSuite | None, vers
     return path
 
 
-def summarize(ctx: RunContext, tracked: Tracked, started: float) -> float:
-    """Print where to see the run; return its wall time in seconds."""
+def summarize(ctx: RunContext, tracked: Tracked, started: float, clock: StageClock | None = None) -> float:
+    """Print where to see the run (and where its time went); return its wall time in seconds."""
     seconds = time.perf_counter() - started
+    if clock is not None and clock.seconds:
+        ctx.console.print(f"time by stage: {clock.line()}", soft_wrap=True)
     ctx.console.print(f"run {tracked.run_id} finished in {seconds:.0f}s; see it with `tuneline runs` or `mlflow ui "
                       f"--backend-store-uri {tracking.tracking_uri(ctx.loaded, ctx.workspace)}`")
     return seconds

@@ -25,12 +25,15 @@ if TYPE_CHECKING:
     from tuneline.eval.generate import Generation
 
 
-def measure_baselines(ctx: RunContext, model: nn.Module,
-                      answered: tuple[list[Example], Generation] | None = None) -> BaselineReport:
+def measure_baselines(ctx: RunContext, model: nn.Module, answered: tuple[list[Example], Generation] | None = None,
+                      all_rows: bool = False) -> BaselineReport:
     """Prompt only, few-shot, retrieval and the embedding classifier on the test rows (base model).
     ``answered``: (prompts, answers) the evaluation already has from this model; an option with the
-    same prompts (prompt-only outside classification) reuses them instead of generating again."""
+    same prompts (prompt-only outside classification) reuses them instead of generating again.
+    ``all_rows``: every test item, also when the spec's ``baseline.max_rows`` samples them."""
     spec, data, device = ctx.spec, ctx.data, ctx.compute.device
+    if all_rows and spec.baseline.max_rows is not None:
+        spec = spec.model_copy(update={"baseline": spec.baseline.model_copy(update={"max_rows": None})})
     needs_encoder = any(o in spec.baseline.options for o in ("retrieval", "embedding"))
     encoder = (load_encoder(spec.baseline.encoder, ctx.loaded.base_dir, ctx.workspace.embeddings_dir, device=device)
                if needs_encoder else None)

@@ -665,6 +665,11 @@ class BaselineSpec(_Model):
     shots: int = Field(default=8, ge=1, le=64, description="few_shot: fixed training examples in every prompt.")
     k: int = Field(default=4, ge=1, le=64, description="retrieval: nearest training examples in each prompt.")
     latency_requests: int = Field(default=16, ge=1, description="Single requests timed per option.")
+    max_rows: int | None = Field(
+        default=None, ge=1,
+        description="Measure the options on a seeded sample of this many test items (every item when unset); "
+                    "the fine-tuned model is compared on the same items. `tuneline baseline --all-rows` measures "
+                    "every item.")
     seed: int = 0
 
 

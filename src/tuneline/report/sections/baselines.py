@@ -20,9 +20,9 @@ def baselines(raw: Mapping[str, object] | None) -> str:
         return ""
     report = BaselineReport.from_dict(dict(raw))
     m = report.metric
-    out = (f'<h2 id="{ANCHOR}">Should we fine-tune?</h2><p>Each option on the same {report.n} {esc(report.set)} '
-           f"rows, with the same metrics and 95% intervals; the difference to the best option with its p-value "
-           "(McNemar for accuracy, else the paired bootstrap).</p>")
+    out = (f'<h2 id="{ANCHOR}">Should we fine-tune?</h2><p>Each option on the same {esc(report.set)} split\'s '
+           f"{esc(report.items)}, with the same metrics and 95% intervals; the difference to the best option "
+           "with its p-value (McNemar for accuracy, else the paired bootstrap).</p>")
     out += html_table(["option", f"{m} [95% interval]", "vs best (p)", "one-off cost", "p50 / p95 ms",
                        "prompt tokens", "what"], [_row(report, o) for o in report.options], cls="compact",
                       num_cols=(1, 2, 3, 4, 5))
