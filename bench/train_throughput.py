@@ -13,7 +13,9 @@ examples for the same number of optimizer steps (batch 16 by default):
       a flattened batch attend to each other here (measured: a second row's logits off by 20.8 with
       SDPA and position ids on this CPU), which TRL's documentation also says;
   (c) tuneline: ``tuneline.train.train`` with its defaults (bf16 base + fp32 adapters where
-      supported, fused LoRA, answer-only logits, length-grouped batches; ``--packing`` packs rows),
+      supported, fused LoRA, answer-only logits, the shared prefix once per batch, each example's
+      own tokens packed into rows after it, random batches; ``--unpacked``: padded length-grouped
+      batches instead),
       and the Trainer's linear schedule without warm-up so the loss curves are comparable.
 
 Each runs in its own process so peak RSS is its own. Prints real (non-padding) tokens/s, peak RSS,
@@ -21,7 +23,7 @@ the loss curves, the held-out loss of each, tuneline's utilisation of this machi
 in the precision tuneline computes in (bf16 where native, else fp32; measured in the same run),
 and last the speed-up ratios against (a) and (b).
 
-    python bench/train_throughput.py [--steps 20] [--batch 16] [--packing]
+    python bench/train_throughput.py [--steps 20] [--batch 16] [--unpacked]
 """
 
 from __future__ import annotations
@@ -134,7 +136,7 @@ def run_sft(steps: int, batch: int, cache: Path, out: dict) -> None:
                held_out_loss=_held_out_loss(trainer.model, tok, steps * batch, "bf16" if bf16 else "fp32"))
 
 
-def run_tuneline(steps: int, batch: int, cache: Path, packing: bool, out: dict) -> None:
+def run_tuneline(steps: int, batch: int, cache: Path, packing: bool | None, out: dict) -> None:
     from tuneline.models import load_model, load_tokenizer, resolve_model_source
     from tuneline.runtime import resolve_precision
     from tuneline.spec.models import TrainSpec
@@ -234,7 +236,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20, help="optimizer steps for each trainer")
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--cache", type=Path, default=REPO / ".tuneline" / "models")
-    ap.add_argument("--packing", action="store_true", help="train tuneline with train.packing: true")
+    ap.add_argument("--unpacked", action="store_true",
+                    help="train tuneline with train.packing: false (padded, length-grouped batches)")
     args = ap.parse_args()
     args.cache.mkdir(parents=True, exist_ok=True)
     _model_dir(args.cache)  # convert once, outside the timings
@@ -242,7 +245,7 @@ def main() -> None:
     peaks_before = matmul_flops()
     std = _in_child(run_standard, args.steps, args.batch, args.cache)
     sft = _in_child(run_sft, args.steps, args.batch, args.cache)
-    ours = _in_child(run_tuneline, args.steps, args.batch, args.cache, args.packing)
+    ours = _in_child(run_tuneline, args.steps, args.batch, args.cache, False if args.unpacked else None)
     peaks_after = matmul_flops()
     peaks = {shape: max(peaks_before[shape], peaks_after[shape]) for shape in PEAK_SHAPES}
     square, best_shape = peaks[PEAK_SHAPES[0]], max(PEAK_SHAPES, key=lambda sh: peaks[sh])

@@ -13,7 +13,7 @@ import torch
 from helpers import float64_model_tolerance, lora_model, loss_tolerance
 
 from tuneline.data.tokenize import IGNORE_INDEX, Encoded
-from tuneline.train.batching import collate, shared_prefix_len
+from tuneline.train.batching import collate, collate_packed_after_prefix, shared_prefix_len
 from tuneline.train.loss import answer_loss_sum
 
 SYSTEM = [1, 9, 400, 401, 402, 403, 404, 405, 2, 1, 10]  # "<start>system ... <end><start>user"
@@ -64,3 +64,57 @@ def test_shared_prefix_loss_and_gradients_equal_the_full_batch(tiny_model_dir, a
     for k in g_full:  # includes the k/v adapters of the prefix: their gradient sums over every row
         tol = float64_model_tolerance(model, float(g_full[k].abs().max()))
         torch.testing.assert_close(g_shared[k], g_full[k], **tol, msg=lambda m, k=k: f"{k}: {m}")
+
+
+def _loss_and_grads(model, batch):
+    model.zero_grad()
+    loss, n = answer_loss_sum(model, batch)
+    loss.backward()
+    return loss.detach(), n, {k: p.grad.clone() for k, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_packed_rows_after_a_shared_prefix_equal_the_full_batch(tiny_model_dir, attn):
+    """train.packing with share_prefix: the prefix once, every example's own tokens packed into rows."""
+    model = _model(tiny_model_dir, attn)
+    ex = _examples(1)
+    packed = collate_packed_after_prefix(ex, pad_id=2, capacity=25)  # own lengths 12, 7, 20, 9: 3 rows
+    assert packed["prefix_len"] == len(SYSTEM) and packed["input_ids"].shape[0] == 3
+    # no padding but a row's tail: 48 own tokens in 3 rows of width 21
+    assert packed["input_ids"].shape[1] == len(SYSTEM) + 21
+    got_loss, got_n, got = _loss_and_grads(model, packed)
+    want_loss, want_n, want = _loss_and_grads(model, collate(ex, pad_id=2))
+    assert got_n == want_n == 12
+    torch.testing.assert_close(got_loss, want_loss, **loss_tolerance(want_loss, want_n, model.config.vocab_size))
+    assert got.keys() == want.keys()
+    for k in want:
+        tol = float64_model_tolerance(model, float(want[k].abs().max()))
+        torch.testing.assert_close(got[k], want[k], **tol, msg=lambda m, k=k: f"{k}: {m}")
+
+
+def test_packed_examples_after_a_shared_prefix_never_see_each_other(tiny_model_dir):
+    """Each example's loss, its labels alone kept in the packed batch, equals its loss alone; with
+    one causal mask over each row (attention leaking to the example before) it does not."""
+    model = _model(tiny_model_dir, "eager")
+    ex = _examples(2)
+    vocab, leaks = model.config.vocab_size, 0
+    with torch.no_grad():
+        for i, e in enumerate(ex):
+            only = [e if j == i else Encoded(o.input_ids, [IGNORE_INDEX] * len(o.input_ids), o.where)
+                    for j, o in enumerate(ex)]
+            batch = collate_packed_after_prefix(only, pad_id=2, capacity=25)
+            packed, n = answer_loss_sum(model, batch)
+            alone, n_alone = answer_loss_sum(model, collate([e], pad_id=2))
+            assert n == n_alone == e.n_answer_tokens
+            tol = loss_tolerance(alone, n, vocab)
+            torch.testing.assert_close(packed, alone, **tol, msg=lambda m, w=e.where: f"{w}: {m}")
+            prefix, mask = batch["prefix_len"], batch["attention_mask"].clone()
+            row, first_label = (int(v) for v in (batch["labels"][:, prefix:] != IGNORE_INDEX).nonzero()[0])
+            starts = (batch["position_ids"][row] == prefix).nonzero().flatten()  # examples' first tokens
+            if int(starts[starts <= first_label].max()) > 0:  # an example precedes it in its row
+                width = mask.shape[2]
+                mask[:, 0, :, prefix:] = torch.ones((width, width), dtype=torch.bool).tril()
+                leaky, _ = answer_loss_sum(model, {**batch, "attention_mask": mask})
+                assert not torch.allclose(leaky, alone, **tol), e.where
+                leaks += 1
+    assert leaks >= 1

@@ -33,7 +33,7 @@ from tuneline.spec.canary import CanarySpec
 from tuneline.spec.checks import SpecParts, cross_field_problems
 from tuneline.spec.dotted import set_path
 from tuneline.spec.gates import Threshold
-from tuneline.spec.methods import TrainMethod
+from tuneline.spec.methods import PROMPT_LEARNING, TrainMethod
 from tuneline.spec.metrics import (
     LOWER_IS_BETTER,
     PERTURBATION_NAMES,
@@ -421,15 +421,17 @@ class TrainSpec(_Model):
         default=False,
         description="torch.compile each decoder layer (regional: compiled once, reused by every layer). "
                     "Pays off on GPUs and long runs; the first steps wait for compilation.")
-    packing: bool = Field(
-        default=False,
-        description="Pack each micro-batch's examples into rows of seq_len tokens (block-diagonal attention, "
-                    "same loss); pays off when lengths vary widely. Off: length-grouped padded batches.")
+    packing: bool | None = Field(
+        default=None,
+        description="Pack each micro-batch's examples into rows (attention kept inside each example, same "
+                    "loss): no padding, so batches can be drawn at random instead of grouped by length. "
+                    "Unset: on, except for prefix and prompt tuning. Off: length-grouped padded batches.")
     share_prefix: bool = Field(
         default=True,
         description="Compute the tokens every example of a batch starts with (the rendered system prompt "
                     "and instruction) once per batch and reuse their keys/values: same loss and gradients, "
-                    "fewer tokens to compute. Not with packing or gradient checkpointing.")
+                    "fewer tokens to compute; packed rows then hold each example's own tokens after it. "
+                    "Not with gradient checkpointing.")
     fused_lora: bool = Field(
         default=True,
         description="Fused LoRA forward/backward (same results as peft's; linears reading the same input, "
@@ -448,6 +450,12 @@ class TrainSpec(_Model):
         default="local", description="local: train in this process (or the --nproc/torchrun ranks); ray: a Ray Train "
                                      "job of train.ray.workers processes on a Ray cluster.")
     ray: RayTrainSpec = Field(default_factory=RayTrainSpec)
+
+    @property
+    def packs(self) -> bool:
+        """Whether training packs its rows: ``packing``, or when unset, every method but prefix and
+        prompt tuning (their virtual tokens go before each example)."""
+        return self.packing if self.packing is not None else self.method not in PROMPT_LEARNING
 
     @model_validator(mode="after")
     def _sharding_is_for_full_fine_tuning(self) -> TrainSpec:

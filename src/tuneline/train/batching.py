@@ -14,7 +14,9 @@ if TYPE_CHECKING:
 
 class Batch(TypedDict, total=False):
     """One micro-batch's tensors: padded (``attention_mask``, and ``prefix_len`` when a prefix is
-    shared) or packed (``position_ids`` restarting at 0 for every example, no ``attention_mask``)."""
+    shared), packed (``position_ids`` restarting at 0 for every example, no ``attention_mask``), or
+    packed after a shared prefix (``prefix_len``, ``position_ids`` and a 4D ``attention_mask``:
+    :func:`collate_packed_after_prefix`)."""
 
     input_ids: Required[torch.Tensor]
     labels: Required[torch.Tensor]
@@ -31,12 +33,16 @@ GROUP_WINDOW_BATCHES = 64
 PAD_MULTIPLE = 1
 
 
-def epoch_batches(lengths: Sequence[int], batch_size: int, seed: int, epoch: int) -> list[list[int]]:
-    """Index batches for one epoch. Same (seed, epoch) always gives the same batches."""
+def epoch_batches(lengths: Sequence[int], batch_size: int, seed: int, epoch: int,
+                  grouped: bool = True) -> list[list[int]]:
+    """Index batches for one epoch. Same (seed, epoch) always gives the same batches.
+
+    ``grouped``: batches of similar lengths (see :data:`GROUP_WINDOW_BATCHES`); else random
+    batches, for packed rows, which pad nothing whatever the lengths."""
     rng = random.Random(seed * 1_000_003 + epoch)
     order = list(range(len(lengths)))
     rng.shuffle(order)
-    window = batch_size * GROUP_WINDOW_BATCHES
+    window = batch_size * (GROUP_WINDOW_BATCHES if grouped else 1)
     batches: list[list[int]] = []
     for w in range(0, len(order), window):
         chunk = sorted(order[w : w + window], key=lambda i: lengths[i], reverse=True)
@@ -113,6 +119,55 @@ def pack_rows(lengths: Sequence[int], capacity: int) -> list[list[int]]:
             rows.append([i])
             free.append(capacity - lengths[i])
     return rows
+
+
+# Rows packed after a shared prefix hold about this many tokens (or the longest example): each
+# token attends over its whole row's mask, so wide rows cost attention, narrow ones tail padding.
+# BANKING77 at batch 16 (bench/train_throughput.py's rows): 96 trained at 230 tokens/s, 48 at 225,
+# seq_len (256) at 198-217.
+PREFIX_PACK_ROW = 96
+
+
+def collate_packed_after_prefix(examples: Sequence[Encoded], pad_id: int, capacity: int) -> Batch:
+    """The batch's shared prefix once, then every example's own tokens packed into rows of at most
+    ``capacity`` tokens (at most :data:`PREFIX_PACK_ROW`, or the longest example): no padding
+    between examples, and the prefix computed once for all of them.
+
+    ``input_ids`` and ``labels`` hold the prefix columns (``prefix_len`` of them; the loss computes
+    them once from row 0) and then each row's packed tokens; ``position_ids`` count on from the
+    prefix for each example's own tokens; ``attention_mask`` is a 4D boolean mask over the prefix and
+    the row ``[rows, 1, width, prefix_len + width]``: every token sees the prefix and its own
+    example's earlier tokens, never another example's. Without a shared prefix it is
+    :func:`collate_packed`."""
+    import torch
+
+    prefix = shared_prefix_len(examples)
+    if not prefix:
+        return collate_packed(examples, pad_id, capacity)
+    own = [len(e.input_ids) - prefix for e in examples]
+    rows = pack_rows(own, min(capacity, max(max(own), PREFIX_PACK_ROW)))
+    width = max(sum(own[i] for i in row) for row in rows)
+    n = len(rows)
+    input_ids = torch.full((n, prefix + width), pad_id, dtype=torch.long)
+    input_ids[:, :prefix] = torch.tensor(examples[0].input_ids[:prefix])
+    labels = torch.full((n, prefix + width), IGNORE_INDEX, dtype=torch.long)
+    position_ids = torch.full((n, width), prefix, dtype=torch.long)
+    mask = torch.zeros((n, 1, width, prefix + width), dtype=torch.bool)
+    mask[:, :, :, :prefix] = True  # the shared prefix, for every token (tail padding included)
+    diagonal = torch.arange(width)
+    mask[:, 0, diagonal, prefix + diagonal] = True  # tail padding sees itself: no empty softmax row
+    for r, row in enumerate(rows):
+        off = prefix
+        for i in row:
+            e, k = examples[i], own[i]
+            input_ids[r, off : off + k] = torch.tensor(e.input_ids[prefix:])
+            labels[r, off : off + k] = torch.tensor(e.labels[prefix:])
+            position_ids[r, off - prefix : off - prefix + k] = torch.arange(prefix, prefix + k)
+            block = torch.ones((k, k), dtype=torch.bool).tril()
+            mask[r, 0, off - prefix : off - prefix + k, off : off + k] = block
+            off += k
+    return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids, "attention_mask": mask,
+            "prefix_len": prefix}
 
 
 def collate_packed(examples: Sequence[Encoded], pad_id: int, capacity: int) -> Batch:

@@ -130,9 +130,9 @@ def diagnose(loaded: LoadedSpec | None, models_dir: Path) -> Diagnosis:
     source = resolve_model_source(loaded.spec.model, loaded.base_dir)
     found.memory = estimate(model_dir_for(source, models_dir), train, compute,
                             classifier_labels=_label_count(loaded) if loaded.spec.task.head == "classifier" else 0)
-    if train.packing:
-        found.notes.append("packing: each micro-batch's rows are packed into seq_len-token rows "
-                           "(block-diagonal attention)")
+    if train.packs:
+        found.notes.append("packing: each micro-batch's examples are packed into rows, attention kept inside "
+                           "each example (after the batch's shared prefix, when it has one); random batches")
     if train.method in PROMPT_LEARNING:
         found.notes.append(f"{train.method} tuning: the virtual tokens lengthen every row; the estimate counts them")
     if found.machine.gpu is None:

@@ -31,7 +31,13 @@ from tuneline.models.loading import training_attention
 from tuneline.runtime import autocast_for, resolve_precision
 from tuneline.runtime.progress import QuietWhenPiped, progress_bar
 from tuneline.spec.models import TrainSpec
-from tuneline.train.batching import collate, collate_packed, epoch_batches, shared_prefix_len
+from tuneline.train.batching import (
+    collate,
+    collate_packed,
+    collate_packed_after_prefix,
+    epoch_batches,
+    shared_prefix_len,
+)
 from tuneline.train.checkpoint import Spent, resume_checkpoint, save_checkpoint, trainable_state
 from tuneline.train.distributed import (
     World,
@@ -200,13 +206,15 @@ def steps_per_epoch(n_examples: int, cfg: TrainSpec) -> float:
     return math.ceil(n_examples / cfg.batch_size) / cfg.grad_accum
 
 
-def _micro_batches(lengths: list[int], cfg: TrainSpec, per_epoch: int, step: int) -> list[list[int]]:
-    """The micro-batches (index lists) of optimizer ``step``, deterministic across resumes."""
+def _micro_batches(lengths: list[int], cfg: TrainSpec, per_epoch: int, step: int,
+                   grouped: bool = True) -> list[list[int]]:
+    """The micro-batches (index lists) of optimizer ``step``, deterministic across resumes;
+    ``grouped``: of similar lengths (padded rows), else drawn at random (packed rows pad nothing)."""
     out = []
     for k in range(cfg.grad_accum):
         global_mb = step * cfg.grad_accum + k
         epoch, pos = divmod(global_mb, per_epoch)
-        out.append(epoch_batches(lengths, cfg.batch_size, cfg.seed, epoch)[pos])
+        out.append(epoch_batches(lengths, cfg.batch_size, cfg.seed, epoch, grouped=grouped)[pos])
     return out
 
 
@@ -214,8 +222,12 @@ def make_batch(examples: list[Encoded], pad_id: int, device: str, pack_capacity:
                share_prefix: bool = False) -> Batch:
     """Tensors for one micro-batch on ``device``: padded (optionally with a shared prefix computed
     once), or packed into rows of ``pack_capacity`` tokens."""
-    batch = (collate(examples, pad_id, share_prefix=share_prefix) if pack_capacity is None
-             else collate_packed(examples, pad_id, pack_capacity))
+    if pack_capacity is None:
+        batch = collate(examples, pad_id, share_prefix=share_prefix)
+    elif share_prefix:
+        batch = collate_packed_after_prefix(examples, pad_id, pack_capacity)
+    else:
+        batch = collate_packed(examples, pad_id, pack_capacity)
     return cast("Batch", {k: v.to(device) if hasattr(v, "to") else v for k, v in batch.items()})  # same keys
 
 
@@ -358,7 +370,7 @@ def train(
     ckpt_root = out_dir / "checkpoints"
     start = _start(ckpt_root, trained, optimizer, scheduler, opts)
     start_step, resumed_from, loss_value, before, history = start.step, start.resumed_from, start.loss, start.spent, start.history
-    stepper = _Stepper(trained, params, pad_id, precision, device, cfg.seq_len if cfg.packing else None,
+    stepper = _Stepper(trained, params, pad_id, precision, device, cfg.seq_len if cfg.packs else None,
                        share_prefix, world, sharded)
 
     # --- train -------------------------------------------------------------------------------
@@ -372,7 +384,8 @@ def train(
     with progress:
         task = progress.add_task("train", total=total_steps, completed=start_step, loss=float("nan"), tps=0.0)
         for step in range(start_step, total_steps):
-            micro = [[encoded[i] for i in mb] for mb in _micro_batches(lengths, cfg, per_epoch, step)]
+            batches = _micro_batches(lengths, cfg, per_epoch, step, grouped=not cfg.packs)
+            micro = [[encoded[i] for i in mb] for mb in batches]
             step_loss, step_tokens, step_computed = stepper.gradients(micro)
             tokens_done += step_tokens
             computed += step_computed

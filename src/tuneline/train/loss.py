@@ -58,8 +58,14 @@ def answer_loss_sum(model: torch.nn.Module, batch: Batch, chunk: int = LOGITS_CH
         out = decoder(input_ids=ids[:1, :prefix], use_cache=True)
         cache = out.cache if getattr(out, "cache", None) is not None else out.past_key_values
         cache.batch_repeat_interleave(ids.shape[0])
-        positions = torch.arange(prefix, ids.shape[1], device=ids.device).expand(ids.shape[0], -1)
-        hidden = decoder(input_ids=ids[:, prefix:], attention_mask=batch["attention_mask"], position_ids=positions,
+        positions = batch.get("position_ids")  # packed rows: each example's own count from the prefix
+        if positions is None:
+            positions = torch.arange(prefix, ids.shape[1], device=ids.device).expand(ids.shape[0], -1)
+        mask = batch["attention_mask"]
+        if mask.dim() == 4:  # packed rows: an additive mask, as eager attention adds it (SDPA takes it too)
+            mask = torch.zeros(mask.shape, dtype=out.last_hidden_state.dtype, device=mask.device).masked_fill(
+                ~mask, torch.finfo(out.last_hidden_state.dtype).min)
+        hidden = decoder(input_ids=ids[:, prefix:], attention_mask=mask, position_ids=positions,
                          use_cache=True, **{_cache_argument(decoder): cache}).last_hidden_state
     else:
         hidden = decoder(input_ids=ids, attention_mask=batch.get("attention_mask"),
@@ -103,7 +109,10 @@ def _forward_loss_sum(model: torch.nn.Module, batch: Batch) -> tuple[torch.Tenso
     first = int(answer_cols[0]) if answer_cols.numel() else ids.shape[1] - 1
     keep_n = ids.shape[1] - first  # positions first .. end-1 predict tokens first+1 .. end
     extra = {"position_ids": batch["position_ids"]} if batch.get("position_ids") is not None else {}
-    logits = model(input_ids=ids, attention_mask=batch.get("attention_mask"), logits_to_keep=keep_n, **extra).logits
+    # no cache: with one, transformers reads no packed rows from the position ids, and its causal mask
+    # would let an example attend to the one before it in the row
+    logits = model(input_ids=ids, attention_mask=batch.get("attention_mask"), logits_to_keep=keep_n,
+                   use_cache=False, **extra).logits
     logits = logits[:, -keep_n:][:, :-1] if keep_n > 1 else logits[:, :0]
     targets = labels[:, first + 1 :]
     keep = targets != IGNORE_INDEX
