@@ -45,32 +45,29 @@ def _model(tiny_model_dir, attn):
     return lora_model(tiny_model_dir, attn, torch.float64)
 
 
-@pytest.mark.parametrize("attn", ["eager", "sdpa"])
-def test_shared_prefix_loss_and_gradients_equal_the_full_batch(tiny_model_dir, attn):
-    model = _model(tiny_model_dir, attn)
-    ex = _examples(1)
-    results = []
-    for share in (False, True):
-        model.zero_grad()
-        batch = collate(ex, pad_id=2, share_prefix=share)
-        loss, n = answer_loss_sum(model, batch)
-        loss.backward()
-        results.append((loss.detach(), n, {k: p.grad.clone() for k, p in model.named_parameters() if p.requires_grad}))
-    (full, n_full, g_full), (shared, n_shared, g_shared) = results
-    assert n_full == n_shared == 12
-    vocab = model.config.vocab_size
-    torch.testing.assert_close(shared, full, **loss_tolerance(full, n_full, vocab))
-    assert g_full.keys() == g_shared.keys()
-    for k in g_full:  # includes the k/v adapters of the prefix: their gradient sums over every row
-        tol = float64_model_tolerance(model, float(g_full[k].abs().max()))
-        torch.testing.assert_close(g_shared[k], g_full[k], **tol, msg=lambda m, k=k: f"{k}: {m}")
-
-
 def _loss_and_grads(model, batch):
     model.zero_grad()
     loss, n = answer_loss_sum(model, batch)
     loss.backward()
     return loss.detach(), n, {k: p.grad.clone() for k, p in model.named_parameters() if p.requires_grad}
+
+
+def _assert_same_loss_and_grads(model, got, want) -> None:
+    (got_loss, got_n, got_grads), (want_loss, want_n, want_grads) = got, want
+    assert got_n == want_n == 12
+    torch.testing.assert_close(got_loss, want_loss, **loss_tolerance(want_loss, want_n, model.config.vocab_size))
+    assert got_grads.keys() == want_grads.keys()
+    for k in want_grads:  # includes the k/v adapters of the prefix: their gradient sums over every row
+        tol = float64_model_tolerance(model, float(want_grads[k].abs().max()))
+        torch.testing.assert_close(got_grads[k], want_grads[k], **tol, msg=lambda m, k=k: f"{k}: {m}")
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_shared_prefix_loss_and_gradients_equal_the_full_batch(tiny_model_dir, attn):
+    model = _model(tiny_model_dir, attn)
+    ex = _examples(1)
+    _assert_same_loss_and_grads(model, _loss_and_grads(model, collate(ex, pad_id=2, share_prefix=True)),
+                                _loss_and_grads(model, collate(ex, pad_id=2)))
 
 
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
@@ -82,14 +79,7 @@ def test_packed_rows_after_a_shared_prefix_equal_the_full_batch(tiny_model_dir, 
     assert packed["prefix_len"] == len(SYSTEM) and packed["input_ids"].shape[0] == 3
     # no padding but a row's tail: 48 own tokens in 3 rows of width 21
     assert packed["input_ids"].shape[1] == len(SYSTEM) + 21
-    got_loss, got_n, got = _loss_and_grads(model, packed)
-    want_loss, want_n, want = _loss_and_grads(model, collate(ex, pad_id=2))
-    assert got_n == want_n == 12
-    torch.testing.assert_close(got_loss, want_loss, **loss_tolerance(want_loss, want_n, model.config.vocab_size))
-    assert got.keys() == want.keys()
-    for k in want:
-        tol = float64_model_tolerance(model, float(want[k].abs().max()))
-        torch.testing.assert_close(got[k], want[k], **tol, msg=lambda m, k=k: f"{k}: {m}")
+    _assert_same_loss_and_grads(model, _loss_and_grads(model, packed), _loss_and_grads(model, collate(ex, pad_id=2)))
 
 
 def test_packed_examples_after_a_shared_prefix_never_see_each_other(tiny_model_dir):
