@@ -113,7 +113,7 @@ class BaselineReport:
         """The items measured, in words: ``1000 items``, or the sample and what it was drawn from."""
         if self.rows is None:
             return f"{self.n} items"
-        return f"a seeded sample of {self.n} of the {self.of} items (baseline.max_rows)"
+        return f"a seeded sample of {self.n} of the {self.of} items, baseline.max_rows"
 
     def to_dict(self, with_rows: bool = True) -> dict[str, object]:
         d = asdict(self)
