@@ -29,11 +29,12 @@ demo: setup
 
 # two pytest-xdist workers (TEST_WORKERS=1 for one), a test file to each at a time: a file's
 # servers (PostgreSQL, MLflow, SeaweedFS, Ray) are started once per file; each worker computes on
-# its share of the cores (tests/conftest.py)
+# its share of the cores; the longest files go first, in the order tests/durations.json gives
+# (tests/conftest.py), not xdist's most-tests-first
 TEST_WORKERS ?= 2
 test: install
 	bash scripts/install-browser.sh
-	$(BIN)/pytest -n $(TEST_WORKERS) --dist loadfile --durations=25
+	$(BIN)/pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder --durations=25
 
 test-slow: install
 	$(BIN)/pytest -m slow

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -18,6 +19,19 @@ os.environ["COLUMNS"] = "250"
 if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
     os.environ.setdefault("OMP_NUM_THREADS",
                           str(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))))
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The longest test files first (tests/durations.json, refreshed by scripts/test-durations.py;
+    a file it does not list counts as quick), each file's tests in their own order. `make test`
+    hands whole files to its two workers in this order (``--dist loadfile --no-loadscope-reorder``),
+    so the files that take a minute or more start early instead of leaving one worker alone with
+    them at the end."""
+    known = Path(__file__).with_name("durations.json")
+    seconds: dict[str, float] = json.loads(known.read_text()) if known.is_file() else {}
+    files = {f: i for i, f in enumerate(dict.fromkeys(item.nodeid.split("::")[0] for item in items))}
+    items.sort(key=lambda item: (-seconds.get(item.nodeid.split("::")[0], 0.0),
+                                 files[item.nodeid.split("::")[0]]))
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -60,7 +74,11 @@ def _mlflow_schema_built_once(tmp_path_factory: pytest.TempPathFactory):
 
 @pytest.fixture(scope="session")
 def model_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One model cache for the whole session: the built-in GGUF is converted once."""
+    """One model cache for the whole session: the built-in GGUF is converted once. pytest-xdist's
+    workers share it (their base folders sit side by side in the run's own folder): the first
+    converts, the others wait on the conversion's lock and find it done."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        return tmp_path_factory.getbasetemp().parent / "models"
     return tmp_path_factory.mktemp("models")
 
 

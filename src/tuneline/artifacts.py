@@ -9,9 +9,12 @@ registry can record what was registered and the server can refuse anything else.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import os
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from tuneline.errors import Problem, TunelineError
@@ -29,6 +32,20 @@ _CHUNK = 1 << 20
 
 class ArtifactError(TunelineError):
     """An artifact on disk is missing, incomplete or not the one that was recorded."""
+
+
+@contextmanager
+def file_lock(path: str | Path) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on ``path`` (created with its folder if missing) for the block:
+    processes wait their turn; the lock is released when the holder ends, even by a crash."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a+b") as f:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
 
 def fsync_dir(path: str | Path) -> None:

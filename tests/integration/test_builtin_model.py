@@ -35,6 +35,11 @@ def test_builtin_model_converts_once_and_answers(builtin_dir: Path, model_cache:
     (answer,), _ = generate(model, tokenizer, [q], batch_size=1, max_new_tokens=12, autocast=autocast_for("fp32", "cpu"),
                             show_progress=False)
     assert "Paris" in answer
+    # the conversion shared one parsed GGUF reader between its steps; gguf's own names are back
+    import gguf
+    from gguf.gguf_reader import GGUFReader
+    from gguf.tensor_mapping import get_tensor_name_map
+    assert gguf.GGUFReader is GGUFReader and gguf.get_tensor_name_map is get_tensor_name_map
 
 
 def test_builtin_model_trains_a_few_steps(builtin_dir: Path, model_cache: Path, tokenizer, tmp_path: Path):

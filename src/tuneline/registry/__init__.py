@@ -25,7 +25,6 @@ on two machines could both undo the same promotion).
 
 from __future__ import annotations
 
-import fcntl
 import getpass
 import hashlib
 import json
@@ -39,7 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NotRequired, TypedDict
 
-from tuneline.artifacts import ADAPTER_SHA_TAG, replace_dir
+from tuneline.artifacts import ADAPTER_SHA_TAG, file_lock, replace_dir
 from tuneline.audit import RESULT_REFUSED, AuditTrail
 from tuneline.errors import Problem, TunelineError
 from tuneline.tracking import quiet_downloads
@@ -272,15 +271,8 @@ def lock_path(uri: str) -> Path:
 @contextmanager
 def _locked(uri: str) -> Iterator[None]:
     """Hold the registry lock of ``uri`` (an exclusive ``flock``; it is released when the process dies)."""
-
-    path = lock_path(uri)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a+b") as f:
-        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+    with file_lock(lock_path(uri)):
+        yield
 
 
 def register_version(uri: str, name: str, run_id: str, source: str, tags: dict[str, str]) -> int:
