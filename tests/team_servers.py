@@ -74,8 +74,8 @@ def _process(args: list[str], log: Path, env: dict[str, str] | None = None) -> I
         yield proc
     finally:
         proc.terminate()
-        try:
-            proc.wait(timeout=10)
+        try:  # a test server has nothing to save: a few seconds to stop, then it is killed
+            proc.wait(timeout=3)
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(timeout=30)

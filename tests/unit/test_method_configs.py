@@ -97,3 +97,5 @@ def test_a_checkpoint_depends_only_on_the_settings_of_its_own_method(tmp_path: P
     ia3 = fingerprint("train: {method: ia3}")
     assert ia3 != lora
     assert fingerprint("train: {method: ia3, ia3: {target_modules: [q_proj], feedforward_modules: []}}") != ia3
+    # adapting the last 10 layers trains something else; unset (every layer) is the fingerprint above
+    assert fingerprint("train: {method: lora, lora: {layers: 10}}") != lora

@@ -20,7 +20,7 @@ from tuneline.data.tokenize import encode_prompt
 from tuneline.eval.generate import Decoding, GenerateOptions, generate_detailed
 from tuneline.spec import load_spec
 from tuneline.spec.methods import TRAIN_METHODS
-from tuneline.spec.models import PromptSpec, TrainSpec
+from tuneline.spec.models import LoraSpec, PromptSpec, TrainSpec
 from tuneline.train import TrainOptions, train
 
 NEW_TOKENS = 6
@@ -224,3 +224,36 @@ def test_the_engine_serves_every_method_as_evaluation_answers(methods: tuple[str
         assert sorted(engine.batch_sizes) == sorted([(len(batched) + 1) * len(prompts)] + [len(prompts)] * own)
     finally:
         engine.close()
+
+
+def test_lora_on_the_last_layers_adapts_only_them_and_backpropagates_through_no_other(
+        base_dir: Path, tokenizer_of, train_rows, tmp_path: Path):
+    """``train.lora.layers: 1`` on the 2-layer model: the adapter holds every linear of layer 1 and
+    nothing of layer 0, and training never records a graph through layer 0 (its output needs no
+    gradient), which is where the saving comes from. Asking for more layers than the model has is
+    refused, naming the field."""
+    from safetensors.torch import load_file
+
+    from tuneline.errors import TrainingError
+
+    cfg = _cfg("lora").model_copy(update={"lora": LoraSpec(layers=1)})
+    base = _base(base_dir)
+    needs_grad: dict[int, set[bool]] = {0: set(), 1: set()}
+    for i, layer in enumerate(base.model.layers):
+        layer.register_forward_hook(
+            lambda _m, _args, out, i=i: needs_grad[i].add((out[0] if isinstance(out, tuple) else out).requires_grad))
+    model, result = train(cfg, base, tokenizer_of, train_rows, tmp_path / "run",
+                          TrainOptions(fingerprint="fp", show_progress=False))
+    assert result.steps == 3 and result.final_loss == result.final_loss
+    assert needs_grad == {0: {False}, 1: {True}}
+    saved = load_file(str(tmp_path / "run" / "adapter" / "adapter_model.safetensors"))
+    assert {k.split(".layers.")[1].split(".")[0] for k in saved} == {"1"}
+    assert {k.split(".lora_")[0].rsplit(".", 1)[1] for k in saved} == {
+        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    assert any(float(v.abs().max()) > 0 for k, v in saved.items() if "lora_B" in k)  # training moved them
+
+    too_many = _cfg("lora").model_copy(update={"lora": LoraSpec(layers=3)})
+    with pytest.raises(TrainingError, match="has 2 decoder layers") as info:
+        train(too_many, _base(base_dir), tokenizer_of, train_rows, tmp_path / "run3",
+              TrainOptions(fingerprint="fp", show_progress=False))
+    assert info.value.problems[0].field == "train.lora.layers"

@@ -259,6 +259,9 @@ def _drop_unused_method_sections(train: dict[str, object]) -> None:
         train.pop("prompt", None)
     if method != "dpo":
         train.pop("dpo", None)
+    lora = train.get("lora")
+    if isinstance(lora, dict) and lora.get("layers") is None:  # every layer, as before the setting existed
+        lora.pop("layers", None)
 
 
 def check_distributable(ctx: RunContext) -> None:

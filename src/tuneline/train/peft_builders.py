@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, cast
 
 from tuneline.errors import Problem, TrainingError
 from tuneline.spec.methods import LORA_SHAPED
-from tuneline.spec.models import TrainSpec
+from tuneline.spec.models import LoraSpec, TrainSpec
 from tuneline.train import fast_lora
 
 if TYPE_CHECKING:
@@ -39,7 +39,8 @@ def build_peft_config(train: TrainSpec, model: PreTrainedModel | None = None) ->
         lora = train.lora
         return LoraConfig(
             task_type=TaskType.CAUSAL_LM, r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-            target_modules=lora.target_modules, use_dora=method == "dora", use_rslora=method == "rslora",
+            target_modules=lora_targets(lora, model), use_dora=method == "dora", use_rslora=method == "rslora",
+            layers_to_transform=adapted_layers(lora, model),
         )
     if method == "ia3":
         return IA3Config(task_type=TaskType.CAUSAL_LM, target_modules=list(train.ia3.target_modules),
@@ -61,6 +62,41 @@ def build_peft_config(train: TrainSpec, model: PreTrainedModel | None = None) ->
         return PromptTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=prompt.virtual_tokens,
                                   prompt_tuning_init=PromptTuningInit.SAMPLE_VOCAB)
     raise TrainingError(Problem(f"method {method!r} has no adapter configuration", field="train.method"))
+
+
+def lora_targets(lora: LoraSpec, model: torch.nn.Module | None) -> list[str] | str:
+    """``lora.target_modules``; with ``lora.layers`` set, "all-linear" spelled out as the names of the
+    linear layers of a decoder layer (peft takes a layer subset only with a list of names)."""
+    if lora.layers is None or lora.target_modules != "all-linear" or model is None:
+        return lora.target_modules
+    import torch  # lazy: the training path has it loaded already
+
+    causal_lm = causal_lm_of(model)
+    layers = getattr(getattr(causal_lm, causal_lm.base_model_prefix, None), "layers", None)
+    if not layers:
+        raise TrainingError(Problem("train.lora.layers needs the base model's decoder layers, which tuneline does "
+                                    "not find in it", field="train.lora.layers",
+                                    hint="remove train.lora.layers to adapt every layer"))
+    return sorted({name.rsplit(".", 1)[-1] for name, m in layers[0].named_modules()
+                   if isinstance(m, torch.nn.Linear)})
+
+
+def adapted_layers(lora: LoraSpec, model: torch.nn.Module | None) -> list[int] | None:
+    """The decoder layers ``lora.layers`` adapts (the last N of ``model``'s), or None for every layer."""
+    if lora.layers is None:
+        return None
+    config = getattr(model, "config", None)
+    config = config.get_text_config() if config is not None else None
+    total = getattr(config, "num_hidden_layers", None)
+    if not isinstance(total, int):
+        raise TrainingError(Problem("train.lora.layers needs the base model's number of decoder layers, which its "
+                                    "configuration does not give", field="train.lora.layers",
+                                    hint="remove train.lora.layers to adapt every layer"))
+    if lora.layers > total:
+        raise TrainingError(Problem(f"train.lora.layers is {lora.layers}, but the base model has {total} decoder "
+                                    "layers", field="train.lora.layers", hint=f"set it to at most {total}, or remove "
+                                    "it to adapt every layer"))
+    return list(range(total - lora.layers, total))
 
 
 def is_prompt_learning(model: torch.nn.Module) -> bool:
