@@ -14,7 +14,8 @@ from helpers import banking_rows, write_csv, write_spec
 # pytest-xdist's temporary paths) but see one width everywhere, in this process and in the
 # commands they start. A test that checks wrapping sets its own.
 os.environ["COLUMNS"] = "250"
-# pytest-xdist workers (`make test` runs two) share the cores: each computes with its share of them,
+# pytest-xdist workers (`make test` runs one more than the cores) share the cores: each computes with
+# its share of them (one thread with more workers than cores),
 # it and the commands it starts (set before torch is imported, which reads it once)
 if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
     os.environ.setdefault("OMP_NUM_THREADS",
