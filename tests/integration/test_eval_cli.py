@@ -4,21 +4,13 @@ from __future__ import annotations
 
 import csv
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
+
+from helpers import invoke_cli as _cli  # in this process: the commands' imports are loaded already
 
 import tuneline
 from tuneline.cli.exits import EXIT_GATES_FAILED
 from tuneline.workspace import Workspace
-
-TUNELINE = [sys.executable, "-c", "from tuneline.cli import main; main()"]
-
-
-def _cli(*args: str) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k != "COLUMNS"}  # stdout is a pipe: the CLI prints wide tables
-    return subprocess.run([*TUNELINE, *args], capture_output=True, text=True, timeout=300, env=env)
 
 
 def test_eval_prints_intervals_and_exits_non_zero_on_a_failed_gate(classification_spec: Path, tmp_path: Path):
@@ -31,7 +23,7 @@ def test_eval_prints_intervals_and_exits_non_zero_on_a_failed_gate(classificatio
     assert result.report is not None and len(result.report.main_set().flips["candidate_vs_base"]) > 0
 
     out = _cli("eval", str(classification_spec), "-w", str(ws.root), "--no-progress")
-    assert out.returncode == EXIT_GATES_FAILED, out.stdout + out.stderr  # 3: not Click's usage error (2)
+    assert out.exit_code == EXIT_GATES_FAILED, out.output  # 3: not Click's usage error (2)
     text = " ".join(out.stdout.split())
     assert "test split: 12 rows, value [95% interval]" in text
     assert "candidate - base (p)" in text
@@ -45,7 +37,7 @@ def test_eval_prints_intervals_and_exits_non_zero_on_a_failed_gate(classificatio
     # human evaluation: a blind A/B file out, ratings back in, the win rate stored and logged
     ab = tmp_path / "ab.csv"
     out = _cli("eval", "export-human", str(classification_spec), "-w", str(ws.root), "--out", str(ab), "-n", "12")
-    assert out.returncode == 0, out.stderr
+    assert out.exit_code == 0, out.output
     rows = list(csv.DictReader(ab.open()))
     key = json.loads((ws.run_dir("tiny-intents") / "human" / "ab.key.json").read_text())
     for r in rows:
@@ -55,6 +47,6 @@ def test_eval_prints_intervals_and_exits_non_zero_on_a_failed_gate(classificatio
         w.writeheader()
         w.writerows(rows)
     out = _cli("eval", "import-human", str(classification_spec), str(ab), "-w", str(ws.root))
-    assert out.returncode == 0, out.stderr
+    assert out.exit_code == 0, out.output
     assert "win rate 1.000" in out.stdout
     assert json.loads((ws.run_dir("tiny-intents") / "eval_report.json").read_text())["human"]["wins"] == len(rows)

@@ -12,8 +12,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from helpers import search_spec
+from helpers import invoke_cli, search_spec
 from ray_servers import RayCluster, ray_cluster
+
+from tuneline.errors import TunelineError
 
 
 def _study(ws: Path):
@@ -102,11 +104,14 @@ def test_search_resumes_after_a_kill_without_rerunning_finished_trials(tmp_path:
               if t.state.name in ("COMPLETE", "PRUNED")}
     assert len(before) >= 2
 
-    again = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert again.returncode != 0 and "--resume" in again.stderr  # not silently restarted
+    # the commands after the kill run in this process (its imports are loaded already)
+    args = ["tune", str(spec), "-w", str(ws), "--no-progress"]
+    again = invoke_cli(*args)  # not silently restarted: refused, with what to do (the error `main` prints)
+    assert again.exit_code != 0 and isinstance(again.exception, TunelineError)
+    assert "--resume" in again.exception.render()
 
-    resumed = subprocess.run([*cmd, "--resume"], env=env, capture_output=True, text=True, timeout=600)
-    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    resumed = invoke_cli(*args, "--resume")
+    assert resumed.exit_code == 0, resumed.output
     trials = _study(ws).get_trials()
     finished = [t for t in trials if t.state.name in ("COMPLETE", "PRUNED")]
     assert len(finished) == 6
