@@ -25,7 +25,7 @@ if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """The longest test files first (tests/durations.json, refreshed by scripts/test-durations.py;
     a file it does not list counts as quick), each file's tests in their own order. `make test`
-    hands whole files to its two workers in this order (``--dist loadfile --no-loadscope-reorder``),
+    hands whole files to its workers in this order (``--dist loadfile --no-loadscope-reorder``),
     so the files that take a minute or more start early instead of leaving one worker alone with
     them at the end."""
     known = Path(__file__).with_name("durations.json")
