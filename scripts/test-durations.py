@@ -1,8 +1,8 @@
 """Refresh tests/durations.json, the seconds each test file took, which `make test` reads to start
-the longest files first (tests/conftest.py): two workers then finish together instead of one
+the longest files first (tests/conftest.py): the workers then finish together instead of one
 running a long file alone at the end.
 
-    .venv/bin/pytest -n 2 --dist loadfile --durations=0 -q | .venv/bin/python scripts/test-durations.py
+    .venv/bin/pytest -n 3 --dist loadfile --no-loadscope-reorder --durations=0 -q | .venv/bin/python scripts/test-durations.py
 """
 
 from __future__ import annotations

@@ -31,8 +31,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     known = Path(__file__).with_name("durations.json")
     seconds: dict[str, float] = json.loads(known.read_text()) if known.is_file() else {}
     files = {f: i for i, f in enumerate(dict.fromkeys(item.nodeid.split("::")[0] for item in items))}
-    items.sort(key=lambda item: (-seconds.get(item.nodeid.split("::")[0], 0.0),
-                                 files[item.nodeid.split("::")[0]]))
+    items.sort(key=lambda item: (-seconds.get(file := item.nodeid.split("::")[0], 0.0), files[file]))
 
 
 @pytest.fixture(scope="session", autouse=True)

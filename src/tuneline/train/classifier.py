@@ -43,7 +43,7 @@ from tuneline.train.loop import (
     save_adapter,
     seed_everything,
 )
-from tuneline.train.peft_builders import adapted_layers, count_parameters, lora_targets
+from tuneline.train.peft_builders import count_parameters, lora_placement
 
 if TYPE_CHECKING:
     import torch
@@ -115,8 +115,8 @@ def wrap_classifier(model: PreTrainedModel, cfg: TrainSpec) -> PeftModel:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     lora = cfg.lora
     config = LoraConfig(task_type=TaskType.SEQ_CLS, r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                        target_modules=lora_targets(lora, model), use_dora=cfg.method == "dora",
-                        use_rslora=cfg.method == "rslora", layers_to_transform=adapted_layers(lora, model))
+                        use_dora=cfg.method == "dora", use_rslora=cfg.method == "rslora",
+                        **lora_placement(lora, model))
     peft_model = get_peft_model(model, config)
     for p in peft_model.parameters():
         if p.requires_grad and p.dtype != torch.float32:

@@ -3,7 +3,7 @@ base), IA3, prefix or prompt tuning, or full fine-tuning."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Any, cast
 
 from tuneline.errors import Problem, TrainingError
 from tuneline.spec.methods import LORA_SHAPED
@@ -39,8 +39,7 @@ def build_peft_config(train: TrainSpec, model: PreTrainedModel | None = None) ->
         lora = train.lora
         return LoraConfig(
             task_type=TaskType.CAUSAL_LM, r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-            target_modules=lora_targets(lora, model), use_dora=method == "dora", use_rslora=method == "rslora",
-            layers_to_transform=adapted_layers(lora, model),
+            use_dora=method == "dora", use_rslora=method == "rslora", **lora_placement(lora, model),
         )
     if method == "ia3":
         return IA3Config(task_type=TaskType.CAUSAL_LM, target_modules=list(train.ia3.target_modules),
@@ -64,39 +63,30 @@ def build_peft_config(train: TrainSpec, model: PreTrainedModel | None = None) ->
     raise TrainingError(Problem(f"method {method!r} has no adapter configuration", field="train.method"))
 
 
-def lora_targets(lora: LoraSpec, model: torch.nn.Module | None) -> list[str] | str:
-    """``lora.target_modules``; with ``lora.layers`` set, "all-linear" spelled out as the names of the
-    linear layers of a decoder layer (peft takes a layer subset only with a list of names)."""
-    if lora.layers is None or lora.target_modules != "all-linear" or model is None:
-        return lora.target_modules
+def lora_placement(lora: LoraSpec, model: torch.nn.Module | None) -> dict[str, Any]:
+    """peft's ``target_modules`` and ``layers_to_transform`` for ``lora``: as given for every layer;
+    with ``lora.layers: N``, the last N of ``model``'s decoder layers, and "all-linear" spelled out
+    as the names of a decoder layer's linears (peft takes a layer subset only with a list of names)."""
+    if lora.layers is None:
+        return {"target_modules": lora.target_modules, "layers_to_transform": None}
     import torch  # lazy: the training path has it loaded already
 
-    causal_lm = causal_lm_of(model)
-    layers = getattr(getattr(causal_lm, causal_lm.base_model_prefix, None), "layers", None)
+    causal_lm = causal_lm_of(model) if model is not None else None
+    layers = getattr(getattr(causal_lm, causal_lm.base_model_prefix, None), "layers", None) if causal_lm else None
     if not layers:
         raise TrainingError(Problem("train.lora.layers needs the base model's decoder layers, which tuneline does "
                                     "not find in it", field="train.lora.layers",
                                     hint="remove train.lora.layers to adapt every layer"))
-    return sorted({name.rsplit(".", 1)[-1] for name, m in layers[0].named_modules()
-                   if isinstance(m, torch.nn.Linear)})
-
-
-def adapted_layers(lora: LoraSpec, model: torch.nn.Module | None) -> list[int] | None:
-    """The decoder layers ``lora.layers`` adapts (the last N of ``model``'s), or None for every layer."""
-    if lora.layers is None:
-        return None
-    config = getattr(model, "config", None)
-    config = config.get_text_config() if config is not None else None
-    total = getattr(config, "num_hidden_layers", None)
-    if not isinstance(total, int):
-        raise TrainingError(Problem("train.lora.layers needs the base model's number of decoder layers, which its "
-                                    "configuration does not give", field="train.lora.layers",
-                                    hint="remove train.lora.layers to adapt every layer"))
+    total = len(layers)
     if lora.layers > total:
         raise TrainingError(Problem(f"train.lora.layers is {lora.layers}, but the base model has {total} decoder "
                                     "layers", field="train.lora.layers", hint=f"set it to at most {total}, or remove "
                                     "it to adapt every layer"))
-    return list(range(total - lora.layers, total))
+    targets = lora.target_modules
+    if targets == "all-linear":
+        targets = sorted({name.rsplit(".", 1)[-1] for name, m in layers[0].named_modules()
+                          if isinstance(m, torch.nn.Linear)})
+    return {"target_modules": targets, "layers_to_transform": list(range(total - lora.layers, total))}
 
 
 def is_prompt_learning(model: torch.nn.Module) -> bool:
