@@ -34,6 +34,29 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     items.sort(key=lambda item: (-seconds.get(file := item.nodeid.split("::")[0], 0.0), files[file]))
 
 
+_FROZEN_AT: list[str] = []
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """Before a test file's first test (and its fixtures): what lives now (imported torch,
+    transformers, peft, MLflow, session fixtures: millions of objects) is collected once and then
+    moved out of the garbage collector's reach, so that later full collections walk only what is
+    newer. Python runs a full collection every few seconds while tests load models, each walking
+    the whole heap again, and Optuna runs one after every trial. Measured over `make test`, back
+    to back: full collections cost the three workers 35 s of CPU without this and 19 s with it
+    (these collections included); the suite took 7m01s without and 6m22s with it. A frozen object
+    is still freed when its last reference goes; only a reference cycle among frozen objects would
+    stay, and between two test files nothing of a test is left alive to form one."""
+    import gc
+
+    file = item.nodeid.split("::")[0]
+    if _FROZEN_AT[-1:] != [file]:
+        _FROZEN_AT.append(file)
+        gc.collect()
+        gc.freeze()
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _mlflow_schema_built_once(tmp_path_factory: pytest.TempPathFactory):
     """A new SQLite tracking store gets MLflow's schema by running its ~60 alembic migrations, about

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import functools
 import json
 import textwrap
 from collections.abc import Iterator
@@ -30,16 +31,23 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
     return path
 
 
+@functools.cache
+def _banking_split(split: str) -> tuple[dict[str, str], ...]:
+    """A BANKING77 split's rows, read once per test process (the suite asks for them ~260 times)."""
+    with (BANKING / f"{split}.csv").open() as f:
+        return tuple(csv.DictReader(f))
+
+
 def banking_rows(labels: list[str], per_label: int, split: str = "train") -> list[dict[str, str]]:
-    """The first ``per_label`` BANKING77 rows of each of ``labels`` (real data shipped in examples/)."""
+    """The first ``per_label`` BANKING77 rows of each of ``labels`` (real data shipped in examples/),
+    each a fresh dict the caller may change."""
     out: list[dict[str, str]] = []
     counts = dict.fromkeys(labels, 0)
-    with (BANKING / f"{split}.csv").open() as f:
-        for row in csv.DictReader(f):
-            lab = row["category"]
-            if lab in counts and counts[lab] < per_label:
-                counts[lab] += 1
-                out.append(row)
+    for row in _banking_split(split):
+        lab = row["category"]
+        if lab in counts and counts[lab] < per_label:
+            counts[lab] += 1
+            out.append(dict(row))
     return out
 
 

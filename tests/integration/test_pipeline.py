@@ -27,7 +27,9 @@ def test_run_trains_evaluates_and_tracks(classification_spec: Path, tmp_path: Pa
     import mlflow
     from mlflow.tracking import MlflowClient
 
-    spec = classification_spec.read_text().replace("max_steps: 4", "max_steps: 150")
+    # 150 steps, a checkpoint every 50 (not every 2: 75 durable checkpoints cost ~10 s here)
+    spec = classification_spec.read_text().replace("max_steps: 4", "max_steps: 150").replace(
+        "checkpoint_every: 2", "checkpoint_every: 50")
     classification_spec.write_text(spec)
     ws = Workspace.at(tmp_path / "ws")
     result = tuneline.run(classification_spec, workspace=ws, show_progress=False)
