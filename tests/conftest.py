@@ -40,7 +40,7 @@ _FROZEN_AT: list[str] = []
 @pytest.hookimpl(tryfirst=True)
 def pytest_runtest_setup(item: pytest.Item) -> None:
     """Before a test file's first test (and its fixtures): what lives now (imported torch,
-    transformers, peft, MLflow, session fixtures: millions of objects) is collected once and then
+    transformers, peft, MLflow, session fixtures: over a million objects) is collected once and then
     moved out of the garbage collector's reach, so that later full collections walk only what is
     newer. Python runs a full collection every few seconds while tests load models, each walking
     the whole heap again, and Optuna runs one after every trial. Measured over `make test`, back
