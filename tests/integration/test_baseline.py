@@ -147,7 +147,22 @@ def test_run_measures_every_option_beside_the_fine_tuned_model(tmp_path: Path, t
     # the same answers as the evaluation's candidate
     assert report.option("fine_tuned").predictions == result.report.main_set().system("candidate").predictions
     # standalone: `tuneline baseline` adds the last run's candidate when it was scored on the same rows
-    again = baseline(spec, workspace=tmp_path / "ws", show_progress=False, console=Console(width=250))
+    from tuneline.baseline import options
+
+    built: list[int] = []
+
+    class Counted(options.LabelTrie):
+        def __init__(self, *args, **kwargs) -> None:
+            built.append(1)
+            super().__init__(*args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(options, "LabelTrie", Counted)
+        again = baseline(spec, workspace=tmp_path / "ws", show_progress=False, console=Console(width=250))
+    # one label trie for every option and every timed request: a request's time is the model's
+    assert len(built) == 1
+    assert again.option("prompt").predictions == report.option("prompt").predictions
+    assert again.option("retrieval").predictions == report.option("retrieval").predictions
     assert again.option("fine_tuned") is not None
     assert again.option("embedding").predictions == report.option("embedding").predictions
     saved = json.loads((tmp_path / "ws" / "runs" / "tiny-baseline" / "baseline_report.json").read_text())

@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass, field, replace
+from functools import cached_property
 from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
@@ -159,6 +160,14 @@ class Context:
     # system on the test items) and its answers: an option with exactly these prompts reuses them
     answered: tuple[list[Example], Generation] | None = None
 
+    @cached_property
+    def trie(self) -> LabelTrie | None:
+        """The label trie every option's constrained answers walk, built once from the first test
+        item (as the evaluation builds its own): a label's tokens after the assistant header do not
+        depend on the prompt before it. Built per call instead, it added ~58 ms to every timed
+        single request (the built-in model's 77 BANKING77 labels), which a server does not pay."""
+        return _trie(self, self.test[0]) if self.test else None
+
     @property
     def encoder_loaded(self) -> Encoder:
         """The encoder, for the options that need one (:func:`measure` loads it for them)."""
@@ -235,7 +244,7 @@ def _trie(ctx: Context, template: Example) -> LabelTrie | None:
 def _generate(ctx: Context, examples: list[Example], what: str, batch_size: int | None = None,
               progress: bool = True) -> Generation:
     """``progress=False`` for a timed single request: a bar per request is a line per request in a log."""
-    trie = _trie(ctx, examples[0])
+    trie = ctx.trie
     decoding = Decoding(max_new_tokens=trie.max_len) if trie else Decoding.of(ctx.spec.decoding)
     return generate_detailed(ctx.model, ctx.tokenizer, examples, GenerateOptions(
         batch_size=batch_size or ctx.spec.eval.batch_size, decoding=decoding, autocast=ctx.autocast,
