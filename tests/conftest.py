@@ -34,7 +34,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     items.sort(key=lambda item: (-seconds.get(file := item.nodeid.split("::")[0], 0.0), files[file]))
 
 
-_FROZEN_AT: list[str] = []
+_FROZEN_AT = {"file": ""}  # the test file whose start froze the heap last
 
 
 @pytest.hookimpl(tryfirst=True)
@@ -51,8 +51,8 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
     import gc
 
     file = item.nodeid.split("::")[0]
-    if _FROZEN_AT[-1:] != [file]:
-        _FROZEN_AT.append(file)
+    if _FROZEN_AT["file"] != file:
+        _FROZEN_AT["file"] = file
         gc.collect()
         gc.freeze()
 

@@ -166,7 +166,11 @@ class Context:
         item (as the evaluation builds its own): a label's tokens after the assistant header do not
         depend on the prompt before it. Built per call instead, it added ~58 ms to every timed
         single request (the built-in model's 77 BANKING77 labels), which a server does not pay."""
-        return _trie(self, self.test[0]) if self.test else None
+        spec, tok = self.spec, self.tokenizer
+        if spec.task.type != "classification" or not spec.eval.constrain_to_labels or not self.labels or not self.test:
+            return None
+        eos = cast("int | None", tok.convert_tokens_to_ids(tok.eos_token) if tok.eos_token else None)
+        return LabelTrie(tok, self.labels, self.test[0], eos)
 
     @property
     def encoder_loaded(self) -> Encoder:
@@ -231,14 +235,6 @@ def _text(ex: Example) -> str:
 
 def _skipped(name: str, desc: str, why: str) -> OptionResult:
     return OptionResult(name, desc, {}, 0.0, None, None, None, skipped=why)
-
-
-def _trie(ctx: Context, template: Example) -> LabelTrie | None:
-    spec, tok = ctx.spec, ctx.tokenizer
-    if spec.task.type != "classification" or not spec.eval.constrain_to_labels or not ctx.labels:
-        return None
-    eos = cast("int | None", tok.convert_tokens_to_ids(tok.eos_token) if tok.eos_token else None)
-    return LabelTrie(tok, ctx.labels, template, eos)
 
 
 def _generate(ctx: Context, examples: list[Example], what: str, batch_size: int | None = None,
