@@ -437,6 +437,12 @@ class TrainSpec(_Model):
                     "and instruction) once per batch and reuse their keys/values: same loss and gradients, "
                     "fewer tokens to compute; packed rows then hold each example's own tokens after it. "
                     "Not with gradient checkpointing.")
+    cache_frozen_layers: bool = Field(
+        default=True,
+        description="With lora.layers (the lower decoder layers frozen): compute each example's states at the "
+                    "top of the frozen layers once, before the first step, and start every step there: same "
+                    "loss, less compute when training passes over the examples more than once. Held in memory "
+                    "(at most a quarter of it; above that, computed in every step).")
     fused_lora: bool = Field(
         default=True,
         description="Fused LoRA forward/backward (same results as peft's; linears reading the same input, "

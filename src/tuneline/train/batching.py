@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Required, TypedDict
 
 from tuneline.data.tokenize import IGNORE_INDEX, Encoded
@@ -23,6 +24,28 @@ class Batch(TypedDict, total=False):
     attention_mask: torch.Tensor
     position_ids: torch.Tensor
     prefix_len: int
+    stem_states: torch.Tensor  # [rows, columns, hidden]: the states entering decoder layer stem_depth
+    stem_depth: int
+
+@dataclass(frozen=True)
+class StemRows:
+    """A micro-batch's examples' cached states at the top of the frozen layers (one ``[length,
+    hidden]`` tensor per example, in the batch's order) and how many layers made them."""
+
+    states: Sequence[torch.Tensor]
+    depth: int
+
+    def lay_out(self, shape: torch.Size, rows: list[list[tuple[int, int, int, int]]]) -> Batch:
+        """``stem_states`` for a batch of ``shape`` (rows, columns): row ``r`` holds, for each
+        ``(example, column, start, stop)`` of ``rows[r]``, that example's states ``start:stop`` from
+        ``column`` on (zeros elsewhere), and ``stem_depth``."""
+        first = self.states[0]
+        out = first.new_zeros((*shape, first.shape[-1]))
+        for r, placed in enumerate(rows):
+            for i, column, start, stop in placed:
+                out[r, column : column + stop - start] = self.states[i][start:stop]
+        return {"stem_states": out, "stem_depth": self.depth}  # type: ignore[typeddict-item]
+
 
 # Examples are shuffled, then sorted by length inside windows of this many batches, so batches
 # hold similar lengths (little padding) while the order stays random across windows.
@@ -75,13 +98,14 @@ def shared_prefix_len(examples: Sequence[Encoded]) -> int:
 
 
 def collate(examples: Sequence[Encoded], pad_id: int, multiple: int | None = None,
-            share_prefix: bool = False) -> Batch:
+            share_prefix: bool = False, stem: StemRows | None = None) -> Batch:
     """Right-padded ``input_ids``, ``attention_mask`` and ``labels`` tensors.
 
     The width is the longest example rounded up to ``multiple`` (default :data:`PAD_MULTIPLE`).
     With ``share_prefix``, ``prefix_len`` says how many leading tokens all examples share (the
     rendered system prompt, typically): the loss computes them once and reuses their keys and
-    values for every example."""
+    values for every example. ``stem``: each example's cached states at the top of the frozen
+    layers, laid out the same way (``stem_states``; :mod:`tuneline.train.stem`)."""
     import torch
 
     multiple = PAD_MULTIPLE if multiple is None else multiple
@@ -98,6 +122,8 @@ def collate(examples: Sequence[Encoded], pad_id: int, multiple: int | None = Non
     batch: Batch = {"input_ids": input_ids, "attention_mask": attention, "labels": labels}
     if share_prefix:
         batch["prefix_len"] = shared_prefix_len(examples)
+    if stem is not None:
+        batch.update(stem.lay_out(input_ids.shape, [[(i, 0, 0, len(e.input_ids))] for i, e in enumerate(examples)]))
     return batch
 
 
@@ -128,7 +154,8 @@ def pack_rows(lengths: Sequence[int], capacity: int) -> list[list[int]]:
 PREFIX_PACK_ROW = 96
 
 
-def collate_packed_after_prefix(examples: Sequence[Encoded], pad_id: int, capacity: int) -> Batch:
+def collate_packed_after_prefix(examples: Sequence[Encoded], pad_id: int, capacity: int,
+                                stem: StemRows | None = None) -> Batch:
     """The batch's shared prefix once, then every example's own tokens packed into rows of at most
     ``capacity`` tokens (at most :data:`PREFIX_PACK_ROW`, or the longest example): no padding
     between examples, and the prefix computed once for all of them.
@@ -138,12 +165,12 @@ def collate_packed_after_prefix(examples: Sequence[Encoded], pad_id: int, capaci
     prefix for each example's own tokens; ``attention_mask`` is a 4D boolean mask over the prefix and
     the row ``[rows, 1, width, prefix_len + width]``: every token sees the prefix and its own
     example's earlier tokens, never another example's. Without a shared prefix it is
-    :func:`collate_packed`."""
+    :func:`collate_packed`. ``stem``: as for :func:`collate`."""
     import torch
 
     prefix = shared_prefix_len(examples)
     if not prefix:
-        return collate_packed(examples, pad_id, capacity)
+        return collate_packed(examples, pad_id, capacity, stem)
     own = [len(e.input_ids) - prefix for e in examples]
     rows = pack_rows(own, min(capacity, max(max(own), PREFIX_PACK_ROW)))
     width = max(sum(own[i] for i in row) for row in rows)
@@ -156,21 +183,26 @@ def collate_packed_after_prefix(examples: Sequence[Encoded], pad_id: int, capaci
     mask[:, :, :, :prefix] = True  # the shared prefix, for every token (tail padding included)
     diagonal = torch.arange(width)
     mask[:, 0, diagonal, prefix + diagonal] = True  # tail padding sees itself: no empty softmax row
+    placed: list[list[tuple[int, int, int, int]]] = [[(0, 0, 0, prefix)]] + [[] for _ in rows[1:]]  # prefix: row 0's
     for r, row in enumerate(rows):
         off = prefix
         for i in row:
             e, k = examples[i], own[i]
+            placed[r].append((i, off, prefix, prefix + k))
             input_ids[r, off : off + k] = torch.tensor(e.input_ids[prefix:])
             labels[r, off : off + k] = torch.tensor(e.labels[prefix:])
             position_ids[r, off - prefix : off - prefix + k] = torch.arange(prefix, prefix + k)
             block = torch.ones((k, k), dtype=torch.bool).tril()
             mask[r, 0, off - prefix : off - prefix + k, off : off + k] = block
             off += k
-    return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids, "attention_mask": mask,
-            "prefix_len": prefix}
+    batch: Batch = {"input_ids": input_ids, "labels": labels, "position_ids": position_ids, "attention_mask": mask,
+                    "prefix_len": prefix}
+    if stem is not None:
+        batch.update(stem.lay_out(input_ids.shape, placed))
+    return batch
 
 
-def collate_packed(examples: Sequence[Encoded], pad_id: int, capacity: int) -> Batch:
+def collate_packed(examples: Sequence[Encoded], pad_id: int, capacity: int, stem: StemRows | None = None) -> Batch:
     """Examples packed into rows of at most ``capacity`` tokens: ``input_ids``, ``labels``, ``position_ids``.
 
     Position ids restart at 0 for each example (and for a row's tail padding), and there is no
@@ -185,14 +217,19 @@ def collate_packed(examples: Sequence[Encoded], pad_id: int, capacity: int) -> B
     input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
     position_ids = torch.zeros((len(rows), width), dtype=torch.long)
+    placed: list[list[tuple[int, int, int, int]]] = [[] for _ in rows]
     for r, row in enumerate(rows):
         off = 0
         for i in row:
             e = examples[i]
             k = len(e.input_ids)
+            placed[r].append((i, off, 0, k))
             input_ids[r, off : off + k] = torch.tensor(e.input_ids)
             labels[r, off + 1 : off + k] = torch.tensor(e.labels[1:])
             position_ids[r, off : off + k] = torch.arange(k)
             off += k
         position_ids[r, off:] = torch.arange(width - off)
-    return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids}
+    batch: Batch = {"input_ids": input_ids, "labels": labels, "position_ids": position_ids}
+    if stem is not None:
+        batch.update(stem.lay_out(input_ids.shape, placed))
+    return batch

@@ -32,6 +32,7 @@ from tuneline.runtime import autocast_for, resolve_precision
 from tuneline.runtime.progress import QuietWhenPiped, progress_bar
 from tuneline.spec.models import TrainSpec
 from tuneline.train.batching import (
+    StemRows,
     collate,
     collate_packed,
     collate_packed_after_prefix,
@@ -49,6 +50,7 @@ from tuneline.train.distributed import (
 )
 from tuneline.train.loss import answer_loss_sum
 from tuneline.train.peft_builders import count_parameters, is_prompt_learning, wrap_for_training
+from tuneline.train.stem import Stem, build_stem, estimated_bytes, memory_budget, stem_depth
 
 if TYPE_CHECKING:
     import torch
@@ -219,15 +221,16 @@ def _micro_batches(lengths: list[int], cfg: TrainSpec, per_epoch: int, step: int
 
 
 def make_batch(examples: list[Encoded], pad_id: int, device: str, pack_capacity: int | None = None,
-               share_prefix: bool = False) -> Batch:
+               share_prefix: bool = False, stem: StemRows | None = None) -> Batch:
     """Tensors for one micro-batch on ``device``: padded (optionally with a shared prefix computed
-    once), or packed into rows of ``pack_capacity`` tokens."""
+    once), or packed into rows of ``pack_capacity`` tokens; with ``stem``, the examples' cached
+    states at the top of the frozen layers, laid out the same way."""
     if pack_capacity is None:
-        batch = collate(examples, pad_id, share_prefix=share_prefix)
+        batch = collate(examples, pad_id, share_prefix=share_prefix, stem=stem)
     elif share_prefix:
-        batch = collate_packed_after_prefix(examples, pad_id, pack_capacity)
+        batch = collate_packed_after_prefix(examples, pad_id, pack_capacity, stem)
     else:
-        batch = collate_packed(examples, pad_id, pack_capacity)
+        batch = collate_packed(examples, pad_id, pack_capacity, stem)
     return cast("Batch", {k: v.to(device) if hasattr(v, "to") else v for k, v in batch.items()})  # same keys
 
 
@@ -248,13 +251,18 @@ def accumulate_gradients(model: torch.nn.Module, micro_batches: list[list[Encode
     for mb in micro_batches:
         if not mb:
             continue
-        batch = make_batch(mb, pad_id, device, pack_capacity, share_prefix)
-        with autocast_for(precision, device):
-            loss_sum, _ = answer_loss_sum(model, batch)
-        (loss_sum / n_answer).backward()
-        step_loss += float(loss_sum.detach()) / n_answer
+        step_loss += backward(model, make_batch(mb, pad_id, device, pack_capacity, share_prefix), n_answer,
+                              precision, device)
         tokens += sum(len(e.input_ids) for e in mb)
     return step_loss, tokens
+
+
+def backward(model: torch.nn.Module, batch: Batch, n_answer: int, precision: str, device: str) -> float:
+    """Backward of one micro-batch's answer loss divided by the step's ``n_answer``; return that share."""
+    with autocast_for(precision, device):
+        loss_sum, _ = answer_loss_sum(model, batch)
+    (loss_sum / n_answer).backward()
+    return float(loss_sum.detach()) / n_answer
 
 
 @dataclass(frozen=True)
@@ -270,15 +278,20 @@ class _Stepper:
     share_prefix: bool
     world: World | None
     sharded: bool = False
+    stem: Stem | None = None  # the frozen layers' states, cached (single process only)
 
-    def gradients(self, micro: list[list[Encoded]]) -> tuple[float, int, int]:
-        """Backward over one step's micro-batches (this rank's share of them, the gradients summed
-        over the ranks); return the step's (loss, tokens, computed tokens) over every rank."""
+    def gradients(self, micro: list[list[Encoded]], indices: list[list[int]]) -> tuple[float, int, int]:
+        """Backward over one step's micro-batches (``indices`` are their examples' positions in the
+        training set; this rank's share of them, the gradients summed over the ranks); return the
+        step's (loss, tokens, computed tokens) over every rank."""
         world = self.world
         n_answer = sum(e.n_answer_tokens for mb in micro for e in mb)
         mine = micro if world is None else [world.share(mb) for mb in micro]
-        loss, tokens = accumulate_gradients(self.model, mine, self.pad_id, self.precision, self.device,
-                                            self.pack_capacity, self.share_prefix, n_answer)
+        if self.stem is None:
+            loss, tokens = accumulate_gradients(self.model, mine, self.pad_id, self.precision, self.device,
+                                                self.pack_capacity, self.share_prefix, n_answer)
+        else:
+            loss, tokens = self._from_stem(self.stem, mine, indices, n_answer)
         computed = tokens - sum((len(mb) - 1) * shared_prefix_len(mb) for mb in mine if mb) * self.share_prefix
         if world is None:
             return loss, tokens, computed
@@ -290,6 +303,17 @@ class _Stepper:
             world.sync_gradients(self.params)
         total_loss, total_tokens, total_computed = world.sum([loss, tokens, computed])
         return total_loss, int(total_tokens), int(total_computed)
+
+    def _from_stem(self, stem: Stem, micro: list[list[Encoded]], indices: list[list[int]],
+                   n_answer: int) -> tuple[float, int]:
+        """:func:`accumulate_gradients`, each batch starting from its examples' cached frozen-layer states."""
+        step_loss, tokens = 0.0, 0
+        for mb, where in zip(micro, indices, strict=True):
+            rows = StemRows([stem.states(i) for i in where], stem.depth)
+            batch = make_batch(mb, self.pad_id, self.device, self.pack_capacity, self.share_prefix, rows)
+            step_loss += backward(self.model, batch, n_answer, self.precision, self.device)
+            tokens += sum(len(e.input_ids) for e in mb)
+        return step_loss, tokens
 
     def _idle_pass(self, examples: list[Encoded]) -> None:
         """A forward and backward that adds nothing to the gradients (the loss times zero): what a
@@ -370,15 +394,18 @@ def train(
     ckpt_root = out_dir / "checkpoints"
     start = _start(ckpt_root, trained, optimizer, scheduler, opts)
     start_step, resumed_from, loss_value, before, history = start.step, start.resumed_from, start.loss, start.spent, start.history
+    stem = _frozen_stem(trained, cfg, encoded, (total_steps - start_step) * cfg.grad_accum / per_epoch, pad_id,
+                        precision, device, world)
     stepper = _Stepper(trained, params, pad_id, precision, device, cfg.seq_len if cfg.packs else None,
-                       share_prefix, world, sharded)
+                       share_prefix, world, sharded, stem)
 
     # --- train -------------------------------------------------------------------------------
     log.info("training %s params of %s (%.2f%%), %d examples, %d steps, precision %s on %s%s",
              f"{trainable:,}", f"{total_params:,}", 100 * trainable / total_params, len(encoded),
              total_steps, precision, device, f", {world.size} processes" if world is not None else "")
     trained.train()
-    tokens_done, computed, t0 = 0, 0, time.perf_counter()
+    # the one pass computing the frozen layers' states is training time too
+    tokens_done, computed, t0 = 0, 0, time.perf_counter() - (stem.seconds if stem is not None else 0.0)
     done, stopped_early = start_step, False
     progress = _progress(show_progress)
     with progress:
@@ -386,7 +413,7 @@ def train(
         for step in range(start_step, total_steps):
             batches = _micro_batches(lengths, cfg, per_epoch, step, grouped=not cfg.packs)
             micro = [[encoded[i] for i in mb] for mb in batches]
-            step_loss, step_tokens, step_computed = stepper.gradients(micro)
+            step_loss, step_tokens, step_computed = stepper.gradients(micro, batches)
             tokens_done += step_tokens
             computed += step_computed
             grad_norm = _whole(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
@@ -446,6 +473,23 @@ def train(
         validations=history, best_step=best_step, best_value=best_value, stopped_early=stopped_early,
     )
     return trained, result
+
+
+def _frozen_stem(model: torch.nn.Module, cfg: TrainSpec, encoded: list[Encoded], passes: float, pad_id: int,
+                 precision: str, device: str, world: World | None) -> Stem | None:
+    """The frozen layers' states of every example, computed once (:mod:`tuneline.train.stem`), when
+    ``train.cache_frozen_layers`` is on, the lower layers are frozen, the steps left make more than
+    one ``passes`` over the examples (for one, caching saves nothing), their states fit the memory
+    budget, and training runs in one process."""
+    depth = stem_depth(model) if cfg.cache_frozen_layers and world is None else 0
+    if not depth or passes <= 1:
+        return None
+    need, budget = estimated_bytes(model, encoded, precision), memory_budget()
+    if need > budget:
+        log.info("not caching the %d frozen decoder layers: their states would take %.1f GB, over the %.1f GB "
+                 "budget; they are computed in every step", depth, need / 1e9, budget / 1e9)
+        return None
+    return build_stem(model, encoded, depth, pad_id, precision, device)
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 from tuneline.data.tokenize import IGNORE_INDEX
 from tuneline.runtime import cache_argument_of
 from tuneline.train.peft_builders import causal_lm_of, is_prompt_learning
+from tuneline.train.stem import Decoder, decoder_of, forward_layers
 
 if TYPE_CHECKING:
     import torch
@@ -26,10 +27,8 @@ if TYPE_CHECKING:
     from tuneline.train.batching import Batch
 
 
-def _decoder_and_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module]:  # a PeftModel or a PreTrainedModel
-    causal_lm = causal_lm_of(model)
-    decoder = getattr(causal_lm, causal_lm.base_model_prefix)
-    return decoder, causal_lm.get_output_embeddings()
+def _decoder_and_head(model: torch.nn.Module) -> tuple[Decoder, torch.nn.Module]:  # a PeftModel or a PreTrainedModel
+    return decoder_of(model), causal_lm_of(model).get_output_embeddings()
 
 
 # answer positions per vocabulary projection: 2048 x 49,152 fp32 logits is 400 MB
@@ -37,9 +36,9 @@ LOGITS_CHUNK = 2048
 
 
 @functools.cache
-def _cache_argument(decoder: torch.nn.Module) -> str:
+def _cache_argument(decoder_type: type[torch.nn.Module]) -> str:
     """The decoder's keyword for a KV cache: ``cache`` (transformers >= 5.24) or ``past_key_values``."""
-    return cache_argument_of(type(decoder).forward)
+    return cache_argument_of(decoder_type.forward)
 
 
 def answer_loss_sum(model: torch.nn.Module, batch: Batch, chunk: int = LOGITS_CHUNK) -> tuple[torch.Tensor, int]:
@@ -52,7 +51,9 @@ def answer_loss_sum(model: torch.nn.Module, batch: Batch, chunk: int = LOGITS_CH
         return _forward_loss_sum(model, batch)
     decoder, head = _decoder_and_head(model)
     ids, prefix = batch["input_ids"], int(batch.get("prefix_len", 0))
-    if prefix:
+    if "stem_states" in batch:  # the frozen layers' output, cached: start at the first trained layer
+        hidden = forward_layers(decoder, batch["stem_depth"], None, batch["stem_states"], batch)[1]
+    elif prefix:
         # the shared prefix once, its keys/values repeated for every row (gradients flow back through
         # the repeat, summed over rows: exactly what computing it per row gives)
         out = decoder(input_ids=ids[:1, :prefix], use_cache=True)
@@ -66,7 +67,7 @@ def answer_loss_sum(model: torch.nn.Module, batch: Batch, chunk: int = LOGITS_CH
             mask = torch.zeros(mask.shape, dtype=out.last_hidden_state.dtype, device=mask.device).masked_fill(
                 ~mask, torch.finfo(out.last_hidden_state.dtype).min)
         hidden = decoder(input_ids=ids[:, prefix:], attention_mask=mask, position_ids=positions,
-                         use_cache=True, **{_cache_argument(decoder): cache}).last_hidden_state
+                         use_cache=True, **{_cache_argument(type(decoder)): cache}).last_hidden_state
     else:
         hidden = decoder(input_ids=ids, attention_mask=batch.get("attention_mask"),
                          position_ids=batch.get("position_ids"), use_cache=False).last_hidden_state

@@ -1,0 +1,128 @@
+"""The frozen stem cache: with ``lora.layers`` the frozen lower layers' states are computed once per
+example, and a batch starting from them gives the loss and gradients of the whole forward pass.
+
+The equalities run the tiny model in float64, so only the summation order differs (the batch shapes
+of the one pass that computes the states and of the training batches are not the same), within
+:func:`helpers.float64_model_tolerance` for gradients and :func:`helpers.loss_tolerance` for losses."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+from helpers import float64_model_tolerance, lora_model, loss_tolerance
+
+from tuneline.data.tokenize import Encoded
+from tuneline.train.batching import StemRows
+from tuneline.train.loop import make_batch
+from tuneline.train.loss import answer_loss_sum
+from tuneline.train.stem import build_stem, stem_depth
+
+
+def _examples(n: int = 9, seed: int = 0) -> list[Encoded]:
+    """Examples that share an 8-token prompt prefix, then their own tokens and a 1-5 token answer."""
+    g = torch.Generator().manual_seed(seed)
+    prefix = torch.randint(10, 1000, (8,), generator=g).tolist()
+    out = []
+    for i in range(n):
+        own = torch.randint(10, 1000, (5 + (7 * i) % 11,), generator=g).tolist()
+        answer = torch.randint(10, 1000, (1 + i % 5,), generator=g).tolist()
+        ids = prefix + own + answer
+        out.append(Encoded(ids, [-100] * (len(ids) - len(answer)) + answer, f"row {i}"))
+    return out
+
+
+def _loss_and_grads(model, batch) -> tuple[torch.Tensor, int, dict[str, torch.Tensor]]:
+    model.zero_grad()
+    loss, n = answer_loss_sum(model, batch)
+    loss.backward()
+    return loss.detach(), n, {k: p.grad.clone() for k, p in model.named_parameters() if p.requires_grad}
+
+
+LAYOUTS = {"padded": (None, False), "padded after a shared prefix": (None, True),
+           "packed": (40, False), "packed after a shared prefix": (40, True)}
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_a_batch_from_the_cached_stem_has_the_loss_and_gradients_of_the_whole_model(tiny_model_dir, layout):
+    model = lora_model(tiny_model_dir, dtype=torch.float64, layers=1)  # layer 0 frozen, layer 1 adapted
+    assert stem_depth(model) == 1
+    examples = _examples()
+    stem = build_stem(model, examples, 1, pad_id=2, precision="fp32", device="cpu")
+    capacity, share = LAYOUTS[layout]
+    batch_ids = [6, 1, 4, 8, 0]  # not the order nor the grouping the states were computed in
+    micro = [examples[i] for i in batch_ids]
+    plain = make_batch(micro, 2, "cpu", capacity, share)
+    cached = make_batch(micro, 2, "cpu", capacity, share, StemRows([stem.states(i) for i in batch_ids], 1))
+    assert bool(plain.get("prefix_len")) == share
+
+    want_loss, want_n, want = _loss_and_grads(model, plain)
+    got_loss, got_n, got = _loss_and_grads(model, cached)
+
+    assert got_n == want_n == sum(e.n_answer_tokens for e in micro)
+    torch.testing.assert_close(got_loss, want_loss, **loss_tolerance(want_loss, want_n, model.config.vocab_size))
+    assert want.keys() == got.keys() and all("layers.1." in k for k in want)
+    for k in want:
+        tol = float64_model_tolerance(model, float(want[k].abs().max()))
+        torch.testing.assert_close(got[k], want[k], **tol, msg=lambda m, k=k: f"{k}: {m}")
+
+
+def test_the_cached_states_are_those_the_frozen_layers_compute(tiny_model_dir):
+    """Each example's cached states equal the first layer's output for that example alone: a wrong
+    position, mask or prefix in the one batched pass would show here (and starting a batch from zeros,
+    as a broken layout would, changes the loss: the equality above is not vacuous)."""
+    model = lora_model(tiny_model_dir, dtype=torch.float64, layers=1)
+    examples = _examples()
+    stem = build_stem(model, examples, 1, pad_id=2, precision="fp32", device="cpu")
+    decoder = model.get_base_model().model
+    for i, e in enumerate(examples):
+        with torch.no_grad():
+            alone = decoder(input_ids=torch.tensor([e.input_ids]), output_hidden_states=True).hidden_states[1][0]
+        torch.testing.assert_close(stem.states(i), alone, **float64_model_tolerance(model, float(alone.abs().max())))
+
+    batch = make_batch(examples[:4], 2, "cpu", 40, True, StemRows([stem.states(i) for i in range(4)], 1))
+    zeroed = {**batch, "stem_states": torch.zeros_like(batch["stem_states"])}
+    with torch.no_grad():
+        assert abs(float(answer_loss_sum(model, zeroed)[0]) - float(answer_loss_sum(model, batch)[0])) > 1e-3
+
+
+def test_only_frozen_leading_layers_make_a_stem(tiny_model_dir):
+    assert stem_depth(lora_model(tiny_model_dir, layers=1)) == 1
+    assert stem_depth(lora_model(tiny_model_dir)) == 0  # every layer adapted: nothing to cache
+
+
+def test_training_with_the_cache_runs_the_frozen_layer_once_per_example_batch_and_learns_the_same(
+        tiny_model_dir, tokenizer, tmp_path, caplog):
+    """Two epochs over 24 examples: with the cache the frozen layer runs only in the one pass before
+    the first step (one call per batch of states and one per shared prefix), not in every step; the
+    losses of every step match training without it."""
+    from transformers import AutoModelForCausalLM
+
+    from tuneline.data.examples import Example
+    from tuneline.spec.models import TrainSpec
+    from tuneline.train import TrainOptions, train
+
+    rows = [Example(f"row {i}", ({"role": "system", "content": "Classify the message."},
+                                 {"role": "user", "content": f"message number {i} about {'cards' if i % 2 else 'loans'}"},
+                                 {"role": "assistant", "content": "card" if i % 2 else "loan"}), "card" if i % 2 else "loan")
+            for i in range(24)]
+
+    def run(cache: bool) -> tuple[list[float], int]:
+        base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+        calls = [0]
+        base.model.layers[0].register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+        losses: list[float] = []
+        cfg = TrainSpec(lora={"layers": 1}, epochs=2, batch_size=8, lr=1e-2, seed=0, cache_frozen_layers=cache)
+        train(cfg, base, tokenizer, rows, tmp_path / str(cache),
+              TrainOptions(show_progress=False, on_step=lambda _s, m: losses.append(m["train_loss"])))
+        return losses, calls[0]
+
+    with caplog.at_level(logging.INFO, logger="tuneline.train.stem"):
+        cached, cached_calls = run(True)
+    assert "computed the 1 frozen decoder layers once for 24 examples" in caplog.text
+    plain, plain_calls = run(False)
+    assert len(cached) == len(plain) == 6
+    assert plain_calls >= 2 * 6  # the prefix and the rows, in every step
+    assert cached_calls <= 2  # 24 examples: one batch of states, its prefix once
+    torch.testing.assert_close(torch.tensor(cached), torch.tensor(plain), rtol=1e-4, atol=1e-5)
