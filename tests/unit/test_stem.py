@@ -92,37 +92,67 @@ def test_only_frozen_leading_layers_make_a_stem(tiny_model_dir):
     assert stem_depth(lora_model(tiny_model_dir)) == 0  # every layer adapted: nothing to cache
 
 
+def _rows(n: int = 24):
+    from tuneline.data.examples import Example
+
+    return [Example(f"row {i}", ({"role": "system", "content": "Classify the message."},
+                                 {"role": "user", "content": f"message number {i} about {'cards' if i % 2 else 'loans'}"},
+                                 {"role": "assistant", "content": "card" if i % 2 else "loan"}), "card" if i % 2 else "loan")
+            for i in range(n)]
+
+
+def _train(tiny_model_dir, tokenizer, out, rows, epochs: float, cache: bool, **options) -> tuple[list[float], int]:
+    """Train LoRA on the tiny model's last layer; return (the loss of every step, calls of the frozen layer)."""
+    from transformers import AutoModelForCausalLM
+
+    from tuneline.spec.models import TrainSpec
+    from tuneline.train import TrainOptions, train
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    calls = [0]
+    base.model.layers[0].register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+    losses: list[float] = []
+    cfg = TrainSpec(lora={"layers": 1}, epochs=epochs, batch_size=8, lr=1e-2, seed=0, cache_frozen_layers=cache)
+    train(cfg, base, tokenizer, rows, out, TrainOptions(
+        show_progress=False, on_step=lambda _s, m: losses.append(m["train_loss"]), **options))
+    return losses, calls[0]
+
+
 def test_training_with_the_cache_runs_the_frozen_layer_once_per_example_batch_and_learns_the_same(
         tiny_model_dir, tokenizer, tmp_path, caplog):
     """Two epochs over 24 examples: with the cache the frozen layer runs only in the one pass before
     the first step (one call per batch of states and one per shared prefix), not in every step; the
     losses of every step match training without it."""
-    from transformers import AutoModelForCausalLM
-
-    from tuneline.data.examples import Example
-    from tuneline.spec.models import TrainSpec
-    from tuneline.train import TrainOptions, train
-
-    rows = [Example(f"row {i}", ({"role": "system", "content": "Classify the message."},
-                                 {"role": "user", "content": f"message number {i} about {'cards' if i % 2 else 'loans'}"},
-                                 {"role": "assistant", "content": "card" if i % 2 else "loan"}), "card" if i % 2 else "loan")
-            for i in range(24)]
-
-    def run(cache: bool) -> tuple[list[float], int]:
-        base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
-        calls = [0]
-        base.model.layers[0].register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
-        losses: list[float] = []
-        cfg = TrainSpec(lora={"layers": 1}, epochs=2, batch_size=8, lr=1e-2, seed=0, cache_frozen_layers=cache)
-        train(cfg, base, tokenizer, rows, tmp_path / str(cache),
-              TrainOptions(show_progress=False, on_step=lambda _s, m: losses.append(m["train_loss"])))
-        return losses, calls[0]
-
+    rows = _rows()
     with caplog.at_level(logging.INFO, logger="tuneline.train.stem"):
-        cached, cached_calls = run(True)
+        cached, cached_calls = _train(tiny_model_dir, tokenizer, tmp_path / "a", rows, 2, cache=True)
     assert "computed the 1 frozen decoder layers once for 24 examples" in caplog.text
-    plain, plain_calls = run(False)
+    plain, plain_calls = _train(tiny_model_dir, tokenizer, tmp_path / "b", rows, 2, cache=False)
     assert len(cached) == len(plain) == 6
     assert plain_calls >= 2 * 6  # the prefix and the rows, in every step
     assert cached_calls <= 2  # 24 examples: one batch of states, its prefix once
     torch.testing.assert_close(torch.tensor(cached), torch.tensor(plain), rtol=1e-4, atol=1e-5)
+
+
+def test_trainings_sharing_a_memo_compute_the_frozen_layers_once(tiny_model_dir, tokenizer, tmp_path, caplog):
+    """A search's trials: one epoch each (alone, not worth caching), the same encoded rows and a
+    shared memo; the second trial runs the frozen layer not once and learns what it would alone."""
+    import pickle
+
+    from tuneline.train.loop import encode_all
+    from tuneline.train.stem import StemMemo
+
+    rows = _rows()
+    encoded = encode_all(tokenizer, rows, 256)
+    memo = StemMemo()
+    alone, alone_calls = _train(tiny_model_dir, tokenizer, tmp_path / "a", rows, 1, cache=True, encoded_train=encoded)
+    assert alone_calls >= 2 * 3  # one epoch without a memo: no cache, the frozen layer in every step
+    _, first_calls = _train(tiny_model_dir, tokenizer, tmp_path / "b", rows, 1, cache=True, encoded_train=encoded,
+                            stem_memo=memo)
+    assert 0 < first_calls <= 2 and memo.nbytes > 0
+    with caplog.at_level(logging.INFO, logger="tuneline.train.stem"):
+        second, second_calls = _train(tiny_model_dir, tokenizer, tmp_path / "c", rows, 1, cache=True,
+                                      encoded_train=encoded, stem_memo=memo)
+    assert second_calls == 0 and "reusing the 1 frozen decoder layers' states" in caplog.text
+    torch.testing.assert_close(torch.tensor(second), torch.tensor(alone), rtol=1e-4, atol=1e-5)
+    assert pickle.loads(pickle.dumps(memo)).nbytes == 0  # sent to another process: starts empty

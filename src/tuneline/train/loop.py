@@ -50,7 +50,14 @@ from tuneline.train.distributed import (
 )
 from tuneline.train.loss import answer_loss_sum
 from tuneline.train.peft_builders import count_parameters, is_prompt_learning, wrap_for_training
-from tuneline.train.stem import Stem, build_stem, estimated_bytes, memory_budget, stem_depth
+from tuneline.train.stem import (
+    Stem,
+    StemMemo,
+    build_stem,
+    estimated_bytes,
+    memory_budget,
+    stem_depth,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -106,7 +113,9 @@ class TrainOptions:
     other ranks of a distributed run (:mod:`tuneline.train.distributed`); only its rank 0 writes
     checkpoints and the adapter, validates and reports progress. ``on_checkpoint(step, folder)`` is
     called on every rank after each checkpoint during training, with the checkpoint's folder on the
-    rank that wrote it and None on the others (Ray Train reports it to its storage)."""
+    rank that wrote it and None on the others (Ray Train reports it to its storage). ``stem_memo``:
+    frozen-layer states shared with other trainings on the same ``encoded_train`` list and base model
+    (a search's trials; :class:`~tuneline.train.stem.StemMemo`)."""
 
     eval_examples: list[Example] | None = None
     resume: bool = False
@@ -118,6 +127,7 @@ class TrainOptions:
     encoded_train: tuple[list[Encoded], list[str]] | None = None
     world: World | None = None
     on_checkpoint: Callable[[int, Path | None], None] | None = None
+    stem_memo: StemMemo | None = None
 
 
 @dataclass
@@ -395,7 +405,7 @@ def train(
     start = _start(ckpt_root, trained, optimizer, scheduler, opts)
     start_step, resumed_from, loss_value, before, history = start.step, start.resumed_from, start.loss, start.spent, start.history
     stem = _frozen_stem(trained, cfg, encoded, (total_steps - start_step) * cfg.grad_accum / per_epoch, pad_id,
-                        precision, device, world)
+                        precision, device, opts)
     stepper = _Stepper(trained, params, pad_id, precision, device, cfg.seq_len if cfg.packs else None,
                        share_prefix, world, sharded, stem)
 
@@ -476,20 +486,26 @@ def train(
 
 
 def _frozen_stem(model: torch.nn.Module, cfg: TrainSpec, encoded: list[Encoded], passes: float, pad_id: int,
-                 precision: str, device: str, world: World | None) -> Stem | None:
+                 precision: str, device: str, opts: TrainOptions) -> Stem | None:
     """The frozen layers' states of every example, computed once (:mod:`tuneline.train.stem`), when
-    ``train.cache_frozen_layers`` is on, the lower layers are frozen, the steps left make more than
-    one ``passes`` over the examples (for one, caching saves nothing), their states fit the memory
-    budget, and training runs in one process."""
-    depth = stem_depth(model) if cfg.cache_frozen_layers and world is None else 0
-    if not depth or passes <= 1:
+    ``train.cache_frozen_layers`` is on, the lower layers are frozen, training runs in one process, the
+    states fit the memory budget, and they save something: the steps left make more than one
+    ``passes`` over the examples, or ``opts.stem_memo`` shares them with other trainings on the same
+    ``opts.encoded_train`` (a search's trials)."""
+    depth = stem_depth(model) if cfg.cache_frozen_layers and opts.world is None else 0
+    memo = opts.stem_memo if opts.encoded_train is not None else None
+    if not depth or (passes <= 1 and memo is None):
         return None
-    need, budget = estimated_bytes(model, encoded, precision), memory_budget()
-    if need > budget:
-        log.info("not caching the %d frozen decoder layers: their states would take %.1f GB, over the %.1f GB "
-                 "budget; they are computed in every step", depth, need / 1e9, budget / 1e9)
-        return None
-    return build_stem(model, encoded, depth, pad_id, precision, device)
+
+    def build() -> Stem | None:
+        need, budget = estimated_bytes(model, encoded, precision), memory_budget() - (memo.nbytes if memo else 0)
+        if need > budget:
+            log.info("not caching the %d frozen decoder layers: their states would take %.1f GB, over the %.1f GB "
+                     "left of the budget; they are computed in every step", depth, need / 1e9, budget / 1e9)
+            return None
+        return build_stem(model, encoded, depth, pad_id, precision, device)
+
+    return build() if memo is None else memo.get(depth, precision, build)
 
 
 @dataclass(frozen=True)

@@ -20,8 +20,9 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, cast
 
@@ -116,6 +117,36 @@ class Stem:
     @property
     def nbytes(self) -> int:
         return sum(t.nbytes for t in self.prefixes) + sum(t.nbytes for t in self.own)
+
+
+class StemMemo:
+    """Frozen-layer states shared by the trainings of a search: the same rows (one ``encoded_train``
+    list) and the same base model. The first training with a given stem depth and precision computes
+    them, the later ones reuse them, so a trial pays no pass over the frozen layers at all. Safe
+    across threads (a search's parallel trials); a copy sent to another process starts empty."""
+
+    def __init__(self) -> None:
+        self._stems: dict[tuple[int, str], Stem] = {}
+        self._lock = threading.Lock()
+
+    def __reduce__(self) -> tuple[type[StemMemo], tuple[()]]:
+        return StemMemo, ()  # pickled (to a Ray worker): an empty memo there
+
+    @property
+    def nbytes(self) -> int:
+        return sum(stem.nbytes for stem in self._stems.values())
+
+    def get(self, depth: int, precision: str, build: Callable[[], Stem | None]) -> Stem | None:
+        """The stem of ``depth`` layers in ``precision``: the one kept, else ``build()`` (kept unless None)."""
+        with self._lock:
+            stem = self._stems.get((depth, precision))
+            if stem is None:
+                stem = build()
+                if stem is not None:
+                    self._stems[(depth, precision)] = stem
+            else:
+                log.info("reusing the %d frozen decoder layers' states computed for an earlier training", depth)
+            return stem
 
 
 def estimated_bytes(model: torch.nn.Module, encoded: Sequence[Encoded], precision: str) -> int:

@@ -28,6 +28,7 @@ from tuneline.spec.models import Spec
 from tuneline.tracking import flatten
 from tuneline.train import EarlyStoppingCheck, TrainOptions, train
 from tuneline.train.loop import optimizer_steps, steps_per_epoch
+from tuneline.train.stem import StemMemo
 from tuneline.tune.space import ParamValue, apply_params
 
 if TYPE_CHECKING:
@@ -62,6 +63,8 @@ class TrialContext:
     parent_run_id: str
     trained_on_all: bool  # trials see every training row (so the best trial's adapter can be reused)
     extra_tags: dict[str, str] = field(default_factory=dict)
+    # the frozen layers' states (lora.layers), computed by the first trial that needs them, reused by the rest
+    stem_memo: StemMemo = field(default_factory=StemMemo)
 
 
 @dataclass
@@ -114,7 +117,8 @@ def run_trial(ctx: TrialContext, key: str, params: dict[str, ParamValue], report
         check = EarlyStoppingCheck(every=every, score=score, maximize=ctx.maximize, report=on_validation)
         model = load_model(ctx.source, ctx.models_dir, device=compute.device, dtype=compute.base_dtype)
         _, result = train(cfg, model, ctx.tokenizer, ctx.train, out, TrainOptions(
-            device=compute.device, show_progress=False, early_stopping=check, encoded_train=encoded))
+            device=compute.device, show_progress=False, early_stopping=check, encoded_train=encoded,
+            stem_memo=ctx.stem_memo))
     except TrialPruned:
         client.set_tag(run_id, "tuneline.trial_state", "pruned")
         client.set_terminated(run_id, "KILLED")
