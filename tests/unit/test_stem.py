@@ -112,7 +112,8 @@ def _train(tiny_model_dir, tokenizer, out, rows, epochs: float, cache: bool, **o
     calls = [0]
     base.model.layers[0].register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
     losses: list[float] = []
-    cfg = TrainSpec(lora={"layers": 1}, epochs=epochs, batch_size=8, lr=1e-2, seed=0, cache_frozen_layers=cache)
+    cfg = TrainSpec(lora={"layers": 1}, epochs=epochs, batch_size=8, lr=1e-2, seed=0, cache_frozen_layers=cache,
+                    precision="fp32")  # bf16 hosts too: only the summation order may differ
     train(cfg, base, tokenizer, rows, out, TrainOptions(
         show_progress=False, on_step=lambda _s, m: losses.append(m["train_loss"]), **options))
     return losses, calls[0]
@@ -131,6 +132,7 @@ def test_training_with_the_cache_runs_the_frozen_layer_once_per_example_batch_an
     assert len(cached) == len(plain) == 6
     assert plain_calls >= 2 * 6  # the prefix and the rows, in every step
     assert cached_calls <= 2  # 24 examples: one batch of states, its prefix once
+    # fp32 summation order only (u = 6e-8), carried through six Adam steps: measured 9e-8 relative
     torch.testing.assert_close(torch.tensor(cached), torch.tensor(plain), rtol=1e-4, atol=1e-5)
 
 
