@@ -503,7 +503,7 @@ def _frozen_stem(model: torch.nn.Module, cfg: TrainSpec, encoded: list[Encoded],
             log.info("not caching the %d frozen decoder layers: their states would take %.1f GB, over the %.1f GB "
                      "left of the budget; they are computed in every step", depth, need / 1e9, budget / 1e9)
             return None
-        return build_stem(model, encoded, depth, pad_id, precision, device)
+        return build_stem(model, encoded, depth, pad_id, precision, device, opts.show_progress)
 
     return build() if memo is None else memo.get(depth, precision, build)
 

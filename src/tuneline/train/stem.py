@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, cast
 
 from tuneline.runtime import autocast_for, cache_argument_of
+from tuneline.runtime.progress import progress_bar
 from tuneline.train.batching import collate
 from tuneline.train.peft_builders import causal_lm_of, is_prompt_learning
 
@@ -162,9 +163,10 @@ def memory_budget() -> int:
 
 
 def build_stem(model: torch.nn.Module, encoded: Sequence[Encoded], depth: int, pad_id: int, precision: str,
-          device: str) -> Stem:
+               device: str, show_progress: bool = False) -> Stem:
     """Compute every example's states at the top of the first ``depth`` decoder layers, without
-    gradients, in length-sorted batches of :data:`BUILD_BATCH` whose shared prefix is computed once."""
+    gradients, in length-sorted batches of :data:`BUILD_BATCH` whose shared prefix is computed once
+    (``show_progress``: a progress bar over the examples)."""
     import torch
 
     decoder = decoder_of(model)
@@ -173,10 +175,13 @@ def build_stem(model: torch.nn.Module, encoded: Sequence[Encoded], depth: int, p
     batch_of = [0] * len(encoded)
     own: list[torch.Tensor | None] = [None] * len(encoded)
     t0 = time.perf_counter()
+    log.info("computing the %d frozen decoder layers once for %d examples", depth, len(encoded))
     was_training = model.training
     model.eval()
+    progress = progress_bar(enabled=show_progress)
     try:
-        with torch.no_grad(), autocast_for(precision, device):
+        with torch.no_grad(), autocast_for(precision, device), progress:
+            task = progress.add_task(f"frozen layers 0-{depth - 1}, once", total=len(encoded))
             for start in range(0, len(order), BUILD_BATCH):
                 chunk = order[start : start + BUILD_BATCH]
                 batch = collate([encoded[i] for i in chunk], pad_id, multiple=1, share_prefix=True)
@@ -188,6 +193,7 @@ def build_stem(model: torch.nn.Module, encoded: Sequence[Encoded], depth: int, p
                 for row, i in enumerate(chunk):
                     batch_of[i] = len(prefixes) - 1
                     own[i] = rows[row, : len(encoded[i].input_ids) - p].cpu().clone()
+                progress.advance(task, len(chunk))
     finally:
         model.train(was_training)
     stem = Stem(depth, prefixes, batch_of, cast("list[torch.Tensor]", own), time.perf_counter() - t0)
