@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 from tuneline.data.tokenize import IGNORE_INDEX
 from tuneline.runtime import cache_argument_of
 from tuneline.train.peft_builders import causal_lm_of, is_prompt_learning
-from tuneline.train.stem import Decoder, decoder_of, forward_layers
+from tuneline.train.stem import Decoder, additive_mask, decoder_of, forward_layers
 
 if TYPE_CHECKING:
     import torch
@@ -63,9 +63,8 @@ def answer_loss_sum(model: torch.nn.Module, batch: Batch, chunk: int = LOGITS_CH
         if positions is None:
             positions = torch.arange(prefix, ids.shape[1], device=ids.device).expand(ids.shape[0], -1)
         mask = batch["attention_mask"]
-        if mask.dim() == 4:  # packed rows: an additive mask, as eager attention adds it (SDPA takes it too)
-            mask = torch.zeros(mask.shape, dtype=out.last_hidden_state.dtype, device=mask.device).masked_fill(
-                ~mask, torch.finfo(out.last_hidden_state.dtype).min)
+        if mask.dim() == 4:  # packed rows
+            mask = additive_mask(mask, out.last_hidden_state.dtype)
         hidden = decoder(input_ids=ids[:, prefix:], attention_mask=mask, position_ids=positions,
                          use_cache=True, **{_cache_argument(type(decoder)): cache}).last_hidden_state
     else:

@@ -218,13 +218,13 @@ def forward_layers(decoder: Decoder, start: int, stop: int | None, hidden: torch
     if prefix:
         cache = DynamicCache(config=decoder.config)
         positions = torch.arange(prefix, device=hidden.device).unsqueeze(0)
-        causal = _additive(torch.ones((prefix, prefix), dtype=torch.bool, device=hidden.device).tril()[None, None],
+        causal = additive_mask(torch.ones((prefix, prefix), dtype=torch.bool, device=hidden.device).tril()[None, None],
                            hidden.dtype)
         prefix_out = _layers(decoder, start, stop, hidden[:1, :prefix], causal, positions, cache)
         cache.batch_repeat_interleave(rows)
     given = batch.get("position_ids")  # packed rows: each example's own count
     positions = given if given is not None else torch.arange(prefix, hidden.shape[1], device=hidden.device).expand(rows, -1)
-    out = _layers(decoder, start, stop, hidden[:, prefix:], _additive(dense_mask(batch), hidden.dtype), positions, cache)
+    out = _layers(decoder, start, stop, hidden[:, prefix:], additive_mask(dense_mask(batch), hidden.dtype), positions, cache)
     return prefix_out, out
 
 
@@ -258,7 +258,7 @@ def dense_mask(batch: Batch) -> torch.Tensor:
     return causal[None, None] & (example[:, None, :, None] == example[:, None, None, :])
 
 
-def _additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def additive_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """A boolean mask as the additive one eager attention adds to its scores (SDPA takes it too)."""
     import torch
 
