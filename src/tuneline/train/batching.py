@@ -27,6 +27,7 @@ class Batch(TypedDict, total=False):
     stem_states: torch.Tensor  # [rows, columns, hidden]: the states entering decoder layer stem_depth
     stem_depth: int
 
+
 @dataclass(frozen=True)
 class StemRows:
     """A micro-batch's examples' cached states at the top of the frozen layers (one ``[length,
@@ -35,16 +36,16 @@ class StemRows:
     states: Sequence[torch.Tensor]
     depth: int
 
-    def lay_out(self, shape: torch.Size, rows: list[list[tuple[int, int, int, int]]]) -> Batch:
-        """``stem_states`` for a batch of ``shape`` (rows, columns): row ``r`` holds, for each
-        ``(example, column, start, stop)`` of ``rows[r]``, that example's states ``start:stop`` from
-        ``column`` on (zeros elsewhere), and ``stem_depth``."""
+    def add_to(self, batch: Batch, rows: list[list[tuple[int, int, int, int]]]) -> None:
+        """Put in ``batch`` ``stem_depth`` and ``stem_states`` shaped like its ``input_ids``: row ``r``
+        holds, for each ``(example, column, start, stop)`` of ``rows[r]``, that example's states
+        ``start:stop`` from ``column`` on (zeros elsewhere)."""
         first = self.states[0]
-        out = first.new_zeros((*shape, first.shape[-1]))
+        out = first.new_zeros((*batch["input_ids"].shape, first.shape[-1]))
         for r, placed in enumerate(rows):
             for i, column, start, stop in placed:
                 out[r, column : column + stop - start] = self.states[i][start:stop]
-        return {"stem_states": out, "stem_depth": self.depth}  # type: ignore[typeddict-item]
+        batch["stem_states"], batch["stem_depth"] = out, self.depth
 
 
 # Examples are shuffled, then sorted by length inside windows of this many batches, so batches
@@ -123,7 +124,7 @@ def collate(examples: Sequence[Encoded], pad_id: int, multiple: int | None = Non
     if share_prefix:
         batch["prefix_len"] = shared_prefix_len(examples)
     if stem is not None:
-        batch.update(stem.lay_out(input_ids.shape, [[(i, 0, 0, len(e.input_ids))] for i, e in enumerate(examples)]))
+        stem.add_to(batch, [[(i, 0, 0, len(e.input_ids))] for i, e in enumerate(examples)])
     return batch
 
 
@@ -198,7 +199,7 @@ def collate_packed_after_prefix(examples: Sequence[Encoded], pad_id: int, capaci
     batch: Batch = {"input_ids": input_ids, "labels": labels, "position_ids": position_ids, "attention_mask": mask,
                     "prefix_len": prefix}
     if stem is not None:
-        batch.update(stem.lay_out(input_ids.shape, placed))
+        stem.add_to(batch, placed)
     return batch
 
 
@@ -231,5 +232,5 @@ def collate_packed(examples: Sequence[Encoded], pad_id: int, capacity: int, stem
         position_ids[r, off:] = torch.arange(width - off)
     batch: Batch = {"input_ids": input_ids, "labels": labels, "position_ids": position_ids}
     if stem is not None:
-        batch.update(stem.lay_out(input_ids.shape, placed))
+        stem.add_to(batch, placed)
     return batch
