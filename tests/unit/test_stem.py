@@ -87,6 +87,21 @@ def test_the_cached_states_are_those_the_frozen_layers_compute(tiny_model_dir):
         assert abs(float(answer_loss_sum(model, zeroed)[0]) - float(answer_loss_sum(model, batch)[0])) > 1e-3
 
 
+def test_a_decoder_whose_own_forward_differs_gets_no_cache(tiny_model_dir, caplog):
+    """A model that scales its embeddings inside its forward (as Gemma does) passes the layout check,
+    but the states the cache would compute differ from the model's own: the build says so and gives
+    none, and training computes every layer."""
+    model = lora_model(tiny_model_dir, layers=1)
+    examples = _examples()
+    assert build_stem(model, examples, 1, pad_id=2, precision="fp32", device="cpu") is not None
+    decoder = model.get_base_model().model
+    own_forward = decoder.forward
+    decoder.forward = lambda input_ids=None, **kw: own_forward(inputs_embeds=decoder.embed_tokens(input_ids) * 8.0, **kw)
+    with caplog.at_level(logging.WARNING, logger="tuneline.train.stem"):
+        assert build_stem(model, examples, 1, pad_id=2, precision="fp32", device="cpu") is None
+    assert "differ from the model's own forward pass" in caplog.text
+
+
 def test_only_frozen_leading_layers_make_a_stem(tiny_model_dir):
     assert stem_depth(lora_model(tiny_model_dir, layers=1)) == 1
     assert stem_depth(lora_model(tiny_model_dir)) == 0  # every layer adapted: nothing to cache
@@ -122,7 +137,8 @@ def _train(tiny_model_dir, tokenizer, out, rows, epochs: float, cache: bool, **o
 def test_training_with_the_cache_runs_the_frozen_layer_once_per_example_batch_and_learns_the_same(
         tiny_model_dir, tokenizer, tmp_path, caplog):
     """Two epochs over 24 examples: with the cache the frozen layer runs only in the one pass before
-    the first step (one call per batch of states and one per shared prefix), not in every step; the
+    the first step (one call per batch of states, one per shared prefix, one checking an example
+    against the model's own forward), not in every step; the
     losses of every step match training without it."""
     rows = _rows()
     with caplog.at_level(logging.INFO, logger="tuneline.train.stem"):
@@ -131,7 +147,7 @@ def test_training_with_the_cache_runs_the_frozen_layer_once_per_example_batch_an
     plain, plain_calls = _train(tiny_model_dir, tokenizer, tmp_path / "b", rows, 2, cache=False)
     assert len(cached) == len(plain) == 6
     assert plain_calls >= 2 * 6  # the prefix and the rows, in every step
-    assert cached_calls <= 2  # 24 examples: one batch of states, its prefix once
+    assert cached_calls <= 3  # 24 examples: one batch of states, its prefix once, the one-example check
     # fp32 summation order only (u = 6e-8), carried through six Adam steps: measured 9e-8 relative
     torch.testing.assert_close(torch.tensor(cached), torch.tensor(plain), rtol=1e-4, atol=1e-5)
 
@@ -151,7 +167,7 @@ def test_trainings_sharing_a_memo_compute_the_frozen_layers_once(tiny_model_dir,
     assert alone_calls >= 2 * 3  # one epoch without a memo: no cache, the frozen layer in every step
     _, first_calls = _train(tiny_model_dir, tokenizer, tmp_path / "b", rows, 1, cache=True, encoded_train=encoded,
                             stem_memo=memo)
-    assert 0 < first_calls <= 2 and memo.nbytes > 0
+    assert 0 < first_calls <= 3 and memo.nbytes > 0
     with caplog.at_level(logging.INFO, logger="tuneline.train.stem"):
         second, second_calls = _train(tiny_model_dir, tokenizer, tmp_path / "c", rows, 1, cache=True,
                                       encoded_train=encoded, stem_memo=memo)
