@@ -50,9 +50,10 @@ def autocast_for(precision: str, device: str) -> AbstractContextManager[object]:
     return nullcontext()
 
 
+@functools.cache
 def cache_argument_of(forward: Callable[..., object]) -> str:
     """The keyword a decoder's ``forward`` takes for a KV cache: ``cache`` (transformers >= 5.24) or
-    ``past_key_values``."""
+    ``past_key_values``; looked up once per function (the training loss asks in every step)."""
     return "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
 
 

@@ -317,13 +317,10 @@ class _Stepper:
     def _from_stem(self, stem: Stem, micro: list[list[Encoded]], indices: list[list[int]],
                    n_answer: int) -> tuple[float, int]:
         """:func:`accumulate_gradients`, each batch starting from its examples' cached frozen-layer states."""
-        step_loss, tokens = 0.0, 0
-        for mb, where in zip(micro, indices, strict=True):
-            rows = StemRows([stem.states(i) for i in where], stem.depth)
-            batch = make_batch(mb, self.pad_id, self.device, self.pack_capacity, self.share_prefix, rows)
-            step_loss += backward(self.model, batch, n_answer, self.precision, self.device)
-            tokens += sum(len(e.input_ids) for e in mb)
-        return step_loss, tokens
+        loss = sum(backward(self.model, make_batch(mb, self.pad_id, self.device, self.pack_capacity, self.share_prefix,
+                                                   StemRows([stem.states(i) for i in where], stem.depth)),
+                            n_answer, self.precision, self.device) for mb, where in zip(micro, indices, strict=True))
+        return loss, sum(len(e.input_ids) for mb in micro for e in mb)
 
     def _idle_pass(self, examples: list[Encoded]) -> None:
         """A forward and backward that adds nothing to the gradients (the loss times zero): what a
@@ -404,8 +401,10 @@ def train(
     ckpt_root = out_dir / "checkpoints"
     start = _start(ckpt_root, trained, optimizer, scheduler, opts)
     start_step, resumed_from, loss_value, before, history = start.step, start.resumed_from, start.loss, start.spent, start.history
+    stem_start = time.perf_counter()
     stem = _frozen_stem(trained, cfg, encoded, (total_steps - start_step) * cfg.grad_accum / per_epoch, pad_id,
                         precision, device, opts)
+    stem_seconds = time.perf_counter() - stem_start  # 0 when a search's memo already held the states
     stepper = _Stepper(trained, params, pad_id, precision, device, cfg.seq_len if cfg.packs else None,
                        share_prefix, world, sharded, stem)
 
@@ -415,7 +414,7 @@ def train(
              total_steps, precision, device, f", {world.size} processes" if world is not None else "")
     trained.train()
     # the one pass computing the frozen layers' states is training time too
-    tokens_done, computed, t0 = 0, 0, time.perf_counter() - (stem.seconds if stem is not None else 0.0)
+    tokens_done, computed, t0 = 0, 0, time.perf_counter() - stem_seconds
     done, stopped_early = start_step, False
     progress = _progress(show_progress)
     with progress:

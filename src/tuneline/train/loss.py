@@ -13,7 +13,6 @@ the varlen kernels with flash attention, so examples sharing a row never attend 
 
 from __future__ import annotations
 
-import functools
 from typing import TYPE_CHECKING
 
 from tuneline.data.tokenize import IGNORE_INDEX
@@ -33,12 +32,6 @@ def _decoder_and_head(model: torch.nn.Module) -> tuple[Decoder, torch.nn.Module]
 
 # answer positions per vocabulary projection: 2048 x 49,152 fp32 logits is 400 MB
 LOGITS_CHUNK = 2048
-
-
-@functools.cache
-def _cache_argument(decoder_type: type[torch.nn.Module]) -> str:
-    """The decoder's keyword for a KV cache: ``cache`` (transformers >= 5.24) or ``past_key_values``."""
-    return cache_argument_of(decoder_type.forward)
 
 
 def answer_loss_sum(model: torch.nn.Module, batch: Batch, chunk: int = LOGITS_CHUNK) -> tuple[torch.Tensor, int]:
@@ -66,7 +59,7 @@ def answer_loss_sum(model: torch.nn.Module, batch: Batch, chunk: int = LOGITS_CH
         if mask.dim() == 4:  # packed rows
             mask = additive_mask(mask, out.last_hidden_state.dtype)
         hidden = decoder(input_ids=ids[:, prefix:], attention_mask=mask, position_ids=positions,
-                         use_cache=True, **{_cache_argument(type(decoder)): cache}).last_hidden_state
+                         use_cache=True, **{cache_argument_of(type(decoder).forward): cache}).last_hidden_state
     else:
         hidden = decoder(input_ids=ids, attention_mask=batch.get("attention_mask"),
                          position_ids=batch.get("position_ids"), use_cache=False).last_hidden_state

@@ -57,6 +57,8 @@ class Decoder(Protocol):
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any: ...
 
+    def forward(self, *args: Any, **kwargs: Any) -> Any: ...
+
 
 def decoder_of(model: torch.nn.Module) -> Decoder:
     """The decoder (embeddings, layers, final norm) inside a PeftModel or a transformers causal LM."""
@@ -106,7 +108,6 @@ class Stem:
     prefixes: list[torch.Tensor]
     batch_of: list[int]
     own: list[torch.Tensor]
-    seconds: float = 0.0  # computing them took
 
     def states(self, index: int) -> torch.Tensor:
         """Example ``index``'s states at every one of its positions: ``[length, hidden]``."""
@@ -200,9 +201,9 @@ def build_stem(model: torch.nn.Module, encoded: Sequence[Encoded], depth: int, p
                 return None
     finally:
         model.train(was_training)
-    stem = Stem(depth, prefixes, batch_of, cast("list[torch.Tensor]", own), time.perf_counter() - t0)
+    stem = Stem(depth, prefixes, batch_of, cast("list[torch.Tensor]", own))
     log.info("computed the %d frozen decoder layers once for %d examples in %.1fs (%.0f MB); training starts "
-             "each step at layer %d", depth, len(encoded), stem.seconds, stem.nbytes / 2**20, depth)
+             "each step at layer %d", depth, len(encoded), time.perf_counter() - t0, stem.nbytes / 2**20, depth)
     return stem
 
 
