@@ -92,8 +92,14 @@ def _chat(url: str, model: str, content: str = "my card has not arrived", key: s
                             **kw})
 
 
-def _rows(server: Any) -> dict[str, dict[str, Any]]:
+def _rows(server: Any, count: int = 0) -> dict[str, dict[str, Any]]:
+    """The request log's rows by id, once it holds ``count`` of them: a row is written after its
+    response is sent, so a client can read its answer before the server has stored it."""
+    deadline = time.monotonic() + 10
     rows = server.request_log.requests()
+    while len(rows) < count and time.monotonic() < deadline:
+        time.sleep(0.02)
+        rows = server.request_log.requests()
     ids = [r["id"] for r in rows]
     assert len(ids) == len(set(ids)), "a request was logged twice"
     return {r["id"]: r for r in rows}
@@ -104,7 +110,7 @@ def test_a_classification_adapter_logs_the_label_it_predicts(engine, adapters, t
         answers = {name: _chat(url, name) for name in ("intents", "chat", "bare")}
         assert all(r.status_code == 200 for r in answers.values()), {k: r.text for k, r in answers.items()}
         streamed = _chat(url, "intents", stream=True)
-        rows = _rows(server)
+        rows = _rows(server, count=4)
     got = {name: rows[r.json()["id"]] for name, r in answers.items()}
     text = answers["intents"].json()["choices"][0]["message"]["content"]
     assert got["intents"]["predicted_label"] == (text.strip() or None)
@@ -139,7 +145,7 @@ def test_refused_requests_are_stored_with_their_status_once(engine, adapters, tm
         too_long = _chat(url, "chat", content="word " * 600)  # past the tiny model's 512-token context
         too_big = httpx.post(url + "/v1/completions", headers={**AUTH, "Content-Type": "application/json"},
                              content=b'{"model": "chat", "prompt": "' + b"x" * 5000 + b'"}')
-        rows = _rows(server)
+        rows = _rows(server, count=7)
     expected = {shed: (429, "chat", "ops"), missing: (404, "nope@7", "ops"), unknown_key: (401, None, None),
                 not_allowed: (403, "intents", "narrow"), too_long: (400, "chat", "ops"),
                 too_big: (413, None, "ops")}
@@ -161,7 +167,7 @@ def test_refused_requests_are_stored_with_their_status_once(engine, adapters, tm
 def test_a_request_past_its_deadline_is_stored_once_as_504(engine, adapters, tmp_path):
     with serve(engine, adapters, tmp_path, request_timeout=0.05) as (url, server):
         late = _chat(url, "chat", max_tokens=450, content="tell me a long story")
-        rows = _rows(server)
+        rows = _rows(server, count=1)
     assert late.status_code == 504
     assert list(rows) == [late.headers["x-request-id"]] and rows[late.headers["x-request-id"]]["status"] == 504
 
