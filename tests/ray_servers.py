@@ -65,7 +65,7 @@ def ray_cluster(num_cpus: int = 2) -> Iterator[RayCluster]:
 
 def _stop_all(head: int, folder: str) -> None:
     """TERM the head, what runs under it and the servers `ray start` left running on their own (their
-    command lines name the cluster's folder); KILL what is still there 3 s later."""
+    command lines name the cluster's folder); KILL what is still there a second later."""
     import psutil
 
     procs = []
@@ -79,7 +79,7 @@ def _stop_all(head: int, folder: str) -> None:
             p.terminate()
         except psutil.Error:
             continue
-    _, alive = psutil.wait_procs(procs, timeout=3)
+    _, alive = psutil.wait_procs(procs, timeout=1)
     for p in alive:
         try:
             p.kill()

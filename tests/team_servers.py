@@ -14,9 +14,11 @@ message.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
+import signal
 import socket
 import subprocess
 import sys
@@ -73,12 +75,15 @@ def _process(args: list[str], log: Path, env: dict[str, str] | None = None) -> I
     try:
         yield proc
     finally:
-        proc.terminate()
-        try:  # a test server has nothing to save: a few seconds to stop, then it is killed
-            proc.wait(timeout=3)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=30)
+        # a test server has nothing to save: its process group (the server and what it started, such
+        # as `mlflow server`'s uvicorn) gets a second to stop, then it is killed
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=1)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
 
 
 @contextmanager
@@ -95,7 +100,22 @@ def postgres(root: Path, databases: tuple[str, ...]) -> Iterator[str]:
         host = uri.split("host=", 1)[1]
         yield f"postgresql+psycopg2://postgres@/{{db}}?host={host}"
     finally:
-        server.cleanup()
+        _stop_now(root)
+        server.cleanup()  # the server stopped: its folder is removed
+
+
+def _stop_now(pgdata: Path) -> None:
+    """PostgreSQL's immediate shutdown (SIGQUIT to the postmaster): a test database has nothing to
+    keep, and the default shutdown's checkpoint took 7 s here."""
+    import psutil
+
+    pid_file = pgdata / "postmaster.pid"
+    if not pid_file.is_file():
+        return
+    with contextlib.suppress(psutil.Error, ValueError):
+        postmaster = psutil.Process(int(pid_file.read_text().split("\n", 1)[0]))
+        postmaster.send_signal(signal.SIGQUIT)
+        postmaster.wait(timeout=30)
 
 
 @contextmanager
