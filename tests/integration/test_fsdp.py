@@ -1,7 +1,8 @@
 """Sharded full fine-tuning (FSDP2) over `tuneline run --nproc 2` (gloo on this CPU): the model saved
-at the end is whole and equals what one process trains; a sharded run's checkpoint has the layout
-of a one-process checkpoint and loads back into a sharded model. Beside test_distributed.py (a
-file of its own, so pytest-xdist runs the two on different workers)."""
+at the end is whole and equals what one process trains; in the slow set, so does a run killed after
+a checkpoint and resumed on 2 processes. A sharded run's checkpoint has the layout of a one-process
+checkpoint and loads back into a sharded model. Beside test_distributed.py (a file of its own, so
+pytest-xdist runs the two on different workers)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import copy
 import json
 from pathlib import Path
 
+import pytest
 from test_distributed import STEPS, _cli, _kill_after_checkpoint, _spec
 
 import tuneline
@@ -25,20 +27,20 @@ def _weights(folder: Path) -> dict:
     return load_file(str(folder / "model.safetensors"))
 
 
-def test_sharded_full_fine_tuning_killed_and_resumed_saves_the_whole_model(tmp_path: Path, tiny_model_dir: Path) -> None:
-    one = tuneline.run(_spec(tmp_path / "one", tiny_model_dir, FULL), workspace=tmp_path / "one-ws", show_progress=False)
-    ref, initial = _weights(Path(one.train.adapter_dir)), _weights(tiny_model_dir)
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> dict:
+    """The full fine-tuning on one process: its saved model, the initial one, its trainable count."""
+    root = tmp_path_factory.mktemp("one")
+    one = tuneline.run(_spec(root / "spec", tiny_model_dir, FULL), workspace=root / "ws", show_progress=False)
+    return {"model": _weights(Path(one.train.adapter_dir)), "initial": _weights(tiny_model_dir),
+            "trainable": one.train.trainable_params}
 
-    ws, spec, log = tmp_path / "ws", _spec(tmp_path / "spec", tiny_model_dir, FULL), tmp_path / "log"
-    proc = _cli(["run", str(spec), "--nproc", "2", "-w", str(ws), "--no-progress"], log)
-    _kill_after_checkpoint(proc, ws / "runs" / "ddp" / "checkpoints", 3, log)
-    proc = _cli(["run", str(spec), "--nproc", "2", "-w", str(ws), "--no-progress", "--resume", "--json"], log)
-    assert proc.wait(timeout=300) == 0, log.read_text()[-4000:]
-    out = log.read_text()
-    result = json.loads(out[out.index("{\n"):])
-    assert 3 <= result["train"]["resumed_from_step"] < STEPS and result["train"]["steps"] == STEPS
-    assert result["train"]["trainable_params"] == one.train.trainable_params  # counted whole, not one shard
 
+def _assert_whole_and_equal(result: dict, one: dict) -> None:
+    """The model a sharded run saved is whole (every weight at its full shape) and equals the one-process model."""
+    assert result["train"]["steps"] == STEPS
+    assert result["train"]["trainable_params"] == one["trainable"]  # counted whole, not one shard
+    ref, initial = one["model"], one["initial"]
     got = _weights(Path(result["train"]["adapter_dir"]))
     assert got.keys() == ref.keys(), f"the saved model lacks {sorted(ref.keys() - got.keys())[:5]}"
     for k, v in got.items():
@@ -48,6 +50,31 @@ def test_sharded_full_fine_tuning_killed_and_resumed_saves_the_whole_model(tmp_p
     assert moved > 1e-4, "training did not move the weights: the comparison would say nothing"
     # measured: 4.0e-7 apart where training moved weights by up to 6.6e-3 (0.006%)
     assert worst <= 1e-3 * moved, f"the models differ by {worst:.3g}; training moved weights by up to {moved:.3g}"
+
+
+def _result(log: Path) -> dict:
+    out = log.read_text()
+    return json.loads(out[out.index("{\n"):])
+
+
+def test_sharded_full_fine_tuning_saves_the_whole_model(one_process: dict, tmp_path: Path, tiny_model_dir: Path) -> None:
+    ws, spec, log = tmp_path / "ws", _spec(tmp_path / "spec", tiny_model_dir, FULL), tmp_path / "log"
+    proc = _cli(["run", str(spec), "--nproc", "2", "-w", str(ws), "--no-progress", "--json"], log)
+    assert proc.wait(timeout=300) == 0, log.read_text()[-4000:]
+    _assert_whole_and_equal(_result(log), one_process)
+
+
+@pytest.mark.slow  # two more 2-process runs (~50 s here); the one above and the DDP kill test stay in the default run
+def test_sharded_full_fine_tuning_killed_and_resumed_saves_the_whole_model(one_process: dict, tmp_path: Path,
+                                                                           tiny_model_dir: Path) -> None:
+    ws, spec, log = tmp_path / "ws", _spec(tmp_path / "spec", tiny_model_dir, FULL), tmp_path / "log"
+    proc = _cli(["run", str(spec), "--nproc", "2", "-w", str(ws), "--no-progress"], log)
+    _kill_after_checkpoint(proc, ws / "runs" / "ddp" / "checkpoints", 3, log)
+    proc = _cli(["run", str(spec), "--nproc", "2", "-w", str(ws), "--no-progress", "--resume", "--json"], log)
+    assert proc.wait(timeout=300) == 0, log.read_text()[-4000:]
+    result = _result(log)
+    assert 3 <= result["train"]["resumed_from_step"] < STEPS
+    _assert_whole_and_equal(result, one_process)
 
 
 def test_a_sharded_checkpoint_has_the_one_process_layout(tmp_path: Path, tiny_model_dir: Path) -> None:
