@@ -98,6 +98,12 @@ class Workspace:
         return self._dir("ray")
 
     @property
+    def stems_dir(self) -> Path:
+        """Frozen-layer states of trainings with ``train.lora.layers`` (the newest two), reused by a later
+        run on the same rows and base model (:class:`tuneline.train.stem.StemStore`)."""
+        return self._dir("stems")
+
+    @property
     def studies_dir(self) -> Path:
         """Trial folders of hyperparameter searches, one folder per study."""
         return self._dir("studies")

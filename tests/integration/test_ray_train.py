@@ -71,7 +71,7 @@ def test_training_on_ray_trains_the_adapter_one_process_trains(reference, cluste
     _assert_same_adapter(_adapter(Path(result["adapter_dir"])), reference["adapter"])
 
 
-@pytest.mark.slow  # a second worker group started after the kill (~40 s more here); the run above stays in the default run
+@pytest.mark.slow  # a second worker group started after the kill (~25 s more here); the run above stays in the default run
 def test_training_on_ray_finishes_after_a_worker_is_killed(reference, cluster: RayCluster, tmp_path: Path,  # noqa: F811
                                                            tiny_model_dir: Path) -> None:
     ws, log = tmp_path / "ws", tmp_path / "log"

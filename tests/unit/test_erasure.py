@@ -123,9 +123,12 @@ def test_forget_leaves_no_trace_and_marks_the_model(world):
     loaded, ws, v1, hv = world
     assert _holding(ws, SECRET)  # it is there before: the scan sees it
     assert any("requests.db" in p for p in _holding(ws, SECRET))
+    stem = ws.stems_dir / "stem-0.safetensors"  # frozen-layer states a training stored (computed from its rows)
+    stem.write_bytes(b"states")
 
     result = forget(ws, parse_query(None, "zoe quartermaine".replace("zoe", "zoë")))
     eid = result.erasure_id
+    assert result.stems == 1 and not stem.exists() and result.counts()["stems"] == 1
 
     assert _holding(ws, SECRET) == []
     assert _holding(ws, KEPT_ROW)  # a row that does not match stays
@@ -192,10 +195,12 @@ def test_dry_run_changes_nothing_and_shows_the_rows(world):
         return {str(p): p.read_bytes() for root in (ws.datasets_dir, ws.feedback_root, ws.artifact_root)
                 for p in root.rglob("*") if p.is_file()}
 
+    (ws.stems_dir / "stem-0.safetensors").write_bytes(b"states")
     before = tree()
     out = CliRunner().invoke(app, ["data", "forget", "--contains", SECRET, "--dry-run", "-w", str(ws.root)],
                              env={"COLUMNS": "300"})
     assert out.exit_code == 0, out.output
+    assert "stored frozen-layer states" in out.output and (ws.stems_dir / "stem-0.safetensors").exists()
     assert "would remove" in out.output and v1.id in out.output and "QUARTERMAINE" in out.output  # the terminal
     assert f"{NAME} version 1" in out.output
     assert tree() == before

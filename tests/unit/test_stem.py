@@ -7,7 +7,10 @@ of the one pass that computes the states and of the training batches are not the
 
 from __future__ import annotations
 
+import json
 import logging
+import os
+import time
 
 import pytest
 import torch
@@ -174,3 +177,74 @@ def test_trainings_sharing_a_memo_compute_the_frozen_layers_once(tiny_model_dir,
     assert second_calls == 0 and "reusing the 1 frozen decoder layers' states" in caplog.text
     torch.testing.assert_close(torch.tensor(second), torch.tensor(alone), rtol=1e-4, atol=1e-5)
     assert pickle.loads(pickle.dumps(memo)).nbytes == 0  # sent to another process: starts empty
+
+
+def test_a_later_run_reads_the_stored_states_and_learns_the_same(tiny_model_dir, tokenizer, tmp_path, caplog):
+    """Two epochs, the states stored in a folder: a second training on the same rows and base model
+    reads them instead of computing them (the frozen layer runs once, for the check against the
+    model's own forward) and every step's loss is the first training's."""
+    from tuneline.train.stem import StemStore
+
+    rows, store = _rows(), StemStore(tmp_path / "stems")
+    first, first_calls = _train(tiny_model_dir, tokenizer, tmp_path / "a", rows, 2, cache=True, stem_store=store)
+    assert len(list(store.folder.glob("stem-*.safetensors"))) == 1 and 0 < first_calls <= 3
+    with caplog.at_level(logging.INFO, logger="tuneline.train.stem"):
+        again, again_calls = _train(tiny_model_dir, tokenizer, tmp_path / "b", rows, 2, cache=True, stem_store=store)
+    assert "read the 1 frozen decoder layers' states of 24 examples" in caplog.text
+    assert again_calls == 1  # the check of one example; no batch of states computed
+    assert again == first  # the same states, byte for byte: the same steps
+
+
+def test_the_stored_states_are_found_only_for_the_same_rows_and_frozen_weights(tiny_model_dir, tokenizer):
+    """The key covers what the states are computed from: another row, another weight in the stem or
+    another precision is another key; a weight above the stem (trained, never cached) is not."""
+    from tuneline.train.loop import encode_all
+    from tuneline.train.stem import stem_key
+
+    model = lora_model(tiny_model_dir, layers=1)
+    encoded = encode_all(tokenizer, _rows(), 256)[0]
+    key = stem_key(model, encoded, 1, 0, "fp32")
+    assert stem_key(model, encoded, 1, 0, "fp32") == key
+    assert stem_key(model, encoded[:-1], 1, 0, "fp32") != key
+    assert stem_key(model, encoded, 1, 0, "bf16") != key
+    decoder = model.base_model.model.model
+    with torch.no_grad():
+        decoder.layers[1].mlp.down_proj.base_layer.weight[0, 0] += 1.0  # above the stem
+        assert stem_key(model, encoded, 1, 0, "fp32") == key
+        decoder.layers[0].mlp.down_proj.weight[0, 0] += 1.0  # in the stem
+        assert stem_key(model, encoded, 1, 0, "fp32") != key
+
+
+def test_stored_states_that_no_longer_match_are_computed_again(tiny_model_dir, tokenizer, tmp_path, caplog):
+    """A stored file whose states are wrong (here: zeroed) fails the check against the model's own
+    forward; the training computes them again and learns what it would without the store."""
+    from safetensors.torch import load_file, save_file
+
+    from tuneline.train.stem import StemStore
+
+    rows, store = _rows(), StemStore(tmp_path / "stems")
+    first, _ = _train(tiny_model_dir, tokenizer, tmp_path / "a", rows, 2, cache=True, stem_store=store)
+    (path,) = store.folder.glob("stem-*.safetensors")
+    with path.open("rb") as f:
+        meta = json.loads(f.read(int.from_bytes(f.read(8), "little")))["__metadata__"]
+    save_file({k: torch.zeros_like(v) for k, v in load_file(str(path)).items()}, str(path), metadata=meta)
+    with caplog.at_level(logging.INFO, logger="tuneline.train.stem"):
+        again, calls = _train(tiny_model_dir, tokenizer, tmp_path / "b", rows, 2, cache=True, stem_store=store)
+    assert "the stored frozen-layer states differ from the model's own forward pass" in caplog.text
+    assert "computed the 1 frozen decoder layers once for 24 examples" in caplog.text and calls > 1
+    torch.testing.assert_close(torch.tensor(again), torch.tensor(first), rtol=1e-4, atol=1e-5)
+
+
+def test_the_store_keeps_the_newest_stems(tmp_path):
+    from tuneline.train.stem import Stem, StemStore
+
+    store = StemStore(tmp_path)
+    stem = Stem(1, [torch.zeros(0, 4)], [0, 0], [torch.ones(2, 4), torch.ones(3, 4)])
+    for age, key in ((30, "a"), (20, "b"), (0, "c")):  # written in this order, a the oldest
+        store.save(key, stem)
+        then = time.time() - age
+        os.utime(store.path(key), (then, then))
+    assert sorted(p.name for p in tmp_path.glob("stem-*")) == ["stem-b.safetensors", "stem-c.safetensors"]
+    loaded = store.load("c")
+    assert loaded is not None and loaded.batch_of == [0, 0] and [t.shape for t in loaded.own] == [(2, 4), (3, 4)]
+    assert store.load("a") is None

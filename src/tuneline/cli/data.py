@@ -217,6 +217,9 @@ def _print_forget(result: ForgetResult) -> None:
         shown += result.log.shown
     for path, n in result.files.items():
         p(f"  {escape(path)}: {n:,} lines", soft_wrap=True)
+    if result.stems:
+        p(f"  stored frozen-layer states (stems/, computed from training rows; recomputed when needed): {result.stems}",
+          soft_wrap=True)
     if result.dry_run:
         for text in shown[:50]:
             p(f"    - {escape(text[:200])}", soft_wrap=True, highlight=False)

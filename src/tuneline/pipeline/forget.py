@@ -52,6 +52,7 @@ class ForgetResult:
     sources: list[str] = field(default_factory=list)  # source lines (file:line) that still hold matching rows
     residue: list[str] = field(default_factory=list)  # other workspace files still holding matching text
     fetched: list[str] = field(default_factory=list)  # versions fetched from the tracking store to be erased
+    stems: int = 0  # stored frozen-layer states (the workspace's stems/) removed: computed from training rows
 
     @property
     def affected(self) -> list[str]:
@@ -71,6 +72,7 @@ class ForgetResult:
             "source_lines_still_matching": len(self.sources),
             "workspace_files_still_matching": len(self.residue),
             "versions_fetched": len(self.fetched),
+            "stems": self.stems,
         }
 
 
@@ -105,10 +107,22 @@ def forget(ws: Workspace, query: Query, *, dry_run: bool = False, uri: str | Non
         result.models = (registry.trained_on(uri, result.affected) if dry_run
                          else registry.mark_erasure(uri, result.affected, result.erasure_id))
     result.sources = _source_lines(result.versions, specs, query)
+    if result.affected:
+        result.stems = _drop_stems(ws, dry_run)
     if not dry_run:
         result.residue = residue(ws.root, query, skip=(ws.erasure_dir,))
         _audit(ws, result)
     return result
+
+
+def _drop_stems(ws: Workspace, dry_run: bool) -> int:
+    """Remove every stored stem (frozen-layer states of training rows: vectors, not text, but computed
+    from the rows; a cache the next training computes again); how many (would be) removed."""
+    stems = sorted(ws.stems_dir.glob("stem-*.safetensors"))
+    if not dry_run:
+        for path in stems:
+            path.unlink(missing_ok=True)
+    return len(stems)
 
 
 def _fetch_logged_versions(ws: Workspace, uri: str) -> list[str]:

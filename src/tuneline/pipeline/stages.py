@@ -75,6 +75,7 @@ from tuneline.train.loop import save_adapter, steps_per_epoch
 from tuneline.train.peft_builders import is_prompt_learning
 from tuneline.train.ranks import TrainJob, send_job
 from tuneline.train.ray_train import RayJob, ray_run_name, train_on_ray
+from tuneline.train.stem import StemStore
 from tuneline.tune import SearchOptions, SearchResult, best_train, search
 from tuneline.tune.report import search_table
 from tuneline.workspace import RunState
@@ -370,7 +371,7 @@ def train_or_reuse(ctx: RunContext, plan: TrainingPlan, tracked: Tracked, untouc
         model, result = trainer(cfg, model, ctx.tokenizer, plan.data.train, ctx.run_dir, TrainOptions(
             resume=resume, eval_examples=_eval_loss_rows(plan), fingerprint=plan.fingerprint,
             device=plan.compute.device, on_step=on_step, show_progress=ctx.show_progress,
-            early_stopping=_early_stopping(ctx, plan), world=world))
+            early_stopping=_early_stopping(ctx, plan), world=world, stem_store=StemStore(ctx.workspace.stems_dir)))
     if cfg.method == "dpo":
         _preference_phase(ctx, plan, model, resume)
     _log_result(result)

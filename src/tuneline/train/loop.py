@@ -53,6 +53,7 @@ from tuneline.train.peft_builders import count_parameters, is_prompt_learning, w
 from tuneline.train.stem import (
     Stem,
     StemMemo,
+    StemStore,
     build_stem,
     estimated_bytes,
     memory_budget,
@@ -115,7 +116,8 @@ class TrainOptions:
     called on every rank after each checkpoint during training, with the checkpoint's folder on the
     rank that wrote it and None on the others (Ray Train reports it to its storage). ``stem_memo``:
     frozen-layer states shared with other trainings on the same ``encoded_train`` list and base model
-    (a search's trials; :class:`~tuneline.train.stem.StemMemo`)."""
+    (a search's trials; :class:`~tuneline.train.stem.StemMemo`); ``stem_store``: where they are kept
+    on disk for later runs (:class:`~tuneline.train.stem.StemStore`)."""
 
     eval_examples: list[Example] | None = None
     resume: bool = False
@@ -128,6 +130,7 @@ class TrainOptions:
     world: World | None = None
     on_checkpoint: Callable[[int, Path | None], None] | None = None
     stem_memo: StemMemo | None = None
+    stem_store: StemStore | None = None
 
 
 @dataclass
@@ -502,7 +505,7 @@ def _frozen_stem(model: torch.nn.Module, cfg: TrainSpec, encoded: list[Encoded],
             log.info("not caching the %d frozen decoder layers: their states would take %.1f GB, over the %.1f GB "
                      "left of the budget; they are computed in every step", depth, need / 1e9, budget / 1e9)
             return None
-        return build_stem(model, encoded, depth, pad_id, precision, device, opts.show_progress)
+        return build_stem(model, encoded, depth, pad_id, precision, device, opts.show_progress, opts.stem_store)
 
     return build() if memo is None else memo.get(depth, precision, build)
 

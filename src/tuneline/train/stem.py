@@ -18,12 +18,15 @@ as before.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, cast
 
 from tuneline.runtime import autocast_for, cache_argument_of
@@ -44,6 +47,9 @@ MEMORY_FRACTION = 0.25
 
 # Examples per batch of the one pass that computes the states (padded, sorted by length).
 BUILD_BATCH = 64
+
+# The layout of a stored stem (StemStore); part of its key.
+STORE_FORMAT = 1
 
 
 class Decoder(Protocol):
@@ -151,6 +157,93 @@ class StemMemo:
             return stem
 
 
+class StemStore:
+    """Frozen-layer states kept on disk between runs (a workspace's ``stems`` folder): a team that
+    trains again on the same rows and base model with other hyperparameters skips the pass over the
+    frozen layers. A stem is found by :func:`stem_key`, a hash of everything its states are computed
+    from (the stem's own weights and buffers, the model's config, every example's tokens, the depth,
+    the precision, the padding token, the build's batching and torch's version), and checked again
+    on loading against the decoder's own forward pass for one example (:func:`_agrees`), so a
+    loaded stem is the one :func:`build_stem` would compute, to rounding. The newest :data:`KEEP`
+    stems stay; older ones are removed when a new one is written."""
+
+    KEEP = 2
+
+    def __init__(self, folder: str | Path) -> None:
+        self.folder = Path(folder)
+
+    def path(self, key: str) -> Path:
+        return self.folder / f"stem-{key}.safetensors"
+
+    def load(self, key: str) -> Stem | None:
+        """The stem stored under ``key``; None when there is none or it cannot be read (logged)."""
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        path = self.path(key)
+        if not path.is_file():
+            return None
+        try:
+            tensors = load_file(str(path))
+            with path.open("rb") as f:  # the header's metadata: depth and each example's batch
+                meta = json.loads(f.read(int.from_bytes(f.read(8), "little")))["__metadata__"]
+            batch_of = [int(b) for b in json.loads(meta["batch_of"])]
+            stem = Stem(int(meta["depth"]), [tensors[f"prefix.{b}"] for b in range(int(meta["batches"]))], batch_of,
+                        [tensors[f"own.{i}"] for i in range(len(batch_of))])
+        except (OSError, ValueError, KeyError, SafetensorError) as e:
+            log.warning("could not read the stored frozen-layer states %s (%s); computing them again", path, e)
+            return None
+        os.utime(path)  # the newest used is kept longest
+        return stem
+
+    def save(self, key: str, stem: Stem) -> None:
+        """Write ``stem`` under ``key`` (atomically), then remove all but the newest :data:`KEEP`."""
+        from safetensors.torch import save_file
+
+        self.folder.mkdir(parents=True, exist_ok=True)
+        tensors = {f"prefix.{b}": t.contiguous() for b, t in enumerate(stem.prefixes)}
+        tensors.update({f"own.{i}": t.contiguous() for i, t in enumerate(stem.own)})
+        meta = {"depth": str(stem.depth), "batches": str(len(stem.prefixes)), "batch_of": json.dumps(stem.batch_of)}
+        tmp = self.path(key).with_suffix(f".tmp-{os.getpid()}")
+        try:
+            save_file(tensors, str(tmp), metadata=meta)
+            os.replace(tmp, self.path(key))
+        except OSError as e:  # a full disk: this run keeps its states in memory all the same
+            tmp.unlink(missing_ok=True)
+            log.warning("could not store the frozen-layer states in %s (%s)", self.folder, e)
+            return
+        stored = sorted(self.folder.glob("stem-*.safetensors"), key=lambda p: p.stat().st_mtime, reverse=True)
+        for old in stored[self.KEEP:]:
+            old.unlink(missing_ok=True)
+        log.info("stored the frozen-layer states in %s (%.0f MB) for later runs on the same rows and base model",
+                 self.path(key), stem.nbytes / 2**20)
+
+
+def stem_key(model: torch.nn.Module, encoded: Sequence[Encoded], depth: int, pad_id: int, precision: str) -> str:
+    """A hash of everything the states of :func:`build_stem` are computed from: the embeddings and the
+    first ``depth`` decoder layers (weights and buffers, byte for byte), the rotary embedding's
+    buffers, the model's config, every example's tokens in order, the padding token, the precision,
+    the build's batch size, this module's format and torch's version."""
+    import torch
+
+    decoder = decoder_of(model)
+    h = hashlib.blake2b(digest_size=20)
+    head = {"format": STORE_FORMAT, "depth": depth, "pad_id": pad_id, "precision": precision,
+            "build_batch": BUILD_BATCH, "torch": torch.__version__, "config": decoder.config.to_dict()}
+    h.update(json.dumps(head, sort_keys=True, default=str).encode())
+    parts = [("embed", decoder.embed_tokens), ("rotary", decoder.rotary_emb),
+             *((f"layer{i}", decoder.layers[i]) for i in range(depth))]
+    for prefix, module in parts:
+        for name, tensor in [*module.named_parameters(), *module.named_buffers()]:
+            data = tensor.detach().contiguous().cpu()
+            h.update(f"{prefix}.{name}:{data.dtype}:{tuple(data.shape)}".encode())
+            h.update(data.reshape(-1).view(torch.uint8).numpy().tobytes())
+    for e in encoded:
+        h.update(len(e.input_ids).to_bytes(4, "little"))
+        h.update(torch.tensor(e.input_ids, dtype=torch.int64).numpy().tobytes())
+    return h.hexdigest()
+
+
 def estimated_bytes(model: torch.nn.Module, encoded: Sequence[Encoded], precision: str) -> int:
     """What :func:`build_stem` would hold: one hidden vector per token (shared prefixes counted per example,
     an upper bound)."""
@@ -164,43 +257,63 @@ def memory_budget() -> int:
 
 
 def build_stem(model: torch.nn.Module, encoded: Sequence[Encoded], depth: int, pad_id: int, precision: str,
-               device: str, show_progress: bool = False) -> Stem | None:
+               device: str, show_progress: bool = False, store: StemStore | None = None) -> Stem | None:
     """Compute every example's states at the top of the first ``depth`` decoder layers, without
     gradients, in length-sorted batches of :data:`BUILD_BATCH` whose shared prefix is computed once
-    (``show_progress``: a progress bar over the examples). None, with a warning, when the first
-    example's states differ from what the decoder's own forward computes for it (a layout this
-    module runs wrongly, such as scaled embeddings): training then computes every layer."""
+    (``show_progress``: a progress bar over the examples), or read them from ``store`` when it holds
+    them (and write them there otherwise). None, with a warning, when the shortest example's states
+    differ from what the decoder's own forward computes for it (a layout this module runs wrongly,
+    such as scaled embeddings): training then computes every layer."""
     import torch
 
     decoder = decoder_of(model)
+    shortest = min(range(len(encoded)), key=lambda i: len(encoded[i].input_ids))
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), autocast_for(precision, device):
+            key = stem_key(model, encoded, depth, pad_id, precision) if store is not None else ""
+            stored = store.load(key) if store is not None else None
+            if stored is not None and len(stored.own) == len(encoded) and _agrees(
+                    decoder, encoded[shortest], stored.own[shortest], stored.prefixes[stored.batch_of[shortest]], depth,
+                    device, quiet=True):
+                log.info("read the %d frozen decoder layers' states of %d examples from %s; training starts each "
+                         "step at layer %d", depth, len(encoded), store.path(key) if store else "", depth)
+                return stored
+            stem = _compute(decoder, encoded, depth, pad_id, device, show_progress)
+            if not _agrees(decoder, encoded[shortest], stem.own[shortest], stem.prefixes[stem.batch_of[shortest]],
+                           depth, device):
+                return None
+    finally:
+        model.train(was_training)
+    if store is not None:
+        store.save(key, stem)
+    return stem
+
+
+def _compute(decoder: Decoder, encoded: Sequence[Encoded], depth: int, pad_id: int, device: str,
+             show_progress: bool) -> Stem:
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i].input_ids))
     prefixes: list[torch.Tensor] = []
     batch_of = [0] * len(encoded)
     own: list[torch.Tensor | None] = [None] * len(encoded)
     t0 = time.perf_counter()
     log.info("computing the %d frozen decoder layers once for %d examples", depth, len(encoded))
-    was_training = model.training
-    model.eval()
     progress = progress_bar(enabled=show_progress)
-    try:
-        with torch.no_grad(), autocast_for(precision, device), progress:
-            task = progress.add_task(f"frozen layers 0-{depth - 1}, once", total=len(encoded))
-            for start in range(0, len(order), BUILD_BATCH):
-                chunk = order[start : start + BUILD_BATCH]
-                batch = collate([encoded[i] for i in chunk], pad_id, multiple=1, share_prefix=True)
-                batch = {k: v.to(device) if hasattr(v, "to") else v for k, v in batch.items()}  # type: ignore[assignment]
-                embeds = decoder.embed_tokens(batch["input_ids"])
-                prefix_out, rows = forward_layers(decoder, 0, depth, embeds, batch)
-                p = int(batch.get("prefix_len", 0))
-                prefixes.append(prefix_out[0].cpu() if prefix_out is not None else embeds.new_zeros((0, embeds.shape[-1])).cpu())
-                for row, i in enumerate(chunk):
-                    batch_of[i] = len(prefixes) - 1
-                    own[i] = rows[row, : len(encoded[i].input_ids) - p].cpu().clone()
-                progress.advance(task, len(chunk))
-            if not _agrees(decoder, encoded[order[0]], cast("torch.Tensor", own[order[0]]), prefixes[0], depth, device):
-                return None
-    finally:
-        model.train(was_training)
+    with progress:
+        task = progress.add_task(f"frozen layers 0-{depth - 1}, once", total=len(encoded))
+        for start in range(0, len(order), BUILD_BATCH):
+            chunk = order[start : start + BUILD_BATCH]
+            batch = collate([encoded[i] for i in chunk], pad_id, multiple=1, share_prefix=True)
+            batch = {k: v.to(device) if hasattr(v, "to") else v for k, v in batch.items()}  # type: ignore[assignment]
+            embeds = decoder.embed_tokens(batch["input_ids"])
+            prefix_out, rows = forward_layers(decoder, 0, depth, embeds, batch)
+            p = int(batch.get("prefix_len", 0))
+            prefixes.append(prefix_out[0].cpu() if prefix_out is not None else embeds.new_zeros((0, embeds.shape[-1])).cpu())
+            for row, i in enumerate(chunk):
+                batch_of[i] = len(prefixes) - 1
+                own[i] = rows[row, : len(encoded[i].input_ids) - p].cpu().clone()
+            progress.advance(task, len(chunk))
     stem = Stem(depth, prefixes, batch_of, cast("list[torch.Tensor]", own))
     log.info("computed the %d frozen decoder layers once for %d examples in %.1fs (%.0f MB); training starts "
              "each step at layer %d", depth, len(encoded), time.perf_counter() - t0, stem.nbytes / 2**20, depth)
@@ -208,10 +321,11 @@ def build_stem(model: torch.nn.Module, encoded: Sequence[Encoded], depth: int, p
 
 
 def _agrees(decoder: Decoder, example: Encoded, own: torch.Tensor, prefix: torch.Tensor, depth: int,
-            device: str) -> bool:
+            device: str, quiet: bool = False) -> bool:
     """Whether ``example``'s states (``prefix`` then ``own``) match the decoder's own forward pass at
     the input of layer ``depth``: to rounding (relative norm of the difference within 1e-3 in fp32,
-    5e-2 in half precision)."""
+    5e-2 in half precision). ``quiet``: a mismatch is logged at INFO, not as a warning (stored states
+    that no longer match are computed again)."""
     import torch
 
     states = torch.cat([prefix, own]).float()
@@ -221,6 +335,10 @@ def _agrees(decoder: Decoder, example: Encoded, own: torch.Tensor, prefix: torch
     bound = 1e-3 if own.dtype in (torch.float32, torch.float64) else 5e-2
     if error <= bound:
         return True
+    if quiet:
+        log.info("the stored frozen-layer states differ from the model's own forward pass (relative error %.2g): "
+                 "computing them again", error)
+        return False
     log.warning("not caching the %d frozen decoder layers: the states computed for them differ from the model's "
                 "own forward pass (relative error %.2g); every step computes every layer", depth, error)
     return False

@@ -384,7 +384,8 @@ def _context(ctx: RunContext, data: PreparedData, study: _Study, parent: str,
             "a search scores trials on the validation split, and this spec has none",
             field="data.eval", hint="add data.eval, or set curation.split.validation above 0 (never search on the test set)"))
     return TrialContext(
-        spec=spec, source=ctx.source, models_dir=ctx.workspace.models_dir, tokenizer=ctx.tokenizer,
+        spec=spec, source=ctx.source, models_dir=ctx.workspace.models_dir, stems_dir=ctx.workspace.stems_dir,
+        tokenizer=ctx.tokenizer,
         train=train_rows, encoded=encode_all(ctx.tokenizer, train_rows, spec.train.seq_len),  # once, for every trial
         validation=sample_rows(data.eval, spec.search.eval_rows, spec.search.seed), labels=data.labels,
         metric=study.metric, maximize=study.direction == "maximize", device=ctx.compute.device,

@@ -28,7 +28,7 @@ from tuneline.spec.models import Spec
 from tuneline.tracking import flatten
 from tuneline.train import EarlyStoppingCheck, TrainOptions, train
 from tuneline.train.loop import optimizer_steps, steps_per_epoch
-from tuneline.train.stem import StemMemo
+from tuneline.train.stem import StemMemo, StemStore
 from tuneline.tune.space import ParamValue, apply_params
 
 if TYPE_CHECKING:
@@ -65,6 +65,7 @@ class TrialContext:
     extra_tags: dict[str, str] = field(default_factory=dict)
     # the frozen layers' states (lora.layers), computed by the first trial that needs them, reused by the rest
     stem_memo: StemMemo = field(default_factory=StemMemo)
+    stems_dir: Path | None = None  # the workspace's stored frozen-layer states (StemStore)
 
 
 @dataclass
@@ -118,7 +119,7 @@ def run_trial(ctx: TrialContext, key: str, params: dict[str, ParamValue], report
         model = load_model(ctx.source, ctx.models_dir, device=compute.device, dtype=compute.base_dtype)
         _, result = train(cfg, model, ctx.tokenizer, ctx.train, out, TrainOptions(
             device=compute.device, show_progress=False, early_stopping=check, encoded_train=encoded,
-            stem_memo=ctx.stem_memo))
+            stem_memo=ctx.stem_memo, stem_store=StemStore(ctx.stems_dir) if ctx.stems_dir else None))
     except TrialPruned:
         client.set_tag(run_id, "tuneline.trial_state", "pruned")
         client.set_terminated(run_id, "KILLED")
