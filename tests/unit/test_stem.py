@@ -7,7 +7,6 @@ of the one pass that computes the states and of the training batches are not the
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
@@ -218,6 +217,7 @@ def test_the_stored_states_are_found_only_for_the_same_rows_and_frozen_weights(t
 def test_stored_states_that_no_longer_match_are_computed_again(tiny_model_dir, tokenizer, tmp_path, caplog):
     """A stored file whose states are wrong (here: zeroed) fails the check against the model's own
     forward; the training computes them again and learns what it would without the store."""
+    from safetensors import safe_open
     from safetensors.torch import load_file, save_file
 
     from tuneline.train.stem import StemStore
@@ -225,8 +225,8 @@ def test_stored_states_that_no_longer_match_are_computed_again(tiny_model_dir, t
     rows, store = _rows(), StemStore(tmp_path / "stems")
     first, _ = _train(tiny_model_dir, tokenizer, tmp_path / "a", rows, 2, cache=True, stem_store=store)
     (path,) = store.folder.glob("stem-*.safetensors")
-    with path.open("rb") as f:
-        meta = json.loads(f.read(int.from_bytes(f.read(8), "little")))["__metadata__"]
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
     save_file({k: torch.zeros_like(v) for k, v in load_file(str(path)).items()}, str(path), metadata=meta)
     with caplog.at_level(logging.INFO, logger="tuneline.train.stem"):
         again, calls = _train(tiny_model_dir, tokenizer, tmp_path / "b", rows, 2, cache=True, stem_store=store)
@@ -248,3 +248,5 @@ def test_the_store_keeps_the_newest_stems(tmp_path):
     loaded = store.load("c")
     assert loaded is not None and loaded.batch_of == [0, 0] and [t.shape for t in loaded.own] == [(2, 4), (3, 4)]
     assert store.load("a") is None
+    store.path("c").write_bytes(b"not a safetensors file")  # damaged: not read, computed again by the caller
+    assert store.load("c") is None

@@ -18,6 +18,7 @@ as before.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -177,23 +178,26 @@ class StemStore:
 
     def load(self, key: str) -> Stem | None:
         """The stem stored under ``key``; None when there is none or it cannot be read (logged)."""
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
+        from safetensors import SafetensorError, safe_open
 
         path = self.path(key)
         if not path.is_file():
             return None
         try:
-            tensors = load_file(str(path))
-            with path.open("rb") as f:  # the header's metadata: depth and each example's batch
-                meta = json.loads(f.read(int.from_bytes(f.read(8), "little")))["__metadata__"]
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}  # the depth, the batches, each example's batch
+                tensors = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118 (not a dict)
             batch_of = [int(b) for b in json.loads(meta["batch_of"])]
-            stem = Stem(int(meta["depth"]), [tensors[f"prefix.{b}"] for b in range(int(meta["batches"]))], batch_of,
+            batches = int(meta["batches"])
+            if not all(0 <= b < batches for b in batch_of):
+                raise ValueError("an example names a batch the file does not hold")
+            stem = Stem(int(meta["depth"]), [tensors[f"prefix.{b}"] for b in range(batches)], batch_of,
                         [tensors[f"own.{i}"] for i in range(len(batch_of))])
         except (OSError, ValueError, KeyError, SafetensorError) as e:
             log.warning("could not read the stored frozen-layer states %s (%s); computing them again", path, e)
             return None
-        os.utime(path)  # the newest used is kept longest
+        with contextlib.suppress(OSError):  # the newest used is kept longest (gone meanwhile: no matter)
+            os.utime(path)
         return stem
 
     def save(self, key: str, stem: Stem) -> None:
@@ -212,11 +216,19 @@ class StemStore:
             tmp.unlink(missing_ok=True)
             log.warning("could not store the frozen-layer states in %s (%s)", self.folder, e)
             return
-        stored = sorted(self.folder.glob("stem-*.safetensors"), key=lambda p: p.stat().st_mtime, reverse=True)
-        for old in stored[self.KEEP:]:
+        for old in self._by_age()[self.KEEP:]:
             old.unlink(missing_ok=True)
         log.info("stored the frozen-layer states in %s (%.0f MB) for later runs on the same rows and base model",
                  self.path(key), stem.nbytes / 2**20)
+
+
+    def _by_age(self) -> list[Path]:
+        """The stored stems, newest first (one another process removes meanwhile is left out)."""
+        dated = []
+        for path in self.folder.glob("stem-*.safetensors"):
+            with contextlib.suppress(OSError):
+                dated.append((path.stat().st_mtime, path))
+        return [path for _, path in sorted(dated, reverse=True)]
 
 
 def stem_key(model: torch.nn.Module, encoded: Sequence[Encoded], depth: int, pad_id: int, precision: str) -> str:
