@@ -32,6 +32,7 @@ from tuneline.errors import DataError
 from tuneline.monitor.erasure import LogErasure, erase_feedback_files, erase_log
 from tuneline.monitor.store import RequestLog
 from tuneline.spec import load_spec
+from tuneline.train.stem import StemStore
 from tuneline.workspace import Workspace
 
 ACTION = "data.forget"
@@ -118,7 +119,7 @@ def forget(ws: Workspace, query: Query, *, dry_run: bool = False, uri: str | Non
 def _drop_stems(ws: Workspace, dry_run: bool) -> int:
     """Remove every stored stem (frozen-layer states of training rows: vectors, not text, but computed
     from the rows; a cache the next training computes again); how many (would be) removed."""
-    stems = sorted(ws.stems_dir.glob("stem-*.safetensors"))
+    stems = StemStore(ws.stems_dir).stored()
     if not dry_run:
         for path in stems:
             path.unlink(missing_ok=True)

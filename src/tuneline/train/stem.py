@@ -216,13 +216,12 @@ class StemStore:
             tmp.unlink(missing_ok=True)
             log.warning("could not store the frozen-layer states in %s (%s)", self.folder, e)
             return
-        for old in self._by_age()[self.KEEP:]:
+        for old in self.stored()[self.KEEP:]:
             old.unlink(missing_ok=True)
         log.info("stored the frozen-layer states in %s (%.0f MB) for later runs on the same rows and base model",
                  self.path(key), stem.nbytes / 2**20)
 
-
-    def _by_age(self) -> list[Path]:
+    def stored(self) -> list[Path]:
         """The stored stems, newest first (one another process removes meanwhile is left out)."""
         dated = []
         for path in self.folder.glob("stem-*.safetensors"):
@@ -286,15 +285,13 @@ def build_stem(model: torch.nn.Module, encoded: Sequence[Encoded], depth: int, p
         with torch.no_grad(), autocast_for(precision, device):
             key = stem_key(model, encoded, depth, pad_id, precision) if store is not None else ""
             stored = store.load(key) if store is not None else None
-            if stored is not None and len(stored.own) == len(encoded) and _agrees(
-                    decoder, encoded[shortest], stored.own[shortest], stored.prefixes[stored.batch_of[shortest]], depth,
-                    device, quiet=True):
+            if (stored is not None and len(stored.own) == len(encoded)
+                    and _agrees(decoder, stored, encoded[shortest], shortest, device, quiet=True)):
                 log.info("read the %d frozen decoder layers' states of %d examples from %s; training starts each "
-                         "step at layer %d", depth, len(encoded), store.path(key) if store else "", depth)
+                         "step at layer %d", depth, len(encoded), cast("StemStore", store).path(key), depth)
                 return stored
             stem = _compute(decoder, encoded, depth, pad_id, device, show_progress)
-            if not _agrees(decoder, encoded[shortest], stem.own[shortest], stem.prefixes[stem.batch_of[shortest]],
-                           depth, device):
+            if not _agrees(decoder, stem, encoded[shortest], shortest, device):
                 return None
     finally:
         model.train(was_training)
@@ -332,19 +329,18 @@ def _compute(decoder: Decoder, encoded: Sequence[Encoded], depth: int, pad_id: i
     return stem
 
 
-def _agrees(decoder: Decoder, example: Encoded, own: torch.Tensor, prefix: torch.Tensor, depth: int,
-            device: str, quiet: bool = False) -> bool:
-    """Whether ``example``'s states (``prefix`` then ``own``) match the decoder's own forward pass at
-    the input of layer ``depth``: to rounding (relative norm of the difference within 1e-3 in fp32,
-    5e-2 in half precision). ``quiet``: a mismatch is logged at INFO, not as a warning (stored states
-    that no longer match are computed again)."""
+def _agrees(decoder: Decoder, stem: Stem, example: Encoded, index: int, device: str, quiet: bool = False) -> bool:
+    """Whether ``stem``'s states of ``example`` (its example ``index``) match the decoder's own forward
+    pass at the input of layer ``stem.depth``: to rounding (relative norm of the difference within
+    1e-3 in fp32, 5e-2 in half precision). ``quiet``: a mismatch is logged at INFO, not as a warning
+    (stored states that no longer match are computed again)."""
     import torch
 
-    states = torch.cat([prefix, own]).float()
+    states, depth = stem.states(index), stem.depth
     want = decoder(input_ids=torch.tensor([example.input_ids], device=device),
                    output_hidden_states=True).hidden_states[depth][0].float().cpu()
-    error = float((states - want).norm() / want.norm().clamp_min(1e-12))
-    bound = 1e-3 if own.dtype in (torch.float32, torch.float64) else 5e-2
+    error = float((states.float() - want).norm() / want.norm().clamp_min(1e-12))
+    bound = 1e-3 if states.dtype in (torch.float32, torch.float64) else 5e-2
     if error <= bound:
         return True
     if quiet:
