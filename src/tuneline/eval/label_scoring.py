@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import time
+from contextlib import nullcontext
 from typing import TYPE_CHECKING, Any
 
 from tuneline.data.examples import Example
@@ -30,6 +31,7 @@ from tuneline.eval.generate import (
     prefix_cache,
     read_answer,
 )
+from tuneline.models import prefix_attention
 from tuneline.models.loading import inference_attention
 from tuneline.runtime.progress import progress_bar
 
@@ -60,19 +62,21 @@ def score_labels(model: Any, tokenizer: PreTrainedTokenizerBase, examples: list[
     bar = progress_bar(enabled=options.show_progress)
     with bar, torch.inference_mode(), inference_attention(model), options.autocast:
         task = bar.add_task(options.description, total=len(prompts))
-        shared: Any = None  # the shared prefix's KV cache, computed once and copied for each pass
+        shared: Any = None  # the shared prefix's KV cache, computed once
         if n_prefix:
             shared = prefix_cache(model, torch.tensor([prompts[0][:n_prefix]], device=options.device), 1)
-        for idx in _passes(order, [len(p) - n_prefix for p in prompts], options.batch_size):
-            rows = [prompts[i] for i in idx]
-            cache: Any = None
-            if shared is not None:
-                cache = copy.deepcopy(shared)
-                cache.batch_repeat_interleave(len(rows))
-            for i, path in zip(idx, _walk(model, tokenizer.pad_token_id, rows, n_prefix, cache, trie,
-                                          max_new_tokens, options.device), strict=True):
-                stopped[i], lengths[i], outputs[i] = read_answer(tokenizer, trie.decided(path), ends, ())
-            bar.update(task, advance=len(idx))
+        attend = prefix_attention.supports(model) and shared is not None
+        with prefix_attention.shared_prefix(model, prefix_attention.prefix_layers(shared)) if attend else nullcontext():
+            for idx in _passes(order, [len(p) - n_prefix for p in prompts], options.batch_size):
+                rows = [prompts[i] for i in idx]
+                cache: Any = None
+                if shared is not None and not attend:  # a copy of the prefix's cache for every row
+                    cache = copy.deepcopy(shared)
+                    cache.batch_repeat_interleave(len(rows))
+                for i, path in zip(idx, _walk(model, tokenizer.pad_token_id, rows, n_prefix, cache, trie,
+                                              max_new_tokens, options.device), strict=True):
+                    stopped[i], lengths[i], outputs[i] = read_answer(tokenizer, trie.decided(path), ends, ())
+                bar.update(task, advance=len(idx))
     return Generation(outputs, (time.perf_counter() - t0) / max(1, len(prompts)), stopped, lengths)
 
 
@@ -98,7 +102,8 @@ def _walk(model: Any, pad: int, rows: list[list[int]], n_prefix: int, cache: Any
           max_new_tokens: int, device: str) -> list[list[int]]:
     """Each row's greedy path through the trie: the allowed token of highest logit (the lowest id among
     equals, as decoding's argmax) until one label is left or ``max_new_tokens`` tokens. ``cache``: the
-    KV cache of the ``n_prefix`` tokens every row starts with, one copy a row (None without a prefix)."""
+    KV cache of the ``n_prefix`` tokens every row starts with, one copy a row; None without a prefix, or
+    when the model reads the prefix through :func:`tuneline.models.prefix_attention.shared_prefix`."""
     import torch
 
     ids, mask = pad_after_prefix(rows, rows[0][:n_prefix], pad)  # decoding's layout
@@ -106,8 +111,11 @@ def _walk(model: Any, pad: int, rows: list[list[int]], n_prefix: int, cache: Any
     positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
     cache_arg = generate_cache_argument(model)
     kwargs: dict[str, Any] = {cache_arg: cache} if cache is not None else {}
-    out = model(input_ids=ids[:, n_prefix:], attention_mask=mask, position_ids=positions[:, n_prefix:],
-                use_cache=True, logits_to_keep=1, **kwargs)
+    own = positions[:, n_prefix:]
+    if cache is None:  # no prefix, or one the attention reads on its own (prefix_attention): the rows' columns
+        mask, positions = mask[:, n_prefix:], own
+    out = model(input_ids=ids[:, n_prefix:], attention_mask=mask, position_ids=own, use_cache=True, logits_to_keep=1,
+                **kwargs)
     paths: list[list[int]] = [[] for _ in rows]
     live = list(range(len(rows)))  # rows in the batch, in its order
     while True:
