@@ -150,8 +150,11 @@ def seaweed_s3(root: Path, access_key: str, secret_key: str) -> Iterator[str]:
 def mlflow_server(root: Path, backend: str, endpoint: str, access_key: str, secret_key: str) -> Iterator[str]:
     """``mlflow server`` on 127.0.0.1 over PostgreSQL and the S3 bucket; yields its URL."""
     port = free_port()
+    # MLFLOW_SERVER_ENABLE_JOB_EXECUTION: the server's job runners (7 huey consumer processes, ~30 s of CPU
+    # to start here) run MLflow's GenAI jobs, which tuneline never submits (docs/team.md)
     env = {**os.environ, "AWS_ACCESS_KEY_ID": access_key, "AWS_SECRET_ACCESS_KEY": secret_key,
            "AWS_DEFAULT_REGION": REGION, "MLFLOW_S3_ENDPOINT_URL": endpoint,
+           "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     args = [str(Path(sys.executable).with_name("mlflow")), "server", "--backend-store-uri", backend,
             "--artifacts-destination", f"s3://{BUCKET}/mlartifacts", "--host", "127.0.0.1", "--port", str(port),

@@ -11,7 +11,8 @@ Every path inside the workspace is named here, and nowhere else::
                             (the studies in $TUNELINE_DATABASE_URL when set)
       compare/<spec>/       `tuneline compare`: compare.json and a folder per combination (adapter, results)
       mlflow.db, mlartifacts/  the local MLflow tracking store and its artifacts (unless
-                            $TUNELINE_TRACKING_URI names a team's tracking server)
+                            $TUNELINE_TRACKING_URI names a team's tracking server); a new store
+                            is copied from an empty one in ~/.cache/tuneline (seed_tracking_store)
       requests.db           the server's request and feedback log (or $TUNELINE_DATABASE_URL)
       feedback/<name>/      harvested feedback rows, retraining inputs, production adapters fetched
       adapters/<sha256>/    registered adapters `tuneline serve` downloaded, by their recorded tree hash
@@ -22,13 +23,22 @@ Every path inside the workspace is named here, and nowhere else::
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
+import shutil
+import sqlite3
+import tempfile
+import time
 from dataclasses import dataclass
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
 from tuneline.artifacts import atomic_write_text
+
+log = logging.getLogger(__name__)
 
 DEFAULT_DIRNAME = ".tuneline"
 RUN_STATE = "run.json"
@@ -156,8 +166,17 @@ class Workspace:
 
     @property
     def tracking_uri(self) -> str:
-        """``$TUNELINE_TRACKING_URI`` when set (a team's tracking server), else the workspace's own store."""
-        return os.environ.get(TRACKING_URI_ENV) or self.local_tracking_uri
+        """``$TUNELINE_TRACKING_URI`` when set (a team's tracking server), else the workspace's own store
+        (created from :func:`seed_tracking_store`'s empty store when the workspace has none yet)."""
+        if self.team_tracking_uri:
+            return self.team_tracking_uri
+        seed_tracking_store(self.root / "mlflow.db", self.artifact_root)
+        return self.local_tracking_uri
+
+    @property
+    def team_tracking_uri(self) -> str | None:
+        """``$TUNELINE_TRACKING_URI``, a team's tracking server, when set."""
+        return os.environ.get(TRACKING_URI_ENV) or None
 
     @property
     def local_tracking_uri(self) -> str:
@@ -193,3 +212,55 @@ class RunState:
 
     def write(self, **values: Any) -> None:
         atomic_write_text(self.path, json.dumps(values, indent=2))
+
+
+def seed_tracking_store(path: Path, artifact_root: Path) -> bool:
+    """Create the workspace's MLflow store at ``path``, when there is none, as a copy of an empty
+    store made once per MLflow version (in ``$XDG_CACHE_HOME/tuneline``, else ``~/.cache/tuneline``).
+
+    MLflow creates a new SQLite store by running its schema migrations, 2-3 s of a first command in
+    every new workspace (up to 8 s on a busy machine); the copy takes milliseconds. The copy is what
+    MLflow would have made, but for its ``Default`` experiment, which is given ``artifact_root/0``
+    and the current time. Returns whether it made the store; False (MLflow then creates it itself)
+    when ``path`` exists, or when the empty store cannot be made or read (a read-only home, say)."""
+    if path.exists():
+        return False
+    try:
+        template = _empty_tracking_store()
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(template, tmp)
+        try:
+            now = int(time.time() * 1000)
+            with contextlib.closing(sqlite3.connect(tmp)) as db, db:
+                changed = db.execute("UPDATE experiments SET artifact_location = ?, creation_time = ?, "
+                                     "last_update_time = ? WHERE experiment_id = 0",
+                                     (str(artifact_root.resolve() / "0"), now, now)).rowcount
+            if changed != 1:  # not a store MLflow made: made again next time
+                template.unlink(missing_ok=True)
+                raise ValueError(f"{template} holds no Default experiment")
+            os.link(tmp, path)  # never over a store another process made meanwhile
+        finally:
+            tmp.unlink(missing_ok=True)
+    except Exception as e:  # a shortcut only: whatever went wrong, MLflow creates the store as it would have
+        log.debug("no seeded MLflow store for %s (%s: %s): MLflow creates it", path, type(e).__name__, e)
+        return False
+    return True
+
+
+def _empty_tracking_store() -> Path:
+    """The empty MLflow store of the installed MLflow version, made on first use."""
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "tuneline"
+    template = cache / f"mlflow-{version('mlflow')}-new-store.db"
+    if template.is_file():
+        return template
+    from mlflow.store.tracking.sqlalchemy_store import (
+        SqlAlchemyStore,  # lazy: only the first store of a version
+    )
+
+    cache.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=cache) as tmp:
+        db = Path(tmp) / "mlflow.db"
+        SqlAlchemyStore(f"sqlite:///{db}", str(Path(tmp) / "artifacts")).engine.dispose()
+        os.replace(db, template)
+    return template

@@ -84,7 +84,7 @@ def forget(ws: Workspace, query: Query, *, dry_run: bool = False, uri: str | Non
     the request log (default: the workspace's ``requests.db``, when there); ``specs``: spec files
     whose sources are scanned for lines that still match."""
     result = ForgetResult(new_erasure_id(), dry_run, query)
-    if uri is not None or ws.tracking_uri != ws.local_tracking_uri or (ws.root / "mlflow.db").is_file():
+    if uri is not None or ws.team_tracking_uri or (ws.root / "mlflow.db").is_file():  # a store to erase from
         uri = uri or ws.tracking_uri
     shared = uri is not None and uri != ws.local_tracking_uri  # a team's server (or another workspace's store)
     if not dry_run:  # first: should a step below fail, later versions already drop the rows, and a rerun finishes
