@@ -16,8 +16,22 @@ from __future__ import annotations
 import argparse
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def demo_model() -> tuple[Any, Any, str, Any]:
+    """The demo's tokenizer and prepared data, the precision ``auto`` picks on this CPU, and the
+    built-in model loaded in it."""
+    from tuneline.context import open_context
+    from tuneline.models import load_model
+    from tuneline.runtime import resolve_precision
+
+    ctx = open_context(ROOT / "examples/banking77/tuneline.yaml")
+    precision = resolve_precision("auto", "cpu")
+    return ctx.tokenizer, ctx.data, precision, load_model(ctx.source, ctx.workspace.models_dir, device="cpu",
+                                                          dtype=precision)
 
 
 def main() -> None:
@@ -28,7 +42,6 @@ def main() -> None:
 
     import torch
 
-    from tuneline.context import open_context
     from tuneline.eval.generate import (
         GenerateOptions,
         LabelTrie,
@@ -39,15 +52,11 @@ def main() -> None:
         pad_after_prefix,
         prefix_cache,
     )
-    from tuneline.models import load_model
     from tuneline.models.loading import inference_attention
-    from tuneline.runtime import autocast_for, resolve_precision
+    from tuneline.runtime import autocast_for
     from tuneline.train.peft_builders import causal_lm_of
 
-    ctx = open_context(ROOT / "examples/banking77/tuneline.yaml")
-    tok, data = ctx.tokenizer, ctx.data
-    precision = resolve_precision("auto", "cpu")
-    model = load_model(ctx.source, ctx.workspace.models_dir, device="cpu", dtype=precision)
+    tok, data, precision, model = demo_model()
     rows = data.test[: args.rows]
     trie = LabelTrie(tok, data.labels or [], rows[0], tok.convert_tokens_to_ids(tok.eos_token))
     seconds, answers = {}, {}

@@ -14,11 +14,9 @@ compared row by row.
 from __future__ import annotations
 
 import argparse
+import importlib
 import random
 import time
-from pathlib import Path
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def main() -> None:
@@ -28,44 +26,36 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=128)
     args = parser.parse_args()
 
-    from tuneline.context import open_context
-    from tuneline.eval.generate import (
-        GenerateOptions,
-        LabelTrie,
-        common_prefix_len,
-        encode_prompt,
-        generate_detailed,
-    )
-    from tuneline.models import load_model, prefix_attention
-    from tuneline.retrieval.index import with_demonstrations, with_label_set
-    from tuneline.runtime import autocast_for, resolve_precision
+    from classify_eval import demo_model
 
-    ctx = open_context(ROOT / "examples/banking77/tuneline.yaml")
-    tok, data = ctx.tokenizer, ctx.data
+    gen = importlib.import_module("tuneline.eval.generate")  # the module: tuneline.eval.generate is also a function
+    from tuneline.models import prefix_attention
+    from tuneline.retrieval.index import with_demonstrations, with_label_set
+    from tuneline.runtime import autocast_for
+
+    tok, data, precision, model = demo_model()
     labels = data.labels or []
-    precision = resolve_precision("auto", "cpu")
-    model = load_model(ctx.source, ctx.workspace.models_dir, device="cpu", dtype=precision)
     rows = random.Random(0).sample(data.test, min(args.rows, len(data.test)))
     shots = random.Random(0).sample(data.train, 8)
     sets = {"prompt (the 77 labels)": [with_label_set(ex, labels) for ex in rows],
             "few_shot (8 examples)": [with_demonstrations(ex, shots) for ex in rows],
             "evaluation prompt": rows}
-    trie = LabelTrie(tok, labels, rows[0], tok.convert_tokens_to_ids(tok.eos_token))
+    trie = gen.LabelTrie(tok, labels, rows[0], tok.convert_tokens_to_ids(tok.eos_token))
     supports = prefix_attention.supports
     print(f"{len(rows)} rows, {precision}, batches of {args.batch_size}, best of {args.rounds} rounds")
     for name, prompts in sets.items():
-        encoded = [encode_prompt(tok, ex) for ex in prompts]
-        shared = common_prefix_len(encoded)
+        encoded = [gen.encode_prompt(tok, ex) for ex in prompts]
+        shared = gen.common_prefix_len(encoded)
         own = sum(len(p) - shared for p in encoded) / len(encoded)
         seconds: dict[bool, float] = {}
         answers: dict[bool, list[str]] = {}
         for _ in range(args.rounds):
             for once in (False, True):
                 prefix_attention.supports = supports if once else (lambda _model: False)  # type: ignore[assignment]
-                options = GenerateOptions(batch_size=args.batch_size, max_new_tokens=trie.max_len, labels=trie,
-                                          autocast=autocast_for(precision, "cpu"), show_progress=False)
+                options = gen.GenerateOptions(batch_size=args.batch_size, max_new_tokens=trie.max_len, labels=trie,
+                                              autocast=autocast_for(precision, "cpu"), show_progress=False)
                 t0 = time.perf_counter()
-                answers[once] = generate_detailed(model, tok, prompts, options).texts
+                answers[once] = gen.generate_detailed(model, tok, prompts, options).texts
                 seconds[once] = min(seconds.get(once, float("inf")), time.perf_counter() - t0)
         prefix_attention.supports = supports  # type: ignore[assignment]
         same = sum(a == b for a, b in zip(answers[False], answers[True], strict=True))
