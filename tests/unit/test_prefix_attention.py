@@ -102,3 +102,19 @@ def test_the_attention_refuses_to_run_without_its_prefix():
     query = torch.zeros(1, 2, 1, 4)
     with pytest.raises(RuntimeError, match="only inside"):
         prefix_attention.prefix_attention_forward(_Layer(0, 1), query, query, query, None)
+
+
+def test_a_model_with_a_sliding_window_or_capped_scores_keeps_its_own_attention(tiny_model_dir):
+    from transformers import AutoModelForCausalLM, MistralConfig, MistralForCausalLM
+
+    assert prefix_attention.supports(AutoModelForCausalLM.from_pretrained(tiny_model_dir))
+    windowed = MistralForCausalLM(MistralConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                                num_attention_heads=2, num_key_value_heads=1, sliding_window=8))
+    assert not prefix_attention.supports(windowed)
+    query = torch.zeros(1, 2, 1, 4)
+    token = prefix_attention._PREFIX.set([(query, query)])
+    try:
+        with pytest.raises(RuntimeError, match="sliding_window"):
+            prefix_attention.prefix_attention_forward(_Layer(0, 1), query, query, query, None, sliding_window=8)
+    finally:
+        prefix_attention._PREFIX.reset(token)

@@ -9,7 +9,10 @@ prompts' layout, positions and KV cache are decoding's (:func:`tuneline.eval.gen
 the shared prefix once per batch, each row's padding between that prefix and its own tokens), so
 the answers are decoding's, token for token (tested in float64). What goes is ``generate``'s
 per-step work for rows already decided, its logits processors and stopping criteria in Python,
-and its prefill padding: a batch's prompts are split where their lengths differ (``bench/classify_eval.py``)."""
+and its prefill padding: a batch's prompts are split where their lengths differ (``bench/classify_eval.py``).
+The shared prefix is computed once per call and, on a decoder that supports it, never copied:
+the KV cache holds each row's own tokens and the attention reads the prefix's keys and values
+once for all rows (:mod:`tuneline.models.prefix_attention`, ``bench/prefix_attention.py``)."""
 
 from __future__ import annotations
 

@@ -56,6 +56,9 @@ def prefix_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: 
     layers = _PREFIX.get()
     if layers is None:
         raise RuntimeError(f"the {NAME} attention runs only inside tuneline.models.prefix_attention.shared_prefix")
+    unsupported = [k for k in ("softcap", "sliding_window", "s_aux") if kwargs.get(k) is not None]
+    if unsupported:  # supports() keeps such models out; never attend without what the model asks for
+        raise RuntimeError(f"the {NAME} attention does not apply {', '.join(unsupported)}")
     prefix_k, prefix_v = layers[int(cast("int", module.layer_idx))]
     rows, heads, queries, dim = query.shape
     kv_heads, own = key.shape[1], key.shape[2]
@@ -119,12 +122,16 @@ def prefix_layers(cache: Any) -> list[tuple[torch.Tensor, torch.Tensor]]:
 
 def supports(model: Any) -> bool:
     """Whether ``model`` can attend through :func:`shared_prefix`: a transformers decoder whose
-    attention implementation can be switched, every layer full attention with its ``layer_idx``."""
+    attention implementation can be switched, every layer full attention with its ``layer_idx``,
+    no sliding window and no capped scores."""
     config = getattr(model, "config", None)
     if config is None or getattr(model, "set_attn_implementation", None) is None:
         return False
     if any(kind != "full_attention" for kind in getattr(config, "layer_types", None) or ()):
         return False
+    if getattr(config, "attn_logit_softcapping", None) or (
+            getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", None) is not False):
+        return False  # scores capped, or a window that would also hide part of the prefix
     attention = [m for m in model.modules() if type(m).__name__.endswith("Attention")]
     return bool(attention) and all(isinstance(getattr(m, "layer_idx", None), int) for m in attention)
 
@@ -133,7 +140,9 @@ def supports(model: Any) -> bool:
 def shared_prefix(model: Any, layers: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> Iterator[None]:
     """Within this block ``model`` attends to ``layers`` (each layer's prefix keys and values, one
     row) before each row's own tokens; its KV cache then holds the rows' own tokens only, and its
-    attention mask covers only them. The model's attention implementation is restored on exit."""
+    attention mask covers only them. The model's attention implementation is restored on exit.
+    The switch is the model's own setting: another thread that runs the same model meanwhile fails
+    loudly (the prefix is this context's, :data:`_PREFIX`), so it is not for a model a server shares."""
     _register()
     before = model.config._attn_implementation
     token = _PREFIX.set(layers)
