@@ -57,44 +57,6 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
         gc.freeze()
 
 
-@pytest.fixture(scope="session", autouse=True)
-def _mlflow_schema_built_once(tmp_path_factory: pytest.TempPathFactory):
-    """A new SQLite tracking store gets MLflow's schema by running its ~60 alembic migrations, about
-    2 s per store on this machine, and the suite creates well over a hundred stores (a workspace
-    each). MLflow's own ``_initialize_tables`` builds the schema once per test process; each new
-    empty SQLite store then receives a page-for-page copy of it (SQLite's backup API), the same
-    tables and ``alembic_version`` the migrations write. MLflow then creates its default experiment
-    itself, as on any fresh store. Other databases (PostgreSQL in the team tests) and the commands
-    tests start in their own processes run the migrations as usual."""
-    import sqlite3
-
-    import sqlalchemy
-    from mlflow.store.db import utils
-    from mlflow.store.model_registry import sqlalchemy_store as registry_store
-
-    real = utils._initialize_tables
-    template = tmp_path_factory.mktemp("mlflow-schema") / "schema.db"
-    engine = sqlalchemy.create_engine(f"sqlite:///{template}")
-    real(engine)
-    engine.dispose()
-
-    def initialize(engine: sqlalchemy.engine.Engine) -> None:
-        if engine.url.get_backend_name() != "sqlite" or not engine.url.database:
-            real(engine)
-            return
-        source, target = sqlite3.connect(template), engine.raw_connection()
-        try:
-            source.backup(target.driver_connection)
-        finally:
-            target.close()
-            source.close()
-
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(utils, "_initialize_tables", initialize)
-        patch.setattr(registry_store, "_initialize_tables", initialize)
-        yield
-
-
 @pytest.fixture(scope="session")
 def model_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One model cache for the whole session: the built-in GGUF is converted once. pytest-xdist's
