@@ -19,7 +19,7 @@ from helpers import (
 )
 
 from tuneline.data.tokenize import IGNORE_INDEX, Encoded
-from tuneline.train.batching import collate, collate_packed, pack_rows
+from tuneline.train.batching import collate, collate_packed, even_rows, pack_rows
 from tuneline.train.loss import answer_loss_sum, standard_loss_sum
 
 
@@ -40,6 +40,25 @@ def test_best_fit_decreasing_packs_every_example_once_within_capacity():
     assert len(rows) == 4 == -(-sum(lengths) // 40)  # 148 tokens: the minimum number of 40-token rows
     assert pack_rows(lengths, 40) == rows
     assert pack_rows([50, 10], 40) == [[0], [1]]  # too long for a row: a row of its own
+
+
+def test_even_rows_compute_fewer_padded_tokens_than_best_fit_and_keep_every_example():
+    # 16 examples' own tokens after a shared prefix of 23, as in a BANKING77 batch (436 in all)
+    lengths = [41, 38, 35, 33, 31, 30, 28, 27, 26, 25, 24, 22, 21, 20, 19, 16]
+    best_fit = pack_rows(lengths, 96)
+    rows = even_rows(lengths, 160, prefix=23)
+    assert sorted(i for r in rows for i in r) == list(range(len(lengths)))
+
+    def computed(rs):  # rows x the widest row: what the products multiply
+        return len(rs) * max(sum(lengths[i] for i in r) for r in rs)
+
+    assert computed(best_fit) == 5 * 96
+    assert computed(rows) < computed(best_fit)
+    assert computed(rows) <= 1.05 * sum(lengths)  # under 5% padding, against 10% for best-fit
+    assert even_rows(lengths, 160, prefix=23) == rows  # deterministic
+    # never wider than the capacity, unless one example alone is
+    assert all(sum(lengths[i] for i in r) <= 60 for r in even_rows(lengths, 60, prefix=23))
+    assert even_rows([70, 10], 60, prefix=5) == [[0], [1]]
 
 
 def test_packed_rows_restart_positions_and_mask_each_examples_first_label():

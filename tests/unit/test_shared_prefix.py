@@ -77,8 +77,9 @@ def test_packed_rows_after_a_shared_prefix_equal_the_full_batch(tiny_model_dir, 
     ex = _examples(1)
     packed = collate_packed_after_prefix(ex, pad_id=2, capacity=25)  # own lengths 12, 7, 20, 9: 3 rows
     assert packed["prefix_len"] == len(SYSTEM) and packed["input_ids"].shape[0] == 3
-    # no padding but a row's tail: 48 own tokens in 3 rows of width 21
-    assert packed["input_ids"].shape[1] == len(SYSTEM) + 21
+    # no padding but a row's tail: 48 own tokens in 3 rows of width 20 (20; 12; 9 + 7), where
+    # best-fit alone made 3 rows of 21 (20; 12 + 9; 7)
+    assert packed["input_ids"].shape[1] == len(SYSTEM) + 20
     _assert_same_loss_and_grads(model, _loss_and_grads(model, packed), _loss_and_grads(model, collate(ex, pad_id=2)))
 
 

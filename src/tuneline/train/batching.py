@@ -155,11 +155,52 @@ def pack_rows(lengths: Sequence[int], capacity: int) -> list[list[int]]:
 PREFIX_PACK_ROW = 96
 
 
+# A token's projections in a decoder layer cost about as much as attending over this many keys: the
+# built-in model spends 7.1 MFLOP per token and layer on them against 2,304 FLOP per key, and its
+# attention products run at about half the projections' speed on a CPU.
+ATTENTION_KEYS_PER_TOKEN = 1536
+
+
+def spread_rows(lengths: Sequence[int], n: int) -> list[list[int]]:
+    """Indices in ``n`` rows of near-equal total length: longest first, each into the row holding
+    the fewest tokens so far (ties: the first such row)."""
+    rows: list[list[int]] = [[] for _ in range(n)]
+    fill = [0] * n
+    for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+        r = min(range(n), key=lambda r: (fill[r], r))
+        rows[r].append(i)
+        fill[r] += lengths[i]
+    return rows
+
+
+def even_rows(lengths: Sequence[int], capacity: int, prefix: int) -> list[list[int]]:
+    """Rows for examples of ``lengths`` own tokens packed after a ``prefix`` of shared ones, at most
+    ``capacity`` wide (or the longest example): the row count whose widest row makes the least work.
+
+    Rows are as wide as their widest, so padding is what uneven rows cost, and attention grows with
+    the width (every token attends over the prefix and its row: :data:`ATTENTION_KEYS_PER_TOKEN`).
+    Best-fit into rows of :data:`PREFIX_PACK_ROW` (the rule before) is one candidate; every row count
+    spread evenly (:func:`spread_rows`) is another. On the demo's batches this computes 10% fewer
+    tokens than best-fit alone (4% padding against 15%)."""
+    limit = max(capacity, max(lengths))
+
+    def cost(rows: list[list[int]]) -> float:
+        width = max(sum(lengths[i] for i in row) for row in rows)
+        return len(rows) * width * (1 + (prefix + width) / ATTENTION_KEYS_PER_TOKEN)
+
+    best = pack_rows(lengths, min(capacity, max(max(lengths), PREFIX_PACK_ROW)))
+    for n in range(1, len(lengths) + 1):
+        rows = spread_rows(lengths, n)
+        if max(sum(lengths[i] for i in row) for row in rows) <= limit and cost(rows) < cost(best):
+            best = rows
+    return best
+
+
 def collate_packed_after_prefix(examples: Sequence[Encoded], pad_id: int, capacity: int,
                                 stem: StemRows | None = None) -> Batch:
     """The batch's shared prefix once, then every example's own tokens packed into rows of at most
-    ``capacity`` tokens (at most :data:`PREFIX_PACK_ROW`, or the longest example): no padding
-    between examples, and the prefix computed once for all of them.
+    ``capacity`` tokens (or the longest example), as many as make the least work
+    (:func:`even_rows`): no padding between examples, and the prefix computed once for all of them.
 
     ``input_ids`` and ``labels`` hold the prefix columns (``prefix_len`` of them; the loss computes
     them once from row 0) and then each row's packed tokens; ``position_ids`` count on from the
@@ -173,7 +214,7 @@ def collate_packed_after_prefix(examples: Sequence[Encoded], pad_id: int, capaci
     if not prefix:
         return collate_packed(examples, pad_id, capacity, stem)
     own = [len(e.input_ids) - prefix for e in examples]
-    rows = pack_rows(own, min(capacity, max(max(own), PREFIX_PACK_ROW)))
+    rows = even_rows(own, capacity, prefix)
     width = max(sum(own[i] for i in row) for row in rows)
     n = len(rows)
     input_ids = torch.full((n, prefix + width), pad_id, dtype=torch.long)
