@@ -7,11 +7,15 @@ its half of a micro-batch to its own longest row), so they agree to rounding, no
 - each step's loss is a sum over the step's answer tokens of per-token cross-entropies; its
   tolerance is :func:`helpers.loss_tolerance` (fp32 over the vocabulary and the tokens);
 - the gradient norm and the weights carry the same rounding through a few layers, amplified by
-  Adam where a gradient element is near zero; they are compared relative to what training moved:
-  the two adapters must differ by under 0.1% of the largest change training made to any weight
-  (measured: 3.3e-6 against 0.12, 0.003%), the gradient norms by under 1% (measured: 0.03% at
-  most). A loss normalised per rank, or gradients averaged instead of summed, moves both by tens
-  of percent.
+  Adam where a gradient element is near zero, more with every step; they are compared relative to
+  what training moved:
+  the two adapters must differ by under 1% of the largest change training made to any weight, the
+  gradient norms by under 1% for 8 steps and 5% after. How far rounding alone goes: the same run
+  in one process, only the rows laid out differently (best-fit rows against the even rows the
+  trainer packs now), ends 4.6e-4 apart against 0.127 moved (0.37%), its gradient norms 1.5% apart
+  at step 12; the same rows in another order, 2.7e-5 (0.02%); one process against two, 3.9e-4
+  (0.3%). A loss normalised per rank, or gradients averaged instead of summed, moves both by tens
+  of percent from the first steps.
 """
 
 from __future__ import annotations
@@ -112,14 +116,16 @@ def _assert_same_adapter(got: dict, ref: dict) -> None:
     for k, v in got.items():
         assert v.shape == ref[k].shape and v.abs().sum() > 0, f"{k} is empty or misshapen: {tuple(v.shape)}"
     worst = max(float((got[k] - ref[k]).abs().max()) for k in ref)
-    assert worst <= 1e-3 * moved, f"adapters differ by {worst:.3g}; training moved weights by up to {moved:.3g}"
+    assert worst <= 1e-2 * moved, f"adapters differ by {worst:.3g}; training moved weights by up to {moved:.3g}"
 
 
 def _assert_same_curve(got: list[float], ref: list[float], tokens_per_step: int, vocab: int) -> None:
     assert len(got) == len(ref) == STEPS
     for step, (a, b) in enumerate(zip(got, ref, strict=True), 1):
         tol = loss_tolerance(b, tokens_per_step, vocab, mean=True, c=8.0)["atol"]
-        assert abs(a - b) <= tol + 1e-6 * step * abs(b), f"step {step}: loss {a} vs one process's {b}"
+        # the rounding grows through Adam's steps: one process, two row layouts, 3.7e-5 apart
+        # (relative) at step 12, 2e-6 at step 8
+        assert abs(a - b) <= tol + 1e-5 * step * abs(b), f"step {step}: loss {a} vs one process's {b}"
 
 
 def test_two_processes_train_the_adapter_one_process_trains(reference, tmp_path: Path, tiny_model_dir: Path,
@@ -137,7 +143,9 @@ def test_two_processes_train_the_adapter_one_process_trains(reference, tmp_path:
     _assert_same_curve(_history(ws, result["run_id"], "train_loss"), reference["loss"], per_step, len(tokenizer))
     norms = _history(ws, result["run_id"], "grad_norm")
     for step, (a, b) in enumerate(zip(norms, reference["grad_norm"], strict=True), 1):
-        assert abs(a - b) <= 0.01 * b, f"step {step}: gradient norm {a} vs one process's {b}"
+        # rounding grows about 3x a step through Adam at this learning rate: one process, two row
+        # layouts, 1.8e-6 apart at step 3, 5.7e-4 at step 8, 1.5% at step 12
+        assert abs(a - b) <= (0.01 if step <= 8 else 0.05) * b, f"step {step}: gradient norm {a} vs one process's {b}"
     assert "2 processes" in out  # rank 0 said how it trained; the other rank printed nothing of its own
 
 

@@ -14,6 +14,7 @@ from helpers import float64_model_tolerance, lora_model, loss_tolerance
 
 from tuneline.data.tokenize import IGNORE_INDEX, Encoded
 from tuneline.train.batching import collate, collate_packed_after_prefix, shared_prefix_len
+from tuneline.train.folded_prefix import folds
 from tuneline.train.loss import answer_loss_sum
 
 SYSTEM = [1, 9, 400, 401, 402, 403, 404, 405, 2, 1, 10]  # "<start>system ... <end><start>user"
@@ -81,6 +82,30 @@ def test_packed_rows_after_a_shared_prefix_equal_the_full_batch(tiny_model_dir, 
     # best-fit alone made 3 rows of 21 (20; 12 + 9; 7)
     assert packed["input_ids"].shape[1] == len(SYSTEM) + 20
     _assert_same_loss_and_grads(model, _loss_and_grads(model, packed), _loss_and_grads(model, collate(ex, pad_id=2)))
+
+
+def test_the_prefix_folded_into_the_rows_gives_the_loss_and_gradients_of_the_full_batch(tiny_model_dir):
+    """train.share_prefix with packing and eager attention: the prefix packed into a row, computed in
+    the same forward as the rows (tuneline.train.folded_prefix)."""
+    model = _model(tiny_model_dir, "eager")
+    assert folds(model) and not folds(_model(tiny_model_dir, "sdpa"))
+    ex = _examples(1)
+    batch = collate_packed_after_prefix(ex, pad_id=2, capacity=25, fold=True)
+    prefix, row = batch["folded"]
+    assert prefix == len(SYSTEM) and "prefix_len" not in batch
+    # the prefix is one more item to pack: 11 + 48 tokens, no prefix columns before the rows
+    assert batch["input_ids"][row, :prefix].tolist() == SYSTEM
+    assert batch["input_ids"].shape[1] < len(SYSTEM) + 21
+    want = _loss_and_grads(model, collate(ex, pad_id=2))
+    _assert_same_loss_and_grads(model, _loss_and_grads(model, batch), want)
+    assert model.config._attn_implementation == "eager"  # switched back after the forward
+
+    # the prefix's place in its row, left visible, counts its keys twice: another loss
+    doubled = batch["attention_mask"].clone()
+    doubled[row, 0, prefix:, prefix : 2 * prefix] = True
+    with torch.no_grad():
+        wrong, n = answer_loss_sum(model, {**batch, "attention_mask": doubled})
+    assert not torch.allclose(wrong, want[0], **loss_tolerance(want[0], n, model.config.vocab_size))
 
 
 def test_packed_examples_after_a_shared_prefix_never_see_each_other(tiny_model_dir):

@@ -42,8 +42,9 @@ def _loss_and_grads(model, batch) -> tuple[torch.Tensor, int, dict[str, torch.Te
     return loss.detach(), n, {k: p.grad.clone() for k, p in model.named_parameters() if p.requires_grad}
 
 
-LAYOUTS = {"padded": (None, False), "padded after a shared prefix": (None, True),
-           "packed": (40, False), "packed after a shared prefix": (40, True)}
+LAYOUTS = {"padded": (None, False, False), "padded after a shared prefix": (None, True, False),
+           "packed": (40, False, False), "packed after a shared prefix": (40, True, False),
+           "packed with the prefix folded in": (40, True, True)}
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
@@ -52,12 +53,12 @@ def test_a_batch_from_the_cached_stem_has_the_loss_and_gradients_of_the_whole_mo
     assert stem_depth(model) == 1
     examples = _examples()
     stem = build_stem(model, examples, 1, pad_id=2, precision="fp32", device="cpu")
-    capacity, share = LAYOUTS[layout]
+    capacity, share, fold = LAYOUTS[layout]
     batch_ids = [6, 1, 4, 8, 0]  # not the order nor the grouping the states were computed in
     micro = [examples[i] for i in batch_ids]
     plain = make_batch(micro, 2, "cpu", capacity, share)
-    cached = make_batch(micro, 2, "cpu", capacity, share, StemRows([stem.states(i) for i in batch_ids], 1))
-    assert bool(plain.get("prefix_len")) == share
+    cached = make_batch(micro, 2, "cpu", capacity, share, StemRows([stem.states(i) for i in batch_ids], 1), fold)
+    assert bool(plain.get("prefix_len")) == share and ("folded" in cached) == fold
 
     want_loss, want_n, want = _loss_and_grads(model, plain)
     got_loss, got_n, got = _loss_and_grads(model, cached)

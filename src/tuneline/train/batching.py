@@ -24,6 +24,7 @@ class Batch(TypedDict, total=False):
     attention_mask: torch.Tensor
     position_ids: torch.Tensor
     prefix_len: int
+    folded: tuple[int, int]  # (prefix, row): the shared prefix is row's first tokens (folded_prefix)
     stem_states: torch.Tensor  # [rows, columns, hidden]: the states entering decoder layer stem_depth
     stem_depth: int
 
@@ -197,7 +198,7 @@ def even_rows(lengths: Sequence[int], capacity: int, prefix: int) -> list[list[i
 
 
 def collate_packed_after_prefix(examples: Sequence[Encoded], pad_id: int, capacity: int,
-                                stem: StemRows | None = None) -> Batch:
+                                stem: StemRows | None = None, fold: bool = False) -> Batch:
     """The batch's shared prefix once, then every example's own tokens packed into rows of at most
     ``capacity`` tokens (or the longest example), as many as make the least work
     (:func:`even_rows`): no padding between examples, and the prefix computed once for all of them.
@@ -207,13 +208,16 @@ def collate_packed_after_prefix(examples: Sequence[Encoded], pad_id: int, capaci
     prefix for each example's own tokens; ``attention_mask`` is a 4D boolean mask over the prefix and
     the row ``[rows, 1, width, prefix_len + width]``: every token sees the prefix and its own
     example's earlier tokens, never another example's. Without a shared prefix it is
-    :func:`collate_packed`. ``stem``: as for :func:`collate`."""
+    :func:`collate_packed`. ``stem``: as for :func:`collate`. ``fold``: the prefix packed into the
+    rows instead (:func:`collate_folded`)."""
     import torch
 
     prefix = shared_prefix_len(examples)
     if not prefix:
         return collate_packed(examples, pad_id, capacity, stem)
     own = [len(e.input_ids) - prefix for e in examples]
+    if fold:
+        return collate_folded(examples, pad_id, capacity, prefix, stem)
     rows = even_rows(own, capacity, prefix)
     width = max(sum(own[i] for i in row) for row in rows)
     n = len(rows)
@@ -239,6 +243,57 @@ def collate_packed_after_prefix(examples: Sequence[Encoded], pad_id: int, capaci
             off += k
     batch: Batch = {"input_ids": input_ids, "labels": labels, "position_ids": position_ids, "attention_mask": mask,
                     "prefix_len": prefix}
+    if stem is not None:
+        stem.add_to(batch, placed)
+    return batch
+
+
+def collate_folded(examples: Sequence[Encoded], pad_id: int, capacity: int, prefix: int,
+                   stem: StemRows | None = None) -> Batch:
+    """:func:`collate_packed_after_prefix`'s batch with the ``prefix`` tokens every example starts
+    with packed like one more example, first in its row (``folded``: ``(prefix, row)``), for
+    :mod:`tuneline.train.folded_prefix`: one forward computes the prefix and the rows together.
+
+    ``input_ids``, ``labels`` and ``position_ids`` are ``[rows, width]`` with no prefix columns before
+    them; ``attention_mask`` is ``[rows, 1, width, prefix + width]``, its first ``prefix`` columns
+    the prefix's keys (which the attention takes from ``row``): every example's tokens (and a row's
+    tail padding) see all of them, the prefix's own tokens see them causally and nothing else; the
+    rest is each row's own columns, where the prefix's place in ``row`` is masked for every query."""
+    import torch
+
+    own = [len(e.input_ids) - prefix for e in examples]
+    rows = even_rows([*own, prefix], capacity, prefix)
+    at = next(r for r, row in enumerate(rows) if len(own) in row)  # the prefix goes first in its row
+    rows[at] = [len(own)] + [i for i in rows[at] if i != len(own)]
+    width = max(sum(own[i] if i < len(own) else prefix for i in row) for row in rows)
+    n = len(rows)
+    input_ids = torch.full((n, width), pad_id, dtype=torch.long)
+    labels = torch.full((n, width), IGNORE_INDEX, dtype=torch.long)
+    position_ids = torch.full((n, width), prefix, dtype=torch.long)
+    mask = torch.zeros((n, 1, width, prefix + width), dtype=torch.bool)
+    mask[:, :, :, :prefix] = True  # the prefix, for every token (tail padding included)
+    diagonal = torch.arange(width)
+    mask[:, 0, diagonal, prefix + diagonal] = True  # tail padding sees itself: no empty softmax row
+    input_ids[at, :prefix] = torch.tensor(examples[0].input_ids[:prefix])
+    position_ids[at, :prefix] = torch.arange(prefix)
+    mask[at, 0, :prefix, :prefix] = torch.ones((prefix, prefix), dtype=torch.bool).tril()
+    mask[at, 0, :, prefix : 2 * prefix] = False  # its place in the row: the copy before the rows stands for it
+    placed: list[list[tuple[int, int, int, int]]] = [[] for _ in rows]
+    placed[at].append((0, 0, 0, prefix))
+    for r, row in enumerate(rows):
+        off = prefix if r == at else 0
+        for i in row:
+            if i == len(own):
+                continue
+            e, k = examples[i], own[i]
+            placed[r].append((i, off, prefix, prefix + k))
+            input_ids[r, off : off + k] = torch.tensor(e.input_ids[prefix:])
+            labels[r, off : off + k] = torch.tensor(e.labels[prefix:])
+            position_ids[r, off : off + k] = torch.arange(prefix, prefix + k)
+            mask[r, 0, off : off + k, prefix + off : prefix + off + k] = torch.ones((k, k), dtype=torch.bool).tril()
+            off += k
+    batch: Batch = {"input_ids": input_ids, "labels": labels, "position_ids": position_ids, "attention_mask": mask,
+                    "folded": (prefix, at)}
     if stem is not None:
         stem.add_to(batch, placed)
     return batch

@@ -48,6 +48,7 @@ from tuneline.train.distributed import (
     shard,
     unsharded_copy,
 )
+from tuneline.train.folded_prefix import folds
 from tuneline.train.loss import answer_loss_sum
 from tuneline.train.peft_builders import count_parameters, is_prompt_learning, wrap_for_training
 from tuneline.train.stem import (
@@ -234,26 +235,28 @@ def _micro_batches(lengths: list[int], cfg: TrainSpec, per_epoch: int, step: int
 
 
 def make_batch(examples: list[Encoded], pad_id: int, device: str, pack_capacity: int | None = None,
-               share_prefix: bool = False, stem: StemRows | None = None) -> Batch:
+               share_prefix: bool = False, stem: StemRows | None = None, fold: bool = False) -> Batch:
     """Tensors for one micro-batch on ``device``: padded (optionally with a shared prefix computed
-    once), or packed into rows of ``pack_capacity`` tokens; with ``stem``, the examples' cached
-    states at the top of the frozen layers, laid out the same way."""
+    once), or packed into rows of ``pack_capacity`` tokens (``fold``: a shared prefix packed into
+    them, :mod:`tuneline.train.folded_prefix`); with ``stem``, the examples' cached states at the
+    top of the frozen layers, laid out the same way."""
     if pack_capacity is None:
         batch = collate(examples, pad_id, share_prefix=share_prefix, stem=stem)
     elif share_prefix:
-        batch = collate_packed_after_prefix(examples, pad_id, pack_capacity, stem)
+        batch = collate_packed_after_prefix(examples, pad_id, pack_capacity, stem, fold)
     else:
         batch = collate_packed(examples, pad_id, pack_capacity, stem)
     return cast("Batch", {k: v.to(device) if hasattr(v, "to") else v for k, v in batch.items()})  # same keys
 
 
-def accumulate_gradients(model: torch.nn.Module, micro_batches: list[list[Encoded]], pad_id: int, precision: str,
+def accumulate_gradients(model: torch.nn.Module, micro_batches: list[list[Encoded]], pad_id: int, precision: str,  # noqa: PLR0913
                          device: str, pack_capacity: int | None = None, share_prefix: bool = False,
-                         n_answer: int | None = None) -> tuple[float, int]:
+                         n_answer: int | None = None, fold: bool = False) -> tuple[float, int]:
     """Backward over the micro-batches of one optimizer step; return (loss, real tokens).
 
     With ``pack_capacity`` each micro-batch is packed into rows of that many tokens (no padding
-    between examples, no attention across them); the loss is the same as unpacked. The loss is normalised by the answer tokens of the whole step, not averaged per micro-batch,
+    between examples, no attention across them); the loss is the same as unpacked. ``share_prefix``
+    and ``fold``: as for :func:`make_batch`. The loss is normalised by the answer tokens of the whole step, not averaged per micro-batch,
     so batch 16 and batch 4 x accumulation 4 give the same gradients (the accumulation-scaling
     bug, where short micro-batches weigh as much as long ones, cannot happen). ``n_answer`` is that
     count when ``micro_batches`` are one rank's share of the step (default: their own count); an
@@ -264,8 +267,8 @@ def accumulate_gradients(model: torch.nn.Module, micro_batches: list[list[Encode
     for mb in micro_batches:
         if not mb:
             continue
-        step_loss += backward(model, make_batch(mb, pad_id, device, pack_capacity, share_prefix), n_answer,
-                              precision, device)
+        step_loss += backward(model, make_batch(mb, pad_id, device, pack_capacity, share_prefix, fold=fold),
+                              n_answer, precision, device)
         tokens += sum(len(e.input_ids) for e in mb)
     return step_loss, tokens
 
@@ -292,6 +295,7 @@ class _Stepper:
     world: World | None
     sharded: bool = False
     stem: Stem | None = None  # the frozen layers' states, cached (single process only)
+    fold: bool = False  # packed batches carry their shared prefix in a row (folded_prefix)
 
     def gradients(self, micro: list[list[Encoded]], indices: list[list[int]]) -> tuple[float, int, int]:
         """Backward over one step's micro-batches (``indices`` are their examples' positions in the
@@ -302,7 +306,7 @@ class _Stepper:
         mine = micro if world is None else [world.share(mb) for mb in micro]
         if self.stem is None:
             loss, tokens = accumulate_gradients(self.model, mine, self.pad_id, self.precision, self.device,
-                                                self.pack_capacity, self.share_prefix, n_answer)
+                                                self.pack_capacity, self.share_prefix, n_answer, self.fold)
         else:
             loss, tokens = self._from_stem(self.stem, mine, indices, n_answer)
         computed = tokens - sum((len(mb) - 1) * shared_prefix_len(mb) for mb in mine if mb) * self.share_prefix
@@ -321,7 +325,7 @@ class _Stepper:
                    n_answer: int) -> tuple[float, int]:
         """:func:`accumulate_gradients`, each batch starting from its examples' cached frozen-layer states."""
         loss = sum(backward(self.model, make_batch(mb, self.pad_id, self.device, self.pack_capacity, self.share_prefix,
-                                                   StemRows([stem.states(i) for i in where], stem.depth)),
+                                                   StemRows([stem.states(i) for i in where], stem.depth), self.fold),
                             n_answer, self.precision, self.device) for mb, where in zip(micro, indices, strict=True))
         return loss, sum(len(e.input_ids) for mb in micro for e in mb)
 
@@ -408,8 +412,10 @@ def train(
     stem = _frozen_stem(trained, cfg, encoded, (total_steps - start_step) * cfg.grad_accum / per_epoch, pad_id,
                         precision, device, opts)
     stem_seconds = time.perf_counter() - stem_start  # 0 when a search's memo already held the states
+    # the prefix packed into the rows, one forward (eager attention; not traced by torch.compile)
+    fold = share_prefix and cfg.packs and not cfg.compile and folds(trained)
     stepper = _Stepper(trained, params, pad_id, precision, device, cfg.seq_len if cfg.packs else None,
-                       share_prefix, world, sharded, stem)
+                       share_prefix, world, sharded, stem, fold)
 
     # --- train -------------------------------------------------------------------------------
     log.info("training %s params of %s (%.2f%%), %d examples, %d steps, precision %s on %s%s",

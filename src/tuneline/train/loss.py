@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 
 from tuneline.data.tokenize import IGNORE_INDEX
 from tuneline.runtime import cache_argument_of
+from tuneline.train.folded_prefix import folded
 from tuneline.train.peft_builders import causal_lm_of, is_prompt_learning
 from tuneline.train.stem import Decoder, additive_mask, decoder_of, forward_layers
 
@@ -44,8 +45,14 @@ def answer_loss_sum(model: torch.nn.Module, batch: Batch, chunk: int = LOGITS_CH
         return _forward_loss_sum(model, batch)
     decoder, head = _decoder_and_head(model)
     ids, prefix = batch["input_ids"], int(batch.get("prefix_len", 0))
+    fold = batch.get("folded")
     if "stem_states" in batch:  # the frozen layers' output, cached: start at the first trained layer
         hidden = forward_layers(decoder, batch["stem_depth"], None, batch["stem_states"], batch)[1]
+    elif fold is not None:  # the prefix packed into a row: one forward (tuneline.train.folded_prefix)
+        mask = additive_mask(batch["attention_mask"], next(head.parameters()).dtype)
+        with folded(model, *fold):
+            hidden = decoder(input_ids=ids, attention_mask=mask, position_ids=batch["position_ids"],
+                             use_cache=False).last_hidden_state
     elif prefix:
         # the shared prefix once, its keys/values repeated for every row (gradients flow back through
         # the repeat, summed over rows: exactly what computing it per row gives)

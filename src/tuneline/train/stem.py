@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any, Protocol, cast
 from tuneline.runtime import autocast_for, cache_argument_of
 from tuneline.runtime.progress import progress_bar
 from tuneline.train.batching import collate
+from tuneline.train.folded_prefix import folded
 from tuneline.train.peft_builders import causal_lm_of, is_prompt_learning
 
 if TYPE_CHECKING:
@@ -362,6 +363,11 @@ def forward_layers(decoder: Decoder, start: int, stop: int | None, hidden: torch
     import torch
     from transformers.cache_utils import DynamicCache
 
+    fold = batch.get("folded")
+    if fold is not None:  # the prefix is in the rows: one pass (tuneline.train.folded_prefix)
+        with folded(decoder, *fold):
+            return None, _layers(decoder, start, stop, hidden, additive_mask(batch["attention_mask"], hidden.dtype),
+                                 batch["position_ids"], None)
     prefix = int(batch.get("prefix_len", 0))
     rows = hidden.shape[0]
     cache = prefix_out = None
