@@ -13,8 +13,8 @@ examples for the same number of optimizer steps (batch 16 by default):
       a flattened batch attend to each other here (measured: a second row's logits off by 20.8 with
       SDPA and position ids on this CPU), which TRL's documentation also says;
   (c) tuneline: ``tuneline.train.train`` with its defaults (bf16 base + fp32 adapters where
-      supported, fused LoRA, answer-only logits, the shared prefix once per batch, each example's
-      own tokens packed into rows after it, random batches; ``--unpacked``: padded length-grouped
+      supported, fused LoRA, answer-only logits, the shared prefix once per batch, packed into
+      one of the rows with each example's own tokens, random batches; ``--unpacked``: padded length-grouped
       batches instead),
       and the Trainer's linear schedule without warm-up so the loss curves are comparable.
 

@@ -435,7 +435,8 @@ class TrainSpec(_Model):
         default=True,
         description="Compute the tokens every example of a batch starts with (the rendered system prompt "
                     "and instruction) once per batch and reuse their keys/values: same loss and gradients, "
-                    "fewer tokens to compute; packed rows then hold each example's own tokens after it. "
+                    "fewer tokens to compute; packed rows then hold each example's own tokens after it (with eager "
+                    "attention, the prefix packed into one of them: one forward). "
                     "Not with gradient checkpointing.")
     cache_frozen_layers: bool = Field(
         default=True,
