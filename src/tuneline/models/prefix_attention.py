@@ -107,12 +107,42 @@ def _attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: t
 
 
 def _register() -> None:
-    from transformers import AttentionInterface
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+    from transformers.masking_utils import sdpa_mask
 
-    if NAME not in AttentionInterface._global_mapping:
-        AttentionInterface.register(NAME, prefix_attention_forward)
-        ALL_MASK_ATTENTION_FUNCTIONS.register(NAME, sdpa_mask)  # the own part's mask, as SDPA gets it
+    register_attention(NAME, prefix_attention_forward, sdpa_mask)  # the own part's mask, as SDPA gets it
+
+
+def register_attention(name: str, forward: Any, mask: Any) -> None:
+    """Register ``forward`` (and ``mask``, the mask function transformers pairs with it) under
+    ``name`` with transformers, once."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+
+    if name not in AttentionInterface._global_mapping:
+        AttentionInterface.register(name, forward)
+        ALL_MASK_ATTENTION_FUNCTIONS.register(name, mask)
+
+
+@contextlib.contextmanager
+def attention_switched(model: Any, name: str, var: contextvars.ContextVar[Any], value: Any) -> Iterator[None]:
+    """Within this block ``model`` (a transformers model) attends through the registered ``name``,
+    which reads ``value`` from ``var``; its attention implementation and ``var`` are restored on exit."""
+    before = model.config._attn_implementation
+    token = var.set(value)
+    model.set_attn_implementation(name)
+    try:
+        yield
+    finally:
+        model.set_attn_implementation(before)
+        var.reset(token)
+
+
+def sees_whole_prefix(config: Any) -> bool:
+    """Whether every layer of a model with ``config`` attends over all earlier tokens: full attention,
+    no sliding window (a window would hide part of a long prefix from later tokens)."""
+    if any(kind != "full_attention" for kind in getattr(config, "layer_types", None) or ()):
+        return False
+    return not (getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", None) is not False)
 
 
 def prefix_layers(cache: Any) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -127,11 +157,8 @@ def supports(model: Any) -> bool:
     config = getattr(model, "config", None)
     if config is None or getattr(model, "set_attn_implementation", None) is None:
         return False
-    if any(kind != "full_attention" for kind in getattr(config, "layer_types", None) or ()):
-        return False
-    if getattr(config, "attn_logit_softcapping", None) or (
-            getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", None) is not False):
-        return False  # scores capped, or a window that would also hide part of the prefix
+    if not sees_whole_prefix(config) or getattr(config, "attn_logit_softcapping", None):
+        return False  # a window that would also hide part of the prefix, or scores capped
     attention = [m for m in model.modules() if type(m).__name__.endswith("Attention")]
     return bool(attention) and all(isinstance(getattr(m, "layer_idx", None), int) for m in attention)
 
@@ -144,11 +171,5 @@ def shared_prefix(model: Any, layers: Sequence[tuple[torch.Tensor, torch.Tensor]
     The switch is the model's own setting: another thread that runs the same model meanwhile fails
     loudly (the prefix is this context's, :data:`_PREFIX`), so it is not for a model a server shares."""
     _register()
-    before = model.config._attn_implementation
-    token = _PREFIX.set(layers)
-    model.set_attn_implementation(NAME)
-    try:
+    with attention_switched(model, NAME, _PREFIX, layers):
         yield
-    finally:
-        model.set_attn_implementation(before)
-        _PREFIX.reset(token)

@@ -215,9 +215,9 @@ def collate_packed_after_prefix(examples: Sequence[Encoded], pad_id: int, capaci
     prefix = shared_prefix_len(examples)
     if not prefix:
         return collate_packed(examples, pad_id, capacity, stem)
-    own = [len(e.input_ids) - prefix for e in examples]
     if fold:
         return collate_folded(examples, pad_id, capacity, prefix, stem)
+    own = [len(e.input_ids) - prefix for e in examples]
     rows = even_rows(own, capacity, prefix)
     width = max(sum(own[i] for i in row) for row in rows)
     n = len(rows)

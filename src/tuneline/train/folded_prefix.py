@@ -29,6 +29,12 @@ import sys
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
+from tuneline.models.prefix_attention import (
+    attention_switched,
+    register_attention,
+    sees_whole_prefix,
+)
+
 if TYPE_CHECKING:
     import torch
 
@@ -73,11 +79,7 @@ def folds(model: Any) -> bool:
     config = getattr(model, "config", None)
     if config is None or getattr(config, "_attn_implementation", None) != "eager":
         return False
-    if getattr(_switchable(model), "set_attn_implementation", None) is None:
-        return False
-    if any(kind != "full_attention" for kind in getattr(config, "layer_types", None) or ()):
-        return False
-    if getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", None) is not False:
+    if getattr(_switchable(model), "set_attn_implementation", None) is None or not sees_whole_prefix(config):
         return False
     attention = [m for m in model.modules() if type(m).__name__.endswith("Attention")]
     return bool(attention) and all(_eager_of(m) is not None for m in attention)
@@ -94,22 +96,8 @@ def folded(model: Any, prefix: int, row: int) -> Iterator[None]:
     """Within this block ``model``'s forward attends through :func:`folded_attention_forward`, the
     prefix being the first ``prefix`` tokens of row ``row``; its attention implementation is restored
     on exit. For training on one thread (the switch is the model's own setting)."""
-    _register()
-    inner = _switchable(model)
-    before = inner.config._attn_implementation
-    token = _FOLD.set((prefix, row))
-    inner.set_attn_implementation(NAME)
-    try:
+    from transformers.masking_utils import eager_mask
+
+    register_attention(NAME, folded_attention_forward, eager_mask)  # the batch brings its own 4D mask
+    with attention_switched(_switchable(model), NAME, _FOLD, (prefix, row)):
         yield
-    finally:
-        inner.set_attn_implementation(before)
-        _FOLD.reset(token)
-
-
-def _register() -> None:
-    from transformers import AttentionInterface
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, eager_mask
-
-    if NAME not in AttentionInterface._global_mapping:
-        AttentionInterface.register(NAME, folded_attention_forward)
-        ALL_MASK_ATTENTION_FUNCTIONS.register(NAME, eager_mask)  # the batch brings its own 4D mask
